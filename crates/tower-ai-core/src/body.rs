@@ -1,0 +1,439 @@
+//! The body types the layers share.
+//!
+//! Requests: AI requests are JSON of a few bytes to a few MB, and two layers (AiRetry,
+//! ModelFallback) send them again, so the request body is [`AiBody`]: a `Bytes` that
+//! clones by reference count. Any body type can take part through [`ReplayBody`].
+//!
+//! Responses: success bodies pass through untouched. Error bodies are read (bounded) by
+//! [`Classify`](crate::Classify) so they can be classified, then handed on whole inside
+//! [`ClassifiedBody`], together with whatever of them was not read.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::error::BoxError;
+
+/// A request body that can be sent again, and whose bytes can be read without consuming it.
+///
+/// Implemented for [`AiBody`], [`Bytes`], [`String`], `Vec<u8>`, `&'static str` and `()`
+/// (the last ones are handy with `tower_test::mock`). A body that cannot be replayed (a
+/// streamed upload) returns `None` from [`try_clone`](ReplayBody::try_clone), and layers
+/// then send it once.
+pub trait ReplayBody: Sized {
+    /// A copy to send again, if this body can be replayed.
+    fn try_clone(&self) -> Option<Self>;
+    /// The whole body, if it is in memory.
+    fn bytes(&self) -> Option<&[u8]>;
+}
+
+/// The request body of tower-ai: bytes in memory (cheap to clone), or a streamed body that
+/// is sent once.
+///
+/// ```
+/// use tower_ai_core::{AiBody, ReplayBody};
+/// let body = AiBody::from(r#"{"model":"gpt-4o","messages":[]}"#);
+/// let again = body.try_clone().unwrap();
+/// assert_eq!(again.bytes(), body.bytes());
+/// ```
+pub struct AiBody {
+    inner: Inner,
+}
+
+enum Inner {
+    Full { bytes: Bytes, sent: bool },
+    Stream(Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static>>),
+}
+
+impl AiBody {
+    /// An empty body.
+    pub fn empty() -> Self {
+        AiBody::from(Bytes::new())
+    }
+
+    /// A streamed body: sent once, never replayed, never read by the layers.
+    pub fn streaming<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        struct MapErr<B>(Pin<Box<B>>);
+        impl<B> Body for MapErr<B>
+        where
+            B: Body<Data = Bytes>,
+            B::Error: Into<BoxError>,
+        {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                self.0.as_mut().poll_frame(cx).map_err(Into::into)
+            }
+            fn is_end_stream(&self) -> bool {
+                self.0.is_end_stream()
+            }
+            fn size_hint(&self) -> SizeHint {
+                self.0.size_hint()
+            }
+        }
+        AiBody {
+            inner: Inner::Stream(Box::pin(MapErr(Box::pin(body)))),
+        }
+    }
+
+    /// The bytes, if this body is in memory.
+    pub fn as_bytes(&self) -> Option<&Bytes> {
+        match &self.inner {
+            Inner::Full { bytes, .. } => Some(bytes),
+            Inner::Stream(_) => None,
+        }
+    }
+}
+
+impl ReplayBody for AiBody {
+    fn try_clone(&self) -> Option<Self> {
+        match &self.inner {
+            Inner::Full { bytes, .. } => Some(AiBody::from(bytes.clone())),
+            Inner::Stream(_) => None,
+        }
+    }
+    fn bytes(&self) -> Option<&[u8]> {
+        self.as_bytes().map(|b| &b[..])
+    }
+}
+
+impl Default for AiBody {
+    fn default() -> Self {
+        AiBody::empty()
+    }
+}
+
+impl fmt::Debug for AiBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the bytes: request bodies hold prompts, which are the user's data.
+        match &self.inner {
+            Inner::Full { bytes, .. } => write!(f, "AiBody({} bytes)", bytes.len()),
+            Inner::Stream(_) => f.write_str("AiBody(stream)"),
+        }
+    }
+}
+
+impl From<Bytes> for AiBody {
+    fn from(bytes: Bytes) -> Self {
+        AiBody {
+            inner: Inner::Full { bytes, sent: false },
+        }
+    }
+}
+impl From<Vec<u8>> for AiBody {
+    fn from(v: Vec<u8>) -> Self {
+        AiBody::from(Bytes::from(v))
+    }
+}
+impl From<String> for AiBody {
+    fn from(s: String) -> Self {
+        AiBody::from(Bytes::from(s))
+    }
+}
+impl From<&'static str> for AiBody {
+    fn from(s: &'static str) -> Self {
+        AiBody::from(Bytes::from_static(s.as_bytes()))
+    }
+}
+impl From<&'static [u8]> for AiBody {
+    fn from(s: &'static [u8]) -> Self {
+        AiBody::from(Bytes::from_static(s))
+    }
+}
+
+impl Body for AiBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.inner {
+            Inner::Full { bytes, sent } => {
+                if *sent || bytes.is_empty() {
+                    *sent = true;
+                    return Poll::Ready(None);
+                }
+                *sent = true;
+                Poll::Ready(Some(Ok(Frame::data(bytes.clone()))))
+            }
+            Inner::Stream(s) => s.as_mut().poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full { bytes, sent } => *sent || bytes.is_empty(),
+            Inner::Stream(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full { bytes, sent } => {
+                SizeHint::with_exact(if *sent { 0 } else { bytes.len() as u64 })
+            }
+            Inner::Stream(s) => s.size_hint(),
+        }
+    }
+}
+
+impl ReplayBody for Bytes {
+    fn try_clone(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+    fn bytes(&self) -> Option<&[u8]> {
+        Some(self)
+    }
+}
+impl ReplayBody for String {
+    fn try_clone(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+    fn bytes(&self) -> Option<&[u8]> {
+        Some(self.as_bytes())
+    }
+}
+impl ReplayBody for Vec<u8> {
+    fn try_clone(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+    fn bytes(&self) -> Option<&[u8]> {
+        Some(self)
+    }
+}
+impl ReplayBody for &'static str {
+    fn try_clone(&self) -> Option<Self> {
+        Some(self)
+    }
+    fn bytes(&self) -> Option<&[u8]> {
+        Some(self.as_bytes())
+    }
+}
+impl ReplayBody for () {
+    fn try_clone(&self) -> Option<Self> {
+        Some(())
+    }
+    fn bytes(&self) -> Option<&[u8]> {
+        None
+    }
+}
+
+/// Clones a request whose body is a [`ReplayBody`]: method, URI, version, headers,
+/// extensions and body. `None` when the body cannot be replayed.
+pub fn try_clone_request<B: ReplayBody>(req: &http::Request<B>) -> Option<http::Request<B>> {
+    let body = req.body().try_clone()?;
+    let mut out = http::Request::new(body);
+    *out.method_mut() = req.method().clone();
+    *out.uri_mut() = req.uri().clone();
+    *out.version_mut() = req.version();
+    *out.headers_mut() = req.headers().clone();
+    *out.extensions_mut() = req.extensions().clone();
+    Some(out)
+}
+
+pin_project! {
+    /// A response body as it leaves [`Classify`](crate::Classify): a success body passed
+    /// through untouched, or an error body whose first bytes were read to classify it,
+    /// delivered whole: the bytes read, then the rest of the original body (with its
+    /// trailers, or the read error met on the way).
+    pub struct ClassifiedBody<B> {
+        prefix: Option<Bytes>,
+        tail: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+        error: Option<BoxError>,
+        remainder: Option<Pin<Box<B>>>,
+        #[pin]
+        rest: Option<B>,
+    }
+}
+
+impl<B> ClassifiedBody<B> {
+    /// A body passed through untouched.
+    pub fn passthrough(body: B) -> Self {
+        ClassifiedBody {
+            prefix: None,
+            tail: None,
+            trailers: None,
+            error: None,
+            remainder: None,
+            rest: Some(body),
+        }
+    }
+
+    /// A body made of bytes only, with no inner body (a degraded answer, a test response).
+    pub fn full(bytes: Bytes) -> Self {
+        ClassifiedBody {
+            prefix: (!bytes.is_empty()).then_some(bytes),
+            tail: None,
+            trailers: None,
+            error: None,
+            remainder: None,
+            rest: None,
+        }
+    }
+
+    /// An error body read ahead: `prefix` (the bytes classified), then `tail` (the
+    /// unread part of the last frame read), then the trailers or the read error met while
+    /// reading, then `remainder` (the body not yet read; `None` when it ended).
+    pub(crate) fn buffered(
+        prefix: Bytes,
+        tail: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+        error: Option<BoxError>,
+        remainder: Option<Pin<Box<B>>>,
+    ) -> Self {
+        ClassifiedBody {
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            tail: tail.filter(|t| !t.is_empty()),
+            trailers,
+            error,
+            remainder,
+            rest: None,
+        }
+    }
+
+    /// The bytes read ahead of the rest, if any (an error body's first bytes).
+    pub fn prefix(&self) -> Option<&Bytes> {
+        self.prefix.as_ref()
+    }
+}
+
+impl<B> fmt::Debug for ClassifiedBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClassifiedBody")
+            .field("prefix_len", &self.prefix.as_ref().map(Bytes::len))
+            .field("passthrough", &self.rest.is_some())
+            .finish()
+    }
+}
+
+impl<B> Body for ClassifiedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if let Some(rest) = this.rest.as_pin_mut() {
+            return rest.poll_frame(cx).map_err(Into::into);
+        }
+        if let Some(p) = this.prefix.take().or_else(|| this.tail.take()) {
+            return Poll::Ready(Some(Ok(Frame::data(p))));
+        }
+        if let Some(e) = this.error.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        if let Some(t) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        match this.remainder {
+            Some(r) => r.as_mut().poll_frame(cx).map_err(Into::into),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if let Some(r) = &self.rest {
+            return r.is_end_stream();
+        }
+        self.prefix.is_none()
+            && self.tail.is_none()
+            && self.error.is_none()
+            && self.trailers.is_none()
+            && self.remainder.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if let Some(r) = &self.rest {
+            return r.size_hint();
+        }
+        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64)
+            + self.tail.as_ref().map_or(0, |p| p.len() as u64);
+        let mut hint = match &self.remainder {
+            Some(r) => r.size_hint(),
+            None => SizeHint::with_exact(0),
+        };
+        // Raise the upper bound first: `set_lower` asserts lower <= upper.
+        if let Some(u) = hint.upper() {
+            hint.set_upper(u.saturating_add(extra));
+        }
+        hint.set_lower(hint.lower().saturating_add(extra));
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn ai_body_replays() {
+        let b = AiBody::from("hello");
+        let c = b.try_clone().unwrap();
+        assert_eq!(b.collect().await.unwrap().to_bytes(), "hello");
+        assert_eq!(c.collect().await.unwrap().to_bytes(), "hello");
+        let s = AiBody::streaming(http_body_util::Full::new(Bytes::from_static(b"x")));
+        assert!(s.try_clone().is_none());
+        assert!(s.bytes().is_none());
+        assert_eq!(format!("{s:?}"), "AiBody(stream)");
+        assert_eq!(s.collect().await.unwrap().to_bytes(), "x");
+        assert_eq!(
+            format!("{:?}", AiBody::from("secret prompt")),
+            "AiBody(13 bytes)"
+        );
+    }
+
+    #[tokio::test]
+    async fn classified_body_delivers_prefix_then_rest() {
+        let rest = http_body_util::Full::new(Bytes::from_static(b"!"));
+        let body = ClassifiedBody::buffered(
+            Bytes::from_static(b"hello"),
+            Some(Bytes::from_static(b" world")),
+            None,
+            None,
+            Some(Box::pin(rest)),
+        );
+        assert_eq!(body.size_hint().exact(), Some(12));
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "hello world!");
+        let full: ClassifiedBody<http_body_util::Empty<Bytes>> =
+            ClassifiedBody::full(Bytes::from_static(b"x"));
+        assert!(!full.is_end_stream());
+        assert_eq!(full.collect().await.unwrap().to_bytes(), "x");
+    }
+
+    #[test]
+    fn request_clone_keeps_everything() {
+        let mut req = http::Request::post("http://h/v1/chat/completions")
+            .header("x-a", "1")
+            .body(AiBody::from("{}"))
+            .unwrap();
+        req.extensions_mut().insert(7u32);
+        let c = try_clone_request(&req).unwrap();
+        assert_eq!(c.method(), http::Method::POST);
+        assert_eq!(c.uri(), req.uri());
+        assert_eq!(c.headers()["x-a"], "1");
+        assert_eq!(c.extensions().get::<u32>(), Some(&7));
+        assert_eq!(c.body().bytes(), Some(&b"{}"[..]));
+    }
+}

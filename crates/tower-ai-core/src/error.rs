@@ -1,0 +1,268 @@
+//! The one error type of tower-ai.
+
+use std::fmt;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::classify::Classification;
+use crate::kind::ErrorKind;
+use crate::ratelimit::RequestedWait;
+
+/// The boxed error every tower-ai service returns, as tower's own middleware do.
+/// Downcast it with `err.downcast_ref::<AiError>()`, or ask [`AiError::find`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Which limit of a token budget refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BudgetLimit {
+    /// Requests per minute.
+    RequestsPerMinute,
+    /// Tokens per minute.
+    TokensPerMinute,
+    /// Requests in flight at once.
+    Concurrency,
+    /// Money spent per hour.
+    SpendPerHour,
+    /// Money spent per day.
+    SpendPerDay,
+}
+
+impl fmt::Display for BudgetLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BudgetLimit::RequestsPerMinute => "requests per minute",
+            BudgetLimit::TokensPerMinute => "tokens per minute",
+            BudgetLimit::Concurrency => "concurrent requests",
+            BudgetLimit::SpendPerHour => "spend per hour",
+            BudgetLimit::SpendPerDay => "spend per day",
+        })
+    }
+}
+
+/// Where a stream stalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StallPhase {
+    /// No response head arrived in time.
+    Head,
+    /// The head arrived, but no body byte did.
+    FirstByte,
+    /// Bytes arrived (pings, comments), but no content event did.
+    FirstContent,
+    /// The stream went quiet between chunks for longer than the idle limit.
+    Idle,
+    /// The whole stream took longer than its total deadline.
+    Total,
+}
+
+impl fmt::Display for StallPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StallPhase::Head => "waiting for the response head",
+            StallPhase::FirstByte => "waiting for the first byte",
+            StallPhase::FirstContent => "waiting for the first content",
+            StallPhase::Idle => "between chunks",
+            StallPhase::Total => "over the total deadline",
+        })
+    }
+}
+
+/// One route's last failure, as [`AiError::AllRoutesFailed`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteFailure {
+    /// The route's name.
+    pub route: String,
+    /// Its last verdict.
+    pub classification: Classification,
+    /// A short description: the provider's message, or the error's.
+    pub message: String,
+}
+
+/// Everything that can go wrong in a tower-ai stack, with the facts a caller needs.
+///
+/// A provider's error *response* (a 429 with its body) normally reaches the caller as a
+/// response, untouched; `AiError` is for what cannot: a transport failure, a layer's
+/// refusal, a stall, an error event inside a 200 stream.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AiError {
+    /// The provider said no, in a form that is not a response of its own: an error event
+    /// inside a 200 stream, or a final answer a layer was configured to turn into an error.
+    #[error("provider error ({kind}, status {status}){msg}",
+        kind = classification.kind.map_or("unknown", |k| k.as_str()),
+        status = classification.status.as_u16(),
+        msg = classification.message().map(|m| format!(": {m}")).unwrap_or_default())]
+    Provider {
+        /// The classification of what the provider said.
+        classification: Classification,
+    },
+    /// The request never got a response: connect failure, reset, timeout.
+    #[error("transport error ({kind}): {source}")]
+    Transport {
+        /// [`ErrorKind::Connection`], [`ErrorKind::Timeout`] or [`ErrorKind::Unknown`].
+        kind: ErrorKind,
+        /// The client's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The circuit for `key` is open: the request was not sent.
+    #[error("circuit open for {key} until {until:?}")]
+    CircuitOpen {
+        /// The breaker's key (provider host and model by default).
+        key: String,
+        /// When the breaker lets a probe through.
+        until: Instant,
+    },
+    /// `key` is cooling down after the provider asked for a wait.
+    #[error("cooling down {key} until {until:?}")]
+    CoolingDown {
+        /// The cooldown key.
+        key: String,
+        /// When requests for `key` may go out again.
+        until: Instant,
+    },
+    /// The request does not fit the token budget.
+    #[error("budget exceeded for {key}: {limit}{}", retry_after.map(|d| format!(" (fits in {d:?})")).unwrap_or_default())]
+    BudgetExceeded {
+        /// The budget key.
+        key: String,
+        /// Which limit refused it.
+        limit: BudgetLimit,
+        /// When it would fit, if it ever can (`None` for a request larger than the limit).
+        retry_after: Option<Duration>,
+    },
+    /// A streamed answer stopped making progress.
+    #[error("stream stalled {phase} after {after:?} ({bytes_received} bytes received)")]
+    Stalled {
+        /// Where it stalled.
+        phase: StallPhase,
+        /// The deadline that expired.
+        after: Duration,
+        /// Body bytes received before the stall.
+        bytes_received: u64,
+    },
+    /// A stream ended without its dialect's terminal marker: the answer is incomplete.
+    #[error("stream ended without its terminal event ({bytes_received} bytes received)")]
+    Truncated {
+        /// Body bytes received.
+        bytes_received: u64,
+    },
+    /// Retries ended without a success.
+    #[error("gave up after {attempts} attempt(s): {}", last.kind.map_or("unknown", |k| k.as_str()))]
+    RetriesExhausted {
+        /// Attempts made, the first included.
+        attempts: u32,
+        /// The last attempt's verdict.
+        last: Classification,
+        /// The wait the provider asked for when it was longer than allowed (the reason to
+        /// stop), if so.
+        wait: Option<RequestedWait>,
+    },
+    /// Every route of a fallback chain failed.
+    #[error("all {} route(s) failed", failures.len())]
+    AllRoutesFailed {
+        /// Each route's last failure, in chain order.
+        failures: Vec<RouteFailure>,
+    },
+}
+
+impl AiError {
+    /// The kind of failure, as the layers above judge it.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AiError::Provider { classification } => {
+                classification.kind.unwrap_or(ErrorKind::Unknown)
+            }
+            AiError::Transport { kind, .. } => *kind,
+            AiError::CircuitOpen { .. } => ErrorKind::Overloaded,
+            AiError::CoolingDown { .. } => ErrorKind::RateLimited,
+            AiError::BudgetExceeded {
+                limit, retry_after, ..
+            } => match (limit, retry_after) {
+                (_, None) => ErrorKind::RequestTooLarge,
+                (BudgetLimit::SpendPerHour | BudgetLimit::SpendPerDay, _) => {
+                    ErrorKind::QuotaExhausted
+                }
+                _ => ErrorKind::RateLimited,
+            },
+            AiError::Stalled { .. } | AiError::Truncated { .. } => ErrorKind::Stalled,
+            AiError::RetriesExhausted { last, .. } => last.kind.unwrap_or(ErrorKind::Unknown),
+            AiError::AllRoutesFailed { failures } => failures
+                .last()
+                .and_then(|f| f.classification.kind)
+                .unwrap_or(ErrorKind::Unknown),
+        }
+    }
+
+    /// Wraps a client's error as [`AiError::Transport`], judging its kind with
+    /// [`ErrorKind::of_error`]; an error that already is (or wraps) an `AiError` is
+    /// returned as it is.
+    pub fn transport(err: BoxError) -> BoxError {
+        if err.is::<AiError>() {
+            return err;
+        }
+        let kind = match ErrorKind::of_error(&*err) {
+            k @ (ErrorKind::Timeout | ErrorKind::Connection) => k,
+            _ => ErrorKind::Unknown,
+        };
+        Box::new(AiError::Transport { kind, source: err })
+    }
+
+    /// The `AiError` in an error's `source()` chain, if there is one.
+    pub fn find<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a AiError> {
+        let mut cur = Some(err);
+        while let Some(e) = cur {
+            if let Some(ai) = e.downcast_ref::<AiError>() {
+                return Some(ai);
+            }
+            cur = e.source();
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_and_messages() {
+        let e = AiError::BudgetExceeded {
+            key: "tenant-a".into(),
+            limit: BudgetLimit::TokensPerMinute,
+            retry_after: Some(Duration::from_secs(3)),
+        };
+        assert_eq!(e.kind(), ErrorKind::RateLimited);
+        assert_eq!(
+            e.to_string(),
+            "budget exceeded for tenant-a: tokens per minute (fits in 3s)"
+        );
+        let e = AiError::Stalled {
+            phase: StallPhase::Idle,
+            after: Duration::from_secs(30),
+            bytes_received: 512,
+        };
+        assert_eq!(e.kind(), ErrorKind::Stalled);
+        assert_eq!(
+            e.to_string(),
+            "stream stalled between chunks after 30s (512 bytes received)"
+        );
+    }
+
+    #[test]
+    fn transport_wraps_once() {
+        let io: BoxError = Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let wrapped = AiError::transport(io);
+        let ai = wrapped.downcast_ref::<AiError>().unwrap();
+        assert_eq!(ai.kind(), ErrorKind::Connection);
+        let again = AiError::transport(wrapped);
+        assert!(matches!(
+            again.downcast_ref::<AiError>(),
+            Some(AiError::Transport { .. })
+        ));
+        assert_eq!(ErrorKind::of_error(&*again), ErrorKind::Connection);
+        assert!(AiError::find(&*again).is_some());
+    }
+}

@@ -1,0 +1,60 @@
+//! The shared vocabulary of tower-ai: what every layer agrees on.
+//!
+//! AI APIs fail in ways ordinary REST APIs do not: a 429 can mean "slow down" or "your
+//! quota is gone" (never retry the second), overload is provider-wide, providers say
+//! exactly when to come back (in headers with five different formats, or in the error
+//! body), and a streamed answer can stall or carry an error inside a 200. This crate holds
+//! the one reading of all that, so six layers agree on it and parse it once:
+//!
+//! - [`Provider`]: which dialect a request speaks, from its host, path and headers.
+//! - [`ErrorKind`] and [`Classification`]: what a response or error *is* (retryable? a
+//!   breaker failure? can another model help?), produced once per response by
+//!   [`classify()`] and carried in the response's extensions by the [`Classify`] layer.
+//! - [`RequestedWait`] and [`RateLimitInfo`]: `Retry-After` in all its forms,
+//!   `retry-after-ms`, OpenAI's Go-duration `x-ratelimit-*`, Anthropic's RFC 3339
+//!   `anthropic-ratelimit-*`, Gemini's `RetryInfo`, the IETF `RateLimit` fields; every
+//!   wait validated and clamped to a configured maximum, with "asked for longer" reported.
+//! - [`RequestMeta`] and [`Usage`]: model, stream flag, token estimate of a request, and
+//!   the tokens a response used.
+//! - [`AiBody`], [`ReplayBody`] and [`ClassifiedBody`]: the body types the layers share.
+//! - [`sse`] and [`stream`]: an SSE push parser and a dialect-aware stream reader.
+//! - [`keys`]: per-key state keys, with API keys hashed, never stored.
+//! - [`AiError`]: the one error type, with every layer's refusal as a variant.
+//!
+//! ```
+//! use http::{HeaderMap, StatusCode};
+//! use tower_ai_core::{classify, ClassifyConfig, ErrorKind, Provider};
+//!
+//! // OpenAI's "you are out of credits" is a 429, and retrying it is pointless.
+//! let body = br#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+//! let verdict = classify(Provider::OpenAi, StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), body, &ClassifyConfig::default());
+//! assert_eq!(verdict.kind, Some(ErrorKind::QuotaExhausted));
+//! assert!(!verdict.is_retryable());
+//! assert!(ErrorKind::QuotaExhausted.is_fallback_trigger());
+//! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod classify;
+pub mod duration;
+mod error;
+pub mod future;
+pub mod keys;
+mod kind;
+mod layer;
+mod meta;
+mod provider;
+mod ratelimit;
+mod service;
+pub mod sse;
+pub mod stream;
+
+pub use body::{try_clone_request, AiBody, ClassifiedBody, ReplayBody};
+pub use classify::{classify, classify_at, Classification, ClassifyConfig, ProviderError};
+pub use error::{AiError, BoxError, BudgetLimit, RouteFailure, StallPhase};
+pub use kind::ErrorKind;
+pub use layer::ClassifyLayer;
+pub use meta::{model_of, top_level_string, RequestMeta, Usage};
+pub use provider::Provider;
+pub use ratelimit::{response_clock, Bucket, RateLimitInfo, RequestedWait, WaitSource};
+pub use service::Classify;

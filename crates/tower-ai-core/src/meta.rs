@@ -1,0 +1,533 @@
+//! What a request asks for ([`RequestMeta`]) and what a response used ([`Usage`]).
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::body::ReplayBody;
+
+/// What a request asks for, read once from its JSON body (and, for Gemini and Azure, its
+/// path) and kept in the request's extensions, so every layer reads it without parsing.
+///
+/// The input-token estimate is deliberately simple and provider-neutral: the UTF-8 bytes
+/// of all text in the prompt fields (`messages`, `contents`, `system`,
+/// `systemInstruction`, `input`, `instructions`, `prompt`, `tools`), divided by four and
+/// rounded up. It errs high for code and non-English text less than a real tokenizer
+/// would, and TokenBudget corrects it with the provider's own count after the call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RequestMeta {
+    /// The model: the body's `model`, Gemini's `models/{model}:…` path segment, or Azure's
+    /// deployment name.
+    pub model: Option<Arc<str>>,
+    /// Whether the answer is streamed (`"stream": true`, or Gemini's
+    /// `:streamGenerateContent`).
+    pub stream: bool,
+    /// `max_tokens`, `max_completion_tokens`, `max_output_tokens` or
+    /// `generationConfig.maxOutputTokens`.
+    pub max_output_tokens: Option<u64>,
+    /// Estimated input tokens (see above); at least 1.
+    pub input_tokens_estimate: u64,
+    /// Whether the body was JSON at all. A body that is not gives a meta from the path only,
+    /// with an estimate of its byte length / 4.
+    pub json: bool,
+}
+
+impl RequestMeta {
+    /// The request's meta: from its extensions when a layer already read it, else parsed
+    /// now (not stored: use [`RequestMeta::get_or_insert`] for that).
+    pub fn of<B: ReplayBody>(req: &http::Request<B>) -> Cow<'_, RequestMeta> {
+        match req.extensions().get::<RequestMeta>() {
+            Some(m) => Cow::Borrowed(m),
+            None => Cow::Owned(RequestMeta::parse(
+                req.uri().path(),
+                req.body().bytes().unwrap_or(&[]),
+            )),
+        }
+    }
+
+    /// The request's meta, parsed and stored in its extensions the first time.
+    pub fn get_or_insert<B: ReplayBody>(req: &mut http::Request<B>) -> &RequestMeta {
+        if req.extensions().get::<RequestMeta>().is_none() {
+            let meta = RequestMeta::parse(req.uri().path(), req.body().bytes().unwrap_or(&[]));
+            req.extensions_mut().insert(meta);
+        }
+        req.extensions()
+            .get::<RequestMeta>()
+            .expect("inserted above")
+    }
+
+    /// Parses a request body, with the request path for Gemini's and Azure's model. Never
+    /// fails: see the type's docs for what a non-JSON body gives.
+    pub fn parse(path: &str, body: &[u8]) -> RequestMeta {
+        let path_model = model_from_path(path);
+        let path_stream = path.contains(":streamGenerateContent");
+        let Ok(p) = serde_json::from_slice::<Peek<'_>>(body) else {
+            return RequestMeta {
+                model: path_model.map(Arc::from),
+                stream: path_stream,
+                max_output_tokens: None,
+                input_tokens_estimate: estimate(body.len() as u64),
+                json: false,
+            };
+        };
+        let text = [
+            &p.messages,
+            &p.contents,
+            &p.system,
+            &p.system_instruction,
+            &p.input,
+            &p.instructions,
+            &p.prompt,
+            &p.tools,
+        ]
+        .iter()
+        .map(|t| t.as_ref().map_or(0, |t| t.0))
+        .fold(0u64, u64::saturating_add);
+        let max_output_tokens = [
+            &p.max_tokens,
+            &p.max_completion_tokens,
+            &p.max_output_tokens,
+        ]
+        .into_iter()
+        .find_map(|v| v.as_ref().and_then(Value::as_u64))
+        .or_else(|| {
+            p.generation_config
+                .as_ref()?
+                .get("maxOutputTokens")?
+                .as_u64()
+        });
+        RequestMeta {
+            model: p
+                .model
+                .as_deref()
+                .map(Arc::from)
+                .or_else(|| path_model.map(Arc::from)),
+            stream: path_stream || p.stream.as_ref().and_then(Value::as_bool).unwrap_or(false),
+            max_output_tokens,
+            input_tokens_estimate: estimate(text),
+            json: true,
+        }
+    }
+
+    /// The model name, if known.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// Tokens to reserve before the call: the input estimate plus the maximum output
+    /// (saturating; a request with no `max_tokens` reserves `default_output` for output).
+    pub fn reserve_tokens(&self, default_output: u64) -> u64 {
+        self.input_tokens_estimate
+            .saturating_add(self.max_output_tokens.unwrap_or(default_output))
+    }
+}
+
+fn estimate(bytes: u64) -> u64 {
+    bytes.div_ceil(4).max(1)
+}
+
+/// Gemini: `/v1beta/models/{model}:generateContent`; Azure: `/openai/deployments/{name}/…`.
+fn model_from_path(path: &str) -> Option<&str> {
+    if let Some(i) = path.find("/models/") {
+        let rest = &path[i + "/models/".len()..];
+        let end = rest.find(':').unwrap_or(rest.len());
+        return Some(&rest[..end]).filter(|m| !m.is_empty() && !m.contains('/'));
+    }
+    let rest = path.strip_prefix("/openai/deployments/")?;
+    Some(&rest[..rest.find('/').unwrap_or(rest.len())]).filter(|m| !m.is_empty())
+}
+
+/// The request's model, as cheaply as it can be had: [`RequestMeta`] from the extensions
+/// if a layer stored it, else a scan of the body for its top-level `"model"` key that
+/// stops as soon as it is found (usually the first key), else the path. Borrows; allocates
+/// only for a model name with JSON escapes in it.
+pub fn model_of<B: ReplayBody>(req: &http::Request<B>) -> Option<Cow<'_, str>> {
+    if let Some(m) = req.extensions().get::<RequestMeta>() {
+        return m.model().map(Cow::Borrowed);
+    }
+    if let Some(m) = req
+        .body()
+        .bytes()
+        .and_then(|b| top_level_string(b, b"model"))
+    {
+        return Some(m);
+    }
+    model_from_path(req.uri().path()).map(Cow::Borrowed)
+}
+
+/// The string value of a top-level key of a JSON object, found by a single forward scan
+/// that skips nested values and string contents and stops at the key. `None` if the body
+/// is not an object, the key is missing or its value is not a string.
+pub fn top_level_string<'a>(json: &'a [u8], key: &[u8]) -> Option<Cow<'a, str>> {
+    let mut i = skip_ws(json, 0);
+    if json.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    loop {
+        i = skip_ws(json, i);
+        match json.get(i)? {
+            b'}' => return None,
+            b',' => {
+                i += 1;
+                continue;
+            }
+            b'"' => {}
+            _ => return None,
+        }
+        let (k_start, k_end) = string_span(json, i)?;
+        i = skip_ws(json, k_end + 1);
+        if json.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(json, i + 1);
+        if &json[k_start..k_end] == key {
+            if json.get(i) != Some(&b'"') {
+                return None;
+            }
+            let (v_start, v_end) = string_span(json, i)?;
+            let raw = &json[v_start..v_end];
+            return if raw.contains(&b'\\') {
+                serde_json::from_slice::<String>(&json[i..=v_end])
+                    .ok()
+                    .map(Cow::Owned)
+            } else {
+                std::str::from_utf8(raw).ok().map(Cow::Borrowed)
+            };
+        }
+        i = skip_value(json, i)?;
+    }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+        i += 1;
+    }
+    i
+}
+
+/// For a string starting at `b[i] == '"'`: the span of its contents and the index of its
+/// closing quote (the returned end).
+fn string_span(b: &[u8], i: usize) -> Option<(usize, usize)> {
+    let start = i + 1;
+    let mut j = start;
+    loop {
+        let k = memchr::memchr2(b'"', b'\\', b.get(j..)?)? + j;
+        if b[k] == b'\\' {
+            j = k + 2;
+        } else {
+            return Some((start, k));
+        }
+    }
+}
+
+/// Skips one JSON value starting at `b[i]`; returns the index after it.
+fn skip_value(b: &[u8], i: usize) -> Option<usize> {
+    match b.get(i)? {
+        b'"' => Some(string_span(b, i)?.1 + 1),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                match b.get(j)? {
+                    b'"' => j = string_span(b, j)?.1,
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let mut j = i;
+            while !matches!(b.get(j), None | Some(b',' | b'}' | b']')) {
+                j += 1;
+            }
+            (j > i).then_some(j)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<Value>,
+    #[serde(default)]
+    max_tokens: Option<Value>,
+    #[serde(default)]
+    max_completion_tokens: Option<Value>,
+    #[serde(default)]
+    max_output_tokens: Option<Value>,
+    #[serde(default, rename = "generationConfig")]
+    generation_config: Option<Value>,
+    #[serde(default)]
+    messages: Option<TextLen>,
+    #[serde(default)]
+    contents: Option<TextLen>,
+    #[serde(default)]
+    system: Option<TextLen>,
+    #[serde(default, rename = "systemInstruction")]
+    system_instruction: Option<TextLen>,
+    #[serde(default)]
+    input: Option<TextLen>,
+    #[serde(default)]
+    instructions: Option<TextLen>,
+    #[serde(default)]
+    prompt: Option<TextLen>,
+    #[serde(default)]
+    tools: Option<TextLen>,
+}
+
+/// The summed byte length of every string *value* inside a JSON value (keys not counted),
+/// read without building the value.
+struct TextLen(u64);
+
+impl<'de> Deserialize<'de> for TextLen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TextLen;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<TextLen, E> {
+                Ok(TextLen(s.len() as u64))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<TextLen, E> {
+                Ok(TextLen(0))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<TextLen, E> {
+                Ok(TextLen(0))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<TextLen, E> {
+                Ok(TextLen(0))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<TextLen, E> {
+                Ok(TextLen(0))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<TextLen, E> {
+                Ok(TextLen(0))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<TextLen, E> {
+                Ok(TextLen(0))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TextLen, A::Error> {
+                let mut n = 0u64;
+                while let Some(TextLen(x)) = seq.next_element()? {
+                    n = n.saturating_add(x);
+                }
+                Ok(TextLen(n))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TextLen, A::Error> {
+                let mut n = 0u64;
+                while let Some((IgnoredAny, TextLen(x))) = map.next_entry()? {
+                    n = n.saturating_add(x);
+                }
+                Ok(TextLen(n))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Tokens a call used, as the provider reported them.
+///
+/// Input counts every input token the provider bills (Anthropic: `input_tokens` plus cache
+/// creation and cache reads); output counts every generated token (Gemini:
+/// `candidatesTokenCount` plus `thoughtsTokenCount`, which it reports apart).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Usage {
+    /// Input (prompt) tokens.
+    pub input_tokens: u64,
+    /// Output (completion) tokens, reasoning included.
+    pub output_tokens: u64,
+}
+
+impl Usage {
+    /// Input plus output.
+    pub fn total(&self) -> u64 {
+        self.input_tokens.saturating_add(self.output_tokens)
+    }
+
+    /// The usage in a non-streamed JSON response of any dialect (OpenAI Chat and
+    /// Responses `usage`, Anthropic `usage`, Gemini `usageMetadata`).
+    pub fn from_json(body: &[u8]) -> Option<Usage> {
+        let v: Value = serde_json::from_slice(body).ok()?;
+        Usage::from_value(&v)
+    }
+
+    /// The usage in a parsed JSON object: a whole response or a stream event.
+    pub fn from_value(v: &Value) -> Option<Usage> {
+        let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
+        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+            if let Some(p) = n(u, "prompt_tokens") {
+                return Some(Usage {
+                    input_tokens: p,
+                    output_tokens: n(u, "completion_tokens").unwrap_or(0),
+                });
+            }
+            let input = [
+                "input_tokens",
+                "cache_creation_input_tokens",
+                "cache_read_input_tokens",
+            ]
+            .iter()
+            .filter_map(|k| n(u, k))
+            .fold(0u64, u64::saturating_add);
+            let output = n(u, "output_tokens");
+            if input > 0 || output.is_some() {
+                return Some(Usage {
+                    input_tokens: input,
+                    output_tokens: output.unwrap_or(0),
+                });
+            }
+            return None;
+        }
+        let m = v.get("usageMetadata")?;
+        Some(Usage {
+            input_tokens: n(m, "promptTokenCount").unwrap_or(0),
+            output_tokens: n(m, "candidatesTokenCount")
+                .unwrap_or(0)
+                .saturating_add(n(m, "thoughtsTokenCount").unwrap_or(0)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_chat_request() {
+        let body = br#"{"model":"gpt-4o","stream":true,"max_completion_tokens":256,
+            "messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Hello there, how are you?"}]}"#;
+        let m = RequestMeta::parse("/v1/chat/completions", body);
+        assert_eq!(m.model(), Some("gpt-4o"));
+        assert!(m.stream && m.json);
+        assert_eq!(m.max_output_tokens, Some(256));
+        // "system"+"You are terse."+"user"+"Hello there, how are you?" = 6+14+4+25 = 49 bytes
+        assert_eq!(m.input_tokens_estimate, 13);
+        assert_eq!(m.reserve_tokens(1000), 269);
+    }
+
+    #[test]
+    fn anthropic_and_gemini_requests() {
+        let body = br#"{"model":"claude-sonnet-4-5","max_tokens":1024,"system":"abcd","messages":[{"role":"user","content":[{"type":"text","text":"abcdefgh"}]}]}"#;
+        let m = RequestMeta::parse("/v1/messages", body);
+        assert_eq!(
+            (m.model(), m.max_output_tokens, m.stream),
+            (Some("claude-sonnet-4-5"), Some(1024), false)
+        );
+        let body = br#"{"contents":[{"role":"user","parts":[{"text":"12345678"}]}],"generationConfig":{"maxOutputTokens":77}}"#;
+        let m = RequestMeta::parse(
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+            body,
+        );
+        assert_eq!(m.model(), Some("gemini-2.5-flash"));
+        assert!(m.stream);
+        assert_eq!(m.max_output_tokens, Some(77));
+        let m = RequestMeta::parse("/openai/deployments/prod-4o/chat/completions", b"{}");
+        assert_eq!(m.model(), Some("prod-4o"));
+    }
+
+    #[test]
+    fn bad_bodies_never_fail() {
+        let m = RequestMeta::parse("/v1/chat/completions", b"not json at all");
+        assert!(!m.json && m.model.is_none());
+        assert_eq!(m.input_tokens_estimate, 4);
+        let m = RequestMeta::parse("/x", b"");
+        assert_eq!(m.input_tokens_estimate, 1);
+        let m = RequestMeta::parse("/x", br#"{"model":"m","max_tokens":"lots","stream":"yes"}"#);
+        assert_eq!(
+            (m.model(), m.max_output_tokens, m.stream),
+            (Some("m"), None, false)
+        );
+        let m = RequestMeta::parse("/x", br#"{"model":"m","max_tokens":18446744073709551615}"#);
+        assert_eq!(m.reserve_tokens(0), u64::MAX, "saturates");
+        let m = RequestMeta::parse("/x", br#"{"model":"m","max_tokens":-5}"#);
+        assert_eq!(m.max_output_tokens, None);
+    }
+
+    #[test]
+    fn model_scan() {
+        assert_eq!(
+            top_level_string(br#"{"model":"gpt-4o","messages":[]}"#, b"model").as_deref(),
+            Some("gpt-4o")
+        );
+        assert_eq!(
+            top_level_string(br#" { "messages" : [{"model":"inner","x":"\"model\":"}], "n":1, "model" : "outer" }"#, b"model").as_deref(),
+            Some("outer")
+        );
+        assert_eq!(
+            top_level_string(br#"{"model":"a\"b"}"#, b"model").as_deref(),
+            Some("a\"b")
+        );
+        assert_eq!(
+            top_level_string(br#"{"tools":{"model":"x"}}"#, b"model"),
+            None
+        );
+        assert_eq!(top_level_string(br#"{"model":5}"#, b"model"), None);
+        assert_eq!(
+            top_level_string(br#"{"model":"unterminated"#, b"model"),
+            None
+        );
+        assert_eq!(top_level_string(b"[1,2]", b"model"), None);
+        assert_eq!(
+            top_level_string(br#"{"a":[1,{"b":"]"}],"model":"m"}"#, b"model").as_deref(),
+            Some("m")
+        );
+
+        let req = http::Request::post("/v1beta/models/gemini-pro:generateContent")
+            .body(String::from("{}"))
+            .unwrap();
+        assert_eq!(model_of(&req).as_deref(), Some("gemini-pro"));
+        let req = http::Request::post("/v1/chat/completions")
+            .body(String::from(r#"{"model":"x"}"#))
+            .unwrap();
+        assert!(matches!(model_of(&req), Some(Cow::Borrowed("x"))));
+    }
+
+    #[test]
+    fn usage_of_each_dialect() {
+        let openai = br#"{"choices":[],"usage":{"prompt_tokens":14,"completion_tokens":30,"total_tokens":44}}"#;
+        assert_eq!(
+            Usage::from_json(openai),
+            Some(Usage {
+                input_tokens: 14,
+                output_tokens: 30
+            })
+        );
+        let anthropic = br#"{"type":"message","usage":{"input_tokens":25,"cache_read_input_tokens":100,"output_tokens":15}}"#;
+        assert_eq!(
+            Usage::from_json(anthropic),
+            Some(Usage {
+                input_tokens: 125,
+                output_tokens: 15
+            })
+        );
+        let responses = br#"{"usage":{"input_tokens":5,"output_tokens":7,"total_tokens":12}}"#;
+        assert_eq!(Usage::from_json(responses).unwrap().total(), 12);
+        let gemini = br#"{"usageMetadata":{"promptTokenCount":10,"candidatesTokenCount":49,"thoughtsTokenCount":3,"totalTokenCount":62}}"#;
+        assert_eq!(
+            Usage::from_json(gemini),
+            Some(Usage {
+                input_tokens: 10,
+                output_tokens: 52
+            })
+        );
+        assert_eq!(Usage::from_json(br#"{"usage":null}"#), None);
+        assert_eq!(Usage::from_json(b"garbage"), None);
+    }
+}

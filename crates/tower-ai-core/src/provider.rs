@@ -1,0 +1,197 @@
+//! Which AI provider a request goes to.
+
+use http::{HeaderMap, Uri};
+
+/// The AI provider, and so the dialect of errors, headers and streams, of a request.
+///
+/// Detected once per request by [`Provider::detect`] from the host, the path and a few
+/// provider-specific headers. A caller that knows better sets it explicitly by putting a
+/// `Provider` into the request's extensions; [`Provider::of`] reads that first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Provider {
+    /// OpenAI (`api.openai.com`), and servers that speak its Chat Completions or Responses
+    /// API on their own paths.
+    OpenAi,
+    /// Anthropic Messages (`api.anthropic.com`, `/v1/messages`).
+    Anthropic,
+    /// Google Gemini (`generativelanguage.googleapis.com`, `…:generateContent`).
+    Gemini,
+    /// Azure OpenAI (`*.openai.azure.com`, `/openai/deployments/…`).
+    AzureOpenAi,
+    /// Anything else: classified by status code and the common error body shapes.
+    #[default]
+    Generic,
+}
+
+impl Provider {
+    /// The provider of a request: the `Provider` in its extensions if the caller put one
+    /// there, otherwise [`Provider::detect`].
+    pub fn of<B>(req: &http::Request<B>) -> Provider {
+        match req.extensions().get::<Provider>() {
+            Some(p) => *p,
+            None => Provider::detect(req.uri(), req.headers()),
+        }
+    }
+
+    /// Detects the provider from the request's URI and headers.
+    ///
+    /// The host decides when it is a provider's own; otherwise the path (an
+    /// OpenAI-compatible gateway on `localhost` that serves `/v1/chat/completions` speaks
+    /// OpenAI's dialect) and then provider-specific headers (`anthropic-version`,
+    /// `x-goog-api-key`, `api-key`). Cheap: no allocation.
+    pub fn detect(uri: &Uri, headers: &HeaderMap) -> Provider {
+        let host = uri
+            .host()
+            .or_else(|| {
+                headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(|h| h.split(':').next().unwrap_or(h))
+            })
+            .unwrap_or("");
+        if let Some(p) = Self::from_host(host) {
+            return p;
+        }
+        let path = uri.path();
+        if path.starts_with("/openai/deployments/") {
+            return Provider::AzureOpenAi;
+        }
+        if path.ends_with("/messages") || path.ends_with("/messages/count_tokens") {
+            return Provider::Anthropic;
+        }
+        if path.contains(":generateContent") || path.contains(":streamGenerateContent") {
+            return Provider::Gemini;
+        }
+        if path.ends_with("/chat/completions")
+            || path.ends_with("/responses")
+            || path.ends_with("/completions")
+            || path.ends_with("/embeddings")
+        {
+            return Provider::OpenAi;
+        }
+        if headers.contains_key("anthropic-version") {
+            return Provider::Anthropic;
+        }
+        if headers.contains_key("x-goog-api-key") {
+            return Provider::Gemini;
+        }
+        if headers.contains_key("api-key") {
+            return Provider::AzureOpenAi;
+        }
+        Provider::Generic
+    }
+
+    fn from_host(host: &str) -> Option<Provider> {
+        let host = host.trim_end_matches('.');
+        if host.eq_ignore_ascii_case("api.openai.com") {
+            Some(Provider::OpenAi)
+        } else if host.eq_ignore_ascii_case("api.anthropic.com") {
+            Some(Provider::Anthropic)
+        } else if host.eq_ignore_ascii_case("generativelanguage.googleapis.com") {
+            Some(Provider::Gemini)
+        } else if ends_with_ignore_case(host, ".openai.azure.com") {
+            Some(Provider::AzureOpenAi)
+        } else {
+            None
+        }
+    }
+
+    /// A short lowercase name, as used in `gen_ai.system` trace fields.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Provider::OpenAi => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::Gemini => "gemini",
+            Provider::AzureOpenAi => "azure_openai",
+            Provider::Generic => "generic",
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn ends_with_ignore_case(s: &str, suffix: &str) -> bool {
+    s.len() >= suffix.len()
+        && s.as_bytes()[s.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detect(uri: &str) -> Provider {
+        Provider::detect(&uri.parse().unwrap(), &HeaderMap::new())
+    }
+
+    #[test]
+    fn by_host() {
+        assert_eq!(
+            detect("https://api.openai.com/v1/chat/completions"),
+            Provider::OpenAi
+        );
+        assert_eq!(
+            detect("https://api.anthropic.com/v1/messages"),
+            Provider::Anthropic
+        );
+        assert_eq!(
+            detect("https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent"),
+            Provider::Gemini
+        );
+        assert_eq!(
+            detect("https://myres.openai.azure.com/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21"),
+            Provider::AzureOpenAi
+        );
+        assert_eq!(
+            detect("https://API.OPENAI.COM./v1/models"),
+            Provider::OpenAi
+        );
+    }
+
+    #[test]
+    fn by_path_on_unknown_hosts() {
+        assert_eq!(
+            detect("http://127.0.0.1:8080/v1/chat/completions"),
+            Provider::OpenAi
+        );
+        assert_eq!(
+            detect("http://127.0.0.1:8080/v1/messages"),
+            Provider::Anthropic
+        );
+        assert_eq!(
+            detect("http://127.0.0.1/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse"),
+            Provider::Gemini
+        );
+        assert_eq!(
+            detect("http://127.0.0.1/openai/deployments/x/chat/completions"),
+            Provider::AzureOpenAi
+        );
+        assert_eq!(detect("http://127.0.0.1/healthz"), Provider::Generic);
+        assert_eq!(detect("/v1/chat/completions"), Provider::OpenAi);
+    }
+
+    #[test]
+    fn by_header_and_explicit() {
+        let mut h = HeaderMap::new();
+        h.insert("anthropic-version", "2023-06-01".parse().unwrap());
+        assert_eq!(
+            Provider::detect(&"http://proxy/x".parse().unwrap(), &h),
+            Provider::Anthropic
+        );
+        let mut h = HeaderMap::new();
+        h.insert(http::header::HOST, "api.openai.com:443".parse().unwrap());
+        assert_eq!(
+            Provider::detect(&"/x".parse().unwrap(), &h),
+            Provider::OpenAi
+        );
+
+        let mut req = http::Request::new(());
+        *req.uri_mut() = "http://api.openai.com/v1/chat/completions".parse().unwrap();
+        req.extensions_mut().insert(Provider::Gemini);
+        assert_eq!(Provider::of(&req), Provider::Gemini);
+    }
+}

@@ -1,0 +1,323 @@
+//! A push parser for Server-Sent Events, fed with body chunks as they pass.
+//!
+//! It follows the WHATWG event-stream rules that matter for AI streams (PROTOCOLS.md §8.6):
+//! lines end in LF, CR or CRLF, also when the CR and LF arrive in different chunks; `data:`
+//! lines join with `\n`; `:` lines are comments; one leading space after the colon is
+//! dropped; a leading BOM is skipped; an event is dispatched on a blank line. Two
+//! differences, both deliberate: fields that are not `event`, `data`, `id` or `retry` are
+//! reported instead of dropped (llama.cpp writes errors as `error: {…}` lines, which a
+//! strict parser would turn into a clean, empty answer), and at end of input a last event
+//! that lacks its blank line is still dispatched by [`SseParser::finish`].
+//!
+//! It never copies a chunk to pass it on: callers hand it `&[u8]` and keep the chunk. It
+//! keeps only the bytes of an incomplete line and of the event being assembled, bounded by
+//! [`SseParser::with_max_event`]; a larger event is skipped and reported as
+//! [`SseItem::Oversized`].
+
+/// What the parser found in the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SseItem<'a> {
+    /// A complete event: its `event:` name (`"message"` when it had none) and its data.
+    Event {
+        /// The event name.
+        event: &'a str,
+        /// The data lines, joined with `\n`.
+        data: &'a [u8],
+    },
+    /// A `:` comment line (a keep-alive, like OpenRouter's `: OPENROUTER PROCESSING`).
+    Comment(&'a [u8]),
+    /// A field that is not part of the SSE standard, such as llama.cpp's `error:`.
+    OtherField {
+        /// The field name.
+        name: &'a [u8],
+        /// Its value.
+        value: &'a [u8],
+    },
+    /// An event was larger than the limit and was skipped.
+    Oversized,
+}
+
+/// The push parser. Feed it chunks with [`feed`](SseParser::feed); call
+/// [`finish`](SseParser::finish) at end of stream.
+///
+/// ```
+/// use tower_ai_core::sse::{SseItem, SseParser};
+/// let mut p = SseParser::new();
+/// let mut events = Vec::new();
+/// for chunk in [&b"event: ping\r\ndata: {}\r"[..], b"\n\r\ndata: a\ndata: b\n\n"] {
+///     p.feed(chunk, |item| if let SseItem::Event { event, data } = item {
+///         events.push((event.to_owned(), data.to_vec()));
+///     });
+/// }
+/// assert_eq!(events, [("ping".to_owned(), b"{}".to_vec()), ("message".to_owned(), b"a\nb".to_vec())]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct SseParser {
+    line: Vec<u8>,
+    data: Vec<u8>,
+    event: Vec<u8>,
+    has_data: bool,
+    skip_lf: bool,
+    bom_seen: u8,
+    oversized: bool,
+    max_event: usize,
+}
+
+/// The default bound on one event: 4 MiB (Gemini sends whole response objects per event).
+pub const DEFAULT_MAX_EVENT: usize = 4 * 1024 * 1024;
+
+impl Default for SseParser {
+    fn default() -> Self {
+        SseParser::new()
+    }
+}
+
+impl SseParser {
+    /// A parser with the default event bound.
+    pub fn new() -> Self {
+        SseParser::with_max_event(DEFAULT_MAX_EVENT)
+    }
+
+    /// A parser that skips events larger than `max_event` bytes.
+    pub fn with_max_event(max_event: usize) -> Self {
+        SseParser {
+            line: Vec::new(),
+            data: Vec::new(),
+            event: Vec::new(),
+            has_data: false,
+            skip_lf: false,
+            bom_seen: 0,
+            oversized: false,
+            max_event,
+        }
+    }
+
+    /// Bytes held between calls (an incomplete line and the event being assembled).
+    pub fn buffered(&self) -> usize {
+        self.line.len() + self.data.len() + self.event.len()
+    }
+
+    /// Parses `chunk`, calling `on_item` for each complete item.
+    pub fn feed<F: FnMut(SseItem<'_>)>(&mut self, mut chunk: &[u8], mut on_item: F) {
+        // Skip a BOM at the very start, even when it arrives split across chunks.
+        const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
+        while self.bom_seen < 3 {
+            let Some(&b) = chunk.first() else { return };
+            if b == BOM[self.bom_seen as usize] {
+                self.bom_seen += 1;
+                chunk = &chunk[1..];
+            } else {
+                // Not a BOM after all: the bytes taken for one are part of the first line.
+                self.line.extend_from_slice(&BOM[..self.bom_seen as usize]);
+                self.bom_seen = 3;
+            }
+        }
+        while !chunk.is_empty() {
+            if self.skip_lf {
+                self.skip_lf = false;
+                if chunk[0] == b'\n' {
+                    chunk = &chunk[1..];
+                    continue;
+                }
+            }
+            match memchr::memchr2(b'\n', b'\r', chunk) {
+                None => {
+                    if self.line.len() + chunk.len() + self.data.len() > self.max_event {
+                        self.oversized = true;
+                        self.line.clear();
+                    } else {
+                        self.line.extend_from_slice(chunk);
+                    }
+                    return;
+                }
+                Some(i) => {
+                    self.skip_lf = chunk[i] == b'\r';
+                    if self.line.is_empty() {
+                        self.line_done(&chunk[..i], &mut on_item);
+                    } else {
+                        let mut line = std::mem::take(&mut self.line);
+                        line.extend_from_slice(&chunk[..i]);
+                        self.line_done(&line, &mut on_item);
+                        line.clear();
+                        self.line = line;
+                    }
+                    chunk = &chunk[i + 1..];
+                }
+            }
+        }
+    }
+
+    /// Ends the input: a pending line is taken as complete and a pending event is
+    /// dispatched (see the module docs), then the parser is ready for a new stream.
+    pub fn finish<F: FnMut(SseItem<'_>)>(&mut self, mut on_item: F) {
+        if !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            self.line_done(&line, &mut on_item);
+        }
+        self.line_done(b"", &mut on_item);
+        *self = SseParser::with_max_event(self.max_event);
+    }
+
+    fn line_done<F: FnMut(SseItem<'_>)>(&mut self, line: &[u8], on_item: &mut F) {
+        if line.is_empty() {
+            if self.oversized {
+                on_item(SseItem::Oversized);
+            } else if self.has_data {
+                let event = match std::str::from_utf8(&self.event) {
+                    Ok("") | Err(_) => "message",
+                    Ok(e) => e,
+                };
+                on_item(SseItem::Event {
+                    event,
+                    data: &self.data,
+                });
+            }
+            self.data.clear();
+            self.event.clear();
+            self.has_data = false;
+            self.oversized = false;
+            return;
+        }
+        if self.oversized {
+            return;
+        }
+        if line[0] == b':' {
+            on_item(SseItem::Comment(&line[1..]));
+            return;
+        }
+        let (name, mut value) = match memchr::memchr(b':', line) {
+            Some(i) => (&line[..i], &line[i + 1..]),
+            None => (line, &b""[..]),
+        };
+        if value.first() == Some(&b' ') {
+            value = &value[1..];
+        }
+        match name {
+            b"data" => {
+                if self.data.len() + value.len() + 1 > self.max_event {
+                    self.oversized = true;
+                    self.data.clear();
+                    return;
+                }
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(value);
+                self.has_data = true;
+            }
+            b"event" => {
+                self.event.clear();
+                self.event.extend_from_slice(&value[..value.len().min(256)]);
+            }
+            b"id" | b"retry" => {}
+            _ => on_item(SseItem::OtherField { name, value }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq)]
+    enum Owned {
+        Event(String, String),
+        Comment(String),
+        Other(String, String),
+        Oversized,
+    }
+
+    fn parse_chunks(chunks: &[&[u8]], max: usize) -> Vec<Owned> {
+        let mut p = SseParser::with_max_event(max);
+        let mut out = Vec::new();
+        let mut push = |i: SseItem<'_>| {
+            out.push(match i {
+                SseItem::Event { event, data } => {
+                    Owned::Event(event.into(), String::from_utf8_lossy(data).into())
+                }
+                SseItem::Comment(c) => Owned::Comment(String::from_utf8_lossy(c).into()),
+                SseItem::OtherField { name, value } => Owned::Other(
+                    String::from_utf8_lossy(name).into(),
+                    String::from_utf8_lossy(value).into(),
+                ),
+                SseItem::Oversized => Owned::Oversized,
+            })
+        };
+        for c in chunks {
+            p.feed(c, &mut push);
+        }
+        p.finish(&mut push);
+        out
+    }
+
+    fn ev(e: &str, d: &str) -> Owned {
+        Owned::Event(e.into(), d.into())
+    }
+
+    #[test]
+    fn line_endings_and_split_crlf() {
+        let all = parse_chunks(&[b"data: a\r\n\r\ndata: b\r\r", b"data: c\n\n"], 1024);
+        assert_eq!(
+            all,
+            [ev("message", "a"), ev("message", "b"), ev("message", "c")]
+        );
+        // CR at the end of one chunk, LF at the start of the next: one line break, not two.
+        let all = parse_chunks(&[b"data: x\r", b"\ndata: y\r", b"\n\r", b"\n"], 1024);
+        assert_eq!(all, [ev("message", "x\ny")]);
+    }
+
+    #[test]
+    fn every_byte_split_gives_the_same_events() {
+        let stream: &[u8] = b"\xEF\xBB\xBFevent: message_start\ndata: {\"a\":1}\n\n: keepalive\r\nevent: ping\r\ndata: {}\r\n\r\ndata: l1\ndata:l2\n\n";
+        let whole = parse_chunks(&[stream], 1024);
+        assert_eq!(
+            whole,
+            [
+                ev("message_start", "{\"a\":1}"),
+                Owned::Comment(" keepalive".into()),
+                ev("ping", "{}"),
+                ev("message", "l1\nl2")
+            ]
+        );
+        for i in 0..stream.len() {
+            let (a, b) = stream.split_at(i);
+            assert_eq!(parse_chunks(&[a, b], 1024), whole, "split at {i}");
+        }
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(parse_chunks(&bytes, 1024), whole);
+    }
+
+    #[test]
+    fn nonstandard_fields_and_eof() {
+        let all = parse_chunks(&[b"error: {\"code\":400}\n\ndata: [DONE]"], 1024);
+        assert_eq!(
+            all,
+            [
+                Owned::Other("error".into(), "{\"code\":400}".into()),
+                ev("message", "[DONE]")
+            ]
+        );
+        assert_eq!(
+            parse_chunks(&[b"event: only\n\n"], 1024),
+            [],
+            "no data, no event"
+        );
+    }
+
+    #[test]
+    fn oversized_events_are_skipped_and_memory_is_bounded() {
+        let big = vec![b'x'; 5000];
+        let mut p = SseParser::with_max_event(1024);
+        let mut n = 0;
+        p.feed(b"data: ", |_| {});
+        for _ in 0..100 {
+            p.feed(&big, |_| n += 1);
+            assert!(p.buffered() <= 1024);
+        }
+        let mut items = Vec::new();
+        p.feed(b"\n\ndata: ok\n\n", |i| items.push(format!("{i:?}")));
+        assert_eq!(n, 0);
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0], "Oversized");
+    }
+}
