@@ -43,6 +43,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::signal::ctrl_c().await?;
     server.shutdown_with_grace(Duration::from_secs(1)).await;
     let stats = sim.stats();
-    println!("{} calls, {} successes, by status: {:?}", stats.total, stats.successes, stats.by_status);
+    println!(
+        "{} calls, {} successes, by status: {:?}",
+        stats.total, stats.successes, stats.by_status
+    );
     Ok(())
 }

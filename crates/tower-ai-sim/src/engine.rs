@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use crate::accounting::{digest, CallRecord, Outcome, Stats, StreamFaultKind};
 use crate::body::{SimBody, Step};
 use crate::dialect::{
-    self, anthropic, ceil_millis, ceil_secs, gemini, go_duration, openai, rfc3339, Answer,
-    Ctx, Dialect, ErrorCase, LimitKind, RequestFacts, Route, RouteError, StreamEnd,
+    self, anthropic, ceil_millis, ceil_secs, gemini, go_duration, openai, rfc3339, Answer, Ctx,
+    Dialect, ErrorCase, LimitKind, RequestFacts, Route, RouteError, StreamEnd,
 };
 use crate::scenario::{Scenario, StreamFault};
 
@@ -175,7 +175,15 @@ impl Inner {
             Ok(facts) => {
                 prompt_tokens = facts.prompt_tokens();
                 let gemini_sse = route.is_some_and(|r| r.gemini_sse);
-                let v = st.judge(sc, at, dialect, &facts, gemini_sse, &mut rate, &mut retry_after);
+                let v = st.judge(
+                    sc,
+                    at,
+                    dialect,
+                    &facts,
+                    gemini_sse,
+                    &mut rate,
+                    &mut retry_after,
+                );
                 outcome = v.1;
                 v.0
             }
@@ -185,7 +193,9 @@ impl Inner {
             Err(_) => (sc.error_latency.sample(&mut st.rng), sc.token_interval),
             Ok((answer, stream, _)) => {
                 let latency = spec.and_then(|s| s.latency).unwrap_or(sc.latency);
-                let interval = spec.and_then(|s| s.token_interval).unwrap_or(sc.token_interval);
+                let interval = spec
+                    .and_then(|s| s.token_interval)
+                    .unwrap_or(sc.token_interval);
                 let mut d = latency.sample(&mut st.rng);
                 if !stream {
                     for _ in 0..answer.completion_tokens {
@@ -254,7 +264,8 @@ impl Inner {
         let wall_now = self.wall_start + d.at;
         let day = Duration::from_secs(86_400);
         let wall_secs = wall_now.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let until_next_day = day - Duration::from_nanos((wall_secs.as_nanos() % day.as_nanos()) as u64);
+        let until_next_day =
+            day - Duration::from_nanos((wall_secs.as_nanos() % day.as_nanos()) as u64);
         let ctx = Ctx {
             model: d.model.clone(),
             seq: d.seq,
@@ -384,7 +395,10 @@ impl Inner {
                     let reset_at = rfc3339(wall_now + r.reset);
                     if let Some((limit, remaining)) = r.requests {
                         put("anthropic-ratelimit-requests-limit", limit.to_string());
-                        put("anthropic-ratelimit-requests-remaining", remaining.to_string());
+                        put(
+                            "anthropic-ratelimit-requests-remaining",
+                            remaining.to_string(),
+                        );
                         put("anthropic-ratelimit-requests-reset", reset_at.clone());
                     }
                     if let Some((limit, remaining)) = r.tokens {

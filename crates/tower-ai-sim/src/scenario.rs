@@ -247,7 +247,9 @@ impl Fault {
     }
 
     pub(crate) fn matches(&self, at: Duration, model: &str) -> bool {
-        let in_window = self.window.is_none_or(|(from, until)| at >= from && at < until);
+        let in_window = self
+            .window
+            .is_none_or(|(from, until)| at >= from && at < until);
         let for_model = self.model.as_deref().is_none_or(|m| m == model);
         in_window && for_model
     }
@@ -651,7 +653,9 @@ impl ScenarioBuilder {
 
     /// Add a stream fault for one model only.
     pub fn stream_fault_for(mut self, model: impl Into<String>, fault: StreamFault) -> Self {
-        self.scenario.stream_faults.push((Some(model.into()), fault));
+        self.scenario
+            .stream_faults
+            .push((Some(model.into()), fault));
         self
     }
 
@@ -788,11 +792,15 @@ mod tests {
     #[test]
     fn rejects_nonsense() {
         assert!(matches!(
-            Scenario::builder().fault(Fault::status(500).probability(1.5)).build(),
+            Scenario::builder()
+                .fault(Fault::status(500).probability(1.5))
+                .build(),
             Err(ScenarioError::InvalidProbability { .. })
         ));
         assert!(matches!(
-            Scenario::builder().fault(Fault::status(500).probability(f64::NAN)).build(),
+            Scenario::builder()
+                .fault(Fault::status(500).probability(f64::NAN))
+                .build(),
             Err(ScenarioError::InvalidProbability { .. })
         ));
         assert!(matches!(
@@ -805,7 +813,10 @@ mod tests {
         ));
         assert!(matches!(
             Scenario::builder()
-                .latency(Latency::uniform(Duration::from_secs(2), Duration::from_secs(1)))
+                .latency(Latency::uniform(
+                    Duration::from_secs(2),
+                    Duration::from_secs(1)
+                ))
                 .build(),
             Err(ScenarioError::InvalidLatency { .. })
         ));
@@ -823,7 +834,9 @@ mod tests {
             Err(ScenarioError::InvalidModel { .. })
         ));
         assert!(matches!(
-            Scenario::builder().model(ModelSpec::new("a").context_window(0)).build(),
+            Scenario::builder()
+                .model(ModelSpec::new("a").context_window(0))
+                .build(),
             Err(ScenarioError::InvalidModel { .. })
         ));
     }

@@ -28,7 +28,10 @@ async fn openai_json() {
     assert_eq!(header(&parts, "content-type"), Some("application/json"));
     assert!(header(&parts, "x-request-id").unwrap().starts_with("req_"));
     assert_eq!(header(&parts, "openai-version"), Some("2020-10-01"));
-    assert!(header(&parts, "x-ratelimit-limit-requests").is_none(), "no limits configured");
+    assert!(
+        header(&parts, "x-ratelimit-limit-requests").is_none(),
+        "no limits configured"
+    );
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["model"], "gpt-4o");
     assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
@@ -46,7 +49,10 @@ async fn openai_json() {
     assert_eq!(call.dialect, Dialect::OpenAi);
     assert_eq!(call.model.as_deref(), Some("gpt-4o"));
     assert_eq!((call.status, call.outcome), (200, Outcome::Success));
-    assert_eq!((call.prompt_tokens, call.completion_tokens), (PROMPT_TOKENS, 7));
+    assert_eq!(
+        (call.prompt_tokens, call.completion_tokens),
+        (PROMPT_TOKENS, 7)
+    );
     assert_eq!(call.body_digest, digest(body.to_string().as_bytes()));
     assert!(!call.streamed);
 }
@@ -72,7 +78,10 @@ async fn openai_truncated_by_max_tokens() {
 
 fn openai_stream_chunks(text: &str) -> Vec<Value> {
     let events = sse_events(text, "\n\n");
-    assert!(events.iter().all(|(name, _)| name.is_none()), "OpenAI uses no event names");
+    assert!(
+        events.iter().all(|(name, _)| name.is_none()),
+        "OpenAI uses no event names"
+    );
     let (last, rest) = events.split_last().unwrap();
     assert_eq!(last.1, "[DONE]");
     rest.iter().map(|(_, d)| parse(d)).collect()
@@ -85,14 +94,19 @@ async fn openai_stream_without_usage() {
     body["stream"] = json!(true);
     let (parts, text) = read(send_json(&sim, OPENAI, &body).await).await;
     assert_eq!(parts.status, 200);
-    assert!(header(&parts, "content-type").unwrap().starts_with("text/event-stream"));
+    assert!(header(&parts, "content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
     assert!(!text.contains('\r'), "OpenAI frames are LF only");
     let chunks = openai_stream_chunks(&text);
     // role chunk + 5 content chunks + finish chunk, no usage chunk
     assert_eq!(chunks.len(), 7, "{text}");
     for c in &chunks {
         assert_eq!(c["object"], "chat.completion.chunk");
-        assert!(c.get("usage").is_none(), "no usage field without include_usage: {c}");
+        assert!(
+            c.get("usage").is_none(),
+            "no usage field without include_usage: {c}"
+        );
         assert_eq!(c["choices"].as_array().unwrap().len(), 1);
     }
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
@@ -100,7 +114,9 @@ async fn openai_stream_without_usage() {
         .iter()
         .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap())
         .collect();
-    assert!(chunks[..6].iter().all(|c| c["choices"][0]["finish_reason"].is_null()));
+    assert!(chunks[..6]
+        .iter()
+        .all(|c| c["choices"][0]["finish_reason"].is_null()));
     assert_eq!(chunks[6]["choices"][0]["finish_reason"], "stop");
     assert_eq!(chunks[6]["choices"][0]["delta"], json!({}));
 
@@ -123,9 +139,15 @@ async fn openai_stream_with_include_usage() {
     assert_eq!(chunks.len(), 5, "{text}");
     let (usage_chunk, others) = chunks.split_last().unwrap();
     for c in others {
-        assert!(c["usage"].is_null() && c.get("usage").is_some(), "usage: null on {c}");
+        assert!(
+            c["usage"].is_null() && c.get("usage").is_some(),
+            "usage: null on {c}"
+        );
     }
-    assert_eq!(others.last().unwrap()["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        others.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
     assert_eq!(usage_chunk["choices"], json!([]));
     assert_eq!(usage_chunk["usage"]["prompt_tokens"], PROMPT_TOKENS);
     assert_eq!(usage_chunk["usage"]["completion_tokens"], 2);
@@ -181,7 +203,9 @@ async fn anthropic_stream() {
     body["max_tokens"] = json!(1024);
     body["stream"] = json!(true);
     let (parts, text) = read(send_json(&sim, ANTHROPIC, &body).await).await;
-    assert!(header(&parts, "content-type").unwrap().starts_with("text/event-stream"));
+    assert!(header(&parts, "content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
     assert!(!text.contains("[DONE]"));
     let events = sse_events(&text, "\n\n");
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_deref().unwrap()).collect();
@@ -202,7 +226,11 @@ async fn anthropic_stream() {
     );
     let data: Vec<Value> = events.iter().map(|(_, d)| parse(d)).collect();
     for ((name, _), d) in events.iter().zip(&data) {
-        assert_eq!(d["type"], name.as_deref().unwrap(), "type matches the event name");
+        assert_eq!(
+            d["type"],
+            name.as_deref().unwrap(),
+            "type matches the event name"
+        );
     }
     assert_eq!(data[0]["message"]["usage"]["input_tokens"], PROMPT_TOKENS);
     assert_eq!(data[0]["message"]["content"], json!([]));
@@ -227,14 +255,24 @@ async fn anthropic_stream() {
 async fn gemini_json() {
     let sim = sim(3);
     let (parts, v) = read_json(
-        send_json(&sim, &gemini("gemini-2.0-flash", false, false), &gemini_body(PROMPT)).await,
+        send_json(
+            &sim,
+            &gemini("gemini-2.0-flash", false, false),
+            &gemini_body(PROMPT),
+        )
+        .await,
     )
     .await;
     assert_eq!(parts.status, 200);
-    assert!(header(&parts, "content-type").unwrap().starts_with("application/json"));
+    assert!(header(&parts, "content-type")
+        .unwrap()
+        .starts_with("application/json"));
     let c = &v["candidates"][0];
     assert_eq!(c["content"]["role"], "model");
-    assert!(!c["content"]["parts"][0]["text"].as_str().unwrap().is_empty());
+    assert!(!c["content"]["parts"][0]["text"]
+        .as_str()
+        .unwrap()
+        .is_empty());
     assert_eq!(c["finishReason"], "STOP");
     assert_eq!(v["usageMetadata"]["promptTokenCount"], PROMPT_TOKENS);
     assert_eq!(v["usageMetadata"]["candidatesTokenCount"], 3);
@@ -255,20 +293,34 @@ async fn gemini_json() {
 async fn gemini_sse_uses_crlf_and_no_done() {
     let sim = sim(3);
     let (parts, text) = read(
-        send_json(&sim, &gemini("gemini-2.0-flash", true, true), &gemini_body(PROMPT)).await,
+        send_json(
+            &sim,
+            &gemini("gemini-2.0-flash", true, true),
+            &gemini_body(PROMPT),
+        )
+        .await,
     )
     .await;
     assert_eq!(parts.status, 200);
-    assert!(header(&parts, "content-type").unwrap().starts_with("text/event-stream"));
+    assert!(header(&parts, "content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
     assert!(!text.contains("[DONE]"));
     // Every line break is CRLF.
-    assert_eq!(text.matches('\n').count(), text.matches("\r\n").count(), "{text:?}");
+    assert_eq!(
+        text.matches('\n').count(),
+        text.matches("\r\n").count(),
+        "{text:?}"
+    );
     let events = sse_events(&text, "\r\n\r\n");
     assert_eq!(events.len(), 3);
-    let chunks: Vec<Value> = events.iter().map(|(n, d)| {
-        assert!(n.is_none());
-        parse(d)
-    }).collect();
+    let chunks: Vec<Value> = events
+        .iter()
+        .map(|(n, d)| {
+            assert!(n.is_none());
+            parse(d)
+        })
+        .collect();
     for c in &chunks[..2] {
         assert!(c["candidates"][0].get("finishReason").is_none());
         assert!(c["usageMetadata"].get("candidatesTokenCount").is_none());
@@ -286,7 +338,9 @@ async fn gemini_stream_without_sse_is_a_json_array() {
     let sim = sim(3);
     let (parts, text) =
         read(send_json(&sim, &gemini("g", true, false), &gemini_body(PROMPT)).await).await;
-    assert!(header(&parts, "content-type").unwrap().starts_with("application/json"));
+    assert!(header(&parts, "content-type")
+        .unwrap()
+        .starts_with("application/json"));
     let v: Value = serde_json::from_str(&text).unwrap();
     let chunks = v.as_array().unwrap();
     assert_eq!(chunks.len(), 3);

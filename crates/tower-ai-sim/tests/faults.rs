@@ -10,8 +10,7 @@ use serde_json::{json, Value};
 use support::*;
 use tokio::time::{sleep, timeout, Instant};
 use tower_ai_sim::{
-    Fault, Latency, ModelSpec, Outcome, Scenario, SimBody, Simulator, StreamFault,
-    StreamFaultKind,
+    Fault, Latency, ModelSpec, Outcome, Scenario, SimBody, Simulator, StreamFault, StreamFaultKind,
 };
 
 fn anthropic(model: &str, stream: bool) -> Value {
@@ -30,7 +29,12 @@ fn openai_stream(model: &str) -> Value {
 async fn statuses(sim: &Simulator, n: usize) -> Vec<u16> {
     let mut out = Vec::new();
     for _ in 0..n {
-        out.push(send_json(sim, OPENAI, &chat("m", "hi")).await.status().as_u16());
+        out.push(
+            send_json(sim, OPENAI, &chat("m", "hi"))
+                .await
+                .status()
+                .as_u16(),
+        );
     }
     out
 }
@@ -74,10 +78,17 @@ async fn burst_window_is_exact() {
     );
     let mut got = Vec::new();
     for _ in 0..30 {
-        got.push(send_json(&sim, OPENAI, &chat("m", "hi")).await.status().as_u16());
+        got.push(
+            send_json(&sim, OPENAI, &chat("m", "hi"))
+                .await
+                .status()
+                .as_u16(),
+        );
         sleep(Duration::from_secs(1)).await;
     }
-    let expected: Vec<u16> = (0..30).map(|s| if (10..20).contains(&s) { 503 } else { 200 }).collect();
+    let expected: Vec<u16> = (0..30)
+        .map(|s| if (10..20).contains(&s) { 503 } else { 200 })
+        .collect();
     assert_eq!(got, expected);
     assert_eq!(sim.stats().outcome(Outcome::Fault), 10);
 }
@@ -91,7 +102,8 @@ async fn outage_hits_one_model_for_its_window() {
             .unwrap(),
     );
     // Anthropic: 529 overloaded_error.
-    let (parts, v) = read_json(send_json(&sim, ANTHROPIC, &anthropic("model-a", false)).await).await;
+    let (parts, v) =
+        read_json(send_json(&sim, ANTHROPIC, &anthropic("model-a", false)).await).await;
     assert_eq!(parts.status, 529);
     assert_eq!(v["error"]["type"], "overloaded_error");
     assert_eq!(header(&parts, "x-should-retry"), Some("true"));
@@ -102,21 +114,37 @@ async fn outage_hits_one_model_for_its_window() {
     assert_eq!(v["error"]["code"], "server_is_overloaded");
     // Gemini: 503 UNAVAILABLE.
     let (parts, v) =
-        read_json(send_json(&sim, &gemini("model-a", false, false), &gemini_body("hi")).await).await;
+        read_json(send_json(&sim, &gemini("model-a", false, false), &gemini_body("hi")).await)
+            .await;
     assert_eq!(parts.status, 503);
     assert_eq!(v["error"]["status"], "UNAVAILABLE");
     // Model B is fine meanwhile.
-    assert_eq!(send_json(&sim, OPENAI, &chat("model-b", "hi")).await.status(), 200);
+    assert_eq!(
+        send_json(&sim, OPENAI, &chat("model-b", "hi"))
+            .await
+            .status(),
+        200
+    );
     // Model A is back after the window.
     sleep(Duration::from_secs(60)).await;
-    assert_eq!(send_json(&sim, OPENAI, &chat("model-a", "hi")).await.status(), 200);
+    assert_eq!(
+        send_json(&sim, OPENAI, &chat("model-a", "hi"))
+            .await
+            .status(),
+        200
+    );
     assert_eq!(sim.stats().outcome(Outcome::Outage), 3);
 }
 
 #[tokio::test]
 async fn server_error_bodies_per_dialect() {
     for status in [500u16, 502, 503, 504, 529] {
-        let sim = Simulator::new(Scenario::builder().fault(Fault::status(status)).build().unwrap());
+        let sim = Simulator::new(
+            Scenario::builder()
+                .fault(Fault::status(status))
+                .build()
+                .unwrap(),
+        );
         let (parts, v) = read_json(send_json(&sim, OPENAI, &chat("m", "hi")).await).await;
         assert_eq!(parts.status, status);
         let expected = if matches!(status, 503 | 529) {
@@ -154,7 +182,11 @@ async fn server_error_bodies_per_dialect() {
 async fn scripted_fault_retry_after_and_model_filter() {
     let sim = Simulator::new(
         Scenario::builder()
-            .fault(Fault::status(503).model("a").retry_after(Duration::from_millis(2500)))
+            .fault(
+                Fault::status(503)
+                    .model("a")
+                    .retry_after(Duration::from_millis(2500)),
+            )
             .build()
             .unwrap(),
     );
@@ -165,7 +197,10 @@ async fn scripted_fault_retry_after_and_model_filter() {
         read_json(send_json(&sim, &gemini("a", false, false), &gemini_body("hi")).await).await;
     assert_eq!(parts.status, 503);
     assert_eq!(v["error"]["details"][0]["retryDelay"], "3s");
-    assert_eq!(send_json(&sim, OPENAI, &chat("b", "hi")).await.status(), 200);
+    assert_eq!(
+        send_json(&sim, OPENAI, &chat("b", "hi")).await.status(),
+        200
+    );
 }
 
 /// Collect frames until the body ends, errors, or stays pending for `wait`.
@@ -176,7 +211,9 @@ async fn frames(body: &mut SimBody, wait: Duration) -> (Vec<String>, &'static st
             Err(_) => return (out, "pending"),
             Ok(None) => return (out, "end"),
             Ok(Some(Err(_))) => return (out, "error"),
-            Ok(Some(Ok(f))) => out.push(String::from_utf8(f.into_data().unwrap().to_vec()).unwrap()),
+            Ok(Some(Ok(f))) => {
+                out.push(String::from_utf8(f.into_data().unwrap().to_vec()).unwrap())
+            }
         }
     }
 }
@@ -216,33 +253,50 @@ async fn stall_after_tokens_per_dialect() {
     let sim = Simulator::new(
         Scenario::builder()
             .default_model(ModelSpec::new("*").completion_tokens(10))
-            .stream_fault(StreamFault::StallAfterTokens { tokens: 3, probability: 1.0 })
+            .stream_fault(StreamFault::StallAfterTokens {
+                tokens: 3,
+                probability: 1.0,
+            })
             .build()
             .unwrap(),
     );
     let wait = Duration::from_secs(60);
 
-    let mut body = send_json(&sim, OPENAI, &openai_stream("m")).await.into_body();
+    let mut body = send_json(&sim, OPENAI, &openai_stream("m"))
+        .await
+        .into_body();
     let (got, how) = frames(&mut body, wait).await;
     assert_eq!(how, "pending");
     assert_eq!(got.len(), 4, "role chunk + 3 tokens: {got:?}");
-    assert!(got.iter().all(|f| !f.contains("[DONE]") && !f.contains("finish_reason\":\"stop")));
+    assert!(got
+        .iter()
+        .all(|f| !f.contains("[DONE]") && !f.contains("finish_reason\":\"stop")));
 
-    let mut body = send_json(&sim, ANTHROPIC, &anthropic("c", true)).await.into_body();
+    let mut body = send_json(&sim, ANTHROPIC, &anthropic("c", true))
+        .await
+        .into_body();
     let (got, how) = frames(&mut body, wait).await;
     assert_eq!(how, "pending");
-    let deltas = got.iter().filter(|f| f.starts_with("event: content_block_delta")).count();
+    let deltas = got
+        .iter()
+        .filter(|f| f.starts_with("event: content_block_delta"))
+        .count();
     assert_eq!(deltas, 3);
     assert!(!got.iter().any(|f| f.contains("message_stop")));
 
-    let mut body = send_json(&sim, &gemini("g", true, true), &gemini_body("hi")).await.into_body();
+    let mut body = send_json(&sim, &gemini("g", true, true), &gemini_body("hi"))
+        .await
+        .into_body();
     let (got, how) = frames(&mut body, wait).await;
     assert_eq!(how, "pending");
     assert_eq!(got.len(), 3);
     assert!(!got.iter().any(|f| f.contains("finishReason")));
 
     for call in sim.calls() {
-        assert_eq!(call.stream_fault, Some(StreamFaultKind::StallAfterTokens(3)));
+        assert_eq!(
+            call.stream_fault,
+            Some(StreamFaultKind::StallAfterTokens(3))
+        );
         assert_eq!(call.completion_tokens, 3);
     }
 }
@@ -252,13 +306,18 @@ async fn error_event_after_tokens_per_dialect() {
     let sim = Simulator::new(
         Scenario::builder()
             .default_model(ModelSpec::new("*").completion_tokens(10))
-            .stream_fault(StreamFault::ErrorEventAfterTokens { tokens: 2, probability: 1.0 })
+            .stream_fault(StreamFault::ErrorEventAfterTokens {
+                tokens: 2,
+                probability: 1.0,
+            })
             .build()
             .unwrap(),
     );
     let wait = Duration::from_secs(60);
 
-    let mut body = send_json(&sim, OPENAI, &openai_stream("m")).await.into_body();
+    let mut body = send_json(&sim, OPENAI, &openai_stream("m"))
+        .await
+        .into_body();
     let (got, how) = frames(&mut body, wait).await;
     assert_eq!(how, "end");
     assert_eq!(got.len(), 4, "{got:?}");
@@ -267,7 +326,9 @@ async fn error_event_after_tokens_per_dialect() {
     assert_eq!(last["error"]["type"], "server_error");
     assert!(!got.iter().any(|f| f.contains("[DONE]")));
 
-    let mut body = send_json(&sim, ANTHROPIC, &anthropic("c", true)).await.into_body();
+    let mut body = send_json(&sim, ANTHROPIC, &anthropic("c", true))
+        .await
+        .into_body();
     let (got, how) = frames(&mut body, wait).await;
     assert_eq!(how, "end");
     let last = got.last().unwrap();
@@ -277,7 +338,9 @@ async fn error_event_after_tokens_per_dialect() {
     assert_eq!(v["error"]["type"], "overloaded_error");
     assert!(!got.iter().any(|f| f.contains("message_stop")));
 
-    let mut body = send_json(&sim, &gemini("g", true, true), &gemini_body("hi")).await.into_body();
+    let mut body = send_json(&sim, &gemini("g", true, true), &gemini_body("hi"))
+        .await
+        .into_body();
     let (got, how) = frames(&mut body, wait).await;
     assert_eq!(how, "end");
     assert_eq!(got.len(), 3);
@@ -290,16 +353,27 @@ async fn error_event_after_tokens_per_dialect() {
 async fn stream_faults_per_model_and_probability_zero() {
     let sim = Simulator::new(
         Scenario::builder()
-            .stream_fault_for("flaky", StreamFault::StallBeforeFirstToken { probability: 1.0 })
-            .stream_fault(StreamFault::ErrorEventAfterTokens { tokens: 1, probability: 0.0 })
+            .stream_fault_for(
+                "flaky",
+                StreamFault::StallBeforeFirstToken { probability: 1.0 },
+            )
+            .stream_fault(StreamFault::ErrorEventAfterTokens {
+                tokens: 1,
+                probability: 0.0,
+            })
             .build()
             .unwrap(),
     );
     let (parts, text) = read(send_json(&sim, OPENAI, &openai_stream("steady")).await).await;
     assert_eq!(parts.status, 200);
     assert!(text.ends_with("data: [DONE]\n\n"));
-    let mut body = send_json(&sim, OPENAI, &openai_stream("flaky")).await.into_body();
-    assert_eq!(frames(&mut body, Duration::from_secs(30)).await.1, "pending");
+    let mut body = send_json(&sim, OPENAI, &openai_stream("flaky"))
+        .await
+        .into_body();
+    assert_eq!(
+        frames(&mut body, Duration::from_secs(30)).await.1,
+        "pending"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -326,12 +400,17 @@ async fn latencies_are_on_tokio_time() {
     assert_eq!(t0.elapsed(), Duration::from_millis(50));
     // Streamed: head after the latency, then one token every 20 ms.
     let t0 = Instant::now();
-    let mut body = send_json(&sim, OPENAI, &openai_stream("m")).await.into_body();
+    let mut body = send_json(&sim, OPENAI, &openai_stream("m"))
+        .await
+        .into_body();
     assert_eq!(t0.elapsed(), Duration::from_secs(1));
     let mut arrivals = Vec::new();
     while let Some(frame) = body.frame().await {
         let data = frame.unwrap().into_data().unwrap();
-        arrivals.push((t0.elapsed().as_millis(), String::from_utf8(data.to_vec()).unwrap()));
+        arrivals.push((
+            t0.elapsed().as_millis(),
+            String::from_utf8(data.to_vec()).unwrap(),
+        ));
     }
     let times: Vec<u128> = arrivals.iter().map(|(t, _)| *t).collect();
     // role chunk at once, 5 tokens 20 ms apart, finish and [DONE] right after the last.
@@ -343,7 +422,10 @@ async fn uniform_latency_is_within_bounds() {
     let sim = Simulator::new(
         Scenario::builder()
             .seed(3)
-            .latency(Latency::uniform(Duration::from_millis(100), Duration::from_millis(300)))
+            .latency(Latency::uniform(
+                Duration::from_millis(100),
+                Duration::from_millis(300),
+            ))
             .build()
             .unwrap(),
     );

@@ -46,7 +46,10 @@ async fn rpm_window_openai() {
     assert_eq!(header(&parts, "x-ratelimit-reset-requests"), Some("49.5s"));
     assert_eq!(v["error"]["code"], "rate_limit_exceeded");
     assert_eq!(v["error"]["type"], "requests");
-    assert!(v["error"]["message"].as_str().unwrap().contains("Please try again in 49.5s"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Please try again in 49.5s"));
 
     // Still limited just before the window ends...
     sleep_until(start + Duration::from_millis(59_999)).await;
@@ -62,7 +65,10 @@ async fn rpm_window_openai() {
     assert_eq!(header(&parts, "x-ratelimit-reset-requests"), Some("1m0s"));
 
     let stats = sim.stats();
-    assert_eq!((stats.total, stats.count(200), stats.count(429)), (63, 61, 2));
+    assert_eq!(
+        (stats.total, stats.count(200), stats.count(429)),
+        (63, 61, 2)
+    );
     assert_eq!(stats.outcome(Outcome::RateLimitedRequests), 2);
 }
 
@@ -82,15 +88,24 @@ async fn rpm_window_anthropic_headers() {
     assert!(v["request_id"].as_str().unwrap().starts_with("req_"));
     assert_eq!(header(&parts, "retry-after"), Some("45"));
     assert_eq!(header(&parts, "x-should-retry"), Some("true"));
-    assert_eq!(header(&parts, "anthropic-ratelimit-requests-limit"), Some("2"));
-    assert_eq!(header(&parts, "anthropic-ratelimit-requests-remaining"), Some("0"));
+    assert_eq!(
+        header(&parts, "anthropic-ratelimit-requests-limit"),
+        Some("2")
+    );
+    assert_eq!(
+        header(&parts, "anthropic-ratelimit-requests-remaining"),
+        Some("0")
+    );
     // The window ends 60 s after the start: WALL + 60 s.
     assert_eq!(
         header(&parts, "anthropic-ratelimit-requests-reset"),
         Some("2023-11-14T22:14:20Z")
     );
     let date = httpdate::parse_http_date(header(&parts, "date").unwrap()).unwrap();
-    assert_eq!(date, SystemTime::UNIX_EPOCH + Duration::from_secs(WALL + 15));
+    assert_eq!(
+        date,
+        SystemTime::UNIX_EPOCH + Duration::from_secs(WALL + 15)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -98,10 +113,16 @@ async fn rpm_window_gemini_retry_info() {
     let sim = limited(1);
     let path = gemini("gemini-2.0-flash", false, false);
     sleep(Duration::from_millis(33_200)).await;
-    assert_eq!(send_json(&sim, &path, &gemini_body("hi")).await.status(), 200);
+    assert_eq!(
+        send_json(&sim, &path, &gemini_body("hi")).await.status(),
+        200
+    );
     let (parts, v) = read_json(send_json(&sim, &path, &gemini_body("hi")).await).await;
     assert_eq!(parts.status, 429);
-    assert!(header(&parts, "retry-after").is_none(), "Gemini sends no Retry-After header");
+    assert!(
+        header(&parts, "retry-after").is_none(),
+        "Gemini sends no Retry-After header"
+    );
     assert_eq!(v["error"]["code"], 429);
     assert_eq!(v["error"]["status"], "RESOURCE_EXHAUSTED");
     let details = v["error"]["details"].as_array().unwrap();
@@ -164,8 +185,14 @@ async fn tpm_window_and_request_too_large() {
     let (parts, v) = read_json(send_json(&sim, OPENAI, &big).await).await;
     assert_eq!(parts.status, 429);
     assert!(header(&parts, "retry-after").is_none());
-    assert!(v["error"]["message"].as_str().unwrap().starts_with("Request too large"));
-    assert_eq!(sim.calls().last().unwrap().outcome, Outcome::RequestTooLarge);
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("Request too large"));
+    assert_eq!(
+        sim.calls().last().unwrap().outcome,
+        Outcome::RequestTooLarge
+    );
     // ... and it used no capacity.
     assert_eq!(send_json(&sim, OPENAI, &body).await.status(), 200);
 }
@@ -182,8 +209,14 @@ async fn anthropic_tokens_remaining_is_rounded_to_thousands() {
     let mut body = chat("c", &"x".repeat(2_000)); // 500 + 100 = 600 tokens
     body["max_tokens"] = json!(1000);
     let (parts, _) = read(send_json(&sim, ANTHROPIC, &body).await).await;
-    assert_eq!(header(&parts, "anthropic-ratelimit-tokens-limit"), Some("40000"));
-    assert_eq!(header(&parts, "anthropic-ratelimit-tokens-remaining"), Some("39000"));
+    assert_eq!(
+        header(&parts, "anthropic-ratelimit-tokens-limit"),
+        Some("40000")
+    );
+    assert_eq!(
+        header(&parts, "anthropic-ratelimit-tokens-remaining"),
+        Some("39000")
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -197,7 +230,10 @@ async fn quota_exhaustion_per_dialect() {
     );
     let mut anthropic_body = chat("c", "hi");
     anthropic_body["max_tokens"] = json!(5);
-    assert_eq!(send_json(&sim, OPENAI, &chat("m", "hi")).await.status(), 200);
+    assert_eq!(
+        send_json(&sim, OPENAI, &chat("m", "hi")).await.status(),
+        200
+    );
 
     let (parts, v) = read_json(send_json(&sim, OPENAI, &chat("m", "hi")).await).await;
     assert_eq!(parts.status, 429);
@@ -207,21 +243,32 @@ async fn quota_exhaustion_per_dialect() {
 
     let (parts, v) = read_json(send_json(&sim, ANTHROPIC, &anthropic_body).await).await;
     assert_eq!(parts.status, 429);
-    assert!(header(&parts, "retry-after").is_none(), "spend cap: no retry-after");
+    assert!(
+        header(&parts, "retry-after").is_none(),
+        "spend cap: no retry-after"
+    );
     assert!(header(&parts, "x-should-retry").is_none());
     assert_eq!(v["error"]["type"], "rate_limit_error");
-    assert_eq!(v["error"]["details"]["error_code"], "enforced_spend_limit_reached");
+    assert_eq!(
+        v["error"]["details"]["error_code"],
+        "enforced_spend_limit_reached"
+    );
 
     let (parts, v) =
         read_json(send_json(&sim, &gemini("g", false, false), &gemini_body("hi")).await).await;
     assert_eq!(parts.status, 429);
     assert_eq!(v["error"]["status"], "RESOURCE_EXHAUSTED");
-    let quota_id = v["error"]["details"][0]["violations"][0]["quotaId"].as_str().unwrap();
+    let quota_id = v["error"]["details"][0]["violations"][0]["quotaId"]
+        .as_str()
+        .unwrap();
     assert!(quota_id.contains("PerDay"), "{quota_id}");
 
     // Quota refusals do not use rate-limit capacity and keep coming.
     sleep(Duration::from_secs(3600)).await;
-    assert_eq!(send_json(&sim, OPENAI, &chat("m", "hi")).await.status(), 429);
+    assert_eq!(
+        send_json(&sim, OPENAI, &chat("m", "hi")).await.status(),
+        429
+    );
     assert_eq!(sim.stats().outcome(Outcome::QuotaExhausted), 4);
 }
 
@@ -229,7 +276,10 @@ async fn quota_exhaustion_per_dialect() {
 async fn no_limits_no_429() {
     let sim = Simulator::new(Scenario::default());
     for _ in 0..500 {
-        assert_eq!(send_json(&sim, OPENAI, &chat("m", "hi")).await.status(), 200);
+        assert_eq!(
+            send_json(&sim, OPENAI, &chat("m", "hi")).await.status(),
+            200
+        );
     }
     assert_eq!(sim.stats().count(200), 500);
 }
@@ -249,15 +299,26 @@ async fn context_length_per_dialect() {
     assert_eq!(v["error"]["type"], "invalid_request_error");
     assert_eq!(v["error"]["code"], "context_length_exceeded");
     assert_eq!(v["error"]["param"], "messages");
-    assert!(v["error"]["message"].as_str().unwrap().contains("maximum context length is 10 tokens"));
-    assert_eq!(send_json(&sim, OPENAI, &chat("small", &fits)).await.status(), 200);
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("maximum context length is 10 tokens"));
+    assert_eq!(
+        send_json(&sim, OPENAI, &chat("small", &fits))
+            .await
+            .status(),
+        200
+    );
 
     let mut body = chat("small", &long);
     body["max_tokens"] = json!(5);
     let (parts, v) = read_json(send_json(&sim, ANTHROPIC, &body).await).await;
     assert_eq!(parts.status, 400);
     assert_eq!(v["error"]["type"], "invalid_request_error");
-    assert!(v["error"]["message"].as_str().unwrap().starts_with("prompt is too long"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("prompt is too long"));
 
     let (parts, v) =
         read_json(send_json(&sim, &gemini("small", false, false), &gemini_body(&long)).await).await;

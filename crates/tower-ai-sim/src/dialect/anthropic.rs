@@ -40,9 +40,7 @@ pub(crate) fn error_body(case: &ErrorCase, ctx: &Ctx) -> Value {
             "request_too_large",
             "Request exceeds the maximum allowed number of bytes.",
         ),
-        ErrorCase::ModelNotFound => {
-            error(ctx, "not_found_error", format!("model: {}", ctx.model))
-        }
+        ErrorCase::ModelNotFound => error(ctx, "not_found_error", format!("model: {}", ctx.model)),
         ErrorCase::QuotaExhausted => {
             let mut body = error(
                 ctx,
@@ -75,10 +73,19 @@ pub(crate) fn error_body(case: &ErrorCase, ctx: &Ctx) -> Value {
             let (kind, message) = match status {
                 401 => ("authentication_error", "invalid x-api-key"),
                 402 => ("billing_error", "Your credit balance is too low."),
-                403 => ("permission_error", "Your API key does not have permission to use the specified resource."),
+                403 => (
+                    "permission_error",
+                    "Your API key does not have permission to use the specified resource.",
+                ),
                 404 => ("not_found_error", "Not Found"),
-                413 => ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
-                429 => ("rate_limit_error", "Number of requests has exceeded your rate limit."),
+                413 => (
+                    "request_too_large",
+                    "Request exceeds the maximum allowed number of bytes.",
+                ),
+                429 => (
+                    "rate_limit_error",
+                    "Number of requests has exceeded your rate limit.",
+                ),
                 504 => ("timeout_error", "Request timed out"),
                 529 => ("overloaded_error", "Overloaded"),
                 500..=599 => ("api_error", "Internal server error"),

@@ -26,7 +26,8 @@ fn status_name(status: u16) -> &'static str {
 }
 
 fn error(status: u16, message: impl Into<String>, details: Vec<Value>) -> Value {
-    let mut inner = json!({"code": status, "message": message.into(), "status": status_name(status)});
+    let mut inner =
+        json!({"code": status, "message": message.into(), "status": status_name(status)});
     if !details.is_empty() {
         inner["details"] = Value::Array(details);
     }
@@ -56,7 +57,12 @@ fn help() -> Value {
     })
 }
 
-fn quota_message(metric: &str, limit: u64, model: &str, wait: Option<std::time::Duration>) -> String {
+fn quota_message(
+    metric: &str,
+    limit: u64,
+    model: &str,
+    wait: Option<std::time::Duration>,
+) -> String {
     let mut m = format!("You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: {HELP}.\n* Quota exceeded for metric: generativelanguage.googleapis.com/{metric}, limit: {limit}, model: {model}");
     if let Some(w) = wait {
         m.push_str(&format!("\nPlease retry in {}.", proto_duration(w)));
@@ -153,7 +159,11 @@ pub(crate) fn error_body(case: &ErrorCase, ctx: &Ctx) -> Value {
 
 /// The `data:` payload of a stream cut by an error event.
 pub(crate) fn mid_stream_error() -> Value {
-    error(503, "The model is overloaded. Please try again later.", vec![])
+    error(
+        503,
+        "The model is overloaded. Please try again later.",
+        vec![],
+    )
 }
 
 fn finish_reason(a: &Answer) -> &'static str {
@@ -201,12 +211,18 @@ pub(crate) fn stream(ctx: &Ctx, a: &Answer, end: StreamEnd) -> Vec<Piece> {
     let Some((shown, tail)) = end.plan(chunks) else {
         return Vec::new();
     };
-    let early_usage = json!({"promptTokenCount": a.prompt_tokens, "totalTokenCount": a.prompt_tokens});
+    let early_usage =
+        json!({"promptTokenCount": a.prompt_tokens, "totalTokenCount": a.prompt_tokens});
     let mut items: Vec<(Value, bool)> = Vec::new();
     for i in 0..shown {
-        let text = if i < a.completion_tokens { token_text(i) } else { "" };
+        let text = if i < a.completion_tokens {
+            token_text(i)
+        } else {
+            ""
+        };
         let last = i + 1 == chunks && tail == Tail::Finish;
-        let mut candidate = json!({"content": {"parts": [{"text": text}], "role": "model"}, "index": 0});
+        let mut candidate =
+            json!({"content": {"parts": [{"text": text}], "role": "model"}, "index": 0});
         if last {
             candidate["finishReason"] = json!(finish_reason(a));
         }

@@ -271,7 +271,10 @@ fn text_bytes(obj: &serde_json::Map<String, Value>) -> u64 {
                 .iter()
                 .map(|p| match p {
                     Value::String(s) => s.len() as u64,
-                    Value::Object(o) => o.get("text").and_then(Value::as_str).map_or(0, |t| t.len() as u64),
+                    Value::Object(o) => o
+                        .get("text")
+                        .and_then(Value::as_str)
+                        .map_or(0, |t| t.len() as u64),
                     _ => 0,
                 })
                 .sum(),
@@ -310,13 +313,24 @@ pub(crate) enum LimitKind {
 /// The errors the templates know how to write.
 #[derive(Debug, Clone)]
 pub(crate) enum ErrorCase {
-    NotFound { method: String, path: String },
-    MethodNotAllowed { method: String, path: String },
+    NotFound {
+        method: String,
+        path: String,
+    },
+    MethodNotAllowed {
+        method: String,
+        path: String,
+    },
     BadRequest(BadRequest),
-    BodyTooLarge { limit: usize },
+    BodyTooLarge {
+        limit: usize,
+    },
     ModelNotFound,
     QuotaExhausted,
-    ContextLength { prompt: u64, window: u64 },
+    ContextLength {
+        prompt: u64,
+        window: u64,
+    },
     RateLimited {
         kind: LimitKind,
         limit: u64,
@@ -447,8 +461,18 @@ impl Piece {
 }
 
 const WORDS: [&str; 12] = [
-    "Hello", " from", " the", " simulated", " provider", ":", " one", " token", " per", " event",
-    ",", " again.",
+    "Hello",
+    " from",
+    " the",
+    " simulated",
+    " provider",
+    ":",
+    " one",
+    " token",
+    " per",
+    " event",
+    ",",
+    " again.",
 ];
 
 /// The text of completion token `i` (deterministic).
@@ -579,7 +603,10 @@ mod tests {
         // 2024-03-26T20:00:00Z
         let t = UNIX_EPOCH + Duration::from_secs(1_711_483_200);
         assert_eq!(rfc3339(t), "2024-03-26T20:00:00Z");
-        assert_eq!(rfc3339(t + Duration::from_millis(1)), "2024-03-26T20:00:01Z");
+        assert_eq!(
+            rfc3339(t + Duration::from_millis(1)),
+            "2024-03-26T20:00:01Z"
+        );
         assert_eq!(first_of_next_month(t), "2024-04-01");
         let dec = UNIX_EPOCH + Duration::from_secs(1_703_980_800); // 2023-12-31
         assert_eq!(first_of_next_month(dec), "2024-01-01");
@@ -607,7 +634,10 @@ mod tests {
             r("/v1beta/models/x:countTokens"),
             Err(RouteError::NotFound(Dialect::Gemini))
         ));
-        assert!(matches!(r("/v2/foo"), Err(RouteError::NotFound(Dialect::OpenAi))));
+        assert!(matches!(
+            r("/v2/foo"),
+            Err(RouteError::NotFound(Dialect::OpenAi))
+        ));
         assert!(matches!(
             route(&Method::GET, &"/v1/messages".parse().unwrap(), &h),
             Err(RouteError::MethodNotAllowed(Dialect::Anthropic))

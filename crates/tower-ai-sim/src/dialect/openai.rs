@@ -19,7 +19,10 @@ fn error(message: impl Into<String>, kind: &str, param: Option<&str>, code: Opti
 
 /// The error body for `case`.
 pub(crate) fn error_body(dialect: Dialect, case: &ErrorCase, ctx: &Ctx) -> Value {
-    let wait = ctx.retry_after.map(go_duration).unwrap_or_else(|| "1s".into());
+    let wait = ctx
+        .retry_after
+        .map(go_duration)
+        .unwrap_or_else(|| "1s".into());
     match case {
         ErrorCase::NotFound { method, path } | ErrorCase::MethodNotAllowed { method, path } => {
             error(
@@ -174,14 +177,15 @@ pub(crate) fn stream(ctx: &Ctx, a: &Answer, end: StreamEnd) -> Vec<Piece> {
         }
         sse_data(&v)
     };
-    let choice = |delta: Value, finish: Option<&str>| {
-        json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}])
-    };
+    let choice = |delta: Value, finish: Option<&str>| json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]);
     let Some((shown, tail)) = end.plan(a.completion_tokens) else {
         return Vec::new();
     };
     let mut pieces = vec![Piece::meta(chunk(
-        choice(json!({"role": "assistant", "content": "", "refusal": null}), None),
+        choice(
+            json!({"role": "assistant", "content": "", "refusal": null}),
+            None,
+        ),
         None,
     ))];
     for i in 0..shown {

@@ -60,7 +60,10 @@ pub fn header<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
 
 /// Split an LF-framed SSE body into (event name, data JSON or raw) pairs.
 pub fn sse_events(text: &str, sep: &str) -> Vec<(Option<String>, String)> {
-    assert!(text.ends_with(sep), "stream does not end with a frame separator: {text:?}");
+    assert!(
+        text.ends_with(sep),
+        "stream does not end with a frame separator: {text:?}"
+    );
     text[..text.len() - sep.len()]
         .split(sep)
         .map(|frame| {
