@@ -82,6 +82,31 @@
 //! | context too long | 400 `context_length_exceeded` | 400 `invalid_request_error` "prompt is too long" | 400 `INVALID_ARGUMENT` |
 //! | mid-stream error | `data: {"error":{…}}` | `event: error` `overloaded_error` | `data: {"error":{…}}` |
 //!
+//! # How a request is judged
+//!
+//! In this order; the first rule that applies answers:
+//!
+//! 1. unknown path → 404, wrong method → 405, body over the size limit → 413,
+//!    malformed body → 400 (these are recorded but touch no limit);
+//! 2. unknown model with [`ScenarioBuilder::strict_models`] → 404;
+//! 3. quota used up ([`ScenarioBuilder::quota_exhausted_after`]) → quota 429;
+//! 4. the model's outage window ([`ScenarioBuilder::outage`]) → overload error;
+//! 5. prompt estimate over the context window → context-length 400;
+//! 6. rate limits: over the request limit, or over the token limit, → 429
+//!    (refused requests use no capacity; admitted ones do from here on);
+//! 7. scripted [`Fault`]s, in order;
+//! 8. success (200), shaped by the first [`StreamFault`] that fires for a stream.
+//!
+//! Rate windows are fixed, [`ScenarioBuilder::rate_window`] long (60 s),
+//! aligned to the simulator's start. Rate-limit headers are sent with every
+//! answer from step 4 on when a limit is configured, counting the request
+//! itself; `retry-after` (and Gemini's `RetryInfo`) on a rate-limit 429 is the
+//! time to the end of the window, in whole seconds rounded up.
+//!
+//! JSON is written with `serde_json`, so object keys come out in its order
+//! (alphabetical unless a crate in the build enables `preserve_order`), not
+//! in the providers' order; no JSON parser cares.
+//!
 //! # Token accounting
 //!
 //! The prompt estimate is `ceil(b / 4)`, at least 1, where `b` is the total

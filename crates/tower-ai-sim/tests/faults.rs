@@ -440,3 +440,32 @@ async fn uniform_latency_is_within_bounds() {
     seen.dedup();
     assert!(seen.len() > 10, "latencies vary");
 }
+
+#[tokio::test(start_paused = true)]
+async fn per_model_latency_overrides_and_clear_calls() {
+    let sim = Simulator::new(
+        Scenario::builder()
+            .model(
+                ModelSpec::new("slow")
+                    .completion_tokens(2)
+                    .latency(Latency::fixed(Duration::from_secs(30)))
+                    .token_interval(Latency::fixed(Duration::from_secs(1))),
+            )
+            .default_model(ModelSpec::new("*").completion_tokens(2))
+            .latency(Latency::fixed(Duration::from_millis(100)))
+            .build()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    send_json(&sim, OPENAI, &chat("slow", "hi")).await;
+    assert_eq!(t0.elapsed(), Duration::from_secs(32));
+    let t0 = Instant::now();
+    send_json(&sim, OPENAI, &chat("fast", "hi")).await;
+    assert_eq!(t0.elapsed(), Duration::from_millis(100));
+    assert_eq!(sim.stats().total, 2);
+    assert_eq!(sim.calls()[0].at, Duration::ZERO);
+    assert_eq!(sim.calls()[1].at, Duration::from_secs(32));
+    sim.clear_calls();
+    assert!(sim.calls().is_empty());
+    assert_eq!(sim.stats().total, 0);
+}
