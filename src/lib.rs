@@ -1,2 +1,4 @@
-//! Not published: this package only holds the workspace's cross-crate integration
-//! tests (`tests/`), examples (`examples/`) and benchmarks (`benches/`).
+//! Not published: this package holds the workspace's cross-crate integration tests
+//! (`tests/`), examples (`examples/`) and benchmarks (`benches/`), and compiles the
+//! README's code as a doctest so it cannot drift.
+#![doc = include_str!("../README.md")]
