@@ -341,7 +341,9 @@ fn refine(status: StatusCode, f: &BodyFacts, has_wait: bool) -> ErrorKind {
         || says("context window")
         || says("prompt is too long")
         || says("input context is too long")
-        || says("exceeds the available context size");
+        || says("exceeds the available context size")
+        // Gemini: "The input token count (N) exceeds the maximum number of tokens allowed (M)."
+        || says("exceeds the maximum number of tokens");
     let content_filter = code == "content_filter" || f.policy_violation;
     match status.as_u16() {
         401 => ErrorKind::Unauthorized,

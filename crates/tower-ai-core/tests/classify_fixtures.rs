@@ -522,7 +522,7 @@ fn gemini_other_statuses() {
         kind(&run(Provider::Gemini, 400, &[], precondition)),
         ErrorKind::Forbidden
     );
-    let ctx = r#"{"error":{"code":400,"message":"The input token count (1200000) exceeds the maximum number of tokens allowed (1048576). Request exceeds the model's context window.","status":"INVALID_ARGUMENT"}}"#;
+    let ctx = r#"{"error":{"code":400,"message":"The input token count (1200000) exceeds the maximum number of tokens allowed (1048576).","status":"INVALID_ARGUMENT"}}"#;
     assert_eq!(
         kind(&run(Provider::Gemini, 400, &[], ctx)),
         ErrorKind::ContextLengthExceeded
