@@ -2,3 +2,5 @@
 //! (`tests/`), examples (`examples/`) and benchmarks (`benches/`), and compiles the
 //! README's code as a doctest so it cannot drift.
 #![doc = include_str!("../README.md")]
+
+pub mod storm;

@@ -1,0 +1,346 @@
+//! The storm: one scripted bad afternoon at an AI provider, and a workload that measures
+//! how a client gets through it. Shared by `examples/chaos_demo.rs`, the full-stack tests
+//! and the scenario benches, so all three tell the same story.
+//!
+//! Everything runs on tokio's clock: call [`run`] on a paused runtime and five minutes of
+//! provider time take well under a second.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+use tower_ai_core::{AiBody, AiError, BoxError};
+use tower_ai_sim::{Fault, Latency, ModelSpec, Scenario, Simulator, StreamFault};
+
+/// The primary provider's main model.
+pub const PRIMARY_MODEL: &str = "gpt-4o";
+/// A cheaper model on the same endpoint.
+pub const SECONDARY_MODEL: &str = "gpt-4o-mini";
+/// The backup provider's model (an OpenAI-compatible server).
+pub const BACKUP_MODEL: &str = "llama-3.1-70b";
+
+/// What the storm throws at a client, second by second (all times from the start):
+///
+/// - the primary account allows 100 requests per minute, and the workload offers 120;
+/// - 20–35 s: a burst of 503 `server_is_overloaded` on every model;
+/// - 120–180 s: the primary model is down (503), its sibling on the same endpoint is fine;
+/// - streamed answers: 8 % stall before the first token, 2 % after a few tokens;
+/// - after 420 answers, the primary account's quota is gone (429 `insufficient_quota`)
+///   for the rest of the run: only the backup provider can serve.
+#[derive(Debug, Clone, Copy)]
+pub struct StormConfig {
+    /// Seed of the simulators and the workload.
+    pub seed: u64,
+    /// Requests offered.
+    pub requests: u32,
+    /// Time between two new requests.
+    pub interval: Duration,
+    /// Share of streamed requests.
+    pub stream_share: f64,
+    /// End-to-end deadline of one request (the user gives up after it).
+    pub deadline: Duration,
+}
+
+impl Default for StormConfig {
+    fn default() -> Self {
+        StormConfig {
+            seed: 7,
+            requests: 600,
+            interval: Duration::from_millis(500),
+            stream_share: 0.3,
+            deadline: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The two simulated providers of one run.
+#[derive(Debug, Clone)]
+pub struct Storm {
+    /// The primary provider (models [`PRIMARY_MODEL`] and [`SECONDARY_MODEL`]).
+    pub primary: Simulator,
+    /// The backup provider ([`BACKUP_MODEL`]), healthy but slower.
+    pub backup: Simulator,
+    /// The run's settings.
+    pub config: StormConfig,
+}
+
+impl Storm {
+    /// Builds the storm's providers. Call inside the runtime that drives them: their
+    /// clocks start now.
+    pub fn new(config: StormConfig) -> Storm {
+        let primary = Scenario::builder()
+            .seed(config.seed)
+            .model(ModelSpec::new(PRIMARY_MODEL).completion_tokens(40))
+            .model(ModelSpec::new(SECONDARY_MODEL).completion_tokens(40))
+            .rpm_limit(100)
+            .quota_exhausted_after(420)
+            .fault(Fault::status(503).between(Duration::from_secs(20), Duration::from_secs(35)))
+            .outage(
+                PRIMARY_MODEL,
+                Duration::from_secs(120),
+                Duration::from_secs(180),
+            )
+            .latency(Latency::uniform(
+                Duration::from_millis(400),
+                Duration::from_millis(1200),
+            ))
+            .error_latency(Latency::fixed(Duration::from_millis(60)))
+            .token_interval(Latency::fixed(Duration::from_millis(25)))
+            .stream_fault(StreamFault::StallBeforeFirstToken { probability: 0.08 })
+            .stream_fault(StreamFault::StallAfterTokens {
+                tokens: 5,
+                probability: 0.02,
+            })
+            .build()
+            .expect("the storm scenario is valid");
+        let backup = Scenario::builder()
+            .seed(config.seed.wrapping_add(1))
+            .model(ModelSpec::new(BACKUP_MODEL).completion_tokens(40))
+            .latency(Latency::uniform(
+                Duration::from_millis(900),
+                Duration::from_millis(2000),
+            ))
+            .token_interval(Latency::fixed(Duration::from_millis(40)))
+            .build()
+            .expect("the backup scenario is valid");
+        Storm {
+            primary: Simulator::new(primary),
+            backup: Simulator::new(backup),
+            config,
+        }
+    }
+}
+
+/// One request of the workload: an OpenAI chat completion for [`PRIMARY_MODEL`].
+pub fn request(i: u32, stream: bool) -> Request<AiBody> {
+    let body = format!(
+        r#"{{"model":"{PRIMARY_MODEL}","stream":{stream},"stream_options":{{"include_usage":{stream}}},"max_tokens":200,"messages":[{{"role":"user","content":"Question {i}: explain in one paragraph why the sky is blue."}}]}}"#
+    );
+    Request::post("http://primary.test/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer sk-demo")
+        .body(AiBody::from(body))
+        .expect("a valid request")
+}
+
+/// How one request ended, from the user's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The whole answer arrived.
+    Served,
+    /// An error response, an error, or a broken stream reached the user.
+    Failed,
+    /// The stack caught a stall and said so (an `AiError::Stalled`), instead of hanging.
+    StallCaught,
+    /// Nothing arrived before the user's deadline.
+    TimedOut,
+}
+
+/// What a client reports about one request besides its verdict.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Served {
+    /// The request was served by a fallback route.
+    pub fallback: bool,
+}
+
+/// Reads a response to the end: the verdict of a finished exchange.
+pub async fn consume<B>(res: Response<B>) -> Verdict
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    if !res.status().is_success() {
+        return Verdict::Failed;
+    }
+    let body = res.into_body();
+    let mut body = std::pin::pin!(body);
+    while let Some(frame) = body.frame().await {
+        if let Err(e) = frame {
+            let e: BoxError = e.into();
+            return match AiError::find(&*e) {
+                Some(AiError::Stalled { .. }) => Verdict::StallCaught,
+                _ => Verdict::Failed,
+            };
+        }
+    }
+    Verdict::Served
+}
+
+/// The table row of one client's run.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The client's name.
+    pub name: &'static str,
+    /// Requests offered.
+    pub offered: u32,
+    /// Requests whose whole answer arrived.
+    pub served: u32,
+    /// Requests that ended in an error the user saw.
+    pub failed: u32,
+    /// Requests still waiting at the user's deadline.
+    pub timed_out: u32,
+    /// Stalls the stack turned into errors.
+    pub stalls_caught: u32,
+    /// Requests served by a fallback route.
+    pub fallbacks: u32,
+    /// Calls that reached a provider.
+    pub upstream_calls: u64,
+    /// Calls answered 429.
+    pub rate_limited: u64,
+    /// Calls answered with an error, or whose stream stalled: work that served nobody.
+    pub wasted: u64,
+    /// Median latency of served requests.
+    pub p50: Duration,
+    /// 99th-percentile latency of served requests.
+    pub p99: Duration,
+}
+
+impl Report {
+    /// Served share of offered requests.
+    pub fn served_share(&self) -> f64 {
+        f64::from(self.served) / f64::from(self.offered.max(1))
+    }
+}
+
+/// Runs the storm's workload through a client and reports. `client` sends one request and
+/// returns its verdict (having read the answer to the end) and what it knows of how it was
+/// served. `progress` is called every 30 virtual seconds with (seconds, served, finished).
+pub async fn run<C, Fut>(
+    name: &'static str,
+    storm: &Storm,
+    client: C,
+    mut progress: impl FnMut(u64, u32, u32),
+) -> Report
+where
+    C: Fn(Request<AiBody>) -> Fut,
+    Fut: Future<Output = (Verdict, Served)> + Send + 'static,
+{
+    let cfg = storm.config;
+    let start = Instant::now();
+    let mut rng = fastrand::Rng::with_seed(cfg.seed);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut next_report = 30;
+    let mut results: Vec<(Verdict, Served, Duration)> = Vec::with_capacity(cfg.requests as usize);
+    for i in 0..cfg.requests {
+        tokio::time::sleep_until(start + cfg.interval * i).await;
+        let stream = rng.f64() < cfg.stream_share;
+        let fut = client(request(i, stream));
+        let deadline = cfg.deadline;
+        tasks.spawn(async move {
+            let t0 = Instant::now();
+            match tokio::time::timeout(deadline, fut).await {
+                Ok((v, s)) => (v, s, t0.elapsed()),
+                Err(_) => (Verdict::TimedOut, Served::default(), deadline),
+            }
+        });
+        while let Some(done) = tasks.try_join_next() {
+            results.push(done.expect("a workload task panicked"));
+        }
+        let secs = start.elapsed().as_secs();
+        if secs >= next_report {
+            let served = results.iter().filter(|r| r.0 == Verdict::Served).count() as u32;
+            progress(secs, served, results.len() as u32);
+            next_report += 30;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        results.push(done.expect("a workload task panicked"));
+    }
+    let count = |v: Verdict| results.iter().filter(|r| r.0 == v).count() as u32;
+    let mut lat: Vec<Duration> = results
+        .iter()
+        .filter(|r| r.0 == Verdict::Served)
+        .map(|r| r.2)
+        .collect();
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or_default()
+    };
+    let calls: Vec<_> = storm
+        .primary
+        .calls()
+        .into_iter()
+        .chain(storm.backup.calls())
+        .collect();
+    Report {
+        name,
+        offered: cfg.requests,
+        served: count(Verdict::Served),
+        failed: count(Verdict::Failed) + count(Verdict::StallCaught),
+        timed_out: count(Verdict::TimedOut),
+        stalls_caught: count(Verdict::StallCaught),
+        fallbacks: results
+            .iter()
+            .filter(|r| r.0 == Verdict::Served && r.1.fallback)
+            .count() as u32,
+        upstream_calls: calls.len() as u64,
+        rate_limited: calls.iter().filter(|c| c.status == 429).count() as u64,
+        wasted: calls
+            .iter()
+            .filter(|c| c.status != 200 || c.stream_fault.is_some())
+            .count() as u64,
+        p50: pct(0.50),
+        p99: pct(0.99),
+    }
+}
+
+/// The side-by-side table of several runs.
+pub fn table(reports: &[Report]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    type Cell = Box<dyn Fn(&Report) -> String>;
+    let rows: [(&str, Cell); 11] = [
+        (
+            "served",
+            Box::new(|r| format!("{} ({:.1}%)", r.served, 100.0 * r.served_share())),
+        ),
+        ("failed", Box::new(|r| r.failed.to_string())),
+        ("timed out (60 s)", Box::new(|r| r.timed_out.to_string())),
+        ("upstream calls", Box::new(|r| r.upstream_calls.to_string())),
+        ("429s received", Box::new(|r| r.rate_limited.to_string())),
+        ("wasted calls", Box::new(|r| r.wasted.to_string())),
+        (
+            "calls per request",
+            Box::new(|r| {
+                format!(
+                    "{:.2}",
+                    r.upstream_calls as f64 / f64::from(r.offered.max(1))
+                )
+            }),
+        ),
+        (
+            "p50 latency",
+            Box::new(|r| format!("{:.1} s", r.p50.as_secs_f64())),
+        ),
+        (
+            "p99 latency",
+            Box::new(|r| format!("{:.1} s", r.p99.as_secs_f64())),
+        ),
+        ("fallbacks used", Box::new(|r| r.fallbacks.to_string())),
+        ("stalls caught", Box::new(|r| r.stalls_caught.to_string())),
+    ];
+    let _ = write!(out, "| {:<18} |", "");
+    for r in reports {
+        let _ = write!(out, " {:>16} |", r.name);
+    }
+    out.push('\n');
+    let _ = write!(out, "|{}|", "-".repeat(20));
+    for _ in reports {
+        let _ = write!(out, "{}|", "-".repeat(18));
+    }
+    out.push('\n');
+    for (label, f) in rows.iter() {
+        let _ = write!(out, "| {label:<18} |");
+        for r in reports {
+            let _ = write!(out, " {:>16} |", f(r));
+        }
+        out.push('\n');
+    }
+    out
+}
