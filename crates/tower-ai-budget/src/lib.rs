@@ -1,4 +1,189 @@
-//! TokenBudget: requests/min, tokens/min, concurrency and spend caps for AI model API calls.
+//! TokenBudget: holds AI API calls to requests/min, tokens/min, concurrency and spend caps
+//! before the provider has to say no.
 //!
-//! This crate is not written yet: it is the subject of issue #6. It exports nothing,
-//! so nothing can depend on it by mistake.
+//! # Why AI APIs need it
+//!
+//! Providers limit requests *and tokens* per minute, and a request's tokens are only known
+//! after the call. A client that learns its limits from 429s wastes calls, and a 429 for a
+//! request larger than the whole limit can never be fixed by retrying. [`TokenBudget`]
+//! keeps the budget on the client side: it reserves what a request may cost before the
+//! call, corrects the reservation with what the provider reports after it, and holds back
+//! (or refuses) what does not fit.
+//!
+//! ```
+//! use std::time::Duration;
+//! use http::{Request, Response};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_ai_budget::{PriceTable, TokenBudgetLayer};
+//! use tower_ai_core::keys::ApiKeyHash;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_ai_core::BoxError> {
+//! let budget = TokenBudgetLayer::builder()
+//!     .key_fn(ApiKeyHash)                       // one budget per API key
+//!     .requests_per_minute(500)
+//!     .tokens_per_minute(30_000)
+//!     .max_concurrent(16)
+//!     .spend_per_day(50.0)
+//!     .prices(PriceTable::new().model("gpt-4o", 2.50, 10.00))
+//!     .wait(Duration::from_secs(30))            // the default mode, with a shorter wait
+//!     .soft_limit(0.8)
+//!     .build()?;
+//! let provider = service_fn(|_req: Request<String>| async {
+//!     Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+//!         bytes::Bytes::from_static(br#"{"usage":{"prompt_tokens":9,"completion_tokens":3}}"#),
+//!     )))
+//! });
+//! let svc = ServiceBuilder::new().layer(budget).service(provider);
+//! let req = Request::post("https://api.openai.com/v1/chat/completions")
+//!     .body(r#"{"model":"gpt-4o","max_tokens":100,"messages":[{"role":"user","content":"Hi"}]}"#.to_owned())?;
+//! let res = svc.oneshot(req).await?;
+//! assert_eq!(res.status(), 200);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Its place in the recommended stack is below the retry and the circuit breaker and above
+//! the cooldown gate: `ModelFallback → AiRetry → CircuitBreaker → TokenBudget →
+//! RetryAfterAware → StallDetector → Classify → client`.
+//!
+//! # Limits
+//!
+//! Any combination of, per key:
+//!
+//! - **requests per minute**; **tokens per minute**: a request reserves its input estimate
+//!   ([`RequestMeta`](tower_ai_core::RequestMeta): text bytes / 4, the simulator's rule)
+//!   plus its `max_tokens`, or [`default_output_tokens`](TokenBudgetBuilder::default_output_tokens)
+//!   (1024) when it names none;
+//! - **concurrent requests**: held from the call until the response body ends or is
+//!   dropped (not when the head arrives: a streamed answer is still being generated and
+//!   counted by the provider while its body flows);
+//! - **spend per hour / per day**, from a [`PriceTable`] (price per million input and
+//!   output tokens per model). A model the table does not list follows the table's
+//!   [`UnknownModel`] policy: reject (the default), assume a price, or free.
+//!
+//! Minute windows slide over 60 one-second slots plus the current one, hours over 60
+//! one-minute slots, days over 96 fifteen-minute slots. A window never admits more than
+//! its limit in *any* interval of its length, whatever the alignment (so it also holds a
+//! provider's fixed windows); it may refuse up to one slot (1/60 of a minute or an hour,
+//! 1/96 of a day) earlier than an exact sliding log. Memory per key is fixed by the limits
+//! configured (at most ~2.2 KB); all time is `tokio::time`.
+//!
+//! # Keys
+//!
+//! The key function defaults to [`Global`](tower_ai_core::keys::Global): one budget for
+//! everything through the layer, which is what a provider account's limits are, and the
+//! cheapest (no hashing, no body scan). Use [`ApiKeyHash`](tower_ai_core::keys::ApiKeyHash)
+//! for a proxy serving several API keys, [`HostModel`](tower_ai_core::keys::HostModel) for
+//! per-model limits (OpenAI's are per model), or a closure for tenants. A key function that
+//! returns `None` exempts the request. Keys are evicted when idle: when `max_keys` (10 000)
+//! is reached, keys whose windows have emptied go first, then the least recently used keys
+//! with nothing in flight (their history is forgotten); keys with requests in flight or
+//! waiting are never evicted.
+//!
+//! # Reserve, then reconcile
+//!
+//! After the call, the reservation is replaced with the actual [`Usage`](tower_ai_core::Usage):
+//!
+//! - a non-streamed JSON body is copied as it passes (up to 1 MiB; a body in one frame is
+//!   read in place) and its `usage` / `usageMetadata` read at its end;
+//! - a `text/event-stream` body is fed chunk by chunk, unbuffered, to the dialect's
+//!   [`StreamScanner`](tower_ai_core::stream::StreamScanner): OpenAI's `include_usage`
+//!   chunk, Anthropic's cumulative `message_delta`, Gemini's last `usageMetadata`;
+//! - the correction lands in the window slot where the reservation was made, so over- and
+//!   under-estimates are corrected, not accumulated (an underestimate is charged in full).
+//!
+//! What each exit gives back:
+//!
+//! | how the request ends | tokens and money | request count | concurrency permit |
+//! |---|---|---|---|
+//! | body ends with usage | replaced by the usage | kept | released |
+//! | body ends without usage (stream cut, no `include_usage`, not JSON, over 1 MiB) | reservation kept | kept | released |
+//! | body dropped before its end | reservation kept (unless usage was already read) | kept | released |
+//! | error response (non-2xx) | refunded | kept (it was sent) | released with the body |
+//! | inner service error | refunded | kept | released |
+//! | future dropped while in flight | reservation kept (it may have been billed) | kept | released |
+//! | future dropped while waiting | nothing was reserved; its place in the queue goes to the next | — | — |
+//!
+//! # When a request does not fit
+//!
+//! - [`WhenFull::Wait`] (default, `max_wait` 60 s): the request waits in its response
+//!   future on a `tokio` timer (no lock held), woken when capacity frees up (a window slot
+//!   expires, a reservation is corrected down, a permit is released). Waiters are served in
+//!   FIFO order per key, so a large request is never starved by small ones (the price:
+//!   small requests behind a large one wait for it). A request the budget can already tell
+//!   will not fit within `max_wait` is refused at once.
+//! - [`WhenFull::Reject`]: refused at once with
+//!   [`AiError::BudgetExceeded`](tower_ai_core::AiError::BudgetExceeded) `{ key, limit,
+//!   retry_after }`, `retry_after` saying when it would fit (`Duration::ZERO` for the
+//!   concurrency limit, whose time is unknown).
+//! - A request larger than a whole limit (tokens over the TPM limit, cost over a spend cap)
+//!   is refused at once in both modes with `retry_after: None`, as OpenAI does with
+//!   "Request too large".
+//!
+//! # Bad input
+//!
+//! Nothing panics and all arithmetic saturates. A body that is not JSON is estimated at its
+//! byte length / 4 tokens; a body the layer cannot read (a streamed upload) at 1 token;
+//! either plus `default_output_tokens`. A request with no model keys as "no model" and is
+//! priced by the [`UnknownModel`] policy. An absurd `max_tokens` (up to `u64::MAX`)
+//! saturates the reservation, which is larger than any limit: refused at once with
+//! `retry_after: None`. A response with no usage keeps its reservation.
+//!
+//! # Soft limits and provider headers
+//!
+//! [`soft_limit(0.8)`](TokenBudgetBuilder::soft_limit) emits
+//! [`BudgetEvent::SoftLimit`] and a `tracing` warning when an admitted request takes a limit
+//! past 80 %. [`sync_from_headers(true)`](TokenBudgetBuilder::sync_from_headers) reads
+//! [`RateLimitInfo`](tower_ai_core::RateLimitInfo) from every response and never believes
+//! more of a minute limit remains than the provider says (it only tightens).
+//!
+//! # Performance
+//!
+//! The admit path takes one `std::sync::Mutex` for a few dozen instructions (look the key
+//! up, move the windows to now, compare, add) and allocates nothing once the key exists;
+//! settling takes it once more when the body ends. A waiting request boxes its state (the
+//! future of the common case stays small). The token estimate parses the request body once
+//! unless a [`RequestMeta`](tower_ai_core::RequestMeta) is already in its extensions;
+//! reading a JSON response's usage parses it once at its end.
+//!
+//! # Differences from tower and tower-resilience
+//!
+//! `tower::limit::RateLimit` counts requests in fixed intervals and waits in `poll_ready`
+//! (it cannot see the request); `ConcurrencyLimit` releases its permit when the response
+//! future completes. tower-resilience's rate limiter counts permits, not tokens. TokenBudget
+//! is per key, counts tokens and money, waits per request in the response future, corrects
+//! its estimates from the response, and holds concurrency until the body ends.
+//!
+//! # Errors
+//!
+//! Refusals are [`AiError::BudgetExceeded`](tower_ai_core::AiError::BudgetExceeded) inside
+//! the service's `BoxError` (`err.downcast_ref::<AiError>()`); the inner service's errors
+//! pass through.
+//!
+//! # Panics
+//!
+//! Waiting uses a `tokio::time` timer: the layer must run inside a Tokio runtime with the
+//! time driver enabled (as `tower::timeout`). [`TokenBudgetLayer::new`] panics on a zero
+//! limit; the builder returns an error instead.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod budget;
+mod config;
+mod event;
+pub mod future;
+mod layer;
+mod service;
+mod window;
+
+pub use body::BudgetBody;
+pub use budget::KeySnapshot;
+pub use config::{
+    ConfigError, ModelPrice, PriceTable, TokenBudgetBuilder, UnknownModel, WhenFull,
+    DEFAULT_MAX_KEYS, DEFAULT_MAX_USAGE_BODY, DEFAULT_MAX_WAIT, DEFAULT_OUTPUT_TOKENS,
+    MAX_WAIT_CEILING,
+};
+pub use event::{BudgetEvent, BudgetListener};
+pub use layer::TokenBudgetLayer;
+pub use service::TokenBudget;

@@ -1,0 +1,243 @@
+//! The response body: passed through untouched, read on the way for the usage, and the
+//! holder of the request's reservation until it ends or is dropped.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use serde_json::Value;
+use tower_ai_core::stream::{StreamDialect, StreamScanner};
+use tower_ai_core::Usage;
+
+use crate::budget::Finish;
+use crate::future::Guard;
+
+/// How the body is read for its usage.
+pub(crate) enum Reader {
+    /// Not read (error responses, budgets that count no tokens).
+    None,
+    /// A non-streamed JSON body: copied, bounded, and parsed at its end.
+    Json {
+        buf: Vec<u8>,
+        max: usize,
+        overflow: bool,
+        usage: Option<Usage>,
+    },
+    /// A stream: every chunk fed to the dialect's scanner, nothing kept.
+    Sse(StreamScanner),
+}
+
+impl Reader {
+    pub(crate) fn for_response(headers: &HeaderMap, dialect: StreamDialect, max: usize) -> Self {
+        let sse = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+        if sse {
+            Reader::Sse(StreamScanner::new(dialect))
+        } else {
+            Reader::Json {
+                buf: Vec::new(),
+                max,
+                overflow: false,
+                usage: None,
+            }
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8], last: bool) {
+        match self {
+            Reader::None => {}
+            Reader::Sse(scanner) => {
+                scanner.feed(chunk);
+            }
+            Reader::Json {
+                buf,
+                max,
+                overflow,
+                usage,
+            } => {
+                if *overflow {
+                    return;
+                }
+                if buf.is_empty() && last {
+                    // The whole body in one frame (the common case): no copy.
+                    *usage = usage_of_json(chunk);
+                } else if buf.len().saturating_add(chunk.len()) <= *max {
+                    buf.extend_from_slice(chunk);
+                } else {
+                    *overflow = true;
+                    *buf = Vec::new();
+                }
+            }
+        }
+    }
+
+    fn usage(&mut self) -> Option<Usage> {
+        match self {
+            Reader::None => None,
+            Reader::Sse(scanner) => {
+                scanner.finish();
+                scanner.usage()
+            }
+            Reader::Json {
+                buf,
+                overflow,
+                usage,
+                ..
+            } => {
+                if usage.is_none() && !*overflow && !buf.is_empty() {
+                    *usage = usage_of_json(buf);
+                }
+                *usage
+            }
+        }
+    }
+}
+
+/// The usage of a JSON response: an object of any dialect, or (Gemini's
+/// `streamGenerateContent` without `alt=sse`) an array whose last element with usage wins.
+pub(crate) fn usage_of_json(body: &[u8]) -> Option<Usage> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
+    if *first == b'[' {
+        let v: Value = serde_json::from_slice(body).ok()?;
+        return v.as_array()?.iter().rev().find_map(Usage::from_value);
+    }
+    Usage::from_json(body)
+}
+
+pin_project! {
+    /// The response body of [`TokenBudget`](crate::TokenBudget): the inner body, frame for
+    /// frame, untouched. On the way it reads the usage (a bounded copy of a JSON body, or a
+    /// scan of each SSE chunk that keeps nothing), and it holds the request's reservation:
+    /// when the body ends, the reservation is replaced with the actual usage (or kept, if
+    /// none came) and the concurrency permit is released; dropping the body early releases
+    /// the permit and keeps the reservation.
+    pub struct BudgetBody<B> {
+        #[pin]
+        inner: B,
+        guard: Option<Guard>,
+        reader: Reader,
+    }
+}
+
+impl<B> BudgetBody<B> {
+    pub(crate) fn new(inner: B, guard: Option<Guard>, reader: Reader) -> Self {
+        BudgetBody {
+            inner,
+            guard,
+            reader,
+        }
+    }
+
+    /// The inner body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+
+    /// Unwraps the inner body, settling the reservation as if the body were dropped.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B> fmt::Debug for BudgetBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BudgetBody")
+            .field("holds_reservation", &self.guard.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn settle(guard: &mut Option<Guard>, reader: &mut Reader) {
+    if let Some(mut g) = guard.take() {
+        if let Some(u) = reader.usage() {
+            g.set(Finish::Used(u));
+        }
+        // Dropping the guard settles the reservation and releases the permit.
+    }
+}
+
+impl<B> Body for BudgetBody<B>
+where
+    B: Body,
+    B::Data: AsRef<[u8]>,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        if this.guard.is_none() {
+            return Poll::Ready(frame);
+        }
+        match &frame {
+            Some(Ok(f)) => {
+                let end = this.inner.is_end_stream();
+                if let Some(data) = f.data_ref() {
+                    this.reader.feed(data.as_ref(), end);
+                }
+                if end {
+                    settle(this.guard, this.reader);
+                }
+            }
+            // The body failed: whatever usage arrived before stands, else the reservation.
+            Some(Err(_)) | None => settle(this.guard, this.reader),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_usage_of_objects_and_arrays() {
+        let obj = br#"{"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        assert_eq!(usage_of_json(obj).map(|u| u.total()), Some(7));
+        let arr = br#" [{"usageMetadata":{"promptTokenCount":2,"candidatesTokenCount":1}},
+                        {"usageMetadata":{"promptTokenCount":2,"candidatesTokenCount":9}}]"#;
+        assert_eq!(usage_of_json(arr).map(|u| u.output_tokens), Some(9));
+        assert_eq!(usage_of_json(b""), None);
+        assert_eq!(usage_of_json(b"[1,2"), None);
+        assert_eq!(usage_of_json(b"<html>"), None);
+    }
+
+    #[test]
+    fn json_reader_is_bounded() {
+        let mut r = Reader::Json {
+            buf: Vec::new(),
+            max: 16,
+            overflow: false,
+            usage: None,
+        };
+        r.feed(br#"{"usage":{"prompt_tokens":3,"#, false);
+        r.feed(br#""completion_tokens":4}}"#, true);
+        assert_eq!(r.usage(), None, "over the bound: not read");
+        let mut r = Reader::Json {
+            buf: Vec::new(),
+            max: 1024,
+            overflow: false,
+            usage: None,
+        };
+        r.feed(br#"{"usage":{"prompt_tokens":3,"#, false);
+        r.feed(br#""completion_tokens":4}}"#, true);
+        assert_eq!(r.usage().map(|u| u.total()), Some(7));
+    }
+}
