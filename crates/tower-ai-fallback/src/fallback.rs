@@ -1,0 +1,261 @@
+//! The fallback decisions: what a route's outcome means, and which route comes next.
+//! Plain functions over the chain, unit-tested without Tower.
+
+use std::sync::Arc;
+
+use http::Response;
+use tower_ai_core::{AiError, BoxError, Classification, ErrorKind, Provider};
+
+use crate::config::{Action, Chain, Route};
+
+/// What served a response: put in the response's extensions by
+/// [`ModelFallback`](crate::ModelFallback) when a route other than the first served it (or
+/// every time, with [`mark_primary`](crate::FallbackChainBuilder::mark_primary)).
+/// [`FallbackChain::served`](crate::FallbackChain::served) answers for both cases.
+///
+/// Cheap: the names are `Arc<str>`s shared with the chain's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Served {
+    /// The route's name.
+    pub route: Arc<str>,
+    /// The model the route asked for: its rewrite target, else the request's own model
+    /// when known.
+    pub model: Option<Arc<str>>,
+    /// The route's position in the chain (0 for the first).
+    pub index: usize,
+    /// Whether the answer is a degraded one, made without a call.
+    pub degraded: bool,
+}
+
+impl Served {
+    /// The `Served` a response carries, if any (`None` for an unmarked first-route answer).
+    pub fn get<B>(res: &Response<B>) -> Option<&Served> {
+        res.extensions().get::<Served>()
+    }
+}
+
+/// A route's failure, as judged.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) action: Action,
+    pub(crate) classification: Classification,
+    pub(crate) message: String,
+}
+
+/// `None` for a success; otherwise what the failure calls for.
+pub(crate) fn judge_response<ReqB, ResB, B>(
+    chain: &Chain<ReqB, ResB>,
+    res: &Response<B>,
+) -> Option<Failure> {
+    let c = Classification::of(res);
+    let kind = c.kind?;
+    let long_wait = c.wait.is_some_and(|w| w.exceeds_max());
+    let action = if long_wait && chain.long_wait_moves_on {
+        Action::Next
+    } else {
+        chain.action(kind)
+    };
+    let message = c
+        .message()
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("HTTP {} ({kind})", c.status.as_u16()));
+    Some(Failure {
+        action,
+        classification: c.into_owned(),
+        message,
+    })
+}
+
+/// What an error from a route calls for.
+pub(crate) fn judge_error<ReqB, ResB>(
+    chain: &Chain<ReqB, ResB>,
+    err: &BoxError,
+    provider: Provider,
+) -> Failure {
+    let message = err.to_string();
+    let failure = |action, classification| Failure {
+        action,
+        classification,
+        message: message.clone(),
+    };
+    match AiError::find(&**err) {
+        // A layer below refused without calling: move on without spending time.
+        Some(e @ (AiError::CircuitOpen { .. } | AiError::CoolingDown { .. })) => {
+            failure(Action::Next, Classification::failure(e.kind(), provider))
+        }
+        Some(AiError::RetriesExhausted { last, wait, .. }) => {
+            let long_wait = wait.is_some_and(|w| w.exceeds_max())
+                || last.wait.is_some_and(|w| w.exceeds_max());
+            let kind = last.kind.unwrap_or(ErrorKind::Unknown);
+            let action = if long_wait && chain.long_wait_moves_on {
+                Action::Next
+            } else {
+                chain.action(kind)
+            };
+            failure(action, last.clone())
+        }
+        Some(AiError::Provider { classification }) => failure(
+            chain.action(classification.kind.unwrap_or(ErrorKind::Unknown)),
+            classification.clone(),
+        ),
+        Some(e) => {
+            let kind = e.kind();
+            failure(chain.action(kind), Classification::failure(kind, provider))
+        }
+        None => {
+            let kind = ErrorKind::of_error(&**err);
+            failure(chain.action(kind), Classification::failure(kind, provider))
+        }
+    }
+}
+
+/// The next route after `from` that `action` allows; `window` is the failed route's
+/// context window (0 when unknown).
+pub(crate) fn next_route<ReqB, ResB>(
+    routes: &[Route<ReqB, ResB>],
+    from: usize,
+    action: Action,
+    window: u64,
+) -> Option<usize> {
+    let later = routes.iter().enumerate().skip(from + 1);
+    match action {
+        Action::Stop => return None,
+        Action::Next => later
+            .filter(|(_, r)| !r.content_policy)
+            .map(|(i, _)| i)
+            .next(),
+        Action::LargerContext => later
+            .filter(|(_, r)| !r.is_degraded() && r.context_window.unwrap_or(0) > window)
+            .map(|(i, _)| i)
+            .next(),
+        Action::ContentPolicy => later
+            .filter(|(_, r)| r.content_policy)
+            .map(|(i, _)| i)
+            .next(),
+    }
+}
+
+/// How many routes after `j` an ordinary fallback could still send to: the attempts a
+/// retry on route `j` must leave for them.
+pub(crate) fn upstream_after<ReqB, ResB>(routes: &[Route<ReqB, ResB>], j: usize) -> u32 {
+    routes[j + 1..]
+        .iter()
+        .filter(|r| !r.is_degraded() && !r.content_policy)
+        .count() as u32
+}
+
+/// The degraded route after `j`, if the chain ends in one.
+pub(crate) fn degraded_after<ReqB, ResB>(routes: &[Route<ReqB, ResB>], j: usize) -> Option<usize> {
+    routes
+        .iter()
+        .enumerate()
+        .skip(j + 1)
+        .find(|(_, r)| r.is_degraded())
+        .map(|(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::StatusCode;
+    use tower_ai_core::{RequestedWait, WaitSource};
+
+    use super::*;
+    use crate::config::FallbackChain;
+
+    fn chain() -> FallbackChain<Bytes, Bytes> {
+        FallbackChain::builder()
+            .route(crate::Route::primary("small").context_window(8_000))
+            .route(crate::Route::model("mid").context_window(8_000))
+            .route(crate::Route::model("policy").content_policy())
+            .route(crate::Route::model("large").context_window(200_000))
+            .route(crate::Route::model("huge").context_window(1_000_000))
+            .route(crate::Route::degraded_static("busy", StatusCode::OK, "busy"))
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn next_route_by_action() {
+        let c = chain();
+        let r = &c.inner.routes;
+        assert_eq!(next_route(r, 0, Action::Next, 8_000), Some(1));
+        assert_eq!(next_route(r, 1, Action::Next, 8_000), Some(3), "policy route skipped");
+        assert_eq!(next_route(r, 0, Action::LargerContext, 8_000), Some(3));
+        assert_eq!(next_route(r, 3, Action::LargerContext, 200_000), Some(4));
+        assert_eq!(next_route(r, 4, Action::LargerContext, 1_000_000), None);
+        assert_eq!(next_route(r, 0, Action::ContentPolicy, 0), Some(2));
+        assert_eq!(next_route(r, 2, Action::ContentPolicy, 0), None);
+        assert_eq!(next_route(r, 4, Action::Next, 0), Some(5), "degraded ends the chain");
+        assert_eq!(next_route(r, 0, Action::Stop, 0), None);
+        assert_eq!(upstream_after(r, 0), 3);
+        assert_eq!(upstream_after(r, 4), 0);
+        assert_eq!(degraded_after(r, 1), Some(5));
+    }
+
+    fn response(status: u16, c: Option<Classification>) -> Response<()> {
+        let mut res = Response::new(());
+        *res.status_mut() = StatusCode::from_u16(status).unwrap();
+        if let Some(c) = c {
+            res.extensions_mut().insert(c);
+        }
+        res
+    }
+
+    #[test]
+    fn judging_responses() {
+        let c = chain();
+        assert!(judge_response(&c.inner, &response(200, None)).is_none());
+        let f = judge_response(&c.inner, &response(401, None)).unwrap();
+        assert_eq!(f.action, Action::Stop);
+        let f = judge_response(&c.inner, &response(529, None)).unwrap();
+        assert_eq!(f.action, Action::Next);
+        assert_eq!(f.message, "HTTP 529 (overloaded)");
+        let mut long = Classification::failure(ErrorKind::BadRequest, Provider::OpenAi);
+        long.status = StatusCode::TOO_MANY_REQUESTS;
+        long.wait = RequestedWait::new(
+            Duration::from_secs(3600),
+            WaitSource::RetryAfter,
+            Duration::from_secs(60),
+        );
+        let f = judge_response(&c.inner, &response(429, Some(long))).unwrap();
+        assert_eq!(f.action, Action::Next, "a long wait moves on whatever the kind");
+    }
+
+    #[test]
+    fn judging_errors() {
+        let c = chain();
+        let open: BoxError = Box::new(AiError::CircuitOpen {
+            key: "k".into(),
+            until: tokio::time::Instant::now(),
+        });
+        assert_eq!(judge_error(&c.inner, &open, Provider::OpenAi).action, Action::Next);
+        let io: BoxError = Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let f = judge_error(&c.inner, &io, Provider::OpenAi);
+        assert_eq!(f.action, Action::Next);
+        assert_eq!(f.classification.kind, Some(ErrorKind::Connection));
+        let mut last = Classification::failure(ErrorKind::Unauthorized, Provider::OpenAi);
+        let ex: BoxError = Box::new(AiError::RetriesExhausted {
+            attempts: 1,
+            last: last.clone(),
+            wait: None,
+        });
+        assert_eq!(judge_error(&c.inner, &ex, Provider::OpenAi).action, Action::Stop);
+        last.kind = Some(ErrorKind::RateLimited);
+        let ex: BoxError = Box::new(AiError::RetriesExhausted {
+            attempts: 1,
+            last,
+            wait: RequestedWait::new(
+                Duration::from_secs(600),
+                WaitSource::RetryAfter,
+                Duration::from_secs(30),
+            ),
+        });
+        assert_eq!(judge_error(&c.inner, &ex, Provider::OpenAi).action, Action::Next);
+        let odd: BoxError = "something odd".into();
+        assert_eq!(judge_error(&c.inner, &odd, Provider::OpenAi).action, Action::Stop);
+    }
+}

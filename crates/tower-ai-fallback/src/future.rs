@@ -1,0 +1,417 @@
+//! The response future of [`ModelFallback`](crate::ModelFallback).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower::util::Oneshot;
+use tower_ai_core::{
+    model_of, try_clone_request, AiError, BoxError, Classification, ErrorKind, Provider,
+    ReplayBody, RouteFailure,
+};
+use tower_service::Service;
+
+use crate::budget::AttemptBudget;
+use crate::config::{Action, Chain, RouteService, Target};
+use crate::fallback::{degraded_after, judge_error, judge_response, next_route, upstream_after};
+use crate::rewrite::replace_model;
+
+type Res<ResB> = Result<Response<ResB>, BoxError>;
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, O, X, R> {
+        // The first call on the wrapped service, made in `call` on the service that
+        // `poll_ready` made ready: no box, no extra readiness round.
+        Called { #[pin] fut: F },
+        // A later call on the wrapped service (another model): readiness first.
+        Again { #[pin] fut: O },
+        // A call on a cross-provider route's service.
+        Other { #[pin] fut: X },
+        // Decided without a call (a degraded answer, or every route skipped).
+        Ready { res: Option<R> },
+        Done,
+    }
+}
+
+pin_project! {
+    /// The response future of [`ModelFallback`](crate::ModelFallback): one route's call at
+    /// a time, moving down the chain on failures that call for it.
+    ///
+    /// While the first route is being called it holds that route's future inline (no
+    /// box); later routes on the wrapped service go through [`Oneshot`], cross-provider
+    /// routes through their boxed service.
+    pub struct ResponseFuture<S, ReqB, ResB>
+    where
+        S: Service<Request<ReqB>>,
+    {
+        #[pin]
+        state: State<
+            S::Future,
+            Oneshot<S, Request<ReqB>>,
+            Oneshot<RouteService<ReqB, ResB>, Request<ReqB>>,
+            Res<ResB>,
+        >,
+        ctx: Ctx<S, ReqB, ResB>,
+    }
+}
+
+impl<S, ReqB, ResB> fmt::Debug for ResponseFuture<S, ReqB, ResB>
+where
+    S: Service<Request<ReqB>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let route = self.ctx.chain.routes.get(self.ctx.index).map(|r| &*r.name);
+        f.debug_struct("ResponseFuture")
+            .field("route", &route)
+            .field("failures", &self.ctx.failures.len())
+            .finish_non_exhaustive()
+    }
+}
+
+enum Budget {
+    Unlimited,
+    Local(u32),
+    Shared(AttemptBudget),
+}
+
+/// Everything but the in-flight call.
+struct Ctx<S, ReqB, ResB> {
+    chain: Arc<Chain<ReqB, ResB>>,
+    /// The wrapped service: ready and unused while `svc_ready`, else a used instance to
+    /// clone for later calls.
+    svc: S,
+    svc_ready: bool,
+    /// The caller's request, kept whole for later routes (never sent, never mutated).
+    /// `None` for a single-route chain or a body that cannot be replayed: no fallback.
+    original: Option<Request<ReqB>>,
+    /// The caller's request itself, until it is sent or cloned (first attempt only).
+    pending: Option<Request<ReqB>>,
+    budget: Budget,
+    /// The route being tried.
+    index: usize,
+    failures: Vec<RouteFailure>,
+    /// The last route's result, kept only with `return_last`.
+    last: Option<Res<ResB>>,
+}
+
+enum Step<F, O, X, R> {
+    Run(State<F, O, X, R>),
+    Ready(R),
+}
+
+type StepOf<S, ReqB, ResB> = Step<
+    <S as Service<Request<ReqB>>>::Future,
+    Oneshot<S, Request<ReqB>>,
+    Oneshot<RouteService<ReqB, ResB>, Request<ReqB>>,
+    Res<ResB>,
+>;
+
+impl<S, ReqB, ResB> ResponseFuture<S, ReqB, ResB>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+    ReqB: ReplayBody + From<Bytes>,
+{
+    /// Starts on the chain's first route with `svc`, the service `poll_ready` made ready.
+    pub(crate) fn start(chain: Arc<Chain<ReqB, ResB>>, svc: S, mut req: Request<ReqB>) -> Self {
+        // The copy for later routes is taken before the budget goes in, so that it does
+        // not clone the budget's extension on the happy path.
+        let original = if chain.routes.len() > 1 {
+            try_clone_request(&req)
+        } else {
+            None
+        };
+        let budget = match (chain.max_attempts, req.extensions().get::<AttemptBudget>()) {
+            // A fallback layer further out already caps this request: draw from its budget.
+            (_, Some(outer)) => Budget::Shared(outer.clone()),
+            (None, None) => Budget::Unlimited,
+            (Some(max), None) if chain.share_budget => {
+                let b = AttemptBudget::new(max);
+                req.extensions_mut().insert(b.clone());
+                Budget::Shared(b)
+            }
+            (Some(max), None) => Budget::Local(max),
+        };
+        let mut ctx = Ctx {
+            chain,
+            svc,
+            svc_ready: true,
+            original,
+            pending: Some(req),
+            budget,
+            index: 0,
+            failures: Vec::new(),
+            last: None,
+        };
+        let state = match ctx.run_from(Some(0), Action::Next, 0) {
+            Step::Run(state) => state,
+            Step::Ready(res) => State::Ready { res: Some(res) },
+        };
+        ResponseFuture { state, ctx }
+    }
+}
+
+impl<S, ReqB, ResB> Ctx<S, ReqB, ResB>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+    ReqB: ReplayBody + From<Bytes>,
+{
+    fn provider(&self) -> Provider {
+        self.original
+            .as_ref()
+            .or(self.pending.as_ref())
+            .map_or(Provider::Generic, Provider::of)
+    }
+
+    /// Tries `candidate`, then (when it is skipped or cannot be sent) the next route that
+    /// `action` allows, until one is running or answered.
+    fn run_from(
+        &mut self,
+        mut candidate: Option<usize>,
+        action: Action,
+        window: u64,
+    ) -> StepOf<S, ReqB, ResB> {
+        let chain = self.chain.clone();
+        loop {
+            let Some(j) = candidate else {
+                return self.exhausted();
+            };
+            self.index = j;
+            let route = &chain.routes[j];
+            if let Target::Degraded(make) = &route.target {
+                let Some(req) = self.original.as_ref().or(self.pending.as_ref()) else {
+                    return self.exhausted();
+                };
+                tracing::debug!(route = &*route.name, "serving a degraded answer");
+                let res = make(req);
+                return Step::Ready(Ok(self.mark(res, j)));
+            }
+            if route.skip.as_ref().is_some_and(|skip| skip()) {
+                tracing::debug!(route = &*route.name, "route skipped (circuit open)");
+                self.failures.push(RouteFailure {
+                    route: route.name.to_string(),
+                    classification: Classification::failure(
+                        ErrorKind::Overloaded,
+                        self.provider(),
+                    ),
+                    message: "skipped: the route's skip predicate (circuit open) is true"
+                        .to_owned(),
+                });
+                candidate = next_route(&chain.routes, j, action, window);
+                continue;
+            }
+            if !self.take_attempt(j) {
+                tracing::debug!(route = &*route.name, "attempt budget spent");
+                candidate = degraded_after(&chain.routes, j);
+                continue;
+            }
+            let mut req = match self.pending.take() {
+                Some(req) => req,
+                None => match self.original.as_ref().and_then(try_clone_request) {
+                    Some(req) => req,
+                    None => return self.exhausted(),
+                },
+            };
+            if let Budget::Shared(b) = &self.budget {
+                if j > 0 {
+                    req.extensions_mut().insert(b.clone());
+                }
+            }
+            if let Err(message) = prepare(route, &mut req) {
+                self.failures.push(RouteFailure {
+                    route: route.name.to_string(),
+                    classification: Classification::failure(
+                        ErrorKind::BadRequest,
+                        Provider::of(&req),
+                    ),
+                    message,
+                });
+                candidate = next_route(&chain.routes, j, Action::Next, window);
+                continue;
+            }
+            return Step::Run(match &route.target {
+                Target::Inner if self.svc_ready => {
+                    self.svc_ready = false;
+                    State::Called {
+                        fut: self.svc.call(req),
+                    }
+                }
+                Target::Inner => State::Again {
+                    fut: Oneshot::new(self.svc.clone(), req),
+                },
+                Target::Service { svc, .. } => {
+                    if self.svc_ready {
+                        // Release whatever the ready instance holds (a permit) now.
+                        self.svc = self.svc.clone();
+                        self.svc_ready = false;
+                    }
+                    State::Other {
+                        fut: Oneshot::new(svc.clone(), req),
+                    }
+                }
+                Target::Degraded(_) => unreachable!("handled above"),
+            });
+        }
+    }
+
+    fn take_attempt(&mut self, j: usize) -> bool {
+        match &mut self.budget {
+            Budget::Unlimited => true,
+            Budget::Local(left) => match left.checked_sub(1) {
+                Some(l) => {
+                    *left = l;
+                    true
+                }
+                None => false,
+            },
+            Budget::Shared(b) => {
+                b.set_reserved(upstream_after(&self.chain.routes, j));
+                b.try_acquire()
+            }
+        }
+    }
+
+    /// Judges the current route's result: done, or on to another route.
+    fn on_result(&mut self, result: Res<ResB>) -> StepOf<S, ReqB, ResB> {
+        let chain = self.chain.clone();
+        let j = self.index;
+        let route = &chain.routes[j];
+        let failure = match &result {
+            Ok(res) => match judge_response(&chain, res) {
+                None => {
+                    return Step::Ready(result.map(|res| self.mark(res, j)));
+                }
+                Some(f) => f,
+            },
+            Err(e) => judge_error(&chain, e, self.provider()),
+        };
+        if failure.action == Action::Stop || self.original.is_none() {
+            return Step::Ready(result);
+        }
+        let window = route.context_window.unwrap_or(0);
+        let next = next_route(&chain.routes, j, failure.action, window);
+        tracing::debug!(
+            route = &*route.name,
+            gen_ai.request.model = route.model.as_deref(),
+            error.type = failure.classification.kind.map_or("unknown", ErrorKind::as_str),
+            next = next.map(|n| &*chain.routes[n].name),
+            "route failed"
+        );
+        self.failures.push(RouteFailure {
+            route: route.name.to_string(),
+            classification: failure.classification,
+            message: failure.message,
+        });
+        if chain.return_last {
+            self.last = Some(result);
+        }
+        self.run_from(next, failure.action, window)
+    }
+
+    fn exhausted(&mut self) -> StepOf<S, ReqB, ResB> {
+        if let Some(last) = self.last.take() {
+            return Step::Ready(last);
+        }
+        let failures = std::mem::take(&mut self.failures);
+        Step::Ready(Err(Box::new(AiError::AllRoutesFailed { failures })))
+    }
+
+    /// Marks a response with what served it (the first route's only on request).
+    fn mark(&self, mut res: Response<ResB>, j: usize) -> Response<ResB> {
+        if j == 0 && !self.chain.mark_primary {
+            return res;
+        }
+        let route = &self.chain.routes[j];
+        if let Some(mut served) = route.served.clone() {
+            if served.model.is_none() && !served.degraded {
+                served.model = self
+                    .original
+                    .as_ref()
+                    .and_then(|r| model_of(r))
+                    .map(|m| Arc::from(&*m));
+            }
+            res.extensions_mut().insert(served);
+        }
+        if let (Some(name), Some(value)) = (&self.chain.header, &route.header) {
+            res.headers_mut().insert(name.clone(), value.clone());
+        }
+        res
+    }
+}
+
+/// Rewrites a request for `route`: its model, then its user rewrite.
+fn prepare<ReqB, ResB>(
+    route: &crate::config::Route<ReqB, ResB>,
+    req: &mut Request<ReqB>,
+) -> Result<(), String>
+where
+    ReqB: ReplayBody + From<Bytes>,
+{
+    if let Some(quoted) = &route.quoted_model {
+        let body = req
+            .body()
+            .bytes()
+            .and_then(|b| replace_model(b, quoted))
+            .ok_or_else(|| {
+                format!(
+                    "route {:?}: the body has no top-level \"model\" string to rewrite",
+                    &*route.name
+                )
+            })?;
+        *req.body_mut() = ReqB::from(body);
+        // A parsed RequestMeta describes the old model.
+        req.extensions_mut().remove::<tower_ai_core::RequestMeta>();
+    }
+    if let Target::Service {
+        rewrite: Some(f), ..
+    } = &route.target
+    {
+        f(req).map_err(|e| format!("route {:?}: rewrite failed: {e}", &*route.name))?;
+    }
+    Ok(())
+}
+
+impl<S, ReqB, ResB> Future for ResponseFuture<S, ReqB, ResB>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+    ReqB: ReplayBody + From<Bytes>,
+{
+    type Output = Result<Response<ResB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let result = match this.state.as_mut().project() {
+                StateProj::Called { fut } => ready!(fut.poll(cx)).map_err(Into::into),
+                StateProj::Again { fut } => ready!(fut.poll(cx)).map_err(Into::into),
+                StateProj::Other { fut } => ready!(fut.poll(cx)),
+                StateProj::Ready { res } => {
+                    let res = res.take();
+                    this.state.set(State::Done);
+                    return Poll::Ready(res.unwrap_or_else(|| Err(polled_after_completion())));
+                }
+                StateProj::Done => return Poll::Ready(Err(polled_after_completion())),
+            };
+            match this.ctx.on_result(result) {
+                Step::Ready(res) => {
+                    this.state.set(State::Done);
+                    return Poll::Ready(res);
+                }
+                Step::Run(state) => this.state.set(state),
+            }
+        }
+    }
+}
+
+#[cold]
+fn polled_after_completion() -> BoxError {
+    "ModelFallback's ResponseFuture polled after completion".into()
+}
