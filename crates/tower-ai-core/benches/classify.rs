@@ -75,6 +75,17 @@ fn bench(c: &mut Criterion) {
     g.bench_function("rate_limit_headers", |b| {
         b.iter(|| RateLimitInfo::from_headers(black_box(&headers), now))
     });
+    let mut plain = HeaderMap::new();
+    for (k, v) in [
+        ("content-type", "application/json"),
+        ("date", "Tue, 26 Mar 2024 19:59:59 GMT"),
+        ("server", "x"),
+    ] {
+        plain.insert(k, HeaderValue::from_static(v));
+    }
+    g.bench_function("rate_limit_headers_none_present", |b| {
+        b.iter(|| RateLimitInfo::from_headers(black_box(&plain), now))
+    });
     let body = br#"{"model":"gpt-4o","stream":true,"max_tokens":256,"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Summarise the plot of Hamlet in three sentences, please."}]}"#;
     g.bench_function("request_meta_parse", |b| {
         b.iter(|| RequestMeta::parse(black_box("/v1/chat/completions"), black_box(body)))

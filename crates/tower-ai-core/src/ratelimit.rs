@@ -180,73 +180,80 @@ pub struct RateLimitInfo {
 impl RateLimitInfo {
     /// Reads every rate-limit header it knows. Resets given as timestamps (Anthropic) are
     /// measured from the response's `Date` header, or from `now` without one.
+    ///
+    /// One pass over the headers with a prefix test per name, and no allocation: cheap
+    /// enough to call on every success response (a response with no rate-limit header
+    /// costs one short loop).
     pub fn from_headers(headers: &HeaderMap, now: SystemTime) -> Self {
-        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let count = |name: &str| get(name).and_then(parse_count);
-        let go = |name: &str| get(name).and_then(duration::go_duration);
-        let clock = std::cell::OnceCell::new();
-        let at = |name: &str| {
-            let t = duration::rfc3339(get(name)?)?;
-            duration::until(t, *clock.get_or_init(|| response_clock(headers, now)))
-                .or(Some(Duration::ZERO))
-        };
-        let openai = |what: &str| -> Bucket {
-            let mut name = [0u8; 40];
-            let mk = |buf: &mut [u8; 40], prefix: &str| -> usize {
-                let n = prefix.len() + what.len();
-                buf[..prefix.len()].copy_from_slice(prefix.as_bytes());
-                buf[prefix.len()..n].copy_from_slice(what.as_bytes());
-                n
-            };
-            let n = mk(&mut name, "x-ratelimit-limit-");
-            let limit = count(std::str::from_utf8(&name[..n]).unwrap_or(""));
-            let n = mk(&mut name, "x-ratelimit-remaining-");
-            let remaining = count(std::str::from_utf8(&name[..n]).unwrap_or(""));
-            let n = mk(&mut name, "x-ratelimit-reset-");
-            let reset = go(std::str::from_utf8(&name[..n]).unwrap_or(""));
-            Bucket {
-                limit,
-                remaining,
-                reset,
+        // OpenAI/Azure buckets, Anthropic buckets (requests, tokens, input, output), with
+        // Anthropic resets kept as text until the clock is known.
+        let mut openai = [Bucket::default(); 2];
+        let mut anthropic = [Bucket::default(); 4];
+        let mut anthropic_reset: [Option<&str>; 4] = [None; 4];
+        let mut ietf = None;
+        let mut ietf_policy = None;
+        for (name, value) in headers {
+            let name = name.as_str();
+            let first = name.as_bytes().first().copied();
+            if first != Some(b'x') && first != Some(b'a') && first != Some(b'r') {
+                continue;
             }
-        };
-        let anthropic = |limit: &str, remaining: &str, reset: &str| Bucket {
-            limit: count(limit),
-            remaining: count(remaining),
-            reset: at(reset),
-        };
+            let Ok(v) = value.to_str() else { continue };
+            if let Some(rest) = name.strip_prefix("x-ratelimit-") {
+                let (field, which) = match rest.rsplit_once('-') {
+                    Some((f, "requests")) => (f, 0),
+                    Some((f, "tokens")) => (f, 1),
+                    _ => continue,
+                };
+                let b = &mut openai[which];
+                match field {
+                    "limit" => b.limit = parse_count(v),
+                    "remaining" => b.remaining = parse_count(v),
+                    "reset" => b.reset = duration::go_duration(v),
+                    _ => {}
+                }
+            } else if let Some(rest) = name.strip_prefix("anthropic-ratelimit-") {
+                let Some((what, field)) = rest.rsplit_once('-') else {
+                    continue;
+                };
+                let which = match what {
+                    "requests" => 0,
+                    "tokens" => 1,
+                    "input-tokens" => 2,
+                    "output-tokens" => 3,
+                    _ => continue,
+                };
+                match field {
+                    "limit" => anthropic[which].limit = parse_count(v),
+                    "remaining" => anthropic[which].remaining = parse_count(v),
+                    "reset" => anthropic_reset[which] = Some(v),
+                    _ => {}
+                }
+            } else if name == "ratelimit" {
+                ietf = Some(v);
+            } else if name == "ratelimit-policy" {
+                ietf_policy = Some(v);
+            }
+        }
+        if anthropic_reset.iter().any(Option::is_some) {
+            let clock = response_clock(headers, now);
+            for (b, r) in anthropic.iter_mut().zip(anthropic_reset) {
+                b.reset = r
+                    .and_then(duration::rfc3339)
+                    .map(|t| duration::until(t, clock).unwrap_or(Duration::ZERO));
+            }
+        }
+        let pick = |o: Bucket, a: Bucket| if o.is_empty() { a } else { o };
         let mut info = RateLimitInfo {
-            requests: openai("requests"),
-            tokens: openai("tokens"),
-            ..Default::default()
+            requests: pick(openai[0], anthropic[0]),
+            tokens: pick(openai[1], anthropic[1]),
+            input_tokens: anthropic[2],
+            output_tokens: anthropic[3],
+            policy: Bucket::default(),
         };
-        if info.requests.is_empty() {
-            info.requests = anthropic(
-                "anthropic-ratelimit-requests-limit",
-                "anthropic-ratelimit-requests-remaining",
-                "anthropic-ratelimit-requests-reset",
-            );
-        }
-        if info.tokens.is_empty() {
-            info.tokens = anthropic(
-                "anthropic-ratelimit-tokens-limit",
-                "anthropic-ratelimit-tokens-remaining",
-                "anthropic-ratelimit-tokens-reset",
-            );
-        }
-        info.input_tokens = anthropic(
-            "anthropic-ratelimit-input-tokens-limit",
-            "anthropic-ratelimit-input-tokens-remaining",
-            "anthropic-ratelimit-input-tokens-reset",
-        );
-        info.output_tokens = anthropic(
-            "anthropic-ratelimit-output-tokens-limit",
-            "anthropic-ratelimit-output-tokens-remaining",
-            "anthropic-ratelimit-output-tokens-reset",
-        );
-        if let Some(rl) = get("ratelimit").and_then(IetfRateLimit::parse) {
+        if let Some(rl) = ietf.and_then(IetfRateLimit::parse) {
             info.policy = Bucket {
-                limit: get("ratelimit-policy").and_then(|p| policy_quota(p, rl.name)),
+                limit: ietf_policy.and_then(|p| policy_quota(p, rl.name)),
                 remaining: Some(rl.remaining),
                 reset: rl.reset,
             };
