@@ -1,0 +1,2 @@
+//! Placeholder; the overhead bench follows.
+fn main() {}
