@@ -229,7 +229,11 @@ impl<ReqB, ResB> Route<ReqB, ResB> {
 
     /// A degraded answer with a fixed status and body (`content-type: application/json`
     /// when the body starts with `{` or `[`, else `text/plain; charset=utf-8`).
-    pub fn degraded_static(name: impl Into<Arc<str>>, status: StatusCode, body: impl Into<Bytes>) -> Self
+    pub fn degraded_static(
+        name: impl Into<Arc<str>>,
+        status: StatusCode,
+        body: impl Into<Bytes>,
+    ) -> Self
     where
         ResB: DegradedBody,
     {
@@ -682,9 +686,7 @@ mod tests {
         assert_eq!(zero.unwrap_err(), ConfigError::ZeroAttempts);
         let empty = B::new().route(Route::model("")).build();
         assert!(matches!(empty, Err(ConfigError::EmptyName { .. })));
-        let empty_model = B::new()
-            .route(Route::primary("p").model_name(""))
-            .build();
+        let empty_model = B::new().route(Route::primary("p").model_name("")).build();
         assert!(matches!(empty_model, Err(ConfigError::EmptyModel { .. })));
         let cw = B::new()
             .route(Route::primary("p").context_window(0))
@@ -704,7 +706,10 @@ mod tests {
     #[test]
     fn defaults() {
         let chain = FallbackChain::<Bytes, Bytes>::models(["b", "c"]).unwrap();
-        assert_eq!(chain.route_names().collect::<Vec<_>>(), ["primary", "b", "c"]);
+        assert_eq!(
+            chain.route_names().collect::<Vec<_>>(),
+            ["primary", "b", "c"]
+        );
         assert_eq!(chain.inner.max_attempts, Some(5));
         assert_eq!(chain.inner.action(ErrorKind::Unauthorized), Action::Stop);
         assert_eq!(chain.inner.action(ErrorKind::QuotaExhausted), Action::Next);

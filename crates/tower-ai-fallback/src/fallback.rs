@@ -85,8 +85,8 @@ pub(crate) fn judge_error<ReqB, ResB>(
             failure(Action::Next, Classification::failure(e.kind(), provider))
         }
         Some(AiError::RetriesExhausted { last, wait, .. }) => {
-            let long_wait = wait.is_some_and(|w| w.exceeds_max())
-                || last.wait.is_some_and(|w| w.exceeds_max());
+            let long_wait =
+                wait.is_some_and(|w| w.exceeds_max()) || last.wait.is_some_and(|w| w.exceeds_max());
             let kind = last.kind.unwrap_or(ErrorKind::Unknown);
             let action = if long_wait && chain.long_wait_moves_on {
                 Action::Next
@@ -120,13 +120,15 @@ pub(crate) fn next_route<ReqB, ResB>(
 ) -> Option<usize> {
     let later = routes.iter().enumerate().skip(from + 1);
     match action {
-        Action::Stop => return None,
+        Action::Stop => None,
         Action::Next => later
             .filter(|(_, r)| !r.content_policy)
             .map(|(i, _)| i)
             .next(),
         Action::LargerContext => later
-            .filter(|(_, r)| !r.is_degraded() && r.context_window.unwrap_or(0) > window)
+            .filter(|(_, r)| {
+                !r.is_degraded() && !r.content_policy && r.context_window.unwrap_or(0) > window
+            })
             .map(|(i, _)| i)
             .next(),
         Action::ContentPolicy => later
@@ -173,7 +175,11 @@ mod tests {
             .route(crate::Route::model("policy").content_policy())
             .route(crate::Route::model("large").context_window(200_000))
             .route(crate::Route::model("huge").context_window(1_000_000))
-            .route(crate::Route::degraded_static("busy", StatusCode::OK, "busy"))
+            .route(crate::Route::degraded_static(
+                "busy",
+                StatusCode::OK,
+                "busy",
+            ))
             .build()
             .unwrap()
     }
@@ -183,13 +189,21 @@ mod tests {
         let c = chain();
         let r = &c.inner.routes;
         assert_eq!(next_route(r, 0, Action::Next, 8_000), Some(1));
-        assert_eq!(next_route(r, 1, Action::Next, 8_000), Some(3), "policy route skipped");
+        assert_eq!(
+            next_route(r, 1, Action::Next, 8_000),
+            Some(3),
+            "policy route skipped"
+        );
         assert_eq!(next_route(r, 0, Action::LargerContext, 8_000), Some(3));
         assert_eq!(next_route(r, 3, Action::LargerContext, 200_000), Some(4));
         assert_eq!(next_route(r, 4, Action::LargerContext, 1_000_000), None);
         assert_eq!(next_route(r, 0, Action::ContentPolicy, 0), Some(2));
         assert_eq!(next_route(r, 2, Action::ContentPolicy, 0), None);
-        assert_eq!(next_route(r, 4, Action::Next, 0), Some(5), "degraded ends the chain");
+        assert_eq!(
+            next_route(r, 4, Action::Next, 0),
+            Some(5),
+            "degraded ends the chain"
+        );
         assert_eq!(next_route(r, 0, Action::Stop, 0), None);
         assert_eq!(upstream_after(r, 0), 3);
         assert_eq!(upstream_after(r, 4), 0);
@@ -222,7 +236,11 @@ mod tests {
             Duration::from_secs(60),
         );
         let f = judge_response(&c.inner, &response(429, Some(long))).unwrap();
-        assert_eq!(f.action, Action::Next, "a long wait moves on whatever the kind");
+        assert_eq!(
+            f.action,
+            Action::Next,
+            "a long wait moves on whatever the kind"
+        );
     }
 
     #[test]
@@ -232,7 +250,10 @@ mod tests {
             key: "k".into(),
             until: tokio::time::Instant::now(),
         });
-        assert_eq!(judge_error(&c.inner, &open, Provider::OpenAi).action, Action::Next);
+        assert_eq!(
+            judge_error(&c.inner, &open, Provider::OpenAi).action,
+            Action::Next
+        );
         let io: BoxError = Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         let f = judge_error(&c.inner, &io, Provider::OpenAi);
         assert_eq!(f.action, Action::Next);
@@ -243,7 +264,10 @@ mod tests {
             last: last.clone(),
             wait: None,
         });
-        assert_eq!(judge_error(&c.inner, &ex, Provider::OpenAi).action, Action::Stop);
+        assert_eq!(
+            judge_error(&c.inner, &ex, Provider::OpenAi).action,
+            Action::Stop
+        );
         last.kind = Some(ErrorKind::RateLimited);
         let ex: BoxError = Box::new(AiError::RetriesExhausted {
             attempts: 1,
@@ -254,8 +278,14 @@ mod tests {
                 Duration::from_secs(30),
             ),
         });
-        assert_eq!(judge_error(&c.inner, &ex, Provider::OpenAi).action, Action::Next);
+        assert_eq!(
+            judge_error(&c.inner, &ex, Provider::OpenAi).action,
+            Action::Next
+        );
         let odd: BoxError = "something odd".into();
-        assert_eq!(judge_error(&c.inner, &odd, Provider::OpenAi).action, Action::Stop);
+        assert_eq!(
+            judge_error(&c.inner, &odd, Provider::OpenAi).action,
+            Action::Stop
+        );
     }
 }

@@ -197,10 +197,7 @@ where
                 tracing::debug!(route = &*route.name, "route skipped (circuit open)");
                 self.failures.push(RouteFailure {
                     route: route.name.to_string(),
-                    classification: Classification::failure(
-                        ErrorKind::Overloaded,
-                        self.provider(),
-                    ),
+                    classification: Classification::failure(ErrorKind::Overloaded, self.provider()),
                     message: "skipped: the route's skip predicate (circuit open) is true"
                         .to_owned(),
                 });
@@ -297,6 +294,11 @@ where
         }
         let window = route.context_window.unwrap_or(0);
         let next = next_route(&chain.routes, j, failure.action, window);
+        if next.is_none() && self.failures.is_empty() {
+            // No route can take this failure (no larger model, no content-policy route,
+            // a one-route chain) and none was tried before: it reaches the caller as is.
+            return Step::Ready(result);
+        }
         tracing::debug!(
             route = &*route.name,
             gen_ai.request.model = route.model.as_deref(),

@@ -115,8 +115,10 @@
 //!
 //! The service's error is [`BoxError`](tower_ai_core::BoxError). A failure that does not
 //! call for a fallback (a 401, say) reaches the caller as it is: a response, or the inner
-//! error. When a fallback was called for and no route remains (or the attempt budget is
-//! spent), the error is [`AiError::AllRoutesFailed`] (unless
+//! error; so does a failure that called for a fallback no route can take (no larger
+//! model, no content-policy route) when it is the first route's. Once the chain has moved
+//! on, a request that no remaining route serves (or whose attempt budget is spent) fails
+//! with [`AiError::AllRoutesFailed`] (unless
 //! [`return_last`](FallbackChainBuilder::return_last)); its `failures` list each route
 //! tried or skipped, in order, with its last classification and message.
 //!
