@@ -1,4 +1,136 @@
-//! StallDetector: first-byte, idle-gap and total deadlines on streamed AI answers.
+//! StallDetector: deadlines on streamed AI answers; a stall is an error, never a silent
+//! truncation.
 //!
-//! This crate is not written yet: it is the subject of issue #8. It exports nothing,
-//! so nothing can depend on it by mistake.
+//! # Why AI APIs need it
+//!
+//! A streamed answer takes seconds to minutes and can go wrong half-way in ways an HTTP
+//! client does not notice: the connection stays open and nothing more arrives; the
+//! provider sends an error *inside* the 200 stream (OpenAI `data: {"error":…}`, Anthropic
+//! `event: error`, Gemini `data: {"error":…}`), which an SSE parser that ignores it turns
+//! into a short, clean answer; the stream ends without its terminal event (`[DONE]`,
+//! `message_stop`, `response.completed`); or the model stops at its output-token limit
+//! (`finish_reason: length`) and the caller ships truncated JSON. A plain timeout sees none
+//! of this, and a whole-request timeout long enough for a slow answer is far too long for
+//! a dead one.
+//!
+//! [`StallDetector`] sits next to the wire (above [`Classify`](tower_ai_core::Classify))
+//! and puts optional deadlines on each phase of a call (see [`StallConfig`] for each one,
+//! its default and the reasoning):
+//!
+//! - **before the head** (head, total): the call fails with [`AiError::Stalled`] (phase
+//!   `Head` or `Total`), kind [`ErrorKind::Stalled`](tower_ai_core::ErrorKind::Stalled):
+//!   retryable, a circuit-breaker failure, so AiRetry and ModelFallback above act on it;
+//! - **before the first byte** of a `text/event-stream` success (first byte, total): by
+//!   default the future waits for the first byte, so a stall here, a connection cut
+//!   before any byte, or an error event in the very first chunk is also an error *of the
+//!   call* — nothing reached the caller, so it is safe to retry;
+//! - **in the body** (first content, idle, total): the body ends with an
+//!   [`AiError::Stalled`] error frame carrying the phase, the deadline and the bytes
+//!   received — never a clean EOF, so half an answer cannot pass for a whole one.
+//!
+//! It reads SSE bodies with [`StreamScanner`](tower_ai_core::stream::StreamScanner) in
+//! the request's dialect (`StreamDialect::of(Provider::of(&req), path)`, taken in `call`):
+//! Anthropic `ping`s and SSE comments are liveness, not content
+//! ([`liveness_resets_idle`](StallConfigBuilder::liveness_resets_idle) chooses whether
+//! they reset the idle timer); an in-stream provider error ends the body with
+//! [`AiError::Provider`] (classified, status 200) after every byte before it; a missing
+//! terminal marker ends it with [`AiError::Truncated`]. How the stream ended, the finish
+//! reason and the usage are put in a [`StreamOutcome`] in the response's extensions, and a
+//! truncation by the token limit is also a `tracing` warning.
+//!
+//! Chunks pass through as the inner body yields them (zero copies; the scanner keeps only
+//! the bytes of an incomplete line). Responses that are not `text/event-stream`
+//! successes get only the head and total deadlines. Each body has at most one timer,
+//! created only when the inner body is first pending and reset in place; progress only
+//! records the instant (the timer catches up when it fires), so a chunk costs no timer
+//! operation.
+//!
+//! ```
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_ai_core::{AiError, ClassifyLayer};
+//! use tower_ai_stall::{StallDetectorLayer, StreamEnd, StreamOutcome};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_ai_core::BoxError> {
+//! // A provider whose stream is cut after one chunk: no `data: [DONE]`.
+//! let provider = service_fn(|_req: Request<String>| async {
+//!     let sse = "data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n";
+//!     Response::builder()
+//!         .header("content-type", "text/event-stream")
+//!         .body(Full::new(Bytes::from(sse)))
+//! });
+//! let client = ServiceBuilder::new()
+//!     .layer(StallDetectorLayer::builder().idle(Duration::from_secs(30)).build()?)
+//!     .layer(ClassifyLayer::new())
+//!     .service(provider);
+//!
+//! let req = Request::post("https://api.openai.com/v1/chat/completions").body(String::new())?;
+//! let res = client.oneshot(req).await?;
+//! let outcome = res.extensions().get::<StreamOutcome>().cloned().unwrap();
+//! let err = res.into_body().collect().await.unwrap_err();
+//! assert!(matches!(err.downcast_ref::<AiError>(), Some(AiError::Truncated { .. })));
+//! assert_eq!(outcome.get().unwrap().end, StreamEnd::Truncated);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Its place in the stack
+//!
+//! `ModelFallback → AiRetry → CircuitBreaker → TokenBudget → RetryAfterAware →
+//! StallDetector → Classify → client`. Below the retry and fallback layers so that a
+//! stall before the first byte is retried; above `Classify`, whose error bodies it then
+//! bounds by the total deadline only.
+//!
+//! # Differences from `tower::timeout` and tower-http's `TimeoutBody`
+//!
+//! - `tower::timeout::Timeout` bounds only the future and creates a `Sleep` on every call;
+//!   here the head deadline depends on whether the request is streamed, and the timer is
+//!   created only when the inner future is actually pending.
+//! - tower-http's `TimeoutBody` has one idle timeout and replaces its `Sleep` on every
+//!   frame; here there are five phases, one timer per body reset in place, and the body
+//!   knows the stream's dialect: content vs keep-alive, in-band errors, terminal markers,
+//!   finish reasons.
+//! - tower-resilience's time limiter bounds a whole call (and boxes its future); a stream
+//!   that stalls after its head is invisible to it.
+//! - Errors are [`AiError`]s (in a [`BoxError`](tower_ai_core::BoxError)) with the phase,
+//!   the deadline and the bytes received, not a unit `Elapsed`.
+//!
+//! # Errors
+//!
+//! The service's error is a [`BoxError`](tower_ai_core::BoxError): the inner service's
+//! error unchanged, or an [`AiError`] — see [`future::ResponseFuture`]. The body's errors
+//! are the inner body's, or [`AiError::Stalled`], [`AiError::Provider`],
+//! [`AiError::Truncated`] — see [`StallBody`].
+//!
+//! # Panics
+//!
+//! Like `tower::timeout`, it uses `tokio::time` timers: run it inside a Tokio runtime
+//! with the time driver enabled. (Use a paused clock in tests: every deadline follows
+//! `tokio::time::Instant`.)
+//!
+//! [`AiError`]: tower_ai_core::AiError
+//! [`AiError::Stalled`]: tower_ai_core::AiError::Stalled
+//! [`AiError::Provider`]: tower_ai_core::AiError::Provider
+//! [`AiError::Truncated`]: tower_ai_core::AiError::Truncated
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod config;
+pub mod future;
+mod layer;
+mod service;
+mod stall;
+
+pub use body::StallBody;
+pub use config::{
+    StallConfig, StallConfigBuilder, StallConfigError, DEFAULT_FIRST_BYTE, DEFAULT_FIRST_CONTENT,
+    DEFAULT_HEAD, DEFAULT_IDLE, DEFAULT_TOTAL,
+};
+pub use layer::StallDetectorLayer;
+pub use service::StallDetector;
+pub use stall::{StreamEnd, StreamOutcome, StreamSummary};
+pub use tower_ai_core::StallPhase;

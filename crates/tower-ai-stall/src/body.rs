@@ -1,0 +1,244 @@
+//! [`StallBody`]: the response body with the stream's deadlines and checks.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_ai_core::{AiError, BoxError};
+
+use crate::stall::{Check, StreamOutcome, Tracker};
+
+pin_project! {
+    #[project = InnerProj]
+    enum Inner<B> {
+        Inline { #[pin] body: B },
+        // A body whose first frame the response future read ahead (to make a stall before
+        // the first byte an error of the call) was boxed to be polled there and moved here.
+        Boxed { body: Pin<Box<B>> },
+    }
+}
+
+pin_project! {
+    /// The response body of [`StallDetector`](crate::StallDetector).
+    ///
+    /// Frames pass through as the inner body yields them, never copied. For a
+    /// `text/event-stream` success the body reads each chunk with
+    /// [`StreamScanner`](tower_ai_core::stream::StreamScanner) (which keeps only the bytes
+    /// of an incomplete line) and:
+    ///
+    /// - ends with an [`AiError::Stalled`] error frame when the first-byte, first-content,
+    ///   idle or total deadline expires, never with a clean end;
+    /// - delivers the chunk that completed a provider error event (OpenAI `data:
+    ///   {"error":…}`, Anthropic `event: error`, Gemini `data: {"error":…}`, llama.cpp's
+    ///   `error:` field) *whole*, then ends with an [`AiError::Provider`] error frame whose
+    ///   classification has status 200; every byte before it reaches the caller
+    ///   unchanged. The chunk is not split, so bytes that followed the event in the same
+    ///   chunk (llama.cpp's `data: [DONE]`) are delivered too;
+    /// - ends with [`AiError::Truncated`] when the inner body ends without the dialect's
+    ///   terminal marker (when [`require_terminal`](crate::StallConfigBuilder::require_terminal));
+    /// - once the terminal marker arrived, ends cleanly if the connection then goes quiet.
+    ///
+    /// Other responses get only the total deadline. Errors are [`BoxError`]s holding an
+    /// [`AiError`]: `err.downcast_ref::<AiError>()`. After an error frame the body ends.
+    ///
+    /// # Unpin
+    ///
+    /// The timer is an inline [`Sleep`] (one per body, created only when the inner body is
+    /// first pending, reset in place), so `StallBody` is `!Unpin`: `Box::pin` it, or use
+    /// `http_body_util::BodyExt` (`collect`, `frame`, `boxed`), which pins for you.
+    pub struct StallBody<B> {
+        #[pin]
+        inner: Inner<B>,
+        #[pin]
+        sleep: Option<Sleep>,
+        first: Option<Frame<Bytes>>,
+        pending: Option<AiError>,
+        tracker: Tracker,
+        done: bool,
+    }
+}
+
+impl<B> StallBody<B> {
+    pub(crate) fn new(body: B, tracker: Tracker) -> Self {
+        StallBody {
+            inner: Inner::Inline { body },
+            sleep: None,
+            first: None,
+            pending: None,
+            tracker,
+            done: false,
+        }
+    }
+
+    pub(crate) fn read_ahead(
+        body: Pin<Box<B>>,
+        tracker: Tracker,
+        first: Option<Frame<Bytes>>,
+        done: bool,
+    ) -> Self {
+        StallBody {
+            inner: Inner::Boxed { body },
+            sleep: None,
+            first,
+            pending: None,
+            tracker,
+            done,
+        }
+    }
+
+    /// The outcome handle of an SSE response (the same one that is in the response's
+    /// extensions).
+    pub fn outcome(&self) -> Option<&StreamOutcome> {
+        self.tracker.outcome()
+    }
+
+    /// Body bytes received from the inner body so far.
+    pub fn bytes_received(&self) -> u64 {
+        self.tracker.bytes()
+    }
+}
+
+impl<B> fmt::Debug for StallBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StallBody")
+            .field("sse", &self.tracker.is_sse())
+            .field("bytes_received", &self.tracker.bytes())
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Body for StallBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        if let Some(frame) = this.first.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Some(err) = this.pending.take() {
+            *this.done = true;
+            return Poll::Ready(Some(Err(Box::new(err))));
+        }
+        let polled = match this.inner.project() {
+            InnerProj::Inline { body } => body.poll_frame(cx),
+            InnerProj::Boxed { body } => body.as_mut().poll_frame(cx),
+        };
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Some(err) = this.tracker.on_data(data, Instant::now) {
+                        *this.pending = Some(err);
+                    }
+                    // Progress pushes deadlines out, and the timer catches up lazily when
+                    // it fires; but content can arm an earlier one (idle replacing
+                    // first-content), so the timer is pulled in when that happens.
+                    if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+                        if let Some(at) = this.tracker.deadline() {
+                            if at < sleep.deadline() {
+                                sleep.reset(at);
+                            }
+                        }
+                    }
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(Some(Err(err))) => {
+                this.tracker.on_body_error();
+                *this.done = true;
+                return Poll::Ready(Some(Err(err.into())));
+            }
+            Poll::Ready(None) => {
+                *this.done = true;
+                return Poll::Ready(
+                    this.tracker
+                        .on_end()
+                        .map(|err| Err(Box::new(err) as BoxError)),
+                );
+            }
+            Poll::Pending => {}
+        }
+        loop {
+            let Some(at) = this.tracker.deadline() else {
+                return Poll::Pending;
+            };
+            match this.sleep.as_mut().as_pin_mut() {
+                Some(sleep) => {
+                    if sleep.deadline() > at {
+                        sleep.reset(at);
+                    }
+                }
+                None => this.sleep.set(Some(tokio::time::sleep_until(at))),
+            }
+            let Some(sleep) = this.sleep.as_mut().as_pin_mut() else {
+                return Poll::Pending;
+            };
+            ready!(sleep.poll(cx));
+            match this.tracker.check(Instant::now()) {
+                // The timer was behind the progress made since it was set: catch up.
+                Check::Wait(next) => {
+                    if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+                        sleep.reset(next);
+                    }
+                }
+                Check::Disarmed => return Poll::Pending,
+                Check::Stalled(err) => {
+                    *this.done = true;
+                    return Poll::Ready(Some(Err(Box::new(err))));
+                }
+                Check::End => {
+                    *this.done = true;
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if self.done {
+            return true;
+        }
+        if self.first.is_some() || self.pending.is_some() || self.tracker.is_sse() {
+            // A stream's end is judged (terminal marker, last event) when it is seen.
+            return false;
+        }
+        match &self.inner {
+            Inner::Inline { body } => body.is_end_stream(),
+            Inner::Boxed { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.done {
+            return SizeHint::with_exact(0);
+        }
+        let mut hint = match &self.inner {
+            Inner::Inline { body } => body.size_hint(),
+            Inner::Boxed { body } => body.size_hint(),
+        };
+        if let Some(first) = self.first.as_ref().and_then(Frame::data_ref) {
+            let extra = first.len() as u64;
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper.saturating_add(extra));
+            }
+            hint.set_lower(hint.lower().saturating_add(extra));
+        }
+        hint
+    }
+}

@@ -1,0 +1,354 @@
+//! [`StallConfig`], its builder and its validation.
+
+use std::time::Duration;
+
+use crate::layer::StallDetectorLayer;
+
+/// The deadlines of a [`StallDetector`](crate::StallDetector), each optional, and how
+/// streams are judged.
+///
+/// | deadline | measured from | applies to | default |
+/// |---|---|---|---|
+/// | [`head`](StallConfigBuilder::head) | the call | streamed requests | 60 s |
+/// | [`unary_head`](StallConfigBuilder::unary_head) | the call | other requests | off |
+/// | [`first_byte`](StallConfigBuilder::first_byte) | the response head | SSE responses | 30 s |
+/// | [`first_content`](StallConfigBuilder::first_content) | the response head | SSE responses | 300 s |
+/// | [`idle`](StallConfigBuilder::idle) | the last chunk | SSE responses, once content started | 60 s |
+/// | [`total`](StallConfigBuilder::total) | the call | every response, to the body's end | 20 min |
+///
+/// # Why these defaults
+///
+/// - **head 60 s, streamed only.** A streamed answer's head comes once the request is
+///   queued and the prompt accepted: normally well under 10 s, and under load or with a
+///   very long prompt still well under a minute. A *non-streamed* answer's head comes only
+///   when the whole answer has been generated, which takes minutes for long answers and
+///   reasoning models; a head deadline there would turn slow answers into paid-for
+///   retries, so [`unary_head`](StallConfigBuilder::unary_head) is off by default and
+///   only `total` bounds them. A request counts as streamed when its
+///   [`RequestMeta`](tower_ai_core::RequestMeta) (in the extensions, as TokenBudget puts
+///   it) says so, when its path is Gemini's `:streamGenerateContent`, or when it sends
+///   `accept: text/event-stream`; the detector never parses the request body.
+/// - **first byte 30 s.** Providers flush the stream's head together with its first event
+///   (`message_start`, OpenAI's role chunk), so a head with no byte after it means a
+///   connection that went bad.
+/// - **first content 300 s.** Before the first token the model reads the prompt and, for
+///   reasoning models, thinks; OpenAI Chat streams stay silent through minutes of
+///   reasoning, Anthropic sends `ping`s. Five minutes covers long reasoning and still ends
+///   a stream that never answers.
+/// - **idle 60 s, once content started; liveness resets it.** Between tokens of an answer
+///   the gaps are milliseconds, but tool calls and server-side tools pause a stream for
+///   tens of seconds, usually with keep-alives (`ping`, `: OPENROUTER PROCESSING`).
+///   Until the first content event the first-content deadline governs instead (so silent
+///   reasoning is not called a stall); when that deadline is off, idle gaps are measured
+///   from the first byte.
+/// - **total 20 min.** A backstop so nothing hangs forever: 32k output tokens at a slow
+///   27 tokens/s take 20 minutes. The official SDKs' 600 s is a *per-read* timeout, not a
+///   total.
+/// - **`require_terminal` on.** A stream of a dialect with a terminal marker (`[DONE]`,
+///   `message_stop`, `response.completed`) that ends without it is cut: the caller gets
+///   [`AiError::Truncated`](tower_ai_core::AiError::Truncated) instead of a clean end.
+/// - **`await_first_byte` on.** The response future waits for the first body byte of a
+///   stream before handing the response on, so a stall (or a cut connection) before any
+///   byte is a retryable error of the call, which AiRetry and ModelFallback can act on.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_ai_stall::StallConfig;
+///
+/// let config = StallConfig::builder()
+///     .idle(Duration::from_secs(20))
+///     .first_content(Duration::from_secs(90))
+///     .liveness_resets_idle(false)
+///     .build_config()?;
+/// assert_eq!(config.idle(), Some(Duration::from_secs(20)));
+/// assert!(StallConfig::builder().idle(Duration::ZERO).build_config().is_err());
+/// # Ok::<(), tower_ai_stall::StallConfigError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StallConfig {
+    pub(crate) head: Option<Duration>,
+    pub(crate) unary_head: Option<Duration>,
+    pub(crate) first_byte: Option<Duration>,
+    pub(crate) first_content: Option<Duration>,
+    pub(crate) idle: Option<Duration>,
+    pub(crate) total: Option<Duration>,
+    pub(crate) liveness_resets_idle: bool,
+    pub(crate) require_terminal: bool,
+    pub(crate) await_first_byte: bool,
+}
+
+/// The default head deadline of streamed requests.
+pub const DEFAULT_HEAD: Duration = Duration::from_secs(60);
+/// The default time from the head to the first body byte.
+pub const DEFAULT_FIRST_BYTE: Duration = Duration::from_secs(30);
+/// The default time from the head to the first content event.
+pub const DEFAULT_FIRST_CONTENT: Duration = Duration::from_secs(300);
+/// The default longest gap between chunks once content started.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(60);
+/// The default total deadline.
+pub const DEFAULT_TOTAL: Duration = Duration::from_secs(20 * 60);
+
+impl Default for StallConfig {
+    fn default() -> Self {
+        StallConfig {
+            head: Some(DEFAULT_HEAD),
+            unary_head: None,
+            first_byte: Some(DEFAULT_FIRST_BYTE),
+            first_content: Some(DEFAULT_FIRST_CONTENT),
+            idle: Some(DEFAULT_IDLE),
+            total: Some(DEFAULT_TOTAL),
+            liveness_resets_idle: true,
+            require_terminal: true,
+            await_first_byte: true,
+        }
+    }
+}
+
+impl StallConfig {
+    /// A builder starting from the defaults.
+    pub fn builder() -> StallConfigBuilder {
+        StallConfigBuilder {
+            config: StallConfig::default(),
+        }
+    }
+
+    /// A config with every deadline off and the checks on; set what you need with the
+    /// builder from [`StallConfig::none`]`().to_builder()`.
+    pub fn none() -> Self {
+        StallConfig {
+            head: None,
+            unary_head: None,
+            first_byte: None,
+            first_content: None,
+            idle: None,
+            total: None,
+            ..StallConfig::default()
+        }
+    }
+
+    /// A builder starting from this config.
+    pub fn to_builder(self) -> StallConfigBuilder {
+        StallConfigBuilder { config: self }
+    }
+
+    /// Time from the call to the response head, for streamed requests.
+    pub fn head(&self) -> Option<Duration> {
+        self.head
+    }
+    /// Time from the call to the response head, for requests not known to be streamed.
+    pub fn unary_head(&self) -> Option<Duration> {
+        self.unary_head
+    }
+    /// Time from the head to the first body byte of an SSE response.
+    pub fn first_byte(&self) -> Option<Duration> {
+        self.first_byte
+    }
+    /// Time from the head to the first content event of an SSE response.
+    pub fn first_content(&self) -> Option<Duration> {
+        self.first_content
+    }
+    /// Longest gap between chunks of an SSE response.
+    pub fn idle(&self) -> Option<Duration> {
+        self.idle
+    }
+    /// Time from the call to the end of the body.
+    pub fn total(&self) -> Option<Duration> {
+        self.total
+    }
+    /// Whether liveness (pings, comments, events without content) resets the idle timer.
+    pub fn liveness_resets_idle(&self) -> bool {
+        self.liveness_resets_idle
+    }
+    /// Whether a stream that ends without its dialect's terminal marker is an error.
+    pub fn require_terminal(&self) -> bool {
+        self.require_terminal
+    }
+    /// Whether the response future waits for the first body byte of an SSE response.
+    pub fn await_first_byte(&self) -> bool {
+        self.await_first_byte
+    }
+
+    /// Checks that the config makes sense.
+    ///
+    /// # Errors
+    ///
+    /// A zero deadline, a first-byte deadline longer than the first-content deadline, or a
+    /// deadline longer than the total deadline.
+    pub fn validate(&self) -> Result<(), StallConfigError> {
+        let named = [
+            ("head", self.head),
+            ("unary_head", self.unary_head),
+            ("first_byte", self.first_byte),
+            ("first_content", self.first_content),
+            ("idle", self.idle),
+            ("total", self.total),
+        ];
+        for (what, d) in named {
+            if d == Some(Duration::ZERO) {
+                return Err(StallConfigError::Zero { what });
+            }
+        }
+        if let (Some(fb), Some(fc)) = (self.first_byte, self.first_content) {
+            if fb > fc {
+                return Err(StallConfigError::Order {
+                    shorter: "first_byte",
+                    longer: "first_content",
+                });
+            }
+        }
+        if let Some(total) = self.total {
+            for (what, d) in named.iter().take(5) {
+                if d.is_some_and(|d| d > total) {
+                    return Err(StallConfigError::Order {
+                        shorter: what,
+                        longer: "total",
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a [`StallConfig`] was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StallConfigError {
+    /// A deadline of zero would fire before anything could arrive; turn it off with
+    /// `None` instead.
+    #[error("the {what} deadline is zero: use None to turn it off")]
+    Zero {
+        /// The deadline's name.
+        what: &'static str,
+    },
+    /// Two deadlines in an order that makes one of them meaningless.
+    #[error("the {shorter} deadline is longer than the {longer} deadline, so it could never fire")]
+    Order {
+        /// The deadline that must not be longer.
+        shorter: &'static str,
+        /// The deadline it exceeds.
+        longer: &'static str,
+    },
+}
+
+/// Builds a [`StallConfig`] (or a [`StallDetectorLayer`]) from the defaults; see
+/// [`StallConfig`] for what each deadline means. Setters take a `Duration` or `None` (off).
+#[derive(Debug, Clone, Copy)]
+pub struct StallConfigBuilder {
+    config: StallConfig,
+}
+
+impl StallConfigBuilder {
+    /// Time from the call to the response head, for streamed requests.
+    pub fn head(mut self, d: impl Into<Option<Duration>>) -> Self {
+        self.config.head = d.into();
+        self
+    }
+    /// Time from the call to the response head, for requests not known to be streamed
+    /// (their head arrives only once the whole answer is generated).
+    pub fn unary_head(mut self, d: impl Into<Option<Duration>>) -> Self {
+        self.config.unary_head = d.into();
+        self
+    }
+    /// Time from the head to the first body byte of an SSE response.
+    pub fn first_byte(mut self, d: impl Into<Option<Duration>>) -> Self {
+        self.config.first_byte = d.into();
+        self
+    }
+    /// Time from the head to the first content event of an SSE response.
+    pub fn first_content(mut self, d: impl Into<Option<Duration>>) -> Self {
+        self.config.first_content = d.into();
+        self
+    }
+    /// Longest gap between chunks of an SSE response, once content started.
+    pub fn idle(mut self, d: impl Into<Option<Duration>>) -> Self {
+        self.config.idle = d.into();
+        self
+    }
+    /// Time from the call to the end of the body.
+    pub fn total(mut self, d: impl Into<Option<Duration>>) -> Self {
+        self.config.total = d.into();
+        self
+    }
+    /// Whether every chunk resets the idle timer (`true`, the default: bytes flowing,
+    /// pings and comments are signs of life) or only chunks that complete a content event
+    /// (`false`: a stream that only pings is a stall after the idle deadline).
+    pub fn liveness_resets_idle(mut self, yes: bool) -> Self {
+        self.config.liveness_resets_idle = yes;
+        self
+    }
+    /// Whether a stream that ends without its dialect's terminal marker ends with
+    /// [`AiError::Truncated`](tower_ai_core::AiError::Truncated) (default `true`; Gemini
+    /// has no marker and is never judged so).
+    pub fn require_terminal(mut self, yes: bool) -> Self {
+        self.config.require_terminal = yes;
+        self
+    }
+    /// Whether the response future waits for the first body byte of an SSE response
+    /// before handing the response on (default `true`), so that a stall, a cut
+    /// connection or an in-stream error before any byte reached the caller is an error of
+    /// the call, which retry and fallback layers can act on.
+    pub fn await_first_byte(mut self, yes: bool) -> Self {
+        self.config.await_first_byte = yes;
+        self
+    }
+
+    /// The config.
+    ///
+    /// # Errors
+    ///
+    /// See [`StallConfig::validate`].
+    pub fn build_config(self) -> Result<StallConfig, StallConfigError> {
+        self.config.validate()?;
+        Ok(self.config)
+    }
+
+    /// A layer with this config.
+    ///
+    /// # Errors
+    ///
+    /// See [`StallConfig::validate`].
+    pub fn build(self) -> Result<StallDetectorLayer, StallConfigError> {
+        Ok(StallDetectorLayer::with_config(self.build_config()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_errors_are_clear() {
+        StallConfig::default().validate().unwrap();
+        StallConfig::none().validate().unwrap();
+        let e = StallConfig::builder()
+            .idle(Duration::ZERO)
+            .build_config()
+            .unwrap_err();
+        assert_eq!(e.to_string(), "the idle deadline is zero: use None to turn it off");
+        let e = StallConfig::builder()
+            .first_byte(Duration::from_secs(10))
+            .first_content(Duration::from_secs(5))
+            .build_config()
+            .unwrap_err();
+        assert_eq!(
+            e,
+            StallConfigError::Order {
+                shorter: "first_byte",
+                longer: "first_content"
+            }
+        );
+        let e = StallConfig::builder()
+            .total(Duration::from_secs(30))
+            .build_config()
+            .unwrap_err();
+        assert!(e.to_string().contains("longer than the total"), "{e}");
+        let ok = StallConfig::builder()
+            .total(None)
+            .head(None)
+            .build_config()
+            .unwrap();
+        assert_eq!(ok.total(), None);
+        assert_eq!(ok.head(), None);
+    }
+}

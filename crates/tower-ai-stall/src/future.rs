@@ -1,0 +1,250 @@
+//! The response future of [`StallDetector`](crate::StallDetector).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::response::Parts;
+use http::{header, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_ai_core::stream::StreamDialect;
+use tower_ai_core::{AiError, BoxError, Provider};
+
+use crate::body::StallBody;
+use crate::config::StallConfig;
+use crate::stall::{Check, Tracker};
+
+pin_project! {
+    /// The response future of [`StallDetector`](crate::StallDetector): waits for the head
+    /// under the head and total deadlines and, for a `text/event-stream` success with
+    /// [`await_first_byte`](crate::StallConfigBuilder::await_first_byte), for the first
+    /// body byte under the first-byte and total deadlines.
+    ///
+    /// # Errors
+    ///
+    /// The inner service's error, as it is; [`AiError::Stalled`] with phase `Head`,
+    /// `FirstByte` or `Total` when a deadline expires first; and, while waiting for the
+    /// first byte, [`AiError::Provider`] when the first chunk already carries an in-stream
+    /// error, [`AiError::Truncated`] for a stream that ends before any byte, and
+    /// [`AiError::Transport`] for a body that fails before any byte. None of these
+    /// reached the caller as bytes, so retrying them is safe.
+    pub struct ResponseFuture<F, B> {
+        #[pin]
+        state: State<F, B>,
+        #[pin]
+        sleep: Option<Sleep>,
+        config: StallConfig,
+        provider: Provider,
+        dialect: StreamDialect,
+        streamed: bool,
+        start: Instant,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B> {
+        Calling { #[pin] fut: F },
+        FirstByte {
+            parts: Option<Parts>,
+            body: Option<Pin<Box<B>>>,
+            tracker: Option<Tracker>,
+        },
+        Done,
+    }
+}
+
+impl<F, B> ResponseFuture<F, B> {
+    pub(crate) fn new(
+        fut: F,
+        config: StallConfig,
+        provider: Provider,
+        dialect: StreamDialect,
+        streamed: bool,
+        start: Instant,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Calling { fut },
+            sleep: None,
+            config,
+            provider,
+            dialect,
+            streamed,
+            start,
+        }
+    }
+}
+
+impl<F, B> fmt::Debug for ResponseFuture<F, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("provider", &self.provider)
+            .field("dialect", &self.dialect)
+            .field("streamed", &self.streamed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a response is a server-sent-event stream worth reading.
+fn is_sse<B>(res: &Response<B>) -> bool {
+    res.status().is_success()
+        && res
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| {
+                let v = v.as_bytes();
+                v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream")
+            })
+}
+
+/// Polls the one timer of the future at `at`, creating it the first time it is needed
+/// (a response that is ready at once never creates one).
+fn poll_sleep(mut sleep: Pin<&mut Option<Sleep>>, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+    match sleep.as_mut().as_pin_mut() {
+        Some(s) => {
+            if s.deadline() != at {
+                s.reset(at);
+            }
+        }
+        None => sleep.set(Some(tokio::time::sleep_until(at))),
+    }
+    match sleep.as_pin_mut() {
+        Some(s) => s.poll(cx),
+        None => Poll::Pending,
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<StallBody<B>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Calling { fut } => {
+                    match fut.poll(cx) {
+                        Poll::Ready(Ok(res)) => {
+                            let sse = is_sse(&res);
+                            let tracker = Tracker::new(
+                                *this.config,
+                                *this.provider,
+                                sse.then_some(*this.dialect),
+                                *this.start,
+                                Instant::now(),
+                            );
+                            let (mut parts, body) = res.into_parts();
+                            if let Some(outcome) = tracker.outcome() {
+                                parts.extensions.insert(outcome.clone());
+                            }
+                            if sse && this.config.await_first_byte {
+                                this.state.set(State::FirstByte {
+                                    parts: Some(parts),
+                                    body: Some(Box::pin(body)),
+                                    tracker: Some(tracker),
+                                });
+                                continue;
+                            }
+                            this.state.set(State::Done);
+                            let body = StallBody::new(body, tracker);
+                            return Poll::Ready(Ok(Response::from_parts(parts, body)));
+                        }
+                        Poll::Ready(Err(err)) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(err.into()));
+                        }
+                        Poll::Pending => {}
+                    }
+                    let Some((at, phase, after)) =
+                        Tracker::head_deadline(this.config, *this.streamed, *this.start)
+                    else {
+                        return Poll::Pending;
+                    };
+                    ready!(poll_sleep(this.sleep.as_mut(), at, cx));
+                    this.state.set(State::Done);
+                    tracing::warn!(
+                        gen_ai.system = this.provider.as_str(),
+                        error.type = "stalled",
+                        stall.phase = ?phase,
+                        stall.after_ms = after.as_millis() as u64,
+                        "no response head in time"
+                    );
+                    return Poll::Ready(Err(Box::new(AiError::Stalled {
+                        phase,
+                        after,
+                        bytes_received: 0,
+                    })));
+                }
+                StateProj::FirstByte {
+                    parts,
+                    body,
+                    tracker,
+                } => {
+                    let (Some(b), Some(t)) = (body.as_mut(), tracker.as_mut()) else {
+                        panic!("ResponseFuture polled after completion");
+                    };
+                    let end = match b.as_mut().poll_frame(cx) {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            if let Some(data) = frame.data_ref() {
+                                if data.is_empty() {
+                                    continue;
+                                }
+                                if let Some(err) = t.on_data(data, Instant::now) {
+                                    // Not one byte reached the caller: an error of the call.
+                                    this.state.set(State::Done);
+                                    return Poll::Ready(Err(Box::new(err)));
+                                }
+                            }
+                            Some(frame)
+                        }
+                        Poll::Ready(Some(Err(err))) => {
+                            t.on_body_error();
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(AiError::transport(err.into())));
+                        }
+                        Poll::Ready(None) => {
+                            if let Some(err) = t.on_end() {
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(Box::new(err)));
+                            }
+                            None
+                        }
+                        Poll::Pending => {
+                            let Some(at) = t.deadline() else {
+                                return Poll::Pending;
+                            };
+                            ready!(poll_sleep(this.sleep.as_mut(), at, cx));
+                            match t.check(Instant::now()) {
+                                Check::Wait(_) => continue,
+                                Check::Disarmed => return Poll::Pending,
+                                Check::Stalled(err) => {
+                                    this.state.set(State::Done);
+                                    return Poll::Ready(Err(Box::new(err)));
+                                }
+                                Check::End => None,
+                            }
+                        }
+                    };
+                    let done = end.is_none();
+                    let (Some(parts), Some(b), Some(t)) = (parts.take(), body.take(), tracker.take())
+                    else {
+                        panic!("ResponseFuture polled after completion");
+                    };
+                    this.state.set(State::Done);
+                    let body = StallBody::read_ahead(b, t, end, done);
+                    return Poll::Ready(Ok(Response::from_parts(parts, body)));
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
+            }
+        }
+    }
+}

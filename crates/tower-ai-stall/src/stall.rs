@@ -1,0 +1,485 @@
+//! The stall detector's own logic, without Tower: which deadline is armed, what a chunk
+//! proves, how a stream ends. [`Tracker`] is driven by the response future and the body;
+//! [`StreamOutcome`] is what the caller reads when the stream ended.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower_ai_core::stream::{FinishReason, StreamDialect, StreamScanner};
+use tower_ai_core::{AiError, ErrorKind, Provider, StallPhase, Usage};
+
+use crate::config::StallConfig;
+
+/// How a streamed answer ended, as [`StreamSummary::end`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamEnd {
+    /// The body ended cleanly (with the terminal marker, where the dialect has one and it
+    /// is required).
+    Complete,
+    /// The body ended without its terminal marker; the caller got
+    /// [`AiError::Truncated`].
+    Truncated,
+    /// A deadline expired; the caller got [`AiError::Stalled`] with this phase.
+    Stalled(StallPhase),
+    /// The provider sent an error inside the stream; the caller got
+    /// [`AiError::Provider`] with this kind.
+    ProviderError(Option<ErrorKind>),
+    /// The inner body failed (a cut connection); the caller got its error.
+    BodyError,
+}
+
+/// What a streamed answer came to: read it from [`StreamOutcome::get`] once the body
+/// ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamSummary {
+    /// How the body ended.
+    pub end: StreamEnd,
+    /// Why the model stopped, if it said. [`FinishReason::Length`] means the answer was cut
+    /// by the output-token limit (`finish_reason: length`, `stop_reason: max_tokens`,
+    /// `finishReason: MAX_TOKENS`): incomplete, and JSON in it may not parse.
+    pub finish_reason: Option<FinishReason>,
+    /// The tokens used, as the stream reported them (OpenAI only with
+    /// `stream_options.include_usage`).
+    pub usage: Option<Usage>,
+    /// Whether the dialect's terminal marker arrived.
+    pub terminal_seen: bool,
+    /// Whether any content event arrived.
+    pub content_seen: bool,
+    /// Body bytes received.
+    pub bytes_received: u64,
+}
+
+impl StreamSummary {
+    /// Whether the model cut its answer at the output-token limit.
+    pub fn truncated_by_model(&self) -> bool {
+        self.finish_reason.is_some_and(FinishReason::is_truncation)
+    }
+
+    /// Whether the answer is whole: the body ended cleanly and the model stopped for a
+    /// reason other than its token limit.
+    pub fn is_complete(&self) -> bool {
+        self.end == StreamEnd::Complete && !self.truncated_by_model()
+    }
+}
+
+/// A handle on how a streamed (SSE) answer ended, put in the response's extensions by
+/// [`StallDetector`](crate::StallDetector) for every `text/event-stream` success.
+///
+/// It is a shared handle (`Arc<OnceLock<…>>`, cheap to clone): take it from the
+/// extensions before consuming the body, read it after. It is empty until the body ended
+/// (or failed, or stalled), and stays empty if the body was dropped before that.
+///
+/// ```
+/// # use tower_ai_stall::StreamOutcome;
+/// # fn after(res: http::Response<()>) {
+/// let outcome = res.extensions().get::<StreamOutcome>().cloned();
+/// // … consume the body …
+/// if let Some(summary) = outcome.as_ref().and_then(StreamOutcome::get) {
+///     if summary.truncated_by_model() {
+///         eprintln!("the answer was cut at max_tokens");
+///     }
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct StreamOutcome {
+    inner: Arc<OnceLock<StreamSummary>>,
+}
+
+impl StreamOutcome {
+    /// An empty handle.
+    pub fn new() -> Self {
+        StreamOutcome::default()
+    }
+
+    /// The summary, once the body ended.
+    pub fn get(&self) -> Option<&StreamSummary> {
+        self.inner.get()
+    }
+
+    pub(crate) fn set(&self, summary: StreamSummary) {
+        // The body ends once; a second end (impossible by construction) keeps the first.
+        let _ = self.inner.set(summary);
+    }
+}
+
+/// What a deadline check found.
+#[derive(Debug)]
+pub(crate) enum Check {
+    /// Nothing expired yet; the next deadline is at this instant.
+    Wait(Instant),
+    /// Nothing is armed any more.
+    Disarmed,
+    /// A deadline expired: end the body with this error.
+    Stalled(AiError),
+    /// A deadline expired after the terminal marker: the answer is whole, end cleanly.
+    End,
+}
+
+/// The state of one response: the deadlines armed, what the stream showed so far.
+#[derive(Debug)]
+pub(crate) struct Tracker {
+    config: StallConfig,
+    provider: Provider,
+    start: Instant,
+    head_at: Instant,
+    /// Present for SSE success responses only; others get only the total deadline.
+    scanner: Option<StreamScanner>,
+    outcome: Option<StreamOutcome>,
+    bytes: u64,
+    first_byte: bool,
+    content: bool,
+    last_progress: Instant,
+}
+
+impl Tracker {
+    /// A tracker for a response whose head arrived at `head_at`; `dialect` is `Some` for
+    /// an SSE success response.
+    pub(crate) fn new(
+        config: StallConfig,
+        provider: Provider,
+        dialect: Option<StreamDialect>,
+        start: Instant,
+        head_at: Instant,
+    ) -> Self {
+        Tracker {
+            config,
+            provider,
+            start,
+            head_at,
+            scanner: dialect.map(StreamScanner::new),
+            outcome: dialect.map(|_| StreamOutcome::new()),
+            bytes: 0,
+            first_byte: false,
+            content: false,
+            last_progress: head_at,
+        }
+    }
+
+    /// The outcome handle, for an SSE response.
+    pub(crate) fn outcome(&self) -> Option<&StreamOutcome> {
+        self.outcome.as_ref()
+    }
+
+    pub(crate) fn is_sse(&self) -> bool {
+        self.scanner.is_some()
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The deadline before the response head, for a call started at `start`.
+    pub(crate) fn head_deadline(
+        config: &StallConfig,
+        streamed: bool,
+        start: Instant,
+    ) -> Option<(Instant, StallPhase, Duration)> {
+        let head = if streamed {
+            config.head
+        } else {
+            config.unary_head
+        };
+        let a = head.map(|d| (start + d, StallPhase::Head, d));
+        let b = config.total.map(|d| (start + d, StallPhase::Total, d));
+        earliest(a, b)
+    }
+
+    /// The earliest armed deadline, with its phase and duration.
+    fn next(&self) -> Option<(Instant, StallPhase, Duration)> {
+        let c = &self.config;
+        let total = c.total.map(|d| (self.start + d, StallPhase::Total, d));
+        let Some(scanner) = &self.scanner else {
+            return total;
+        };
+        if scanner.terminal_seen() {
+            // The answer is whole: only the total deadline still bounds the body's end.
+            return total;
+        }
+        // On a tie the more specific phase wins, so `total` is merged last.
+        let mut next = None;
+        if !self.first_byte {
+            next = earliest(
+                next,
+                c.first_byte
+                    .map(|d| (self.head_at + d, StallPhase::FirstByte, d)),
+            );
+        }
+        if !self.content {
+            next = earliest(
+                next,
+                c.first_content
+                    .map(|d| (self.head_at + d, StallPhase::FirstContent, d)),
+            );
+        }
+        // Idle gaps count once content started; before that the first-content deadline
+        // governs when it is set, else they count from the first byte.
+        let idle_armed = self.content || (self.first_byte && c.first_content.is_none());
+        if idle_armed {
+            next = earliest(
+                next,
+                c.idle.map(|d| (self.last_progress + d, StallPhase::Idle, d)),
+            );
+        }
+        earliest(next, total)
+    }
+
+    /// The instant of the earliest armed deadline.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.next().map(|(at, _, _)| at)
+    }
+
+    /// Whether a deadline expired at `now`.
+    pub(crate) fn check(&mut self, now: Instant) -> Check {
+        match self.next() {
+            None => Check::Disarmed,
+            Some((at, _, _)) if at > now => Check::Wait(at),
+            Some((_, phase, after)) => {
+                if self.scanner.as_ref().is_some_and(|s| s.terminal_seen()) {
+                    tracing::debug!(
+                        gen_ai.system = self.provider.as_str(),
+                        bytes_received = self.bytes,
+                        "stream idle after its terminal event: ending it"
+                    );
+                    self.finish(StreamEnd::Complete);
+                    return Check::End;
+                }
+                Check::Stalled(self.stalled(phase, after))
+            }
+        }
+    }
+
+    /// The error for a stall in `phase`, recorded and traced.
+    pub(crate) fn stalled(&mut self, phase: StallPhase, after: Duration) -> AiError {
+        tracing::warn!(
+            gen_ai.system = self.provider.as_str(),
+            error.type = "stalled",
+            stall.phase = ?phase,
+            stall.after_ms = after.as_millis() as u64,
+            bytes_received = self.bytes,
+            "stream stalled"
+        );
+        self.finish(StreamEnd::Stalled(phase));
+        AiError::Stalled {
+            phase,
+            after,
+            bytes_received: self.bytes,
+        }
+    }
+
+    /// A data chunk arrived at `now` (read lazily: only when an idle deadline needs it).
+    /// Returns the error to deliver after this chunk, if it carried one.
+    pub(crate) fn on_data(&mut self, data: &[u8], now: impl FnOnce() -> Instant) -> Option<AiError> {
+        if data.is_empty() {
+            return None;
+        }
+        self.bytes += data.len() as u64;
+        let Some(scanner) = &mut self.scanner else {
+            return None;
+        };
+        self.first_byte = true;
+        let facts = scanner.feed(data);
+        if let Some(classification) = facts.error {
+            let kind = classification.kind;
+            tracing::warn!(
+                gen_ai.system = self.provider.as_str(),
+                error.type = kind.map_or("unknown", |k| k.as_str()),
+                bytes_received = self.bytes,
+                "provider error inside the stream"
+            );
+            self.finish(StreamEnd::ProviderError(kind));
+            return Some(AiError::Provider { classification });
+        }
+        if facts.content {
+            self.content = true;
+        }
+        if self.config.idle.is_some() && (facts.content || self.config.liveness_resets_idle) {
+            self.last_progress = now();
+        }
+        None
+    }
+
+    /// The inner body ended. Returns the error to end with, if the stream was cut or its
+    /// last event was an error.
+    pub(crate) fn on_end(&mut self) -> Option<AiError> {
+        let Some(scanner) = &mut self.scanner else {
+            return None;
+        };
+        let facts = scanner.finish();
+        if let Some(classification) = facts.error {
+            self.finish(StreamEnd::ProviderError(classification.kind));
+            return Some(AiError::Provider { classification });
+        }
+        if self.config.require_terminal
+            && scanner.dialect().has_terminal_marker()
+            && !scanner.terminal_seen()
+        {
+            tracing::warn!(
+                gen_ai.system = self.provider.as_str(),
+                error.type = "truncated",
+                bytes_received = self.bytes,
+                "stream ended without its terminal event"
+            );
+            self.finish(StreamEnd::Truncated);
+            return Some(AiError::Truncated {
+                bytes_received: self.bytes,
+            });
+        }
+        self.finish(StreamEnd::Complete);
+        None
+    }
+
+    /// The inner body failed.
+    pub(crate) fn on_body_error(&mut self) {
+        self.finish(StreamEnd::BodyError);
+    }
+
+    fn finish(&mut self, end: StreamEnd) {
+        let (Some(outcome), Some(scanner)) = (&self.outcome, &self.scanner) else {
+            return;
+        };
+        let summary = StreamSummary {
+            end,
+            finish_reason: scanner.finish_reason(),
+            usage: scanner.usage(),
+            terminal_seen: scanner.terminal_seen(),
+            content_seen: self.content,
+            bytes_received: self.bytes,
+        };
+        if summary.truncated_by_model() {
+            tracing::warn!(
+                gen_ai.system = self.provider.as_str(),
+                gen_ai.response.finish_reasons = "length",
+                gen_ai.usage.input_tokens = summary.usage.map(|u| u.input_tokens),
+                gen_ai.usage.output_tokens = summary.usage.map(|u| u.output_tokens),
+                "answer truncated at the output-token limit"
+            );
+        }
+        outcome.set(summary);
+    }
+}
+
+/// The earlier of two deadlines; on a tie the first (the more specific phase).
+fn earliest<T>(a: Option<(Instant, T, Duration)>, b: Option<(Instant, T, Duration)>) -> Option<(Instant, T, Duration)> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn config() -> StallConfig {
+        StallConfig::builder()
+            .first_byte(5 * S)
+            .first_content(20 * S)
+            .idle(10 * S)
+            .total(100 * S)
+            .build_config()
+            .unwrap()
+    }
+
+    fn tracker(config: StallConfig, dialect: StreamDialect) -> (Tracker, Instant) {
+        let t0 = Instant::now();
+        (
+            Tracker::new(config, Provider::OpenAi, Some(dialect), t0, t0 + S),
+            t0,
+        )
+    }
+
+    fn phase(c: Check) -> Option<StallPhase> {
+        match c {
+            Check::Stalled(AiError::Stalled { phase, .. }) => Some(phase),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn deadlines_follow_the_phases() {
+        let (mut t, t0) = tracker(config(), StreamDialect::Anthropic);
+        // From the head (t0 + 1 s): first byte within 5 s.
+        assert_eq!(t.deadline(), Some(t0 + 6 * S));
+        assert!(matches!(t.check(t0 + 5 * S), Check::Wait(_)));
+        assert_eq!(phase(Tracker::new(config(), Provider::Anthropic, Some(StreamDialect::Anthropic), t0, t0 + S).check(t0 + 6 * S)), Some(StallPhase::FirstByte));
+        // A ping is a byte but not content: first content by t0 + 21 s.
+        assert!(t.on_data(b"event: ping\ndata: {\"type\":\"ping\"}\n\n", || t0 + 2 * S).is_none());
+        assert_eq!(t.deadline(), Some(t0 + 21 * S));
+        assert_eq!(phase(t.check(t0 + 21 * S)), Some(StallPhase::FirstContent));
+        let (mut t, t0) = tracker(config(), StreamDialect::Anthropic);
+        let delta = b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n";
+        t.on_data(delta, || t0 + 3 * S);
+        // Content started: idle from the last chunk.
+        assert_eq!(t.deadline(), Some(t0 + 13 * S));
+        t.on_data(delta, || t0 + 12 * S);
+        assert_eq!(t.deadline(), Some(t0 + 22 * S));
+        assert_eq!(phase(t.check(t0 + 22 * S)), Some(StallPhase::Idle));
+    }
+
+    #[test]
+    fn liveness_resets_idle_only_when_asked() {
+        let ping = b": keepalive\n\n";
+        let delta = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
+        for resets in [true, false] {
+            let c = config().to_builder().liveness_resets_idle(resets).build_config().unwrap();
+            let (mut t, t0) = tracker(c, StreamDialect::OpenAiChat);
+            t.on_data(delta, || t0 + 2 * S);
+            t.on_data(ping, || t0 + 8 * S);
+            let expect = if resets { t0 + 18 * S } else { t0 + 12 * S };
+            assert_eq!(t.deadline(), Some(expect), "resets={resets}");
+        }
+    }
+
+    #[test]
+    fn terminal_marker_and_truncation() {
+        let (mut t, _) = tracker(config(), StreamDialect::OpenAiChat);
+        t.on_data(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":\"length\"}]}\n\n", Instant::now);
+        assert!(matches!(t.on_end(), Some(AiError::Truncated { bytes_received }) if bytes_received > 0));
+        let s = t.outcome().unwrap().get().unwrap().clone();
+        assert_eq!(s.end, StreamEnd::Truncated);
+        assert!(s.truncated_by_model());
+
+        let (mut t, t0) = tracker(config(), StreamDialect::OpenAiChat);
+        t.on_data(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n", || t0);
+        // After the marker only the total deadline is armed, and expiry ends cleanly.
+        assert_eq!(t.deadline(), Some(t0 + 100 * S));
+        assert!(matches!(t.check(t0 + 100 * S), Check::End));
+        assert!(t.outcome().unwrap().get().unwrap().is_complete());
+
+        // Gemini has no marker: EOF is a clean end.
+        let (mut t, t0) = tracker(config(), StreamDialect::Gemini);
+        t.on_data(b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"a\"}]},\"finishReason\":\"STOP\"}]}\r\n\r\n", || t0);
+        assert!(t.on_end().is_none());
+        // Unless required off, OpenAI without [DONE] is truncated; off, it is not.
+        let c = config().to_builder().require_terminal(false).build_config().unwrap();
+        let (mut t, _) = tracker(c, StreamDialect::OpenAiChat);
+        assert!(t.on_end().is_none());
+    }
+
+    #[test]
+    fn non_sse_gets_only_the_total_deadline() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new(config(), Provider::OpenAi, None, t0, t0 + S);
+        assert_eq!(t.deadline(), Some(t0 + 100 * S));
+        assert!(t.on_data(b"{\"error\":{\"message\":\"x\"}}", || t0).is_none());
+        assert!(t.on_end().is_none());
+        assert_eq!(t.bytes(), 25);
+        assert!(t.outcome().is_none());
+        assert_eq!(phase(t.check(t0 + 100 * S)), Some(StallPhase::Total));
+    }
+
+    #[test]
+    fn head_deadline_by_request_kind() {
+        let t0 = Instant::now();
+        let c = StallConfig::none().to_builder().head(3 * S).total(50 * S).build_config().unwrap();
+        assert_eq!(Tracker::head_deadline(&c, true, t0).map(|d| d.1), Some(StallPhase::Head));
+        assert_eq!(Tracker::head_deadline(&c, false, t0).map(|d| d.1), Some(StallPhase::Total));
+        assert!(Tracker::head_deadline(&StallConfig::none(), true, t0).is_none());
+    }
+}
