@@ -143,9 +143,11 @@
 //! The admit path takes one `std::sync::Mutex` for a few dozen instructions (look the key
 //! up, move the windows to now, compare, add) and allocates nothing once the key exists;
 //! settling takes it once more when the body ends. A waiting request boxes its state (the
-//! future of the common case stays small). The token estimate parses the request body once
-//! unless a [`RequestMeta`](tower_ai_core::RequestMeta) is already in its extensions;
-//! reading a JSON response's usage parses it once at its end.
+//! future of the common case stays small). A JSON response's usage is read by a scan that
+//! builds no JSON value (falling back to `Usage::from_json` for shapes it does not know), so
+//! admit, call, read and settle allocate nothing. The token estimate parses the request body
+//! (two small allocations, in core's `RequestMeta::parse`) unless a
+//! [`RequestMeta`](tower_ai_core::RequestMeta) is already in its extensions.
 //!
 //! # Differences from tower and tower-resilience
 //!
@@ -175,6 +177,7 @@ mod event;
 pub mod future;
 mod layer;
 mod service;
+mod usage;
 mod window;
 
 pub use body::BudgetBody;

@@ -77,12 +77,14 @@ pub fn no_usage() -> Response<Chunks> {
         .unwrap()
 }
 
+type Answer = dyn Fn(&Request<String>) -> Result<Response<Chunks>, BoxError> + Send + Sync;
+
 /// A provider answering every request with `f(&req)`, counting calls.
 #[derive(Clone)]
 pub struct Provider {
     pub calls: Arc<AtomicUsize>,
     pub order: Arc<Mutex<Vec<usize>>>,
-    f: Arc<dyn Fn(&Request<String>) -> Result<Response<Chunks>, BoxError> + Send + Sync>,
+    f: Arc<Answer>,
 }
 
 impl Provider {
