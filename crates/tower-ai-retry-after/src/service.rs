@@ -1,0 +1,148 @@
+//! [`RetryAfterAware`], the service.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tokio::time::Instant;
+use tower_ai_core::keys::{HostModel, KeyFn};
+use tower_ai_core::{AiError, BoxError};
+use tower_service::Service;
+
+use crate::config::OnCooldown;
+use crate::cooldown::Admit;
+use crate::future::ResponseFuture;
+use crate::layer::{Local, RetryAfterAwareLayer, Shared};
+
+/// Holds requests for a key that is cooling down; learns cooldowns from responses. See
+/// the [crate docs](crate).
+pub struct RetryAfterAware<S, K = HostModel> {
+    inner: S,
+    /// Per service clone, so the futures' reference counting stays on this clone's
+    /// own counter; the state behind it is the layer's.
+    shared: Arc<Local<K>>,
+    rng: fastrand::Rng,
+}
+
+impl<S: fmt::Debug, K> fmt::Debug for RetryAfterAware<S, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryAfterAware")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Clone, K> Clone for RetryAfterAware<S, K> {
+    fn clone(&self) -> Self {
+        RetryAfterAware {
+            inner: self.inner.clone(),
+            shared: Arc::new(Local(Arc::clone(&self.shared.0))),
+            rng: self.shared.next_rng(),
+        }
+    }
+}
+
+impl<S, K> RetryAfterAware<S, K> {
+    /// Wraps `inner`, sharing `layer`'s state.
+    pub fn new(inner: S, layer: &RetryAfterAwareLayer<K>) -> Self {
+        RetryAfterAware::from_shared(inner, layer.shared.clone())
+    }
+
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<K>>) -> Self {
+        let rng = shared.next_rng();
+        RetryAfterAware {
+            inner,
+            shared: Arc::new(Local(shared)),
+            rng,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, K, B, ResB> Service<Request<B>> for RetryAfterAware<S, K>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+    K: KeyFn<B>,
+{
+    type Response = Response<ResB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B, K>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> ResponseFuture<S, B, K> {
+        let shared = &**self.shared;
+        let key = shared.key_fn.key(&req);
+        let now = Instant::now();
+        let admit = match key {
+            Some(k) => shared.cooldowns.admit(k, now),
+            None => Admit::Go { seq: None },
+        };
+        match admit {
+            Admit::Go { seq } => {
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::called(inner.call(req), key, seq, now, self.shared.clone())
+            }
+            Admit::Wait { until, spread } => {
+                let refuse = match shared.config.on_cooldown {
+                    OnCooldown::FailFast => true,
+                    OnCooldown::Wait { max_wait } => until > now + max_wait,
+                };
+                if refuse {
+                    tracing::debug!(
+                        until_ms = until.saturating_duration_since(now).as_millis() as u64,
+                        "retry_after_aware refused: cooling down"
+                    );
+                    return ResponseFuture::rejected(AiError::CoolingDown {
+                        key: shared.key_fn.label(&req),
+                        until,
+                    });
+                }
+                let wake = if spread {
+                    until + jitter(&mut self.rng, shared.config.release_spread)
+                } else {
+                    until
+                };
+                tracing::debug!(
+                    wait_ms = wake.saturating_duration_since(now).as_millis() as u64,
+                    "retry_after_aware waiting for cooldown"
+                );
+                // The ready inner service stays here, ready for the next call: a waiting
+                // request holds no permit; it gets readiness again with `Oneshot`.
+                ResponseFuture::waiting(
+                    wake,
+                    req,
+                    self.inner.clone(),
+                    key,
+                    now,
+                    fastrand::Rng::with_seed(self.rng.u64(..)),
+                    self.shared.clone(),
+                )
+            }
+        }
+    }
+}
+
+pub(crate) fn jitter(rng: &mut fastrand::Rng, window: std::time::Duration) -> std::time::Duration {
+    let n = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+    std::time::Duration::from_nanos(if n == 0 { 0 } else { rng.u64(0..=n) })
+}

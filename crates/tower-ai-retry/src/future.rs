@@ -1,0 +1,417 @@
+//! [`ResponseFuture`] of [`AiRetry`](crate::AiRetry): `Called → Waiting → Retrying`.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower::util::Oneshot;
+use tower_ai_core::{
+    try_clone_request, AiError, BoxError, Classification, ErrorKind, ReplayBody, RequestedWait,
+};
+use tower_service::Service;
+
+use crate::config::{AiRetryConfig, OnExhausted};
+use crate::service::attempt_value;
+
+/// Why AiRetry stopped retrying a failure. Put into the extensions of a final failure
+/// response (with the response's [`Classification`]), so the layers above (ModelFallback)
+/// can tell "no retry could help" from "gave up".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// The classification says a retry cannot help (quota, 400, 401, …).
+    NotRetryable,
+    /// Every allowed attempt was made.
+    MaxAttempts,
+    /// The next wait would have crossed the `max_elapsed` deadline.
+    Deadline,
+    /// The retry budget is empty.
+    Budget,
+    /// The provider asked for a wait longer than `max_wait`.
+    WaitTooLong,
+    /// The request body cannot be sent again.
+    NotReplayable,
+}
+
+impl StopReason {
+    /// A short snake_case name, for trace fields.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StopReason::NotRetryable => "not_retryable",
+            StopReason::MaxAttempts => "max_attempts",
+            StopReason::Deadline => "deadline",
+            StopReason::Budget => "budget",
+            StopReason::WaitTooLong => "wait_too_long",
+            StopReason::NotReplayable => "not_replayable",
+        }
+    }
+}
+
+/// The extension AiRetry puts on a final failure response: how many attempts were made
+/// and why retrying stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RetryStop {
+    /// Attempts made, the first included.
+    pub attempts: u32,
+    /// Why no further attempt was made.
+    pub reason: StopReason,
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, O> {
+        Called { #[pin] fut: F },
+        Waiting { #[pin] sleep: Sleep },
+        Retrying { #[pin] fut: O },
+    }
+}
+
+pin_project! {
+    /// The future of [`AiRetry`](crate::AiRetry): the first attempt, then for each retry
+    /// a `Sleep` and a `Oneshot` on a clone of the inner service (which drives its
+    /// readiness first). No box, no allocation unless a retry happens.
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S::Future, Oneshot<S, Request<B>>>,
+        service: S,
+        retained: Option<Request<B>>,
+        attempts: u32,
+        start: Instant,
+        prev_backoff: Option<Duration>,
+        rng: fastrand::Rng,
+        config: Arc<AiRetryConfig>,
+        span: tracing::Span,
+    }
+}
+
+impl<S, B> fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Called { .. } => "called",
+            State::Waiting { .. } => "waiting",
+            State::Retrying { .. } => "retrying",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .field("attempts", &self.attempts)
+            .finish()
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    pub(crate) fn new(
+        fut: S::Future,
+        service: S,
+        retained: Option<Request<B>>,
+        config: Arc<AiRetryConfig>,
+        start: Instant,
+        rng: fastrand::Rng,
+        span: tracing::Span,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Called { fut },
+            service,
+            retained,
+            attempts: 1,
+            start,
+            prev_backoff: None,
+            rng,
+            config,
+            span,
+        }
+    }
+}
+
+/// Where a chosen wait came from.
+#[derive(Clone, Copy)]
+enum Source {
+    Provider(RequestedWait),
+    Until,
+    Backoff,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Provider(w) => w.source.as_str(),
+            Source::Until => "until",
+            Source::Backoff => "backoff",
+        }
+    }
+}
+
+/// What a failure asks for: a provider's wait, a layer's "not before", or nothing.
+#[derive(Clone, Copy)]
+enum Asked {
+    Nothing,
+    Provider(RequestedWait),
+    Until(Duration),
+}
+
+enum Plan {
+    Retry(Duration, Source),
+    Stop(StopReason),
+}
+
+struct Ctx<'a, B> {
+    retained: &'a Option<Request<B>>,
+    attempts: u32,
+    start: Instant,
+    prev_backoff: &'a mut Option<Duration>,
+    rng: &'a mut fastrand::Rng,
+    config: &'a AiRetryConfig,
+}
+
+impl<B> Ctx<'_, B> {
+    fn plan(&mut self, asked: Asked, now: Instant) -> Plan {
+        let cfg = self.config;
+        if self.retained.is_none() {
+            return Plan::Stop(StopReason::NotReplayable);
+        }
+        if self.attempts >= cfg.max_attempts {
+            return Plan::Stop(StopReason::MaxAttempts);
+        }
+        let (wait, source) = match asked {
+            Asked::Provider(w) => {
+                // Used as given, never shortened; too long ends the retries now.
+                if w.exceeds_max() || w.requested > cfg.max_wait {
+                    return Plan::Stop(StopReason::WaitTooLong);
+                }
+                (w.requested, Source::Provider(w))
+            }
+            Asked::Until(d) => {
+                if d > cfg.max_wait {
+                    return Plan::Stop(StopReason::WaitTooLong);
+                }
+                (d, Source::Until)
+            }
+            Asked::Nothing => {
+                let d = cfg
+                    .backoff
+                    .wait(self.attempts - 1, *self.prev_backoff, self.rng);
+                (d, Source::Backoff)
+            }
+        };
+        if let Some(max) = cfg.max_elapsed {
+            if now + wait >= self.start + max {
+                return Plan::Stop(StopReason::Deadline);
+            }
+        }
+        if let Some(budget) = &cfg.budget {
+            if !budget.try_withdraw(now) {
+                return Plan::Stop(StopReason::Budget);
+            }
+        }
+        if let Source::Backoff = source {
+            *self.prev_backoff = Some(wait);
+        }
+        Plan::Retry(wait, source)
+    }
+}
+
+/// What an error asks for, and whether it may be retried at all.
+fn judge_error(err: &BoxError, now: Instant) -> (bool, ErrorKind, Asked) {
+    if let Some(ai) = AiError::find(&**err) {
+        let kind = ai.kind();
+        return match ai {
+            AiError::Provider { classification } => (
+                classification.is_retryable(),
+                kind,
+                classification.wait.map_or(Asked::Nothing, Asked::Provider),
+            ),
+            AiError::CoolingDown { until, .. } | AiError::CircuitOpen { until, .. } => (
+                kind.is_retryable(),
+                kind,
+                Asked::Until(until.saturating_duration_since(now)),
+            ),
+            AiError::BudgetExceeded {
+                retry_after: Some(d),
+                ..
+            } => (kind.is_retryable(), kind, Asked::Until(*d)),
+            _ => (kind.is_retryable(), kind, Asked::Nothing),
+        };
+    }
+    let kind = ErrorKind::of_error(&**err);
+    (kind.is_retryable(), kind, Asked::Nothing)
+}
+
+enum Step<T> {
+    Done(T),
+    Wait(Duration),
+}
+
+impl<S, B, ResB> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+    B: ReplayBody,
+{
+    type Output = Result<Response<ResB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let result = match this.state.as_mut().project() {
+                StateProj::Called { fut } => ready!(fut.poll(cx)).map_err(Into::into),
+                StateProj::Retrying { fut } => ready!(fut.poll(cx)).map_err(Into::into),
+                StateProj::Waiting { sleep } => {
+                    ready!(sleep.poll(cx));
+                    *this.attempts += 1;
+                    // Keep a copy while another retry is possible; the last attempt
+                    // takes the retained request itself.
+                    let mut req = if *this.attempts < this.config.max_attempts {
+                        this.retained.as_ref().and_then(try_clone_request)
+                    } else {
+                        None
+                    };
+                    if req.is_none() {
+                        req = this.retained.take();
+                    }
+                    let Some(mut req) = req else {
+                        // Unreachable: a retry is only planned with a retained request.
+                        return Poll::Ready(Err("ai_retry: no request to send again".into()));
+                    };
+                    if let Some(name) = &this.config.attempt_header {
+                        req.headers_mut()
+                            .insert(name.clone(), attempt_value(*this.attempts - 1));
+                    }
+                    let fut = Oneshot::new(this.service.clone(), req);
+                    this.state.set(State::Retrying { fut });
+                    continue;
+                }
+            };
+            let mut ctx = Ctx {
+                retained: this.retained,
+                attempts: *this.attempts,
+                start: *this.start,
+                prev_backoff: this.prev_backoff,
+                rng: this.rng,
+                config: this.config,
+            };
+            let step = decide(result, &mut ctx, this.span);
+            match step {
+                Step::Done(out) => {
+                    this.span.record("attempts", *this.attempts);
+                    return Poll::Ready(out);
+                }
+                Step::Wait(wait) => {
+                    this.state.set(State::Waiting {
+                        sleep: tokio::time::sleep(wait),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn decide<B, ResB>(
+    result: Result<Response<ResB>, BoxError>,
+    ctx: &mut Ctx<'_, B>,
+    span: &tracing::Span,
+) -> Step<Result<Response<ResB>, BoxError>> {
+    let attempt = ctx.attempts;
+    match result {
+        Ok(res) => {
+            let c = Classification::of(&res);
+            if c.is_success() {
+                tracing::debug!(parent: span, attempt, http.response.status_code = res.status().as_u16(), "ai_retry attempt succeeded");
+                return Step::Done(Ok(res));
+            }
+            let kind = c.kind.map_or("unknown", ErrorKind::as_str);
+            let status = res.status().as_u16();
+            let plan = if c.is_retryable() {
+                let asked = c.wait.map_or(Asked::Nothing, Asked::Provider);
+                ctx.plan(asked, Instant::now())
+            } else {
+                Plan::Stop(StopReason::NotRetryable)
+            };
+            match plan {
+                Plan::Retry(wait, source) => {
+                    tracing::debug!(parent: span, attempt, http.response.status_code = status, error.type = kind,
+                        wait_ms = wait.as_millis() as u64, wait.source = source.as_str(), "ai_retry retrying");
+                    Step::Wait(wait)
+                }
+                Plan::Stop(reason) => {
+                    tracing::debug!(parent: span, attempt, http.response.status_code = status, error.type = kind,
+                        stop = reason.as_str(), "ai_retry stopped");
+                    let mut c = c.into_owned();
+                    finish_response(res, &mut c, reason, ctx)
+                }
+            }
+        }
+        Err(err) => {
+            let now = Instant::now();
+            let (retryable, kind, asked) = judge_error(&err, now);
+            let plan = if retryable {
+                ctx.plan(asked, now)
+            } else {
+                Plan::Stop(StopReason::NotRetryable)
+            };
+            match plan {
+                Plan::Retry(wait, source) => {
+                    tracing::debug!(parent: span, attempt, error.type = kind.as_str(),
+                        wait_ms = wait.as_millis() as u64, wait.source = source.as_str(), "ai_retry retrying after error");
+                    Step::Wait(wait)
+                }
+                Plan::Stop(reason) => {
+                    tracing::debug!(parent: span, attempt, error.type = kind.as_str(), stop = reason.as_str(), "ai_retry stopped on error");
+                    Step::Done(Err(err))
+                }
+            }
+        }
+    }
+}
+
+/// The caller's answer once retries end on a failure response.
+fn finish_response<B, ResB>(
+    mut res: Response<ResB>,
+    c: &mut Classification,
+    reason: StopReason,
+    ctx: &Ctx<'_, B>,
+) -> Step<Result<Response<ResB>, BoxError>> {
+    let mut too_long = None;
+    if reason == StopReason::WaitTooLong {
+        if let Some(w) = c.wait.as_mut() {
+            // Make `exceeds_max()` true against *our* maximum too.
+            w.delay = w.delay.min(ctx.config.max_wait);
+            too_long = Some(*w);
+        }
+    }
+    let exhausted = matches!(
+        reason,
+        StopReason::MaxAttempts
+            | StopReason::Deadline
+            | StopReason::Budget
+            | StopReason::WaitTooLong
+    );
+    if exhausted && ctx.config.on_exhausted == OnExhausted::Error {
+        return Step::Done(Err(Box::new(AiError::RetriesExhausted {
+            attempts: ctx.attempts,
+            last: c.clone(),
+            wait: too_long,
+        })));
+    }
+    res.extensions_mut().insert(RetryStop {
+        attempts: ctx.attempts,
+        reason,
+    });
+    if reason != StopReason::NotRetryable || res.extensions().get::<Classification>().is_none() {
+        res.extensions_mut().insert(c.clone());
+    }
+    Step::Done(Ok(res))
+}
