@@ -180,11 +180,11 @@ struct Ctx<'a, B> {
 impl<B> Ctx<'_, B> {
     fn plan(&mut self, asked: Asked, now: Instant) -> Plan {
         let cfg = self.config;
-        if self.retained.is_none() {
-            return Plan::Stop(StopReason::NotReplayable);
-        }
         if self.attempts >= cfg.max_attempts {
             return Plan::Stop(StopReason::MaxAttempts);
+        }
+        if self.retained.is_none() {
+            return Plan::Stop(StopReason::NotReplayable);
         }
         let (wait, source) = match asked {
             Asked::Provider(w) => {
