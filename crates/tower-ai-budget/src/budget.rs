@@ -602,7 +602,7 @@ fn entry<'a>(
     l: &Limits,
     secs: u64,
 ) -> &'a mut KeyState {
-    if !map.contains_key(&key) && map.len() >= l.max_keys {
+    if map.len() >= l.max_keys && !map.contains_key(&key) {
         evict(map, l.max_keys, secs);
     }
     map.entry(key).or_insert_with(|| KeyState::new(l, secs))

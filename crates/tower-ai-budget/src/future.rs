@@ -336,22 +336,18 @@ where
                         let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
                         budget.observe(key, &info, Instant::now());
                     }
-                    let (parts, body) = res.into_parts();
                     let mut reader = Reader::None;
                     if let Some(g) = guard.as_mut() {
-                        if !parts.status.is_success() {
+                        if !res.status().is_success() {
                             // The provider refused or failed: it neither bills nor (as far
                             // as documented) counts the tokens of an error.
                             g.set(Finish::Refund);
                         } else if let Some(dialect) = *this.dialect {
                             reader =
-                                Reader::for_response(&parts.headers, dialect, g.max_usage_body());
+                                Reader::for_response(res.headers(), dialect, g.max_usage_body());
                         }
                     }
-                    Ok(Response::from_parts(
-                        parts,
-                        BudgetBody::new(body, guard, reader),
-                    ))
+                    Ok(res.map(|body| BudgetBody::new(body, guard, reader)))
                 }
                 Err(e) => {
                     if let Some(g) = guard.as_mut() {
