@@ -23,6 +23,9 @@ use std::sync::Arc;
 ///   units remain than are reserved for later routes; when it fails, the retry layer gives
 ///   up on this route at once (its usual "retries exhausted" outcome), and ModelFallback
 ///   moves on.
+/// - A retry layer should also not *wait* on a refusal from below (`CircuitOpen`,
+///   `CoolingDown`) while [`has_fallback`](AttemptBudget::has_fallback) is true: it
+///   returns the refusal, and ModelFallback sends to the next route at once.
 ///
 /// So 3 retries × 4 routes cannot multiply into 12 calls: with a cap of 6, the first route
 /// gets at most 3 calls (3 units stay reserved for the other routes), and every later route
@@ -96,6 +99,14 @@ impl AttemptBudget {
         self.inner.reserved.load(Ordering::Acquire)
     }
 
+    /// Whether a later route of the chain could still serve this request (units are
+    /// reserved for it). A layer below that would *wait* (a retry sleeping on a
+    /// `CircuitOpen { until }` or `CoolingDown { until }` refusal) should return at once
+    /// instead when this is true, so that ModelFallback moves on without spending time.
+    pub fn has_fallback(&self) -> bool {
+        self.reserved() > 0
+    }
+
     /// Sets how many units retries must leave for later routes.
     pub fn set_reserved(&self, units: u32) {
         self.inner.reserved.store(units, Ordering::Release);
@@ -120,7 +131,9 @@ mod tests {
         let b = AttemptBudget::new(6);
         let shared = b.clone();
         assert!(b.try_acquire());
+        assert!(!b.has_fallback());
         b.set_reserved(3);
+        assert!(shared.has_fallback());
         let mut retries = 0;
         while shared.try_acquire_retry() {
             retries += 1;

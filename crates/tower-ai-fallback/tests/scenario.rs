@@ -1,5 +1,5 @@
 //! Scenario: model A is down for the first 60 virtual seconds, model B is healthy.
-//! Stack, outermost first: ModelFallback → retry → circuit breaker → Classify → simulator,
+//! Stack, outermost first: ModelFallback → AiRetry → circuit breaker → Classify → simulator,
 //! in process on a paused clock.
 //!
 //! Run with `cargo test -p tower-ai-fallback --test scenario -- --nocapture` for the report.
@@ -14,10 +14,10 @@ use std::time::Duration;
 use http::{Request, Response};
 use tower::{Layer, Service, ServiceExt};
 use tower_ai_core::{
-    model_of, try_clone_request, AiBody, AiError, BoxError, Classification, ClassifiedBody,
-    ClassifyLayer,
+    model_of, AiBody, AiError, BoxError, Classification, ClassifiedBody, ClassifyLayer,
 };
-use tower_ai_fallback::{AttemptBudget, FallbackChain, ModelFallbackLayer, Route};
+use tower_ai_fallback::{FallbackChain, ModelFallbackLayer, Route};
+use tower_ai_retry::{AiRetryLayer, Backoff, Jitter};
 use tower_ai_sim::{Latency, ModelSpec, Scenario, Simulator};
 
 type ResBody = ClassifiedBody<tower_ai_sim::SimBody>;
@@ -26,19 +26,35 @@ type BoxFut = Pin<Box<dyn Future<Output = Result<Res, BoxError>> + Send>>;
 
 const B_LATENCY: Duration = Duration::from_millis(400);
 const OUTAGE: Duration = Duration::from_secs(60);
+const OPEN_FOR: Duration = Duration::from_secs(10);
 
-/// Stand-ins for AiRetry and CircuitBreaker with their documented behaviour (the real
-/// crates had not landed when this scenario was written): the breaker opens a model's
-/// circuit after 3 consecutive breaker failures for 10 s and refuses with
-/// `AiError::CircuitOpen`; the retry layer makes up to 3 attempts, 200 ms apart, on
-/// retryable verdicts, drawing each retry from the request's `AttemptBudget`.
+/// A stand-in for CircuitBreaker (the crate had not landed when this scenario was
+/// written): it opens a model's circuit after 3 consecutive breaker failures, for 10 s,
+/// and refuses with `AiError::CircuitOpen { until }`; after that a call goes through as
+/// a probe.
 mod standins {
     use super::*;
+
+    /// Consecutive failures, open until.
+    pub(super) type KeyState = (u32, Option<tokio::time::Instant>);
 
     #[derive(Clone)]
     pub(super) struct Breaker<S> {
         pub(super) inner: S,
-        pub(super) state: Arc<Mutex<HashMap<String, (u32, Option<tokio::time::Instant>)>>>,
+        pub(super) state: Arc<Mutex<HashMap<String, KeyState>>>,
+    }
+
+    impl<S> Breaker<S> {
+        /// The breaker's handle check: is `key`'s circuit open (no probe due)?
+        pub(super) fn is_open(state: &Mutex<HashMap<String, KeyState>>, key: &str) -> bool {
+            let now = tokio::time::Instant::now();
+            state
+                .lock()
+                .unwrap()
+                .get(key)
+                .and_then(|e| e.1)
+                .is_some_and(|until| until > now)
+        }
     }
 
     impl<S> Service<Request<AiBody>> for Breaker<S>
@@ -55,11 +71,20 @@ mod standins {
         fn call(&mut self, req: Request<AiBody>) -> BoxFut {
             let key = model_of(&req).map(|m| m.into_owned()).unwrap_or_default();
             let now = tokio::time::Instant::now();
-            let open_until = self.state.lock().unwrap().get(&key).and_then(|s| s.1);
-            if let Some(until) = open_until.filter(|u| *u > now) {
-                return Box::pin(async move {
-                    Err(Box::new(AiError::CircuitOpen { key, until }) as BoxError)
-                });
+            {
+                let mut st = self.state.lock().unwrap();
+                if let Some(e) = st.get_mut(&key) {
+                    match e.1 {
+                        Some(until) if until > now => {
+                            return Box::pin(async move {
+                                Err(Box::new(AiError::CircuitOpen { key, until }) as BoxError)
+                            });
+                        }
+                        // Half-open: this call is the one probe; others stay refused.
+                        Some(_) => e.1 = Some(now + OPEN_FOR),
+                        None => {}
+                    }
+                }
             }
             let fut = self.inner.call(req);
             let state = self.state.clone();
@@ -76,53 +101,12 @@ mod standins {
                 if failed {
                     e.0 += 1;
                     if e.0 >= 3 {
-                        e.1 = Some(tokio::time::Instant::now() + Duration::from_secs(10));
+                        e.1 = Some(tokio::time::Instant::now() + OPEN_FOR);
                     }
                 } else {
                     *e = (0, None);
                 }
                 res
-            })
-        }
-    }
-
-    #[derive(Clone)]
-    pub(super) struct Retry<S> {
-        pub(super) inner: S,
-    }
-
-    impl<S> Service<Request<AiBody>> for Retry<S>
-    where
-        S: Service<Request<AiBody>, Response = Res, Error = BoxError> + Clone + Send + 'static,
-        S::Future: Send,
-    {
-        type Response = Res;
-        type Error = BoxError;
-        type Future = BoxFut;
-        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-            self.inner.poll_ready(cx)
-        }
-        fn call(&mut self, req: Request<AiBody>) -> BoxFut {
-            let inner = self.inner.clone();
-            Box::pin(async move {
-                let budget = AttemptBudget::of(&req).cloned();
-                let mut attempt = 1;
-                loop {
-                    let copy = try_clone_request(&req).ok_or("not replayable")?;
-                    let res = inner.clone().oneshot(copy).await;
-                    let retry = match &res {
-                        Ok(r) => Classification::of(r).is_retryable(),
-                        Err(e) => !matches!(AiError::find(&**e), Some(AiError::CircuitOpen { .. })),
-                    };
-                    if !retry
-                        || attempt >= 3
-                        || !budget.as_ref().is_none_or(AttemptBudget::try_acquire_retry)
-                    {
-                        return res;
-                    }
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
             })
         }
     }
@@ -136,8 +120,24 @@ struct Outcome {
     route: String,
 }
 
-#[tokio::test(start_paused = true)]
-async fn model_a_down_for_60s_b_healthy() {
+struct Report {
+    total: usize,
+    served: usize,
+    open_from: Duration,
+    during: usize,
+    mean_added: Duration,
+    max_added: Duration,
+    slow_during: usize,
+    a_calls_down: usize,
+    a_calls: usize,
+    after: usize,
+    back_on_a: usize,
+    b_served: usize,
+}
+
+/// Runs the scenario; with `skip`, route A carries a `skip_if` that checks the breaker's
+/// state, so an open route is not even called.
+async fn run(skip: bool) -> Report {
     let sim = Simulator::new(
         Scenario::builder()
             .seed(1)
@@ -149,17 +149,38 @@ async fn model_a_down_for_60s_b_healthy() {
             .build()
             .unwrap(),
     );
+    let state: Arc<Mutex<HashMap<String, standins::KeyState>>> = Arc::default();
+    let mut a = Route::primary("a");
+    if skip {
+        let state = state.clone();
+        a = a.skip_if(move || standins::Breaker::<()>::is_open(&state, "model-a"));
+    }
     let chain = FallbackChain::<AiBody, ResBody>::builder()
-        .route(Route::primary("a"))
+        .route(a)
         .route(Route::model("model-b"))
         .build()
         .unwrap();
     let routes = chain.clone();
     let breaker = standins::Breaker {
         inner: ClassifyLayer::new().layer(sim.service()),
-        state: Arc::default(),
+        state,
     };
-    let svc = ModelFallbackLayer::new(chain).layer(standins::Retry { inner: breaker });
+    // AiRetry's max_wait (5 s) is below the breaker's open time (10 s), so a fresh
+    // refusal ends its retries at once; in the last 5 s of an open period it sleeps until
+    // the circuit half-opens (that is AiRetry's documented behaviour for `CircuitOpen`).
+    let retry = AiRetryLayer::builder()
+        .max_attempts(3)
+        .max_wait(Duration::from_secs(5))
+        .backoff(Backoff::new(
+            Duration::from_millis(200),
+            2.0,
+            Duration::from_secs(2),
+            Jitter::None,
+        ))
+        .seed(1)
+        .build()
+        .unwrap();
+    let svc = ModelFallbackLayer::new(chain).layer(retry.layer(breaker));
 
     // One request every 250 ms for 90 s, each on its own task.
     let t0 = tokio::time::Instant::now();
@@ -191,19 +212,14 @@ async fn model_a_down_for_60s_b_healthy() {
         outcomes.push(t.await.unwrap());
     }
 
-    let total = outcomes.len();
-    let served = outcomes.iter().filter(|o| o.status == Some(200)).count();
     let calls = sim.calls();
-    let a_calls_down: Vec<_> = calls
-        .iter()
-        .filter(|c| c.model.as_deref() == Some("model-a") && c.at < OUTAGE)
-        .collect();
-    let first_refusal_free = outcomes
+    let is_a = |c: &&tower_ai_sim::CallRecord| c.model.as_deref() == Some("model-a");
+    let open_from = outcomes
         .iter()
         .filter(|o| o.start < OUTAGE && o.route == "model-b")
         .find(|o| o.latency <= B_LATENCY + Duration::from_millis(1))
-        .map(|o| o.start);
-    let open_from = first_refusal_free.expect("A's circuit opened");
+        .map(|o| o.start)
+        .expect("A's circuit opened");
     let during: Vec<_> = outcomes
         .iter()
         .filter(|o| o.start >= open_from && o.start + Duration::from_secs(1) < OUTAGE)
@@ -212,72 +228,80 @@ async fn model_a_down_for_60s_b_healthy() {
         .iter()
         .map(|o| o.latency.saturating_sub(B_LATENCY))
         .collect();
-    let mean_added = added.iter().sum::<Duration>() / added.len() as u32;
-    let max_added = added.iter().max().copied().unwrap();
-    let slow_during = during.iter().filter(|o| o.latency > B_LATENCY).count();
     let after: Vec<_> = outcomes
         .iter()
-        .filter(|o| o.start >= OUTAGE + Duration::from_secs(11))
+        .filter(|o| o.start >= OUTAGE + OPEN_FOR + Duration::from_secs(1))
         .collect();
-    let back_on_a = after.iter().filter(|o| o.route == "a").count();
+    let r = Report {
+        total: outcomes.len(),
+        served: outcomes.iter().filter(|o| o.status == Some(200)).count(),
+        open_from,
+        during: during.len(),
+        mean_added: added.iter().sum::<Duration>() / added.len() as u32,
+        max_added: added.iter().max().copied().unwrap_or_default(),
+        slow_during: during.iter().filter(|o| o.latency > B_LATENCY).count(),
+        a_calls_down: calls.iter().filter(is_a).filter(|c| c.at < OUTAGE).count(),
+        a_calls: calls.iter().filter(is_a).count(),
+        after: after.len(),
+        back_on_a: after.iter().filter(|o| o.route == "a").count(),
+        b_served: outcomes.iter().filter(|o| o.route == "model-b").count(),
+    };
+    println!(
+        "== A down 0-60 s, B healthy ({B_LATENCY:?}), 1 request / 250 ms for 90 s; skip_if on the breaker: {skip}"
+    );
+    println!(
+        "served: {}/{} ({:.1}%), by B: {}",
+        r.served,
+        r.total,
+        100.0 * r.served as f64 / r.total as f64,
+        r.b_served
+    );
+    println!(
+        "A's circuit open (first request served by B at B's own latency) at t = {:?}",
+        r.open_from
+    );
+    println!(
+        "after that, while A is down: {} requests, added latency mean {:?}, max {:?}; {} slower than B alone",
+        r.during, r.mean_added, r.max_added, r.slow_during
+    );
+    println!(
+        "calls that reached A while down: {} (A calls in total: {})",
+        r.a_calls_down, r.a_calls
+    );
+    println!(
+        "served by A again after recovery (requests started >= 71 s): {}/{}",
+        r.back_on_a, r.after
+    );
+    r
+}
 
-    println!("== ModelFallback scenario: model A down 0-60 s, B healthy ({B_LATENCY:?}), one request / 250 ms for 90 s");
-    println!(
-        "served: {served}/{total} ({:.1}%)",
-        100.0 * served as f64 / total as f64
+#[tokio::test(start_paused = true)]
+async fn model_a_down_for_60s_b_healthy_with_breaker_skip() {
+    let r = run(true).await;
+    assert_eq!(r.served, r.total, "every request served");
+    assert!(
+        r.open_from < Duration::from_secs(2),
+        "opened early: {:?}",
+        r.open_from
     );
-    println!(
-        "A's circuit open (first request served by B at B's own latency) at t = {open_from:?}"
+    // A is called 3 times to open the circuit, then once per open period by a probe
+    // (and that probe's retry is refused by the breaker).
+    assert!(r.a_calls_down <= 3 + 6, "{}", r.a_calls_down);
+    // Once open, a request costs B's latency alone, except the probes.
+    assert!(r.slow_during <= 6, "{}", r.slow_during);
+    assert!(
+        r.mean_added <= Duration::from_millis(10),
+        "{:?}",
+        r.mean_added
     );
-    println!(
-        "after the circuit opened, while A is down: {} requests, added latency mean {mean_added:?}, max {max_added:?}; {slow_during} slower than B alone (half-open probes)",
-        during.len()
-    );
-    println!(
-        "calls that reached A while down: {} (of {} A calls in total)",
-        a_calls_down.len(),
-        calls
-            .iter()
-            .filter(|c| c.model.as_deref() == Some("model-a"))
-            .count()
-    );
-    println!(
-        "requests served by A again after recovery (started ≥ 71 s): {back_on_a}/{}",
-        after.len()
-    );
-    let mut first = outcomes
-        .iter()
-        .take(4)
-        .map(|o| format!("{:?}@{:?}->{}", o.latency, o.start, o.route))
-        .collect::<Vec<_>>();
-    first.truncate(4);
-    println!(
-        "first requests (latency@start->route): {}",
-        first.join(", ")
-    );
+    assert!(r.back_on_a > r.after / 2, "A serves again after its outage");
+}
 
-    assert_eq!(served, total, "every request served");
-    assert!(
-        open_from < Duration::from_secs(2),
-        "opened early: {open_from:?}"
-    );
-    assert!(
-        a_calls_down.len() <= 3 + 2 * 6,
-        "A is called only to open the circuit and by half-open probes: {}",
-        a_calls_down.len()
-    );
-    // Once open, a request costs B's latency alone; only the half-open probe (one per
-    // 10 s open period) pays A's error latency and one retry wait.
-    assert!(
-        slow_during <= 6,
-        "{slow_during} requests slower than B alone"
-    );
-    assert!(max_added <= Duration::from_millis(250), "{max_added:?}");
-    assert!(mean_added <= Duration::from_millis(10), "{mean_added:?}");
-    assert!(
-        back_on_a > after.len() / 2,
-        "A serves again after its outage"
-    );
-    let b_served: usize = outcomes.iter().filter(|o| o.route == "model-b").count();
-    assert!(b_served >= 230, "{b_served}");
+#[tokio::test(start_paused = true)]
+async fn model_a_down_for_60s_b_healthy_refusals_only() {
+    // Without the skip predicate every request goes through AiRetry to the breaker,
+    // which refuses; AiRetry waits on a refusal whose `until` is within its max_wait.
+    let r = run(false).await;
+    assert_eq!(r.served, r.total, "every request served");
+    assert!(r.a_calls_down <= 3 + 6, "{}", r.a_calls_down);
 }
