@@ -9,9 +9,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_ai_core::{AiBody, AiError, BoxError, Classification, ClassifyLayer, ErrorKind};
-use tower_ai_retry::{
-    AiRetryLayer, Backoff, Jitter, OnExhausted, RetryStop, StopReason,
-};
+use tower_ai_retry::{AiRetryLayer, Backoff, Jitter, OnExhausted, RetryStop, StopReason};
 use tower_test::mock;
 
 type Handle = mock::Handle<Request<String>, Response<Full<Bytes>>>;
@@ -88,17 +86,27 @@ async fn retry_after_ms_is_honoured_to_the_millisecond_and_never_undercut() {
     let mut fut = tokio_test::task::spawn(tower::Service::call(&mut svc, request()));
     tokio_test::assert_pending!(fut.poll());
     let (first, send) = handle.next_request().await.unwrap();
-    send.send_response(resp(429, &[("retry-after-ms", "1234"), ("retry-after", "2")], "{}"));
+    send.send_response(resp(
+        429,
+        &[("retry-after-ms", "1234"), ("retry-after", "2")],
+        "{}",
+    ));
     tokio_test::assert_pending!(fut.poll());
     tokio::time::advance(Duration::from_millis(1233)).await;
     tokio_test::assert_pending!(fut.poll());
-    assert!(handle.poll_request().is_pending(), "retried before retry-after-ms elapsed");
+    assert!(
+        handle.poll_request().is_pending(),
+        "retried before retry-after-ms elapsed"
+    );
     tokio::time::advance(Duration::from_millis(1)).await;
     tokio_test::assert_pending!(fut.poll());
     let (second, send) = handle.next_request().await.unwrap();
     // Same bytes, same idempotency key, attempt numbers 0 then 1.
     assert_eq!(second.body(), BODY);
-    assert_eq!(first.headers()["idempotency-key"], second.headers()["idempotency-key"]);
+    assert_eq!(
+        first.headers()["idempotency-key"],
+        second.headers()["idempotency-key"]
+    );
     assert_eq!(first.headers()["idempotency-key"].len(), 32);
     assert_eq!(first.headers()["x-stainless-retry-count"], "0");
     assert_eq!(second.headers()["x-stainless-retry-count"], "1");
@@ -110,15 +118,29 @@ async fn retry_after_ms_is_honoured_to_the_millisecond_and_never_undercut() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_seconds_and_http_date_are_used_as_given() {
-    let layer = AiRetryLayer::builder().no_budget().max_attempts(3).build().unwrap();
+    let layer = AiRetryLayer::builder()
+        .no_budget()
+        .max_attempts(3)
+        .build()
+        .unwrap();
     let (task, handle) = spawn_call(layer, request());
     let seen = serve_all(handle, |n| match n {
         0 => resp(503, &[("retry-after", "7")], "busy"),
-        1 => resp(429, &[("retry-after", "Wed, 21 Oct 2015 07:28:03 GMT"), ("date", "Wed, 21 Oct 2015 07:28:00 GMT")], "{}"),
+        1 => resp(
+            429,
+            &[
+                ("retry-after", "Wed, 21 Oct 2015 07:28:03 GMT"),
+                ("date", "Wed, 21 Oct 2015 07:28:00 GMT"),
+            ],
+            "{}",
+        ),
         _ => resp(200, &[], "done"),
     });
     let (seen, res) = tokio::join!(seen, task);
-    assert_eq!(gaps(&seen), vec![Duration::from_secs(7), Duration::from_secs(3)]);
+    assert_eq!(
+        gaps(&seen),
+        vec![Duration::from_secs(7), Duration::from_secs(3)]
+    );
     assert_eq!(res.unwrap().unwrap().status(), 200);
 }
 
@@ -127,7 +149,12 @@ async fn waits(jitter: Jitter, seed: u64) -> Vec<Duration> {
     let layer = AiRetryLayer::builder()
         .no_budget()
         .max_attempts(5)
-        .backoff(Backoff::new(Duration::from_millis(100), 2.0, Duration::from_secs(1), jitter))
+        .backoff(Backoff::new(
+            Duration::from_millis(100),
+            2.0,
+            Duration::from_secs(1),
+            jitter,
+        ))
         .seed(seed)
         .build()
         .unwrap();
@@ -135,7 +162,13 @@ async fn waits(jitter: Jitter, seed: u64) -> Vec<Duration> {
     let (seen, res) = tokio::join!(serve_all(handle, |_| resp(500, &[], "oops")), task);
     let res = res.unwrap().unwrap();
     assert_eq!(res.status(), 500);
-    assert_eq!(res.extensions().get::<RetryStop>(), Some(&RetryStop { attempts: 5, reason: StopReason::MaxAttempts }));
+    assert_eq!(
+        res.extensions().get::<RetryStop>(),
+        Some(&RetryStop {
+            attempts: 5,
+            reason: StopReason::MaxAttempts
+        })
+    );
     assert_eq!(seen.len(), 5);
     gaps(&seen)
 }
@@ -189,10 +222,19 @@ async fn non_retryable_classes_are_sent_exactly_once() {
     let cases: Vec<(u16, &str)> = vec![
         (429, quota),
         (429, too_large),
-        (400, r#"{"error":{"message":"bad","type":"invalid_request_error","param":null,"code":null}}"#),
-        (401, r#"{"error":{"message":"Incorrect API key","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#),
+        (
+            400,
+            r#"{"error":{"message":"bad","type":"invalid_request_error","param":null,"code":null}}"#,
+        ),
+        (
+            401,
+            r#"{"error":{"message":"Incorrect API key","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#,
+        ),
         (403, "forbidden"),
-        (404, r#"{"error":{"message":"The model does not exist","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#),
+        (
+            404,
+            r#"{"error":{"message":"The model does not exist","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#,
+        ),
         (422, "unprocessable"),
     ];
     for (status, body) in cases {
@@ -200,13 +242,20 @@ async fn non_retryable_classes_are_sent_exactly_once() {
         let (task, handle) = spawn_call(layer, request());
         let body_owned = body.to_owned();
         let (seen, res) = tokio::join!(
-            serve_all(handle, move |_| resp(status, &[("retry-after", "1")], &body_owned)),
+            serve_all(handle, move |_| resp(
+                status,
+                &[("retry-after", "1")],
+                &body_owned
+            )),
             task
         );
         assert_eq!(seen.len(), 1, "status {status} was retried");
         let res = res.unwrap().unwrap();
         assert_eq!(res.status(), status);
-        assert_eq!(res.extensions().get::<RetryStop>().unwrap().reason, StopReason::NotRetryable);
+        assert_eq!(
+            res.extensions().get::<RetryStop>().unwrap().reason,
+            StopReason::NotRetryable
+        );
         // The caller gets the provider's body whole.
         assert_eq!(body_of(res).await, body);
     }
@@ -216,7 +265,10 @@ async fn non_retryable_classes_are_sent_exactly_once() {
 async fn x_should_retry_false_is_obeyed() {
     let layer = AiRetryLayer::builder().max_attempts(5).build().unwrap();
     let (task, handle) = spawn_call(layer, request());
-    let (seen, res) = tokio::join!(serve_all(handle, |_| resp(500, &[("x-should-retry", "false")], "{}")), task);
+    let (seen, res) = tokio::join!(
+        serve_all(handle, |_| resp(500, &[("x-should-retry", "false")], "{}")),
+        task
+    );
     assert_eq!(seen.len(), 1);
     assert_eq!(res.unwrap().unwrap().status(), 500);
 }
@@ -229,7 +281,12 @@ async fn the_deadline_is_never_exceeded() {
         .no_budget()
         .max_attempts(10)
         .max_elapsed(Duration::from_secs(10))
-        .backoff(Backoff::new(Duration::from_secs(1), 2.0, Duration::from_secs(60), Jitter::None))
+        .backoff(Backoff::new(
+            Duration::from_secs(1),
+            2.0,
+            Duration::from_secs(60),
+            Jitter::None,
+        ))
         .build()
         .unwrap();
     let start = Instant::now();
@@ -239,12 +296,18 @@ async fn the_deadline_is_never_exceeded() {
     assert_eq!(at, vec![0, 1, 3, 7]);
     assert!(start.elapsed() <= Duration::from_secs(10));
     let res = res.unwrap().unwrap();
-    assert_eq!(res.extensions().get::<RetryStop>().unwrap().reason, StopReason::Deadline);
+    assert_eq!(
+        res.extensions().get::<RetryStop>().unwrap().reason,
+        StopReason::Deadline
+    );
 
     // Provider waits of 3 s: attempts at 0, 3, 6, 9 s; 12 s would cross.
     let start = Instant::now();
     let (task, handle) = spawn_call(layer, request());
-    let (seen, _) = tokio::join!(serve_all(handle, |_| resp(429, &[("retry-after", "3")], "{}")), task);
+    let (seen, _) = tokio::join!(
+        serve_all(handle, |_| resp(429, &[("retry-after", "3")], "{}")),
+        task
+    );
     let at: Vec<u64> = seen.iter().map(|(t, _)| t.as_secs()).collect();
     assert_eq!(at, vec![0, 3, 6, 9]);
     assert!(start.elapsed() < Duration::from_secs(10));
@@ -254,15 +317,28 @@ async fn the_deadline_is_never_exceeded() {
 async fn a_wait_above_max_ends_retries_at_once_with_the_wait_attached() {
     // Default: the last response as it is, with RetryStop and a classification whose wait
     // exceeds the maximum.
-    let layer = AiRetryLayer::builder().max_wait(Duration::from_secs(30)).build().unwrap();
+    let layer = AiRetryLayer::builder()
+        .max_wait(Duration::from_secs(30))
+        .build()
+        .unwrap();
     let (task, handle) = spawn_call(layer, request());
     let start = Instant::now();
-    let (seen, res) = tokio::join!(serve_all(handle, |_| resp(429, &[("retry-after", "45")], "slow down")), task);
+    let (seen, res) = tokio::join!(
+        serve_all(handle, |_| resp(429, &[("retry-after", "45")], "slow down")),
+        task
+    );
     assert_eq!(seen.len(), 1);
-    assert_eq!(start.elapsed(), Duration::ZERO, "slept for a wait it refused");
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "slept for a wait it refused"
+    );
     let res = res.unwrap().unwrap();
     assert_eq!(res.status(), 429);
-    assert_eq!(res.extensions().get::<RetryStop>().unwrap().reason, StopReason::WaitTooLong);
+    assert_eq!(
+        res.extensions().get::<RetryStop>().unwrap().reason,
+        StopReason::WaitTooLong
+    );
     let c = res.extensions().get::<Classification>().unwrap();
     let w = c.wait.unwrap();
     assert!(w.exceeds_max());
@@ -277,10 +353,17 @@ async fn a_wait_above_max_ends_retries_at_once_with_the_wait_attached() {
         .build()
         .unwrap();
     let (task, handle) = spawn_call(layer, request());
-    let (_, res) = tokio::join!(serve_all(handle, |_| resp(429, &[("retry-after", "45")], "{}")), task);
+    let (_, res) = tokio::join!(
+        serve_all(handle, |_| resp(429, &[("retry-after", "45")], "{}")),
+        task
+    );
     let err = res.unwrap().unwrap_err();
     match err.downcast_ref::<AiError>() {
-        Some(AiError::RetriesExhausted { attempts: 1, last, wait: Some(w) }) => {
+        Some(AiError::RetriesExhausted {
+            attempts: 1,
+            last,
+            wait: Some(w),
+        }) => {
             assert!(w.exceeds_max());
             assert_eq!(last.kind, Some(ErrorKind::RateLimited));
         }
@@ -294,11 +377,18 @@ async fn a_wait_above_max_ends_retries_at_once_with_the_wait_attached() {
         .build()
         .unwrap();
     let (task, handle) = spawn_call(layer, request());
-    let (seen, res) = tokio::join!(serve_all(handle, |_| resp(503, &[("retry-after", "1")], "{}")), task);
+    let (seen, res) = tokio::join!(
+        serve_all(handle, |_| resp(503, &[("retry-after", "1")], "{}")),
+        task
+    );
     assert_eq!(seen.len(), 2);
     assert!(matches!(
         res.unwrap().unwrap_err().downcast_ref::<AiError>(),
-        Some(AiError::RetriesExhausted { attempts: 2, wait: None, .. })
+        Some(AiError::RetriesExhausted {
+            attempts: 2,
+            wait: None,
+            ..
+        })
     ));
 }
 
@@ -340,7 +430,11 @@ async fn hostile_retry_after_values_never_panic_or_sleep_unbounded() {
         assert_eq!(res.status(), 429);
         assert_eq!(seen.len() == 2, expect_retry, "retry-after {value:?}");
         // Retried ones backed off (≤ 0.5 s with the default full jitter); refused ones at once.
-        assert!(start.elapsed() <= Duration::from_millis(500), "{value:?} slept {:?}", start.elapsed());
+        assert!(
+            start.elapsed() <= Duration::from_millis(500),
+            "{value:?} slept {:?}",
+            start.elapsed()
+        );
     }
 }
 
@@ -363,7 +457,9 @@ async fn missing_and_non_json_bodies_are_retried_and_delivered_whole() {
 
     // A request with an empty body is replayed as it is.
     let layer = AiRetryLayer::builder().max_attempts(2).build().unwrap();
-    let req = Request::post("https://api.openai.com/v1/chat/completions").body(String::new()).unwrap();
+    let req = Request::post("https://api.openai.com/v1/chat/completions")
+        .body(String::new())
+        .unwrap();
     let (task, handle) = spawn_call(layer, req);
     let (seen, _) = tokio::join!(serve_all(handle, |_| resp(503, &[], "")), task);
     assert_eq!(seen.len(), 2);
@@ -402,7 +498,10 @@ async fn cooling_down_refusals_are_waited_out_until_their_end() {
     let start = Instant::now();
     let task = tokio::spawn(svc.oneshot(request()));
     let (_, send) = handle.next_request().await.unwrap();
-    send.send_error(AiError::CoolingDown { key: "k".into(), until: start + Duration::from_millis(2500) });
+    send.send_error(AiError::CoolingDown {
+        key: "k".into(),
+        until: start + Duration::from_millis(2500),
+    });
     let (_, send) = handle.next_request().await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(2500));
     send.send_response(Response::new("ok".to_owned()));
@@ -415,13 +514,23 @@ async fn an_unreplayable_body_is_sent_once() {
     let (svc, mut handle) = mock::pair::<Request<AiBody>, Response<String>>();
     let svc = ServiceBuilder::new().layer(layer).service(svc);
     let stream = AiBody::streaming(Full::new(Bytes::from_static(b"{}")));
-    let req = Request::post("https://api.openai.com/v1/chat/completions").body(stream).unwrap();
+    let req = Request::post("https://api.openai.com/v1/chat/completions")
+        .body(stream)
+        .unwrap();
     let task = tokio::spawn(svc.oneshot(req));
     let (_, send) = handle.next_request().await.unwrap();
-    send.send_response(Response::builder().status(503).body("down".to_owned()).unwrap());
+    send.send_response(
+        Response::builder()
+            .status(503)
+            .body("down".to_owned())
+            .unwrap(),
+    );
     let res = task.await.unwrap().unwrap();
     assert_eq!(res.status(), 503);
-    assert_eq!(res.extensions().get::<RetryStop>().unwrap().reason, StopReason::NotReplayable);
+    assert_eq!(
+        res.extensions().get::<RetryStop>().unwrap().reason,
+        StopReason::NotReplayable
+    );
     assert!(handle.next_request().await.is_none());
 }
 
@@ -431,7 +540,9 @@ async fn idempotency_key_rules() {
     let (svc, mut handle) = mock::pair::<Request<String>, Response<String>>();
     let svc = ServiceBuilder::new().layer(layer.clone()).service(svc);
     // GET: none.
-    let get = Request::get("https://api.openai.com/v1/models").body(String::new()).unwrap();
+    let get = Request::get("https://api.openai.com/v1/models")
+        .body(String::new())
+        .unwrap();
     let t = tokio::spawn(svc.clone().oneshot(get));
     let (req, send) = handle.next_request().await.unwrap();
     assert!(req.headers().get("idempotency-key").is_none());
@@ -440,7 +551,8 @@ async fn idempotency_key_rules() {
     t.await.unwrap().unwrap();
     // The caller's own key is kept.
     let mut own = request();
-    own.headers_mut().insert("idempotency-key", "mine".parse().unwrap());
+    own.headers_mut()
+        .insert("idempotency-key", "mine".parse().unwrap());
     let t = tokio::spawn(svc.clone().oneshot(own));
     let (req, send) = handle.next_request().await.unwrap();
     assert_eq!(req.headers()["idempotency-key"], "mine");
@@ -453,12 +565,24 @@ async fn idempotency_key_rules() {
     let b = tokio::spawn(svc.clone().oneshot(request()));
     let (rb, sb) = handle.next_request().await.unwrap();
     sb.send_response(Response::new(String::new()));
-    assert_ne!(ra.headers()["idempotency-key"], rb.headers()["idempotency-key"]);
+    assert_ne!(
+        ra.headers()["idempotency-key"],
+        rb.headers()["idempotency-key"]
+    );
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
-    let off = AiRetryLayer::builder().idempotency_header(None).attempt_header(None).build().unwrap();
+    let off = AiRetryLayer::builder()
+        .idempotency_header(None)
+        .attempt_header(None)
+        .build()
+        .unwrap();
     let (svc, mut handle) = mock::pair::<Request<String>, Response<String>>();
-    let t = tokio::spawn(ServiceBuilder::new().layer(off).service(svc).oneshot(request()));
+    let t = tokio::spawn(
+        ServiceBuilder::new()
+            .layer(off)
+            .service(svc)
+            .oneshot(request()),
+    );
     let (req, send) = handle.next_request().await.unwrap();
     assert!(req.headers().get("idempotency-key").is_none());
     assert!(req.headers().get("x-stainless-retry-count").is_none());
@@ -469,17 +593,58 @@ async fn idempotency_key_rules() {
 #[test]
 fn the_builder_rejects_zero_and_absurd_values() {
     let err = |b: tower_ai_retry::AiRetryConfigBuilder| b.build().unwrap_err().to_string();
-    assert_eq!(err(AiRetryLayer::builder().max_attempts(0)), "invalid max_attempts: must be at least 1 (1 = no retry)");
+    assert_eq!(
+        err(AiRetryLayer::builder().max_attempts(0)),
+        "invalid max_attempts: must be at least 1 (1 = no retry)"
+    );
     assert!(err(AiRetryLayer::builder().max_attempts(1000)).contains("absurd"));
-    assert!(err(AiRetryLayer::builder().max_elapsed(Duration::ZERO)).starts_with("invalid max_elapsed"));
-    assert!(err(AiRetryLayer::builder().backoff(Backoff::new(Duration::ZERO, 2.0, Duration::from_secs(1), Jitter::Full))).contains("tight loop"));
-    assert!(err(AiRetryLayer::builder().backoff(Backoff::new(Duration::from_secs(2), 2.0, Duration::from_secs(1), Jitter::Full))).starts_with("invalid backoff cap"));
-    assert!(err(AiRetryLayer::builder().backoff(Backoff::new(Duration::from_secs(1), f64::NAN, Duration::from_secs(5), Jitter::Full))).starts_with("invalid backoff multiplier"));
-    assert!(err(AiRetryLayer::builder().backoff(Backoff::new(Duration::from_secs(1), 0.5, Duration::from_secs(5), Jitter::Full))).starts_with("invalid backoff multiplier"));
+    assert!(
+        err(AiRetryLayer::builder().max_elapsed(Duration::ZERO)).starts_with("invalid max_elapsed")
+    );
+    assert!(err(AiRetryLayer::builder().backoff(Backoff::new(
+        Duration::ZERO,
+        2.0,
+        Duration::from_secs(1),
+        Jitter::Full
+    )))
+    .contains("tight loop"));
+    assert!(err(AiRetryLayer::builder().backoff(Backoff::new(
+        Duration::from_secs(2),
+        2.0,
+        Duration::from_secs(1),
+        Jitter::Full
+    )))
+    .starts_with("invalid backoff cap"));
+    assert!(err(AiRetryLayer::builder().backoff(Backoff::new(
+        Duration::from_secs(1),
+        f64::NAN,
+        Duration::from_secs(5),
+        Jitter::Full
+    )))
+    .starts_with("invalid backoff multiplier"));
+    assert!(err(AiRetryLayer::builder().backoff(Backoff::new(
+        Duration::from_secs(1),
+        0.5,
+        Duration::from_secs(5),
+        Jitter::Full
+    )))
+    .starts_with("invalid backoff multiplier"));
     assert!(err(AiRetryLayer::builder().max_wait(Duration::ZERO)).starts_with("invalid max_wait"));
-    assert!(err(AiRetryLayer::builder().max_wait(Duration::from_secs(10 * 86_400))).starts_with("invalid max_wait"));
-    assert!(err(AiRetryLayer::builder().idempotency_header(Some("bad header"))).contains("not a valid header name"));
-    assert!(err(AiRetryLayer::builder().budget(Duration::from_secs(10), 0, 0.0)).contains("allow no retry"));
-    assert!(err(AiRetryLayer::builder().budget(Duration::from_secs(3600), 1, 0.1)).starts_with("invalid retry budget ttl"));
+    assert!(
+        err(AiRetryLayer::builder().max_wait(Duration::from_secs(10 * 86_400)))
+            .starts_with("invalid max_wait")
+    );
+    assert!(
+        err(AiRetryLayer::builder().idempotency_header(Some("bad header")))
+            .contains("not a valid header name")
+    );
+    assert!(
+        err(AiRetryLayer::builder().budget(Duration::from_secs(10), 0, 0.0))
+            .contains("allow no retry")
+    );
+    assert!(
+        err(AiRetryLayer::builder().budget(Duration::from_secs(3600), 1, 0.1))
+            .starts_with("invalid retry budget ttl")
+    );
     assert!(AiRetryLayer::builder().build().is_ok());
 }
