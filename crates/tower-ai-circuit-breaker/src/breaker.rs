@@ -1,0 +1,709 @@
+//! One key's breaker: the closed/open/half-open state machine, without Tower.
+//!
+//! The state is one atomic word, `generation << 3 | state`. A call admitted in the closed
+//! state remembers the word; its outcome is recorded only if the word is unchanged when it
+//! completes, so a slow call admitted before the breaker opened cannot count against a
+//! later state. Closed admission is one atomic load; every other state, and every bad
+//! outcome, goes through a `std::sync::Mutex` held for a few instructions (never across an
+//! `.await`, never while a listener runs).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower_ai_core::keys::Key;
+
+use crate::config::{CircuitBreakerConfig, Window};
+use crate::event::{CircuitEvent, CircuitState, Emitter, TransitionReason};
+use crate::window::{stripe_count, Bad, Calls, Stats};
+
+const CLOSED: u64 = 0;
+const OPEN: u64 = 1;
+const HALF_OPEN: u64 = 2;
+const FORCED_OPEN: u64 = 3;
+const FORCED_CLOSED: u64 = 4;
+
+/// The `until` reported for a forced-open key (it stays open until the handle says).
+const FORCED_UNTIL: Duration = Duration::from_secs(24 * 3600);
+
+fn code_state(w: u64) -> CircuitState {
+    match w & 7 {
+        CLOSED => CircuitState::Closed,
+        OPEN => CircuitState::Open,
+        HALF_OPEN => CircuitState::HalfOpen,
+        FORCED_OPEN => CircuitState::ForcedOpen,
+        _ => CircuitState::ForcedClosed,
+    }
+}
+
+/// What [`Core::admit`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// Send it; record the outcome against `word`. `probe`: it holds a half-open permit.
+    Pass { word: u64, probe: bool },
+    /// Send it, record nothing (forced closed).
+    Untracked,
+    /// Refuse it.
+    Reject { until: Instant },
+}
+
+/// How a call ended, as the breaker judges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Success,
+    Failure,
+    /// Neither (a rate limit, a client error): not counted at all.
+    Ignored,
+}
+
+/// A snapshot of one key, for the handle.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Metrics {
+    /// The key.
+    pub key: Key,
+    /// Its label.
+    pub label: Arc<str>,
+    /// Its state.
+    pub state: CircuitState,
+    /// Calls in the window (closed state; 0 otherwise, the window restarts on closing).
+    pub calls: u64,
+    /// Failures in the window.
+    pub failures: u64,
+    /// Slow calls in the window.
+    pub slow_calls: u64,
+    /// Failures in a row.
+    pub consecutive_failures: u32,
+    /// When an open breaker starts probing.
+    pub open_until: Option<Instant>,
+    /// Probes in flight (half-open).
+    pub probes_in_flight: u32,
+    /// Times this key's breaker opened.
+    pub times_opened: u64,
+    /// Calls refused.
+    pub rejected: u64,
+}
+
+impl Metrics {
+    /// Failures / calls, once there are calls.
+    pub fn failure_rate(&self) -> Option<f64> {
+        (self.calls > 0).then(|| self.failures as f64 / self.calls as f64)
+    }
+
+    /// Slow calls / calls, once there are calls.
+    pub fn slow_call_rate(&self) -> Option<f64> {
+        (self.calls > 0).then(|| self.slow_calls as f64 / self.calls as f64)
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    bad: Bad,
+    in_flight: u32,
+    successes: u32,
+    reopens: u32,
+    opened: u64,
+}
+
+/// A state change to announce once the lock is released.
+#[derive(Debug)]
+struct Change {
+    from: CircuitState,
+    to: CircuitState,
+    reason: TransitionReason,
+    at: Instant,
+    until: Option<Instant>,
+}
+
+/// One key's breaker.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub(crate) key: Key,
+    pub(crate) label: Arc<str>,
+    cfg: Arc<CircuitBreakerConfig>,
+    epoch: Instant,
+    emitter: Emitter,
+    bucket_nanos: u64,
+    state: AtomicU64,
+    open_until: AtomicU64,
+    armed: AtomicBool,
+    consecutive: AtomicU32,
+    last_used: AtomicU64,
+    pub(crate) evicted: AtomicBool,
+    rejected: AtomicU64,
+    calls: Calls,
+    inner: Mutex<Inner>,
+}
+
+impl Core {
+    pub(crate) fn new(
+        key: Key,
+        label: Arc<str>,
+        cfg: Arc<CircuitBreakerConfig>,
+        epoch: Instant,
+        emitter: Emitter,
+        now: Instant,
+    ) -> Core {
+        let bucket_nanos = match cfg.window {
+            Window::Time { length, buckets } => u64::try_from((length / buckets).as_nanos())
+                .unwrap_or(u64::MAX)
+                .max(1),
+            Window::Count { .. } => u64::MAX,
+        };
+        let core = Core {
+            key,
+            label,
+            epoch,
+            emitter,
+            bucket_nanos,
+            state: AtomicU64::new(CLOSED),
+            open_until: AtomicU64::new(0),
+            armed: AtomicBool::new(false),
+            consecutive: AtomicU32::new(0),
+            last_used: AtomicU64::new(0),
+            evicted: AtomicBool::new(false),
+            rejected: AtomicU64::new(0),
+            calls: Calls::new(cfg.window, stripe_count()),
+            inner: Mutex::new(Inner {
+                bad: Bad::new(cfg.window),
+                in_flight: 0,
+                successes: 0,
+                reopens: 0,
+                opened: 0,
+            }),
+            cfg,
+        };
+        core.touch(now);
+        core
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere cannot leave `Inner` inconsistent in a way that matters more
+        // than refusing service would: carry on.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    #[inline]
+    fn nanos(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn instant(&self, nanos: u64) -> Instant {
+        self.epoch + Duration::from_nanos(nanos)
+    }
+
+    #[inline]
+    fn tick(&self, nanos: u64) -> u64 {
+        nanos / self.bucket_nanos
+    }
+
+    /// Marks the key as used at `now` (seconds granularity: written once a second at most).
+    #[inline]
+    fn touch(&self, now: Instant) {
+        let s = self.nanos(now) / 1_000_000_000 + 1;
+        if self.last_used.load(Ordering::Relaxed) != s {
+            self.last_used.store(s, Ordering::Relaxed);
+        }
+    }
+
+    /// Seconds since the epoch at the last use, + 1.
+    pub(crate) fn last_used(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn idle_for(&self, now: Instant) -> Duration {
+        let now_s = self.nanos(now) / 1_000_000_000 + 1;
+        Duration::from_secs(now_s.saturating_sub(self.last_used()))
+    }
+
+    pub(crate) fn is_forced(&self) -> bool {
+        matches!(
+            self.state.load(Ordering::Relaxed) & 7,
+            FORCED_OPEN | FORCED_CLOSED
+        )
+    }
+
+    /// Whether slow-call detection needs the call's start time.
+    #[inline]
+    pub(crate) fn times_calls(&self) -> bool {
+        self.cfg.slow.is_some()
+    }
+
+    /// Whether the call took longer than the slow-call threshold.
+    #[inline]
+    pub(crate) fn is_slow(&self, took: Duration) -> bool {
+        self.cfg.slow.is_some_and(|s| took > s.threshold)
+    }
+
+    pub(crate) fn config(&self) -> &CircuitBreakerConfig {
+        &self.cfg
+    }
+
+    /// Decides whether a call may go. Closed: one atomic load, no clock read. Other
+    /// states read the clock through `clock`.
+    #[inline]
+    pub(crate) fn admit(&self, clock: impl FnOnce() -> Instant) -> Admit {
+        let w = self.state.load(Ordering::Acquire);
+        match w & 7 {
+            CLOSED => Admit::Pass {
+                word: w,
+                probe: false,
+            },
+            FORCED_CLOSED => Admit::Untracked,
+            _ => self.admit_slow(clock()),
+        }
+    }
+
+    #[cold]
+    fn admit_slow(&self, now: Instant) -> Admit {
+        let w = self.state.load(Ordering::Acquire);
+        let decision = match w & 7 {
+            FORCED_OPEN => Admit::Reject {
+                until: now + FORCED_UNTIL,
+            },
+            OPEN if self.nanos(now) < self.open_until.load(Ordering::Acquire) => Admit::Reject {
+                until: self.instant(self.open_until.load(Ordering::Acquire)),
+            },
+            _ => {
+                let mut g = self.lock();
+                let mut w = self.state.load(Ordering::Acquire);
+                let mut change = None;
+                if w & 7 == OPEN && self.nanos(now) >= self.open_until.load(Ordering::Acquire) {
+                    change = Some(self.half_open_locked(&mut g, now));
+                    w = self.state.load(Ordering::Acquire);
+                }
+                let d = match w & 7 {
+                    HALF_OPEN if g.in_flight < self.cfg.half_open_probes => {
+                        g.in_flight += 1;
+                        Admit::Pass {
+                            word: w,
+                            probe: true,
+                        }
+                    }
+                    CLOSED => Admit::Pass {
+                        word: w,
+                        probe: false,
+                    },
+                    FORCED_CLOSED => Admit::Untracked,
+                    OPEN => Admit::Reject {
+                        until: self.instant(self.open_until.load(Ordering::Acquire)),
+                    },
+                    FORCED_OPEN => Admit::Reject {
+                        until: now + FORCED_UNTIL,
+                    },
+                    // Half-open with every probe out: a permit frees when one completes.
+                    _ => Admit::Reject { until: now },
+                };
+                drop(g);
+                if let Some(c) = change {
+                    self.announce(c);
+                }
+                d
+            }
+        };
+        self.touch(now);
+        if let Admit::Reject { until } = decision {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            self.emitter.emit(&CircuitEvent::Rejected {
+                key: self.key,
+                label: self.label.clone(),
+                state: code_state(self.state.load(Ordering::Relaxed)),
+                until,
+            });
+        }
+        decision
+    }
+
+    /// Records a completed call admitted with `word`, at `now`, from thread stripe `stripe`.
+    #[inline]
+    pub(crate) fn record(
+        &self,
+        stripe: usize,
+        word: u64,
+        probe: bool,
+        verdict: Verdict,
+        slow: bool,
+        now: Instant,
+    ) {
+        self.touch(now);
+        if probe {
+            return self.record_probe(word, verdict, slow, now);
+        }
+        if self.state.load(Ordering::Acquire) != word {
+            return; // admitted under an earlier state: says nothing about this one
+        }
+        let failure = match verdict {
+            Verdict::Ignored => return,
+            Verdict::Failure => true,
+            Verdict::Success => false,
+        };
+        let tick = self.tick(self.nanos(now));
+        let mut added = false;
+        if !failure && !slow {
+            if self.cfg.consecutive_failures.is_some()
+                && self.consecutive.load(Ordering::Relaxed) != 0
+            {
+                self.consecutive.store(0, Ordering::Relaxed);
+            }
+            added = self.calls.try_add(stripe, tick);
+            if added && !self.armed.load(Ordering::Relaxed) {
+                return; // the common case: a success cannot raise a rate
+            }
+        }
+        self.record_locked(stripe, word, tick, failure, slow, added, now);
+    }
+
+    #[cold]
+    #[allow(clippy::too_many_arguments)]
+    fn record_locked(
+        &self,
+        stripe: usize,
+        word: u64,
+        tick: u64,
+        failure: bool,
+        slow: bool,
+        added: bool,
+        now: Instant,
+    ) {
+        let mut g = self.lock();
+        if self.state.load(Ordering::Acquire) != word {
+            return;
+        }
+        if !added {
+            self.calls.add_locked(stripe, tick);
+        }
+        if failure || slow {
+            let at = match self.cfg.window {
+                Window::Count { .. } => self.calls.total(tick),
+                Window::Time { .. } => tick,
+            };
+            g.bad.add(at, failure, slow);
+        }
+        let consecutive = if failure {
+            self.consecutive
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1)
+        } else {
+            self.consecutive.store(0, Ordering::Relaxed);
+            0
+        };
+        let st = g.bad.stats(self.calls.total(tick), tick);
+        let cfg = &self.cfg;
+        let rate = |n: u64| n as f64 / st.calls as f64;
+        let reason = if cfg.consecutive_failures.is_some_and(|k| consecutive >= k) {
+            Some(TransitionReason::ConsecutiveFailures(consecutive))
+        } else if st.calls >= u64::from(cfg.minimum_calls) && rate(st.failures) >= cfg.failure_rate
+        {
+            Some(TransitionReason::FailureRate {
+                rate: rate(st.failures),
+                calls: st.calls,
+            })
+        } else if st.calls >= u64::from(cfg.minimum_calls)
+            && cfg.slow.is_some_and(|s| rate(st.slow) >= s.rate)
+        {
+            Some(TransitionReason::SlowCallRate {
+                rate: rate(st.slow),
+                calls: st.calls,
+            })
+        } else {
+            None
+        };
+        // While the window holds bad calls but too few calls to judge, every success must
+        // look again: the one that reaches the minimum may find the rate too high.
+        let armed = reason.is_none()
+            && st.calls < u64::from(cfg.minimum_calls)
+            && st.failures + st.slow > 0;
+        self.armed.store(armed, Ordering::Relaxed);
+        let change = reason.map(|r| self.open_locked(&mut g, now, r));
+        drop(g);
+        if let Some(c) = change {
+            self.announce(c);
+        }
+    }
+
+    #[cold]
+    fn record_probe(&self, word: u64, verdict: Verdict, slow: bool, now: Instant) {
+        let mut g = self.lock();
+        if self.state.load(Ordering::Acquire) != word {
+            return; // forced or reset meanwhile: permits were reset with it
+        }
+        g.in_flight = g.in_flight.saturating_sub(1);
+        let change = match (verdict, slow) {
+            (Verdict::Ignored, _) => None,
+            (Verdict::Failure, _) | (Verdict::Success, true) => {
+                Some(self.open_locked(&mut g, now, TransitionReason::ProbeFailed))
+            }
+            (Verdict::Success, false) => {
+                g.successes += 1;
+                (g.successes >= self.cfg.half_open_successes)
+                    .then(|| self.close_locked(&mut g, now, TransitionReason::ProbesSucceeded))
+            }
+        };
+        drop(g);
+        if let Some(c) = change {
+            self.announce(c);
+        }
+    }
+
+    /// A probe's future was dropped before it completed: give its permit back.
+    pub(crate) fn release_probe(&self, word: u64) {
+        let mut g = self.lock();
+        if self.state.load(Ordering::Acquire) == word {
+            g.in_flight = g.in_flight.saturating_sub(1);
+        }
+    }
+
+    fn set_state(&self, code: u64) -> (CircuitState, CircuitState) {
+        let w = self.state.load(Ordering::Acquire);
+        let next = ((w >> 3) + 1) << 3 | code;
+        self.state.store(next, Ordering::Release);
+        (code_state(w), code_state(next))
+    }
+
+    fn reset_window(&self, g: &mut Inner) {
+        self.calls.reset();
+        g.bad.reset();
+        self.consecutive.store(0, Ordering::Relaxed);
+        self.armed.store(false, Ordering::Relaxed);
+    }
+
+    fn open_locked(&self, g: &mut Inner, now: Instant, reason: TransitionReason) -> Change {
+        let from_half_open = self.state.load(Ordering::Acquire) & 7 == HALF_OPEN;
+        g.reopens = if from_half_open {
+            g.reopens.saturating_add(1)
+        } else {
+            0
+        };
+        let until = now + self.cfg.open_duration_after(g.reopens);
+        self.open_until.store(self.nanos(until), Ordering::Release);
+        self.reset_window(g);
+        g.in_flight = 0;
+        g.successes = 0;
+        g.opened += 1;
+        let (from, to) = self.set_state(OPEN);
+        Change {
+            from,
+            to,
+            reason,
+            at: now,
+            until: Some(until),
+        }
+    }
+
+    fn half_open_locked(&self, g: &mut Inner, now: Instant) -> Change {
+        g.in_flight = 0;
+        g.successes = 0;
+        let (from, to) = self.set_state(HALF_OPEN);
+        Change {
+            from,
+            to,
+            reason: TransitionReason::OpenElapsed,
+            at: now,
+            until: None,
+        }
+    }
+
+    fn close_locked(&self, g: &mut Inner, now: Instant, reason: TransitionReason) -> Change {
+        self.reset_window(g);
+        g.reopens = 0;
+        g.in_flight = 0;
+        g.successes = 0;
+        let (from, to) = self.set_state(CLOSED);
+        Change {
+            from,
+            to,
+            reason,
+            at: now,
+            until: None,
+        }
+    }
+
+    /// Forces the state (the handle's force_open / force_closed / reset).
+    pub(crate) fn force(&self, to: CircuitState, now: Instant) {
+        let mut g = self.lock();
+        let change = match to {
+            CircuitState::ForcedOpen | CircuitState::Open => {
+                g.in_flight = 0;
+                let (from, to) = self.set_state(FORCED_OPEN);
+                Change {
+                    from,
+                    to,
+                    reason: TransitionReason::Forced,
+                    at: now,
+                    until: Some(now + FORCED_UNTIL),
+                }
+            }
+            CircuitState::ForcedClosed => {
+                self.reset_window(&mut g);
+                g.in_flight = 0;
+                let (from, to) = self.set_state(FORCED_CLOSED);
+                Change {
+                    from,
+                    to,
+                    reason: TransitionReason::Forced,
+                    at: now,
+                    until: None,
+                }
+            }
+            _ => self.close_locked(&mut g, now, TransitionReason::Reset),
+        };
+        drop(g);
+        self.touch(now);
+        self.announce(change);
+    }
+
+    fn announce(&self, c: Change) {
+        if matches!(c.to, CircuitState::Closed) {
+            tracing::info!(circuit.key = %self.label, circuit.from = c.from.as_str(), circuit.to = c.to.as_str(), reason = ?c.reason, "circuit state changed");
+        } else {
+            tracing::warn!(circuit.key = %self.label, circuit.from = c.from.as_str(), circuit.to = c.to.as_str(), reason = ?c.reason, "circuit state changed");
+        }
+        self.emitter.emit(&CircuitEvent::StateChanged {
+            key: self.key,
+            label: self.label.clone(),
+            from: c.from,
+            to: c.to,
+            reason: c.reason,
+            at: c.at,
+            until: c.until,
+        });
+    }
+
+    /// The state as stored (an open breaker whose duration ended stays `Open` until the
+    /// next call moves it to half-open).
+    pub(crate) fn state(&self) -> CircuitState {
+        code_state(self.state.load(Ordering::Acquire))
+    }
+
+    /// Whether a call arriving at `now` would be admitted (takes no permit).
+    pub(crate) fn would_admit(&self, now: Instant) -> bool {
+        let w = self.state.load(Ordering::Acquire);
+        match w & 7 {
+            CLOSED | FORCED_CLOSED => true,
+            FORCED_OPEN => false,
+            OPEN => self.nanos(now) >= self.open_until.load(Ordering::Acquire),
+            _ => self.lock().in_flight < self.cfg.half_open_probes,
+        }
+    }
+
+    /// When an open breaker starts probing.
+    pub(crate) fn open_until(&self) -> Option<Instant> {
+        match self.state.load(Ordering::Acquire) & 7 {
+            OPEN => Some(self.instant(self.open_until.load(Ordering::Acquire))),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn metrics(&self, now: Instant) -> Metrics {
+        let mut g = self.lock();
+        let tick = self.tick(self.nanos(now));
+        let st = g.bad.stats(self.calls.total(tick), tick);
+        let st = match self.state.load(Ordering::Acquire) & 7 {
+            CLOSED => st,
+            _ => Stats::default(),
+        };
+        Metrics {
+            key: self.key,
+            label: self.label.clone(),
+            state: self.state(),
+            calls: st.calls,
+            failures: st.failures,
+            slow_calls: st.slow,
+            consecutive_failures: self.consecutive.load(Ordering::Relaxed),
+            open_until: self.open_until(),
+            probes_in_flight: g.in_flight,
+            times_opened: g.opened,
+            rejected: self.rejected.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+
+    fn core(cfg: CircuitBreakerConfig, now: Instant) -> (Core, Arc<StdMutex<Vec<CircuitState>>>) {
+        let seen = Arc::new(StdMutex::new(Vec::new()));
+        let s = seen.clone();
+        let emitter = Emitter::new(move |e: &CircuitEvent| {
+            if let CircuitEvent::StateChanged { to, .. } = e {
+                s.lock().unwrap().push(*to);
+            }
+        });
+        let c = Core::new(Key::of("k"), "k".into(), Arc::new(cfg), now, emitter, now);
+        (c, seen)
+    }
+
+    fn call(c: &Core, now: Instant, v: Verdict) -> bool {
+        match c.admit(|| now) {
+            Admit::Pass { word, probe } => {
+                c.record(0, word, probe, v, false, now);
+                true
+            }
+            Admit::Untracked => true,
+            Admit::Reject { .. } => false,
+        }
+    }
+
+    #[test]
+    fn full_cycle_without_tower() {
+        let t0 = Instant::now();
+        let cfg = CircuitBreakerConfig::builder()
+            .count_window(4)
+            .minimum_calls(4)
+            .failure_rate(0.5)
+            .open_duration(Duration::from_secs(10))
+            .open_backoff(2.0, Duration::from_secs(25))
+            .half_open_successes(1)
+            .build()
+            .unwrap();
+        let (c, seen) = core(cfg, t0);
+        assert!(call(&c, t0, Verdict::Failure));
+        assert!(call(&c, t0, Verdict::Failure));
+        assert!(call(&c, t0, Verdict::Success));
+        assert_eq!(c.state(), CircuitState::Closed, "3 calls < minimum 4");
+        assert!(call(&c, t0, Verdict::Success)); // 2/4 = 50 %
+        assert_eq!(c.state(), CircuitState::Open);
+        assert!(!call(&c, t0 + Duration::from_secs(9), Verdict::Success));
+        // probe fails: open again for 20 s
+        let t1 = t0 + Duration::from_secs(10);
+        assert!(call(&c, t1, Verdict::Failure));
+        assert_eq!(c.open_until(), Some(t1 + Duration::from_secs(20)));
+        let t2 = t1 + Duration::from_secs(20);
+        assert!(call(&c, t2, Verdict::Failure));
+        assert_eq!(c.open_until(), Some(t2 + Duration::from_secs(25)), "capped");
+        let t3 = t2 + Duration::from_secs(25);
+        assert!(call(&c, t3, Verdict::Success));
+        assert_eq!(c.state(), CircuitState::Closed);
+        use CircuitState::*;
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [Open, HalfOpen, Open, HalfOpen, Open, HalfOpen, Closed]
+        );
+        assert_eq!(c.metrics(t3).times_opened, 3);
+    }
+
+    #[test]
+    fn stale_outcomes_are_not_counted() {
+        let t0 = Instant::now();
+        let cfg = CircuitBreakerConfig::builder()
+            .consecutive_failures(1)
+            .build()
+            .unwrap();
+        let (c, _) = core(cfg, t0);
+        let Admit::Pass { word: old, .. } = c.admit(|| t0) else {
+            panic!()
+        };
+        assert!(call(&c, t0, Verdict::Failure));
+        assert_eq!(c.state(), CircuitState::Open);
+        c.force(CircuitState::Closed, t0);
+        c.record(0, old, false, Verdict::Failure, false, t0);
+        assert_eq!(
+            c.state(),
+            CircuitState::Closed,
+            "an outcome from before the reset"
+        );
+    }
+}

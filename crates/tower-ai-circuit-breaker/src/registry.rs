@@ -1,0 +1,321 @@
+//! The per-key map of breakers: bounded, idle keys evicted, and found on the hot path
+//! without a lock, an allocation or a write to a shared cache line.
+//!
+//! Each key's breaker ([`Core`]) is reached through one [`Lane`] per thread stripe: a
+//! small `Arc` whose reference count lives on its own cache line. A call clones the lane
+//! of its thread's stripe (a write only that thread makes), so two tasks on two cores do
+//! not bounce a reference count between them. Lanes are found through a small per-thread
+//! cache (16 direct-mapped slots keyed by layer and key); a miss takes the shard's
+//! `RwLock` for reading, and only a new key takes it for writing.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::time::Instant;
+use tower_ai_core::keys::Key;
+
+use crate::breaker::Core;
+use crate::config::CircuitBreakerConfig;
+use crate::event::Emitter;
+use crate::window::{stripe_count, thread_stripe};
+
+/// A thread stripe's way to a breaker.
+#[repr(align(128))]
+#[derive(Debug)]
+pub(crate) struct Lane {
+    pub(crate) core: Arc<Core>,
+    pub(crate) stripe: usize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    core: Arc<Core>,
+    lanes: Box<[Arc<Lane>]>,
+}
+
+/// [`Key`]s are hashes already: use them as they are.
+#[derive(Debug, Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Shard = RwLock<HashMap<Key, Entry, BuildHasherDefault<KeyHasher>>>;
+
+const SHARDS: usize = 16;
+const CACHE_SLOTS: usize = 16;
+
+/// The breakers of one layer.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    uid: u64,
+    pub(crate) cfg: Arc<CircuitBreakerConfig>,
+    pub(crate) emitter: Emitter,
+    epoch: Instant,
+    shards: Box<[Shard]>,
+    per_shard: usize,
+}
+
+struct Slot {
+    layer: u64,
+    key: Key,
+    lane: Arc<Lane>,
+}
+
+thread_local! {
+    static CACHE: RefCell<[Option<Slot>; CACHE_SLOTS]> =
+        const { RefCell::new([const { None }; CACHE_SLOTS]) };
+}
+
+fn slot_of(layer: u64, key: Key) -> usize {
+    ((key.as_u64() ^ layer.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 60) as usize % CACHE_SLOTS
+}
+
+impl Registry {
+    pub(crate) fn new(cfg: CircuitBreakerConfig, emitter: Emitter) -> Registry {
+        static UID: AtomicU64 = AtomicU64::new(1);
+        let per_shard = cfg.max_keys.div_ceil(SHARDS).max(1);
+        Registry {
+            uid: UID.fetch_add(1, Ordering::Relaxed),
+            cfg: Arc::new(cfg),
+            emitter,
+            epoch: Instant::now(),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            per_shard,
+        }
+    }
+
+    fn shard(&self, key: Key) -> &Shard {
+        &self.shards[(key.as_u64() >> 32) as usize % SHARDS]
+    }
+
+    /// The calling thread's lane to `key`'s breaker, created if needed (`label` is called
+    /// only then). `None` when the map is full of keys that cannot be evicted (forced).
+    #[inline]
+    pub(crate) fn lane(&self, key: Key, label: impl FnOnce() -> String) -> Option<Arc<Lane>> {
+        let i = slot_of(self.uid, key);
+        let hit = CACHE
+            .try_with(|c| {
+                let c = c.borrow();
+                match &c[i] {
+                    Some(s)
+                        if s.layer == self.uid
+                            && s.key == key
+                            && !s.lane.core.evicted.load(Ordering::Relaxed) =>
+                    {
+                        Some(s.lane.clone())
+                    }
+                    _ => None,
+                }
+            })
+            .ok()
+            .flatten();
+        if hit.is_some() {
+            return hit;
+        }
+        self.lane_slow(key, i, label)
+    }
+
+    #[cold]
+    fn lane_slow(&self, key: Key, i: usize, label: impl FnOnce() -> String) -> Option<Arc<Lane>> {
+        let stripe = thread_stripe();
+        let lane = self
+            .lookup(key, stripe)
+            .or_else(|| self.insert(key, stripe, label))?;
+        let _ = CACHE.try_with(|c| {
+            if let Ok(mut c) = c.try_borrow_mut() {
+                c[i] = Some(Slot {
+                    layer: self.uid,
+                    key,
+                    lane: lane.clone(),
+                });
+            }
+        });
+        Some(lane)
+    }
+
+    fn lookup(&self, key: Key, stripe: usize) -> Option<Arc<Lane>> {
+        let map = self.shard(key).read().unwrap_or_else(|e| e.into_inner());
+        map.get(&key).map(|e| e.lanes[stripe].clone())
+    }
+
+    fn insert(&self, key: Key, stripe: usize, label: impl FnOnce() -> String) -> Option<Arc<Lane>> {
+        let now = Instant::now();
+        let mut map = self.shard(key).write().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = map.get(&key) {
+            return Some(e.lanes[stripe].clone());
+        }
+        // Forget idle keys; if still full, the least recently used one that is not forced.
+        let idle = self.cfg.idle_timeout;
+        map.retain(|_, e| {
+            let keep = e.core.is_forced() || e.core.idle_for(now) < idle;
+            if !keep {
+                e.core.evicted.store(true, Ordering::Relaxed);
+            }
+            keep
+        });
+        if map.len() >= self.per_shard {
+            let victim = map
+                .iter()
+                .filter(|(_, e)| !e.core.is_forced())
+                .min_by_key(|(_, e)| e.core.last_used())
+                .map(|(k, _)| *k);
+            match victim {
+                Some(k) => {
+                    if let Some(e) = map.remove(&k) {
+                        e.core.evicted.store(true, Ordering::Relaxed);
+                        tracing::debug!(circuit.key = %e.core.label, "circuit breaker map full: forgot the least recently used key");
+                    }
+                }
+                None => {
+                    tracing::warn!(
+                        "circuit breaker map full of forced keys: a new key passes unguarded"
+                    );
+                    return None;
+                }
+            }
+        }
+        let core = Arc::new(Core::new(
+            key,
+            Arc::from(label()),
+            self.cfg.clone(),
+            self.epoch,
+            self.emitter.clone(),
+            now,
+        ));
+        let lanes: Box<[Arc<Lane>]> = (0..stripe_count())
+            .map(|s| {
+                Arc::new(Lane {
+                    core: core.clone(),
+                    stripe: s,
+                })
+            })
+            .collect();
+        let lane = lanes[stripe].clone();
+        map.insert(key, Entry { core, lanes });
+        Some(lane)
+    }
+
+    /// The breaker of `key`, if it is tracked.
+    pub(crate) fn get(&self, key: Key) -> Option<Arc<Core>> {
+        let map = self.shard(key).read().unwrap_or_else(|e| e.into_inner());
+        map.get(&key).map(|e| e.core.clone())
+    }
+
+    /// The breaker of `key`, created (labelled `label`) if needed.
+    pub(crate) fn get_or_insert(
+        &self,
+        key: Key,
+        label: impl FnOnce() -> String,
+    ) -> Option<Arc<Core>> {
+        if let Some(c) = self.get(key) {
+            return Some(c);
+        }
+        self.insert(key, 0, label).map(|l| l.core.clone())
+    }
+
+    /// Every tracked breaker.
+    pub(crate) fn all(&self) -> Vec<Arc<Core>> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                let map = s.read().unwrap_or_else(|e| e.into_inner());
+                map.values().map(|e| e.core.clone()).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// How many keys are tracked.
+    pub(crate) fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    /// Forgets `key`.
+    pub(crate) fn remove(&self, key: Key) -> bool {
+        let mut map = self.shard(key).write().unwrap_or_else(|e| e.into_inner());
+        match map.remove(&key) {
+            Some(e) => {
+                e.core.evicted.store(true, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn reg(max: usize) -> Registry {
+        let cfg = CircuitBreakerConfig::builder()
+            .max_keys(max)
+            .idle_timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        Registry::new(cfg, Emitter::new(()))
+    }
+
+    #[test]
+    fn lanes_are_cached_per_thread_and_shared_per_key() {
+        let r = reg(64);
+        let a = r.lane(Key::of("a"), || "a".into()).unwrap();
+        let a2 = r
+            .lane(Key::of("a"), || unreachable!("no second insert"))
+            .unwrap();
+        assert!(Arc::ptr_eq(&a, &a2));
+        let b = r.lane(Key::of("b"), || "b".into()).unwrap();
+        assert!(!Arc::ptr_eq(&a.core, &b.core));
+        assert_eq!(r.len(), 2);
+        // another layer with the same key has its own breaker
+        let r2 = reg(64);
+        let other = r2.lane(Key::of("a"), || "a".into()).unwrap();
+        assert!(!Arc::ptr_eq(&a.core, &other.core));
+    }
+
+    #[test]
+    fn the_map_stays_bounded() {
+        let r = reg(SHARDS); // one key per shard
+        for i in 0..10_000u32 {
+            r.lane(Key::of(&i), || i.to_string()).unwrap();
+        }
+        assert!(r.len() <= SHARDS, "{}", r.len());
+        // an evicted key's cached lane is not used again
+        let k = Key::of(&0u32);
+        r.remove(k);
+        let fresh = r.lane(k, || "0".into()).unwrap();
+        assert!(!fresh.core.evicted.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_keys_are_forgotten() {
+        let r = reg(1024);
+        let a = r.lane(Key::of("a"), || "a".into()).unwrap();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        r.lane(Key::of("b"), || "b".into()).unwrap();
+        // "a" is only swept from its own shard; sweep every shard by inserting widely.
+        for i in 0..200u32 {
+            r.lane(Key::of(&i), || i.to_string()).unwrap();
+        }
+        assert!(a.core.evicted.load(Ordering::Relaxed));
+        assert!(r.get(Key::of("a")).is_none());
+    }
+}
