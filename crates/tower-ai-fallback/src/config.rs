@@ -20,7 +20,7 @@ pub type RouteService<ReqB, ResB> = BoxCloneSyncService<Request<ReqB>, Response<
 
 type RewriteFn<ReqB> = Arc<dyn Fn(&mut Request<ReqB>) -> Result<(), BoxError> + Send + Sync>;
 type DegradedFn<ReqB, ResB> = Arc<dyn Fn(&Request<ReqB>) -> Response<ResB> + Send + Sync>;
-type SkipFn = Arc<dyn Fn() -> bool + Send + Sync>;
+type SkipFn<ReqB> = Arc<dyn Fn(&Request<ReqB>) -> bool + Send + Sync>;
 
 /// What to do when a route fails with a given [`ErrorKind`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -135,7 +135,7 @@ pub struct Route<ReqB, ResB> {
     pub(crate) target: Target<ReqB, ResB>,
     pub(crate) context_window: Option<u64>,
     pub(crate) content_policy: bool,
-    pub(crate) skip: Option<SkipFn>,
+    pub(crate) skip: Option<SkipFn<ReqB>>,
     pub(crate) header: Option<HeaderValue>,
     pub(crate) served: Option<Served>,
 }
@@ -281,12 +281,15 @@ impl<ReqB, ResB> Route<ReqB, ResB> {
         self
     }
 
-    /// Skips the route without calling it while `f` returns true (a circuit breaker's
-    /// handle: `move || breaker.is_open(&key)`). A skipped route is recorded as a failure
-    /// of kind [`Overloaded`](ErrorKind::Overloaded).
+    /// Skips the route without calling it when `f` returns true for the request as it
+    /// would be sent (after this route's model rewrite and [`rewrite`](Route::rewrite)),
+    /// typically a circuit breaker's handle: `move |req| handle.is_open_for(req)`, which
+    /// derives the same key (host + model) the breaker below would. A skipped route is
+    /// recorded as a failure of kind [`Overloaded`](ErrorKind::Overloaded), and the chain
+    /// moves on at once.
     pub fn skip_if<F>(mut self, f: F) -> Self
     where
-        F: Fn() -> bool + Send + Sync + 'static,
+        F: Fn(&Request<ReqB>) -> bool + Send + Sync + 'static,
     {
         self.skip = Some(Arc::new(f));
         self

@@ -19,8 +19,8 @@ use crate::config::{Action, Chain, Route};
 pub struct Served {
     /// The route's name.
     pub route: Arc<str>,
-    /// The model the route asked for: its rewrite target, else the request's own model
-    /// when known.
+    /// The model the route asked for: its rewrite target, else the model of the request
+    /// it sent (after a cross-provider rewrite) when its body names one.
     pub model: Option<Arc<str>>,
     /// The route's position in the chain (0 for the first).
     pub index: usize,

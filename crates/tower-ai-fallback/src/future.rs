@@ -98,6 +98,8 @@ struct Ctx<S, ReqB, ResB> {
     failures: Vec<RouteFailure>,
     /// The last route's result, kept only with `return_last`.
     last: Option<Res<ResB>>,
+    /// The model the current route sent (not read on the first route's happy path).
+    sent_model: Option<Arc<str>>,
 }
 
 enum Step<F, O, X, R> {
@@ -148,6 +150,7 @@ where
             index: 0,
             failures: Vec::new(),
             last: None,
+            sent_model: None,
         };
         let state = match ctx.run_from(Some(0), Action::Next, 0) {
             Step::Run(state) => state,
@@ -193,22 +196,6 @@ where
                 let res = make(req);
                 return Step::Ready(Ok(self.mark(res, j)));
             }
-            if route.skip.as_ref().is_some_and(|skip| skip()) {
-                tracing::debug!(route = &*route.name, "route skipped (circuit open)");
-                self.failures.push(RouteFailure {
-                    route: route.name.to_string(),
-                    classification: Classification::failure(ErrorKind::Overloaded, self.provider()),
-                    message: "skipped: the route's skip predicate (circuit open) is true"
-                        .to_owned(),
-                });
-                candidate = next_route(&chain.routes, j, action, window);
-                continue;
-            }
-            if !self.take_attempt(j) {
-                tracing::debug!(route = &*route.name, "attempt budget spent");
-                candidate = degraded_after(&chain.routes, j);
-                continue;
-            }
             let mut req = match self.pending.take() {
                 Some(req) => req,
                 None => match self.original.as_ref().and_then(try_clone_request) {
@@ -232,6 +219,40 @@ where
                 });
                 candidate = next_route(&chain.routes, j, Action::Next, window);
                 continue;
+            }
+            if route.skip.as_ref().is_some_and(|skip| skip(&req)) {
+                tracing::debug!(route = &*route.name, "route skipped (circuit open)");
+                self.failures.push(RouteFailure {
+                    route: route.name.to_string(),
+                    classification: Classification::failure(
+                        ErrorKind::Overloaded,
+                        Provider::of(&req),
+                    ),
+                    message: "skipped: the route's skip predicate (circuit open) is true"
+                        .to_owned(),
+                });
+                if self.original.is_none() {
+                    // The only copy of a body that cannot be replayed: keep it for the
+                    // next route.
+                    self.pending = Some(req);
+                }
+                candidate = next_route(&chain.routes, j, action, window);
+                continue;
+            }
+            if !self.take_attempt(j) {
+                tracing::debug!(route = &*route.name, "attempt budget spent");
+                if self.original.is_none() {
+                    self.pending = Some(req);
+                }
+                candidate = degraded_after(&chain.routes, j);
+                continue;
+            }
+            if j > 0 || self.chain.mark_primary {
+                // What the route really asked for (a user rewrite may map the model).
+                self.sent_model = route
+                    .model
+                    .clone()
+                    .or_else(|| model_of(&req).map(|m| Arc::from(&*m)));
             }
             return Step::Run(match &route.target {
                 Target::Inner if self.svc_ready => {
@@ -332,12 +353,8 @@ where
         }
         let route = &self.chain.routes[j];
         if let Some(mut served) = route.served.clone() {
-            if served.model.is_none() && !served.degraded {
-                served.model = self
-                    .original
-                    .as_ref()
-                    .and_then(|r| model_of(r))
-                    .map(|m| Arc::from(&*m));
+            if !served.degraded {
+                served.model = self.sent_model.clone();
             }
             res.extensions_mut().insert(served);
         }
@@ -375,6 +392,7 @@ where
         rewrite: Some(f), ..
     } = &route.target
     {
+        req.extensions_mut().remove::<tower_ai_core::RequestMeta>();
         f(req).map_err(|e| format!("route {:?}: rewrite failed: {e}", &*route.name))?;
     }
     Ok(())

@@ -153,7 +153,10 @@ async fn run(skip: bool) -> Report {
     let mut a = Route::primary("a");
     if skip {
         let state = state.clone();
-        a = a.skip_if(move || standins::Breaker::<()>::is_open(&state, "model-a"));
+        a = a.skip_if(move |req| {
+            let key = model_of(req).unwrap_or_default();
+            standins::Breaker::<()>::is_open(&state, &key)
+        });
     }
     let chain = FallbackChain::<AiBody, ResBody>::builder()
         .route(a)

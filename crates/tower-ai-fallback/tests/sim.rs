@@ -173,3 +173,24 @@ async fn context_window_fallback_against_the_simulator() {
         digest(&rewrite_model(long.as_bytes(), "gpt-a-long").unwrap())
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn served_names_the_model_the_cross_provider_route_sent() {
+    let openai = openai_sim();
+    let anthropic = anthropic_sim();
+    let chain = FallbackChain::<AiBody, ResBody>::builder()
+        .route(Route::primary("openai-a"))
+        .route(
+            Route::service("anthropic", ClassifyLayer::new().layer(anthropic.service()))
+                .rewrite(openai_to_anthropic),
+        )
+        .build()
+        .unwrap();
+    let svc = ModelFallbackLayer::new(chain).layer(ClassifyLayer::new().layer(openai.service()));
+    let res = svc.oneshot(request()).await.unwrap();
+    let served = Served::get(&res).unwrap();
+    assert_eq!(
+        (&*served.route, served.model.as_deref()),
+        ("anthropic", Some("claude-b"))
+    );
+}

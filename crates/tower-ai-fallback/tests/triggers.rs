@@ -311,7 +311,7 @@ async fn an_open_circuit_is_skipped_without_a_call() {
     let open = Arc::new(AtomicBool::new(true));
     let flag = open.clone();
     let chain = FallbackChain::builder()
-        .route(Route::primary("a").skip_if(move || flag.load(Ordering::Relaxed)))
+        .route(Route::primary("a").skip_if(move |_| flag.load(Ordering::Relaxed)))
         .route(Route::model("b"))
         .build()
         .unwrap();
@@ -657,4 +657,28 @@ async fn a_body_that_cannot_be_replayed_is_sent_once() {
         "returned as is: no copy to send elsewhere"
     );
     assert_eq!(p.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn the_skip_predicate_sees_the_request_as_the_route_would_send_it() {
+    let p = Provider::new();
+    p.answer("a", status(503, OVERLOADED));
+    let chain =
+        FallbackChain::builder()
+            .route(Route::primary("a"))
+            .route(Route::model("b").skip_if(|req: &Request<AiBody>| {
+                tower_ai_core::model_of(req).as_deref() == Some("b")
+            }))
+            .route(Route::model("c"))
+            .max_attempts(Some(2))
+            .build()
+            .unwrap();
+    let res = send(chain, &p, chat("a")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        p.models_called(),
+        ["a", "c"],
+        "b skipped, and its skip cost no attempt"
+    );
+    assert_eq!(&*Served::get(&res).unwrap().route, "c");
 }
