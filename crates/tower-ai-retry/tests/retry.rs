@@ -13,6 +13,8 @@ use tower_ai_retry::{AiRetryLayer, Backoff, Jitter, OnExhausted, RetryStop, Stop
 use tower_test::mock;
 
 type Handle = mock::Handle<Request<String>, Response<Full<Bytes>>>;
+type Call =
+    tokio::task::JoinHandle<Result<Response<tower_ai_core::ClassifiedBody<Full<Bytes>>>, BoxError>>;
 
 const BODY: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
 
@@ -32,13 +34,7 @@ fn resp(status: u16, headers: &[(&str, &str)], body: &str) -> Response<Full<Byte
 }
 
 /// Spawns one call through `layer` → Classify → mock; returns the task and the handle.
-fn spawn_call(
-    layer: AiRetryLayer,
-    req: Request<String>,
-) -> (
-    tokio::task::JoinHandle<Result<Response<tower_ai_core::ClassifiedBody<Full<Bytes>>>, BoxError>>,
-    Handle,
-) {
+fn spawn_call(layer: AiRetryLayer, req: Request<String>) -> (Call, Handle) {
     let (svc, handle) = mock::pair::<Request<String>, Response<Full<Bytes>>>();
     let svc = ServiceBuilder::new()
         .layer(layer)
