@@ -89,6 +89,18 @@
 //! `CircuitOpen`, which moves on at once. A cross-provider route's service should carry
 //! its own stack (retry, breaker, classify) for its provider.
 //!
+//! Give a route the breaker's handle so an open route is not even called (nor its retry
+//! layer, which may otherwise wait for the circuit to half-open):
+//!
+//! ```ignore
+//! let breaker = CircuitBreakerLayer::builder().build()?;
+//! let handle = breaker.handle();
+//! let chain = FallbackChain::builder()
+//!     .route(Route::primary("gpt-4o").skip_if(move |req| handle.is_open_for(req)))
+//!     .route(Route::model("gpt-4o-mini"))
+//!     .build()?;
+//! ```
+//!
 //! # Cost
 //!
 //! The first route's call is made in `call` on the service `poll_ready` made ready, and

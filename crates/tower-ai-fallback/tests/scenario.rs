@@ -1,116 +1,24 @@
 //! Scenario: model A is down for the first 60 virtual seconds, model B is healthy.
-//! Stack, outermost first: ModelFallback → AiRetry → circuit breaker → Classify → simulator,
+//! Stack, outermost first: ModelFallback → AiRetry → CircuitBreaker → Classify → simulator,
 //! in process on a paused clock.
 //!
 //! Run with `cargo test -p tower-ai-fallback --test scenario -- --nocapture` for the report.
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
-use tower::{Layer, Service, ServiceExt};
-use tower_ai_core::{
-    model_of, AiBody, AiError, BoxError, Classification, ClassifiedBody, ClassifyLayer,
-};
+use http::Request;
+use tower::{Layer, ServiceExt};
+use tower_ai_circuit_breaker::CircuitBreakerLayer;
+use tower_ai_core::{AiBody, ClassifiedBody, ClassifyLayer};
 use tower_ai_fallback::{FallbackChain, ModelFallbackLayer, Route};
 use tower_ai_retry::{AiRetryLayer, Backoff, Jitter};
 use tower_ai_sim::{Latency, ModelSpec, Scenario, Simulator};
 
 type ResBody = ClassifiedBody<tower_ai_sim::SimBody>;
-type Res = Response<ResBody>;
-type BoxFut = Pin<Box<dyn Future<Output = Result<Res, BoxError>> + Send>>;
 
 const B_LATENCY: Duration = Duration::from_millis(400);
 const OUTAGE: Duration = Duration::from_secs(60);
 const OPEN_FOR: Duration = Duration::from_secs(10);
-
-/// A stand-in for CircuitBreaker (the crate had not landed when this scenario was
-/// written): it opens a model's circuit after 3 consecutive breaker failures, for 10 s,
-/// and refuses with `AiError::CircuitOpen { until }`; after that a call goes through as
-/// a probe.
-mod standins {
-    use super::*;
-
-    /// Consecutive failures, open until.
-    pub(super) type KeyState = (u32, Option<tokio::time::Instant>);
-
-    #[derive(Clone)]
-    pub(super) struct Breaker<S> {
-        pub(super) inner: S,
-        pub(super) state: Arc<Mutex<HashMap<String, KeyState>>>,
-    }
-
-    impl<S> Breaker<S> {
-        /// The breaker's handle check: is `key`'s circuit open (no probe due)?
-        pub(super) fn is_open(state: &Mutex<HashMap<String, KeyState>>, key: &str) -> bool {
-            let now = tokio::time::Instant::now();
-            state
-                .lock()
-                .unwrap()
-                .get(key)
-                .and_then(|e| e.1)
-                .is_some_and(|until| until > now)
-        }
-    }
-
-    impl<S> Service<Request<AiBody>> for Breaker<S>
-    where
-        S: Service<Request<AiBody>, Response = Res, Error = BoxError> + Clone + Send + 'static,
-        S::Future: Send,
-    {
-        type Response = Res;
-        type Error = BoxError;
-        type Future = BoxFut;
-        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-            self.inner.poll_ready(cx)
-        }
-        fn call(&mut self, req: Request<AiBody>) -> BoxFut {
-            let key = model_of(&req).map(|m| m.into_owned()).unwrap_or_default();
-            let now = tokio::time::Instant::now();
-            {
-                let mut st = self.state.lock().unwrap();
-                if let Some(e) = st.get_mut(&key) {
-                    match e.1 {
-                        Some(until) if until > now => {
-                            return Box::pin(async move {
-                                Err(Box::new(AiError::CircuitOpen { key, until }) as BoxError)
-                            });
-                        }
-                        // Half-open: this call is the one probe; others stay refused.
-                        Some(_) => e.1 = Some(now + OPEN_FOR),
-                        None => {}
-                    }
-                }
-            }
-            let fut = self.inner.call(req);
-            let state = self.state.clone();
-            Box::pin(async move {
-                let res = fut.await;
-                let failed = match &res {
-                    Ok(r) => Classification::of(r)
-                        .kind
-                        .is_some_and(|k| k.is_breaker_failure()),
-                    Err(_) => true,
-                };
-                let mut st = state.lock().unwrap();
-                let e = st.entry(key).or_insert((0, None));
-                if failed {
-                    e.0 += 1;
-                    if e.0 >= 3 {
-                        e.1 = Some(tokio::time::Instant::now() + OPEN_FOR);
-                    }
-                } else {
-                    *e = (0, None);
-                }
-                res
-            })
-        }
-    }
-}
 
 #[derive(Debug)]
 struct Outcome {
@@ -135,8 +43,8 @@ struct Report {
     b_served: usize,
 }
 
-/// Runs the scenario; with `skip`, route A carries a `skip_if` that checks the breaker's
-/// state, so an open route is not even called.
+/// Runs the scenario; with `skip`, route A carries a `skip_if` that asks the breaker's
+/// handle, so an open route is not even called.
 async fn run(skip: bool) -> Report {
     let sim = Simulator::new(
         Scenario::builder()
@@ -149,14 +57,21 @@ async fn run(skip: bool) -> Report {
             .build()
             .unwrap(),
     );
-    let state: Arc<Mutex<HashMap<String, standins::KeyState>>> = Arc::default();
+    // Opens after 3 failures in a row, for 10 s; one probe at a time when half-open.
+    let breaker = CircuitBreakerLayer::builder()
+        .count_window(10)
+        .minimum_calls(3)
+        .consecutive_failures(3)
+        .failure_rate(0.5)
+        .open_duration(OPEN_FOR)
+        .half_open_probes(1)
+        .half_open_successes(1)
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
     let mut a = Route::primary("a");
     if skip {
-        let state = state.clone();
-        a = a.skip_if(move |req| {
-            let key = model_of(req).unwrap_or_default();
-            standins::Breaker::<()>::is_open(&state, &key)
-        });
+        a = a.skip_if(move |req| handle.is_open_for(req));
     }
     let chain = FallbackChain::<AiBody, ResBody>::builder()
         .route(a)
@@ -164,10 +79,7 @@ async fn run(skip: bool) -> Report {
         .build()
         .unwrap();
     let routes = chain.clone();
-    let breaker = standins::Breaker {
-        inner: ClassifyLayer::new().layer(sim.service()),
-        state,
-    };
+    let breaker = breaker.layer(ClassifyLayer::new().layer(sim.service()));
     // AiRetry's max_wait (5 s) is below the breaker's open time (10 s), so a fresh
     // refusal ends its retries at once; in the last 5 s of an open period it sleeps until
     // the circuit half-opens (that is AiRetry's documented behaviour for `CircuitOpen`).
