@@ -325,7 +325,10 @@ mod tests {
             .idle(Duration::ZERO)
             .build_config()
             .unwrap_err();
-        assert_eq!(e.to_string(), "the idle deadline is zero: use None to turn it off");
+        assert_eq!(
+            e.to_string(),
+            "the idle deadline is zero: use None to turn it off"
+        );
         let e = StallConfig::builder()
             .first_byte(Duration::from_secs(10))
             .first_content(Duration::from_secs(5))

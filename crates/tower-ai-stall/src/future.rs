@@ -92,13 +92,10 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
 /// Whether a response is a server-sent-event stream worth reading.
 fn is_sse<B>(res: &Response<B>) -> bool {
     res.status().is_success()
-        && res
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| {
-                let v = v.as_bytes();
-                v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream")
-            })
+        && res.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+            let v = v.as_bytes();
+            v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream")
+        })
 }
 
 /// Polls the one timer of the future at `at`, creating it the first time it is needed
@@ -235,7 +232,8 @@ where
                         }
                     };
                     let done = end.is_none();
-                    let (Some(parts), Some(b), Some(t)) = (parts.take(), body.take(), tracker.take())
+                    let (Some(parts), Some(b), Some(t)) =
+                        (parts.take(), body.take(), tracker.take())
                     else {
                         panic!("ResponseFuture polled after completion");
                     };

@@ -108,7 +108,9 @@ mod tests {
     #[test]
     fn streamed_requests_are_recognised_without_the_body() {
         let req = |uri: &str| Request::post(uri).body(()).unwrap();
-        assert!(!is_streamed(&req("https://api.openai.com/v1/chat/completions")));
+        assert!(!is_streamed(&req(
+            "https://api.openai.com/v1/chat/completions"
+        )));
         assert!(is_streamed(&req(
             "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
         )));

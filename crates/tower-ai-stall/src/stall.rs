@@ -107,6 +107,8 @@ impl StreamOutcome {
 }
 
 /// What a deadline check found.
+// A short-lived return value: boxing the error would cost an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Check {
     /// Nothing expired yet; the next deadline is at this instant.
@@ -221,7 +223,8 @@ impl Tracker {
         if idle_armed {
             next = earliest(
                 next,
-                c.idle.map(|d| (self.last_progress + d, StallPhase::Idle, d)),
+                c.idle
+                    .map(|d| (self.last_progress + d, StallPhase::Idle, d)),
             );
         }
         earliest(next, total)
@@ -272,7 +275,11 @@ impl Tracker {
 
     /// A data chunk arrived at `now` (read lazily: only when an idle deadline needs it).
     /// Returns the error to deliver after this chunk, if it carried one.
-    pub(crate) fn on_data(&mut self, data: &[u8], now: impl FnOnce() -> Instant) -> Option<AiError> {
+    pub(crate) fn on_data(
+        &mut self,
+        data: &[u8],
+        now: impl FnOnce() -> Instant,
+    ) -> Option<AiError> {
         if data.is_empty() {
             return None;
         }
@@ -363,7 +370,10 @@ impl Tracker {
 }
 
 /// The earlier of two deadlines; on a tie the first (the more specific phase).
-fn earliest<T>(a: Option<(Instant, T, Duration)>, b: Option<(Instant, T, Duration)>) -> Option<(Instant, T, Duration)> {
+fn earliest<T>(
+    a: Option<(Instant, T, Duration)>,
+    b: Option<(Instant, T, Duration)>,
+) -> Option<(Instant, T, Duration)> {
     match (a, b) {
         (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
         (a, b) => a.or(b),
@@ -407,9 +417,23 @@ mod tests {
         // From the head (t0 + 1 s): first byte within 5 s.
         assert_eq!(t.deadline(), Some(t0 + 6 * S));
         assert!(matches!(t.check(t0 + 5 * S), Check::Wait(_)));
-        assert_eq!(phase(Tracker::new(config(), Provider::Anthropic, Some(StreamDialect::Anthropic), t0, t0 + S).check(t0 + 6 * S)), Some(StallPhase::FirstByte));
+        assert_eq!(
+            phase(
+                Tracker::new(
+                    config(),
+                    Provider::Anthropic,
+                    Some(StreamDialect::Anthropic),
+                    t0,
+                    t0 + S
+                )
+                .check(t0 + 6 * S)
+            ),
+            Some(StallPhase::FirstByte)
+        );
         // A ping is a byte but not content: first content by t0 + 21 s.
-        assert!(t.on_data(b"event: ping\ndata: {\"type\":\"ping\"}\n\n", || t0 + 2 * S).is_none());
+        assert!(t
+            .on_data(b"event: ping\ndata: {\"type\":\"ping\"}\n\n", || t0 + 2 * S)
+            .is_none());
         assert_eq!(t.deadline(), Some(t0 + 21 * S));
         assert_eq!(phase(t.check(t0 + 21 * S)), Some(StallPhase::FirstContent));
         let (mut t, t0) = tracker(config(), StreamDialect::Anthropic);
@@ -427,7 +451,11 @@ mod tests {
         let ping = b": keepalive\n\n";
         let delta = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
         for resets in [true, false] {
-            let c = config().to_builder().liveness_resets_idle(resets).build_config().unwrap();
+            let c = config()
+                .to_builder()
+                .liveness_resets_idle(resets)
+                .build_config()
+                .unwrap();
             let (mut t, t0) = tracker(c, StreamDialect::OpenAiChat);
             t.on_data(delta, || t0 + 2 * S);
             t.on_data(ping, || t0 + 8 * S);
@@ -440,13 +468,18 @@ mod tests {
     fn terminal_marker_and_truncation() {
         let (mut t, _) = tracker(config(), StreamDialect::OpenAiChat);
         t.on_data(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":\"length\"}]}\n\n", Instant::now);
-        assert!(matches!(t.on_end(), Some(AiError::Truncated { bytes_received }) if bytes_received > 0));
+        assert!(
+            matches!(t.on_end(), Some(AiError::Truncated { bytes_received }) if bytes_received > 0)
+        );
         let s = t.outcome().unwrap().get().unwrap().clone();
         assert_eq!(s.end, StreamEnd::Truncated);
         assert!(s.truncated_by_model());
 
         let (mut t, t0) = tracker(config(), StreamDialect::OpenAiChat);
-        t.on_data(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n", || t0);
+        t.on_data(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n",
+            || t0,
+        );
         // After the marker only the total deadline is armed, and expiry ends cleanly.
         assert_eq!(t.deadline(), Some(t0 + 100 * S));
         assert!(matches!(t.check(t0 + 100 * S), Check::End));
@@ -457,7 +490,11 @@ mod tests {
         t.on_data(b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"a\"}]},\"finishReason\":\"STOP\"}]}\r\n\r\n", || t0);
         assert!(t.on_end().is_none());
         // Unless required off, OpenAI without [DONE] is truncated; off, it is not.
-        let c = config().to_builder().require_terminal(false).build_config().unwrap();
+        let c = config()
+            .to_builder()
+            .require_terminal(false)
+            .build_config()
+            .unwrap();
         let (mut t, _) = tracker(c, StreamDialect::OpenAiChat);
         assert!(t.on_end().is_none());
     }
@@ -467,7 +504,9 @@ mod tests {
         let t0 = Instant::now();
         let mut t = Tracker::new(config(), Provider::OpenAi, None, t0, t0 + S);
         assert_eq!(t.deadline(), Some(t0 + 100 * S));
-        assert!(t.on_data(b"{\"error\":{\"message\":\"x\"}}", || t0).is_none());
+        assert!(t
+            .on_data(b"{\"error\":{\"message\":\"x\"}}", || t0)
+            .is_none());
         assert!(t.on_end().is_none());
         assert_eq!(t.bytes(), 25);
         assert!(t.outcome().is_none());
@@ -477,9 +516,20 @@ mod tests {
     #[test]
     fn head_deadline_by_request_kind() {
         let t0 = Instant::now();
-        let c = StallConfig::none().to_builder().head(3 * S).total(50 * S).build_config().unwrap();
-        assert_eq!(Tracker::head_deadline(&c, true, t0).map(|d| d.1), Some(StallPhase::Head));
-        assert_eq!(Tracker::head_deadline(&c, false, t0).map(|d| d.1), Some(StallPhase::Total));
+        let c = StallConfig::none()
+            .to_builder()
+            .head(3 * S)
+            .total(50 * S)
+            .build_config()
+            .unwrap();
+        assert_eq!(
+            Tracker::head_deadline(&c, true, t0).map(|d| d.1),
+            Some(StallPhase::Head)
+        );
+        assert_eq!(
+            Tracker::head_deadline(&c, false, t0).map(|d| d.1),
+            Some(StallPhase::Total)
+        );
         assert!(Tracker::head_deadline(&StallConfig::none(), true, t0).is_none());
     }
 }

@@ -1,0 +1,455 @@
+//! StallDetector against the simulated provider: in process on a paused clock (timing,
+//! every dialect), over real HTTP on 127.0.0.1 with a hyper-util client (wire behaviour,
+//! real clock, short waits), and under AiRetry.
+
+mod support;
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_ai_core::stream::FinishReason;
+use tower_ai_core::{AiBody, AiError, BoxError, ClassifyLayer, ErrorKind, StallPhase};
+use tower_ai_retry::AiRetryLayer;
+use tower_ai_sim::{
+    Latency, ModelSpec, Scenario, ScenarioBuilder, Simulator, StreamFault, StreamFaultKind,
+};
+use tower_ai_stall::{StallConfig, StallDetectorLayer, StreamEnd, StreamOutcome};
+
+use support::read_body;
+
+const MS: Duration = Duration::from_millis(1);
+
+#[derive(Clone, Copy, Debug)]
+enum Dialect {
+    OpenAi,
+    Anthropic,
+    Gemini,
+}
+const DIALECTS: [Dialect; 3] = [Dialect::OpenAi, Dialect::Anthropic, Dialect::Gemini];
+
+/// A streamed request of `dialect` for `model`, with `max_tokens`.
+fn request(base: &str, dialect: Dialect, max_tokens: u32) -> Request<AiBody> {
+    let (path, body) = match dialect {
+        Dialect::OpenAi => (
+            "/v1/chat/completions".to_owned(),
+            format!(
+                r#"{{"model":"m","stream":true,"max_tokens":{max_tokens},"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"Tell me a story"}}]}}"#
+            ),
+        ),
+        Dialect::Anthropic => (
+            "/v1/messages".to_owned(),
+            format!(
+                r#"{{"model":"m","stream":true,"max_tokens":{max_tokens},"messages":[{{"role":"user","content":"Tell me a story"}}]}}"#
+            ),
+        ),
+        Dialect::Gemini => (
+            "/v1beta/models/m:streamGenerateContent?alt=sse".to_owned(),
+            format!(
+                r#"{{"contents":[{{"parts":[{{"text":"Tell me a story"}}]}}],"generationConfig":{{"maxOutputTokens":{max_tokens}}}}}"#
+            ),
+        ),
+    };
+    Request::post(format!("{base}{path}"))
+        .header("content-type", "application/json")
+        .header("accept", "text/event-stream")
+        .body(AiBody::from(body))
+        .unwrap()
+}
+
+fn scenario() -> ScenarioBuilder {
+    Scenario::builder()
+        .seed(7)
+        .wall_clock(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        .default_model(ModelSpec::new("*").completion_tokens(12))
+        .token_interval(Latency::fixed(Duration::from_millis(50)))
+}
+
+/// What the simulator's body says without any detector: read until it ends, fails, or
+/// pauses for longer than `quiet` (a stall).
+async fn bare_bytes(sim: &Simulator, req: Request<AiBody>, quiet: Duration) -> Vec<u8> {
+    let res = sim.service().oneshot(req).await.unwrap();
+    let mut body = res.into_body();
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(quiet, body.frame()).await {
+        if let Ok(d) = frame.into_data() {
+            out.extend_from_slice(&d);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- in process, paused clock
+
+#[tokio::test(start_paused = true)]
+async fn stall_after_tokens_ends_with_stalled_at_the_idle_deadline() {
+    let fault = StreamFault::StallAfterTokens {
+        tokens: 4,
+        probability: 1.0,
+    };
+    for dialect in DIALECTS {
+        let build = || Simulator::new(scenario().stream_fault(fault).build().unwrap());
+        let expected =
+            bare_bytes(&build(), request("", dialect, 100), Duration::from_secs(5)).await;
+        assert!(!expected.is_empty());
+
+        let sim = build();
+        let idle = Duration::from_secs(2);
+        let svc = ServiceBuilder::new()
+            .layer(StallDetectorLayer::builder().idle(idle).build().unwrap())
+            .layer(ClassifyLayer::new())
+            .service(sim.service());
+        let t0 = Instant::now();
+        let res = svc.oneshot(request("", dialect, 100)).await.unwrap();
+        let outcome = res.extensions().get::<StreamOutcome>().cloned().unwrap();
+        let read = read_body(res.into_body()).await;
+        // Four tokens 50 ms apart, the last at 200 ms; then the idle deadline.
+        let at = t0.elapsed();
+        assert!(
+            at >= Duration::from_millis(2200) && at <= Duration::from_millis(2210),
+            "{dialect:?}: stalled at {at:?}"
+        );
+        let (phase, after, bytes) = read.stall();
+        assert_eq!((phase, after), (StallPhase::Idle, idle), "{dialect:?}");
+        assert_eq!(
+            read.bytes(),
+            expected,
+            "{dialect:?}: the bytes before the stall, intact"
+        );
+        assert_eq!(bytes, expected.len() as u64);
+        let summary = outcome.get().unwrap();
+        assert_eq!(summary.end, StreamEnd::Stalled(StallPhase::Idle));
+        assert!(summary.content_seen);
+        assert_eq!(
+            sim.calls()[0].stream_fault,
+            Some(StreamFaultKind::StallAfterTokens(4))
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn stall_before_the_first_token_fails_the_call() {
+    let sim = Simulator::new(
+        scenario()
+            .stream_fault(StreamFault::StallBeforeFirstToken { probability: 1.0 })
+            .build()
+            .unwrap(),
+    );
+    let first_byte = Duration::from_secs(10);
+    let svc = ServiceBuilder::new()
+        .layer(
+            StallDetectorLayer::builder()
+                .first_byte(first_byte)
+                .build()
+                .unwrap(),
+        )
+        .layer(ClassifyLayer::new())
+        .service(sim.service());
+    let t0 = Instant::now();
+    let err = svc
+        .oneshot(request("", Dialect::Anthropic, 100))
+        .await
+        .unwrap_err();
+    assert!(t0.elapsed() >= first_byte && t0.elapsed() <= first_byte + 5 * MS);
+    match err.downcast_ref::<AiError>() {
+        Some(AiError::Stalled {
+            phase: StallPhase::FirstByte,
+            after,
+            bytes_received: 0,
+        }) => assert_eq!(*after, first_byte),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn error_events_of_each_dialect_end_the_body_typed() {
+    let fault = StreamFault::ErrorEventAfterTokens {
+        tokens: 3,
+        probability: 1.0,
+    };
+    for dialect in DIALECTS {
+        let build = || Simulator::new(scenario().stream_fault(fault).build().unwrap());
+        let expected =
+            bare_bytes(&build(), request("", dialect, 100), Duration::from_secs(5)).await;
+        let sim = build();
+        let svc = ServiceBuilder::new()
+            .layer(StallDetectorLayer::new())
+            .layer(ClassifyLayer::new())
+            .service(sim.service());
+        let res = svc.oneshot(request("", dialect, 100)).await.unwrap();
+        let read = read_body(res.into_body()).await;
+        assert_eq!(
+            read.bytes(),
+            expected,
+            "{dialect:?}: every byte up to the error event"
+        );
+        match read.ai_error() {
+            AiError::Provider { classification } => {
+                assert_eq!(classification.status, 200);
+                let kind = classification.kind.unwrap();
+                assert!(kind.is_retryable(), "{dialect:?}: {kind:?}");
+                assert!(matches!(
+                    kind,
+                    ErrorKind::Overloaded | ErrorKind::ServerError
+                ));
+            }
+            other => panic!("{dialect:?}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn clean_streams_and_max_tokens_truncation_in_each_dialect() {
+    for dialect in DIALECTS {
+        for (max_tokens, truncated) in [(100, false), (5, true)] {
+            let sim = Simulator::new(scenario().build().unwrap());
+            let svc = ServiceBuilder::new()
+                .layer(StallDetectorLayer::new())
+                .layer(ClassifyLayer::new())
+                .service(sim.service());
+            let res = svc.oneshot(request("", dialect, max_tokens)).await.unwrap();
+            let outcome = res.extensions().get::<StreamOutcome>().cloned().unwrap();
+            let read = read_body(res.into_body()).await;
+            assert!(read.error.is_none(), "{dialect:?}: {:?}", read.error);
+            let s = outcome.get().unwrap();
+            assert_eq!(s.end, StreamEnd::Complete, "{dialect:?}");
+            assert_eq!(
+                s.truncated_by_model(),
+                truncated,
+                "{dialect:?} {max_tokens}"
+            );
+            let want = if truncated {
+                FinishReason::Length
+            } else {
+                FinishReason::Stop
+            };
+            assert_eq!(s.finish_reason, Some(want), "{dialect:?}");
+            assert_eq!(sim.calls()[0].truncated, truncated);
+            let usage = s.usage.unwrap_or_else(|| panic!("{dialect:?}: no usage"));
+            assert_eq!(
+                usage.output_tokens,
+                u64::from(sim.calls()[0].completion_tokens)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- with AiRetry
+
+#[tokio::test(start_paused = true)]
+async fn a_stall_before_the_first_byte_is_retried_and_the_caller_gets_the_whole_answer() {
+    // Half of the streams stall before their first byte. The draw is seeded: take the
+    // first seed whose first stream stalls (the assertions below hold for any seed).
+    for seed in 0..16 {
+        let sim = Simulator::new(
+            scenario()
+                .seed(seed)
+                .stream_fault(StreamFault::StallBeforeFirstToken { probability: 0.5 })
+                .build()
+                .unwrap(),
+        );
+        let svc = ServiceBuilder::new()
+            .layer(
+                AiRetryLayer::builder()
+                    .max_attempts(8)
+                    .seed(1)
+                    .build()
+                    .unwrap(),
+            )
+            .layer(
+                StallDetectorLayer::builder()
+                    .first_byte(Duration::from_secs(5))
+                    .build()
+                    .unwrap(),
+            )
+            .layer(ClassifyLayer::new())
+            .service(sim.service());
+        let t0 = Instant::now();
+        let res = svc
+            .oneshot(request("", Dialect::OpenAi, 100))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let outcome = res.extensions().get::<StreamOutcome>().cloned().unwrap();
+        let read = read_body(res.into_body()).await;
+        assert!(read.error.is_none(), "{:?}", read.error);
+        let s = outcome.get().unwrap();
+        assert!(s.is_complete() && s.terminal_seen);
+        assert_eq!(s.usage.unwrap().output_tokens, 12);
+
+        let calls = sim.calls();
+        let (last, stalled) = calls.split_last().unwrap();
+        assert!(stalled
+            .iter()
+            .all(|c| c.stream_fault == Some(StreamFaultKind::StallBeforeFirstToken)));
+        assert_eq!(last.stream_fault, None);
+        if stalled.is_empty() {
+            continue;
+        }
+        // Each stalled attempt cost its first-byte deadline, not the simulator's 1 h stall.
+        assert!(
+            t0.elapsed() < Duration::from_secs(5 * 8 + 60),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(calls.iter().all(|c| c.body_digest == calls[0].body_digest));
+        return;
+    }
+    panic!("no seed made the first stream stall");
+}
+#[tokio::test(start_paused = true)]
+async fn a_stall_after_content_is_not_retried() {
+    let sim = Simulator::new(
+        scenario()
+            .stream_fault(StreamFault::StallAfterTokens {
+                tokens: 2,
+                probability: 1.0,
+            })
+            .build()
+            .unwrap(),
+    );
+    let svc = ServiceBuilder::new()
+        .layer(AiRetryLayer::new(4))
+        .layer(
+            StallDetectorLayer::builder()
+                .idle(Duration::from_secs(3))
+                .build()
+                .unwrap(),
+        )
+        .layer(ClassifyLayer::new())
+        .service(sim.service());
+    let res = svc
+        .oneshot(request("", Dialect::OpenAi, 100))
+        .await
+        .unwrap();
+    let read = read_body(res.into_body()).await;
+    assert_eq!(read.stall().0, StallPhase::Idle);
+    assert_eq!(sim.calls().len(), 1, "bytes reached the caller: no replay");
+}
+
+// ---------------------------------------------------------------- over real HTTP
+
+#[tokio::test]
+async fn loopback_stall_after_tokens_ends_with_stalled_within_the_idle_deadline() {
+    let build = || {
+        Simulator::new(
+            scenario()
+                .token_interval(Latency::fixed(Duration::from_millis(10)))
+                .stream_fault(StreamFault::StallAfterTokens {
+                    tokens: 5,
+                    probability: 1.0,
+                })
+                .stall_duration(Duration::from_secs(5))
+                .build()
+                .unwrap(),
+        )
+    };
+    // The bytes the simulator sends before its stall, read in process from an identical
+    // scenario (same seed, same wall clock, first call).
+    let expected = bare_bytes(
+        &build(),
+        request("", Dialect::OpenAi, 100),
+        Duration::from_millis(300),
+    )
+    .await;
+    assert!(expected.windows(7).filter(|w| w == b"content").count() >= 5);
+
+    let sim = build();
+    let server = sim.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http::<AiBody>();
+    let idle = Duration::from_millis(200);
+    let svc = ServiceBuilder::new()
+        .layer(StallDetectorLayer::builder().idle(idle).build().unwrap())
+        .layer(ClassifyLayer::new())
+        .service(client);
+    let res = tokio::time::timeout(
+        Duration::from_secs(5),
+        svc.oneshot(request(&server.url(), Dialect::OpenAi, 100)),
+    )
+    .await
+    .expect("head within 5 s")
+    .unwrap();
+    assert_eq!(res.status(), 200);
+
+    let mut body = std::pin::pin!(res.into_body());
+    let mut bytes = Vec::new();
+    let mut last_data = Instant::now();
+    let err: BoxError = loop {
+        match tokio::time::timeout(Duration::from_secs(5), body.frame()).await {
+            Err(_) => panic!("no stall detected within 5 s"),
+            Ok(None) => panic!("the body ended cleanly"),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(d) = frame.into_data() {
+                    bytes.extend_from_slice(&d);
+                    last_data = Instant::now();
+                }
+            }
+            Ok(Some(Err(e))) => break e,
+        }
+    };
+    let quiet = last_data.elapsed();
+    match err.downcast_ref::<AiError>() {
+        Some(AiError::Stalled {
+            phase: StallPhase::Idle,
+            after,
+            bytes_received,
+        }) => {
+            assert_eq!(*after, idle);
+            assert_eq!(*bytes_received, bytes.len() as u64);
+        }
+        other => panic!("expected an idle stall, got {other:?} ({err})"),
+    }
+    assert!(
+        quiet >= idle - Duration::from_millis(5) && quiet <= idle + Duration::from_millis(250),
+        "stall reported {quiet:?} after the last byte; idle deadline {idle:?}"
+    );
+    assert_eq!(
+        bytes, expected,
+        "the bytes before the stall, intact over the wire"
+    );
+    server.shutdown_with_grace(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn loopback_clean_stream_passes_through() {
+    let sim = Simulator::new(
+        scenario()
+            .token_interval(Latency::fixed(Duration::from_millis(2)))
+            .build()
+            .unwrap(),
+    );
+    let server = sim.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http::<AiBody>();
+    let svc = ServiceBuilder::new()
+        .layer(StallDetectorLayer::with_config(StallConfig::default()))
+        .layer(ClassifyLayer::new())
+        .service(client);
+    for dialect in DIALECTS {
+        let res: Response<_> = tokio::time::timeout(
+            Duration::from_secs(5),
+            svc.clone().oneshot(request(&server.url(), dialect, 100)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let outcome = res.extensions().get::<StreamOutcome>().cloned().unwrap();
+        let body = res.into_body();
+        assert!(!body.is_end_stream());
+        let bytes: Bytes = tokio::time::timeout(Duration::from_secs(5), body.collect())
+            .await
+            .unwrap()
+            .unwrap()
+            .to_bytes();
+        assert!(!bytes.is_empty());
+        let s = outcome.get().unwrap();
+        assert!(s.is_complete(), "{dialect:?}: {s:?}");
+        assert_eq!(s.bytes_received, bytes.len() as u64);
+    }
+    server.shutdown().await;
+}
