@@ -48,6 +48,11 @@ pub(crate) fn judge_response<ReqB, ResB, B>(
     chain: &Chain<ReqB, ResB>,
     res: &Response<B>,
 ) -> Option<Failure> {
+    // The happy path: a 2xx that `Classify` left unmarked is a success; no verdict is
+    // built for it.
+    if res.status().is_success() && res.extensions().get::<Classification>().is_none() {
+        return None;
+    }
     let c = Classification::of(res);
     let kind = c.kind?;
     let long_wait = c.wait.is_some_and(|w| w.exceeds_max());

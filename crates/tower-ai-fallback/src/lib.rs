@@ -109,6 +109,12 @@
 //! What the happy path pays for: one copy of the request kept for later routes (headers
 //! and extensions are cloned; an `AiBody`'s bytes are reference-counted) and, when the
 //! budget is shared with the layers below, the budget's `Arc` and its extension entry.
+//! Measured (`benches/allocations.rs`, a request with two headers): 4 allocations for the
+//! copy (the header map's two tables, and one per header value built from a `&str` on
+//! its first clone; `HeaderValue::from_static` values clone for free), 4 more for the
+//! shared budget ([`share_budget(false)`](FallbackChainBuilder::share_budget) when no
+//! retry layer below reads it), 1 more for a first route that rewrites the model. A
+//! one-route chain keeps no copy.
 //! Later routes on the wrapped service go through [`tower::util::Oneshot`]; cross-provider
 //! routes are [`tower::util::BoxCloneSyncService`]s (boxed future).
 //!
