@@ -67,7 +67,8 @@ pin_project! {
     #[project = StateProj]
     enum State<F, O> {
         Called { #[pin] fut: F },
-        Waiting { #[pin] sleep: Sleep },
+        // Boxed: only a retry pays for it, and the happy path's future stays small.
+        Waiting { sleep: Pin<Box<Sleep>> },
         Retrying { #[pin] fut: O },
     }
 }
@@ -270,7 +271,7 @@ where
                 StateProj::Called { fut } => ready!(fut.poll(cx)).map_err(Into::into),
                 StateProj::Retrying { fut } => ready!(fut.poll(cx)).map_err(Into::into),
                 StateProj::Waiting { sleep } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     *this.attempts += 1;
                     // Keep a copy while another retry is possible; the last attempt
                     // takes the retained request itself.
@@ -311,7 +312,7 @@ where
                 }
                 Step::Wait(wait) => {
                     this.state.set(State::Waiting {
-                        sleep: tokio::time::sleep(wait),
+                        sleep: Box::pin(tokio::time::sleep(wait)),
                     });
                 }
             }
@@ -327,6 +328,17 @@ fn decide<B, ResB>(
     let attempt = ctx.attempts;
     match result {
         Ok(res) => {
+            // The happy path: a non-error status that `Classify` did not mark as a failure.
+            let status = res.status();
+            if !(status.is_client_error() || status.is_server_error())
+                && res
+                    .extensions()
+                    .get::<Classification>()
+                    .is_none_or(Classification::is_success)
+            {
+                tracing::debug!(parent: span, attempt, http.response.status_code = status.as_u16(), "ai_retry attempt succeeded");
+                return Step::Done(Ok(res));
+            }
             let c = Classification::of(&res);
             if c.is_success() {
                 tracing::debug!(parent: span, attempt, http.response.status_code = res.status().as_u16(), "ai_retry attempt succeeded");
