@@ -108,6 +108,9 @@ impl Classification {
     pub fn of<B>(res: &http::Response<B>) -> Cow<'_, Classification> {
         match res.extensions().get::<Classification>() {
             Some(c) => Cow::Borrowed(c),
+            None if !is_error_status(res.status()) => {
+                Cow::Owned(Classification::success(res.status(), Provider::Generic))
+            }
             None => Cow::Owned(classify_head(
                 Provider::Generic,
                 res.status(),
@@ -203,7 +206,7 @@ pub(crate) fn classify_head(
     config: &ClassifyConfig,
     now: SystemTime,
 ) -> Classification {
-    if status.is_success() || status.is_informational() || status.is_redirection() {
+    if !is_error_status(status) {
         return Classification::success(status, provider);
     }
     Classification {
@@ -219,6 +222,12 @@ pub(crate) fn classify_head(
         rate_limit: RateLimitInfo::from_headers(headers, now),
         error: None,
     }
+}
+
+/// Whether a status is an error (4xx, 5xx, or anything outside 100–399): what `Classify`
+/// reads the body of.
+pub(crate) fn is_error_status(status: StatusCode) -> bool {
+    !(status.is_success() || status.is_informational() || status.is_redirection())
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -274,9 +283,14 @@ impl BodyFacts {
             }
         };
         facts.error.message = text(err.get("message"));
-        facts.error.error_type = text(err.get("type")).or_else(|| text(err.get("status")));
+        // Gemini's `status` is a canonical code name ("RESOURCE_EXHAUSTED") and its `code`
+        // the HTTP status; Azure's errors can carry a numeric `status` beside a string `code`
+        // ("content_filter"), which must stay the code.
+        let gemini_status = err.get("status").and_then(Value::as_str);
+        facts.error.error_type = text(err.get("type").filter(|t| !t.is_null()))
+            .or_else(|| gemini_status.map(|s| truncate(s, 1024).to_owned()));
         facts.error.code = text(err.get("details").and_then(|d| d.get("error_code")))
-            .or_else(|| text(err.get("code")).filter(|_| err.get("status").is_none()));
+            .or_else(|| text(err.get("code")).filter(|_| gemini_status.is_none()));
         facts.error.request_id = text(root.get("request_id"));
         facts.policy_violation = err
             .get("innererror")

@@ -82,7 +82,7 @@ where
                         }
                     };
                     let status = res.status();
-                    if status.is_success() || status.is_informational() || status.is_redirection() {
+                    if !crate::classify::is_error_status(status) {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(res.map(ClassifiedBody::passthrough)));
                     }

@@ -20,6 +20,8 @@
 //! - [`sse`] and [`stream`]: an SSE push parser and a dialect-aware stream reader.
 //! - [`keys`]: per-key state keys, with API keys hashed, never stored.
 //! - [`AiError`]: the one error type, with every layer's refusal as a variant.
+//! - [`AttemptBudget`]: one cap on upstream calls per logical request, shared by
+//!   ModelFallback and AiRetry through the request's extensions.
 //!
 //! ```
 //! use http::{HeaderMap, StatusCode};
@@ -34,6 +36,7 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod attempt;
 mod body;
 mod classify;
 pub mod duration;
@@ -49,12 +52,13 @@ mod service;
 pub mod sse;
 pub mod stream;
 
+pub use attempt::AttemptBudget;
 pub use body::{try_clone_request, AiBody, ClassifiedBody, ReplayBody};
 pub use classify::{classify, classify_at, Classification, ClassifyConfig, ProviderError};
 pub use error::{AiError, BoxError, BudgetLimit, RouteFailure, StallPhase};
 pub use kind::ErrorKind;
 pub use layer::ClassifyLayer;
-pub use meta::{model_of, top_level_string, RequestMeta, Usage};
+pub use meta::{model_of, top_level_string, top_level_value_span, RequestMeta, Usage};
 pub use provider::Provider;
 pub use ratelimit::{response_clock, Bucket, RateLimitInfo, RequestedWait, WaitSource};
 pub use service::Classify;

@@ -164,6 +164,31 @@ pub fn model_of<B: ReplayBody>(req: &http::Request<B>) -> Option<Cow<'_, str>> {
 /// that skips nested values and string contents and stops at the key. `None` if the body
 /// is not an object, the key is missing or its value is not a string.
 pub fn top_level_string<'a>(json: &'a [u8], key: &[u8]) -> Option<Cow<'a, str>> {
+    let span = top_level_value_span(json, key)?;
+    let quoted = &json[span.clone()];
+    let raw = &quoted[1..quoted.len() - 1];
+    if raw.contains(&b'\\') {
+        serde_json::from_slice::<String>(quoted)
+            .ok()
+            .map(Cow::Owned)
+    } else {
+        std::str::from_utf8(raw).ok().map(Cow::Borrowed)
+    }
+}
+
+/// The byte span of the top-level string value of `key` in a JSON object, quotes
+/// included: the walk of [`top_level_string`], for callers that splice a new value in
+/// (ModelFallback rewrites the `model` this way, keeping every other byte).
+///
+/// `None` if the body is not a JSON object, the key is missing, or its value is not a
+/// string. The first occurrence wins; keys are compared as raw bytes.
+///
+/// ```
+/// let body = br#"{"messages":[{"model":"inner"}], "model" : "gpt-4o"}"#;
+/// let span = tower_ai_core::top_level_value_span(body, b"model").unwrap();
+/// assert_eq!(&body[span], br#""gpt-4o""#);
+/// ```
+pub fn top_level_value_span(json: &[u8], key: &[u8]) -> Option<std::ops::Range<usize>> {
     let mut i = skip_ws(json, 0);
     if json.get(i) != Some(&b'{') {
         return None;
@@ -190,15 +215,8 @@ pub fn top_level_string<'a>(json: &'a [u8], key: &[u8]) -> Option<Cow<'a, str>> 
             if json.get(i) != Some(&b'"') {
                 return None;
             }
-            let (v_start, v_end) = string_span(json, i)?;
-            let raw = &json[v_start..v_end];
-            return if raw.contains(&b'\\') {
-                serde_json::from_slice::<String>(&json[i..=v_end])
-                    .ok()
-                    .map(Cow::Owned)
-            } else {
-                std::str::from_utf8(raw).ok().map(Cow::Borrowed)
-            };
+            let (_, v_end) = string_span(json, i)?;
+            return Some(i..v_end + 1);
         }
         i = skip_value(json, i)?;
     }

@@ -213,6 +213,14 @@ fn azure_shapes() {
     let filtered = r#"{"error":{"message":"The response was filtered due to the prompt triggering Azure OpenAI's content management policy.","type":null,"param":"prompt","code":"content_filter","status":400,"innererror":{"code":"ResponsibleAIPolicyViolation","content_filter_result":{"hate":{"filtered":true,"severity":"high"}}}}}"#;
     let c = run(Provider::AzureOpenAi, 400, &[], filtered);
     assert_eq!(kind(&c), ErrorKind::ContentFiltered);
+    // The same without `innererror`: the string `code` decides, beside a numeric `status`.
+    let bare = r#"{"error":{"message":"The response was filtered","type":null,"param":"prompt","code":"content_filter","status":400}}"#;
+    let c = run(Provider::AzureOpenAi, 400, &[], bare);
+    assert_eq!(kind(&c), ErrorKind::ContentFiltered);
+    assert_eq!(
+        c.error.as_ref().unwrap().code.as_deref(),
+        Some("content_filter")
+    );
     assert!(ErrorKind::ContentFiltered.is_fallback_trigger() && !c.is_retryable());
 }
 

@@ -1,49 +1,8 @@
 //! Rewriting a JSON request body's top-level `model` value, every other byte kept.
 
-use std::ops::Range;
-
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// The byte span of the top-level string value of `key` in a JSON object, quotes
-/// included, found by one forward scan that skips nested values and string contents
-/// (the same walk as [`tower_ai_core::top_level_string`], which returns the value only).
-///
-/// `None` if the body is not a JSON object, the key is missing, or its value is not a
-/// string. The first occurrence wins, as in `top_level_string`. Keys are compared as raw
-/// bytes (a key written with escapes does not match).
-pub fn top_level_value_span(json: &[u8], key: &[u8]) -> Option<Range<usize>> {
-    let mut i = skip_ws(json, 0);
-    if json.get(i) != Some(&b'{') {
-        return None;
-    }
-    i += 1;
-    loop {
-        i = skip_ws(json, i);
-        match json.get(i)? {
-            b'}' => return None,
-            b',' => {
-                i += 1;
-                continue;
-            }
-            b'"' => {}
-            _ => return None,
-        }
-        let key_end = string_end(json, i)?;
-        let is_key = &json[i + 1..key_end] == key;
-        i = skip_ws(json, key_end + 1);
-        if json.get(i) != Some(&b':') {
-            return None;
-        }
-        i = skip_ws(json, i + 1);
-        if is_key {
-            if json.get(i) != Some(&b'"') {
-                return None;
-            }
-            return Some(i..string_end(json, i)? + 1);
-        }
-        i = skip_value(json, i)?;
-    }
-}
+pub use tower_ai_core::top_level_value_span;
 
 /// `model` as a JSON string literal (quotes and escapes), ready to splice into a body.
 pub(crate) fn json_string(model: &str) -> Bytes {
@@ -75,57 +34,6 @@ pub(crate) fn replace_model(body: &[u8], quoted: &[u8]) -> Option<Bytes> {
 /// ```
 pub fn rewrite_model(body: &[u8], model: &str) -> Option<Bytes> {
     replace_model(body, &json_string(model))
-}
-
-fn skip_ws(b: &[u8], mut i: usize) -> usize {
-    while matches!(b.get(i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
-        i += 1;
-    }
-    i
-}
-
-/// For a string starting at `b[i] == '"'`: the index of its closing quote.
-fn string_end(b: &[u8], i: usize) -> Option<usize> {
-    let mut j = i + 1;
-    loop {
-        match b.get(j)? {
-            b'"' => return Some(j),
-            b'\\' => j += 2,
-            _ => j += 1,
-        }
-    }
-}
-
-/// Skips one JSON value starting at `b[i]`; returns the index after it.
-fn skip_value(b: &[u8], i: usize) -> Option<usize> {
-    match b.get(i)? {
-        b'"' => Some(string_end(b, i)? + 1),
-        b'{' | b'[' => {
-            let mut depth = 0usize;
-            let mut j = i;
-            loop {
-                match b.get(j)? {
-                    b'"' => j = string_end(b, j)?,
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth = depth.checked_sub(1)?;
-                        if depth == 0 {
-                            return Some(j + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                j += 1;
-            }
-        }
-        _ => {
-            let mut j = i;
-            while !matches!(b.get(j), None | Some(b',' | b'}' | b']')) {
-                j += 1;
-            }
-            (j > i).then_some(j)
-        }
-    }
 }
 
 #[cfg(test)]
