@@ -130,6 +130,9 @@ pub(crate) struct Core {
     armed: AtomicBool,
     consecutive: AtomicU32,
     last_used: AtomicU64,
+    /// Set by closed-state successes (which read no clock); turned into `last_used` by
+    /// the registry's sweep.
+    used: AtomicBool,
     pub(crate) evicted: AtomicBool,
     rejected: AtomicU64,
     calls: Calls,
@@ -162,6 +165,7 @@ impl Core {
             armed: AtomicBool::new(false),
             consecutive: AtomicU32::new(0),
             last_used: AtomicU64::new(0),
+            used: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
             rejected: AtomicU64::new(0),
             calls: Calls::new(cfg.window, stripe_count()),
@@ -207,12 +211,25 @@ impl Core {
         }
     }
 
+    /// Marks the key as used without a clock read: a flag written once per sweep at most.
+    #[inline]
+    fn mark_used(&self) {
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Seconds since the epoch at the last use, + 1.
     pub(crate) fn last_used(&self) -> u64 {
         self.last_used.load(Ordering::Relaxed)
     }
 
+    /// How long the key has gone unused, as of `now`. A use seen only through the
+    /// flag counts as a use at `now`: never early, at worst one sweep late.
     pub(crate) fn idle_for(&self, now: Instant) -> Duration {
+        if self.used.swap(false, Ordering::Relaxed) {
+            self.touch(now);
+        }
         let now_s = self.nanos(now) / 1_000_000_000 + 1;
         Duration::from_secs(now_s.saturating_sub(self.last_used()))
     }
@@ -222,6 +239,13 @@ impl Core {
             self.state.load(Ordering::Relaxed) & 7,
             FORCED_OPEN | FORCED_CLOSED
         )
+    }
+
+    /// Whether recording a closed-state success needs the time: time windows bucket by
+    /// it. (Slow-call detection reads the clock itself, at start and end.)
+    #[inline]
+    pub(crate) fn success_needs_clock(&self) -> bool {
+        matches!(self.cfg.window, Window::Time { .. })
     }
 
     /// Whether slow-call detection needs the call's start time.
@@ -315,7 +339,9 @@ impl Core {
         decision
     }
 
-    /// Records a completed call admitted with `word`, at `now`, from thread stripe `stripe`.
+    /// Records a completed call admitted with `word`, from thread stripe `stripe`; `now`
+    /// is `Some` when the caller read the clock already. A closed-state success in a
+    /// count window reads no clock.
     #[inline]
     pub(crate) fn record(
         &self,
@@ -324,12 +350,14 @@ impl Core {
         probe: bool,
         verdict: Verdict,
         slow: bool,
-        now: Instant,
+        now: Option<Instant>,
     ) {
-        self.touch(now);
         if probe {
+            let now = now.unwrap_or_else(Instant::now);
+            self.touch(now);
             return self.record_probe(word, verdict, slow, now);
         }
+        self.mark_used();
         if self.state.load(Ordering::Acquire) != word {
             return; // admitted under an earlier state: says nothing about this one
         }
@@ -338,7 +366,12 @@ impl Core {
             Verdict::Failure => true,
             Verdict::Success => false,
         };
-        let tick = self.tick(self.nanos(now));
+        let mut now = now;
+        let tick = if self.success_needs_clock() {
+            self.tick(self.nanos(*now.get_or_insert_with(Instant::now)))
+        } else {
+            0
+        };
         let mut added = false;
         if !failure && !slow {
             if self.cfg.consecutive_failures.is_some()
@@ -351,6 +384,8 @@ impl Core {
                 return; // the common case: a success cannot raise a rate
             }
         }
+        let now = now.unwrap_or_else(Instant::now);
+        self.touch(now);
         self.record_locked(stripe, word, tick, failure, slow, added, now);
     }
 
@@ -639,7 +674,7 @@ mod tests {
     fn call(c: &Core, now: Instant, v: Verdict) -> bool {
         match c.admit(|| now) {
             Admit::Pass { word, probe } => {
-                c.record(0, word, probe, v, false, now);
+                c.record(0, word, probe, v, false, Some(now));
                 true
             }
             Admit::Untracked => true,
@@ -699,7 +734,7 @@ mod tests {
         assert!(call(&c, t0, Verdict::Failure));
         assert_eq!(c.state(), CircuitState::Open);
         c.force(CircuitState::Closed, t0);
-        c.record(0, old, false, Verdict::Failure, false, t0);
+        c.record(0, old, false, Verdict::Failure, false, Some(t0));
         assert_eq!(
             c.state(),
             CircuitState::Closed,

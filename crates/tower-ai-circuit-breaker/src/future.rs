@@ -38,11 +38,13 @@ impl Ticket {
 
     fn finish(mut self, verdict: Verdict) {
         self.done = true;
-        let now = Instant::now();
         let core = &self.lane.core;
-        let slow = match self.start {
-            Some(s) => core.is_slow(now.saturating_duration_since(s)),
-            None => false,
+        let (now, slow) = match self.start {
+            Some(s) => {
+                let now = Instant::now();
+                (Some(now), core.is_slow(now.saturating_duration_since(s)))
+            }
+            None => (None, false),
         };
         core.record(self.lane.stripe, self.word, self.probe, verdict, slow, now);
     }
@@ -82,8 +84,10 @@ pin_project! {
             fut: F,
             ticket: Option<Ticket>,
         },
+        // Boxed when made (the caller gets a `BoxError` anyway): an `AiError` inline
+        // would make every future of this type several hundred bytes to move.
         Rejected {
-            err: Option<AiError>,
+            err: Option<BoxError>,
         },
     }
 }
@@ -97,7 +101,9 @@ impl<F> ResponseFuture<F> {
 
     pub(crate) fn rejected(err: AiError) -> Self {
         ResponseFuture {
-            state: State::Rejected { err: Some(err) },
+            state: State::Rejected {
+                err: Some(Box::new(err)),
+            },
         }
     }
 }
@@ -165,7 +171,7 @@ where
                 let err = err
                     .take()
                     .expect("circuit breaker ResponseFuture polled after completion");
-                Poll::Ready(Err(Box::new(err)))
+                Poll::Ready(Err(err))
             }
         }
     }

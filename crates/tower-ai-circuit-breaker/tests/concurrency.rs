@@ -37,7 +37,12 @@ async fn half_open_admits_exactly_the_configured_probes() {
                 // a probe holds its permit until the test lets it finish
                 g.acquire().await.unwrap().forget();
             }
-            Ok::<_, std::io::Error>(Response::builder().status(status).body(String::new()).unwrap())
+            Ok::<_, std::io::Error>(
+                Response::builder()
+                    .status(status)
+                    .body(String::new())
+                    .unwrap(),
+            )
         }
     });
     // An open duration of 1 ns: the breaker is due to probe as soon as it opens, so the
@@ -84,7 +89,11 @@ async fn half_open_admits_exactly_the_configured_probes() {
         })
         .await
         .expect("non-probes must be refused, not queued");
-        assert_eq!(hits.load(Ordering::SeqCst), PROBES as usize, "round {round}");
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            PROBES as usize,
+            "round {round}"
+        );
         assert_eq!(handle.state(key), CircuitState::HalfOpen);
         assert!(handle.is_open(key), "every permit is taken");
         gate.add_permits(PROBES as usize);

@@ -54,10 +54,7 @@ async fn model_a_down_for_60_virtual_seconds_then_recovers() {
         .half_open_probes(1)
         .half_open_successes(2)
         .listener(move |e: &CircuitEvent| {
-            if let CircuitEvent::StateChanged {
-                label, to, at, ..
-            } = e
-            {
+            if let CircuitEvent::StateChanged { label, to, at, .. } = e {
                 c.lock().unwrap().push((label.to_string(), *to, *at - t0));
             }
         })
@@ -118,11 +115,17 @@ async fn model_a_down_for_60_virtual_seconds_then_recovers() {
         closed_after_recovery,
         tally[0],
         tally[1],
-        changes.iter().map(|c| (c.1, c.2.as_secs_f64())).collect::<Vec<_>>()
+        changes
+            .iter()
+            .map(|c| (c.1, c.2.as_secs_f64()))
+            .collect::<Vec<_>>()
     );
     // The breaker opens after the minimum of 10 calls, then only probes reach A: one per
     // opening, with open durations 2, 4, 8, 16, 16, … s.
-    assert!(reached_a_down <= 10 + 8, "{reached_a_down} calls reached model-a while down");
+    assert!(
+        reached_a_down <= 10 + 8,
+        "{reached_a_down} calls reached model-a while down"
+    );
     assert!(reached_a_down >= 10);
     // Recovery is noticed by the first probe after it (at most the 16 s cap), then two
     // successes (each 300 ms, sent 100 ms apart) close it.
