@@ -323,7 +323,10 @@ impl<'a> IetfRateLimit<'a> {
                 let (k, v) = p.trim().split_once('=')?;
                 match k {
                     "r" => remaining = Some(parse_sf_integer(v)?),
-                    "t" => reset = Some(Duration::from_secs(parse_sf_integer(v)?)),
+                    "t" => {
+                        reset =
+                            Some(Duration::from_secs(parse_sf_integer(v)?).min(duration::CEILING))
+                    }
                     _ => {}
                 }
             }
@@ -525,6 +528,11 @@ mod tests {
                 remaining: Some(3),
                 reset: Some(Duration::from_secs(20))
             }
+        );
+        let h = headers(&[("ratelimit", "\"d\";r=0;t=999999999999999")]);
+        assert_eq!(
+            RateLimitInfo::from_headers(&h, SystemTime::UNIX_EPOCH).exhausted_for(),
+            Some(duration::CEILING)
         );
         let h = headers(&[("ratelimit", "default;r=0;t=30")]);
         assert!(
