@@ -88,12 +88,14 @@
 //! # Cost
 //!
 //! In the closed state a call costs a key derivation ([`HostModel`](tower_ai_core::keys::HostModel)
-//! scans the body for `"model"` without allocating), a lookup in a per-thread cache, an
-//! `Arc` clone on a cache line only the calling thread writes, one atomic load, and on
-//! completion one atomic add to a per-thread counter and one clock read (two with
-//! slow-call detection, which must time the call). No allocation, no lock, no boxed
-//! future. Bad outcomes, other states, new keys and events take a `std::sync::Mutex` held
-//! for a few instructions, never across an `.await`. See `benches/overhead.rs`.
+//! scans the body for `"model"` and hashes host + model, without allocating), a lookup in
+//! a per-thread cache, an `Arc` clone on a cache line only the calling thread writes, one
+//! atomic load, and on completion one atomic add to a per-thread counter. Clock reads: none
+//! for a success in a count window, one in a time window (its bucket), two with slow-call
+//! detection (it must time the call). No allocation, no lock, no boxed future. Bad
+//! outcomes, other states, new keys and events take a `std::sync::Mutex` held for a few
+//! instructions, never across an `.await`, and never while a listener runs. See
+//! `benches/overhead.rs`.
 //!
 //! # Differences from tower-resilience's circuit breaker
 //!
