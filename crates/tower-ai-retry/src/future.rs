@@ -12,7 +12,8 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::util::Oneshot;
 use tower_ai_core::{
-    try_clone_request, AiError, BoxError, Classification, ErrorKind, ReplayBody, RequestedWait,
+    try_clone_request, AiError, AttemptBudget, BoxError, Classification, ErrorKind, ReplayBody,
+    RequestedWait,
 };
 use tower_service::Service;
 
@@ -37,6 +38,12 @@ pub enum StopReason {
     WaitTooLong,
     /// The request body cannot be sent again.
     NotReplayable,
+    /// The request's [`AttemptBudget`] (shared with ModelFallback) has no unit left for a
+    /// retry on this route: what remains is reserved for later routes.
+    AttemptBudget,
+    /// A layer below refused (`CircuitOpen`, `CoolingDown`, `BudgetExceeded`) and a later
+    /// fallback route can serve, so waiting here would only delay the answer.
+    FallbackAvailable,
 }
 
 impl StopReason {
@@ -49,6 +56,8 @@ impl StopReason {
             StopReason::Budget => "budget",
             StopReason::WaitTooLong => "wait_too_long",
             StopReason::NotReplayable => "not_replayable",
+            StopReason::AttemptBudget => "attempt_budget",
+            StopReason::FallbackAvailable => "fallback_available",
         }
     }
 }
@@ -184,8 +193,13 @@ impl<B> Ctx<'_, B> {
         if self.attempts >= cfg.max_attempts {
             return Plan::Stop(StopReason::MaxAttempts);
         }
-        if self.retained.is_none() {
+        let Some(retained) = self.retained else {
             return Plan::Stop(StopReason::NotReplayable);
+        };
+        let attempts = AttemptBudget::of(retained);
+        if matches!(asked, Asked::Until(_)) && attempts.is_some_and(AttemptBudget::has_fallback) {
+            // A refusal from below with a fallback route behind us: move on, don't wait.
+            return Plan::Stop(StopReason::FallbackAvailable);
         }
         let (wait, source) = match asked {
             Asked::Provider(w) => {
@@ -211,6 +225,11 @@ impl<B> Ctx<'_, B> {
         if let Some(max) = cfg.max_elapsed {
             if now + wait >= self.start + max {
                 return Plan::Stop(StopReason::Deadline);
+            }
+        }
+        if let Some(b) = attempts {
+            if !b.try_acquire_retry() {
+                return Plan::Stop(StopReason::AttemptBudget);
             }
         }
         if let Some(budget) = &cfg.budget {
@@ -410,6 +429,7 @@ fn finish_response<B, ResB>(
             | StopReason::Deadline
             | StopReason::Budget
             | StopReason::WaitTooLong
+            | StopReason::AttemptBudget
     );
     if exhausted && ctx.config.on_exhausted == OnExhausted::Error {
         return Step::Done(Err(Box::new(AiError::RetriesExhausted {
