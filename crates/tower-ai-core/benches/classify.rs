@@ -93,6 +93,12 @@ fn bench(c: &mut Criterion) {
     g.bench_function("model_scan", |b| {
         b.iter(|| tower_ai_core::top_level_string(black_box(body), b"model"))
     });
+    let req = http::Request::post("https://api.openai.com/v1/chat/completions")
+        .body(bytes::Bytes::from_static(body))
+        .unwrap();
+    g.bench_function("host_model_key", |b| {
+        b.iter(|| tower_ai_core::keys::KeyFn::key(&tower_ai_core::keys::HostModel, black_box(&req)))
+    });
     g.finish();
 }
 

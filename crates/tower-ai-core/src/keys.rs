@@ -18,8 +18,11 @@ use crate::meta::model_of;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key(u64);
 
-fn seed() -> &'static std::collections::hash_map::RandomState {
-    static SEED: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+/// The per-process seeded hasher. foldhash's quality variant: several times faster than
+/// std's SipHash on short keys (a key is derived on every call of every per-key layer),
+/// and still seeded at random per process, so keys cannot be predicted from outside.
+fn seed() -> &'static foldhash::quality::RandomState {
+    static SEED: OnceLock<foldhash::quality::RandomState> = OnceLock::new();
     SEED.get_or_init(Default::default)
 }
 
