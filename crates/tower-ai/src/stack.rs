@@ -1,0 +1,205 @@
+//! [`AiStack`]: the recommended order of every layer, in one call.
+
+use tower_ai_circuit_breaker::{CircuitBreakerHandle, CircuitBreakerLayer};
+use tower_ai_core::{Classify, ClassifyConfig, ClassifyLayer};
+use tower_ai_retry::{AiRetry, AiRetryLayer};
+use tower_ai_retry_after::RetryAfterAwareLayer;
+use tower_ai_stall::{StallDetector, StallDetectorLayer};
+use tower_layer::{Identity, Layer};
+
+/// The whole tower-ai stack in the recommended order, as one [`Layer`]:
+///
+/// ```text
+/// ModelFallback → AiRetry → CircuitBreaker → TokenBudget → RetryAfterAware → StallDetector → Classify → client
+/// ```
+///
+/// Fallback sees a route's final verdict; retry repeats one route; the breaker fails fast
+/// before a doomed call is budgeted; the budget and the cooldown gate hold requests that
+/// would be rejected anyway; the stall detector and the classifier sit next to the wire.
+///
+/// [`AiStack::new`] gives every always-on layer its defaults: AiRetry with 3 attempts
+/// (jittered exponential backoff, the provider's own wait honoured up to 60 s, a retry
+/// budget), a per-model CircuitBreaker, a per-model RetryAfterAware gate, StallDetector's
+/// streaming deadlines, and Classify. Each provider's dialect (OpenAI, Azure, Anthropic,
+/// Gemini, OpenAI-compatible) is recognised per request, so the same defaults serve all.
+/// TokenBudget and ModelFallback need facts only you have (your limits, your chain of
+/// models), so they join with [`budget`](AiStack::budget) and
+/// [`fallback`](AiStack::fallback); until then they are [`Identity`] and cost nothing.
+///
+/// State (breaker windows, cooldowns, retry and token budgets) lives in the layers, so
+/// every service made from one `AiStack` (and from its clones) shares it: one provider
+/// account, one view of its limits.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::Request;
+/// use http_body_util::{BodyExt, Full};
+/// use tower::{ServiceBuilder, ServiceExt};
+/// use tower_ai::prelude::*;
+/// use tower_ai_sim::{ModelSpec, Scenario, Simulator};
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), BoxError> {
+/// // A provider whose main model is down for the first minute.
+/// let sim = Simulator::new(
+///     Scenario::builder()
+///         .model(ModelSpec::new("gpt-4o"))
+///         .model(ModelSpec::new("gpt-4o-mini"))
+///         .outage("gpt-4o", Duration::ZERO, Duration::from_secs(60))
+///         .build()?,
+/// );
+/// let stack = AiStack::new()
+///     .budget(TokenBudgetLayer::new(500, 200_000))
+///     // The request as sent, then the same request for a smaller model.
+///     .fallback(ModelFallbackLayer::models(["gpt-4o-mini"])?);
+/// let client = ServiceBuilder::new().layer(stack).service(sim.service());
+///
+/// let req = Request::post("/v1/chat/completions")
+///     .body(AiBody::from(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}"#))?;
+/// let res = client.oneshot(req).await?;
+/// assert_eq!(res.status(), 200);
+/// // AiRetry tried gpt-4o again, then ModelFallback asked gpt-4o-mini.
+/// let models: Vec<_> = sim.calls().into_iter().filter_map(|c| c.model).collect();
+/// assert_eq!(models.last().map(String::as_str), Some("gpt-4o-mini"));
+/// assert!(models.len() >= 2);
+/// let answer = res.into_body().collect().await?.to_bytes();
+/// assert!(!answer.is_empty());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct AiStack<F = Identity, B = Identity, CB = CircuitBreakerLayer, RA = RetryAfterAwareLayer>
+{
+    fallback: F,
+    retry: AiRetryLayer,
+    breaker: CB,
+    budget: B,
+    cooldown: RA,
+    stall: StallDetectorLayer,
+    classify: ClassifyLayer,
+}
+
+impl AiStack {
+    /// The stack with its defaults (see the type's docs).
+    pub fn new() -> Self {
+        AiStack {
+            fallback: Identity::new(),
+            retry: AiRetryLayer::new(3),
+            breaker: CircuitBreakerLayer::new(),
+            budget: Identity::new(),
+            cooldown: RetryAfterAwareLayer::new(),
+            stall: StallDetectorLayer::new(),
+            classify: ClassifyLayer::new(),
+        }
+    }
+}
+
+impl Default for AiStack {
+    fn default() -> Self {
+        AiStack::new()
+    }
+}
+
+impl<F, B, CB, RA> AiStack<F, B, CB, RA> {
+    /// Uses `retry` instead of the default AiRetry.
+    pub fn retry(mut self, retry: AiRetryLayer) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Uses `stall` instead of the default StallDetector.
+    pub fn stall(mut self, stall: StallDetectorLayer) -> Self {
+        self.stall = stall;
+        self
+    }
+
+    /// Classifies with `config` (the longest provider wait accepted, the error-body bound).
+    pub fn classify(mut self, config: ClassifyConfig) -> Self {
+        self.classify = ClassifyLayer::with_config(config);
+        self
+    }
+
+    /// Uses `breaker` (any key function, any listener) instead of the default
+    /// per-model CircuitBreaker.
+    pub fn circuit_breaker<CB2>(self, breaker: CB2) -> AiStack<F, B, CB2, RA> {
+        AiStack {
+            fallback: self.fallback,
+            retry: self.retry,
+            breaker,
+            budget: self.budget,
+            cooldown: self.cooldown,
+            stall: self.stall,
+            classify: self.classify,
+        }
+    }
+
+    /// Uses `cooldown` (another key function, fail-fast) instead of the default
+    /// per-model RetryAfterAware gate.
+    pub fn retry_after<RA2>(self, cooldown: RA2) -> AiStack<F, B, CB, RA2> {
+        AiStack {
+            fallback: self.fallback,
+            retry: self.retry,
+            breaker: self.breaker,
+            budget: self.budget,
+            cooldown,
+            stall: self.stall,
+            classify: self.classify,
+        }
+    }
+
+    /// Adds a budget (a `TokenBudgetLayer`) between the breaker and the cooldown gate.
+    pub fn budget<B2>(self, budget: B2) -> AiStack<F, B2, CB, RA> {
+        AiStack {
+            fallback: self.fallback,
+            retry: self.retry,
+            breaker: self.breaker,
+            budget,
+            cooldown: self.cooldown,
+            stall: self.stall,
+            classify: self.classify,
+        }
+    }
+
+    /// Adds a fallback chain (a `ModelFallbackLayer`) outside everything else.
+    pub fn fallback<F2>(self, fallback: F2) -> AiStack<F2, B, CB, RA> {
+        AiStack {
+            fallback,
+            retry: self.retry,
+            breaker: self.breaker,
+            budget: self.budget,
+            cooldown: self.cooldown,
+            stall: self.stall,
+            classify: self.classify,
+        }
+    }
+}
+
+impl<F, B, K, L, RA> AiStack<F, B, CircuitBreakerLayer<K, L>, RA> {
+    /// A handle on the circuit breaker's state: read each key's state and metrics, force
+    /// a circuit open or closed (and give ModelFallback a `skip_if` that avoids open
+    /// routes without calling them).
+    pub fn breaker_handle(&self) -> CircuitBreakerHandle<K> {
+        self.breaker.handle()
+    }
+}
+
+impl<S, F, B, CB, RA> Layer<S> for AiStack<F, B, CB, RA>
+where
+    RA: Layer<StallDetector<Classify<S>>>,
+    B: Layer<RA::Service>,
+    CB: Layer<B::Service>,
+    F: Layer<AiRetry<CB::Service>>,
+{
+    type Service = F::Service;
+
+    fn layer(&self, client: S) -> Self::Service {
+        let s = self.classify.layer(client);
+        let s = self.stall.layer(s);
+        let s = self.cooldown.layer(s);
+        let s = self.budget.layer(s);
+        let s = self.breaker.layer(s);
+        let s = self.retry.layer(s);
+        self.fallback.layer(s)
+    }
+}
