@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::util::Oneshot;
 use tower_ai_core::keys::{Key, KeyFn};
-use tower_ai_core::{AiError, BoxError, Classification, ErrorKind, RateLimitInfo};
+use tower_ai_core::{AiError, AttemptBudget, BoxError, Classification, ErrorKind, RateLimitInfo};
 use tower_service::Service;
 
 use crate::config::OnCooldown;
@@ -221,10 +221,18 @@ where
                             });
                         }
                         Admit::Wait { until, spread } => {
-                            let too_long = match shared.config.on_cooldown {
-                                OnCooldown::FailFast => true,
-                                OnCooldown::Wait { max_wait } => until > *this.called_at + max_wait,
-                            };
+                            let has_fallback = this
+                                .req
+                                .as_ref()
+                                .and_then(AttemptBudget::of)
+                                .is_some_and(AttemptBudget::has_fallback);
+                            let too_long = has_fallback
+                                || match shared.config.on_cooldown {
+                                    OnCooldown::FailFast => true,
+                                    OnCooldown::Wait { max_wait } => {
+                                        until > *this.called_at + max_wait
+                                    }
+                                };
                             if too_long {
                                 let label = this.req.as_ref().map_or_else(
                                     || "unknown".to_owned(),

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tokio::time::Instant;
 use tower_ai_core::keys::{HostModel, KeyFn};
-use tower_ai_core::{AiError, BoxError};
+use tower_ai_core::{AiError, AttemptBudget, BoxError};
 use tower_service::Service;
 
 use crate::config::OnCooldown;
@@ -103,10 +103,13 @@ where
                 ResponseFuture::called(inner.call(req), key, seq, now, self.shared.clone())
             }
             Admit::Wait { until, spread } => {
-                let refuse = match shared.config.on_cooldown {
-                    OnCooldown::FailFast => true,
-                    OnCooldown::Wait { max_wait } => until > now + max_wait,
-                };
+                // With a later fallback route able to serve (ModelFallback's shared
+                // attempt budget says so), waiting here would only delay the answer.
+                let refuse = AttemptBudget::of(&req).is_some_and(AttemptBudget::has_fallback)
+                    || match shared.config.on_cooldown {
+                        OnCooldown::FailFast => true,
+                        OnCooldown::Wait { max_wait } => until > now + max_wait,
+                    };
                 if refuse {
                     tracing::debug!(
                         until_ms = until.saturating_duration_since(now).as_millis() as u64,

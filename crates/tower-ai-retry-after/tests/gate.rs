@@ -331,3 +331,35 @@ async fn simulator_burst_is_paced_to_the_provider_limit() {
         assert!(n <= 20);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cooling_route_is_refused_at_once_when_a_fallback_route_can_serve() {
+    // Waiting mode, but the request carries ModelFallback's attempt budget with a unit
+    // reserved for a later route: the chain should move on, not wait here.
+    let layer = gate(0);
+    let (svc, mut handle) = stack(&layer);
+    let t = tokio::spawn(svc.clone().oneshot(request("gpt-4o")));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(resp(429, &[("retry-after", "5")]));
+    t.await.unwrap().unwrap();
+
+    let budget = tower_ai_core::AttemptBudget::new(3);
+    assert!(budget.try_acquire());
+    budget.set_reserved(1);
+    let mut req = request("gpt-4o");
+    req.extensions_mut().insert(budget);
+    let before = Instant::now();
+    let err = svc.clone().oneshot(req).await.unwrap_err();
+    assert!(matches!(
+        err.downcast_ref::<AiError>(),
+        Some(AiError::CoolingDown { .. })
+    ));
+    assert_eq!(before.elapsed(), Duration::ZERO);
+
+    // The same request without a fallback behind it waits for the cooldown.
+    let waiting = tokio::spawn(svc.clone().oneshot(request("gpt-4o")));
+    let (_, send) = handle.next_request().await.unwrap();
+    assert_eq!(before.elapsed(), Duration::from_secs(5));
+    send.send_response(resp(200, &[]));
+    assert_eq!(waiting.await.unwrap().unwrap().status(), 200);
+}
