@@ -19,8 +19,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tower::{Layer, ServiceExt};
-use tower_ai_core::{try_clone_request, ClassifyLayer};
-use tower_ai_workspace::storm::{self, Served, Storm, StormConfig, Verdict};
+use tower_ai::fallback::{rewrite_model, FallbackChain, Route};
+use tower_ai::prelude::*;
+use tower_ai_core::{try_clone_request, AiBody};
+use tower_ai_workspace::storm::{
+    self, Served, Storm, StormConfig, Verdict, BACKUP_MODEL, SECONDARY_MODEL,
+};
 
 #[tokio::main(flavor = "current_thread", start_paused = true)]
 async fn main() {
@@ -91,6 +95,73 @@ async fn main() {
                 }
             },
             progress("naive retry"),
+        )
+        .await,
+    );
+
+    // (c) The tower-ai stack: the primary account, its smaller model, then the backup
+    // provider; a requests-per-minute budget at the account's own limit, so excess
+    // traffic goes to the backup before the provider says no.
+    let s = Storm::new(config);
+    let backup_budget = TokenBudgetLayer::builder()
+        .requests_per_minute(1000)
+        .reject()
+        .build()
+        .expect("a valid budget");
+    let backup = AiStack::new()
+        .budget(backup_budget)
+        .layer(s.backup.service());
+    let chain = FallbackChain::builder()
+        .route(Route::primary("primary"))
+        .route(Route::model(SECONDARY_MODEL))
+        .route(
+            Route::service("backup", backup)
+                .model_name(BACKUP_MODEL)
+                .rewrite(|req: &mut http::Request<AiBody>| {
+                    let body = req
+                        .body()
+                        .as_bytes()
+                        .and_then(|b| rewrite_model(b, BACKUP_MODEL));
+                    *req.body_mut() = AiBody::from(body.ok_or("request without a model")?);
+                    Ok(())
+                }),
+        )
+        .build()
+        .expect("a valid chain");
+    let budget = TokenBudgetLayer::builder()
+        .requests_per_minute(100)
+        .reject()
+        .build()
+        .expect("a valid budget");
+    let stack = AiStack::new()
+        .budget(budget)
+        .fallback(ModelFallbackLayer::new(chain));
+    let client = stack.layer(s.primary.service());
+    reports.push(
+        storm::run(
+            "tower-ai",
+            &s,
+            |req| {
+                let client = client.clone();
+                async move {
+                    match client.oneshot(req).await {
+                        Ok(res) => {
+                            let fallback = res
+                                .extensions()
+                                .get::<tower_ai::fallback::Served>()
+                                .is_some_and(|s| s.index > 0);
+                            (storm::consume(res).await, Served { fallback })
+                        }
+                        Err(e) => match AiError::find(&*e) {
+                            Some(AiError::Stalled { .. }) => {
+                                (Verdict::StallCaught, Served::default())
+                            }
+                            _ => (Verdict::Failed, Served::default()),
+                        },
+                    }
+                }
+            },
+            progress("tower-ai"),
         )
         .await,
     );
