@@ -6,10 +6,11 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
-use tower_ai_core::{AiError, BoxError};
+use tower_ai_core::BoxError;
 
 use crate::stall::{Check, StreamOutcome, Tracker};
 
@@ -46,18 +47,24 @@ pin_project! {
     /// Other responses get only the total deadline. Errors are [`BoxError`]s holding an
     /// [`AiError`]: `err.downcast_ref::<AiError>()`. After an error frame the body ends.
     ///
-    /// # Unpin
+    /// # Timer and `Unpin`
     ///
-    /// The timer is an inline [`Sleep`] (one per body, created only when the inner body is
-    /// first pending, reset in place), so `StallBody` is `!Unpin`: `Box::pin` it, or use
-    /// `http_body_util::BodyExt` (`collect`, `frame`, `boxed`), which pins for you.
+    /// One [`Sleep`] per body, created (boxed) only when the inner body first makes the
+    /// caller wait, set to the earliest armed deadline and reset in place; progress only
+    /// records its instant, and the timer catches up when it fires. The body is as small
+    /// as a few words plus the inner body, and `Unpin` when the inner body is.
     pub struct StallBody<B> {
         #[pin]
         inner: Inner<B>,
-        #[pin]
-        sleep: Option<Sleep>,
-        first: Option<Frame<Bytes>>,
-        pending: Option<AiError>,
+        // Boxed and created only when the body first waits: a body is moved through every
+        // layer above, and most of them never wait.
+        sleep: Option<Pin<Box<Sleep>>>,
+        // The first frame, read ahead by the response future: data, or (for a body that
+        // ends with trailers before any data) trailers.
+        first: Option<Bytes>,
+        first_trailers: Option<Box<HeaderMap>>,
+        // The error to end with after the frame that carried it.
+        pending: Option<BoxError>,
         tracker: Tracker,
         done: bool,
     }
@@ -69,6 +76,7 @@ impl<B> StallBody<B> {
             inner: Inner::Inline { body },
             sleep: None,
             first: None,
+            first_trailers: None,
             pending: None,
             tracker,
             done: false,
@@ -81,10 +89,16 @@ impl<B> StallBody<B> {
         first: Option<Frame<Bytes>>,
         done: bool,
     ) -> Self {
+        let (first, first_trailers) = match first.map(Frame::into_data) {
+            None => (None, None),
+            Some(Ok(data)) => (Some(data), None),
+            Some(Err(frame)) => (None, frame.into_trailers().ok().map(Box::new)),
+        };
         StallBody {
             inner: Inner::Boxed { body },
             sleep: None,
             first,
+            first_trailers,
             pending: None,
             tracker,
             done,
@@ -125,16 +139,25 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
+        let this = self.project();
         if *this.done {
             return Poll::Ready(None);
         }
-        if let Some(frame) = this.first.take() {
-            return Poll::Ready(Some(Ok(frame)));
+        // Checked before taking: `take` on these (large) options would move them on every
+        // frame.
+        if this.first.is_some() || this.first_trailers.is_some() {
+            if let Some(data) = this.first.take() {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            if let Some(trailers) = this.first_trailers.take() {
+                return Poll::Ready(Some(Ok(Frame::trailers(*trailers))));
+            }
         }
-        if let Some(err) = this.pending.take() {
-            *this.done = true;
-            return Poll::Ready(Some(Err(Box::new(err))));
+        if this.pending.is_some() {
+            if let Some(err) = this.pending.take() {
+                *this.done = true;
+                return Poll::Ready(Some(Err(err)));
+            }
         }
         let polled = match this.inner.project() {
             InnerProj::Inline { body } => body.poll_frame(cx),
@@ -144,15 +167,15 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     if let Some(err) = this.tracker.on_data(data, Instant::now) {
-                        *this.pending = Some(err);
+                        *this.pending = Some(Box::new(err));
                     }
                     // Progress pushes deadlines out, and the timer catches up lazily when
                     // it fires; but content can arm an earlier one (idle replacing
                     // first-content), so the timer is pulled in when that happens.
-                    if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+                    if let Some(sleep) = this.sleep.as_mut() {
                         if let Some(at) = this.tracker.deadline() {
                             if at < sleep.deadline() {
-                                sleep.reset(at);
+                                sleep.as_mut().reset(at);
                             }
                         }
                     }
@@ -174,27 +197,26 @@ where
             }
             Poll::Pending => {}
         }
+        this.tracker.arm(Instant::now);
         loop {
             let Some(at) = this.tracker.deadline() else {
                 return Poll::Pending;
             };
-            match this.sleep.as_mut().as_pin_mut() {
+            let sleep = match this.sleep {
                 Some(sleep) => {
                     if sleep.deadline() > at {
-                        sleep.reset(at);
+                        sleep.as_mut().reset(at);
                     }
+                    sleep
                 }
-                None => this.sleep.set(Some(tokio::time::sleep_until(at))),
-            }
-            let Some(sleep) = this.sleep.as_mut().as_pin_mut() else {
-                return Poll::Pending;
+                None => this.sleep.insert(Box::pin(tokio::time::sleep_until(at))),
             };
-            ready!(sleep.poll(cx));
+            ready!(sleep.as_mut().poll(cx));
             match this.tracker.check(Instant::now()) {
                 // The timer was behind the progress made since it was set: catch up.
                 Check::Wait(next) => {
-                    if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
-                        sleep.reset(next);
+                    if let Some(sleep) = this.sleep.as_mut() {
+                        sleep.as_mut().reset(next);
                     }
                 }
                 Check::Disarmed => return Poll::Pending,
@@ -214,7 +236,11 @@ where
         if self.done {
             return true;
         }
-        if self.first.is_some() || self.pending.is_some() || self.tracker.is_sse() {
+        if self.first.is_some()
+            || self.first_trailers.is_some()
+            || self.pending.is_some()
+            || self.tracker.is_sse()
+        {
             // A stream's end is judged (terminal marker, last event) when it is seen.
             return false;
         }
@@ -232,7 +258,7 @@ where
             Inner::Inline { body } => body.size_hint(),
             Inner::Boxed { body } => body.size_hint(),
         };
-        if let Some(first) = self.first.as_ref().and_then(Frame::data_ref) {
+        if let Some(first) = &self.first {
             let extra = first.len() as u64;
             if let Some(upper) = hint.upper() {
                 hint.set_upper(upper.saturating_add(extra));

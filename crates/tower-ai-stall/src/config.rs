@@ -1,5 +1,6 @@
 //! [`StallConfig`], its builder and its validation.
 
+use std::num::NonZeroU64;
 use std::time::Duration;
 
 use crate::layer::StallDetectorLayer;
@@ -15,6 +16,10 @@ use crate::layer::StallDetectorLayer;
 /// | [`first_content`](StallConfigBuilder::first_content) | the response head | SSE responses | 300 s |
 /// | [`idle`](StallConfigBuilder::idle) | the last chunk | SSE responses, once content started | 60 s |
 /// | [`total`](StallConfigBuilder::total) | the call | every response, to the body's end | 20 min |
+///
+/// "The call" is the first time the response future (or, when the answer was ready at
+/// once, the body) has to wait: a client sends nothing before its future is polled, and a
+/// response that never makes anyone wait never reads the clock.
 ///
 /// # Why these defaults
 ///
@@ -66,15 +71,34 @@ use crate::layer::StallDetectorLayer;
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StallConfig {
-    pub(crate) head: Option<Duration>,
-    pub(crate) unary_head: Option<Duration>,
-    pub(crate) first_byte: Option<Duration>,
-    pub(crate) first_content: Option<Duration>,
-    pub(crate) idle: Option<Duration>,
-    pub(crate) total: Option<Duration>,
+    // Deadlines in nanoseconds (8 bytes each instead of 16: every call and every body
+    // carries a copy). Zero cannot be stored; the builder rejects it.
+    head: Deadline,
+    unary_head: Deadline,
+    first_byte: Deadline,
+    first_content: Deadline,
+    idle: Deadline,
+    total: Deadline,
     pub(crate) liveness_resets_idle: bool,
     pub(crate) require_terminal: bool,
     pub(crate) await_first_byte: bool,
+}
+
+/// A deadline in nanoseconds, `None` when off.
+type Deadline = Option<NonZeroU64>;
+
+/// Stores `d`; zero is reported back as `Err(())`. Durations over 584 years saturate.
+fn store(d: Option<Duration>) -> Result<Deadline, ()> {
+    match d {
+        None => Ok(None),
+        Some(d) => NonZeroU64::new(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .map(Some)
+            .ok_or(()),
+    }
+}
+
+fn load(d: Deadline) -> Option<Duration> {
+    d.map(|n| Duration::from_nanos(n.get()))
 }
 
 /// The default head deadline of streamed requests.
@@ -90,13 +114,14 @@ pub const DEFAULT_TOTAL: Duration = Duration::from_secs(20 * 60);
 
 impl Default for StallConfig {
     fn default() -> Self {
+        let d = |d: Duration| store(Some(d)).unwrap_or(None);
         StallConfig {
-            head: Some(DEFAULT_HEAD),
+            head: d(DEFAULT_HEAD),
             unary_head: None,
-            first_byte: Some(DEFAULT_FIRST_BYTE),
-            first_content: Some(DEFAULT_FIRST_CONTENT),
-            idle: Some(DEFAULT_IDLE),
-            total: Some(DEFAULT_TOTAL),
+            first_byte: d(DEFAULT_FIRST_BYTE),
+            first_content: d(DEFAULT_FIRST_CONTENT),
+            idle: d(DEFAULT_IDLE),
+            total: d(DEFAULT_TOTAL),
             liveness_resets_idle: true,
             require_terminal: true,
             await_first_byte: true,
@@ -109,6 +134,7 @@ impl StallConfig {
     pub fn builder() -> StallConfigBuilder {
         StallConfigBuilder {
             config: StallConfig::default(),
+            zero: None,
         }
     }
 
@@ -128,32 +154,35 @@ impl StallConfig {
 
     /// A builder starting from this config.
     pub fn to_builder(self) -> StallConfigBuilder {
-        StallConfigBuilder { config: self }
+        StallConfigBuilder {
+            config: self,
+            zero: None,
+        }
     }
 
     /// Time from the call to the response head, for streamed requests.
     pub fn head(&self) -> Option<Duration> {
-        self.head
+        load(self.head)
     }
     /// Time from the call to the response head, for requests not known to be streamed.
     pub fn unary_head(&self) -> Option<Duration> {
-        self.unary_head
+        load(self.unary_head)
     }
     /// Time from the head to the first body byte of an SSE response.
     pub fn first_byte(&self) -> Option<Duration> {
-        self.first_byte
+        load(self.first_byte)
     }
     /// Time from the head to the first content event of an SSE response.
     pub fn first_content(&self) -> Option<Duration> {
-        self.first_content
+        load(self.first_content)
     }
     /// Longest gap between chunks of an SSE response.
     pub fn idle(&self) -> Option<Duration> {
-        self.idle
+        load(self.idle)
     }
     /// Time from the call to the end of the body.
     pub fn total(&self) -> Option<Duration> {
-        self.total
+        load(self.total)
     }
     /// Whether liveness (pings, comments, events without content) resets the idle timer.
     pub fn liveness_resets_idle(&self) -> bool {
@@ -168,27 +197,22 @@ impl StallConfig {
         self.await_first_byte
     }
 
-    /// Checks that the config makes sense.
+    /// Checks that the config makes sense (the builder rejects zero deadlines).
     ///
     /// # Errors
     ///
-    /// A zero deadline, a first-byte deadline longer than the first-content deadline, or a
-    /// deadline longer than the total deadline.
+    /// A first-byte deadline longer than the first-content deadline, or a deadline longer
+    /// than the total deadline.
     pub fn validate(&self) -> Result<(), StallConfigError> {
         let named = [
-            ("head", self.head),
-            ("unary_head", self.unary_head),
-            ("first_byte", self.first_byte),
-            ("first_content", self.first_content),
-            ("idle", self.idle),
-            ("total", self.total),
+            ("head", self.head()),
+            ("unary_head", self.unary_head()),
+            ("first_byte", self.first_byte()),
+            ("first_content", self.first_content()),
+            ("idle", self.idle()),
+            ("total", self.total()),
         ];
-        for (what, d) in named {
-            if d == Some(Duration::ZERO) {
-                return Err(StallConfigError::Zero { what });
-            }
-        }
-        if let (Some(fb), Some(fc)) = (self.first_byte, self.first_content) {
+        if let (Some(fb), Some(fc)) = (self.first_byte(), self.first_content()) {
             if fb > fc {
                 return Err(StallConfigError::Order {
                     shorter: "first_byte",
@@ -196,7 +220,7 @@ impl StallConfig {
                 });
             }
         }
-        if let Some(total) = self.total {
+        if let Some(total) = self.total() {
             for (what, d) in named.iter().take(5) {
                 if d.is_some_and(|d| d > total) {
                     return Err(StallConfigError::Order {
@@ -236,39 +260,35 @@ pub enum StallConfigError {
 #[derive(Debug, Clone, Copy)]
 pub struct StallConfigBuilder {
     config: StallConfig,
+    /// The first deadline set to zero, reported by `build`.
+    zero: Option<&'static str>,
 }
 
 impl StallConfigBuilder {
     /// Time from the call to the response head, for streamed requests.
-    pub fn head(mut self, d: impl Into<Option<Duration>>) -> Self {
-        self.config.head = d.into();
-        self
+    pub fn head(self, d: impl Into<Option<Duration>>) -> Self {
+        self.set("head", d.into(), |c| &mut c.head)
     }
     /// Time from the call to the response head, for requests not known to be streamed
     /// (their head arrives only once the whole answer is generated).
-    pub fn unary_head(mut self, d: impl Into<Option<Duration>>) -> Self {
-        self.config.unary_head = d.into();
-        self
+    pub fn unary_head(self, d: impl Into<Option<Duration>>) -> Self {
+        self.set("unary_head", d.into(), |c| &mut c.unary_head)
     }
     /// Time from the head to the first body byte of an SSE response.
-    pub fn first_byte(mut self, d: impl Into<Option<Duration>>) -> Self {
-        self.config.first_byte = d.into();
-        self
+    pub fn first_byte(self, d: impl Into<Option<Duration>>) -> Self {
+        self.set("first_byte", d.into(), |c| &mut c.first_byte)
     }
     /// Time from the head to the first content event of an SSE response.
-    pub fn first_content(mut self, d: impl Into<Option<Duration>>) -> Self {
-        self.config.first_content = d.into();
-        self
+    pub fn first_content(self, d: impl Into<Option<Duration>>) -> Self {
+        self.set("first_content", d.into(), |c| &mut c.first_content)
     }
     /// Longest gap between chunks of an SSE response, once content started.
-    pub fn idle(mut self, d: impl Into<Option<Duration>>) -> Self {
-        self.config.idle = d.into();
-        self
+    pub fn idle(self, d: impl Into<Option<Duration>>) -> Self {
+        self.set("idle", d.into(), |c| &mut c.idle)
     }
     /// Time from the call to the end of the body.
-    pub fn total(mut self, d: impl Into<Option<Duration>>) -> Self {
-        self.config.total = d.into();
-        self
+    pub fn total(self, d: impl Into<Option<Duration>>) -> Self {
+        self.set("total", d.into(), |c| &mut c.total)
     }
     /// Whether every chunk resets the idle timer (`true`, the default: bytes flowing,
     /// pings and comments are signs of life) or only chunks that complete a content event
@@ -293,12 +313,28 @@ impl StallConfigBuilder {
         self
     }
 
+    fn set(
+        mut self,
+        what: &'static str,
+        d: Option<Duration>,
+        field: impl FnOnce(&mut StallConfig) -> &mut Deadline,
+    ) -> Self {
+        match store(d) {
+            Ok(v) => *field(&mut self.config) = v,
+            Err(()) => self.zero = self.zero.or(Some(what)),
+        }
+        self
+    }
+
     /// The config.
     ///
     /// # Errors
     ///
-    /// See [`StallConfig::validate`].
+    /// A deadline set to zero, or see [`StallConfig::validate`].
     pub fn build_config(self) -> Result<StallConfig, StallConfigError> {
+        if let Some(what) = self.zero {
+            return Err(StallConfigError::Zero { what });
+        }
         self.config.validate()?;
         Ok(self.config)
     }

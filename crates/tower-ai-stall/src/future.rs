@@ -12,7 +12,7 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_ai_core::stream::StreamDialect;
-use tower_ai_core::{AiError, BoxError, Provider};
+use tower_ai_core::{AiError, BoxError};
 
 use crate::body::StallBody;
 use crate::config::StallConfig;
@@ -38,10 +38,11 @@ pin_project! {
         #[pin]
         sleep: Option<Sleep>,
         config: StallConfig,
-        provider: Provider,
+        system: &'static str,
         dialect: StreamDialect,
         streamed: bool,
-        start: Instant,
+        // Taken the first time the call makes us wait (no clock read otherwise).
+        start: Option<Instant>,
     }
 }
 
@@ -49,32 +50,35 @@ pin_project! {
     #[project = StateProj]
     enum State<F, B> {
         Calling { #[pin] fut: F },
-        FirstByte {
-            parts: Option<Parts>,
-            body: Option<Pin<Box<B>>>,
-            tracker: Option<Tracker>,
-        },
+        // Boxed: only streams get here, and it keeps the future small for the rest.
+        FirstByte { read_ahead: Box<ReadAhead<B>> },
         Done,
     }
+}
+
+/// What the future holds while it waits for a stream's first byte.
+struct ReadAhead<B> {
+    parts: Option<Parts>,
+    body: Option<Pin<Box<B>>>,
+    tracker: Option<Tracker>,
 }
 
 impl<F, B> ResponseFuture<F, B> {
     pub(crate) fn new(
         fut: F,
         config: StallConfig,
-        provider: Provider,
+        system: &'static str,
         dialect: StreamDialect,
         streamed: bool,
-        start: Instant,
     ) -> Self {
         ResponseFuture {
             state: State::Calling { fut },
             sleep: None,
             config,
-            provider,
+            system,
             dialect,
             streamed,
-            start,
+            start: None,
         }
     }
 }
@@ -82,7 +86,7 @@ impl<F, B> ResponseFuture<F, B> {
 impl<F, B> fmt::Debug for ResponseFuture<F, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("provider", &self.provider)
+            .field("system", &self.system)
             .field("dialect", &self.dialect)
             .field("streamed", &self.streamed)
             .finish_non_exhaustive()
@@ -132,12 +136,12 @@ where
                     match fut.poll(cx) {
                         Poll::Ready(Ok(res)) => {
                             let sse = is_sse(&res);
+                            // The head's instant matters only to a stream's deadlines.
                             let tracker = Tracker::new(
                                 *this.config,
-                                *this.provider,
-                                sse.then_some(*this.dialect),
+                                this.system,
                                 *this.start,
-                                Instant::now(),
+                                sse.then(|| (*this.dialect, Instant::now())),
                             );
                             let (mut parts, body) = res.into_parts();
                             if let Some(outcome) = tracker.outcome() {
@@ -145,9 +149,11 @@ where
                             }
                             if sse && this.config.await_first_byte {
                                 this.state.set(State::FirstByte {
-                                    parts: Some(parts),
-                                    body: Some(Box::pin(body)),
-                                    tracker: Some(tracker),
+                                    read_ahead: Box::new(ReadAhead {
+                                        parts: Some(parts),
+                                        body: Some(Box::pin(body)),
+                                        tracker: Some(tracker),
+                                    }),
                                 });
                                 continue;
                             }
@@ -161,15 +167,16 @@ where
                         }
                         Poll::Pending => {}
                     }
+                    let start = *this.start.get_or_insert_with(Instant::now);
                     let Some((at, phase, after)) =
-                        Tracker::head_deadline(this.config, *this.streamed, *this.start)
+                        Tracker::head_deadline(this.config, *this.streamed, start)
                     else {
                         return Poll::Pending;
                     };
                     ready!(poll_sleep(this.sleep.as_mut(), at, cx));
                     this.state.set(State::Done);
                     tracing::warn!(
-                        gen_ai.system = this.provider.as_str(),
+                        gen_ai.system = *this.system,
                         error.type = "stalled",
                         stall.phase = ?phase,
                         stall.after_ms = after.as_millis() as u64,
@@ -181,11 +188,12 @@ where
                         bytes_received: 0,
                     })));
                 }
-                StateProj::FirstByte {
-                    parts,
-                    body,
-                    tracker,
-                } => {
+                StateProj::FirstByte { read_ahead } => {
+                    let ReadAhead {
+                        parts,
+                        body,
+                        tracker,
+                    } = &mut **read_ahead;
                     let (Some(b), Some(t)) = (body.as_mut(), tracker.as_mut()) else {
                         panic!("ResponseFuture polled after completion");
                     };

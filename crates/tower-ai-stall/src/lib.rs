@@ -29,7 +29,10 @@
 //!   received — never a clean EOF, so half an answer cannot pass for a whole one.
 //!
 //! It reads SSE bodies with [`StreamScanner`](tower_ai_core::stream::StreamScanner) in
-//! the request's dialect (`StreamDialect::of(Provider::of(&req), path)`, taken in `call`):
+//! the request's dialect, taken in `call` from the endpoint the path names
+//! (`…/chat/completions`, `…/responses`, `…/messages`, `:streamGenerateContent`; so the
+//! OpenAI-compatible endpoints of Anthropic and Gemini read as OpenAI streams), else
+//! `StreamDialect::of(Provider::of(&req), path)`:
 //! Anthropic `ping`s and SSE comments are liveness, not content
 //! ([`liveness_resets_idle`](StallConfigBuilder::liveness_resets_idle) chooses whether
 //! they reset the idle timer); an in-stream provider error ends the body with

@@ -5,7 +5,6 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{header, Request, Response};
 use http_body::Body;
-use tokio::time::Instant;
 use tower_ai_core::stream::StreamDialect;
 use tower_ai_core::{BoxError, Provider, RequestMeta};
 use tower_service::Service;
@@ -60,7 +59,11 @@ pub(crate) fn is_streamed<B>(req: &Request<B>) -> bool {
     if let Some(meta) = req.extensions().get::<RequestMeta>() {
         return meta.stream;
     }
-    if req.uri().path().contains(":streamGenerateContent") {
+    let path = req.uri().path();
+    if path
+        .find(':')
+        .is_some_and(|i| path[i..].starts_with(":streamGenerateContent"))
+    {
         return true;
     }
     req.headers().get_all(header::ACCEPT).iter().any(|v| {
@@ -68,6 +71,38 @@ pub(crate) fn is_streamed<B>(req: &Request<B>) -> bool {
             .windows(17)
             .any(|w| w.eq_ignore_ascii_case(b"text/event-stream"))
     })
+}
+
+/// The stream dialect of `req` and the `gen_ai.system` name for trace events.
+///
+/// The path decides when it names an endpoint (`…/chat/completions`, `…/completions`,
+/// `…/responses`, `…/messages`, `:streamGenerateContent`): cheap (no host parsing), and
+/// right for the OpenAI-compatible endpoints other providers serve on their own hosts.
+/// Otherwise it is `StreamDialect::of(Provider::of(&req), path)`.
+pub(crate) fn dialect_of<B>(req: &Request<B>) -> (StreamDialect, &'static str) {
+    let path = req.uri().path();
+    if path.ends_with("/completions") {
+        let system = if path.starts_with("/openai/deployments/") {
+            Provider::AzureOpenAi.as_str()
+        } else {
+            Provider::OpenAi.as_str()
+        };
+        return (StreamDialect::OpenAiChat, system);
+    }
+    if path.ends_with("/responses") {
+        return (StreamDialect::OpenAiResponses, Provider::OpenAi.as_str());
+    }
+    if path.ends_with("/messages") {
+        return (StreamDialect::Anthropic, Provider::Anthropic.as_str());
+    }
+    if let Some(i) = path.find(':') {
+        let method = &path[i..];
+        if method.starts_with(":streamGenerateContent") || method.starts_with(":generateContent") {
+            return (StreamDialect::Gemini, Provider::Gemini.as_str());
+        }
+    }
+    let provider = Provider::of(req);
+    (StreamDialect::of(provider, path), provider.as_str())
 }
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for StallDetector<S>
@@ -86,18 +121,9 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let provider = Provider::of(&req);
-        let dialect = StreamDialect::of(provider, req.uri().path());
+        let (dialect, system) = dialect_of(&req);
         let streamed = is_streamed(&req);
-        let start = Instant::now();
-        ResponseFuture::new(
-            self.inner.call(req),
-            self.config,
-            provider,
-            dialect,
-            streamed,
-            start,
-        )
+        ResponseFuture::new(self.inner.call(req), self.config, system, dialect, streamed)
     }
 }
 
@@ -122,5 +148,53 @@ mod tests {
         let meta = RequestMeta::parse("/v1/messages", br#"{"model":"m","stream":false}"#);
         r.extensions_mut().insert(meta);
         assert!(!is_streamed(&r), "the request's meta wins");
+    }
+
+    #[test]
+    fn dialects_follow_the_endpoint() {
+        let of = |uri: &str| dialect_of(&Request::post(uri).body(()).unwrap());
+        assert_eq!(
+            of("https://api.openai.com/v1/chat/completions"),
+            (StreamDialect::OpenAiChat, "openai")
+        );
+        assert_eq!(
+            of("https://x.openai.azure.com/openai/deployments/gpt4/chat/completions?api-version=1"),
+            (StreamDialect::OpenAiChat, "azure_openai")
+        );
+        assert_eq!(
+            of("https://api.openai.com/v1/responses").0,
+            StreamDialect::OpenAiResponses
+        );
+        assert_eq!(
+            of("https://api.anthropic.com/v1/messages"),
+            (StreamDialect::Anthropic, "anthropic")
+        );
+        assert_eq!(
+            of("https://generativelanguage.googleapis.com/v1beta/models/g:streamGenerateContent?alt=sse"),
+            (StreamDialect::Gemini, "gemini")
+        );
+        // OpenAI-compatible endpoints on other providers' hosts stream OpenAI's dialect.
+        assert_eq!(
+            of("https://generativelanguage.googleapis.com/v1beta/openai/chat/completions").0,
+            StreamDialect::OpenAiChat
+        );
+        assert_eq!(
+            of("https://api.anthropic.com/v1/chat/completions").0,
+            StreamDialect::OpenAiChat
+        );
+        // Unknown paths: the provider decides (host, then headers).
+        assert_eq!(
+            of("https://api.anthropic.com/v1/complete").0,
+            StreamDialect::Anthropic
+        );
+        let req = Request::post("http://gateway/x")
+            .header("anthropic-version", "2023-06-01")
+            .body(())
+            .unwrap();
+        assert_eq!(dialect_of(&req), (StreamDialect::Anthropic, "anthropic"));
+        assert_eq!(
+            of("http://gateway/x"),
+            (StreamDialect::OpenAiChat, "generic")
+        );
     }
 }

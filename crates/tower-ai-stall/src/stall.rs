@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tower_ai_core::stream::{FinishReason, StreamDialect, StreamScanner};
-use tower_ai_core::{AiError, ErrorKind, Provider, StallPhase, Usage};
+use tower_ai_core::{AiError, ErrorKind, StallPhase, Usage};
 
 use crate::config::StallConfig;
 
@@ -125,49 +125,69 @@ pub(crate) enum Check {
 #[derive(Debug)]
 pub(crate) struct Tracker {
     config: StallConfig,
-    provider: Provider,
-    start: Instant,
-    head_at: Instant,
-    /// Present for SSE success responses only; others get only the total deadline.
-    scanner: Option<StreamScanner>,
-    outcome: Option<StreamOutcome>,
+    /// The `gen_ai.system` of trace events.
+    system: &'static str,
+    /// When the call started to wait; taken lazily (see [`Tracker::arm`]), so that a
+    /// response that never makes anyone wait never reads the clock.
+    start: Option<Instant>,
     bytes: u64,
+    /// Present for SSE success responses only (others get only the total deadline);
+    /// boxed so that other responses carry a small body.
+    sse: Option<Box<Sse>>,
+}
+
+/// What a stream showed so far.
+#[derive(Debug)]
+struct Sse {
+    scanner: StreamScanner,
+    outcome: StreamOutcome,
+    head_at: Instant,
+    last_progress: Instant,
     first_byte: bool,
     content: bool,
-    last_progress: Instant,
 }
 
 impl Tracker {
-    /// A tracker for a response whose head arrived at `head_at`; `dialect` is `Some` for
-    /// an SSE success response.
+    /// A tracker for a response; `sse` is the dialect and the head's instant of an SSE
+    /// success response.
     pub(crate) fn new(
         config: StallConfig,
-        provider: Provider,
-        dialect: Option<StreamDialect>,
-        start: Instant,
-        head_at: Instant,
+        system: &'static str,
+        start: Option<Instant>,
+        sse: Option<(StreamDialect, Instant)>,
     ) -> Self {
         Tracker {
             config,
-            provider,
-            start,
-            head_at,
-            scanner: dialect.map(StreamScanner::new),
-            outcome: dialect.map(|_| StreamOutcome::new()),
+            system,
+            start: start.or(sse.map(|(_, at)| at)),
             bytes: 0,
-            first_byte: false,
-            content: false,
-            last_progress: head_at,
+            sse: sse.map(|(dialect, head_at)| {
+                Box::new(Sse {
+                    scanner: StreamScanner::new(dialect),
+                    outcome: StreamOutcome::new(),
+                    head_at,
+                    last_progress: head_at,
+                    first_byte: false,
+                    content: false,
+                })
+            }),
+        }
+    }
+
+    /// Takes the start instant if it was not taken yet: call it before waiting.
+    pub(crate) fn arm(&mut self, now: impl FnOnce() -> Instant) {
+        if self.start.is_none() {
+            self.start = Some(now());
         }
     }
 
     /// The outcome handle, for an SSE response.
     pub(crate) fn outcome(&self) -> Option<&StreamOutcome> {
-        self.outcome.as_ref()
+        self.sse.as_ref().map(|s| &s.outcome)
     }
 
     pub(crate) fn is_sse(&self) -> bool {
-        self.scanner.is_some()
+        self.sse.is_some()
     }
 
     pub(crate) fn bytes(&self) -> u64 {
@@ -181,50 +201,53 @@ impl Tracker {
         start: Instant,
     ) -> Option<(Instant, StallPhase, Duration)> {
         let head = if streamed {
-            config.head
+            config.head()
         } else {
-            config.unary_head
+            config.unary_head()
         };
         let a = head.map(|d| (start + d, StallPhase::Head, d));
-        let b = config.total.map(|d| (start + d, StallPhase::Total, d));
+        let b = config.total().map(|d| (start + d, StallPhase::Total, d));
         earliest(a, b)
     }
 
     /// The earliest armed deadline, with its phase and duration.
     fn next(&self) -> Option<(Instant, StallPhase, Duration)> {
         let c = &self.config;
-        let total = c.total.map(|d| (self.start + d, StallPhase::Total, d));
-        let Some(scanner) = &self.scanner else {
+        let total = c
+            .total()
+            .zip(self.start)
+            .map(|(d, start)| (start + d, StallPhase::Total, d));
+        let Some(sse) = &self.sse else {
             return total;
         };
-        if scanner.terminal_seen() {
+        if sse.scanner.terminal_seen() {
             // The answer is whole: only the total deadline still bounds the body's end.
             return total;
         }
         // On a tie the more specific phase wins, so `total` is merged last.
         let mut next = None;
-        if !self.first_byte {
+        if !sse.first_byte {
             next = earliest(
                 next,
-                c.first_byte
-                    .map(|d| (self.head_at + d, StallPhase::FirstByte, d)),
+                c.first_byte()
+                    .map(|d| (sse.head_at + d, StallPhase::FirstByte, d)),
             );
         }
-        if !self.content {
+        if !sse.content {
             next = earliest(
                 next,
-                c.first_content
-                    .map(|d| (self.head_at + d, StallPhase::FirstContent, d)),
+                c.first_content()
+                    .map(|d| (sse.head_at + d, StallPhase::FirstContent, d)),
             );
         }
         // Idle gaps count once content started; before that the first-content deadline
         // governs when it is set, else they count from the first byte.
-        let idle_armed = self.content || (self.first_byte && c.first_content.is_none());
+        let idle_armed = sse.content || (sse.first_byte && c.first_content().is_none());
         if idle_armed {
             next = earliest(
                 next,
-                c.idle
-                    .map(|d| (self.last_progress + d, StallPhase::Idle, d)),
+                c.idle()
+                    .map(|d| (sse.last_progress + d, StallPhase::Idle, d)),
             );
         }
         earliest(next, total)
@@ -241,9 +264,9 @@ impl Tracker {
             None => Check::Disarmed,
             Some((at, _, _)) if at > now => Check::Wait(at),
             Some((_, phase, after)) => {
-                if self.scanner.as_ref().is_some_and(|s| s.terminal_seen()) {
+                if self.sse.as_ref().is_some_and(|s| s.scanner.terminal_seen()) {
                     tracing::debug!(
-                        gen_ai.system = self.provider.as_str(),
+                        gen_ai.system = self.system,
                         bytes_received = self.bytes,
                         "stream idle after its terminal event: ending it"
                     );
@@ -258,7 +281,7 @@ impl Tracker {
     /// The error for a stall in `phase`, recorded and traced.
     pub(crate) fn stalled(&mut self, phase: StallPhase, after: Duration) -> AiError {
         tracing::warn!(
-            gen_ai.system = self.provider.as_str(),
+            gen_ai.system = self.system,
             error.type = "stalled",
             stall.phase = ?phase,
             stall.after_ms = after.as_millis() as u64,
@@ -284,15 +307,13 @@ impl Tracker {
             return None;
         }
         self.bytes += data.len() as u64;
-        let Some(scanner) = &mut self.scanner else {
-            return None;
-        };
-        self.first_byte = true;
-        let facts = scanner.feed(data);
+        let sse = self.sse.as_deref_mut()?;
+        sse.first_byte = true;
+        let facts = sse.scanner.feed(data);
         if let Some(classification) = facts.error {
             let kind = classification.kind;
             tracing::warn!(
-                gen_ai.system = self.provider.as_str(),
+                gen_ai.system = self.system,
                 error.type = kind.map_or("unknown", |k| k.as_str()),
                 bytes_received = self.bytes,
                 "provider error inside the stream"
@@ -301,10 +322,10 @@ impl Tracker {
             return Some(AiError::Provider { classification });
         }
         if facts.content {
-            self.content = true;
+            sse.content = true;
         }
-        if self.config.idle.is_some() && (facts.content || self.config.liveness_resets_idle) {
-            self.last_progress = now();
+        if self.config.idle().is_some() && (facts.content || self.config.liveness_resets_idle) {
+            sse.last_progress = now();
         }
         None
     }
@@ -312,20 +333,18 @@ impl Tracker {
     /// The inner body ended. Returns the error to end with, if the stream was cut or its
     /// last event was an error.
     pub(crate) fn on_end(&mut self) -> Option<AiError> {
-        let Some(scanner) = &mut self.scanner else {
-            return None;
-        };
-        let facts = scanner.finish();
+        let sse = self.sse.as_deref_mut()?;
+        let facts = sse.scanner.finish();
         if let Some(classification) = facts.error {
             self.finish(StreamEnd::ProviderError(classification.kind));
             return Some(AiError::Provider { classification });
         }
         if self.config.require_terminal
-            && scanner.dialect().has_terminal_marker()
-            && !scanner.terminal_seen()
+            && sse.scanner.dialect().has_terminal_marker()
+            && !sse.scanner.terminal_seen()
         {
             tracing::warn!(
-                gen_ai.system = self.provider.as_str(),
+                gen_ai.system = self.system,
                 error.type = "truncated",
                 bytes_received = self.bytes,
                 "stream ended without its terminal event"
@@ -345,27 +364,27 @@ impl Tracker {
     }
 
     fn finish(&mut self, end: StreamEnd) {
-        let (Some(outcome), Some(scanner)) = (&self.outcome, &self.scanner) else {
+        let Some(sse) = &self.sse else {
             return;
         };
         let summary = StreamSummary {
             end,
-            finish_reason: scanner.finish_reason(),
-            usage: scanner.usage(),
-            terminal_seen: scanner.terminal_seen(),
-            content_seen: self.content,
+            finish_reason: sse.scanner.finish_reason(),
+            usage: sse.scanner.usage(),
+            terminal_seen: sse.scanner.terminal_seen(),
+            content_seen: sse.content,
             bytes_received: self.bytes,
         };
         if summary.truncated_by_model() {
             tracing::warn!(
-                gen_ai.system = self.provider.as_str(),
+                gen_ai.system = self.system,
                 gen_ai.response.finish_reasons = "length",
                 gen_ai.usage.input_tokens = summary.usage.map(|u| u.input_tokens),
                 gen_ai.usage.output_tokens = summary.usage.map(|u| u.output_tokens),
                 "answer truncated at the output-token limit"
             );
         }
-        outcome.set(summary);
+        sse.outcome.set(summary);
     }
 }
 
@@ -399,7 +418,7 @@ mod tests {
     fn tracker(config: StallConfig, dialect: StreamDialect) -> (Tracker, Instant) {
         let t0 = Instant::now();
         (
-            Tracker::new(config, Provider::OpenAi, Some(dialect), t0, t0 + S),
+            Tracker::new(config, "openai", Some(t0), Some((dialect, t0 + S))),
             t0,
         )
     }
@@ -421,10 +440,9 @@ mod tests {
             phase(
                 Tracker::new(
                     config(),
-                    Provider::Anthropic,
-                    Some(StreamDialect::Anthropic),
-                    t0,
-                    t0 + S
+                    "anthropic",
+                    Some(t0),
+                    Some((StreamDialect::Anthropic, t0 + S))
                 )
                 .check(t0 + 6 * S)
             ),
@@ -502,7 +520,11 @@ mod tests {
     #[test]
     fn non_sse_gets_only_the_total_deadline() {
         let t0 = Instant::now();
-        let mut t = Tracker::new(config(), Provider::OpenAi, None, t0, t0 + S);
+        let mut t = Tracker::new(config(), "openai", None, None);
+        // Not armed until someone waits: no clock read for a response that is ready.
+        assert_eq!(t.deadline(), None);
+        t.arm(|| t0);
+        t.arm(|| t0 + S);
         assert_eq!(t.deadline(), Some(t0 + 100 * S));
         assert!(t
             .on_data(b"{\"error\":{\"message\":\"x\"}}", || t0)

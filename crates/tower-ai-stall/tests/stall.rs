@@ -164,6 +164,8 @@ async fn unary_requests_wait_for_their_head_until_the_total_deadline() {
     let (mut svc, mut handle) = service(cfg().head(5 * S).total(600 * S));
     assert_ready_ok!(svc.poll_ready());
     let mut fut = task::spawn(svc.call(unary(OPENAI)));
+    // Deadlines run from the first poll (a client sends nothing before it).
+    assert_pending!(fut.poll());
     let (_req, _send) = handle.next_request().await.unwrap();
     advance(599 * S).await;
     assert_pending!(fut.poll());
@@ -175,6 +177,7 @@ async fn unary_requests_wait_for_their_head_until_the_total_deadline() {
     let (mut svc, mut handle) = service(cfg().head(5 * S).unary_head(120 * S));
     assert_ready_ok!(svc.poll_ready());
     let mut fut = task::spawn(svc.call(unary(OPENAI)));
+    assert_pending!(fut.poll());
     let (_req, _send) = handle.next_request().await.unwrap();
     advance(119 * S).await;
     assert_pending!(fut.poll());
@@ -804,4 +807,6 @@ fn services_and_bodies_are_send_sync_static() {
         >,
     >();
     assert_send_sync::<StreamOutcome>();
+    fn assert_unpin<T: Unpin>() {}
+    assert_unpin::<StallBody<ChanBody>>();
 }
