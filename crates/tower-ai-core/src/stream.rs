@@ -33,11 +33,26 @@ pub enum StreamDialect {
 
 impl StreamDialect {
     /// The dialect of a request to `provider` at `path`.
+    ///
+    /// The path decides first, since providers serve each other's dialects
+    /// (Anthropic's and Gemini's OpenAI-compatible `/chat/completions` stream OpenAI
+    /// chunks); the provider decides for paths it does not know.
     pub fn of(provider: Provider, path: &str) -> StreamDialect {
+        if path.ends_with("/chat/completions") || path.ends_with("/completions") {
+            return StreamDialect::OpenAiChat;
+        }
+        if path.ends_with("/responses") {
+            return StreamDialect::OpenAiResponses;
+        }
+        if path.ends_with("/messages") {
+            return StreamDialect::Anthropic;
+        }
+        if path.contains(":streamGenerateContent") || path.contains(":generateContent") {
+            return StreamDialect::Gemini;
+        }
         match provider {
             Provider::Anthropic => StreamDialect::Anthropic,
             Provider::Gemini => StreamDialect::Gemini,
-            _ if path.ends_with("/responses") => StreamDialect::OpenAiResponses,
             _ => StreamDialect::OpenAiChat,
         }
     }
@@ -206,19 +221,18 @@ impl StreamScanner {
                     || string_value_nonempty(data, b"\"refusal\"")
                     || has(b"\"tool_calls\"")
                     || has(b"\"function_call\"");
-                if has(b"\"finish_reason\"") || has(b"\"usage\"") {
-                    if let Ok(v) = serde_json::from_slice::<Value>(data) {
-                        if let Some(r) = v
-                            .get("choices")
-                            .and_then(|c| c.get(0))
-                            .and_then(|c| c.get("finish_reason"))
-                            .and_then(Value::as_str)
-                        {
-                            self.finish = Some(FinishReason::parse(r));
-                        }
-                        if let Some(u) = Usage::from_value(&v) {
-                            self.usage = Some(u);
-                        }
+                // Every chunk carries `"finish_reason":null` (and `"usage":null` with
+                // include_usage): read the values in place, and only when they are set,
+                // instead of parsing each chunk into a JSON tree.
+                if let Some(r) = str_after(data, b"\"finish_reason\"") {
+                    self.finish = Some(FinishReason::parse(r));
+                }
+                if object_after(data, b"\"usage\"") {
+                    if let Some(input) = u64_after(data, b"\"prompt_tokens\"") {
+                        self.usage = Some(Usage {
+                            input_tokens: input,
+                            output_tokens: u64_after(data, b"\"completion_tokens\"").unwrap_or(0),
+                        });
                     }
                 }
             }
@@ -301,20 +315,17 @@ impl StreamScanner {
                     }
                 }
                 content = has(b"\"text\"") || has(b"\"functionCall\"");
-                if has(b"\"finishReason\"") || has(b"\"usageMetadata\"") {
-                    if let Ok(v) = serde_json::from_slice::<Value>(data) {
-                        if let Some(r) = v
-                            .get("candidates")
-                            .and_then(|c| c.get(0))
-                            .and_then(|c| c.get("finishReason"))
-                            .and_then(Value::as_str)
-                        {
-                            self.finish = Some(FinishReason::parse(r));
-                        }
-                        if let Some(u) = Usage::from_value(&v) {
-                            self.usage = Some(u);
-                        }
-                    }
+                // Gemini repeats `usageMetadata` on every chunk: read its counts in place.
+                if let Some(r) = str_after(data, b"\"finishReason\"") {
+                    self.finish = Some(FinishReason::parse(r));
+                }
+                if object_after(data, b"\"usageMetadata\"") {
+                    let n = |k: &[u8]| u64_after(data, k).unwrap_or(0);
+                    self.usage = Some(Usage {
+                        input_tokens: n(b"\"promptTokenCount\""),
+                        output_tokens: n(b"\"candidatesTokenCount\"")
+                            .saturating_add(n(b"\"thoughtsTokenCount\"")),
+                    });
                 }
             }
         }
@@ -338,6 +349,53 @@ fn error_object(data: &[u8]) -> Option<Vec<u8>> {
         _ => true,
     };
     truthy.then(|| data.to_vec())
+}
+
+/// The position just after `key` and its colon (whitespace skipped), for each place the
+/// key appears.
+fn values_after<'a>(data: &'a [u8], key: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
+    memmem::find_iter(data, key).filter_map(move |i| {
+        let mut j = i + key.len();
+        while matches!(data.get(j), Some(b' ' | b'\t' | b'\r' | b'\n')) {
+            j += 1;
+        }
+        if data.get(j) != Some(&b':') {
+            return None;
+        }
+        j += 1;
+        while matches!(data.get(j), Some(b' ' | b'\t' | b'\r' | b'\n')) {
+            j += 1;
+        }
+        Some(j)
+    })
+}
+
+/// The first string value of `key` (an unescaped short string: a finish reason).
+fn str_after<'a>(data: &'a [u8], key: &'a [u8]) -> Option<&'a str> {
+    values_after(data, key).find_map(|j| {
+        let rest = data.get(j..)?.strip_prefix(b"\"")?;
+        let end = memchr::memchr2(b'"', b'\\', rest)?;
+        (rest[end] == b'"')
+            .then(|| std::str::from_utf8(&rest[..end]).ok())
+            .flatten()
+    })
+}
+
+/// The first non-negative integer value of `key`.
+fn u64_after(data: &[u8], key: &[u8]) -> Option<u64> {
+    values_after(data, key).find_map(|j| {
+        let digits = data
+            .get(j..)?
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        std::str::from_utf8(&data[j..j + digits]).ok()?.parse().ok()
+    })
+}
+
+/// Whether some value of `key` is an object (not `null`).
+fn object_after(data: &[u8], key: &[u8]) -> bool {
+    values_after(data, key).any(|j| data.get(j) == Some(&b'{'))
 }
 
 /// Whether `"key": "<non-empty>"` appears in `data`.
