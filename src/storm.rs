@@ -13,7 +13,11 @@ use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
-use tower_ai_core::{AiBody, AiError, BoxError};
+use tower::{Layer, ServiceExt};
+use tower_ai::fallback::{rewrite_model, FallbackChain, Route};
+use tower_ai::prelude::*;
+use tower_ai_core::{try_clone_request, ClassifiedBody};
+use tower_ai_sim::SimBody;
 use tower_ai_sim::{Fault, Latency, ModelSpec, Scenario, Simulator, StreamFault};
 
 /// The primary provider's main model.
@@ -183,7 +187,7 @@ pub struct Report {
     pub failed: u32,
     /// Requests still waiting at the user's deadline.
     pub timed_out: u32,
-    /// Stalls the stack turned into errors.
+    /// Stalls the user saw as an `AiError::Stalled` (instead of a hang or a retry).
     pub stalls_caught: u32,
     /// Requests served by a fallback route.
     pub fallbacks: u32,
@@ -193,6 +197,8 @@ pub struct Report {
     pub rate_limited: u64,
     /// Calls answered with an error, or whose stream stalled: work that served nobody.
     pub wasted: u64,
+    /// Upstream streams that stalled (before or after their first token).
+    pub stalled_upstream: u64,
     /// Median latency of served requests.
     pub p50: Duration,
     /// 99th-percentile latency of served requests.
@@ -285,6 +291,7 @@ where
             .iter()
             .filter(|c| c.status != 200 || c.stream_fault.is_some())
             .count() as u64,
+        stalled_upstream: calls.iter().filter(|c| c.stream_fault.is_some()).count() as u64,
         p50: pct(0.50),
         p99: pct(0.99),
     }
@@ -295,7 +302,7 @@ pub fn table(reports: &[Report]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     type Cell = Box<dyn Fn(&Report) -> String>;
-    let rows: [(&str, Cell); 11] = [
+    let rows: [(&str, Cell); 12] = [
         (
             "served",
             Box::new(|r| format!("{} ({:.1}%)", r.served, 100.0 * r.served_share())),
@@ -323,7 +330,14 @@ pub fn table(reports: &[Report]) -> String {
             Box::new(|r| format!("{:.1} s", r.p99.as_secs_f64())),
         ),
         ("fallbacks used", Box::new(|r| r.fallbacks.to_string())),
-        ("stalls caught", Box::new(|r| r.stalls_caught.to_string())),
+        (
+            "streams stalled",
+            Box::new(|r| r.stalled_upstream.to_string()),
+        ),
+        (
+            "stall errors seen",
+            Box::new(|r| r.stalls_caught.to_string()),
+        ),
     ];
     let _ = write!(out, "| {:<18} |", "");
     for r in reports {
@@ -343,4 +357,156 @@ pub fn table(reports: &[Report]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The outcome of one client call, as [`run`] wants it.
+pub type Outcome = (Verdict, Served);
+
+/// A bare client: one call through `Classify`, whatever comes back.
+pub fn bare(
+    storm: &Storm,
+) -> impl Fn(Request<AiBody>) -> std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>> {
+    let client = ClassifyLayer::new().layer(storm.primary.service());
+    move |req| {
+        let client = client.clone();
+        Box::pin(async move {
+            match client.oneshot(req).await {
+                Ok(res) => (consume(res).await, Served::default()),
+                Err(_) => (Verdict::Failed, Served::default()),
+            }
+        })
+    }
+}
+
+/// The retry loop most tutorials show: 3 retries on any failure, 1/2/4 s backoff plus up
+/// to 250 ms of jitter, `Retry-After` ignored, no fallback, no stall detection.
+pub fn naive(
+    storm: &Storm,
+) -> impl Fn(Request<AiBody>) -> std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>> {
+    let client = ClassifyLayer::new().layer(storm.primary.service());
+    let seeds = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(storm.config.seed));
+    move |req| {
+        let client = client.clone();
+        let seed = seeds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Box::pin(async move {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            for attempt in 0..=3u32 {
+                let again = try_clone_request(&req).expect("an in-memory body");
+                if let Ok(res) = client.clone().oneshot(again).await {
+                    if res.status().is_success() {
+                        return (consume(res).await, Served::default());
+                    }
+                }
+                if attempt < 3 {
+                    let backoff =
+                        Duration::from_secs(1 << attempt) + Duration::from_millis(rng.u64(0..250));
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+            (Verdict::Failed, Served::default())
+        })
+    }
+}
+
+/// The response body of the tower-ai stack over the simulator.
+pub type StackBody =
+    tower_ai::budget::BudgetBody<tower_ai::stall::StallBody<ClassifiedBody<SimBody>>>;
+
+/// The tower-ai stack: [`AiStack`] with a requests-per-minute budget at the primary
+/// account's own limit (so excess traffic moves on before the provider says no), and a
+/// fallback chain: the request as sent, the same request for [`SECONDARY_MODEL`], then the
+/// backup provider (its own stack and budget) with the model rewritten to [`BACKUP_MODEL`].
+pub fn tower_ai_service(
+    storm: &Storm,
+) -> impl tower::Service<
+    Request<AiBody>,
+    Response = Response<StackBody>,
+    Error = BoxError,
+    Future: Send,
+> + Clone
+       + Send
+       + 'static {
+    let budget = |rpm| {
+        TokenBudgetLayer::builder()
+            .requests_per_minute(rpm)
+            .reject()
+            .build()
+            .expect("a valid budget")
+    };
+    // Jitter and release spreads drawn from the storm's seed: one seed, one table.
+    let seed = storm.config.seed;
+    // A chat application's stall deadlines: 10 s to the first byte, 10 s between chunks
+    // (the defaults, 30 s and 60 s, leave room for long reasoning pauses).
+    let stall = || {
+        StallDetectorLayer::builder()
+            .first_byte(Duration::from_secs(10))
+            .idle(Duration::from_secs(10))
+            .build()
+            .expect("valid deadlines")
+    };
+    let seeded = |stack: AiStack| {
+        stack
+            .retry(
+                AiRetryLayer::builder()
+                    .seed(seed)
+                    .build()
+                    .expect("a valid retry config"),
+            )
+            .stall(stall())
+            .retry_after(
+                RetryAfterAwareLayer::builder()
+                    .seed(seed)
+                    .build()
+                    .expect("a valid cooldown config"),
+            )
+    };
+    let backup = seeded(AiStack::new())
+        .budget(budget(1000))
+        .layer(storm.backup.service());
+    let chain = FallbackChain::builder()
+        .route(Route::primary("primary"))
+        .route(Route::model(SECONDARY_MODEL))
+        .route(
+            Route::service("backup", backup)
+                .model_name(BACKUP_MODEL)
+                .rewrite(|req: &mut Request<AiBody>| {
+                    let body = req
+                        .body()
+                        .as_bytes()
+                        .and_then(|b| rewrite_model(b, BACKUP_MODEL));
+                    *req.body_mut() = AiBody::from(body.ok_or("request without a model")?);
+                    Ok(())
+                }),
+        )
+        .build()
+        .expect("a valid chain");
+    seeded(AiStack::new())
+        .budget(budget(100))
+        .fallback(ModelFallbackLayer::new(chain))
+        .layer(storm.primary.service())
+}
+
+/// The tower-ai stack as a [`run`] client.
+pub fn tower_ai(
+    storm: &Storm,
+) -> impl Fn(Request<AiBody>) -> std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>> {
+    let client = tower_ai_service(storm);
+    move |req| {
+        let client = client.clone();
+        Box::pin(async move {
+            match client.oneshot(req).await {
+                Ok(res) => {
+                    let fallback = res
+                        .extensions()
+                        .get::<tower_ai::fallback::Served>()
+                        .is_some_and(|s| s.index > 0);
+                    (consume(res).await, Served { fallback })
+                }
+                Err(e) => match AiError::find(&*e) {
+                    Some(AiError::Stalled { .. }) => (Verdict::StallCaught, Served::default()),
+                    _ => (Verdict::Failed, Served::default()),
+                },
+            }
+        })
+    }
 }
