@@ -39,25 +39,21 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_ai_budget::{BudgetEvent, TokenBudgetLayer};
-use tower_ai_circuit_breaker::CircuitBreakerLayer;
-use tower_ai_core::keys::{Global, KeyFn};
-use tower_ai_core::sse::{SseItem, SseParser};
-use tower_ai_core::{AiBody, AiError, BoxError, ClassifyLayer};
-use tower_ai_retry::AiRetryLayer;
-use tower_ai_retry_after::RetryAfterAwareLayer;
-use tower_ai_sim::{Latency, ModelSpec, Scenario, Simulator, StreamFault};
-use tower_ai_stall::{StallDetectorLayer, StreamOutcome, StreamSummary};
+use tower_ai::budget::{BudgetEvent, BudgetListener};
+use tower_ai::core::keys::{Global, KeyFn};
+use tower_ai::core::sse::{SseItem, SseParser};
+use tower_ai::prelude::*;
+use tower_ai::sim::{Latency, ModelSpec, Scenario, Simulator, StreamFault};
+use tower_ai::stall::{StreamOutcome, StreamSummary};
 
 const MAX_TOKENS: u64 = 1000;
 const TOKENS_PER_MINUTE: u64 = 1500;
 /// A simulated model whose streams go quiet after three tokens.
 const STALLING_MODEL: &str = "claude-stalls";
 
-/// The tower-ai stack over a plain HTTP client, in the recommended order (outermost first;
-/// no ModelFallback: this example is about one model's stream).
-///
-/// TODO(facade): this is what `tower_ai::AiStack` will build in one call.
+/// The tower-ai stack over a plain HTTP client: [`AiStack`] in its recommended order, with
+/// this example's token budget and stall deadlines (no ModelFallback: this example is about
+/// one model's stream).
 fn stack<L>(
     client: Client<HttpConnector, AiBody>,
     budget: TokenBudgetLayer<Global, L>,
@@ -73,7 +69,7 @@ fn stack<L>(
     BoxError,
 >
 where
-    L: tower_ai_budget::BudgetListener,
+    L: BudgetListener,
 {
     // A stream that goes quiet for `idle` ends with `AiError::Stalled`, never a clean EOF;
     // before its first byte that is an error AiRetry can retry.
@@ -82,14 +78,8 @@ where
         .idle(idle)
         .total(Duration::from_secs(600))
         .build()?;
-    Ok(ServiceBuilder::new()
-        .layer(AiRetryLayer::new(3))
-        .layer(CircuitBreakerLayer::new())
-        .layer(budget)
-        .layer(RetryAfterAwareLayer::new())
-        .layer(stall)
-        .layer(ClassifyLayer::new())
-        .service(client))
+    let stack = AiStack::new().budget(budget).stall(stall);
+    Ok(ServiceBuilder::new().ai_stack(stack).service(client))
 }
 
 #[tokio::main]

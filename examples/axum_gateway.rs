@@ -47,15 +47,10 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_ai_budget::TokenBudgetLayer;
-use tower_ai_circuit_breaker::CircuitBreakerLayer;
-use tower_ai_core::keys::ApiKeyHash;
-use tower_ai_core::{AiBody, AiError, BoxError, ClassifyLayer};
-use tower_ai_fallback::{FallbackChain, ModelFallbackLayer, Route};
-use tower_ai_retry::AiRetryLayer;
-use tower_ai_retry_after::RetryAfterAwareLayer;
-use tower_ai_sim::{Latency, ModelSpec, Scenario, Simulator};
-use tower_ai_stall::StallDetectorLayer;
+use tower_ai::core::keys::ApiKeyHash;
+use tower_ai::fallback::{FallbackChain, Route};
+use tower_ai::prelude::*;
+use tower_ai::sim::{Latency, ModelSpec, Scenario, Simulator};
 
 /// Requests per minute each client API key may send through the gateway.
 const CLIENT_RPM: u64 = 5;
@@ -63,10 +58,8 @@ const CLIENT_RPM: u64 = 5;
 /// What the axum handler calls: the gateway budget over the upstream stack.
 type Gateway = BoxCloneSyncService<Request<AiBody>, Response, BoxError>;
 
-/// The upstream stack on the gateway's HTTP client, in the recommended order (outermost
-/// first).
-///
-/// TODO(facade): this is what `tower_ai::AiStack` will build in one call.
+/// The upstream stack on the gateway's HTTP client: [`AiStack`] in its recommended order,
+/// with the gateway's provider account limits and a fallback model.
 fn upstream_stack(
     client: Client<HttpConnector, AiBody>,
 ) -> Result<BoxCloneSyncService<Request<AiBody>, Response, BoxError>, BoxError> {
@@ -74,16 +67,13 @@ fn upstream_stack(
         .route(Route::primary("primary"))
         .route(Route::model("gpt-4o-mini"))
         .build()?;
+    let stack = AiStack::new()
+        // The gateway's provider account: stay inside its limits.
+        .budget(TokenBudgetLayer::new(500, 200_000))
+        .fallback(ModelFallbackLayer::new(chain));
     let svc = ServiceBuilder::new()
         .map_response(|res: http::Response<_>| res.map(Body::new))
-        .layer(ModelFallbackLayer::new(chain))
-        .layer(AiRetryLayer::new(3))
-        .layer(CircuitBreakerLayer::new())
-        // The gateway's provider account: stay inside its limits.
-        .layer(TokenBudgetLayer::new(500, 200_000))
-        .layer(RetryAfterAwareLayer::new())
-        .layer(StallDetectorLayer::new())
-        .layer(ClassifyLayer::new())
+        .ai_stack(stack)
         .service(client);
     Ok(BoxCloneSyncService::new(svc))
 }

@@ -27,20 +27,26 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_ai_budget::TokenBudgetLayer;
-use tower_ai_circuit_breaker::CircuitBreakerLayer;
-use tower_ai_core::sse::{SseItem, SseParser};
-use tower_ai_core::stream::{StreamDialect, StreamScanner};
-use tower_ai_core::{AiBody, BoxError, ClassifyLayer, Usage};
-use tower_ai_fallback::{FallbackChain, ModelFallbackLayer, Route};
-use tower_ai_retry::AiRetryLayer;
-use tower_ai_retry_after::RetryAfterAwareLayer;
-use tower_ai_sim::{Latency, ModelSpec, Scenario, Simulator};
-use tower_ai_stall::StallDetectorLayer;
+use tower_ai::core::sse::{SseItem, SseParser};
+use tower_ai::core::stream::{StreamDialect, StreamScanner};
+use tower_ai::fallback::{FallbackChain, Route};
+use tower_ai::prelude::*;
+use tower_ai::sim::{Latency, ModelSpec, Scenario, Simulator};
+use tower_ai::Usage;
 
-/// The tower-ai stack over a plain HTTP client, in the recommended order (outermost first).
+/// The tower-ai stack over a plain HTTP client: [`AiStack`], which puts every layer in the
+/// recommended order (outermost first):
 ///
-/// TODO(facade): this is what `tower_ai::AiStack` will build in one call.
+/// ```text
+/// ModelFallback → AiRetry → CircuitBreaker → TokenBudget → RetryAfterAware → StallDetector → Classify → client
+/// ```
+///
+/// Its defaults: up to 3 attempts per model, honouring Retry-After, never after a stream
+/// began; a circuit breaker per model that keeps failing; a cooldown gate, so when the
+/// provider says "come back in 20 s" every caller waits together; first-byte, idle and
+/// total deadlines on streams, truncation an error; one classification per response, next
+/// to the wire. Added here: the two layers only you can configure, the account's limits and
+/// a fallback model.
 fn stack(
     client: Client<HttpConnector, AiBody>,
     fallback_model: &str,
@@ -57,21 +63,12 @@ fn stack(
         .route(Route::primary("primary"))
         .route(Route::model(fallback_model))
         .build()?;
-    Ok(ServiceBuilder::new()
-        .layer(ModelFallbackLayer::new(chain))
-        // Up to 3 attempts per model, honouring Retry-After, never after a stream began.
-        .layer(AiRetryLayer::new(3))
-        // Stop calling a model (host + model) that keeps failing.
-        .layer(CircuitBreakerLayer::new())
-        // Stay inside the account's limits instead of learning them from 429s.
-        .layer(TokenBudgetLayer::new(500, 200_000))
-        // When the provider says "come back in 20 s", every caller waits together.
-        .layer(RetryAfterAwareLayer::new())
-        // First byte, idle gap and total deadlines on streams; truncation is an error.
-        .layer(StallDetectorLayer::new())
-        // Next to the wire: one classification per response, error bodies read ahead.
-        .layer(ClassifyLayer::new())
-        .service(client))
+    let stack = AiStack::new()
+        // Stay inside the account's limits (500 requests, 200 000 tokens a minute) instead
+        // of learning them from 429s.
+        .budget(TokenBudgetLayer::new(500, 200_000))
+        .fallback(ModelFallbackLayer::new(chain));
+    Ok(ServiceBuilder::new().ai_stack(stack).service(client))
 }
 
 #[tokio::main]

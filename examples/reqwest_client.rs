@@ -31,14 +31,10 @@ use http::{header, Request, Response};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_ai_budget::TokenBudgetLayer;
-use tower_ai_circuit_breaker::CircuitBreakerLayer;
-use tower_ai_core::{AiBody, BoxError, ClassifyLayer, Usage};
-use tower_ai_fallback::{FallbackChain, ModelFallbackLayer, Route, Served};
-use tower_ai_retry::AiRetryLayer;
-use tower_ai_retry_after::RetryAfterAwareLayer;
-use tower_ai_sim::{ModelSpec, Scenario, Simulator};
-use tower_ai_stall::StallDetectorLayer;
+use tower_ai::fallback::{FallbackChain, Route, Served};
+use tower_ai::prelude::*;
+use tower_ai::sim::{ModelSpec, Scenario, Simulator};
+use tower_ai::Usage;
 
 /// The adapter: `http::Request<AiBody>` in, `http::Response<reqwest::Body>` out.
 #[derive(Clone, Debug)]
@@ -69,9 +65,8 @@ impl Service<Request<AiBody>> for ReqwestService {
     }
 }
 
-/// The tower-ai stack over reqwest, in the recommended order (outermost first).
-///
-/// TODO(facade): this is what `tower_ai::AiStack` will build in one call.
+/// The tower-ai stack over reqwest: [`AiStack`] in its recommended order, with the
+/// account's limits and a fallback model.
 fn stack(
     client: reqwest::Client,
     fallback_model: &str,
@@ -87,14 +82,14 @@ fn stack(
         .route(Route::primary("primary"))
         .route(Route::model(fallback_model))
         .build()?;
+    let stack = AiStack::new()
+        // 2 attempts per model (the default is 3): the primary is tried twice, then the
+        // fallback model answers.
+        .retry(AiRetryLayer::new(2))
+        .budget(TokenBudgetLayer::new(500, 200_000))
+        .fallback(ModelFallbackLayer::new(chain));
     Ok(ServiceBuilder::new()
-        .layer(ModelFallbackLayer::new(chain))
-        .layer(AiRetryLayer::new(2))
-        .layer(CircuitBreakerLayer::new())
-        .layer(TokenBudgetLayer::new(500, 200_000))
-        .layer(RetryAfterAwareLayer::new())
-        .layer(StallDetectorLayer::new())
-        .layer(ClassifyLayer::new())
+        .ai_stack(stack)
         .service(ReqwestService(client)))
 }
 

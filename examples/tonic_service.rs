@@ -52,14 +52,11 @@ use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_ai_budget::TokenBudgetLayer;
-use tower_ai_circuit_breaker::CircuitBreakerLayer;
-use tower_ai_core::keys::Key;
-use tower_ai_core::{AiBody, AiError, BoxError, ClassifyLayer, Usage};
-use tower_ai_retry::AiRetryLayer;
-use tower_ai_retry_after::RetryAfterAwareLayer;
-use tower_ai_sim::{ModelSpec, Scenario, Simulator};
-use tower_ai_stall::StallDetectorLayer;
+use tower_ai::budget::BudgetBody;
+use tower_ai::core::keys::Key;
+use tower_ai::prelude::*;
+use tower_ai::sim::{ModelSpec, Scenario, Simulator};
+use tower_ai::Usage;
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct AskRequest {
@@ -89,11 +86,8 @@ struct Tenant(String);
 type Ai = BoxCloneSyncService<Request<AiBody>, Response<AiResponseBody>, BoxError>;
 type AiResponseBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
 
-/// The tower-ai stack over a plain HTTP client, in the recommended order (outermost first;
-/// no ModelFallback: the caller names the model).
-///
-/// TODO(facade): this is what `tower_ai::AiStack` will build in one call, with the
-/// per-tenant key function.
+/// The tower-ai stack over a plain HTTP client: [`AiStack`] in its recommended order, with
+/// a budget keyed by tenant (no ModelFallback: the caller names the model).
 fn stack(client: Client<HttpConnector, AiBody>) -> Result<Ai, BoxError> {
     // Per tenant: 2 requests and 20 000 tokens a minute, refused at once beyond that.
     let per_tenant = TokenBudgetLayer::builder()
@@ -103,15 +97,8 @@ fn stack(client: Client<HttpConnector, AiBody>) -> Result<Ai, BoxError> {
         .reject()
         .build()?;
     let svc = ServiceBuilder::new()
-        .map_response(|res: Response<_>| {
-            res.map(|b: tower_ai_budget::BudgetBody<_>| b.boxed_unsync())
-        })
-        .layer(AiRetryLayer::new(3))
-        .layer(CircuitBreakerLayer::new())
-        .layer(per_tenant)
-        .layer(RetryAfterAwareLayer::new())
-        .layer(StallDetectorLayer::new())
-        .layer(ClassifyLayer::new())
+        .map_response(|res: Response<_>| res.map(|b: BudgetBody<_>| b.boxed_unsync()))
+        .ai_stack(AiStack::new().budget(per_tenant))
         .service(client);
     Ok(BoxCloneSyncService::new(svc))
 }
