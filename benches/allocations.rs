@@ -11,7 +11,8 @@ mod common;
 
 use http::Request;
 use tower::{Layer, Service};
-use tower_ai::AiBody;
+use tower_ai::{AiBody, RequestMeta};
+use tower_ai_core::try_clone_request;
 
 use common::*;
 
@@ -37,6 +38,11 @@ where
         info.count_total as f64 / N as f64,
         info.bytes_total as f64 / N as f64,
     )
+}
+
+/// (future, service) sizes: the future is moved by value through every layer's `call`.
+fn sizes<S: Service<Request<AiBody>>>(_: &S) -> (usize, usize) {
+    (std::mem::size_of::<S::Future>(), std::mem::size_of::<S>())
 }
 
 fn main() {
@@ -82,5 +88,44 @@ fn main() {
     println!("|---|---:|---:|");
     for (name, (n, bytes)) in rows {
         println!("| {name} | {n:.2} | {bytes:.0} |");
+    }
+    // What the layers' own steps cost alone, to attribute the figures above.
+    let per = |f: &mut dyn FnMut(Request<AiBody>)| {
+        let reqs: Vec<_> = (0..N).map(|_| request()).collect();
+        let info = allocation_counter::measure(|| reqs.into_iter().for_each(&mut *f));
+        (
+            info.count_total as f64 / N as f64,
+            info.bytes_total as f64 / N as f64,
+        )
+    };
+    let steps = [
+        (
+            "a copy of the request to replay (`try_clone_request`, 2 headers)",
+            per(&mut |r| drop(std::hint::black_box(try_clone_request(&r)))),
+        ),
+        (
+            "`RequestMeta::get_or_insert` (model, token estimate into the extensions)",
+            per(&mut |mut r| {
+                std::hint::black_box(RequestMeta::get_or_insert(&mut r));
+            }),
+        ),
+    ];
+    for (name, (n, bytes)) in steps {
+        println!("| *step:* {name} | {n:.2} | {bytes:.0} |");
+    }
+    println!("\n| variant | size of the response future (bytes) | size of the service (bytes) |");
+    println!("|---|---:|---:|");
+    let sizes = [
+        ("bare service", sizes(&Bare)),
+        ("AiRetry alone", sizes(&ai_retry())),
+        ("ModelFallback alone (2 routes)", sizes(&model_fallback())),
+        ("TokenBudget alone", sizes(&token_budget())),
+        ("AiStack::new()", sizes(&ai_stack_default())),
+        ("AiStack full", sizes(&ai_stack_full())),
+        ("tower stack", sizes(&tower_layer().layer(Bare))),
+        ("tower-resilience stack", sizes(&tower_resilience())),
+    ];
+    for (name, (f, s)) in sizes {
+        println!("| {name} | {f} | {s} |");
     }
 }

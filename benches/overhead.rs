@@ -10,7 +10,8 @@
 //! response. No runtime drives anything: the figure is the layers' own cost. Allocations
 //! are counted by a separate bench (`allocations.rs`), so the counting allocator does not
 //! slow this one. At the end a table of ratios (to the bare service and to
-//! tower-resilience's stack) is printed from criterion's estimates of this run.
+//! tower-resilience's stack) is printed from criterion's estimates of this run
+//! (`OVERHEAD_TABLE_ONLY=1 cargo bench --bench overhead` prints it again without measuring).
 //!
 //! ```text
 //! cargo bench --bench overhead -- --warm-up-time 1 --measurement-time 3
@@ -181,13 +182,16 @@ fn benches(c: &mut Criterion, handle: &Handle) {
     g.finish();
 }
 
-/// criterion's point estimate (mean, ns) of one benchmark of this run.
+/// criterion's point estimate of one benchmark of the last run (ns per call): the slope of
+/// its linear sampling, as criterion prints it, else the mean.
 fn estimate(group: &str, id: &str) -> Option<f64> {
     let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let path = format!("{dir}/criterion/{group}/{id}/new/estimates.json");
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v["mean"]["point_estimate"].as_f64()
+    v["slope"]["point_estimate"]
+        .as_f64()
+        .or_else(|| v["mean"]["point_estimate"].as_f64())
 }
 
 fn table() {
@@ -210,9 +214,12 @@ fn table() {
 }
 
 fn main() {
-    let rt = runtime();
-    let mut c = Criterion::default().configure_from_args();
-    benches(&mut c, rt.handle());
-    c.final_summary();
+    // OVERHEAD_TABLE_ONLY=1: print the table of the last run again, measure nothing.
+    if std::env::var_os("OVERHEAD_TABLE_ONLY").is_none() {
+        let rt = runtime();
+        let mut c = Criterion::default().configure_from_args();
+        benches(&mut c, rt.handle());
+        c.final_summary();
+    }
     table();
 }

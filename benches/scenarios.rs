@@ -7,8 +7,10 @@
 //! `tower_ai_workspace::storm`), `tower-resilience` (its retry: 4 attempts on 429/5xx or
 //! an error, exponential backoff from 1 s; its circuit breaker: 5xx and errors are
 //! failures; its rate limiter at the account's requests-per-minute limit when the scenario
-//! has one), and `tower-ai` (`AiStack` with the budget and the fallback chain each
-//! scenario says).
+//! has one; a fixed 60 s window, timeout 60 s), the same without its breaker (its breaker
+//! times its open state with `std::time::Instant`, which a paused clock does not move, so
+//! once open it stays open here), and `tower-ai` (`AiStack` with the budget, fallback
+//! chain or deadlines each scenario says).
 //!
 //! Scenarios:
 //! 1. the storm of the chaos demo (`tower_ai_workspace::storm`, seed 7);
@@ -234,6 +236,17 @@ fn header(title: &str, columns: &[Column]) {
     row("---", columns.iter().map(|_| "---:".to_string()));
 }
 
+/// `AiStack::new()` with its AiRetry's jitter seeded, so each run gives the same table.
+fn ai_stack() -> AiStack {
+    AiStack::new().retry(
+        AiRetryLayer::builder()
+            .max_attempts(3)
+            .seed(7)
+            .build()
+            .expect("a valid retry"),
+    )
+}
+
 fn budget(rpm: u64, max_wait: Duration) -> TokenBudgetLayer {
     TokenBudgetLayer::builder()
         .requests_per_minute(rpm)
@@ -290,7 +303,7 @@ async fn overload() {
         "tower-ai (budget waits ≤ 60 s)",
         Box::new(|s| {
             tower_ai_client(
-                AiStack::new()
+                ai_stack()
                     .budget(budget(RPM, Duration::from_secs(60)))
                     .layer(s.primary.service()),
             )
@@ -300,7 +313,7 @@ async fn overload() {
         "tower-ai (budget waits ≤ 10 s)",
         Box::new(|s| {
             tower_ai_client(
-                AiStack::new()
+                ai_stack()
                     .budget(budget(RPM, Duration::from_secs(10)))
                     .layer(s.primary.service()),
             )
@@ -375,7 +388,7 @@ async fn outage() {
     let mut columns = baselines(None);
     columns.push((
         "tower-ai",
-        Box::new(|s| tower_ai_client(AiStack::new().layer(s.primary.service()))),
+        Box::new(|s| tower_ai_client(ai_stack().layer(s.primary.service()))),
     ));
     let runs = run_all(&columns, || {
         storm_with(
@@ -429,7 +442,7 @@ async fn failover() {
         "tower-ai",
         Box::new(|s| {
             tower_ai_client(
-                AiStack::new()
+                ai_stack()
                     .fallback(ModelFallbackLayer::models([SECONDARY_MODEL]).expect("a valid chain"))
                     .layer(s.primary.service()),
             )
@@ -515,7 +528,7 @@ async fn stalls() {
     let mut columns = baselines(None);
     columns.push((
         "tower-ai (default deadlines)",
-        Box::new(|s| tower_ai_client(AiStack::new().layer(s.primary.service()))),
+        Box::new(|s| tower_ai_client(ai_stack().layer(s.primary.service()))),
     ));
     columns.push((
         "tower-ai (first byte, first content, idle 10 s)",
@@ -526,7 +539,7 @@ async fn stalls() {
                 .idle(Duration::from_secs(10))
                 .build()
                 .expect("valid deadlines");
-            tower_ai_client(AiStack::new().stall(stall).layer(s.primary.service()))
+            tower_ai_client(ai_stack().stall(stall).layer(s.primary.service()))
         }),
     ));
     header(
