@@ -21,7 +21,7 @@ pub struct TokenBudgetLayer<K = Global, L = ()> {
 
 impl TokenBudgetLayer {
     /// A budget of `requests_per_minute` and `tokens_per_minute` for everything through
-    /// the layer, waiting up to 60 s for a request to fit. Use [`builder`](Self::builder)
+    /// the layer, waiting up to 10 s for a request to fit. Use [`builder`](Self::builder)
     /// for the rest.
     ///
     /// # Panics

@@ -107,7 +107,7 @@
 //!
 //! # When a request does not fit
 //!
-//! - [`WhenFull::Wait`] (default, `max_wait` 60 s): the request waits in its response
+//! - [`WhenFull::Wait`] (default, `max_wait` 10 s): the request waits in its response
 //!   future on a `tokio` timer (no lock held), woken when capacity frees up (a window slot
 //!   expires, a reservation is corrected down, a permit is released). Waiters are served in
 //!   FIFO order per key, so a large request is never starved by small ones (the price:
