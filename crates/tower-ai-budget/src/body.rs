@@ -106,7 +106,7 @@ pub(crate) fn usage_of_json(body: &[u8]) -> Option<Usage> {
         let v: Value = serde_json::from_slice(body).ok()?;
         return v.as_array()?.iter().rev().find_map(Usage::from_value);
     }
-    crate::usage::scan(body).or_else(|| Usage::from_json(body))
+    Usage::from_json(body)
 }
 
 pin_project! {

@@ -177,7 +177,6 @@ mod event;
 pub mod future;
 mod layer;
 mod service;
-mod usage;
 mod window;
 
 pub use body::BudgetBody;

@@ -381,9 +381,16 @@ impl Usage {
 
     /// The usage in a non-streamed JSON response of any dialect (OpenAI Chat and
     /// Responses `usage`, Anthropic `usage`, Gemini `usageMetadata`).
+    ///
+    /// The known shapes are read by one forward scan that skips every other value and
+    /// allocates nothing (a response body can be large: the answer is in it); anything the
+    /// scan cannot decide is parsed into a JSON value and read by
+    /// [`from_value`](Usage::from_value), so the two always agree.
     pub fn from_json(body: &[u8]) -> Option<Usage> {
-        let v: Value = serde_json::from_slice(body).ok()?;
-        Usage::from_value(&v)
+        scan_usage(body).or_else(|| {
+            let v: Value = serde_json::from_slice(body).ok()?;
+            Usage::from_value(&v)
+        })
     }
 
     /// The usage in a parsed JSON object: a whole response or a stream event.
@@ -423,9 +430,151 @@ impl Usage {
     }
 }
 
+/// Calls `f(key, value)` for each member of the JSON object starting at `b[i]` (key
+/// without quotes, value as raw bytes); returns the index after the object.
+fn members<'a>(b: &'a [u8], i: usize, mut f: impl FnMut(&'a [u8], &'a [u8])) -> Option<usize> {
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    let mut i = skip_ws(b, i + 1);
+    if b.get(i) == Some(&b'}') {
+        return Some(i + 1);
+    }
+    loop {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let (k_start, k_end) = string_span(b, i)?;
+        i = skip_ws(b, k_end + 1);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(b, i + 1);
+        let v_end = skip_value(b, i)?;
+        f(&b[k_start..k_end], &b[i..v_end]);
+        i = skip_ws(b, v_end);
+        match b.get(i)? {
+            b',' => i = skip_ws(b, i + 1),
+            b'}' => return Some(i + 1),
+            _ => return None,
+        }
+    }
+}
+
+/// A JSON integer that fits a `u64` (no sign, fraction or exponent).
+fn json_u64(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+/// The usage of a whole JSON response, read without building a JSON value; `None` when
+/// the scan cannot tell (no usage, an unexpected shape), for [`Usage::from_json`] to decide.
+fn scan_usage(body: &[u8]) -> Option<Usage> {
+    let start = skip_ws(body, 0);
+    let (mut usage, mut meta) = (None, None);
+    let end = members(body, start, |k, v| match k {
+        b"usage" => usage = Some(v),
+        b"usageMetadata" => meta = Some(v),
+        _ => {}
+    })?;
+    if skip_ws(body, end) != body.len() {
+        return None;
+    }
+    if let Some(u) = usage.filter(|u| u.first() == Some(&b'{')) {
+        const NAMES: [&[u8]; 6] = [
+            b"prompt_tokens",
+            b"completion_tokens",
+            b"input_tokens",
+            b"cache_creation_input_tokens",
+            b"cache_read_input_tokens",
+            b"output_tokens",
+        ];
+        let mut f = [None::<u64>; 6];
+        members(u, 0, |k, v| {
+            if let Some(i) = NAMES.iter().position(|n| *n == k) {
+                f[i] = json_u64(v);
+            }
+        })?;
+        if let Some(p) = f[0] {
+            return Some(Usage {
+                input_tokens: p,
+                output_tokens: f[1].unwrap_or(0),
+            });
+        }
+        let input = f[2..5]
+            .iter()
+            .flatten()
+            .fold(0u64, |a, b| a.saturating_add(*b));
+        return (input > 0 || f[5].is_some()).then_some(Usage {
+            input_tokens: input,
+            output_tokens: f[5].unwrap_or(0),
+        });
+    }
+    if usage.is_some() {
+        return None; // `"usage": null` and the like: let the full parse decide.
+    }
+    const NAMES: [&[u8]; 3] = [
+        b"promptTokenCount",
+        b"candidatesTokenCount",
+        b"thoughtsTokenCount",
+    ];
+    let mut f = [None::<u64>; 3];
+    members(meta?, 0, |k, v| {
+        if let Some(i) = NAMES.iter().position(|n| *n == k) {
+            f[i] = json_u64(v);
+        }
+    })?;
+    Some(Usage {
+        input_tokens: f[0].unwrap_or(0),
+        output_tokens: f[1].unwrap_or(0).saturating_add(f[2].unwrap_or(0)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_scan_agrees_with_the_full_parse() {
+        let cases: [&[u8]; 12] = [
+            br#"{"id":"c","choices":[{"message":{"content":"a \"usage\": {}"}}],"usage":{"prompt_tokens":14,"completion_tokens":30,"total_tokens":44}}"#,
+            br#"{"type":"message","content":[{"type":"text","text":"}{"}],"usage":{"input_tokens":25,"cache_read_input_tokens":100,"output_tokens":15}}"#,
+            br#"{"usage":{"input_tokens":5,"output_tokens":7,"total_tokens":12,"output_tokens_details":{"reasoning_tokens":3}}}"#,
+            br#" {"candidates":[{"content":{"parts":[{"text":"x"}]}}],"usageMetadata":{"promptTokenCount":10,"candidatesTokenCount":49,"thoughtsTokenCount":3,"totalTokenCount":62}} "#,
+            br#"{"usageMetadata":{"promptTokenCount":10,"candidatesTokenCount":4},"usage":{"prompt_tokens":1}}"#,
+            br#"{"usage":{"prompt_tokens":"many"}}"#,
+            br#"{"usage":{"prompt_tokens":1.5,"completion_tokens":2}}"#,
+            br#"{"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":99999999999999999999}}"#,
+            br#"{"usage":{}}"#,
+            br#"{"choices":[]}"#,
+            br#"{"usage":{"prompt_tokens":3}"#,
+            b"{}",
+        ];
+        for body in cases {
+            let full = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| Usage::from_value(&v));
+            assert_eq!(
+                Usage::from_json(body),
+                full,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(
+            scan_usage(cases[0]).is_some() && scan_usage(cases[3]).is_some(),
+            "the common shapes need no parse"
+        );
+        assert_eq!(scan_usage(b"[1]"), None);
+        assert_eq!(
+            scan_usage(b"{\"usage\":{\"prompt_tokens\":3}} trailing"),
+            None
+        );
+    }
 
     #[test]
     fn openai_chat_request() {
