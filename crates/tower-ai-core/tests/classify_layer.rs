@@ -9,23 +9,9 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
-use tokio::sync::mpsc;
 use tower::{service_fn, Layer, ServiceExt};
-use tower_ai_core::{AiError, BoxError, Classification, ClassifyConfig, ClassifyLayer, ErrorKind};
-
-/// A body fed from a channel, so a test decides when each frame arrives.
-struct ChannelBody(mpsc::UnboundedReceiver<Result<Frame<Bytes>, BoxError>>);
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.0.poll_recv(cx)
-    }
-}
+use tower_ai_core::{AiError, Classification, ClassifyConfig, ClassifyLayer, ErrorKind};
+use tower_ai_sim::testing::body_channel;
 
 /// A body of `len` bytes made of 64 KiB chunks, counting how many bytes were pulled.
 struct Generated {
@@ -138,20 +124,17 @@ async fn ten_megabyte_error_body_is_read_only_to_the_limit_and_delivered_whole()
 
 #[tokio::test(start_paused = true)]
 async fn a_slow_error_body_is_classified_on_what_arrived_and_nothing_is_lost() {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let rx = std::sync::Mutex::new(Some(rx));
+    let (tx, body) = body_channel();
+    let body = std::sync::Mutex::new(Some(body));
     let cfg = ClassifyConfig {
         error_body_timeout: Duration::from_secs(2),
         ..Default::default()
     };
     let svc = ClassifyLayer::with_config(cfg).layer(service_fn(move |_req: Request<String>| {
-        let body = ChannelBody(rx.lock().unwrap().take().unwrap());
+        let body = body.lock().unwrap().take().unwrap();
         async move { Ok::<_, Infallible>(Response::builder().status(529).body(body).unwrap()) }
     }));
-    tx.send(Ok(Frame::data(Bytes::from_static(
-        br#"{"type":"error","error":{"type":"over"#,
-    ))))
-    .unwrap();
+    tx.send(br#"{"type":"error","error":{"type":"over"#);
     let fut = tokio::spawn(
         svc.oneshot(
             Request::post("https://api.anthropic.com/v1/messages")
@@ -171,13 +154,10 @@ async fn a_slow_error_body_is_classified_on_what_arrived_and_nothing_is_lost() {
         Some(ErrorKind::Overloaded)
     );
     // The rest arrives later and still reaches the caller, then trailers.
-    tx.send(Ok(Frame::data(Bytes::from_static(
-        br#"loaded_error","message":"Overloaded"}}"#,
-    ))))
-    .unwrap();
+    tx.send(br#"loaded_error","message":"Overloaded"}}"#);
     let mut trailers = HeaderMap::new();
     trailers.insert("x-t", "1".parse().unwrap());
-    tx.send(Ok(Frame::trailers(trailers))).unwrap();
+    tx.send_trailers(trailers);
     drop(tx);
     let collected = res.into_body().collect().await.unwrap();
     assert_eq!(collected.trailers().unwrap()["x-t"], "1");
@@ -189,14 +169,12 @@ async fn a_slow_error_body_is_classified_on_what_arrived_and_nothing_is_lost() {
 
 #[tokio::test]
 async fn a_body_error_while_reading_is_delivered_after_the_bytes() {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tx.send(Ok(Frame::data(Bytes::from_static(b"partial"))))
-        .unwrap();
-    tx.send(Err::<Frame<Bytes>, BoxError>("connection reset".into()))
-        .unwrap();
-    let rx = std::sync::Mutex::new(Some(rx));
+    let (tx, body) = body_channel();
+    tx.send("partial");
+    tx.fail("connection reset");
+    let body = std::sync::Mutex::new(Some(body));
     let svc = ClassifyLayer::new().layer(service_fn(move |_req: Request<String>| {
-        let body = ChannelBody(rx.lock().unwrap().take().unwrap());
+        let body = body.lock().unwrap().take().unwrap();
         async move { Ok::<_, Infallible>(Response::builder().status(500).body(body).unwrap()) }
     }));
     let res = svc.oneshot(req()).await.unwrap();

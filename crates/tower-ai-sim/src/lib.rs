@@ -147,6 +147,7 @@ mod scenario;
 mod scenario_file;
 mod server;
 mod service;
+pub mod testing;
 
 pub use accounting::{digest, CallRecord, Outcome, Stats, StreamFaultKind};
 pub use body::{SimBody, SimBodyError};

@@ -94,7 +94,7 @@ fn play(tx: Tx, steps: &[Step]) {
                     tx.send(s);
                 }
                 Hang => std::future::pending::<()>().await,
-                Fail => tx.fail(),
+                Fail => tx.fail(reset()),
             }
         }
     });
@@ -273,7 +273,7 @@ async fn first_byte_stall_is_a_body_error_when_not_awaited() {
 async fn failures_before_any_byte_are_errors_of_the_call() {
     // A connection cut before the first byte: a transport error, retryable.
     let (tx, body) = chan();
-    tx.fail();
+    tx.fail(reset());
     let err = call(cfg(), streamed(OPENAI), sse(body)).await.unwrap_err();
     match err.downcast_ref::<AiError>() {
         Some(AiError::Transport { kind, .. }) => assert_eq!(*kind, ErrorKind::Connection),

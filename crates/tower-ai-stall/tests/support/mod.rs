@@ -2,56 +2,25 @@
 //! records what the caller sees and when.
 #![allow(dead_code, unreachable_pub)]
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame};
+use http_body::Body;
 use http_body_util::BodyExt;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tower_ai_core::{AiError, BoxError, StallPhase};
 
 /// A body whose frames the test sends; dropping the sender ends it.
-#[derive(Debug)]
-pub struct ChanBody {
-    rx: mpsc::UnboundedReceiver<Result<Bytes, BoxError>>,
-}
-
-impl Body for ChanBody {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
-    }
-}
-
-/// The sending side of a [`ChanBody`].
-#[derive(Debug, Clone)]
-pub struct Tx(mpsc::UnboundedSender<Result<Bytes, BoxError>>);
-
-impl Tx {
-    /// Sends `s` as one frame and returns the `Bytes` sent (to compare pointers).
-    pub fn send(&self, s: &str) -> Bytes {
-        let b = Bytes::copy_from_slice(s.as_bytes());
-        let _ = self.0.send(Ok(b.clone()));
-        b
-    }
-    /// Fails the body.
-    pub fn fail(&self) {
-        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
-        let _ = self.0.send(Err(Box::new(io)));
-    }
-}
+pub use tower_ai_sim::testing::{BodySender as Tx, ChannelBody as ChanBody};
 
 pub fn chan() -> (Tx, ChanBody) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (Tx(tx), ChanBody { rx })
+    tower_ai_sim::testing::body_channel()
+}
+
+/// The connection-reset error the tests fail bodies with.
+pub fn reset() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer")
 }
 
 /// A 200 `text/event-stream` response with `body`.
