@@ -83,24 +83,7 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    Box::new(move |req| {
-        let svc = svc.clone();
-        Box::pin(async move {
-            match svc.oneshot(req).await {
-                Ok(res) => {
-                    let fallback = res
-                        .extensions()
-                        .get::<tower_ai::fallback::Served>()
-                        .is_some_and(|s| s.index > 0);
-                    (consume(res).await, Served { fallback })
-                }
-                Err(e) => match AiError::find(&*e) {
-                    Some(AiError::Stalled { .. }) => (Verdict::StallCaught, Served::default()),
-                    _ => (Verdict::Failed, Served::default()),
-                },
-            }
-        })
-    })
+    boxed(storm::stack_client(svc))
 }
 
 /// A request whose clone replays its body (tower-resilience's retry needs `Req: Clone`).

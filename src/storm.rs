@@ -490,11 +490,27 @@ pub fn tower_ai_service(
 pub fn tower_ai(
     storm: &Storm,
 ) -> impl Fn(Request<AiBody>) -> std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>> {
-    let client = tower_ai_service(storm);
+    stack_client(tower_ai_service(storm))
+}
+
+/// Any tower-ai stack as a [`run`] client: reads each answer to the end, notes whether a
+/// fallback route served it, and tells a caught stall from other errors.
+pub fn stack_client<S, B>(
+    svc: S,
+) -> impl Fn(Request<AiBody>) -> std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>>
+where
+    S: tower::Service<Request<AiBody>, Response = Response<B>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     move |req| {
-        let client = client.clone();
+        let svc = svc.clone();
         Box::pin(async move {
-            match client.oneshot(req).await {
+            match svc.oneshot(req).await {
                 Ok(res) => {
                     let fallback = res
                         .extensions()
