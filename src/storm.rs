@@ -444,25 +444,9 @@ pub fn tower_ai_service(
             .build()
             .expect("valid deadlines")
     };
-    let seeded = |stack: AiStack| {
-        stack
-            .retry(
-                AiRetryLayer::builder()
-                    .seed(seed)
-                    .build()
-                    .expect("a valid retry config"),
-            )
-            .stall(stall())
-            .retry_after(
-                RetryAfterAwareLayer::builder()
-                    .seed(seed)
-                    .build()
-                    .expect("a valid cooldown config"),
-            )
-    };
-    let backup = seeded(AiStack::new())
-        .budget(budget(1000))
-        .layer(storm.backup.service());
+    // The same stack on both providers: seeded, with those deadlines.
+    let stack = || AiStack::seeded(seed).stall(stall());
+    let backup = stack().budget(budget(1000)).layer(storm.backup.service());
     let chain = FallbackChain::builder()
         .route(Route::primary("primary"))
         .route(Route::model(SECONDARY_MODEL))
@@ -480,7 +464,7 @@ pub fn tower_ai_service(
         )
         .build()
         .expect("a valid chain");
-    seeded(AiStack::new())
+    stack()
         .budget(budget(100))
         .fallback(ModelFallbackLayer::new(chain))
         .layer(storm.primary.service())

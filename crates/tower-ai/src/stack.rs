@@ -95,6 +95,32 @@ impl AiStack {
     }
 }
 
+impl AiStack {
+    /// The default stack with its randomness (AiRetry's jitter and idempotency keys,
+    /// RetryAfterAware's release spread) drawn from `seed`: the same traffic on a paused
+    /// clock gives the same outcome on every run, which is what tests and reproducible
+    /// benchmarks want. Production stacks should use [`AiStack::new`], seeded from entropy.
+    ///
+    /// ```
+    /// use tower_ai::AiStack;
+    /// let stack = AiStack::seeded(7);
+    /// # let _ = stack;
+    /// ```
+    pub fn seeded(seed: u64) -> Self {
+        AiStack {
+            retry: AiRetryLayer::builder()
+                .seed(seed)
+                .build()
+                .expect("the default retry configuration is valid"),
+            cooldown: RetryAfterAwareLayer::builder()
+                .seed(seed)
+                .build()
+                .expect("the default cooldown configuration is valid"),
+            ..AiStack::new()
+        }
+    }
+}
+
 impl Default for AiStack {
     fn default() -> Self {
         AiStack::new()
