@@ -89,16 +89,27 @@
 //! `CircuitOpen`, which moves on at once. A cross-provider route's service should carry
 //! its own stack (retry, breaker, classify) for its provider.
 //!
-//! Give a route the breaker's handle so an open route is not even called (nor its retry
-//! layer, which may otherwise wait for the circuit to half-open):
+//! Give a route the breaker's handle so an open route is not even called (a skipped
+//! route costs no attempt and no time):
 //!
-//! ```ignore
-//! let breaker = CircuitBreakerLayer::builder().build()?;
+//! ```
+//! use http::{Request, Response};
+//! use tower_ai_circuit_breaker::CircuitBreakerLayer;
+//! use tower_ai_core::AiBody;
+//! use tower_ai_fallback::{FallbackChain, ModelFallbackLayer, Route};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let breaker = CircuitBreakerLayer::new();
 //! let handle = breaker.handle();
-//! let chain = FallbackChain::builder()
-//!     .route(Route::primary("gpt-4o").skip_if(move |req| handle.is_open_for(req)))
+//! let chain: FallbackChain<AiBody, Response<String>> = FallbackChain::builder()
+//!     .route(Route::primary("gpt-4o").skip_if(move |req: &Request<AiBody>| handle.is_open_for(req)))
 //!     .route(Route::model("gpt-4o-mini"))
 //!     .build()?;
+//! let fallback = ModelFallbackLayer::new(chain);
+//! // ServiceBuilder::new().layer(fallback).layer(retry).layer(breaker)…
+//! # let _ = (fallback, breaker);
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! # Cost

@@ -80,9 +80,8 @@ async fn run(skip: bool) -> Report {
         .unwrap();
     let routes = chain.clone();
     let breaker = breaker.layer(ClassifyLayer::new().layer(sim.service()));
-    // AiRetry's max_wait (5 s) is below the breaker's open time (10 s), so a fresh
-    // refusal ends its retries at once; in the last 5 s of an open period it sleeps until
-    // the circuit half-opens (that is AiRetry's documented behaviour for `CircuitOpen`).
+    // AiRetry returns a `CircuitOpen` refusal at once (it does not wait for the circuit to
+    // half-open unless told to), so ModelFallback moves on to model B without delay.
     let retry = AiRetryLayer::builder()
         .max_attempts(3)
         .max_wait(Duration::from_secs(5))

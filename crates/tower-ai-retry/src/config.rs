@@ -45,8 +45,8 @@ pub enum OnExhausted {
 
 /// AiRetry's settings. Build with [`AiRetryConfig::builder`]; the default is 3 attempts,
 /// [`Backoff::default`], provider waits up to 60 s, no overall deadline, a
-/// [`RetryBudget::default`], an `idempotency-key` header and an `x-stainless-retry-count`
-/// header.
+/// [`RetryBudget::default`], an `idempotency-key` header, an `x-stainless-retry-count`
+/// header, and an open circuit below returned at once (not waited out).
 #[derive(Debug, Clone)]
 pub struct AiRetryConfig {
     pub(crate) max_attempts: u32,
@@ -58,6 +58,7 @@ pub struct AiRetryConfig {
     pub(crate) idempotency_header: Option<HeaderName>,
     pub(crate) attempt_header: Option<HeaderName>,
     pub(crate) seed: Option<u64>,
+    pub(crate) wait_on_open_circuit: bool,
 }
 
 impl Default for AiRetryConfig {
@@ -72,6 +73,7 @@ impl Default for AiRetryConfig {
             idempotency_header: Some(HeaderName::from_static("idempotency-key")),
             attempt_header: Some(HeaderName::from_static("x-stainless-retry-count")),
             seed: None,
+            wait_on_open_circuit: false,
         }
     }
 }
@@ -203,6 +205,15 @@ impl AiRetryConfigBuilder {
     /// the first attempt, as the official SDKs send), or `None`.
     pub fn attempt_header(mut self, name: Option<&str>) -> Self {
         self.attempt = name.map(str::to_owned);
+        self
+    }
+
+    /// Whether a `CircuitOpen { until }` refusal from a breaker below is waited out like a
+    /// provider's requested wait (within `max_wait` and the deadline). Default: no, the
+    /// refusal is returned at once: the breaker has judged the provider sick, and its job
+    /// is to fail fast. Waiting suits batch work with no caller watching the clock.
+    pub fn wait_on_open_circuit(mut self, wait: bool) -> Self {
+        self.cfg.wait_on_open_circuit = wait;
         self
     }
 

@@ -245,10 +245,14 @@ impl<B> Ctx<'_, B> {
 }
 
 /// What an error asks for, and whether it may be retried at all.
-fn judge_error(err: &BoxError, now: Instant) -> (bool, ErrorKind, Asked) {
+fn judge_error(err: &BoxError, now: Instant, config: &AiRetryConfig) -> (bool, ErrorKind, Asked) {
     if let Some(ai) = AiError::find(&**err) {
         let kind = ai.kind();
         return match ai {
+            // The breaker's job is to fail fast; waiting for it to half-open is opt-in.
+            AiError::CircuitOpen { .. } if !config.wait_on_open_circuit => {
+                (false, kind, Asked::Nothing)
+            }
             AiError::Provider { classification } => (
                 classification.is_retryable(),
                 kind,
@@ -387,7 +391,7 @@ fn decide<B, ResB>(
         }
         Err(err) => {
             let now = Instant::now();
-            let (retryable, kind, asked) = judge_error(&err, now);
+            let (retryable, kind, asked) = judge_error(&err, now, ctx.config);
             let plan = if retryable {
                 ctx.plan(asked, now)
             } else {

@@ -61,8 +61,12 @@
 //! `ModelFallback → AiRetry → CircuitBreaker → TokenBudget → RetryAfterAware →
 //! StallDetector → Classify → client`: AiRetry repeats one route; the layers below it
 //! refuse with `AiError`s that carry a "not before" (`CoolingDown { until }`,
-//! `CircuitOpen { until }`, `BudgetExceeded { retry_after }`), which AiRetry treats as a
-//! requested wait (subject to `max_wait` and the deadline).
+//! `BudgetExceeded { retry_after }`), which AiRetry treats as a requested wait (subject
+//! to `max_wait` and the deadline). A `CircuitOpen { until }` is returned at once unless
+//! [`wait_on_open_circuit`](AiRetryConfigBuilder::wait_on_open_circuit) is set: an open
+//! breaker means "fail fast", and waiting 30 s for it to half-open is rarely what a caller
+//! wants. Under ModelFallback every refusal is returned at once while a later route can
+//! serve.
 //!
 //! # What the caller gets
 //!

@@ -79,8 +79,32 @@ async fn a_refusal_is_not_waited_on_when_a_fallback_can_serve() {
     );
     drop(handle);
 
-    // Without a fallback behind it, the same refusal is waited out.
+    // Without a fallback behind it, an open circuit is still returned at once by default
+    // (the breaker's job is to fail fast)...
     let layer = AiRetryLayer::builder().max_attempts(2).build().unwrap();
+    let (svc, mut handle) = mock::pair::<Request<String>, Response<String>>();
+    let svc = ServiceBuilder::new().layer(layer).service(svc);
+    let start = Instant::now();
+    let task = tokio::spawn(svc.oneshot(request(None)));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error(AiError::CircuitOpen {
+        key: "k".into(),
+        until: start + Duration::from_secs(3),
+    });
+    let err = task.await.unwrap().unwrap_err();
+    assert!(matches!(
+        err.downcast_ref::<AiError>(),
+        Some(AiError::CircuitOpen { .. })
+    ));
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    drop(handle);
+
+    // ...and waited out when asked to.
+    let layer = AiRetryLayer::builder()
+        .max_attempts(2)
+        .wait_on_open_circuit(true)
+        .build()
+        .unwrap();
     let (svc, mut handle) = mock::pair::<Request<String>, Response<String>>();
     let svc = ServiceBuilder::new().layer(layer).service(svc);
     let start = Instant::now();
