@@ -81,14 +81,24 @@ async fn half_open_admits_exactly_the_configured_probes() {
                 })
             })
             .collect();
-        // every task but the probes is refused at once (bounded wait, no sleeping)
+        // Every task but the probes is refused at once, and the admitted probes reach the
+        // provider (an admitted task may not have been polled yet on another worker, so
+        // wait for both; bounded, no sleeping). Admitted = TASKS - refused, so waiting for
+        // the probes cannot hide an over-admission: the counts are checked exactly below.
         tokio::time::timeout(Duration::from_secs(10), async {
-            while rejected.load(Ordering::SeqCst) < TASKS - PROBES as usize {
+            while rejected.load(Ordering::SeqCst) < TASKS - PROBES as usize
+                || hits.load(Ordering::SeqCst) < PROBES as usize
+            {
                 tokio::task::yield_now().await;
             }
         })
         .await
-        .expect("non-probes must be refused, not queued");
+        .expect("non-probes must be refused, not queued, and the probes must be sent");
+        assert_eq!(
+            rejected.load(Ordering::SeqCst),
+            TASKS - PROBES as usize,
+            "round {round}"
+        );
         assert_eq!(
             hits.load(Ordering::SeqCst),
             PROBES as usize,
