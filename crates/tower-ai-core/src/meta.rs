@@ -395,39 +395,77 @@ impl Usage {
 
     /// The usage in a parsed JSON object: a whole response or a stream event.
     pub fn from_value(v: &Value) -> Option<Usage> {
-        let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
         if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-            if let Some(p) = n(u, "prompt_tokens") {
-                return Some(Usage {
-                    input_tokens: p,
-                    output_tokens: n(u, "completion_tokens").unwrap_or(0),
-                });
-            }
-            let input = [
-                "input_tokens",
-                "cache_creation_input_tokens",
-                "cache_read_input_tokens",
-            ]
-            .iter()
-            .filter_map(|k| n(u, k))
-            .fold(0u64, u64::saturating_add);
-            let output = n(u, "output_tokens");
-            if input > 0 || output.is_some() {
-                return Some(Usage {
-                    input_tokens: input,
-                    output_tokens: output.unwrap_or(0),
-                });
-            }
-            return None;
+            return Usage::from_usage_object(u);
         }
         let m = v.get("usageMetadata")?;
-        Some(Usage {
-            input_tokens: n(m, "promptTokenCount").unwrap_or(0),
-            output_tokens: n(m, "candidatesTokenCount")
-                .unwrap_or(0)
-                .saturating_add(n(m, "thoughtsTokenCount").unwrap_or(0)),
-        })
+        Some(usage_metadata(|k| m.get(k).and_then(Value::as_u64)))
     }
+
+    /// The usage in a `usage` object itself (OpenAI's, or Anthropic's, which also comes
+    /// inside `message_start.message` and `message_delta`).
+    pub(crate) fn from_usage_object(u: &Value) -> Option<Usage> {
+        usage_object(|k| u.get(k).and_then(Value::as_u64))
+    }
+}
+
+/// The rules for a `usage` object, whatever reads its fields: OpenAI Chat
+/// (`prompt_tokens`, `completion_tokens`), else OpenAI Responses and Anthropic
+/// (`input_tokens` plus Anthropic's cache creation and cache reads, `output_tokens`).
+fn usage_object(get: impl Fn(&str) -> Option<u64>) -> Option<Usage> {
+    if let Some(p) = get("prompt_tokens") {
+        return Some(Usage {
+            input_tokens: p,
+            output_tokens: get("completion_tokens").unwrap_or(0),
+        });
+    }
+    let input = [
+        "input_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ]
+    .into_iter()
+    .filter_map(&get)
+    .fold(0u64, u64::saturating_add);
+    let output = get("output_tokens");
+    (input > 0 || output.is_some()).then(|| Usage {
+        input_tokens: input,
+        output_tokens: output.unwrap_or(0),
+    })
+}
+
+/// The rules for Gemini's `usageMetadata`: thought tokens are output, reported apart.
+fn usage_metadata(get: impl Fn(&str) -> Option<u64>) -> Usage {
+    Usage {
+        input_tokens: get("promptTokenCount").unwrap_or(0),
+        output_tokens: get("candidatesTokenCount")
+            .unwrap_or(0)
+            .saturating_add(get("thoughtsTokenCount").unwrap_or(0)),
+    }
+}
+
+/// The integer members of the JSON object `obj`, by raw key, without building a value;
+/// `None` if `obj` is not an object or has more integer members than fit (then the full
+/// parse decides). A repeated key reads its last value, as serde_json does.
+fn integer_members<'a>(obj: &'a [u8]) -> Option<impl Fn(&str) -> Option<u64> + 'a> {
+    let mut found: [(&'a [u8], u64); 12] = [(&[], 0); 12];
+    let (mut n, mut overflow) = (0, false);
+    members(obj, 0, |k, v| {
+        if let Some(x) = json_u64(v) {
+            match found.get_mut(n) {
+                Some(slot) => *slot = (k, x),
+                None => overflow = true,
+            }
+            n += 1;
+        }
+    })?;
+    (!overflow).then_some(move |k: &str| {
+        found[..n]
+            .iter()
+            .rev()
+            .find(|(key, _)| *key == k.as_bytes())
+            .map(|(_, v)| *v)
+    })
 }
 
 /// Calls `f(key, value)` for each member of the JSON object starting at `b[i]` (key
@@ -484,54 +522,13 @@ fn scan_usage(body: &[u8]) -> Option<Usage> {
     if skip_ws(body, end) != body.len() {
         return None;
     }
-    if let Some(u) = usage.filter(|u| u.first() == Some(&b'{')) {
-        const NAMES: [&[u8]; 6] = [
-            b"prompt_tokens",
-            b"completion_tokens",
-            b"input_tokens",
-            b"cache_creation_input_tokens",
-            b"cache_read_input_tokens",
-            b"output_tokens",
-        ];
-        let mut f = [None::<u64>; 6];
-        members(u, 0, |k, v| {
-            if let Some(i) = NAMES.iter().position(|n| *n == k) {
-                f[i] = json_u64(v);
-            }
-        })?;
-        if let Some(p) = f[0] {
-            return Some(Usage {
-                input_tokens: p,
-                output_tokens: f[1].unwrap_or(0),
-            });
-        }
-        let input = f[2..5]
-            .iter()
-            .flatten()
-            .fold(0u64, |a, b| a.saturating_add(*b));
-        return (input > 0 || f[5].is_some()).then_some(Usage {
-            input_tokens: input,
-            output_tokens: f[5].unwrap_or(0),
-        });
+    match (usage, meta) {
+        (Some(u), _) if u.first() == Some(&b'{') => usage_object(integer_members(u)?),
+        // `"usage": null` and the like: let the full parse decide.
+        (Some(_), _) => None,
+        (None, Some(m)) => Some(usage_metadata(integer_members(m)?)),
+        (None, None) => None,
     }
-    if usage.is_some() {
-        return None; // `"usage": null` and the like: let the full parse decide.
-    }
-    const NAMES: [&[u8]; 3] = [
-        b"promptTokenCount",
-        b"candidatesTokenCount",
-        b"thoughtsTokenCount",
-    ];
-    let mut f = [None::<u64>; 3];
-    members(meta?, 0, |k, v| {
-        if let Some(i) = NAMES.iter().position(|n| *n == k) {
-            f[i] = json_u64(v);
-        }
-    })?;
-    Some(Usage {
-        input_tokens: f[0].unwrap_or(0),
-        output_tokens: f[1].unwrap_or(0).saturating_add(f[2].unwrap_or(0)),
-    })
 }
 
 #[cfg(test)]
@@ -568,6 +565,26 @@ mod tests {
         assert!(
             scan_usage(cases[0]).is_some() && scan_usage(cases[3]).is_some(),
             "the common shapes need no parse"
+        );
+        let many = br#"{"usage":{"a":1,"b":2,"c":3,"d":4,"e":5,"f":6,"g":7,"h":8,"i":9,"j":10,"k":11,"l":12,"prompt_tokens":3,"completion_tokens":4}}"#;
+        assert_eq!(
+            scan_usage(many),
+            None,
+            "more integer fields than fit: defer to the full parse"
+        );
+        assert_eq!(
+            Usage::from_json(many),
+            Some(Usage {
+                input_tokens: 3,
+                output_tokens: 4
+            })
+        );
+        let twice = br#"{"usage":{"prompt_tokens":1,"prompt_tokens":9}}"#;
+        assert_eq!(scan_usage(twice), Usage::from_json(twice));
+        assert_eq!(
+            scan_usage(twice).map(|u| u.input_tokens),
+            Some(9),
+            "the last value, as serde_json"
         );
         assert_eq!(scan_usage(b"[1]"), None);
         assert_eq!(

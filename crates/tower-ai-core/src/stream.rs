@@ -280,8 +280,7 @@ impl StreamScanner {
                             (v.get("usage"), v.get("delta"))
                         };
                         if let Some(u) = usage_at {
-                            let wrapped = serde_json::json!({ "usage": u });
-                            if let Some(new) = Usage::from_value(&wrapped) {
+                            if let Some(new) = Usage::from_usage_object(u) {
                                 let old = self.usage.unwrap_or_default();
                                 self.usage = Some(Usage {
                                     // message_delta's input fields are optional: keep the
@@ -398,20 +397,10 @@ fn object_after(data: &[u8], key: &[u8]) -> bool {
     values_after(data, key).any(|j| data.get(j) == Some(&b'{'))
 }
 
-/// Whether `"key": "<non-empty>"` appears in `data`.
+/// Whether `"key": "<non-empty string>"` appears in `data`.
 fn string_value_nonempty(data: &[u8], key: &[u8]) -> bool {
-    let mut from = 0;
-    while let Some(i) = memmem::find(&data[from..], key) {
-        let mut j = from + i + key.len();
-        while matches!(data.get(j), Some(b' ' | b':')) {
-            j += 1;
-        }
-        if data.get(j) == Some(&b'"') && data.get(j + 1).is_some_and(|&b| b != b'"') {
-            return true;
-        }
-        from = j;
-    }
-    false
+    values_after(data, key)
+        .any(|j| data.get(j) == Some(&b'"') && data.get(j + 1).is_some_and(|&b| b != b'"'))
 }
 
 /// Classifies an error that arrived inside a 200 stream, by what the error object says
