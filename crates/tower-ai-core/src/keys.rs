@@ -38,6 +38,37 @@ impl Key {
     }
 }
 
+impl std::fmt::Display for Key {
+    /// `key-` and the hash in hex: a stable, secret-free name for logs and errors.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "key-{:016x}", self.0)
+    }
+}
+
+/// The hasher of a [`KeyMap`]: a [`Key`] is already a seeded hash, so the map uses it as
+/// it is instead of hashing it again.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is reached for a `Key`; fold anything else in, just in case.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// A map from [`Key`] to per-key state, hashing nothing twice. Every per-key layer keeps
+/// its state in one (and bounds and evicts it itself).
+pub type KeyMap<V> = std::collections::HashMap<Key, V, std::hash::BuildHasherDefault<KeyHasher>>;
+
 /// Derives a per-key state key from a request.
 ///
 /// Implemented by [`HostModel`] (the default of every per-key layer), [`ApiKeyHash`],
@@ -51,7 +82,7 @@ pub trait KeyFn<B>: Send + Sync + 'static {
     /// needed; must never contain a secret.
     fn label(&self, req: &Request<B>) -> String {
         match self.key(req) {
-            Some(k) => format!("key-{:016x}", k.as_u64()),
+            Some(k) => k.to_string(),
             None => "none".to_owned(),
         }
     }

@@ -15,6 +15,18 @@ use crate::meta::Usage;
 use crate::provider::Provider;
 use crate::sse::{SseItem, SseParser};
 
+/// Whether a response is a Server-Sent Events stream: its `content-type` is
+/// `text/event-stream` (any case, parameters and surrounding spaces allowed).
+pub fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    const SSE: &[u8] = b"text/event-stream";
+    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes().trim_ascii_start();
+        v.len() >= SSE.len()
+            && v[..SSE.len()].eq_ignore_ascii_case(SSE)
+            && matches!(v.get(SSE.len()), None | Some(b';' | b' ' | b'\t'))
+    })
+}
+
 /// The streaming dialect of a response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -457,4 +469,32 @@ fn effective_status(json: &[u8]) -> StatusCode {
         _ => 500,
     };
     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_stream_content_types() {
+        let h = |v: &'static str| {
+            let mut m = http::HeaderMap::new();
+            m.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(v),
+            );
+            m
+        };
+        for yes in [
+            "text/event-stream",
+            "Text/Event-Stream; charset=utf-8",
+            "  text/event-stream",
+        ] {
+            assert!(is_event_stream(&h(yes)), "{yes}");
+        }
+        for no in ["application/json", "text/event-streams", "text/event"] {
+            assert!(!is_event_stream(&h(no)), "{no}");
+        }
+        assert!(!is_event_stream(&http::HeaderMap::new()));
+    }
 }
