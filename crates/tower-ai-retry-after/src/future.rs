@@ -17,7 +17,7 @@ use tower_service::Service;
 
 use crate::config::OnCooldown;
 use crate::cooldown::{Admit, Lesson};
-use crate::layer::{Local, Shared};
+use crate::layer::Shared;
 use crate::service::jitter;
 
 pin_project! {
@@ -48,7 +48,7 @@ pin_project! {
         called_at: Instant,
         rng: fastrand::Rng,
         err: Option<AiError>,
-        shared: Option<Arc<Local<K>>>,
+        shared: Option<Arc<Shared<K>>>,
     }
 }
 
@@ -78,7 +78,7 @@ where
         key: Option<Key>,
         seq: Option<u64>,
         now: Instant,
-        shared: Arc<Local<K>>,
+        shared: Arc<Shared<K>>,
     ) -> Self {
         ResponseFuture {
             state: State::Called { fut },
@@ -101,7 +101,7 @@ where
         key: Option<Key>,
         now: Instant,
         rng: fastrand::Rng,
-        shared: Arc<Local<K>>,
+        shared: Arc<Shared<K>>,
     ) -> Self {
         ResponseFuture {
             state: State::Waiting {

@@ -27,18 +27,9 @@ pub(crate) struct Shared<K> {
     seeds: AtomicU64,
 }
 
-/// A service clone's own handle on the shared state: the futures count references to
-/// it, so tasks driving different clones never bump one contended counter.
-pub(crate) struct Local<K>(pub(crate) Arc<Shared<K>>);
-
-impl<K> std::ops::Deref for Local<K> {
-    type Target = Shared<K>;
-    fn deref(&self) -> &Shared<K> {
-        &self.0
-    }
-}
-
 impl<K> Shared<K> {
+    /// The RNG of a service the layer makes (clones fork their own, touching nothing
+    /// shared).
     pub(crate) fn next_rng(&self) -> fastrand::Rng {
         fastrand::Rng::with_seed(
             self.seeds

@@ -1,6 +1,7 @@
 //! [`RetryAfterAware`], the service.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -13,16 +14,19 @@ use tower_service::Service;
 use crate::config::OnCooldown;
 use crate::cooldown::Admit;
 use crate::future::ResponseFuture;
-use crate::layer::{Local, RetryAfterAwareLayer, Shared};
+use crate::layer::{RetryAfterAwareLayer, Shared};
 
 /// Holds requests for a key that is cooling down; learns cooldowns from responses. See
 /// the [crate docs](crate).
 pub struct RetryAfterAware<S, K = HostModel> {
     inner: S,
-    /// Per service clone, so the futures' reference counting stays on this clone's
-    /// own counter; the state behind it is the layer's.
-    shared: Arc<Local<K>>,
+    /// The layer's state; a clone is a refcount bump, no allocation.
+    shared: Arc<Shared<K>>,
     rng: fastrand::Rng,
+    /// Clones made from this instance: mixed into a clone's seed, because `clone` only
+    /// has `&self` and so cannot advance `rng`. Per instance, never shared, so it is an
+    /// uncontended counter.
+    forks: AtomicU64,
 }
 
 impl<S: fmt::Debug, K> fmt::Debug for RetryAfterAware<S, K> {
@@ -37,8 +41,9 @@ impl<S: Clone, K> Clone for RetryAfterAware<S, K> {
     fn clone(&self) -> Self {
         RetryAfterAware {
             inner: self.inner.clone(),
-            shared: Arc::new(Local(Arc::clone(&self.shared.0))),
-            rng: self.shared.next_rng(),
+            shared: Arc::clone(&self.shared),
+            rng: fork(&self.rng, &self.forks),
+            forks: AtomicU64::new(0),
         }
     }
 }
@@ -53,8 +58,9 @@ impl<S, K> RetryAfterAware<S, K> {
         let rng = shared.next_rng();
         RetryAfterAware {
             inner,
-            shared: Arc::new(Local(shared)),
+            shared,
             rng,
+            forks: AtomicU64::new(0),
         }
     }
 
@@ -89,7 +95,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> ResponseFuture<S, B, K> {
-        let shared = &**self.shared;
+        let shared = &*self.shared;
         let key = shared.key_fn.key(&req);
         let now = Instant::now();
         let admit = match key {
@@ -145,7 +151,32 @@ where
     }
 }
 
+/// A clone's RNG, forked from its parent's without a shared counter: the parent's next
+/// output (read from a copy, as `clone` cannot advance the parent) mixed with the
+/// parent's fork count, so clones of one parent (AiRetry clones its inner service per
+/// call) never share a sequence and their release jitter stays spread.
+fn fork(parent: &fastrand::Rng, forks: &AtomicU64) -> fastrand::Rng {
+    let n = forks.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+    let mut copy = parent.clone();
+    fastrand::Rng::with_seed(copy.u64(..) ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
 pub(crate) fn jitter(rng: &mut fastrand::Rng, window: std::time::Duration) -> std::time::Duration {
     let n = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
     std::time::Duration::from_nanos(if n == 0 { 0 } else { rng.u64(0..=n) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clones_of_one_parent_get_distinct_rngs() {
+        let layer = RetryAfterAwareLayer::new();
+        let parent = RetryAfterAware::new((), &layer);
+        let (mut a, mut b) = (parent.clone(), parent.clone());
+        assert_ne!(a.rng.u64(..), b.rng.u64(..));
+        // The layer's state is shared, not copied.
+        assert!(Arc::ptr_eq(&a.shared, &parent.shared));
+    }
 }
