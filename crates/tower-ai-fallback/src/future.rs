@@ -77,7 +77,39 @@ where
 enum Budget {
     Unlimited,
     Local(u32),
+    /// A budget this chain created (and put in the request's extensions).
     Shared(AttemptBudget),
+    /// A budget a chain further out created: that chain already paid for the call that
+    /// reached this one and reserved units for its own later routes.
+    Adopted(Adopted),
+}
+
+struct Adopted {
+    budget: AttemptBudget,
+    /// The outer chains' reservation when this chain adopted the budget: this chain's
+    /// reservations go on top of it, and it is put back when this chain is done.
+    base: u32,
+    /// Whether this chain's first call still rides on the unit the outer chain paid.
+    prepaid: bool,
+    /// Whether the reservation has been put back to `base`.
+    restored: bool,
+}
+
+impl Adopted {
+    fn restore(&mut self) {
+        if !self.restored {
+            self.restored = true;
+            self.budget.set_reserved(self.base);
+        }
+    }
+}
+
+impl Drop for Adopted {
+    fn drop(&mut self) {
+        // A future dropped before it finished (a cancelled request) still hands the
+        // outer chain its reservation back.
+        self.restore();
+    }
 }
 
 /// Everything but the in-flight call.
@@ -131,7 +163,13 @@ where
         };
         let budget = match (chain.max_attempts, req.extensions().get::<AttemptBudget>()) {
             // A fallback layer further out already caps this request: draw from its budget.
-            (_, Some(outer)) => Budget::Shared(outer.clone()),
+            // It paid for this call and reserved units for its later routes: ours go on top.
+            (_, Some(outer)) => Budget::Adopted(Adopted {
+                budget: outer.clone(),
+                base: outer.reserved(),
+                prepaid: true,
+                restored: true,
+            }),
             (None, None) => Budget::Unlimited,
             (Some(max), None) if chain.share_budget => {
                 let b = AttemptBudget::new(max);
@@ -203,7 +241,7 @@ where
                     None => return self.exhausted(),
                 },
             };
-            if let Budget::Shared(b) = &self.budget {
+            if let Budget::Shared(b) | Budget::Adopted(Adopted { budget: b, .. }) = &self.budget {
                 if j > 0 {
                     req.extensions_mut().insert(b.clone());
                 }
@@ -293,6 +331,26 @@ where
                 b.set_reserved(upstream_after(&self.chain.routes, j));
                 b.try_acquire()
             }
+            Budget::Adopted(a) => {
+                let later = upstream_after(&self.chain.routes, j);
+                a.budget.set_reserved(a.base.saturating_add(later));
+                a.restored = false;
+                if std::mem::take(&mut a.prepaid) {
+                    // The outer chain paid for the call that reached this chain.
+                    return true;
+                }
+                // Another route of this chain is, to the outer chain, one more call on
+                // its route: it may not take the units reserved for the outer routes.
+                a.budget.try_acquire_retry()
+            }
+        }
+    }
+
+    /// Hands the outer chain its reservation back (an adopted budget), once this chain
+    /// has its answer.
+    fn finish(&mut self) {
+        if let Budget::Adopted(a) = &mut self.budget {
+            a.restore();
         }
     }
 
@@ -414,6 +472,7 @@ where
                 StateProj::Again { fut } => ready!(fut.poll(cx)).map_err(Into::into),
                 StateProj::Other { fut } => ready!(fut.poll(cx)),
                 StateProj::Ready { res } => {
+                    this.ctx.finish();
                     let res = res.take();
                     this.state.set(State::Done);
                     return Poll::Ready(res.unwrap_or_else(|| Err(polled_after_completion())));
@@ -422,6 +481,7 @@ where
             };
             match this.ctx.on_result(result) {
                 Step::Ready(res) => {
+                    this.ctx.finish();
                     this.state.set(State::Done);
                     return Poll::Ready(res);
                 }

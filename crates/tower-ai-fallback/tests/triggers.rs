@@ -564,6 +564,43 @@ async fn retries_below_draw_from_the_budget_and_leave_the_later_routes_theirs() 
 }
 
 #[tokio::test]
+async fn a_nested_chain_leaves_the_outer_chain_its_reserved_units() {
+    // Outer: "a" then "c", 4 calls in all. Inner (below the outer, above the retries):
+    // the model it is given, then "b".
+    let p = Provider::new();
+    p.answer("a", status(503, OVERLOADED))
+        .answer("b", status(503, OVERLOADED));
+    let inner_chain = FallbackChain::builder()
+        .route(Route::primary("as sent"))
+        .route(Route::model("b"))
+        .max_attempts(Some(100))
+        .build()
+        .unwrap();
+    let inner = Svc::new(ModelFallback::new(retrying(p.service()), inner_chain));
+    let outer_chain = FallbackChain::builder()
+        .route(Route::primary("a"))
+        .route(Route::model("c"))
+        .max_attempts(Some(4))
+        .build()
+        .unwrap();
+    let res = ModelFallback::new(inner, outer_chain)
+        .oneshot(chat("a"))
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        200,
+        "the outer chain's last route got its unit"
+    );
+    // The outer chain pays for "a" (3 left, 1 kept for "c"). The inner chain's first call
+    // rides on that unit; its retries keep 1 for "b" and 1 for "c": one retry of "a".
+    // "b" takes a unit but leaves "c"'s; "c" takes the last one.
+    assert_eq!(p.models_called(), ["a", "a", "b", "c"]);
+    let budgets: Vec<_> = p.seen().iter().map(|s| s.budget_remaining).collect();
+    assert_eq!(budgets, [Some(3), Some(2), Some(1), Some(0)]);
+}
+
+#[tokio::test]
 async fn later_routes_get_the_callers_request_untouched() {
     let p = Provider::new();
     let other = Provider::new();
