@@ -97,16 +97,19 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        let limits = &*self.budget.limits;
+        if limits.counts_tokens() {
+            // Parsed once and stored: the key function's `model_of`, the layers below
+            // and every retry of this request read it from the extensions.
+            RequestMeta::get_or_insert(&mut req);
+        }
         let Some(key) = self.key_fn.key(&req) else {
             // No key: exempt from the budget.
-            let clone = self.inner.clone();
-            let mut inner = std::mem::replace(&mut self.inner, clone);
-            return ResponseFuture::called(inner.call(req), None, None, None);
+            return ResponseFuture::called(self.inner.call(req), None, None, None);
         };
-        let limits = &*self.budget.limits;
         let (cost, dialect) = if limits.counts_tokens() {
-            let meta = RequestMeta::of(&req);
+            let meta = RequestMeta::of(&req); // borrowed: stored above
             let dialect = StreamDialect::of(Provider::of(&req), req.uri().path());
             (self.budget.cost_of(Some(&meta)), Some(dialect))
         } else {
@@ -136,18 +139,20 @@ where
                     );
                 }
                 let guard = reservation.map(|r| Guard::new(self.budget.clone(), r));
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::called(inner.call(req), guard, dialect, observe)
+                ResponseFuture::called(self.inner.call(req), guard, dialect, observe)
             }
             Decision::Wait { ticket, limit, .. } => {
                 emit(&*self.listener, BudgetEvent::Waiting { key, limit });
                 let label = self.key_fn.label(&req);
                 let listener: Arc<dyn BudgetListener> = self.listener.clone();
+                // The wait sends later, through its own service: it takes the one made
+                // ready by `poll_ready`, and a fresh clone (not yet ready) stays here.
+                let clone = self.inner.clone();
+                let svc = std::mem::replace(&mut self.inner, clone);
                 ResponseFuture::waiting(
                     WaitState::new(
                         req,
-                        self.inner.clone(),
+                        svc,
                         self.budget.clone(),
                         listener,
                         key,
