@@ -19,8 +19,9 @@ pub struct AiRetryLayer {
 
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) config: AiRetryConfig,
-    /// Seeds handed to each new service so clones draw different numbers.
+    /// One configuration, shared by refcount with every service and future.
+    pub(crate) config: Arc<AiRetryConfig>,
+    /// Seeds handed to each service the layer makes (clones fork their own).
     seeds: AtomicU64,
 }
 
@@ -49,7 +50,7 @@ impl AiRetryLayer {
         let seed = config.seed.unwrap_or_else(|| fastrand::u64(..));
         AiRetryLayer {
             shared: Arc::new(Shared {
-                config,
+                config: Arc::new(config),
                 seeds: AtomicU64::new(seed),
             }),
         }

@@ -1,6 +1,7 @@
 //! [`AiRetry`], the service.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -17,19 +18,19 @@ use crate::layer::{AiRetryLayer, Shared};
 /// says, inside a budget. See the [crate docs](crate).
 pub struct AiRetry<S> {
     inner: S,
-    shared: Arc<Shared>,
-    /// A copy of the configuration per service clone (its budget is still shared): the
-    /// futures hold this `Arc`, so tasks driving their own clones never bump one
-    /// contended reference count.
+    /// The layer's configuration, shared by refcount (a clone allocates nothing).
     config: Arc<AiRetryConfig>,
     rng: fastrand::Rng,
+    /// Clones made from this instance: mixed into a clone's seed, because `clone` only
+    /// has `&self` and so cannot advance `rng`. Per instance, never shared.
+    forks: AtomicU64,
 }
 
 impl<S: fmt::Debug> fmt::Debug for AiRetry<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AiRetry")
             .field("inner", &self.inner)
-            .field("config", &self.shared.config)
+            .field("config", &self.config)
             .finish()
     }
 }
@@ -40,9 +41,9 @@ impl<S: Clone> Clone for AiRetry<S> {
     fn clone(&self) -> Self {
         AiRetry {
             inner: self.inner.clone(),
-            shared: self.shared.clone(),
-            config: Arc::new(self.shared.config.clone()),
-            rng: self.shared.next_rng(),
+            config: Arc::clone(&self.config),
+            rng: fork(&self.rng, &self.forks),
+            forks: AtomicU64::new(0),
         }
     }
 }
@@ -55,12 +56,11 @@ impl<S> AiRetry<S> {
 
     pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
         let rng = shared.next_rng();
-        let config = Arc::new(shared.config.clone());
         AiRetry {
             inner,
-            shared,
-            config,
+            config: Arc::clone(&shared.config),
             rng,
+            forks: AtomicU64::new(0),
         }
     }
 
@@ -78,6 +78,16 @@ impl<S> AiRetry<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
+}
+
+/// A clone's RNG, forked from its parent's without a shared counter: the parent's next
+/// output (read from a copy, as `clone` cannot advance the parent) mixed with the
+/// parent's fork count, so clones of one parent never share a sequence (nor an
+/// idempotency key).
+fn fork(parent: &fastrand::Rng, forks: &AtomicU64) -> fastrand::Rng {
+    let n = forks.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+    let mut copy = parent.clone();
+    fastrand::Rng::with_seed(copy.u64(..) ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 pub(crate) fn attempt_value(n: u32) -> HeaderValue {
@@ -156,5 +166,20 @@ where
             fastrand::Rng::with_seed(self.rng.u64(..)),
             span,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clones_share_the_config_and_draw_their_own_numbers() {
+        let layer = AiRetryLayer::new(3);
+        let parent = AiRetry::new((), &layer);
+        let (mut a, mut b) = (parent.clone(), parent.clone());
+        assert!(Arc::ptr_eq(&a.config, &parent.config));
+        assert!(Arc::ptr_eq(&a.config, &layer.shared.config));
+        assert_ne!(idempotency_value(&mut a.rng), idempotency_value(&mut b.rng));
     }
 }
