@@ -9,7 +9,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde_json::Value;
-use tower_ai_core::stream::{StreamDialect, StreamScanner};
+use tower_ai_core::stream::{is_event_stream, StreamDialect, StreamScanner};
 use tower_ai_core::Usage;
 
 use crate::budget::Finish;
@@ -32,11 +32,7 @@ pub(crate) enum Reader {
 
 impl Reader {
     pub(crate) fn for_response(headers: &HeaderMap, dialect: StreamDialect, max: usize) -> Self {
-        let sse = headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
-        if sse {
+        if is_event_stream(headers) {
             Reader::Sse(StreamScanner::new(dialect))
         } else {
             Reader::Json {
@@ -217,6 +213,22 @@ mod tests {
         assert_eq!(usage_of_json(b""), None);
         assert_eq!(usage_of_json(b"[1,2"), None);
         assert_eq!(usage_of_json(b"<html>"), None);
+    }
+
+    #[test]
+    fn media_type_is_matched_without_case() {
+        let reader = |ct: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
+            Reader::for_response(&h, StreamDialect::OpenAiChat, 16)
+        };
+        assert!(matches!(
+            reader("Text/Event-Stream; charset=utf-8"),
+            Reader::Sse(_)
+        ));
+        assert!(matches!(reader(" text/event-stream"), Reader::Sse(_)));
+        assert!(matches!(reader("text/event-streamx"), Reader::Json { .. }));
+        assert!(matches!(reader("application/json"), Reader::Json { .. }));
     }
 
     #[test]
