@@ -73,36 +73,14 @@ pub(crate) fn is_streamed<B>(req: &Request<B>) -> bool {
     })
 }
 
-/// The stream dialect of `req` and the `gen_ai.system` name for trace events.
-///
-/// The path decides when it names an endpoint (`…/chat/completions`, `…/completions`,
-/// `…/responses`, `…/messages`, `:streamGenerateContent`): cheap (no host parsing), and
-/// right for the OpenAI-compatible endpoints other providers serve on their own hosts.
-/// Otherwise it is `StreamDialect::of(Provider::of(&req), path)`.
+/// The stream dialect of `req` and the `gen_ai.system` name for trace events: the
+/// provider is [`Provider::of`] (a caller-set [`Provider`] in the extensions, else the
+/// host and headers), the dialect [`StreamDialect::of`] (the endpoint's path when it names
+/// one, so an OpenAI-compatible endpoint on another provider's host streams OpenAI's
+/// dialect while its system stays that provider's).
 pub(crate) fn dialect_of<B>(req: &Request<B>) -> (StreamDialect, &'static str) {
-    let path = req.uri().path();
-    if path.ends_with("/completions") {
-        let system = if path.starts_with("/openai/deployments/") {
-            Provider::AzureOpenAi.as_str()
-        } else {
-            Provider::OpenAi.as_str()
-        };
-        return (StreamDialect::OpenAiChat, system);
-    }
-    if path.ends_with("/responses") {
-        return (StreamDialect::OpenAiResponses, Provider::OpenAi.as_str());
-    }
-    if path.ends_with("/messages") {
-        return (StreamDialect::Anthropic, Provider::Anthropic.as_str());
-    }
-    if let Some(i) = path.find(':') {
-        let method = &path[i..];
-        if method.starts_with(":streamGenerateContent") || method.starts_with(":generateContent") {
-            return (StreamDialect::Gemini, Provider::Gemini.as_str());
-        }
-    }
-    let provider = Provider::of(req);
-    (StreamDialect::of(provider, path), provider.as_str())
+    let p = Provider::of(req);
+    (StreamDialect::of(p, req.uri().path()), p.as_str())
 }
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for StallDetector<S>
@@ -162,8 +140,8 @@ mod tests {
             (StreamDialect::OpenAiChat, "azure_openai")
         );
         assert_eq!(
-            of("https://api.openai.com/v1/responses").0,
-            StreamDialect::OpenAiResponses
+            of("https://api.openai.com/v1/responses"),
+            (StreamDialect::OpenAiResponses, "openai")
         );
         assert_eq!(
             of("https://api.anthropic.com/v1/messages"),
@@ -174,18 +152,19 @@ mod tests {
             (StreamDialect::Gemini, "gemini")
         );
         // OpenAI-compatible endpoints on other providers' hosts stream OpenAI's dialect.
+        // The system stays the provider's.
         assert_eq!(
-            of("https://generativelanguage.googleapis.com/v1beta/openai/chat/completions").0,
-            StreamDialect::OpenAiChat
+            of("https://generativelanguage.googleapis.com/v1beta/openai/chat/completions"),
+            (StreamDialect::OpenAiChat, "gemini")
         );
         assert_eq!(
-            of("https://api.anthropic.com/v1/chat/completions").0,
-            StreamDialect::OpenAiChat
+            of("https://api.anthropic.com/v1/chat/completions"),
+            (StreamDialect::OpenAiChat, "anthropic")
         );
         // Unknown paths: the provider decides (host, then headers).
         assert_eq!(
-            of("https://api.anthropic.com/v1/complete").0,
-            StreamDialect::Anthropic
+            of("https://api.anthropic.com/v1/complete"),
+            (StreamDialect::Anthropic, "anthropic")
         );
         let req = Request::post("http://gateway/x")
             .header("anthropic-version", "2023-06-01")
@@ -196,5 +175,14 @@ mod tests {
             of("http://gateway/x"),
             (StreamDialect::OpenAiChat, "generic")
         );
+        // A provider the caller set wins over the host.
+        let mut req = Request::post("http://gateway/v1/chat/completions")
+            .body(())
+            .unwrap();
+        req.extensions_mut().insert(Provider::Gemini);
+        assert_eq!(dialect_of(&req), (StreamDialect::OpenAiChat, "gemini"));
+        let mut req = Request::post("http://gateway/x").body(()).unwrap();
+        req.extensions_mut().insert(Provider::Anthropic);
+        assert_eq!(dialect_of(&req), (StreamDialect::Anthropic, "anthropic"));
     }
 }
