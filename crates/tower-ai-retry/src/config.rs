@@ -108,14 +108,34 @@ impl AiRetryConfig {
     pub fn budget(&self) -> Option<&RetryBudget> {
         self.budget.as_ref()
     }
+
+    /// The idempotency-key header's name, if one is sent.
+    pub fn idempotency_header(&self) -> Option<&HeaderName> {
+        self.idempotency_header.as_ref()
+    }
+
+    /// The attempt-number header's name, if one is sent.
+    pub fn attempt_header(&self) -> Option<&HeaderName> {
+        self.attempt_header.as_ref()
+    }
+}
+
+/// A header name in the builder: a checked one (the static defaults), or one a caller
+/// gave, parsed by `build`.
+#[derive(Debug, Clone)]
+enum Header {
+    Name(HeaderName),
+    Given(String),
 }
 
 /// Builds an [`AiRetryConfig`] (or directly an [`AiRetryLayer`]), checking every value.
 #[derive(Debug, Clone)]
 pub struct AiRetryConfigBuilder {
     cfg: AiRetryConfig,
-    idempotency: Option<String>,
-    attempt: Option<String>,
+    /// Header names: the defaults are static (no allocation, no refcount); a caller's
+    /// name is kept as given until `build` checks it.
+    idempotency: Option<Header>,
+    attempt: Option<Header>,
     budget: Option<(Duration, u32, f64)>,
 }
 
@@ -126,8 +146,10 @@ impl Default for AiRetryConfigBuilder {
                 budget: None,
                 ..AiRetryConfig::default()
             },
-            idempotency: Some("idempotency-key".into()),
-            attempt: Some("x-stainless-retry-count".into()),
+            idempotency: Some(Header::Name(HeaderName::from_static("idempotency-key"))),
+            attempt: Some(Header::Name(HeaderName::from_static(
+                "x-stainless-retry-count",
+            ))),
             budget: Some((Duration::from_secs(10), 10, 0.2)),
         }
     }
@@ -197,14 +219,14 @@ impl AiRetryConfigBuilder {
     /// The idempotency-key header's name (default `idempotency-key`), or `None` to send
     /// none. Never sent on GET or HEAD; a key the caller set is kept.
     pub fn idempotency_header(mut self, name: Option<&str>) -> Self {
-        self.idempotency = name.map(str::to_owned);
+        self.idempotency = name.map(|n| Header::Given(n.to_owned()));
         self
     }
 
     /// The attempt-number header's name (default `x-stainless-retry-count`, `"0"` on
     /// the first attempt, as the official SDKs send), or `None`.
     pub fn attempt_header(mut self, name: Option<&str>) -> Self {
-        self.attempt = name.map(str::to_owned);
+        self.attempt = name.map(|n| Header::Given(n.to_owned()));
         self
     }
 
@@ -284,12 +306,13 @@ impl AiRetryConfigBuilder {
             ));
         }
         let header = |field: &'static str,
-                      name: Option<String>|
+                      name: Option<Header>|
          -> Result<Option<HeaderName>, ConfigError> {
-            name.map(|n| {
-                HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
+            name.map(|h| match h {
+                Header::Name(n) => Ok(n),
+                Header::Given(n) => HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
                     ConfigError::new(field, format!("{n:?} is not a valid header name"))
-                })
+                }),
             })
             .transpose()
         };

@@ -643,4 +643,17 @@ fn the_builder_rejects_zero_and_absurd_values() {
             .starts_with("invalid retry budget ttl")
     );
     assert!(AiRetryLayer::builder().build().is_ok());
+    let cfg = AiRetryLayer::builder()
+        .attempt_header(Some("X-Attempt"))
+        .build_config()
+        .unwrap();
+    assert_eq!(cfg.attempt_header().map(|h| h.as_str()), Some("x-attempt"));
+    assert_eq!(
+        AiRetryLayer::builder()
+            .build_config()
+            .unwrap()
+            .idempotency_header()
+            .map(|h| h.as_str()),
+        Some("idempotency-key")
+    );
 }
