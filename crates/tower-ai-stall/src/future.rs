@@ -7,11 +7,11 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http::response::Parts;
-use http::{header, Response};
+use http::Response;
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
-use tower_ai_core::stream::StreamDialect;
+use tower_ai_core::stream::{is_event_stream, StreamDialect};
 use tower_ai_core::{AiError, BoxError};
 
 use crate::body::StallBody;
@@ -95,11 +95,7 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
 
 /// Whether a response is a server-sent-event stream worth reading.
 fn is_sse<B>(res: &Response<B>) -> bool {
-    res.status().is_success()
-        && res.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
-            let v = v.as_bytes();
-            v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream")
-        })
+    res.status().is_success() && is_event_stream(res.headers())
 }
 
 /// Polls the one timer of the future at `at`, creating it the first time it is needed
