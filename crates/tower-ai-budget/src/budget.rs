@@ -5,14 +5,13 @@
 //! move its windows to now, compare, add. No lock is held across an `.await`, no waker is
 //! woken under the lock, and nothing on the admit path allocates once a key exists.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tower_ai_core::keys::Key;
+use tower_ai_core::keys::{Key, KeyMap};
 use tower_ai_core::{BudgetLimit, RateLimitInfo, RequestMeta, Usage};
 
 use crate::config::{Limits, NanoPrice, PriceOf, WhenFull};
@@ -100,7 +99,7 @@ pub(crate) struct Budget {
 
 #[derive(Debug, Default)]
 struct Keys {
-    map: HashMap<Key, KeyState, BuildHasherDefault<KeyHasher>>,
+    map: KeyMap<KeyState>,
     next_ticket: u64,
 }
 
@@ -122,24 +121,6 @@ struct KeyState {
 struct Ticket {
     id: u64,
     waker: Option<Waker>,
-}
-
-/// `Key` is already a salted hash: use it as it is.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
 }
 
 impl KeyState {
@@ -596,12 +577,7 @@ fn decide(
 }
 
 /// The key's state, created (evicting idle keys if the map is full) when missing.
-fn entry<'a>(
-    map: &'a mut HashMap<Key, KeyState, BuildHasherDefault<KeyHasher>>,
-    key: Key,
-    l: &Limits,
-    secs: u64,
-) -> &'a mut KeyState {
+fn entry<'a>(map: &'a mut KeyMap<KeyState>, key: Key, l: &Limits, secs: u64) -> &'a mut KeyState {
     if map.len() >= l.max_keys && !map.contains_key(&key) {
         evict(map, l.max_keys, secs);
     }
@@ -613,11 +589,7 @@ fn entry<'a>(
 /// down to 90 % of `max_keys` (their window history is forgotten). Keys with requests in
 /// flight or waiting are never evicted, so memory stays bounded by `max_keys` plus the
 /// requests in flight.
-fn evict(
-    map: &mut HashMap<Key, KeyState, BuildHasherDefault<KeyHasher>>,
-    max_keys: usize,
-    secs: u64,
-) {
+fn evict(map: &mut KeyMap<KeyState>, max_keys: usize, secs: u64) {
     map.retain(|_, st| !(st.removable() && secs.saturating_sub(st.last_secs) > IDLE_SECS));
     if map.len() < max_keys {
         return;

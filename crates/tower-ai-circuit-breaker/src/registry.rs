@@ -9,13 +9,11 @@
 //! `RwLock` for reading, and only a new key takes it for writing.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::time::Instant;
-use tower_ai_core::keys::Key;
+use tower_ai_core::keys::{Key, KeyMap};
 
 use crate::breaker::Core;
 use crate::config::CircuitBreakerConfig;
@@ -36,25 +34,7 @@ struct Entry {
     lanes: Box<[Arc<Lane>]>,
 }
 
-/// [`Key`]s are hashes already: use them as they are.
-#[derive(Debug, Default, Clone, Copy)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type Shard = RwLock<HashMap<Key, Entry, BuildHasherDefault<KeyHasher>>>;
+type Shard = RwLock<KeyMap<Entry>>;
 
 const SHARDS: usize = 16;
 const CACHE_SLOTS: usize = 16;
