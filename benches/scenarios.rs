@@ -221,13 +221,7 @@ fn header(title: &str, columns: &[Column]) {
 
 /// `AiStack::new()` with its AiRetry's jitter seeded, so each run gives the same table.
 fn ai_stack() -> AiStack {
-    AiStack::new().retry(
-        AiRetryLayer::builder()
-            .max_attempts(3)
-            .seed(7)
-            .build()
-            .expect("a valid retry"),
-    )
+    AiStack::seeded(7)
 }
 
 fn budget(rpm: u64, max_wait: Duration) -> TokenBudgetLayer {

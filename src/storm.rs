@@ -131,6 +131,13 @@ pub fn request(i: u32, stream: bool) -> Request<AiBody> {
         .expect("a valid request")
 }
 
+/// The requests of a run, in order: which are streamed is drawn from the seed.
+pub fn workload(cfg: &StormConfig) -> impl Iterator<Item = Request<AiBody>> {
+    let mut rng = fastrand::Rng::with_seed(cfg.seed);
+    let share = cfg.stream_share;
+    (0..cfg.requests).map(move |i| request(i, rng.f64() < share))
+}
+
 /// How one request ended, from the user's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -227,14 +234,12 @@ where
 {
     let cfg = storm.config;
     let start = Instant::now();
-    let mut rng = fastrand::Rng::with_seed(cfg.seed);
     let mut tasks = tokio::task::JoinSet::new();
     let mut next_report = 30;
     let mut results: Vec<(Verdict, Served, Duration)> = Vec::with_capacity(cfg.requests as usize);
-    for i in 0..cfg.requests {
+    for (i, req) in (0u32..).zip(workload(&cfg)) {
         tokio::time::sleep_until(start + cfg.interval * i).await;
-        let stream = rng.f64() < cfg.stream_share;
-        let fut = client(request(i, stream));
+        let fut = client(req);
         let deadline = cfg.deadline;
         tasks.spawn(async move {
             let t0 = Instant::now();
@@ -301,43 +306,27 @@ where
 pub fn table(reports: &[Report]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    type Cell = Box<dyn Fn(&Report) -> String>;
+    type Cell = fn(&Report) -> String;
     let rows: [(&str, Cell); 12] = [
-        (
-            "served",
-            Box::new(|r| format!("{} ({:.1}%)", r.served, 100.0 * r.served_share())),
-        ),
-        ("failed", Box::new(|r| r.failed.to_string())),
-        ("timed out (60 s)", Box::new(|r| r.timed_out.to_string())),
-        ("upstream calls", Box::new(|r| r.upstream_calls.to_string())),
-        ("429s received", Box::new(|r| r.rate_limited.to_string())),
-        ("wasted calls", Box::new(|r| r.wasted.to_string())),
-        (
-            "calls per request",
-            Box::new(|r| {
-                format!(
-                    "{:.2}",
-                    r.upstream_calls as f64 / f64::from(r.offered.max(1))
-                )
-            }),
-        ),
-        (
-            "p50 latency",
-            Box::new(|r| format!("{:.1} s", r.p50.as_secs_f64())),
-        ),
-        (
-            "p99 latency",
-            Box::new(|r| format!("{:.1} s", r.p99.as_secs_f64())),
-        ),
-        ("fallbacks used", Box::new(|r| r.fallbacks.to_string())),
-        (
-            "streams stalled",
-            Box::new(|r| r.stalled_upstream.to_string()),
-        ),
-        (
-            "stall errors seen",
-            Box::new(|r| r.stalls_caught.to_string()),
-        ),
+        ("served", |r| {
+            format!("{} ({:.1}%)", r.served, 100.0 * r.served_share())
+        }),
+        ("failed", |r| r.failed.to_string()),
+        ("timed out", |r| r.timed_out.to_string()),
+        ("upstream calls", |r| r.upstream_calls.to_string()),
+        ("429s received", |r| r.rate_limited.to_string()),
+        ("wasted calls", |r| r.wasted.to_string()),
+        ("calls per request", |r| {
+            format!(
+                "{:.2}",
+                r.upstream_calls as f64 / f64::from(r.offered.max(1))
+            )
+        }),
+        ("p50 latency", |r| format!("{:.1} s", r.p50.as_secs_f64())),
+        ("p99 latency", |r| format!("{:.1} s", r.p99.as_secs_f64())),
+        ("fallbacks used", |r| r.fallbacks.to_string()),
+        ("streams stalled", |r| r.stalled_upstream.to_string()),
+        ("stall errors seen", |r| r.stalls_caught.to_string()),
     ];
     let _ = write!(out, "| {:<18} |", "");
     for r in reports {
