@@ -143,8 +143,6 @@ struct Sse {
     outcome: StreamOutcome,
     head_at: Instant,
     last_progress: Instant,
-    first_byte: bool,
-    content: bool,
 }
 
 impl Tracker {
@@ -167,8 +165,6 @@ impl Tracker {
                     outcome: StreamOutcome::new(),
                     head_at,
                     last_progress: head_at,
-                    first_byte: false,
-                    content: false,
                 })
             }),
         }
@@ -226,14 +222,16 @@ impl Tracker {
         }
         // On a tie the more specific phase wins, so `total` is merged last.
         let mut next = None;
-        if !sse.first_byte {
+        let first_byte = self.bytes > 0;
+        let content = sse.scanner.content_seen();
+        if !first_byte {
             next = earliest(
                 next,
                 c.first_byte()
                     .map(|d| (sse.head_at + d, StallPhase::FirstByte, d)),
             );
         }
-        if !sse.content {
+        if !content {
             next = earliest(
                 next,
                 c.first_content()
@@ -242,7 +240,7 @@ impl Tracker {
         }
         // Idle gaps count once content started; before that the first-content deadline
         // governs when it is set, else they count from the first byte.
-        let idle_armed = sse.content || (sse.first_byte && c.first_content().is_none());
+        let idle_armed = content || (first_byte && c.first_content().is_none());
         if idle_armed {
             next = earliest(
                 next,
@@ -308,7 +306,6 @@ impl Tracker {
         }
         self.bytes += data.len() as u64;
         let sse = self.sse.as_deref_mut()?;
-        sse.first_byte = true;
         let facts = sse.scanner.feed(data);
         if let Some(classification) = facts.error {
             let kind = classification.kind;
@@ -320,9 +317,6 @@ impl Tracker {
             );
             self.finish(StreamEnd::ProviderError(kind));
             return Some(AiError::Provider { classification });
-        }
-        if facts.content {
-            sse.content = true;
         }
         if self.config.idle().is_some() && (facts.content || self.config.liveness_resets_idle) {
             sse.last_progress = now();
@@ -372,7 +366,7 @@ impl Tracker {
             finish_reason: sse.scanner.finish_reason(),
             usage: sse.scanner.usage(),
             terminal_seen: sse.scanner.terminal_seen(),
-            content_seen: sse.content,
+            content_seen: sse.scanner.content_seen(),
             bytes_received: self.bytes,
         };
         if summary.truncated_by_model() {
