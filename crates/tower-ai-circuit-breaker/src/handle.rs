@@ -42,10 +42,6 @@ impl<K> fmt::Debug for CircuitBreakerHandle<K> {
     }
 }
 
-fn default_label(key: Key) -> String {
-    format!("key-{:016x}", key.as_u64())
-}
-
 impl<K> CircuitBreakerHandle<K> {
     pub(crate) fn new(registry: Arc<Registry>, key_fn: Arc<K>) -> Self {
         CircuitBreakerHandle { registry, key_fn }
@@ -88,13 +84,13 @@ impl<K> CircuitBreakerHandle<K> {
     /// Refuse every call for `key` until [`reset`](Self::reset) or
     /// [`force_closed`](Self::force_closed). A forced key is never evicted.
     pub fn force_open(&self, key: Key) {
-        self.force(key, CircuitState::ForcedOpen, || default_label(key));
+        self.force(key, CircuitState::ForcedOpen, || key.to_string());
     }
 
     /// Admit every call for `key` and measure none, until [`reset`](Self::reset) or
     /// [`force_open`](Self::force_open).
     pub fn force_closed(&self, key: Key) {
-        self.force(key, CircuitState::ForcedClosed, || default_label(key));
+        self.force(key, CircuitState::ForcedClosed, || key.to_string());
     }
 
     /// Back to closed with an empty window and the open duration back at its base.
