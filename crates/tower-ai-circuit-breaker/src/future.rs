@@ -123,20 +123,6 @@ impl<F> fmt::Debug for ResponseFuture<F> {
     }
 }
 
-/// The kind of a response: the `Classification` below put in its extensions, or its
-/// status. A 1xx/2xx/3xx without one is a success, judged without a clock read.
-#[inline]
-fn response_kind<B>(res: &Response<B>) -> Option<ErrorKind> {
-    if let Some(c) = res.extensions().get::<Classification>() {
-        return c.kind;
-    }
-    let s = res.status();
-    if s.is_success() || s.is_informational() || s.is_redirection() {
-        return None;
-    }
-    Classification::of(res).kind
-}
-
 impl<F, B, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
@@ -150,11 +136,11 @@ where
                 let res = ready!(fut.poll(cx)).map_err(Into::into);
                 if let Some(t) = ticket.take() {
                     let kind = match &res {
-                        Ok(r) => response_kind(r),
-                        Err(e) => Some(match AiError::find(&**e) {
-                            Some(ai) => ai.kind(),
-                            None => ErrorKind::of_error(&**e),
-                        }),
+                        // The classification a layer below attached, or one from the
+                        // status (no allocation, no clock read, for a success).
+                        Ok(r) => Classification::of(r).kind,
+                        // An `AiError` in the chain gives its own kind.
+                        Err(e) => Some(ErrorKind::of_error(&**e)),
                     };
                     let verdict = match kind {
                         None => Verdict::Success,
