@@ -203,8 +203,10 @@ impl<B> Ctx<'_, B> {
         }
         let (wait, source) = match asked {
             Asked::Provider(w) => {
-                // Used as given, never shortened; too long ends the retries now.
-                if w.exceeds_max() || w.requested > cfg.max_wait {
+                // Used as given, never shortened; too long ends the retries now. Only
+                // our own `max_wait` decides: Classify's maximum (its `delay` clamp)
+                // is its own default, not a limit on what this layer honours.
+                if w.requested > cfg.max_wait {
                     return Plan::Stop(StopReason::WaitTooLong);
                 }
                 (w.requested, Source::Provider(w))
@@ -421,10 +423,11 @@ fn finish_response<B, ResB>(
 ) -> Step<Result<Response<ResB>, BoxError>> {
     let mut too_long = None;
     if reason == StopReason::WaitTooLong {
-        if let Some(w) = c.wait.as_mut() {
-            // Make `exceeds_max()` true against *our* maximum too.
-            w.delay = w.delay.min(ctx.config.max_wait);
-            too_long = Some(*w);
+        if let Some(w) = c.wait {
+            // The wait as clamped to *our* maximum (core's clamp), so `exceeds_max()`
+            // and `delay` speak of the limit that refused it.
+            c.wait = RequestedWait::new(w.requested, w.source, ctx.config.max_wait);
+            too_long = c.wait;
         }
     }
     let exhausted = matches!(

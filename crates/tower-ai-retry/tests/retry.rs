@@ -389,6 +389,59 @@ async fn a_wait_above_max_ends_retries_at_once_with_the_wait_attached() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn max_wait_above_classifys_default_max_is_honoured() {
+    // Classify clamps its `delay` to its own 120 s default and flags the wait as
+    // exceeding it; AiRetry's own max_wait (300 s) alone decides.
+    let layer = AiRetryLayer::builder()
+        .max_wait(Duration::from_secs(300))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (task, handle) = spawn_call(layer, request());
+    let start = Instant::now();
+    let (seen, res) = tokio::join!(
+        serve_all(handle, |n| match n {
+            0 => resp(429, &[("retry-after", "200")], "slow down"),
+            _ => resp(200, &[], "{}"),
+        }),
+        task
+    );
+    assert_eq!(seen.len(), 2, "the 200 s wait was refused");
+    assert_eq!(gaps(&seen), vec![Duration::from_secs(200)]);
+    assert_eq!(start.elapsed(), Duration::from_secs(200));
+    let res = res.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+
+    // Above our max_wait it is still refused at once, the wait clamped to our maximum.
+    let layer = AiRetryLayer::builder()
+        .max_wait(Duration::from_secs(300))
+        .build()
+        .unwrap();
+    let (task, handle) = spawn_call(layer, request());
+    let start = Instant::now();
+    let (seen, res) = tokio::join!(
+        serve_all(handle, |_| resp(429, &[("retry-after", "400")], "{}")),
+        task
+    );
+    assert_eq!(seen.len(), 1);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    let res = res.unwrap().unwrap();
+    assert_eq!(
+        res.extensions().get::<RetryStop>().unwrap().reason,
+        StopReason::WaitTooLong
+    );
+    let w = res
+        .extensions()
+        .get::<Classification>()
+        .unwrap()
+        .wait
+        .unwrap();
+    assert!(w.exceeds_max());
+    assert_eq!(w.requested, Duration::from_secs(400));
+    assert_eq!(w.delay, Duration::from_secs(300));
+}
+
+#[tokio::test(start_paused = true)]
 async fn hostile_retry_after_values_never_panic_or_sleep_unbounded() {
     for (value, expect_retry) in [
         ("-5", true),
