@@ -11,12 +11,11 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower::util::Oneshot;
 use tower_ai_core::{
-    model_of, try_clone_request, AiError, BoxError, Classification, ErrorKind, Provider,
-    ReplayBody, RouteFailure,
+    model_of, try_clone_request, AiError, AttemptBudget, BoxError, Classification, ErrorKind,
+    Provider, ReplayBody, RouteFailure,
 };
 use tower_service::Service;
 
-use crate::budget::AttemptBudget;
 use crate::config::{Action, Chain, RouteService, Target};
 use crate::fallback::{degraded_after, judge_error, judge_response, next_route, upstream_after};
 use crate::rewrite::replace_model;

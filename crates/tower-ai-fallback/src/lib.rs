@@ -158,7 +158,6 @@
 //! [`RouteFailure`]: tower_ai_core::RouteFailure
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod budget;
 mod config;
 mod fallback;
 pub mod future;
@@ -166,12 +165,12 @@ mod layer;
 mod rewrite;
 mod service;
 
-pub use budget::AttemptBudget;
 pub use config::{
     default_action, Action, ConfigError, DegradedBody, FallbackChain, FallbackChainBuilder, Route,
     RouteService,
 };
 pub use fallback::Served;
 pub use layer::ModelFallbackLayer;
-pub use rewrite::{rewrite_model, top_level_value_span};
+pub use rewrite::rewrite_model;
 pub use service::ModelFallback;
+pub use tower_ai_core::AttemptBudget;

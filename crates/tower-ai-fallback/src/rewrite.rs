@@ -2,7 +2,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-pub use tower_ai_core::top_level_value_span;
+use tower_ai_core::top_level_value_span;
 
 /// `model` as a JSON string literal (quotes and escapes), ready to splice into a body.
 pub(crate) fn json_string(model: &str) -> Bytes {

@@ -634,7 +634,7 @@ async fn later_routes_get_the_callers_request_untouched() {
     // Byte comparison: only the model value differs.
     let expected = tower_ai_fallback::rewrite_model(&original_body, "b").unwrap();
     assert_eq!(last.body, expected);
-    let span = tower_ai_fallback::top_level_value_span(&original_body, b"model").unwrap();
+    let span = tower_ai_core::top_level_value_span(&original_body, b"model").unwrap();
     assert_eq!(&last.body[..span.start], &original_body[..span.start]);
     assert_eq!(&last.body[span.start + 3..], &original_body[span.end..]);
     assert_eq!(
