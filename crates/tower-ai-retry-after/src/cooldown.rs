@@ -4,38 +4,18 @@
 //! bucket, a requests bucket running low) gets an [`Entry`] of atomics. A key without
 //! an entry, and every key while no entry exists at all, passes with a read-only check.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tower_ai_core::keys::Key;
+use tower_ai_core::keys::{Key, KeyMap};
 use tower_ai_core::RateLimitInfo;
 
 const SHARDS: usize = 16;
 const UNPACED: u64 = u64::MAX;
 
-/// Keys are hashes already: hash them as they are.
-#[derive(Default)]
-pub(crate) struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 << 8) | u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type Map = HashMap<Key, Arc<Entry>, BuildHasherDefault<KeyHasher>>;
+type Map = KeyMap<Arc<Entry>>;
 
 /// What the gate says about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +96,10 @@ impl Cooldowns {
     }
 
     fn shard(&self, key: Key) -> &RwLock<Map> {
-        &self.shards[(key.as_u64() >> 58) as usize % SHARDS]
+        // Middle bits: hashbrown takes its tag byte from the top 7 bits and its bucket
+        // from the low ones, so a shard chosen by either would leave its map with
+        // skewed tags or buckets.
+        &self.shards[(key.as_u64() >> 32) as usize % SHARDS]
     }
 
     /// Keys with state.
