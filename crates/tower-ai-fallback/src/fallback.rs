@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use http::Response;
-use tower_ai_core::{AiError, BoxError, Classification, ErrorKind, Provider};
+use tower_ai_core::{AiError, BoxError, Classification, ErrorKind, Provider, RequestedWait};
 
 use crate::config::{Action, Chain, Route};
 
@@ -55,12 +55,7 @@ pub(crate) fn judge_response<ReqB, ResB, B>(
     }
     let c = Classification::of(res);
     let kind = c.kind?;
-    let long_wait = c.wait.is_some_and(|w| w.exceeds_max());
-    let action = if long_wait && chain.long_wait_moves_on {
-        Action::Next
-    } else {
-        chain.action(kind)
-    };
+    let action = action_for(chain, kind, [c.wait]);
     let message = c
         .message()
         .map(str::to_owned)
@@ -90,28 +85,37 @@ pub(crate) fn judge_error<ReqB, ResB>(
             failure(Action::Next, Classification::failure(e.kind(), provider))
         }
         Some(AiError::RetriesExhausted { last, wait, .. }) => {
-            let long_wait =
-                wait.is_some_and(|w| w.exceeds_max()) || last.wait.is_some_and(|w| w.exceeds_max());
             let kind = last.kind.unwrap_or(ErrorKind::Unknown);
-            let action = if long_wait && chain.long_wait_moves_on {
-                Action::Next
-            } else {
-                chain.action(kind)
-            };
-            failure(action, last.clone())
+            failure(action_for(chain, kind, [*wait, last.wait]), last.clone())
         }
-        Some(AiError::Provider { classification }) => failure(
-            chain.action(classification.kind.unwrap_or(ErrorKind::Unknown)),
-            classification.clone(),
-        ),
-        Some(e) => {
-            let kind = e.kind();
-            failure(chain.action(kind), Classification::failure(kind, provider))
+        Some(AiError::Provider { classification }) => {
+            let kind = classification.kind.unwrap_or(ErrorKind::Unknown);
+            failure(
+                action_for(chain, kind, [classification.wait]),
+                classification.clone(),
+            )
         }
-        None => {
+        // Any other AiError (its own kind) or a foreign error (judged by its chain).
+        _ => {
             let kind = ErrorKind::of_error(&**err);
             failure(chain.action(kind), Classification::failure(kind, provider))
         }
+    }
+}
+
+/// The action for a failure of `kind`: the next route when the provider asked for a wait
+/// longer than allowed (and the chain's `long_wait_moves_on` is on), whatever the kind;
+/// else the kind's action.
+fn action_for<ReqB, ResB, const N: usize>(
+    chain: &Chain<ReqB, ResB>,
+    kind: ErrorKind,
+    waits: [Option<RequestedWait>; N],
+) -> Action {
+    let long_wait = waits.iter().flatten().any(RequestedWait::exceeds_max);
+    if long_wait && chain.long_wait_moves_on {
+        Action::Next
+    } else {
+        chain.action(kind)
     }
 }
 
@@ -285,6 +289,23 @@ mod tests {
         });
         assert_eq!(
             judge_error(&c.inner, &ex, Provider::OpenAi).action,
+            Action::Next
+        );
+        // An in-stream provider error with a long wait moves on too, whatever its kind.
+        let mut long = Classification::failure(ErrorKind::BadRequest, Provider::OpenAi);
+        let provider_err =
+            |c: Classification| -> BoxError { Box::new(AiError::Provider { classification: c }) };
+        assert_eq!(
+            judge_error(&c.inner, &provider_err(long.clone()), Provider::OpenAi).action,
+            Action::Stop
+        );
+        long.wait = RequestedWait::new(
+            Duration::from_secs(3600),
+            WaitSource::RetryAfter,
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            judge_error(&c.inner, &provider_err(long), Provider::OpenAi).action,
             Action::Next
         );
         let odd: BoxError = "something odd".into();
