@@ -46,9 +46,7 @@ enum PolicyInner {
 impl FailurePolicy {
     /// Exactly these kinds are failures.
     pub fn kinds(kinds: impl IntoIterator<Item = ErrorKind>) -> Self {
-        let mut v: Vec<ErrorKind> = kinds.into_iter().collect();
-        v.dedup();
-        FailurePolicy(PolicyInner::Kinds(v))
+        FailurePolicy(PolicyInner::Kinds(kinds.into_iter().collect()))
     }
 
     /// Kinds for which `f` returns true are failures.
@@ -134,6 +132,7 @@ impl CircuitBreakerConfig {
     pub fn builder() -> CircuitBreakerConfigBuilder {
         CircuitBreakerConfigBuilder {
             config: CircuitBreakerConfig::default(),
+            max_open: None,
         }
     }
 
@@ -213,6 +212,9 @@ impl CircuitBreakerConfig {
 #[derive(Debug, Clone)]
 pub struct CircuitBreakerConfigBuilder {
     config: CircuitBreakerConfig,
+    /// `open_backoff`'s cap; unset, the open duration (fixed). Resolved in `build`, so
+    /// the order of `open_duration` and `open_backoff` does not matter.
+    max_open: Option<Duration>,
 }
 
 impl CircuitBreakerConfigBuilder {
@@ -257,9 +259,6 @@ impl CircuitBreakerConfigBuilder {
     /// Stay open this long before probing (default 30 s).
     pub fn open_duration(mut self, d: Duration) -> Self {
         self.config.open_duration = d;
-        if self.config.open_multiplier == 1.0 {
-            self.config.max_open_duration = d;
-        }
         self
     }
 
@@ -267,7 +266,7 @@ impl CircuitBreakerConfigBuilder {
     /// (default: fixed).
     pub fn open_backoff(mut self, multiplier: f64, max: Duration) -> Self {
         self.config.open_multiplier = multiplier;
-        self.config.max_open_duration = max;
+        self.max_open = Some(max);
         self
     }
 
@@ -313,7 +312,8 @@ impl CircuitBreakerConfigBuilder {
     ///
     /// [`ConfigError`] naming the first value that makes no sense.
     pub fn build(self) -> Result<CircuitBreakerConfig, ConfigError> {
-        let c = self.config;
+        let mut c = self.config;
+        c.max_open_duration = self.max_open.unwrap_or(c.open_duration);
         match c.window {
             Window::Count { calls: 0 } => return Err(ConfigError::EmptyWindow),
             Window::Count { calls } if c.minimum_calls > calls => {
@@ -488,6 +488,58 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(fixed.open_duration_after(9), Duration::from_secs(7));
+    }
+
+    #[test]
+    fn open_duration_and_backoff_in_either_order() {
+        let a = CircuitBreakerConfig::builder()
+            .open_backoff(2.0, Duration::from_secs(60))
+            .open_duration(Duration::from_secs(120))
+            .build();
+        assert!(
+            matches!(a, Err(ConfigError::MaxOpenBelowOpen { .. })),
+            "{a:?}"
+        );
+        let b = CircuitBreakerConfig::builder()
+            .open_duration(Duration::from_secs(120))
+            .open_backoff(2.0, Duration::from_secs(60))
+            .build();
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+
+        let a = CircuitBreakerConfig::builder()
+            .open_backoff(2.0, Duration::from_secs(60))
+            .open_duration(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let b = CircuitBreakerConfig::builder()
+            .open_duration(Duration::from_secs(5))
+            .open_backoff(2.0, Duration::from_secs(60))
+            .build()
+            .unwrap();
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        let d: Vec<u64> = (0..6).map(|n| a.open_duration_after(n).as_secs()).collect();
+        assert_eq!(d, [5, 10, 20, 40, 60, 60]);
+        // Without a backoff the cap follows the open duration, whatever it was before.
+        let fixed = CircuitBreakerConfig::builder()
+            .open_duration(Duration::from_secs(90))
+            .build()
+            .unwrap();
+        assert_eq!(fixed.open_duration_after(3), Duration::from_secs(90));
+        // A cap below the open duration is refused in either order, also without growth.
+        for (first_backoff, mult) in [(true, 1.0), (false, 1.0), (true, 2.0), (false, 2.0)] {
+            let b = CircuitBreakerConfig::builder();
+            let b = if first_backoff {
+                b.open_backoff(mult, Duration::from_secs(5))
+                    .open_duration(Duration::from_secs(10))
+            } else {
+                b.open_duration(Duration::from_secs(10))
+                    .open_backoff(mult, Duration::from_secs(5))
+            };
+            assert!(
+                matches!(b.build(), Err(ConfigError::MaxOpenBelowOpen { .. })),
+                "backoff first: {first_backoff}, multiplier {mult}"
+            );
+        }
     }
 
     #[test]
