@@ -68,7 +68,7 @@ async fn model_a_down_for_60_virtual_seconds_then_recovers() {
 
     let tally = Arc::new(Mutex::new([Tally::default(); 2]));
     let mut tasks = Vec::new();
-    for tick in 0..1200u32 {
+    for _ in 0..1200u32 {
         for (i, model) in ["model-a", "model-b"].into_iter().enumerate() {
             let (svc, tally) = (svc.clone(), tally.clone());
             tasks.push(tokio::spawn(async move {
@@ -84,7 +84,6 @@ async fn model_a_down_for_60_virtual_seconds_then_recovers() {
                 }
             }));
         }
-        let _ = tick;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for t in tasks {

@@ -170,17 +170,14 @@ async fn half_open_failure_reopens_for_longer_up_to_the_cap() {
     let r = rig(base().open_backoff(3.0, Duration::from_secs(60)));
     trip(&r, "a").await;
     let key = r.handle.key_of(&req("a", OK)).unwrap();
-    let mut expected = Vec::new();
     for want in [30, 60, 60] {
         let until = r.handle.metrics(key).unwrap().open_until.unwrap();
         tokio::time::sleep_until(until).await;
         assert_eq!(r.call("a", Do::Status(529)).await, Got::Status(529));
         assert_eq!(r.state("a"), Open);
         let next = r.handle.metrics(key).unwrap().open_until.unwrap();
-        expected.push((next - Instant::now()).as_secs());
         assert_eq!(next - Instant::now(), Duration::from_secs(want));
     }
-    assert_eq!(expected, [30, 60, 60]);
     // after a close the duration starts again from the base
     tokio::time::sleep(Duration::from_secs(60)).await;
     r.call("a", OK).await;
