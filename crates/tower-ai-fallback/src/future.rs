@@ -442,13 +442,17 @@ where
                 )
             })?;
         *req.body_mut() = ReqB::from(body);
-        // A parsed RequestMeta describes the old model.
-        req.extensions_mut().remove::<tower_ai_core::RequestMeta>();
+        // A parsed RequestMeta names the old model; the rest of it still holds, so the
+        // layers below need not parse the body again.
+        if let Some(meta) = req.extensions_mut().get_mut::<tower_ai_core::RequestMeta>() {
+            meta.model.clone_from(&route.model);
+        }
     }
     if let Target::Service {
         rewrite: Some(f), ..
     } = &route.target
     {
+        // A rewrite for another provider may change anything in the body.
         req.extensions_mut().remove::<tower_ai_core::RequestMeta>();
         f(req).map_err(|e| format!("route {:?}: rewrite failed: {e}", &*route.name))?;
     }

@@ -13,8 +13,8 @@ use http_body_util::BodyExt;
 use support::*;
 use tower::{service_fn, ServiceExt};
 use tower_ai_core::{
-    AiBody, AiError, BoxError, Classification, ErrorKind, Provider as Dialect, RequestedWait,
-    StallPhase, WaitSource,
+    AiBody, AiError, BoxError, Classification, ErrorKind, Provider as Dialect, RequestMeta,
+    RequestedWait, StallPhase, WaitSource,
 };
 use tower_ai_fallback::{
     Action, AttemptBudget, FallbackChain, FallbackChainBuilder, ModelFallback, Route, Served,
@@ -640,6 +640,41 @@ async fn later_routes_get_the_callers_request_untouched() {
     assert_eq!(
         seen[0].body, original_body,
         "the first route got the body as sent"
+    );
+}
+
+#[tokio::test]
+async fn a_model_rewrite_updates_the_request_meta_in_place() {
+    let p = Provider::new();
+    p.answer("a", status(503, OVERLOADED));
+    let metas = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let inner = p.service();
+    let seen = metas.clone();
+    let svc = Svc::new(service_fn(move |req: Request<AiBody>| {
+        let meta = req.extensions().get::<RequestMeta>();
+        seen.lock()
+            .unwrap()
+            .push(meta.map(|m| (m.model.clone(), m.stream)));
+        inner.clone().oneshot(req)
+    }));
+    let mut req = chat("a");
+    let meta = RequestMeta::of(&req).into_owned();
+    let stream = meta.stream;
+    req.extensions_mut().insert(meta);
+    let res = ModelFallback::new(svc, two_models().build().unwrap())
+        .oneshot(req)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(p.models_called(), ["a", "b"]);
+    let metas = metas.lock().unwrap();
+    assert_eq!(
+        *metas,
+        [
+            Some((Some("a".into()), stream)),
+            Some((Some("b".into()), stream))
+        ],
+        "the later route's request keeps its parsed meta, with the new model"
     );
 }
 
