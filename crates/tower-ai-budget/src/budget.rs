@@ -396,28 +396,15 @@ impl Budget {
         }
     }
 
-    /// For tests: (keys, in flight, held, waiting, tokens used) of `key`.
-    #[cfg(test)]
-    pub(crate) fn snapshot(&self, key: Key) -> Option<(u32, u32, usize, u64)> {
-        let keys = self.lock();
-        let st = keys.map.get(&key)?;
-        Some((
-            st.in_flight,
-            st.held,
-            st.queue.len(),
-            st.tpm.as_ref().map_or(0, Window::used),
-        ))
-    }
-
     /// The number of keys held.
     pub(crate) fn key_count(&self) -> usize {
         self.lock().map.len()
     }
 
-    /// `(in flight, reservations held, waiting)` of a key, or `None` if it is not held.
+    /// What the budget holds for a key, or `None` if it is not held.
     pub(crate) fn key_state(&self, key: Key) -> Option<KeySnapshot> {
-        let mut keys = self.lock();
-        let st = keys.map.get_mut(&key)?;
+        let keys = self.lock();
+        let st = keys.map.get(&key)?;
         Some(KeySnapshot {
             in_flight: st.in_flight,
             held: st.held,
@@ -654,7 +641,11 @@ mod tests {
                 output_tokens: 50,
             }),
         );
-        assert_eq!(b.snapshot(k), Some((0, 0, 0, 150)));
+        let s = b.key_state(k).expect("the key is held");
+        assert_eq!(
+            (s.in_flight, s.held, s.waiting, s.tokens),
+            (0, 0, 0, Some(150))
+        );
         assert!(matches!(
             b.try_admit(k, &tokens(850), now, None, None, None),
             Decision::Admitted { .. }
@@ -696,7 +687,11 @@ mod tests {
             }
             assert!(b.key_count() <= 100);
         }
-        assert_eq!(b.snapshot(busy).map(|s| s.0), Some(1), "busy key kept");
+        assert_eq!(
+            b.key_state(busy).map(|s| s.in_flight),
+            Some(1),
+            "busy key kept"
+        );
         b.finish(&held, Finish::Keep);
     }
 }
