@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::SystemTime;
 
-use http::{HeaderMap, Request, Response};
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::util::Oneshot;
@@ -136,14 +136,6 @@ where
     }
 }
 
-/// Whether any rate-limit header is present: one pass over the names, nothing parsed.
-fn has_rate_limit_headers(headers: &HeaderMap) -> bool {
-    headers.keys().any(|k| {
-        let k = k.as_str();
-        k.starts_with("x-ratelimit-") || k.starts_with("anthropic-ratelimit-") || k == "ratelimit"
-    })
-}
-
 fn learn<K, ResB>(
     shared: &Shared<K>,
     key: Key,
@@ -151,18 +143,29 @@ fn learn<K, ResB>(
     sent_at: Instant,
     res: &Response<ResB>,
 ) {
-    let wait = match res.status().as_u16() {
-        429 | 503 | 529 => {
-            let c = Classification::of(res);
-            match c.kind {
-                Some(ErrorKind::RateLimited | ErrorKind::Overloaded) => c.wait.map(|w| w.requested),
-                _ => None,
-            }
-        }
-        _ => None,
+    let (wait, info) = if res.status().is_success() {
+        // Core's scan is one cheap pass with no allocation.
+        (
+            None,
+            RateLimitInfo::from_headers(res.headers(), SystemTime::now()),
+        )
+    } else {
+        // The classification has read the headers already (Classify's, or one made from
+        // the head here): take its wait and buckets instead of parsing them again. Any
+        // status the classification calls a rate limit or an overload teaches a wait.
+        let c = Classification::of(res);
+        let wait = match c.kind {
+            Some(ErrorKind::RateLimited | ErrorKind::Overloaded) => c.wait.map(|w| w.requested),
+            _ => None,
+        };
+        let info = if c.is_success() {
+            RateLimitInfo::from_headers(res.headers(), SystemTime::now())
+        } else {
+            c.rate_limit
+        };
+        (wait, info)
     };
-    let info = has_rate_limit_headers(res.headers())
-        .then(|| RateLimitInfo::from_headers(res.headers(), SystemTime::now()));
+    let info = Some(info).filter(|i| !i.is_empty());
     if wait.is_none() && info.is_none() {
         return;
     }

@@ -363,3 +363,33 @@ async fn a_cooling_route_is_refused_at_once_when_a_fallback_route_can_serve() {
     send.send_response(resp(200, &[]));
     assert_eq!(waiting.await.unwrap().unwrap().status(), 200);
 }
+
+#[tokio::test(start_paused = true)]
+async fn learns_from_any_status_classified_as_overloaded() {
+    // A provider that signals overload with a 500 (Classify reads the body and says
+    // Overloaded, with the wait from its headers): a cooldown is learned.
+    use tower_ai_core::{Classification, ErrorKind, Provider, RequestedWait, WaitSource};
+    let layer = gate(0);
+    let (svc, mut handle) = stack(&layer);
+    let t = tokio::spawn(svc.clone().oneshot(request("gpt-4o")));
+    let (_, send) = handle.next_request().await.unwrap();
+    let mut r = resp(500, &[("retry-after", "4")]);
+    let mut c = Classification::failure(ErrorKind::Overloaded, Provider::Generic);
+    c.status = http::StatusCode::INTERNAL_SERVER_ERROR;
+    c.wait = RequestedWait::new(
+        Duration::from_secs(4),
+        WaitSource::RetryAfter,
+        Duration::from_secs(120),
+    );
+    r.extensions_mut().insert(c);
+    send.send_response(r);
+    assert_eq!(t.await.unwrap().unwrap().status(), 500);
+    let learned_at = Instant::now();
+    let waiting = tokio::spawn(svc.clone().oneshot(request("gpt-4o")));
+    tokio::time::sleep(Duration::from_millis(3_999)).await;
+    assert!(handle.poll_request().is_pending(), "ignored the overload");
+    let (_, send) = handle.next_request().await.unwrap();
+    assert_eq!(learned_at.elapsed(), Duration::from_secs(4));
+    send.send_response(resp(200, &[]));
+    waiting.await.unwrap().unwrap();
+}
