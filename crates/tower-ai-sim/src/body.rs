@@ -255,10 +255,4 @@ mod tests {
         assert!(!b.is_end_stream());
         assert!(SimBody::full("").is_end_stream());
     }
-
-    #[test]
-    fn auto_traits() {
-        fn check<T: Send + Sync + Unpin + 'static>() {}
-        check::<SimBody>();
-    }
 }

@@ -1,5 +1,7 @@
-//! The decision for one request: judged at arrival time, under a lock held for
-//! a few instructions, then rendered in the dialect's shape.
+//! The decision for one request: judged at arrival time under the simulator's lock
+//! (limits, faults and the call record are updated together, so every decision sees the
+//! ones before it; no `.await` is ever reached with the lock held), then rendered in the
+//! dialect's shape outside it.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};

@@ -7,6 +7,7 @@ use tower_service::Service;
 
 fn send_sync_static<T: Send + Sync + 'static>() {}
 fn send_static<T: Send + 'static>() {}
+fn unpin<T: Unpin>() {}
 
 #[test]
 fn auto_traits() {
@@ -15,6 +16,7 @@ fn auto_traits() {
     send_sync_static::<SimBody>();
     send_sync_static::<SimServer>();
     send_static::<ResponseFuture>();
+    unpin::<SimBody>();
 }
 
 #[test]
