@@ -445,15 +445,16 @@ async fn a_degraded_answer_ends_the_chain_and_is_marked() {
 async fn the_first_route_is_not_marked_unless_asked() {
     let p = Provider::new();
     let header = HeaderName::from_static("x-ai-route");
-    let res = send(
-        two_models().served_header(header.clone()).build().unwrap(),
-        &p,
-        chat("a"),
-    )
-    .await
-    .unwrap();
+    let plain = two_models().served_header(header.clone()).build().unwrap();
+    let res = send(plain.clone(), &p, chat("a")).await.unwrap();
     assert!(Served::get(&res).is_none());
     assert!(res.headers().get(&header).is_none());
+    // The chain still answers for an unmarked response: its first route.
+    let first = plain.served(&res);
+    assert_eq!(
+        (&*first.route, first.index, first.degraded),
+        ("a", 0, false)
+    );
     let chain = two_models()
         .served_header(header.clone())
         .mark_primary(true)
@@ -466,7 +467,6 @@ async fn the_first_route_is_not_marked_unless_asked() {
         ("a", Some("gpt-4o"))
     );
     assert_eq!(res.headers()[&header], "a");
-    assert_eq!(*chain.served(&res), *served);
 }
 
 #[tokio::test]
