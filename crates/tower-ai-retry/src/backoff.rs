@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use tower_ai_core::duration::secs_f64;
+
 /// How a computed backoff is randomised, so that clients that failed together do not
 /// retry together.
 ///
@@ -86,12 +88,9 @@ impl Backoff {
     /// The un-jittered wait before retry number `retry` (0-based), capped.
     pub fn ceiling(&self, retry: u32) -> Duration {
         let f = self.multiplier.powi(retry.min(1_000) as i32);
-        let secs = self.base.as_secs_f64() * f;
-        if !secs.is_finite() || secs >= self.cap.as_secs_f64() {
-            self.cap
-        } else {
-            Duration::from_secs_f64(secs).min(self.cap)
-        }
+        // Infinite or huge saturates (then capped); NaN (unreachable: the builder checks
+        // the multiplier) gives the cap.
+        secs_f64(self.base.as_secs_f64() * f).map_or(self.cap, |d| d.min(self.cap))
     }
 
     /// The wait before retry number `retry` (0-based), drawing from `rng`; `previous` is
@@ -119,13 +118,10 @@ impl Backoff {
     }
 }
 
+/// `d * f`, saturating; zero for a NaN or negative product (unreachable: the builder
+/// checks the multiplier). Callers clamp the result to `[base, cap]`.
 fn mul(d: Duration, f: f64) -> Duration {
-    let s = d.as_secs_f64() * f;
-    if s.is_finite() && s < 1e9 {
-        Duration::from_secs_f64(s.max(0.0))
-    } else {
-        Duration::from_secs(1_000_000_000)
-    }
+    secs_f64(d.as_secs_f64() * f).unwrap_or_default()
 }
 
 /// Uniform in `[lo, hi]` at nanosecond resolution.
