@@ -405,8 +405,11 @@ async fn loopback_stall_after_tokens_ends_with_stalled_within_the_idle_deadline(
         }
         other => panic!("expected an idle stall, got {other:?} ({err})"),
     }
+    // Real clock: a loaded machine may be late by a good part of a second, but never
+    // early; the simulator's stall lasts 5 s, so a stall seen within idle + 1 s is the
+    // idle deadline's and not the stream's next event (or another bound).
     assert!(
-        quiet >= idle - Duration::from_millis(5) && quiet <= idle + Duration::from_millis(250),
+        quiet >= idle - Duration::from_millis(5) && quiet <= idle + Duration::from_secs(1),
         "stall reported {quiet:?} after the last byte; idle deadline {idle:?}"
     );
     assert_eq!(
