@@ -353,17 +353,8 @@ fn decide<B, ResB>(
     let attempt = ctx.attempts;
     match result {
         Ok(res) => {
-            // The happy path: a non-error status that `Classify` did not mark as a failure.
-            let status = res.status();
-            if !(status.is_client_error() || status.is_server_error())
-                && res
-                    .extensions()
-                    .get::<Classification>()
-                    .is_none_or(Classification::is_success)
-            {
-                tracing::debug!(parent: span, attempt, http.response.status_code = status.as_u16(), "ai_retry attempt succeeded");
-                return Step::Done(Ok(res));
-            }
+            // The happy path: `Classification::of` borrows Classify's verdict, or makes a
+            // success without reading a header or allocating.
             let c = Classification::of(&res);
             if c.is_success() {
                 tracing::debug!(parent: span, attempt, http.response.status_code = res.status().as_u16(), "ai_retry attempt succeeded");
