@@ -189,6 +189,15 @@ async fn rate_limited_provider_scenario() {
         naive.upstream > 1_000,
         "the naive loop should hammer the limit: {naive:?}"
     );
+    let alone = &rows[2];
+    assert!(
+        alone.upstream < naive.upstream,
+        "AiRetry alone should send fewer upstream calls than the naive loop: {alone:?} vs {naive:?}"
+    );
+    assert!(
+        alone.successes >= bare.successes,
+        "AiRetry alone should serve at least as many as bare: {alone:?} vs {bare:?}"
+    );
     let best = &rows[3];
     assert!(best.successes >= 355, "{best:?}");
     assert!(best.pct_429() <= 2.0, "{best:?}");
