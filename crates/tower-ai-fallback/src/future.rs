@@ -28,10 +28,12 @@ pin_project! {
         // The first call on the wrapped service, made in `call` on the service that
         // `poll_ready` made ready: no box, no extra readiness round.
         Called { #[pin] fut: F },
-        // A later call on the wrapped service (another model): readiness first.
-        Again { #[pin] fut: O },
+        // A later call on the wrapped service (another model): readiness first. Boxed,
+        // like the next one: only a fallback pays for it, and the future stays as small
+        // as the first route's (it is moved by every layer around it).
+        Again { fut: Pin<Box<O>> },
         // A call on a cross-provider route's service.
-        Other { #[pin] fut: X },
+        Other { fut: Pin<Box<X>> },
         // Decided without a call (a degraded answer, or every route skipped).
         Ready { res: Option<R> },
         Done,
@@ -43,8 +45,8 @@ pin_project! {
     /// a time, moving down the chain on failures that call for it.
     ///
     /// While the first route is being called it holds that route's future inline (no
-    /// box); later routes on the wrapped service go through [`Oneshot`], cross-provider
-    /// routes through their boxed service.
+    /// box); later routes on the wrapped service go through a boxed [`Oneshot`],
+    /// cross-provider routes through their boxed service.
     pub struct ResponseFuture<S, ReqB, ResB>
     where
         S: Service<Request<ReqB>>,
@@ -118,17 +120,17 @@ struct Ctx<S, ReqB, ResB> {
     /// clone for later calls.
     svc: S,
     svc_ready: bool,
-    /// The caller's request, kept whole for later routes (never sent, never mutated).
-    /// `None` for a single-route chain or a body that cannot be replayed: no fallback.
+    /// A copy of the caller's request, kept whole for later routes (never sent, never
+    /// mutated). `None` for a single-route chain or a body that cannot be replayed: no
+    /// fallback. (The caller's request itself only lives through `start`: the first
+    /// route sends it.)
     original: Option<Request<ReqB>>,
-    /// The caller's request itself, until it is sent or cloned (first attempt only).
-    pending: Option<Request<ReqB>>,
     budget: Budget,
     /// The route being tried.
     index: usize,
     failures: Vec<RouteFailure>,
-    /// The last route's result, kept only with `return_last`.
-    last: Option<Res<ResB>>,
+    /// The last route's result, kept only with `return_last` (boxed: rare, and large).
+    last: Option<Box<Res<ResB>>>,
     /// The model the current route sent (not read on the first route's happy path).
     sent_model: Option<Arc<str>>,
 }
@@ -182,14 +184,13 @@ where
             svc,
             svc_ready: true,
             original,
-            pending: Some(req),
             budget,
             index: 0,
             failures: Vec::new(),
             last: None,
             sent_model: None,
         };
-        let state = match ctx.run_from(Some(0), Action::Next, 0) {
+        let state = match ctx.run_from(Some(0), Action::Next, 0, Some(req)) {
             Step::Run(state) => state,
             Step::Ready(res) => State::Ready { res: Some(res) },
         };
@@ -206,17 +207,19 @@ where
     fn provider(&self) -> Provider {
         self.original
             .as_ref()
-            .or(self.pending.as_ref())
             .map_or(Provider::Generic, Provider::of)
     }
 
     /// Tries `candidate`, then (when it is skipped or cannot be sent) the next route that
-    /// `action` allows, until one is running or answered.
+    /// `action` allows, until one is running or answered. `first` is the caller's request
+    /// itself (from `start`): sent as it is by the first route that goes; later calls
+    /// send copies of `original`.
     fn run_from(
         &mut self,
         mut candidate: Option<usize>,
         action: Action,
         window: u64,
+        mut first: Option<Request<ReqB>>,
     ) -> StepOf<S, ReqB, ResB> {
         let chain = self.chain.clone();
         loop {
@@ -226,14 +229,14 @@ where
             self.index = j;
             let route = &chain.routes[j];
             if let Target::Degraded(make) = &route.target {
-                let Some(req) = self.original.as_ref().or(self.pending.as_ref()) else {
+                let Some(req) = self.original.as_ref().or(first.as_ref()) else {
                     return self.exhausted();
                 };
                 tracing::debug!(route = &*route.name, "serving a degraded answer");
                 let res = make(req);
                 return Step::Ready(Ok(self.mark(res, j)));
             }
-            let mut req = match self.pending.take() {
+            let mut req = match first.take() {
                 Some(req) => req,
                 None => match self.original.as_ref().and_then(try_clone_request) {
                     Some(req) => req,
@@ -271,7 +274,7 @@ where
                 if self.original.is_none() {
                     // The only copy of a body that cannot be replayed: keep it for the
                     // next route.
-                    self.pending = Some(req);
+                    first = Some(req);
                 }
                 candidate = next_route(&chain.routes, j, action, window);
                 continue;
@@ -279,7 +282,7 @@ where
             if !self.take_attempt(j) {
                 tracing::debug!(route = &*route.name, "attempt budget spent");
                 if self.original.is_none() {
-                    self.pending = Some(req);
+                    first = Some(req);
                 }
                 candidate = degraded_after(&chain.routes, j);
                 continue;
@@ -299,7 +302,7 @@ where
                     }
                 }
                 Target::Inner => State::Again {
-                    fut: Oneshot::new(self.svc.clone(), req),
+                    fut: Box::pin(Oneshot::new(self.svc.clone(), req)),
                 },
                 Target::Service { svc, .. } => {
                     if self.svc_ready {
@@ -308,7 +311,7 @@ where
                         self.svc_ready = false;
                     }
                     State::Other {
-                        fut: Oneshot::new(svc.clone(), req),
+                        fut: Box::pin(Oneshot::new(svc.clone(), req)),
                     }
                 }
                 Target::Degraded(_) => unreachable!("handled above"),
@@ -390,14 +393,14 @@ where
             message: failure.message,
         });
         if chain.return_last {
-            self.last = Some(result);
+            self.last = Some(Box::new(result));
         }
-        self.run_from(next, failure.action, window)
+        self.run_from(next, failure.action, window, None)
     }
 
     fn exhausted(&mut self) -> StepOf<S, ReqB, ResB> {
         if let Some(last) = self.last.take() {
-            return Step::Ready(last);
+            return Step::Ready(*last);
         }
         let failures = std::mem::take(&mut self.failures);
         Step::Ready(Err(Box::new(AiError::AllRoutesFailed { failures })))
@@ -472,8 +475,8 @@ where
         loop {
             let result = match this.state.as_mut().project() {
                 StateProj::Called { fut } => ready!(fut.poll(cx)).map_err(Into::into),
-                StateProj::Again { fut } => ready!(fut.poll(cx)).map_err(Into::into),
-                StateProj::Other { fut } => ready!(fut.poll(cx)),
+                StateProj::Again { fut } => ready!(fut.as_mut().poll(cx)).map_err(Into::into),
+                StateProj::Other { fut } => ready!(fut.as_mut().poll(cx)),
                 StateProj::Ready { res } => {
                     this.ctx.finish();
                     let res = res.take();
