@@ -15,7 +15,7 @@ use std::sync::{Arc, Barrier};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use failsafe::futures::CircuitBreaker as _;
 use http::{Request, Response};
 use tower::{Layer, Service};
@@ -237,5 +237,107 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
+/// The per-call cost of every service measured in alternation, on one thread and on two
+/// at once (rounds of `CALLS` calls; minimum and median of `ROUNDS` rounds), so that the
+/// load of a shared machine hits them all alike; then the issue's ratios.
+fn interleaved() {
+    const CALLS: u64 = 20_000;
+    const ROUNDS: usize = 25;
+    fn per_call_1<S: Service<Request<&'static str>>>(svc: &mut S) -> f64 {
+        let mut cx = Context::from_waker(Waker::noop());
+        let t = Instant::now();
+        for _ in 0..CALLS {
+            one(svc, &mut cx);
+        }
+        t.elapsed().as_nanos() as f64 / CALLS as f64
+    }
+    fn per_call_2<S>(svc: &S) -> f64
+    where
+        S: Service<Request<&'static str>> + Clone + Send,
+    {
+        two_threads(svc, CALLS).as_nanos() as f64 / CALLS as f64
+    }
+    macro_rules! services {
+        () => {
+            (
+                Bare,
+                CircuitBreakerLayer::new().layer(Bare),
+                CircuitBreakerLayer::builder()
+                    .key_fn(Global)
+                    .build()
+                    .unwrap()
+                    .layer(Bare),
+                tower_resilience_layer().layer(Bare),
+                failsafe_layer(Bare),
+            )
+        };
+    }
+    const NAMES: [&str; 5] = [
+        "bare",
+        "tower_ai",
+        "global_key",
+        "tower_resilience",
+        "failsafe",
+    ];
+    let (mut a, mut b, mut c, mut d, mut e) = services!();
+    let (a2, b2, c2, d2, e2) = services!();
+    let mut one_task: [Vec<f64>; 5] = Default::default();
+    let mut two_tasks: [Vec<f64>; 5] = Default::default();
+    for _ in 0..ROUNDS {
+        one_task[0].push(per_call_1(&mut a));
+        one_task[1].push(per_call_1(&mut b));
+        one_task[2].push(per_call_1(&mut c));
+        one_task[3].push(per_call_1(&mut d));
+        one_task[4].push(per_call_1(&mut e));
+        two_tasks[0].push(per_call_2(&a2));
+        two_tasks[1].push(per_call_2(&b2));
+        two_tasks[2].push(per_call_2(&c2));
+        two_tasks[3].push(per_call_2(&d2));
+        two_tasks[4].push(per_call_2(&e2));
+    }
+    let stat = |v: &[f64], median: bool| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        if median {
+            v[v.len() / 2]
+        } else {
+            v[0]
+        }
+    };
+    for (label, median) in [("min", false), ("median", true)] {
+        let one = one_task.each_ref().map(|v| stat(v, median));
+        let two = two_tasks.each_ref().map(|v| stat(v, median));
+        for (tasks, t) in [("1_task", &one), ("2_tasks", &two)] {
+            let figures: Vec<String> = NAMES
+                .iter()
+                .zip(t.iter())
+                .map(|(n, ns)| format!("{n} {ns:.1}"))
+                .collect();
+            println!(
+                "interleaved closed_{tasks} ({label} of {ROUNDS} rounds, ns/call): {}; \
+                 tower_ai / tower_resilience {:.3}, tower_ai / failsafe {:.3}",
+                figures.join(", "),
+                t[1] / t[3],
+                t[1] / t[4],
+            );
+        }
+        println!(
+            "interleaved ({label}): tower_ai 2 tasks / 1 task {:.2}, global key {:.2}",
+            two[1] / one[1],
+            two[2] / one[2],
+        );
+    }
+}
+
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    // Only for a real measurement: not under `cargo test` (no `--bench`), a profile or a list.
+    let args: Vec<String> = std::env::args().collect();
+    let has = |flag: &str| args.iter().any(|a| a == flag);
+    if has("--bench") && !has("--profile-time") && !has("--list") {
+        interleaved();
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
