@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use http::Request;
 
 use crate::body::ReplayBody;
-use crate::meta::model_of;
+use crate::meta::{model_of, RequestMeta};
 
 /// A per-key state key: a hash, seeded per process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -21,6 +21,7 @@ pub struct Key(u64);
 /// The per-process seeded hasher. foldhash's quality variant: several times faster than
 /// std's SipHash on short keys (a key is derived on every call of every per-key layer),
 /// and still seeded at random per process, so keys cannot be predicted from outside.
+#[inline]
 fn seed() -> &'static foldhash::quality::RandomState {
     static SEED: OnceLock<foldhash::quality::RandomState> = OnceLock::new();
     SEED.get_or_init(Default::default)
@@ -28,6 +29,7 @@ fn seed() -> &'static foldhash::quality::RandomState {
 
 impl Key {
     /// The key of any hashable value.
+    #[inline]
     pub fn of<T: Hash + ?Sized>(value: &T) -> Key {
         Key(seed().hash_one(value))
     }
@@ -109,14 +111,25 @@ pub fn host_of<B>(req: &Request<B>) -> &str {
 }
 
 /// Key = provider host + model: one sick model does not hold back the others.
-/// Reads the model with [`model_of`](crate::meta::model_of) (no allocation).
+/// Reads the model as [`model_of`](crate::meta::model_of) does (no allocation), with a
+/// shortcut for the common body whose first key is a plain `"model"` string.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HostModel;
 
 impl<B: ReplayBody> KeyFn<B> for HostModel {
     fn key(&self, req: &Request<B>) -> Option<Key> {
+        // The common shape first: no `RequestMeta` (which would take precedence) and a
+        // body whose first key is a plain `"model"`. Same key as the general path below.
+        if req.extensions().get::<RequestMeta>().is_none() {
+            if let Some(model) = req.body().bytes().and_then(leading_model) {
+                return Some(host_model_key(host_of(req), model));
+            }
+        }
         let model = model_of(req);
-        Some(Key::of(&(host_of(req), model.as_deref().unwrap_or(""))))
+        Some(host_model_key(
+            host_of(req),
+            model.as_deref().unwrap_or("").as_bytes(),
+        ))
     }
     fn label(&self, req: &Request<B>) -> String {
         match model_of(req) {
@@ -124,6 +137,71 @@ impl<B: ReplayBody> KeyFn<B> for HostModel {
             None => host_of(req).to_owned(),
         }
     }
+}
+
+/// The key of a host and a model. Hashed as bytes, so that [`leading_model`] needs no
+/// UTF-8 check (it checks for ASCII as it scans).
+#[inline]
+fn host_model_key(host: &str, model: &[u8]) -> Key {
+    Key::of(&(host.as_bytes(), model))
+}
+
+/// The value of `"model"` when it is the first key of the JSON object and a plain ASCII
+/// string (no escape): what [`model_of`] finds for such a body, read without its general
+/// scan. `None` for any other shape, which the general scan then reads.
+#[inline]
+fn leading_model(json: &[u8]) -> Option<&[u8]> {
+    #[inline]
+    fn ws(b: &[u8], mut i: usize) -> usize {
+        while matches!(b.get(i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            i += 1;
+        }
+        i
+    }
+    #[inline]
+    fn eat(b: &[u8], i: usize, token: &[u8]) -> Option<usize> {
+        let i = ws(b, i);
+        (b.get(i..i + token.len())? == token).then_some(i + token.len())
+    }
+    const COMPACT: &[u8] = b"{\"model\":\"";
+    let start = if json.starts_with(COMPACT) {
+        COMPACT.len()
+    } else {
+        let i = eat(json, 0, b"{")?;
+        let i = eat(json, i, b"\"model\"")?;
+        let i = eat(json, i, b":")?;
+        eat(json, i, b"\"")?
+    };
+    let rest = json.get(start..)?;
+    let end = first_special(rest)?;
+    (rest[end] == b'"').then(|| &rest[..end])
+}
+
+/// The index of the first `"`, `\\` or non-ASCII byte, eight bytes at a time.
+#[inline]
+fn first_special(b: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // High bit of each byte that is zero; exact up to the first zero byte (a borrow can
+    // only mark bytes after it), which is all the lowest set bit needs.
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let mut chunks = b.chunks_exact(8);
+    let mut i = 0;
+    for chunk in &mut chunks {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let v = u64::from_le_bytes(word);
+        let hits =
+            zero(v ^ (ONES * u64::from(b'"'))) | zero(v ^ (ONES * u64::from(b'\\'))) | (v & HIGH);
+        if hits != 0 {
+            return Some(i + hits.trailing_zeros() as usize / 8);
+        }
+        i += 8;
+    }
+    let tail = chunks.remainder();
+    tail.iter()
+        .position(|&c| c == b'"' || c == b'\\' || !c.is_ascii())
+        .map(|j| i + j)
 }
 
 /// Key = the request's API key (`authorization`, `x-api-key`, `api-key` or
@@ -174,6 +252,7 @@ pub fn is_secret_header(name: &http::HeaderName) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Just;
 
     fn req(uri: &str, body: &'static str) -> Request<&'static str> {
         Request::post(uri).body(body).unwrap()
@@ -198,6 +277,78 @@ mod tests {
         assert_eq!(HostModel.key(&a), HostModel.key(&a2));
         assert_ne!(HostModel.key(&a), HostModel.key(&other));
         assert_eq!(HostModel.label(&a), "api.openai.com/a");
+    }
+
+    #[test]
+    fn the_leading_model_shortcut_agrees_with_the_general_scan() {
+        let bodies = [
+            r#"{"model":"gpt-4o-mini","messages":[]}"#,
+            " {\n  \"model\" : \"claude-x\",\t\"max_tokens\":1}",
+            r#"{"model":"","x":1}"#,
+            r#"{"model":"a\u0062"}"#, // escaped: the general scan unescapes
+            r#"{"model":"modèle"}"#,  // not ASCII
+            r#"{"model":"open"#,      // unterminated
+            r#"{"model":7}"#,         // not a string
+            r#"{"messages":[],"model":"b"}"#, // not first
+            r#"{"modelx":"c","model":"d"}"#,
+            r#"["model","e"]"#,
+            "",
+        ];
+        for body in bodies {
+            if let Some(m) = leading_model(body.as_bytes()) {
+                assert_eq!(
+                    crate::meta::top_level_string(body.as_bytes(), b"model").as_deref(),
+                    std::str::from_utf8(m).ok(),
+                    "{body}"
+                );
+            }
+            let uri = "https://api.openai.com/v1/chat/completions";
+            let r = req(uri, body);
+            let general = model_of(&r);
+            let expected = host_model_key(
+                "api.openai.com",
+                general.as_deref().unwrap_or("").as_bytes(),
+            );
+            assert_eq!(HostModel.key(&req(uri, body)), Some(expected), "{body}");
+        }
+        assert_eq!(
+            leading_model(bodies[0].as_bytes()),
+            Some(&b"gpt-4o-mini"[..])
+        );
+        assert_eq!(leading_model(bodies[1].as_bytes()), Some(&b"claude-x"[..]));
+        assert_eq!(leading_model(bodies[3].as_bytes()), None);
+        assert_eq!(leading_model(bodies[7].as_bytes()), None);
+        // A `RequestMeta` takes precedence over the body, as in `model_of`.
+        let mut r = req("https://api.openai.com/v1/chat/completions", bodies[0]);
+        let other = req("https://api.openai.com/v1/x", r#"{"model":"z"}"#);
+        let meta = RequestMeta::of(&other).into_owned();
+        r.extensions_mut().insert(meta);
+        assert_eq!(
+            HostModel.key(&r),
+            Some(host_model_key("api.openai.com", b"z"))
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_word_scan_finds_the_first_special_byte(b in proptest::collection::vec(
+            proptest::prop_oneof![Just(b'"'), Just(b'\\'), Just(0x80u8), Just(0xffu8), Just(0u8), Just(1u8), Just(0x21u8), Just(0x23u8), Just(0x5bu8), Just(0x5du8), 0x20u8..0x7f],
+            0..40,
+        )) {
+            let want = b.iter().position(|&c| c == b'"' || c == b'\\' || !c.is_ascii());
+            proptest::prop_assert_eq!(first_special(&b), want);
+        }
+
+
+        #[test]
+        fn the_leading_model_shortcut_agrees_on_any_body(
+            body in r#"[ \n]?\{[ ]?("model"|"m"|"modelx")[ ]?:[ ]?("[a-z0-9\\"é.-]{0,8}"?|7|\[\])[,}]?.{0,6}"#
+        ) {
+            if let Some(m) = leading_model(body.as_bytes()) {
+                let general = crate::meta::top_level_string(body.as_bytes(), b"model");
+                proptest::prop_assert_eq!(general.as_deref(), std::str::from_utf8(m).ok());
+            }
+        }
     }
 
     #[test]
