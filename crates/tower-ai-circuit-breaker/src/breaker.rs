@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower_ai_core::keys::Key;
 
+use crate::clock;
 use crate::config::{CircuitBreakerConfig, Window};
 use crate::event::{CircuitEvent, CircuitState, Emitter, TransitionReason};
 use crate::window::{stripe_count, Bad, Calls, Stats};
@@ -35,6 +36,13 @@ fn code_state(w: u64) -> CircuitState {
         FORCED_OPEN => CircuitState::ForcedOpen,
         _ => CircuitState::ForcedClosed,
     }
+}
+
+/// Whether a call admitted under state word `w` is a half-open probe (holds a permit):
+/// only the half-open state admits probes, and it admits nothing else.
+#[inline]
+pub(crate) fn is_probe(w: u64) -> bool {
+    w & 7 == HALF_OPEN
 }
 
 /// What [`Core::admit`] decided.
@@ -125,6 +133,10 @@ pub(crate) struct Core {
     epoch: Instant,
     emitter: Emitter,
     bucket_nanos: u64,
+    /// `cfg.slow.is_some()`, kept here for the hot path (no second pointer to follow).
+    times_calls: bool,
+    /// `cfg.consecutive_failures.is_some()`, likewise.
+    counts_consecutive: bool,
     state: AtomicU64,
     open_until: AtomicU64,
     armed: AtomicBool,
@@ -160,6 +172,8 @@ impl Core {
             epoch,
             emitter,
             bucket_nanos,
+            times_calls: cfg.slow.is_some(),
+            counts_consecutive: cfg.consecutive_failures.is_some(),
             state: AtomicU64::new(CLOSED),
             open_until: AtomicU64::new(0),
             armed: AtomicBool::new(false),
@@ -188,8 +202,9 @@ impl Core {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// `t` as nanoseconds since the breaker's epoch (0 before it).
     #[inline]
-    fn nanos(&self, t: Instant) -> u64 {
+    pub(crate) fn nanos(&self, t: Instant) -> u64 {
         u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
@@ -251,7 +266,7 @@ impl Core {
     /// Whether slow-call detection needs the call's start time.
     #[inline]
     pub(crate) fn times_calls(&self) -> bool {
-        self.cfg.slow.is_some()
+        self.times_calls
     }
 
     /// Whether the call took longer than the slow-call threshold.
@@ -339,10 +354,42 @@ impl Core {
         decision
     }
 
+    /// Records a plain success (not a probe, not timed) of a call admitted with `word`,
+    /// from thread stripe `stripe`: in a closed count window, one atomic add to the
+    /// stripe's counter and a few loads of lines no call writes. The same as
+    /// [`record`](Self::record) with `Verdict::Success`.
+    #[inline]
+    pub(crate) fn record_success(&self, stripe: usize, word: u64) {
+        let Calls::Count(stripes) = &self.calls else {
+            return self.record(stripe, word, false, Verdict::Success, false, None);
+        };
+        self.mark_used();
+        if self.state.load(Ordering::Acquire) != word {
+            return; // admitted under an earlier state: says nothing about this one
+        }
+        if self.counts_consecutive && self.consecutive.load(Ordering::Relaxed) != 0 {
+            self.consecutive.store(0, Ordering::Relaxed);
+        }
+        stripes[stripe].calls.fetch_add(1, Ordering::Relaxed);
+        if self.armed.load(Ordering::Relaxed) {
+            self.record_armed_success(stripe, word);
+        }
+    }
+
+    /// A success counted while the window holds bad calls but too few calls to judge: it
+    /// may be the call that reaches the minimum.
+    #[cold]
+    #[inline(never)]
+    fn record_armed_success(&self, stripe: usize, word: u64) {
+        let now = clock::now();
+        self.touch(now);
+        self.record_locked(stripe, word, 0, false, false, true, now);
+    }
+
     /// Records a completed call admitted with `word`, from thread stripe `stripe`; `now`
     /// is `Some` when the caller read the clock already. A closed-state success in a
     /// count window reads no clock.
-    #[inline]
+    #[inline(never)]
     pub(crate) fn record(
         &self,
         stripe: usize,
@@ -353,7 +400,7 @@ impl Core {
         now: Option<Instant>,
     ) {
         if probe {
-            let now = now.unwrap_or_else(Instant::now);
+            let now = now.unwrap_or_else(clock::now);
             self.touch(now);
             return self.record_probe(word, verdict, slow, now);
         }
@@ -368,7 +415,7 @@ impl Core {
         };
         let mut now = now;
         let tick = if self.success_needs_clock() {
-            self.tick(self.nanos(*now.get_or_insert_with(Instant::now)))
+            self.tick(self.nanos(*now.get_or_insert_with(clock::now)))
         } else {
             0
         };
@@ -384,7 +431,7 @@ impl Core {
                 return; // the common case: a success cannot raise a rate
             }
         }
-        let now = now.unwrap_or_else(Instant::now);
+        let now = now.unwrap_or_else(clock::now);
         self.touch(now);
         self.record_locked(stripe, word, tick, failure, slow, added, now);
     }

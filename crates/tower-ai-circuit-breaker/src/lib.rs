@@ -88,11 +88,12 @@
 //! # Cost
 //!
 //! In the closed state a call costs a key derivation ([`HostModel`](tower_ai_core::keys::HostModel)
-//! scans the body for `"model"` and hashes host + model, without allocating), a lookup in
-//! a per-thread cache, an `Arc` clone on a cache line only the calling thread writes, one
-//! atomic load, and on completion one atomic add to a per-thread counter. Clock reads: none
-//! for a success in a count window, one in a time window (its bucket), two with slow-call
-//! detection (it must time the call). No allocation, no lock, no boxed future. Bad
+//! scans the body for `"model"` and hashes host + model, without allocating), a check that
+//! the key is the one the service called last (else a lookup in a per-thread cache), an
+//! `Arc` clone on a cache line only the calling thread writes, one atomic load, and on
+//! completion one atomic add to a per-thread counter. Clock reads: none for a success in a
+//! count window, one in a time window (its bucket), two with slow-call detection (it must
+//! time the call); a unit test counts them. No allocation, no lock, no boxed future. Bad
 //! outcomes, other states, new keys and events take a `std::sync::Mutex` held for a few
 //! instructions, never across an `.await`, and never while a listener runs. See
 //! `benches/overhead.rs`.
@@ -119,6 +120,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod breaker;
+mod clock;
 mod config;
 mod event;
 pub mod future;

@@ -4,9 +4,11 @@
 //! Each key's breaker ([`Core`]) is reached through one [`Lane`] per thread stripe: a
 //! small `Arc` whose reference count lives on its own cache line. A call clones the lane
 //! of its thread's stripe (a write only that thread makes), so two tasks on two cores do
-//! not bounce a reference count between them. Lanes are found through a small per-thread
-//! cache (16 direct-mapped slots keyed by layer and key); a miss takes the shard's
-//! `RwLock` for reading, and only a new key takes it for writing.
+//! not bounce a reference count between them. Each service keeps the lane of the last key
+//! it called (reused while its breaker is not evicted and the thread's stripe is the
+//! lane's); otherwise lanes are found through a small per-thread cache (16 direct-mapped
+//! slots keyed by layer and key); a miss takes the shard's `RwLock` for reading, and only
+//! a new key takes it for writing.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +18,7 @@ use tokio::time::Instant;
 use tower_ai_core::keys::{Key, KeyMap};
 
 use crate::breaker::Core;
+use crate::clock;
 use crate::config::CircuitBreakerConfig;
 use crate::event::Emitter;
 use crate::window::{stripe_count, thread_stripe};
@@ -26,6 +29,17 @@ use crate::window::{stripe_count, thread_stripe};
 pub(crate) struct Lane {
     pub(crate) core: Arc<Core>,
     pub(crate) stripe: usize,
+}
+
+impl Lane {
+    /// Whether a lane kept from an earlier call is still the one to use: its breaker was
+    /// not evicted (a new call would count into a breaker nobody reads), and it is the
+    /// calling thread's stripe (a service moved to another thread must not write the
+    /// first thread's cache lines).
+    #[inline]
+    pub(crate) fn is_current(&self) -> bool {
+        !self.core.evicted.load(Ordering::Relaxed) && self.stripe == thread_stripe()
+    }
 }
 
 #[derive(Debug)]
@@ -73,7 +87,7 @@ impl Registry {
             uid: UID.fetch_add(1, Ordering::Relaxed),
             cfg: Arc::new(cfg),
             emitter,
-            epoch: Instant::now(),
+            epoch: clock::now(),
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             per_shard,
         }
@@ -134,7 +148,7 @@ impl Registry {
     }
 
     fn insert(&self, key: Key, stripe: usize, label: impl FnOnce() -> String) -> Option<Arc<Lane>> {
-        let now = Instant::now();
+        let now = clock::now();
         let mut map = self.shard(key).write().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = map.get(&key) {
             return Some(e.lanes[stripe].clone());

@@ -5,13 +5,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use tower_ai_core::keys::{HostModel, KeyFn};
+use tower_ai_core::keys::{HostModel, Key, KeyFn};
 use tower_ai_core::{AiError, BoxError};
 use tower_service::Service;
 
 use crate::breaker::Admit;
+use crate::clock;
 use crate::future::{ResponseFuture, Ticket};
-use crate::registry::Registry;
+use crate::registry::{Lane, Registry};
 
 /// Fails fast on a key whose provider is sick; see the [crate docs](crate).
 ///
@@ -22,6 +23,9 @@ pub struct CircuitBreaker<S, K = HostModel> {
     inner: S,
     registry: Arc<Registry>,
     key_fn: Arc<K>,
+    /// The lane of the last key this service called, if still good: most services call
+    /// one key again and again, and then skip the per-thread cache. A clone starts empty.
+    last: Option<(Key, Arc<Lane>)>,
 }
 
 impl<S, K> CircuitBreaker<S, K> {
@@ -30,6 +34,7 @@ impl<S, K> CircuitBreaker<S, K> {
             inner,
             registry,
             key_fn,
+            last: None,
         }
     }
 
@@ -55,6 +60,8 @@ impl<S: Clone, K> Clone for CircuitBreaker<S, K> {
             inner: self.inner.clone(),
             registry: self.registry.clone(),
             key_fn: self.key_fn.clone(),
+            // A clone may run on another thread, whose lanes differ.
+            last: None,
         }
     }
 }
@@ -78,27 +85,218 @@ where
     type Error = BoxError;
     type Future = ResponseFuture<S::Future>;
 
+    #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let Some(key) = self.key_fn.key(&req) else {
-            return ResponseFuture::called(self.inner.call(req), None);
-        };
-        let Some(lane) = self.registry.lane(key, || self.key_fn.label(&req)) else {
-            return ResponseFuture::called(self.inner.call(req), None);
-        };
-        match lane.core.admit(tokio::time::Instant::now) {
-            Admit::Pass { word, probe } => {
-                let ticket = Ticket::new(lane, word, probe);
-                ResponseFuture::called(self.inner.call(req), Some(ticket))
-            }
-            Admit::Untracked => ResponseFuture::called(self.inner.call(req), None),
-            Admit::Reject { until } => ResponseFuture::rejected(AiError::CircuitOpen {
-                key: lane.core.label.to_string(),
-                until,
-            }),
+        // One call site of the inner service, so the request is moved once.
+        match self.admit(&req) {
+            Ok(ticket) => ResponseFuture::called(self.inner.call(req), ticket),
+            Err(refused) => ResponseFuture::rejected(refused),
         }
+    }
+}
+
+impl<S, K> CircuitBreaker<S, K> {
+    /// Decides `req`'s fate: a ticket to record its outcome with (`None`: untracked), or
+    /// the refusal.
+    #[inline]
+    fn admit<B>(&mut self, req: &Request<B>) -> Result<Option<Ticket>, BoxError>
+    where
+        K: KeyFn<B>,
+    {
+        let Some(key) = self.key_fn.key(req) else {
+            return Ok(None);
+        };
+        let lane = match &self.last {
+            Some((k, lane)) if *k == key && lane.is_current() => lane.clone(),
+            _ => {
+                let Some(lane) = self.registry.lane(key, || self.key_fn.label(req)) else {
+                    return Ok(None);
+                };
+                self.last = Some((key, lane.clone()));
+                lane
+            }
+        };
+        match lane.core.admit(clock::now) {
+            Admit::Pass { word, probe } => Ok(Some(Ticket::new(lane, word, probe))),
+            Admit::Untracked => Ok(None),
+            Admit::Reject { until } => Err(refusal(&lane, until)),
+        }
+    }
+}
+
+/// The error of a refused call (boxed here, out of the hot path: the caller gets a
+/// `BoxError` anyway, and an `AiError` inline would make every future larger).
+#[cold]
+#[inline(never)]
+fn refusal(lane: &Lane, until: tokio::time::Instant) -> BoxError {
+    Box::new(AiError::CircuitOpen {
+        key: lane.core.label.to_string(),
+        until,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::{ready, Future, Ready};
+    use std::sync::atomic::Ordering;
+    use std::task::Waker;
+
+    use tower_layer::Layer;
+
+    use super::*;
+    use crate::window::{pin_thread_stripe, thread_stripe};
+    use crate::CircuitBreakerLayer;
+
+    /// Always ready, answers 200 at once.
+    #[derive(Clone, Copy)]
+    struct Ok200;
+
+    impl Service<Request<&'static str>> for Ok200 {
+        type Response = Response<()>;
+        type Error = BoxError;
+        type Future = Ready<Result<Response<()>, BoxError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<&'static str>) -> Self::Future {
+            ready(Ok(Response::new(())))
+        }
+    }
+
+    fn send<K: KeyFn<&'static str>>(svc: &mut CircuitBreaker<Ok200, K>, path: &'static str) {
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(svc.poll_ready(&mut cx).is_ready());
+        let req = Request::get(path).body("").unwrap();
+        let mut fut = std::pin::pin!(svc.call(req));
+        assert!(matches!(fut.as_mut().poll(&mut cx), Poll::Ready(Ok(_))));
+    }
+
+    fn by_path(r: &Request<&'static str>) -> Option<Key> {
+        Some(Key::of(r.uri().path()))
+    }
+
+    #[test]
+    fn the_cached_lane_of_a_forgotten_key_is_not_used_again() {
+        let layer = CircuitBreakerLayer::builder()
+            .key_fn(by_path)
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let mut svc = layer.layer(Ok200);
+        let key = Key::of("/a");
+        send(&mut svc, "/a");
+        send(&mut svc, "/a");
+        assert_eq!(handle.metrics(key).unwrap().calls, 2);
+        let (_, dead) = svc.last.clone().expect("the service keeps the lane of /a");
+
+        assert!(handle.forget(key));
+        assert!(dead.core.evicted.load(Ordering::Relaxed));
+        send(&mut svc, "/a");
+        // The call counted into the breaker the handle sees now, not into the dead one.
+        assert_eq!(handle.metrics(key).unwrap().calls, 1);
+        let (_, fresh) = svc.last.clone().unwrap();
+        assert!(!Arc::ptr_eq(&fresh.core, &dead.core));
+        assert_eq!(dead.core.metrics(tokio::time::Instant::now()).calls, 2);
+    }
+
+    #[test]
+    fn the_cached_lane_of_a_key_evicted_by_the_bound_is_not_used_again() {
+        // One key per shard: other keys evict /a from its shard soon enough.
+        let layer = CircuitBreakerLayer::builder()
+            .key_fn(by_path)
+            .max_keys(16)
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let mut svc = layer.layer(Ok200);
+        send(&mut svc, "/a");
+        let (_, dead) = svc.last.clone().unwrap();
+        let mut other = svc.clone();
+        let paths: Vec<&'static str> = (0..1000)
+            .map(|i| &*Box::leak(format!("/{i}").into_boxed_str()))
+            .collect();
+        for p in &paths {
+            send(&mut other, p);
+            if dead.core.evicted.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+        assert!(
+            dead.core.evicted.load(Ordering::Relaxed),
+            "/a was never evicted"
+        );
+        assert!(handle.metrics(Key::of("/a")).is_none());
+        send(&mut svc, "/a");
+        assert_eq!(handle.metrics(Key::of("/a")).unwrap().calls, 1);
+        assert_eq!(dead.core.metrics(tokio::time::Instant::now()).calls, 1);
+    }
+
+    #[test]
+    fn a_service_moved_to_another_thread_takes_that_threads_lane() {
+        let stripes = crate::window::stripe_count();
+        let layer = CircuitBreakerLayer::builder()
+            .key_fn(by_path)
+            .build()
+            .unwrap();
+        let mut svc = layer.layer(Ok200);
+        send(&mut svc, "/a");
+        let here = svc.last.clone().unwrap().1;
+        assert_eq!(here.stripe, thread_stripe());
+        let other_stripe = (here.stripe + 1) % stripes;
+        let there = std::thread::spawn(move || {
+            pin_thread_stripe(other_stripe);
+            send(&mut svc, "/a");
+            svc.last.clone().unwrap().1
+        })
+        .join()
+        .unwrap();
+        assert_eq!(there.stripe, other_stripe);
+        assert!(Arc::ptr_eq(&here.core, &there.core), "one breaker per key");
+        assert_eq!(layer.handle().metrics(Key::of("/a")).unwrap().calls, 2);
+    }
+
+    /// Clock reads per call through `svc` (after a first call that made its key).
+    fn clock_reads_per_call<K: KeyFn<&'static str>>(mut svc: CircuitBreaker<Ok200, K>) -> f64 {
+        send(&mut svc, "/a");
+        let before = crate::clock::reads();
+        for _ in 0..100 {
+            send(&mut svc, "/a");
+        }
+        (crate::clock::reads() - before) as f64 / 100.0
+    }
+
+    #[test]
+    fn a_closed_success_reads_the_clock_only_when_the_config_needs_it() {
+        use std::time::Duration;
+        type ByPath = fn(&Request<&'static str>) -> Option<Key>;
+        let layer = |b: crate::CircuitBreakerBuilder<ByPath>| b.build().unwrap().layer(Ok200);
+        let base = || CircuitBreakerLayer::builder().key_fn(by_path as ByPath);
+        // The default: a count window, no slow-call detection.
+        assert_eq!(clock_reads_per_call(layer(base())), 0.0);
+        // A time window buckets each call by the time it ends.
+        let timed = base().time_window(Duration::from_secs(60), 6);
+        assert_eq!(clock_reads_per_call(layer(timed)), 1.0);
+        // Slow-call detection times each call: its start and its end.
+        let slow = base().slow_calls(Duration::from_secs(30), 0.5);
+        assert_eq!(clock_reads_per_call(layer(slow)), 2.0);
+    }
+
+    #[test]
+    fn a_clone_starts_without_a_cached_lane() {
+        let layer = CircuitBreakerLayer::builder()
+            .key_fn(by_path)
+            .build()
+            .unwrap();
+        let mut svc = layer.layer(Ok200);
+        send(&mut svc, "/a");
+        assert!(svc.last.is_some());
+        assert!(svc.clone().last.is_none());
     }
 }

@@ -30,33 +30,40 @@ pub(crate) fn stripe_count() -> usize {
     })
 }
 
+thread_local! {
+    /// The calling thread's stripe, once it has one (`usize::MAX` until then).
+    static STRIPE: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
 /// The calling thread's stripe (threads take stripes round-robin on first use).
 #[inline]
 pub(crate) fn thread_stripe() -> usize {
-    use std::cell::Cell;
+    match STRIPE.try_with(std::cell::Cell::get) {
+        Ok(v) if v != usize::MAX => v,
+        _ => assign_stripe(),
+    }
+}
+
+/// Gives the calling thread stripe `s` (tests that need two threads on two stripes).
+#[cfg(test)]
+pub(crate) fn pin_thread_stripe(s: usize) {
+    assert!(s < stripe_count());
+    STRIPE.with(|c| c.set(s));
+}
+
+#[cold]
+fn assign_stripe() -> usize {
     use std::sync::atomic::AtomicUsize;
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static MINE: Cell<usize> = const { Cell::new(usize::MAX) };
-    }
-    let i = MINE
-        .try_with(|c| {
-            let v = c.get();
-            if v != usize::MAX {
-                return v;
-            }
-            let v = NEXT.fetch_add(1, Ordering::Relaxed);
-            c.set(v);
-            v
-        })
-        .unwrap_or(0);
-    i & (stripe_count() - 1)
+    let v = NEXT.fetch_add(1, Ordering::Relaxed) & (stripe_count() - 1);
+    let _ = STRIPE.try_with(|c| c.set(v));
+    v
 }
 
 #[repr(align(128))]
 #[derive(Debug, Default)]
 pub(crate) struct StripeCount {
-    calls: AtomicU64,
+    pub(crate) calls: AtomicU64,
 }
 
 #[derive(Debug, Default)]
