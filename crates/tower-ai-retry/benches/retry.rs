@@ -1,6 +1,9 @@
 //! Happy-path overhead of AiRetry against the bare service and tower's `Retry` with
 //! `TpsBudget`, on one task and on two OS threads driving their own clones through one
-//! shared layer/budget. Also prints allocations per call.
+//! shared layer/budget. Also prints allocations per call, and the per-call cost of each
+//! service measured in alternation (rounds of 20,000 calls; median and minimum of 15
+//! rounds), so that the load of a shared machine hits all of them alike: compare the
+//! ratios of that table.
 //!
 //! `cargo bench -p tower-ai-retry --bench retry -- --warm-up-time 1 --measurement-time 3`
 
@@ -11,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use http::{Request, Response};
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::retry::{Policy, RetryLayer};
@@ -131,10 +134,24 @@ fn allocations<S: Service<Request<AiBody>>>(name: &str, svc: &mut S) {
     );
 }
 
-fn bench(c: &mut Criterion) {
+/// The services of the bench: bare, AiRetry (default: budget, idempotency key, attempt
+/// header), AiRetry without the idempotency key, tower's Retry + TpsBudget, and AiRetry
+/// with neither header (what the two headers cost).
+fn services() -> (
+    Bare,
+    impl Service<Request<AiBody>> + Clone + Send + 'static,
+    impl Service<Request<AiBody>> + Clone + Send + 'static,
+    impl Service<Request<AiBody>> + Clone + Send + 'static,
+    impl Service<Request<AiBody>> + Clone + Send + 'static,
+) {
     let ai = AiRetryLayer::builder().build().unwrap();
     let ai_no_key = AiRetryLayer::builder()
         .idempotency_header(None)
+        .build()
+        .unwrap();
+    let ai_no_headers = AiRetryLayer::builder()
+        .idempotency_header(None)
+        .attempt_header(None)
         .build()
         .unwrap();
     let tower_layer = RetryLayer::new(TowerPolicy(Arc::new(TpsBudget::new(
@@ -142,11 +159,83 @@ fn bench(c: &mut Criterion) {
         10,
         0.2,
     ))));
-    let bare = Bare;
-    let ai_svc = ai.layer(Bare);
-    let ai_no_key_svc = ai_no_key.layer(Bare);
-    let tower_svc = tower_layer.layer(Bare);
+    (
+        Bare,
+        ai.layer(Bare),
+        ai_no_key.layer(Bare),
+        tower_layer.layer(Bare),
+        ai_no_headers.layer(Bare),
+    )
+}
 
+/// Nanoseconds per call of `calls` calls on one task.
+fn per_call<S: Service<Request<AiBody>>>(svc: &mut S, calls: u32) -> f64 {
+    let t = Instant::now();
+    for _ in 0..calls {
+        once(svc);
+    }
+    t.elapsed().as_nanos() as f64 / f64::from(calls)
+}
+
+/// Nanoseconds per call of each thread when two threads make `calls` calls each.
+fn per_call_2<S>(svc: &S, calls: u32) -> f64
+where
+    S: Service<Request<AiBody>> + Clone + Send + 'static,
+{
+    two_threads(svc, u64::from(calls)).as_nanos() as f64 / f64::from(calls)
+}
+
+fn interleaved() {
+    let (bare, ai, ai_no_key, tower, ai_no_headers) = services();
+    let (mut b1, mut a1, mut k1, mut t1) = (bare, ai.clone(), ai_no_key.clone(), tower.clone());
+    let mut h1 = ai_no_headers.clone();
+    const CALLS: u32 = 20_000;
+    const ROUNDS: usize = 15;
+    // bare, ai_retry, ai_retry_no_idempotency_key, tower, then the same on 2 threads
+    // (without the no-key variant), then AiRetry without either header.
+    let mut samples: [Vec<f64>; 8] = Default::default();
+    for _ in 0..ROUNDS {
+        samples[0].push(per_call(&mut b1, CALLS));
+        samples[1].push(per_call(&mut a1, CALLS));
+        samples[2].push(per_call(&mut k1, CALLS));
+        samples[3].push(per_call(&mut t1, CALLS));
+        samples[4].push(per_call_2(&bare, CALLS));
+        samples[5].push(per_call_2(&ai, CALLS));
+        samples[6].push(per_call_2(&tower, CALLS));
+        samples[7].push(per_call(&mut h1, CALLS));
+    }
+    for (stat, median) in [("median", true), ("min", false)] {
+        let [b, a, k, t, b2, a2, t2, h] = samples.clone().map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            if median {
+                v[v.len() / 2]
+            } else {
+                v[0]
+            }
+        });
+        println!(
+            "interleaved ({stat} of {ROUNDS} rounds of {CALLS} calls), ns per call:\n  \
+             1 task:    bare {b:.0}, ai_retry {a:.0}, ai_retry_no_idempotency_key {k:.0}, \
+             tower_retry_tps_budget {t:.0}\n  \
+             2 threads: bare {b2:.0}, ai_retry {a2:.0}, tower_retry_tps_budget {t2:.0}\n  \
+             overhead over bare: ai_retry {:.0}, no key {:.0}, no headers {:.0}, tower {:.0}\n  \
+             ai_retry / tower: {:.2} (1 task), {:.2} (2 threads)\n  \
+             2 threads / 1 task: bare {:.2}, ai_retry {:.2}, tower {:.2}",
+            a - b,
+            k - b,
+            h - b,
+            t - b,
+            a / t,
+            a2 / t2,
+            b2 / b,
+            a2 / a,
+            t2 / t,
+        );
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let (bare, ai_svc, ai_no_key_svc, tower_svc, ai_no_headers_svc) = services();
     allocations("bare", &mut bare.clone());
     allocations("AiRetry", &mut ai_svc.clone());
     allocations(
@@ -154,6 +243,10 @@ fn bench(c: &mut Criterion) {
         &mut ai_no_key_svc.clone(),
     );
     allocations("tower Retry + TpsBudget", &mut tower_svc.clone());
+    allocations(
+        "AiRetry without either header",
+        &mut ai_no_headers_svc.clone(),
+    );
 
     let mut g = c.benchmark_group("retry_happy_path");
     g.bench_function("bare", |b| {
@@ -185,4 +278,13 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    // `--profile-time` (under perf) and `--test` run only what criterion runs.
+    let quick = std::env::args().any(|a| a == "--profile-time" || a == "--test");
+    if !quick {
+        interleaved();
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
