@@ -24,6 +24,15 @@ const STRIPES: usize = 8;
 /// threads); only a *retry* takes a short `std::sync::Mutex` to add up the window and
 /// withdraw, so the success path never waits on a lock.
 ///
+/// An [`AiRetry`](crate::AiRetry) instance that serves many calls counts its deposits
+/// locally and adds them in batches of up to 16, each batch into the time slot of its
+/// first call (read from the clock once per batch), and at once as soon as a retry has
+/// been asked of the budget since the batch began (and when the instance is dropped).
+/// So the count seen by a retry may miss the last calls of other instances, never counts
+/// a call for longer than the window, and is exact again after one more call per
+/// instance once retries are happening. An instance's first call deposits at once (a
+/// clone made for one call never holds a deposit back).
+///
 /// During a total outage, a budget of ratio `r` bounds the upstream calls to about
 /// `(1 + r) × offered + min_per_sec × elapsed` instead of `max_attempts × offered`.
 ///
@@ -46,8 +55,15 @@ struct Inner {
     min_per_sec: u32,
     ratio: f64,
     stripes: [Stripe; STRIPES],
+    /// Withdrawals asked for so far (on the retry path only): when it moves, instances
+    /// that hold deposits back add them at their next call.
+    asked: Padded,
     withdrawn: Mutex<[(u64, u64); SLOTS]>,
 }
+
+/// A counter on a cache line of its own: read on every call, written only by retries.
+#[repr(align(128))]
+struct Padded(AtomicU64);
 
 /// One stripe of deposit slots, each packing `epoch` (high 32 bits) and a count.
 #[repr(align(128))]
@@ -127,30 +143,55 @@ impl RetryBudget {
                 stripes: std::array::from_fn(|_| {
                     Stripe(std::array::from_fn(|_| AtomicU64::new(0)))
                 }),
+                asked: Padded(AtomicU64::new(0)),
                 withdrawn: Mutex::new([(0, 0); SLOTS]),
             }),
         }
     }
 
-    fn epoch(&self, now: Instant) -> u64 {
+    /// The time slot of `now`: 1 for the budget's first slot, then one per slot.
+    pub(crate) fn epoch(&self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.inner.start);
+        // u64 nanoseconds (584 years) divide much faster than u128.
+        let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
         // +1 so that a slot never written (0) never matches a live epoch.
-        (now.saturating_duration_since(self.inner.start).as_nanos()
-            / u128::from(self.inner.slot_nanos)) as u64
-            + 1
+        nanos / self.inner.slot_nanos + 1
+    }
+
+    /// Withdrawals asked for so far (a counter, for instances that batch deposits).
+    pub(crate) fn asked(&self) -> u64 {
+        self.inner.asked.0.load(Ordering::Relaxed)
     }
 
     /// Records one call (the first attempt of a logical call). Lock-free.
     pub fn deposit(&self, now: Instant) {
-        let epoch = self.epoch(now);
-        let tag = (epoch & 0xffff_ffff) << 32;
+        self.add(self.epoch(now), 1);
+    }
+
+    /// Records `n` calls in the time slot `epoch`. A slot that has since been reused
+    /// for a later epoch means `epoch` has left the window: the calls no longer count.
+    pub(crate) fn add(&self, epoch: u64, n: u32) {
+        let e = epoch & 0xffff_ffff;
+        let tag = e << 32;
         let slot = &self.inner.stripes[stripe_index()].0[epoch as usize % SLOTS];
         let mut cur = slot.load(Ordering::Relaxed);
         loop {
-            if cur & !0xffff_ffff == tag {
-                slot.fetch_add(1, Ordering::Relaxed);
+            let held = cur >> 32;
+            if held == e {
+                slot.fetch_add(u64::from(n), Ordering::Relaxed);
                 return;
             }
-            match slot.compare_exchange_weak(cur, tag | 1, Ordering::Relaxed, Ordering::Relaxed) {
+            // Epochs compared on 32 bits with wrap-around (2^32 slots of at least
+            // 100 ms: 13 years).
+            if held != 0 && (held.wrapping_sub(e) as u32 as i32) > 0 {
+                return;
+            }
+            match slot.compare_exchange_weak(
+                cur,
+                tag | u64::from(n),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return,
                 Err(actual) => cur = actual,
             }
@@ -187,6 +228,7 @@ impl RetryBudget {
 
     /// Takes one retry from the budget if it has one. Takes a short lock (retry path only).
     pub fn try_withdraw(&self, now: Instant) -> bool {
+        self.inner.asked.0.fetch_add(1, Ordering::Relaxed);
         let epoch = self.epoch(now);
         let mut guard = self
             .inner
@@ -237,6 +279,27 @@ mod tests {
         // everything ages out after the ttl
         tokio::time::advance(Duration::from_secs(11)).await;
         assert_eq!(b.remaining(Instant::now()), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_batch_counts_in_its_own_slot_or_not_at_all() {
+        let b = RetryBudget::new(Duration::from_secs(10), 0, 1.0).unwrap();
+        let then = b.epoch(Instant::now());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        b.add(then, 4);
+        assert_eq!(b.remaining(Instant::now()), 4);
+        // Expires with its own slot, 10 s after `then`, not 10 s after it was added.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(b.remaining(Instant::now()), 0);
+        // A batch from a slot since reused by a later epoch is dropped, not counted anew.
+        b.deposit(Instant::now());
+        b.add(then, 4);
+        assert_eq!(b.remaining(Instant::now()), 1);
+        // Every withdrawal asked for moves the counter, granted or not.
+        let asked = b.asked();
+        assert!(b.try_withdraw(Instant::now()));
+        assert!(!b.try_withdraw(Instant::now()));
+        assert_eq!(b.asked(), asked + 2);
     }
 
     #[test]

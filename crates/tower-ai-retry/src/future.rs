@@ -18,6 +18,7 @@ use tower_ai_core::{
 use tower_service::Service;
 
 use crate::config::{AiRetryConfig, OnExhausted};
+use crate::key::Key;
 use crate::service::attempt_value;
 
 /// Why AiRetry stopped retrying a failure. Put into the extensions of a final failure
@@ -76,9 +77,10 @@ pin_project! {
     #[project = StateProj]
     enum State<F, O> {
         Called { #[pin] fut: F },
-        // Boxed: only a retry pays for it, and the happy path's future stays small.
+        // Boxed, both: only a retry pays for them, and the happy path's future stays
+        // small (a `Oneshot` holds a whole request).
         Waiting { sleep: Pin<Box<Sleep>> },
-        Retrying { #[pin] fut: O },
+        Retrying { fut: Pin<Box<O>> },
     }
 }
 
@@ -93,9 +95,13 @@ pin_project! {
         #[pin]
         state: State<S::Future, Oneshot<S, Request<B>>>,
         service: S,
+        // The request as the caller gave it (without the two headers), kept to send again.
         retained: Option<Request<B>>,
+        // The idempotency key this layer added to the first attempt, for the others.
+        key: Option<Key>,
         attempts: u32,
-        start: Instant,
+        // When the call began; read only when there is a deadline.
+        start: Option<Instant>,
         prev_backoff: Option<Duration>,
         rng: fastrand::Rng,
         config: Arc<AiRetryConfig>,
@@ -124,12 +130,15 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
+    // Crate-private, one caller: a struct for the arguments would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         fut: S::Future,
         service: S,
         retained: Option<Request<B>>,
+        key: Option<Key>,
         config: Arc<AiRetryConfig>,
-        start: Instant,
+        start: Option<Instant>,
         rng: fastrand::Rng,
         span: tracing::Span,
     ) -> Self {
@@ -137,6 +146,7 @@ where
             state: State::Called { fut },
             service,
             retained,
+            key,
             attempts: 1,
             start,
             prev_backoff: None,
@@ -181,7 +191,7 @@ enum Plan {
 struct Ctx<'a, B> {
     retained: &'a Option<Request<B>>,
     attempts: u32,
-    start: Instant,
+    start: Option<Instant>,
     prev_backoff: &'a mut Option<Duration>,
     rng: &'a mut fastrand::Rng,
     config: &'a AiRetryConfig,
@@ -224,8 +234,8 @@ impl<B> Ctx<'_, B> {
                 (d, Source::Backoff)
             }
         };
-        if let Some(max) = cfg.max_elapsed {
-            if now + wait >= self.start + max {
+        if let (Some(max), Some(start)) = (cfg.max_elapsed, self.start) {
+            if now + wait >= start + max {
                 return Plan::Stop(StopReason::Deadline);
             }
         }
@@ -294,7 +304,7 @@ where
         loop {
             let result = match this.state.as_mut().project() {
                 StateProj::Called { fut } => ready!(fut.poll(cx)).map_err(Into::into),
-                StateProj::Retrying { fut } => ready!(fut.poll(cx)).map_err(Into::into),
+                StateProj::Retrying { fut } => ready!(fut.as_mut().poll(cx)).map_err(Into::into),
                 StateProj::Waiting { sleep } => {
                     ready!(sleep.as_mut().poll(cx));
                     *this.attempts += 1;
@@ -312,11 +322,14 @@ where
                         // Unreachable: a retry is only planned with a retained request.
                         return Poll::Ready(Err("ai_retry: no request to send again".into()));
                     };
-                    if let Some(name) = &this.config.attempt_header {
-                        req.headers_mut()
-                            .insert(name.clone(), attempt_value(*this.attempts - 1));
+                    let headers = req.headers_mut();
+                    if let (Some(name), Some(key)) = (&this.config.idempotency_header, *this.key) {
+                        let _ = headers.try_insert(name, key.value());
                     }
-                    let fut = Oneshot::new(this.service.clone(), req);
+                    if let Some(name) = &this.config.attempt_header {
+                        let _ = headers.try_insert(name, attempt_value(*this.attempts - 1));
+                    }
+                    let fut = Box::pin(Oneshot::new(this.service.clone(), req));
                     this.state.set(State::Retrying { fut });
                     continue;
                 }

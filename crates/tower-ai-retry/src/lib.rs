@@ -97,10 +97,18 @@
 //!
 //! # Cost
 //!
-//! The future is named and unboxed. On the happy path a call allocates only the copy of
-//! the request kept for a retry (headers map; the body is a refcount) and the
-//! idempotency key's header value; the budget deposit is one atomic add in a per-thread
-//! stripe, no lock.
+//! The future is named and unboxed (a retry boxes its sleep and its next attempt). On
+//! the happy path a call allocates only the copy of the request kept for a retry (its
+//! headers map; the body and the header values are refcounts), taken before the two
+//! headers go in, so it clones two entries less; the idempotency key is a slice of a
+//! per-thread slab (no allocation of its own), the attempt number a static value.
+//!
+//! Nothing on the success path takes a lock or writes memory shared between threads: an
+//! instance's first call deposits in the [`RetryBudget`] with one atomic add in a
+//! per-thread stripe; an instance that serves many calls deposits in batches (one clock
+//! read and one atomic add per 16 calls; see [`RetryBudget`] for what a retry sees) and,
+//! from its second call, works from its own copy of the configuration (so the refcount
+//! its futures take is its own). The clock is otherwise read only for a deadline.
 //!
 //! # Differences from `tower::retry` and tower-resilience
 //!
@@ -127,6 +135,7 @@ mod backoff;
 mod budget;
 mod config;
 pub mod future;
+mod key;
 mod layer;
 mod service;
 

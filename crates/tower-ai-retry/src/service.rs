@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use http::header::Entry;
 use http::{HeaderValue, Method, Request, Response};
 use tokio::time::Instant;
 use tower_ai_core::{try_clone_request, BoxError, ReplayBody};
@@ -12,25 +13,104 @@ use tower_service::Service;
 
 use crate::config::AiRetryConfig;
 use crate::future::ResponseFuture;
+use crate::key::Key;
 use crate::layer::{AiRetryLayer, Shared};
 
 /// Sends a request again when the provider's answer says it may help, when the provider
 /// says, inside a budget. See the [crate docs](crate).
 pub struct AiRetry<S> {
     inner: S,
-    /// The layer's configuration, shared by refcount (a clone allocates nothing).
-    config: Arc<AiRetryConfig>,
+    local: Local,
     rng: fastrand::Rng,
     /// Clones made from this instance: mixed into a clone's seed, because `clone` only
     /// has `&self` and so cannot advance `rng`. Per instance, never shared.
     forks: AtomicU64,
 }
 
+/// What one instance keeps to itself: the configuration and the budget deposits it
+/// has not yet added to the shared budget.
+struct Local {
+    /// The layer's configuration, shared by refcount (a clone allocates nothing); from
+    /// this instance's second call on, its own copy (see `Local::count_call`).
+    config: Arc<AiRetryConfig>,
+    /// Calls made by this instance, counted up to 2.
+    calls: u8,
+    /// Deposits held back: `n` calls since the first of them, made in time slot `epoch`,
+    /// when the budget had been asked for `asked` withdrawals.
+    pending: u32,
+    epoch: u64,
+    asked: u64,
+}
+
+/// Deposits an instance holds back at most before adding them to the budget.
+const BATCH: u32 = 16;
+
+impl Local {
+    fn new(config: Arc<AiRetryConfig>) -> Self {
+        Local {
+            config,
+            calls: 0,
+            pending: 0,
+            epoch: 0,
+            asked: 0,
+        }
+    }
+
+    /// Counts a call; on the second, makes the configuration this instance's own.
+    fn count_call(&mut self) {
+        if self.calls < 2 {
+            self.calls += 1;
+            if self.calls == 2 {
+                // An instance that serves many calls (one per task or connection) gets
+                // its own copy of the configuration, once: the refcount each call's
+                // future takes then stays off the cache line that every other clone of
+                // the layer shares, so that tasks on other threads never contend on it.
+                // An instance made for one call (the clone a layer above takes per
+                // call) never copies.
+                self.config = Arc::new(AiRetryConfig::clone(&self.config));
+            }
+        }
+    }
+
+    /// Deposits this call in the budget: at once on the instance's first call (it may be
+    /// its only one), else in batches (see [`RetryBudget`](crate::RetryBudget)): the
+    /// clock is read once per batch, and the shared slots are written once per batch.
+    fn deposit(&mut self, now: Option<Instant>) {
+        let Some(budget) = &self.config.budget else {
+            return;
+        };
+        if self.calls < 2 {
+            budget.deposit(now.unwrap_or_else(Instant::now));
+            return;
+        }
+        let asked = budget.asked();
+        if self.pending == 0 {
+            self.epoch = budget.epoch(now.unwrap_or_else(Instant::now));
+            self.asked = asked;
+        }
+        self.pending += 1;
+        if self.pending >= BATCH || asked != self.asked {
+            budget.add(self.epoch, self.pending);
+            self.pending = 0;
+        }
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        if self.pending > 0 {
+            if let Some(budget) = &self.config.budget {
+                budget.add(self.epoch, self.pending);
+            }
+        }
+    }
+}
+
 impl<S: fmt::Debug> fmt::Debug for AiRetry<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AiRetry")
             .field("inner", &self.inner)
-            .field("config", &self.config)
+            .field("config", &self.local.config)
             .finish()
     }
 }
@@ -41,7 +121,7 @@ impl<S: Clone> Clone for AiRetry<S> {
     fn clone(&self) -> Self {
         AiRetry {
             inner: self.inner.clone(),
-            config: Arc::clone(&self.config),
+            local: Local::new(Arc::clone(&self.local.config)),
             rng: fork(&self.rng, &self.forks),
             forks: AtomicU64::new(0),
         }
@@ -49,7 +129,7 @@ impl<S: Clone> Clone for AiRetry<S> {
 }
 
 impl<S> AiRetry<S> {
-    /// Wraps `inner` with the settings (and a new budget) of `layer`.
+    /// Wraps `inner` with the settings (and the budget) of `layer`.
     pub fn new(inner: S, layer: &AiRetryLayer) -> Self {
         AiRetry::from_shared(inner, layer.shared.clone())
     }
@@ -58,7 +138,7 @@ impl<S> AiRetry<S> {
         let rng = shared.next_rng();
         AiRetry {
             inner,
-            config: Arc::clone(&shared.config),
+            local: Local::new(Arc::clone(&shared.config)),
             rng,
             forks: AtomicU64::new(0),
         }
@@ -98,18 +178,6 @@ pub(crate) fn attempt_value(n: u32) -> HeaderValue {
     }
 }
 
-fn idempotency_value(rng: &mut fastrand::Rng) -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = [0u8; 32];
-    let (a, b) = (rng.u64(..), rng.u64(..));
-    for (i, byte) in buf.iter_mut().enumerate() {
-        let word = if i < 16 { a } else { b };
-        *byte = HEX[((word >> ((i % 16) * 4)) & 0xf) as usize];
-    }
-    // Always valid: lowercase hex.
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
-}
-
 impl<S, B, ResB> Service<Request<B>> for AiRetry<S>
 where
     S: Service<Request<B>, Response = Response<ResB>> + Clone,
@@ -125,35 +193,41 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> ResponseFuture<S, B> {
-        let cfg = &*self.config;
+        self.local.count_call();
+        let cfg = &*self.local.config;
         let span = tracing::debug_span!(
             "ai_retry",
             http.request.method = %req.method(),
             attempts = tracing::field::Empty,
         );
-        if let Some(name) = &cfg.idempotency_header {
-            if req.method() != Method::GET
-                && req.method() != Method::HEAD
-                && !req.headers().contains_key(name)
-            {
-                req.headers_mut()
-                    .insert(name.clone(), idempotency_value(&mut self.rng));
-            }
-        }
-        if let Some(name) = &cfg.attempt_header {
-            req.headers_mut().insert(name.clone(), attempt_value(0));
-        }
-        // Keep a copy to send again, only if the body can be replayed and a retry is
-        // possible at all.
+        // The copy for a retry is taken first, without the two headers: it costs two
+        // entries less to clone and to drop, and a retry puts them in (the same key,
+        // the next attempt number). A map already at http's maximum size gets neither
+        // (`try_*`: no panic on a caller's request).
         let retained = if cfg.max_attempts > 1 {
             try_clone_request(&req)
         } else {
             None
         };
-        let now = Instant::now();
-        if let Some(budget) = &cfg.budget {
-            budget.deposit(now);
+        let mut key = None;
+        if let Some(name) = &cfg.idempotency_header {
+            if req.method() != Method::GET && req.method() != Method::HEAD {
+                // A key the caller set is kept (and is in the copy already).
+                if let Ok(Entry::Vacant(v)) = req.headers_mut().try_entry(name) {
+                    let k = Key::draw(&mut self.rng);
+                    if v.try_insert(k.value()).is_ok() {
+                        key = Some(k);
+                    }
+                }
+            }
         }
+        if let Some(name) = &cfg.attempt_header {
+            let _ = req.headers_mut().try_insert(name, attempt_value(0));
+        }
+        // The clock is read only for what needs it: the deadline, and the budget once
+        // per batch of deposits.
+        let start = cfg.max_elapsed.map(|_| Instant::now());
+        self.local.deposit(start);
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let fut = inner.call(req);
@@ -161,8 +235,9 @@ where
             fut,
             inner,
             retained,
-            self.config.clone(),
-            now,
+            key,
+            self.local.config.clone(),
+            start,
             fastrand::Rng::with_seed(self.rng.u64(..)),
             span,
         )
@@ -178,8 +253,42 @@ mod tests {
         let layer = AiRetryLayer::new(3);
         let parent = AiRetry::new((), &layer);
         let (mut a, mut b) = (parent.clone(), parent.clone());
-        assert!(Arc::ptr_eq(&a.config, &parent.config));
-        assert!(Arc::ptr_eq(&a.config, &layer.shared.config));
-        assert_ne!(idempotency_value(&mut a.rng), idempotency_value(&mut b.rng));
+        assert!(Arc::ptr_eq(&a.local.config, &parent.local.config));
+        assert!(Arc::ptr_eq(&a.local.config, &layer.shared.config));
+        assert_ne!(Key::draw(&mut a.rng), Key::draw(&mut b.rng));
+    }
+
+    #[test]
+    fn an_instance_copies_the_config_on_its_second_call_only() {
+        use std::future::Future;
+        use std::task::Waker;
+        let layer = AiRetryLayer::new(3);
+        let svc = tower::service_fn(|_: Request<&'static str>| async {
+            Ok::<_, BoxError>(Response::new(()))
+        });
+        let mut one = AiRetry::new(svc, &layer);
+        let mut cx = Context::from_waker(Waker::noop());
+        for call in 1..=3 {
+            let fut = std::pin::pin!(one.call(Request::new("{}")));
+            assert!(fut.poll(&mut cx).is_ready());
+            // Shared for the first call; its own from the second on, kept after that.
+            assert_eq!(
+                Arc::ptr_eq(&one.local.config, &layer.shared.config),
+                call == 1
+            );
+        }
+        let copy = Arc::clone(&one.local.config);
+        let fut = std::pin::pin!(one.call(Request::new("{}")));
+        assert!(fut.poll(&mut cx).is_ready());
+        assert!(Arc::ptr_eq(&copy, &one.local.config));
+        // The copy shares the budget: a retry taken through it shows in the layer's.
+        let (mine, theirs) = (
+            one.local.config.budget().unwrap(),
+            layer.config().budget().unwrap(),
+        );
+        let now = Instant::now();
+        let before = theirs.remaining(now);
+        assert!(mine.try_withdraw(now));
+        assert_eq!(theirs.remaining(now), before - 1);
     }
 }
