@@ -12,66 +12,61 @@ use serde_json::Value;
 use tower_ai_core::stream::{is_event_stream, StreamDialect, StreamScanner};
 use tower_ai_core::Usage;
 
-use crate::budget::Finish;
 use crate::future::Guard;
 
 /// How the body is read for its usage.
 pub(crate) enum Reader {
     /// Not read (error responses, budgets that count no tokens).
     None,
-    /// A non-streamed JSON body: copied, bounded, and parsed at its end.
-    Json {
-        buf: Vec<u8>,
-        max: usize,
-        overflow: bool,
-        usage: Option<Usage>,
-    },
-    /// A stream: every chunk fed to the dialect's scanner, nothing kept.
-    Sse(StreamScanner),
+    /// A non-streamed JSON body: read in place when it comes in one frame, else copied
+    /// (bounded) and read at its end. `overflow`: it outgrew the bound; not read.
+    Json { buf: Vec<u8>, overflow: bool },
+    /// A stream: every chunk fed to the dialect's scanner, nothing kept. Boxed: a scanner
+    /// is larger than everything else in the body, which moves with every response.
+    Sse(Box<StreamScanner>),
 }
 
 impl Reader {
-    pub(crate) fn for_response(headers: &HeaderMap, dialect: StreamDialect, max: usize) -> Self {
+    pub(crate) fn for_response(headers: &HeaderMap, dialect: StreamDialect) -> Self {
         if is_event_stream(headers) {
-            Reader::Sse(StreamScanner::new(dialect))
+            Reader::Sse(Box::new(StreamScanner::new(dialect)))
         } else {
             Reader::Json {
                 buf: Vec::new(),
-                max,
                 overflow: false,
-                usage: None,
             }
         }
     }
 
-    fn feed(&mut self, chunk: &[u8], last: bool) {
+    /// Reads a chunk (`last`: the body ends with it). Returns the usage when it is known
+    /// at once (a JSON body in one frame).
+    fn feed(&mut self, chunk: &[u8], last: bool, max: usize) -> Option<Usage> {
         match self {
-            Reader::None => {}
+            Reader::None => None,
             Reader::Sse(scanner) => {
                 scanner.feed(chunk);
+                None
             }
-            Reader::Json {
-                buf,
-                max,
-                overflow,
-                usage,
-            } => {
+            Reader::Json { buf, overflow } => {
                 if *overflow {
-                    return;
+                    return None;
                 }
                 if buf.is_empty() && last {
                     // The whole body in one frame (the common case): no copy.
-                    *usage = usage_of_json(chunk);
-                } else if buf.len().saturating_add(chunk.len()) <= *max {
+                    return usage_of_json(chunk);
+                }
+                if buf.len().saturating_add(chunk.len()) <= max {
                     buf.extend_from_slice(chunk);
                 } else {
                     *overflow = true;
                     *buf = Vec::new();
                 }
+                None
             }
         }
     }
 
+    /// The usage read by the end of the body.
     fn usage(&mut self) -> Option<Usage> {
         match self {
             Reader::None => None,
@@ -79,16 +74,12 @@ impl Reader {
                 scanner.finish();
                 scanner.usage()
             }
-            Reader::Json {
-                buf,
-                overflow,
-                usage,
-                ..
-            } => {
-                if usage.is_none() && !*overflow && !buf.is_empty() {
-                    *usage = usage_of_json(buf);
+            Reader::Json { buf, overflow } => {
+                if *overflow || buf.is_empty() {
+                    None
+                } else {
+                    usage_of_json(buf)
                 }
-                *usage
             }
         }
     }
@@ -148,12 +139,14 @@ impl<B> fmt::Debug for BudgetBody<B> {
     }
 }
 
-fn settle(guard: &mut Option<Guard>, reader: &mut Reader) {
-    if let Some(mut g) = guard.take() {
-        if let Some(u) = reader.usage() {
-            g.set(Finish::Used(u));
+/// Ends the guard: with the usage if it is known (`usage`, or what the reader read), else
+/// as dropped (the reservation kept).
+fn settle(guard: &mut Option<Guard>, reader: &mut Reader, usage: Option<Usage>) {
+    if let Some(g) = guard.take() {
+        match usage.or_else(|| reader.usage()) {
+            Some(u) => g.finish_used(u),
+            None => drop(g),
         }
-        // Dropping the guard settles the reservation and releases the permit.
     }
 }
 
@@ -177,15 +170,18 @@ where
         match &frame {
             Some(Ok(f)) => {
                 let end = this.inner.is_end_stream();
-                if let Some(data) = f.data_ref() {
-                    this.reader.feed(data.as_ref(), end);
-                }
+                let usage = match (f.data_ref(), &this.guard) {
+                    (Some(data), Some(g)) => {
+                        this.reader.feed(data.as_ref(), end, g.max_usage_body())
+                    }
+                    _ => None,
+                };
                 if end {
-                    settle(this.guard, this.reader);
+                    settle(this.guard, this.reader, usage);
                 }
             }
             // The body failed: whatever usage arrived before stands, else the reservation.
-            Some(Err(_)) | None => settle(this.guard, this.reader),
+            Some(Err(_)) | None => settle(this.guard, this.reader, None),
         }
         Poll::Ready(frame)
     }
@@ -220,7 +216,7 @@ mod tests {
         let reader = |ct: &str| {
             let mut h = HeaderMap::new();
             h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
-            Reader::for_response(&h, StreamDialect::OpenAiChat, 16)
+            Reader::for_response(&h, StreamDialect::OpenAiChat)
         };
         assert!(matches!(
             reader("Text/Event-Stream; charset=utf-8"),
@@ -233,23 +229,27 @@ mod tests {
 
     #[test]
     fn json_reader_is_bounded() {
-        let mut r = Reader::Json {
+        let json = || Reader::Json {
             buf: Vec::new(),
-            max: 16,
             overflow: false,
-            usage: None,
         };
-        r.feed(br#"{"usage":{"prompt_tokens":3,"#, false);
-        r.feed(br#""completion_tokens":4}}"#, true);
+        let mut r = json();
+        assert_eq!(r.feed(br#"{"usage":{"prompt_tokens":3,"#, false, 16), None);
+        assert_eq!(r.feed(br#""completion_tokens":4}}"#, true, 16), None);
         assert_eq!(r.usage(), None, "over the bound: not read");
-        let mut r = Reader::Json {
-            buf: Vec::new(),
-            max: 1024,
-            overflow: false,
-            usage: None,
-        };
-        r.feed(br#"{"usage":{"prompt_tokens":3,"#, false);
-        r.feed(br#""completion_tokens":4}}"#, true);
+        let mut r = json();
+        assert_eq!(
+            r.feed(br#"{"usage":{"prompt_tokens":3,"#, false, 1024),
+            None
+        );
+        assert_eq!(r.feed(br#""completion_tokens":4}}"#, true, 1024), None);
         assert_eq!(r.usage().map(|u| u.total()), Some(7));
+        let mut r = json();
+        let one = br#"{"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        assert_eq!(
+            r.feed(one, true, 16).map(|u| u.total()),
+            Some(7),
+            "one frame: read in place, whatever the bound"
+        );
     }
 }

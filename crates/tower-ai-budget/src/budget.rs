@@ -1,12 +1,37 @@
-//! The budget's state: per-key windows, in-flight counts and FIFO wait queues, behind one
-//! short-held lock.
+//! The budget's state: per-key windows, in-flight counts and FIFO wait queues.
 //!
-//! Every operation takes the lock once, for a few dozen instructions: look the key up,
-//! move its windows to now, compare, add. No lock is held across an `.await`, no waker is
-//! woken under the lock, and nothing on the admit path allocates once a key exists.
+//! Two paths admit a request:
+//!
+//! - **The fast path** (budgets that count no tokens or money): one compare-and-swap on the
+//!   key's [`KeyFast`] word, which holds the requests in flight and a small batch of
+//!   *permits* the locked path granted. No lock, no clock read, no allocation.
+//! - **The locked path** (everything else, and whenever the fast path has no permit): the
+//!   lock, for a few dozen instructions (look the key up, move its windows to now, compare,
+//!   add). It reads the clock, counts the permits the fast path used since the last grant
+//!   (*flushes* them into the window), decides, and grants a new batch if the key is far
+//!   from its limits and nobody waits.
+//!
+//! No lock is held across an `.await`, no waker is woken under the lock, and nothing on
+//! either path allocates once a key exists.
+//!
+//! # Why a batch needs no clock, and what it costs
+//!
+//! A fast admission is counted in the minute window when its batch is flushed, at a time
+//! no earlier than the admission itself, and until then it counts as used in every check.
+//! So no admission is ever missing from a check made within a minute of it: the window
+//! still never admits more than its limit in any minute, whatever the clock does (a paused
+//! `tokio` clock included). The price is that a batch is counted from its flush rather
+//! than from each of its admissions: one batch (the one that spans the start of the
+//! minute being looked at) may still be counted when an exact log would have let it go.
+//! A batch is at most [`FAST_BATCH_DIVISOR`]th of the limit (and at most
+//! [`FAST_BATCH_MAX`]), and batches are granted only up to the soft-limit line, so the
+//! window may count up to that many requests more than an exact log, never fewer; a
+//! request limit under [`FAST_BATCH_DIVISOR`] gets no batches at all.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::Waker;
 use std::time::Duration;
 
@@ -25,6 +50,156 @@ const DAY: (u64, usize) = (900, 96);
 /// its extra slot.
 const IDLE_SECS: u64 = 24 * 3600 + 900;
 
+/// A batch of fast permits is at most this fraction of the request limit...
+pub(crate) const FAST_BATCH_DIVISOR: u64 = 32;
+/// ... and at most this many requests.
+pub(crate) const FAST_BATCH_MAX: u64 = 1024;
+
+/// The [`KeyFast`] word: requests in flight in the low 32 bits, fast permits in the next
+/// 31, and a flag saying the key's queue is not empty in the top bit.
+const IN_FLIGHT_MASK: u64 = u32::MAX as u64;
+const PERMIT_ONE: u64 = 1 << 32;
+const PERMIT_MAX: u64 = (1 << 31) - 1;
+const PERMIT_MASK: u64 = PERMIT_MAX << 32;
+const WAITERS: u64 = 1 << 63;
+
+fn permits(word: u64) -> u64 {
+    (word & PERMIT_MASK) >> 32
+}
+
+fn in_flight(word: u64) -> u32 {
+    (word & IN_FLIGHT_MASK) as u32
+}
+
+/// What one key shares with the fast path: one atomic word, its own cache line.
+#[repr(align(64))]
+pub(crate) struct KeyFast {
+    word: AtomicU64,
+    key: Key,
+    budget: Weak<Budget>,
+}
+
+impl fmt::Debug for KeyFast {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let w = self.word.load(Ordering::Relaxed);
+        f.debug_struct("KeyFast")
+            .field("key", &self.key)
+            .field("in_flight", &in_flight(w))
+            .field("permits", &permits(w))
+            .field("waiters", &(w & WAITERS != 0))
+            .finish()
+    }
+}
+
+impl KeyFast {
+    /// Admits a request on the fast path: takes a permit and, with a concurrency limit
+    /// (`in_flight_max`: the most requests in flight after this one), a place in flight.
+    /// `false`: no permit, or too many in flight; take the locked path.
+    #[inline]
+    pub(crate) fn try_acquire(&self, in_flight_max: Option<u32>) -> bool {
+        let mut cur = self.word.load(Ordering::Relaxed);
+        loop {
+            if cur & PERMIT_MASK == 0 {
+                return false;
+            }
+            let mut new = cur - PERMIT_ONE;
+            if let Some(max) = in_flight_max {
+                if in_flight(cur) >= max {
+                    return false;
+                }
+                new += 1;
+            }
+            match self
+                .word
+                .compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(w) => cur = w,
+            }
+        }
+    }
+
+    /// Takes a place in flight if fewer than `max` are; otherwise marks the key as having
+    /// waiters, in the same atomic step, so a release racing with this either frees the
+    /// place seen here or sees the mark (and wakes the queue). Returns the number in
+    /// flight with this request, or `None`.
+    fn acquire_or_mark(&self, max: u32) -> Option<u32> {
+        let mut cur = self.word.load(Ordering::Relaxed);
+        loop {
+            let n = in_flight(cur);
+            let new = if n < max { cur + 1 } else { cur | WAITERS };
+            if new == cur {
+                return None;
+            }
+            match self
+                .word
+                .compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return (n < max).then_some(n + 1),
+                Err(w) => cur = w,
+            }
+        }
+    }
+
+    /// Gives back a place in flight; wakes the head of the key's queue if it has one.
+    #[inline]
+    pub(crate) fn release(&self) {
+        let prev = self.word.fetch_sub(1, Ordering::AcqRel);
+        if prev & WAITERS != 0 {
+            self.wake_queue();
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn wake_queue(&self) {
+        if let Some(budget) = self.budget.upgrade() {
+            budget.wake_head(self.key);
+        }
+    }
+
+    fn in_flight(&self) -> u32 {
+        in_flight(self.word.load(Ordering::Acquire))
+    }
+}
+
+/// A service clone's cache of the last key it used, for the fast path.
+pub(crate) type Cached = Option<(Key, Arc<KeyFast>)>;
+
+/// What the fast path may do under a budget's limits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FastConfig {
+    /// Whether requests may be admitted without the lock at all (no token or money limit).
+    pub(crate) enabled: bool,
+    /// With a concurrency limit: the most requests in flight after a fast admission (the
+    /// limit, or just under its soft-limit line, which the locked path crosses and reports).
+    pub(crate) in_flight_max: Option<u32>,
+    /// Permits per batch, with a request limit.
+    batch: u64,
+    /// The most requests the minute window may hold once a batch is spent (the limit, or
+    /// just under its soft-limit line).
+    rpm_line: u64,
+}
+
+impl FastConfig {
+    fn of(l: &Limits) -> Self {
+        let line = |max: u64| match l.soft_limit {
+            Some(f) => ((max as f64 * f).ceil() as u64).saturating_sub(1).min(max),
+            None => max,
+        };
+        FastConfig {
+            enabled: !l.counts_tokens(),
+            in_flight_max: l
+                .max_concurrent
+                .map(|m| u32::try_from(line(u64::from(m))).unwrap_or(m)),
+            batch: l
+                .requests_per_minute
+                .map_or(PERMIT_MAX, |n| (n / FAST_BATCH_DIVISOR).min(FAST_BATCH_MAX)),
+            rpm_line: l.requests_per_minute.map_or(0, line),
+        }
+    }
+}
+
 /// What one request costs the budget, computed before the call.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Cost {
@@ -36,7 +211,7 @@ pub(crate) struct Cost {
     pub(crate) price: NanoPrice,
 }
 
-/// What an admitted request holds until it finishes.
+/// What an admitted request with tokens or money reserved holds until it finishes.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Reservation {
     pub(crate) key: Key,
@@ -45,6 +220,17 @@ pub(crate) struct Reservation {
     spend: u64,
     price: NanoPrice,
     concurrency: bool,
+}
+
+/// What an admitted request holds until it finishes.
+#[derive(Debug)]
+pub(crate) enum Hold {
+    /// Nothing to give back (a request limit alone).
+    Nothing,
+    /// A place in flight, given back with one atomic step.
+    Permit(Arc<KeyFast>),
+    /// Tokens and money (and maybe a place in flight), settled under the lock.
+    Reserved(Reservation),
 }
 
 /// How a request ended, for its reservation.
@@ -70,11 +256,8 @@ pub(crate) struct Soft {
 /// The verdict on a request.
 #[derive(Debug)]
 pub(crate) enum Decision {
-    /// It fits and is counted. `None`: nothing to give back later.
-    Admitted {
-        reservation: Option<Reservation>,
-        soft: Option<Soft>,
-    },
+    /// It fits and is counted.
+    Admitted { hold: Hold, soft: Option<Soft> },
     /// It waits, with ticket `ticket`, for `limit`; it may fit at `until` (`None`: when
     /// something is released, or when it reaches the head of the queue).
     Wait {
@@ -92,8 +275,10 @@ pub(crate) enum Decision {
 /// The shared state of one layer.
 #[derive(Debug)]
 pub(crate) struct Budget {
-    pub(crate) limits: std::sync::Arc<Limits>,
+    pub(crate) limits: Arc<Limits>,
+    pub(crate) fast: FastConfig,
     epoch: Instant,
+    me: Weak<Budget>,
     keys: Mutex<Keys>,
 }
 
@@ -109,7 +294,10 @@ struct KeyState {
     tpm: Option<Window>,
     hour: Option<Window>,
     day: Option<Window>,
-    in_flight: u32,
+    /// In-flight count, fast permits and the waiters flag.
+    fast: Arc<KeyFast>,
+    /// Fast permits granted since the last flush.
+    granted: u64,
     /// Reservations not yet finished: a key holding any is never evicted.
     held: u32,
     queue: VecDeque<Ticket>,
@@ -124,7 +312,7 @@ struct Ticket {
 }
 
 impl KeyState {
-    fn new(l: &Limits, secs: u64) -> Self {
+    fn new(l: &Limits, key: Key, budget: &Weak<Budget>, secs: u64) -> Self {
         let w = |limit: Option<u64>, (slot, n): (u64, usize)| {
             limit.map(|limit| {
                 let mut w = Window::new(limit, slot, n);
@@ -137,7 +325,12 @@ impl KeyState {
             tpm: w(l.tokens_per_minute, MINUTE),
             hour: w(l.spend_per_hour, HOUR),
             day: w(l.spend_per_day, DAY),
-            in_flight: 0,
+            fast: Arc::new(KeyFast {
+                word: AtomicU64::new(0),
+                key,
+                budget: budget.clone(),
+            }),
+            granted: 0,
             held: 0,
             queue: VecDeque::new(),
             blocked_on: BudgetLimit::RequestsPerMinute,
@@ -154,8 +347,65 @@ impl KeyState {
         ]
     }
 
+    /// Moves every window to `secs`.
+    fn advance(&mut self, secs: u64) {
+        for (w, _) in self.windows() {
+            if let Some(w) = w {
+                w.advance(secs);
+            }
+        }
+    }
+
+    /// Fast permits used since the last grant (not yet in the window).
+    fn pending(&self) -> u64 {
+        self.granted
+            .saturating_sub(permits(self.fast.word.load(Ordering::Acquire)))
+    }
+
+    /// Takes back the permits not used and counts the used ones in the window's current
+    /// slot (call after [`advance`](Self::advance)). Afterwards the fast path has no permit
+    /// until [`grant`](Self::grant).
+    fn flush(&mut self) -> u64 {
+        if self.granted == 0 {
+            return 0;
+        }
+        let prev = self.fast.word.fetch_and(!PERMIT_MASK, Ordering::AcqRel);
+        let used = self.granted.saturating_sub(permits(prev));
+        self.granted = 0;
+        if let Some(w) = self.rpm.as_mut() {
+            w.add(used);
+        }
+        used
+    }
+
+    /// Grants the fast path a batch of permits if nobody waits and the minute window is
+    /// far enough from its line (call after [`flush`](Self::flush), under the lock).
+    fn grant(&mut self, fast: &FastConfig) {
+        if !fast.enabled || !self.queue.is_empty() || self.granted != 0 {
+            return;
+        }
+        let n = match &self.rpm {
+            Some(w) => fast.batch.min(fast.rpm_line.saturating_sub(w.used())),
+            None => fast.batch,
+        };
+        if n > 0 {
+            self.granted = n;
+            self.fast.word.fetch_add(n << 32, Ordering::AcqRel);
+        }
+    }
+
+    /// Sets the waiters flag to whether the queue holds anyone.
+    fn sync_waiters(&self) {
+        let set = self.fast.word.load(Ordering::Acquire) & WAITERS != 0;
+        if self.queue.is_empty() && set {
+            self.fast.word.fetch_and(!WAITERS, Ordering::AcqRel);
+        } else if !self.queue.is_empty() && !set {
+            self.fast.word.fetch_or(WAITERS, Ordering::AcqRel);
+        }
+    }
+
     fn removable(&self) -> bool {
-        self.held == 0 && self.in_flight == 0 && self.queue.is_empty()
+        self.held == 0 && self.fast.in_flight() == 0 && self.queue.is_empty()
     }
 
     fn head_waker(&mut self) -> Option<Waker> {
@@ -173,12 +423,14 @@ fn amount(limit: BudgetLimit, cost: &Cost) -> u64 {
 }
 
 impl Budget {
-    pub(crate) fn new(limits: std::sync::Arc<Limits>) -> Self {
-        Budget {
+    pub(crate) fn new(limits: Arc<Limits>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Budget {
+            fast: FastConfig::of(&limits),
             limits,
             epoch: Instant::now(),
+            me: me.clone(),
             keys: Mutex::new(Keys::default()),
-        }
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Keys> {
@@ -226,9 +478,16 @@ impl Budget {
         Ok(cost)
     }
 
-    /// Decides on a request: see [`Decision`]. `ticket` is the caller's place in the
-    /// queue once it has one; `waker` is woken when it may fit; `deadline` is when a
-    /// waiting caller gives up (`None` in reject mode).
+    /// The fast-path state of `key`, if the key is held (no clock read).
+    pub(crate) fn fast_of(&self, key: Key) -> Option<Arc<KeyFast>> {
+        self.lock().map.get(&key).map(|st| st.fast.clone())
+    }
+
+    /// Decides on a request on the locked path: see [`Decision`]. `ticket` is the
+    /// caller's place in the queue once it has one; `waker` is woken when it may fit;
+    /// `deadline` is when a waiting caller gives up (`None` in reject mode); `cache`, if
+    /// given, is pointed at the key's fast-path state.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn try_admit(
         &self,
         key: Key,
@@ -237,6 +496,7 @@ impl Budget {
         ticket: Option<u64>,
         waker: Option<&Waker>,
         deadline: Option<Instant>,
+        cache: Option<&mut Cached>,
     ) -> Decision {
         let secs = self.secs(now);
         let l = &*self.limits;
@@ -244,8 +504,18 @@ impl Budget {
         let decision = {
             let mut keys = self.lock();
             let keys = &mut *keys;
-            let st = entry(&mut keys.map, key, l, secs);
+            let st = entry(&mut keys.map, key, l, &self.me, secs);
             st.last_secs = secs;
+            st.advance(secs);
+            st.flush();
+            if let Some(cache) = cache {
+                if !cache
+                    .as_ref()
+                    .is_some_and(|(k, f)| *k == key && Arc::ptr_eq(f, &st.fast))
+                {
+                    *cache = Some((key, st.fast.clone()));
+                }
+            }
             let decision = decide(
                 st,
                 l,
@@ -256,16 +526,22 @@ impl Budget {
                 &mut keys.next_ticket,
                 &mut to_wake,
             );
-            match decision {
+            let decision = match decision {
                 Verdict::Admit(soft) => Decision::Admitted {
-                    reservation: l.needs_release().then_some(Reservation {
-                        key,
-                        secs,
-                        tokens: cost.tokens,
-                        spend: cost.spend,
-                        price: cost.price,
-                        concurrency: l.max_concurrent.is_some(),
-                    }),
+                    hold: if l.counts_tokens() {
+                        Hold::Reserved(Reservation {
+                            key,
+                            secs,
+                            tokens: cost.tokens,
+                            spend: cost.spend,
+                            price: cost.price,
+                            concurrency: l.max_concurrent.is_some(),
+                        })
+                    } else if l.max_concurrent.is_some() {
+                        Hold::Permit(st.fast.clone())
+                    } else {
+                        Hold::Nothing
+                    },
                     soft,
                 },
                 Verdict::Never(limit) => Decision::Reject {
@@ -319,7 +595,10 @@ impl Budget {
                         }
                     }
                 }
-            }
+            };
+            st.sync_waiters();
+            st.grant(&self.fast);
+            decision
         };
         if let Some(w) = to_wake {
             w.wake();
@@ -336,6 +615,10 @@ impl Budget {
             };
             let was_head = st.queue.front().is_some_and(|t| t.id == ticket);
             st.queue.retain(|t| t.id != ticket);
+            st.sync_waiters();
+            // No clock here: the windows as of their last move hold at least what they
+            // hold now, so a grant from them is on the safe side.
+            st.grant(&self.fast);
             if was_head {
                 st.head_waker()
             } else {
@@ -347,8 +630,16 @@ impl Budget {
         }
     }
 
+    /// Wakes the head of `key`'s queue (a place in flight was given back).
+    fn wake_head(&self, key: Key) {
+        let to_wake = self.lock().map.get_mut(&key).and_then(KeyState::head_waker);
+        if let Some(w) = to_wake {
+            w.wake();
+        }
+    }
+
     /// Ends a reservation: corrects its tokens and money as `finish` says, releases its
-    /// concurrency permit, and wakes the head of the queue.
+    /// place in flight, and wakes the head of the queue.
     pub(crate) fn finish(&self, r: &Reservation, finish: Finish) {
         let to_wake = {
             let mut keys = self.lock();
@@ -367,7 +658,7 @@ impl Budget {
                 w.correct(r.secs, r.spend, spend);
             }
             if r.concurrency {
-                st.in_flight = st.in_flight.saturating_sub(1);
+                st.fast.word.fetch_sub(1, Ordering::AcqRel);
             }
             st.held = st.held.saturating_sub(1);
             st.head_waker()
@@ -385,15 +676,17 @@ impl Budget {
         let Some(st) = keys.map.get_mut(&key) else {
             return;
         };
+        st.advance(secs);
+        st.flush();
         for (w, remaining) in [
             (st.rpm.as_mut(), info.requests.remaining),
             (st.tpm.as_mut(), info.tokens.remaining),
         ] {
             if let (Some(w), Some(remaining)) = (w, remaining) {
-                w.advance(secs);
                 w.raise_to(w.limit().saturating_sub(remaining));
             }
         }
+        st.grant(&self.fast);
     }
 
     /// The number of keys held.
@@ -405,11 +698,20 @@ impl Budget {
     pub(crate) fn key_state(&self, key: Key) -> Option<KeySnapshot> {
         let keys = self.lock();
         let st = keys.map.get(&key)?;
+        let in_flight = st.fast.in_flight();
         Some(KeySnapshot {
-            in_flight: st.in_flight,
-            held: st.held,
+            in_flight,
+            // Without tokens or money, what a request holds is its place in flight.
+            held: if self.fast.enabled {
+                in_flight
+            } else {
+                st.held
+            },
             waiting: st.queue.len(),
-            requests: st.rpm.as_ref().map(Window::used),
+            requests: st
+                .rpm
+                .as_ref()
+                .map(|w| w.used().saturating_add(st.pending())),
             tokens: st.tpm.as_ref().map(Window::used),
             spend_hour: st.hour.as_ref().map(Window::used),
             spend_day: st.day.as_ref().map(Window::used),
@@ -419,13 +721,14 @@ impl Budget {
 
 /// What a budget holds for one key (see
 /// [`TokenBudgetLayer::snapshot`](crate::TokenBudgetLayer::snapshot)). Window totals are as
-/// of the key's last update.
+/// of the key's last update, plus the requests admitted since without the lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct KeySnapshot {
     /// Requests in flight (counted only with a concurrency limit).
     pub in_flight: u32,
-    /// Admitted requests whose reservation is not yet settled.
+    /// Admitted requests whose reservation is not yet settled (without a token or money
+    /// limit: the requests in flight).
     pub held: u32,
     /// Requests waiting in the key's queue.
     pub waiting: usize,
@@ -446,6 +749,7 @@ enum Verdict {
     Blocked { limit: BudgetLimit, at: Option<u64> },
 }
 
+/// Decides on a request; the key's windows are already at `secs` and flushed.
 #[allow(clippy::too_many_arguments)]
 fn decide(
     st: &mut KeyState,
@@ -502,7 +806,6 @@ fn decide(
     let mut blocked: Option<(BudgetLimit, Option<u64>)> = None;
     for (w, limit) in st.windows() {
         if let Some(w) = w {
-            w.advance(secs);
             let c = amount(limit, cost);
             if !w.fits(c) {
                 let at = w.fits_at(c, secs);
@@ -512,9 +815,11 @@ fn decide(
             }
         }
     }
-    if let Some(max) = l.max_concurrent {
-        if st.in_flight >= max && blocked.is_none() {
-            blocked = Some((BudgetLimit::Concurrency, None));
+    let mut in_flight = None;
+    if let (Some(max), None) = (l.max_concurrent, blocked) {
+        match st.fast.acquire_or_mark(max) {
+            Some(n) => in_flight = Some(n),
+            None => blocked = Some((BudgetLimit::Concurrency, None)),
         }
     }
     if let Some((limit, at)) = blocked {
@@ -538,22 +843,21 @@ fn decide(
             }
         }
     }
-    if let Some(max) = l.max_concurrent {
-        st.in_flight += 1;
+    if let (Some(max), Some(n)) = (l.max_concurrent, in_flight) {
         if soft.is_none()
             && threshold.is_some_and(|f| {
                 let line = (f64::from(max) * f).ceil() as u32;
-                st.in_flight == line
+                n == line
             })
         {
             soft = Some(Soft {
                 limit: BudgetLimit::Concurrency,
-                used: u64::from(st.in_flight),
+                used: u64::from(n),
                 max: u64::from(max),
             });
         }
     }
-    if l.needs_release() {
+    if l.counts_tokens() {
         st.held += 1;
     }
     if ticket.is_some() {
@@ -564,20 +868,35 @@ fn decide(
 }
 
 /// The key's state, created (evicting idle keys if the map is full) when missing.
-fn entry<'a>(map: &'a mut KeyMap<KeyState>, key: Key, l: &Limits, secs: u64) -> &'a mut KeyState {
+fn entry<'a>(
+    map: &'a mut KeyMap<KeyState>,
+    key: Key,
+    l: &Limits,
+    budget: &Weak<Budget>,
+    secs: u64,
+) -> &'a mut KeyState {
     if map.len() >= l.max_keys && !map.contains_key(&key) {
         evict(map, l.max_keys, secs);
     }
-    map.entry(key).or_insert_with(|| KeyState::new(l, secs))
+    map.entry(key)
+        .or_insert_with(|| KeyState::new(l, key, budget, secs))
 }
 
 /// Makes room: first every key that holds nothing and whose windows have all emptied
 /// (lossless), then, if that is not enough, the least recently used keys that hold nothing,
 /// down to 90 % of `max_keys` (their window history is forgotten). Keys with requests in
 /// flight or waiting are never evicted, so memory stays bounded by `max_keys` plus the
-/// requests in flight.
+/// requests in flight. Every key's fast permits are taken back first (a key that used some
+/// since its last update counts as used now), so an evicted key's state, which a service
+/// may still cache, can never admit again.
 fn evict(map: &mut KeyMap<KeyState>, max_keys: usize, secs: u64) {
-    map.retain(|_, st| !(st.removable() && secs.saturating_sub(st.last_secs) > IDLE_SECS));
+    map.retain(|_, st| {
+        st.advance(secs);
+        if st.flush() > 0 {
+            st.last_secs = secs;
+        }
+        !(st.removable() && secs.saturating_sub(st.last_secs) > IDLE_SECS)
+    });
     if map.len() < max_keys {
         return;
     }
@@ -603,7 +922,9 @@ mod tests {
     use super::*;
     use crate::TokenBudgetLayer;
 
-    fn budget(f: impl FnOnce(crate::TokenBudgetBuilder) -> crate::TokenBudgetBuilder) -> Budget {
+    fn budget(
+        f: impl FnOnce(crate::TokenBudgetBuilder) -> crate::TokenBudgetBuilder,
+    ) -> Arc<Budget> {
         let layer = f(TokenBudgetLayer::builder()).build().unwrap();
         Budget::new(layer.budget().limits.clone())
     }
@@ -615,20 +936,24 @@ mod tests {
         }
     }
 
+    fn admit(b: &Budget, k: Key, cost: &Cost, now: Instant) -> Decision {
+        b.try_admit(k, cost, now, None, None, None, None)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn reserve_then_reconcile() {
         let b = budget(|b| b.tokens_per_minute(1000).reject());
         let k = Key::of("k");
         let now = Instant::now();
         let Decision::Admitted {
-            reservation: Some(r),
+            hold: Hold::Reserved(r),
             ..
-        } = b.try_admit(k, &tokens(800), now, None, None, None)
+        } = admit(&b, k, &tokens(800), now)
         else {
             panic!("should fit")
         };
         assert!(matches!(
-            b.try_admit(k, &tokens(300), now, None, None, None),
+            admit(&b, k, &tokens(300), now),
             Decision::Reject {
                 limit: BudgetLimit::TokensPerMinute,
                 retry_after: Some(_)
@@ -647,11 +972,11 @@ mod tests {
             (0, 0, 0, Some(150))
         );
         assert!(matches!(
-            b.try_admit(k, &tokens(850), now, None, None, None),
+            admit(&b, k, &tokens(850), now),
             Decision::Admitted { .. }
         ));
         assert!(matches!(
-            b.try_admit(k, &tokens(1001), now, None, None, None),
+            admit(&b, k, &tokens(1001), now),
             Decision::Reject {
                 retry_after: None,
                 ..
@@ -670,20 +995,19 @@ mod tests {
         let now = Instant::now();
         let busy = Key::of("busy");
         let Decision::Admitted {
-            reservation: Some(held),
+            hold: Hold::Permit(held),
             ..
-        } = b.try_admit(busy, &Cost::default(), now, None, None, None)
+        } = admit(&b, busy, &Cost::default(), now)
         else {
             panic!()
         };
         for i in 0..10_000u32 {
-            let d = b.try_admit(Key::of(&i), &Cost::default(), now, None, None, None);
             if let Decision::Admitted {
-                reservation: Some(r),
+                hold: Hold::Permit(p),
                 ..
-            } = d
+            } = admit(&b, Key::of(&i), &Cost::default(), now)
             {
-                b.finish(&r, Finish::Keep);
+                p.release();
             }
             assert!(b.key_count() <= 100);
         }
@@ -692,6 +1016,61 @@ mod tests {
             Some(1),
             "busy key kept"
         );
-        b.finish(&held, Finish::Keep);
+        held.release();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fast_batches_are_counted_and_never_outlive_their_key() {
+        // 64 RPM: batches of 2, granted up to the soft line (ceil(0.5 × 64) - 1 = 31).
+        let b = budget(|b| {
+            b.requests_per_minute(64)
+                .max_concurrent(3)
+                .soft_limit(0.5)
+                .max_keys(1)
+                .reject()
+        });
+        let k = Key::of("k");
+        let mut cache: Cached = None;
+        let now = Instant::now();
+        let Decision::Admitted {
+            hold: Hold::Permit(first),
+            ..
+        } = b.try_admit(k, &Cost::default(), now, None, None, None, Some(&mut cache))
+        else {
+            panic!()
+        };
+        let fast = cache.as_ref().map(|(_, f)| f.clone()).expect("cached");
+        assert!(Arc::ptr_eq(&fast, &first));
+        let max = b.fast.in_flight_max;
+        assert_eq!(
+            max,
+            Some(1),
+            "the soft line of 3 in flight is 2: fast up to 1"
+        );
+        assert!(
+            !fast.try_acquire(max),
+            "one in flight already: the locked path decides"
+        );
+        first.release();
+        assert!(fast.try_acquire(max));
+        fast.release();
+        assert!(fast.try_acquire(max));
+        fast.release();
+        assert!(!fast.try_acquire(max), "a batch is 64 / 32 = 2 permits");
+        let s = b.key_state(k).unwrap();
+        assert_eq!(
+            (s.requests, s.in_flight, s.held),
+            (Some(3), 0, 0),
+            "pending permits count"
+        );
+        // A second key evicts the first (max_keys 1): its cached state admits no more.
+        let later = now + Duration::from_secs(25 * 3600);
+        assert!(matches!(
+            admit(&b, Key::of("other"), &Cost::default(), later),
+            Decision::Admitted { .. }
+        ));
+        assert!(b.key_state(k).is_none());
+        assert!(!fast.try_acquire(max));
+        assert_eq!(permits(fast.word.load(Ordering::Relaxed)), 0);
     }
 }

@@ -208,10 +208,6 @@ impl Limits {
     pub(crate) fn counts_spend(&self) -> bool {
         self.spend_per_hour.is_some() || self.spend_per_day.is_some()
     }
-    /// Whether an admitted request holds something to give back or correct.
-    pub(crate) fn needs_release(&self) -> bool {
-        self.max_concurrent.is_some() || self.counts_tokens()
-    }
 }
 
 /// A configuration that makes no sense, found by [`TokenBudgetBuilder::build`].

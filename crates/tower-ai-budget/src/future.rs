@@ -18,47 +18,119 @@ use tower_ai_core::{AiError, BoxError, RateLimitInfo};
 use tower_service::Service;
 
 use crate::body::{BudgetBody, Reader};
-use crate::budget::{Budget, Cost, Decision, Finish, Reservation};
+use crate::budget::{Budget, Cost, Decision, Finish, Hold, KeyFast, Reservation};
 use crate::event::{emit, BudgetEvent, BudgetListener};
+use tower_ai_core::Usage;
 
-/// An admitted request's hold on the budget: finishing it (on drop) corrects its
-/// reservation and releases its concurrency permit.
-pub(crate) struct Guard {
-    budget: Arc<Budget>,
-    reservation: Reservation,
-    finish: Finish,
+/// An admitted request's hold on the budget: ending it (on drop) gives back its place in
+/// flight and settles its reservation.
+pub(crate) struct Guard(Option<Held>);
+
+enum Held {
+    /// A place in flight: one atomic step to give back.
+    Permit(Arc<KeyFast>),
+    /// Tokens and money reserved (and maybe a place in flight): settled under the lock,
+    /// refunded if `refund` (the call failed), else kept unless the usage is known.
+    Reserved {
+        budget: Arc<Budget>,
+        reservation: Reservation,
+        refund: bool,
+    },
+}
+
+impl Held {
+    #[inline]
+    fn end(self, usage: Option<Usage>) {
+        match self {
+            Held::Permit(fast) => fast.release(),
+            Held::Reserved {
+                budget,
+                reservation,
+                refund,
+            } => {
+                let finish = match (usage, refund) {
+                    (_, true) => Finish::Refund,
+                    (Some(u), false) => Finish::Used(u),
+                    (None, false) => Finish::Keep,
+                };
+                budget.finish(&reservation, finish);
+            }
+        }
+    }
 }
 
 impl Guard {
-    pub(crate) fn new(budget: Arc<Budget>, reservation: Reservation) -> Self {
-        Guard {
-            budget,
-            reservation,
-            finish: Finish::Keep,
+    /// The guard of what `hold` holds, if anything.
+    pub(crate) fn new(budget: &Arc<Budget>, hold: Hold) -> Option<Self> {
+        match hold {
+            Hold::Nothing => None,
+            Hold::Permit(fast) => Some(Guard::permit(fast)),
+            Hold::Reserved(reservation) => Some(Guard(Some(Held::Reserved {
+                budget: budget.clone(),
+                reservation,
+                refund: false,
+            }))),
         }
     }
 
-    pub(crate) fn set(&mut self, finish: Finish) {
-        self.finish = finish;
+    /// The guard of a place in flight taken on the fast path.
+    pub(crate) fn permit(fast: Arc<KeyFast>) -> Self {
+        Guard(Some(Held::Permit(fast)))
     }
 
+    /// The call failed: give back the tokens and money when the guard ends.
+    pub(crate) fn refund(&mut self) {
+        if let Some(Held::Reserved { refund, .. }) = &mut self.0 {
+            *refund = true;
+        }
+    }
+
+    /// Whether the response's usage is worth reading (tokens or money are reserved and
+    /// not refunded).
+    pub(crate) fn reads_usage(&self) -> bool {
+        matches!(self.0, Some(Held::Reserved { refund: false, .. }))
+    }
+
+    /// The largest JSON body copied to read its usage.
     pub(crate) fn max_usage_body(&self) -> usize {
-        self.budget.limits.max_usage_body
+        match &self.0 {
+            Some(Held::Reserved { budget, .. }) => budget.limits.max_usage_body,
+            _ => 0,
+        }
+    }
+
+    /// Ends the hold with the usage the provider reported.
+    pub(crate) fn finish_used(mut self, usage: Usage) {
+        if let Some(held) = self.0.take() {
+            held.end(Some(usage));
+        }
     }
 }
 
 impl Drop for Guard {
+    #[inline]
     fn drop(&mut self) {
-        self.budget.finish(&self.reservation, self.finish);
+        if let Some(held) = self.0.take() {
+            held.end(None);
+        }
     }
 }
 
 impl fmt::Debug for Guard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Guard")
-            .field("reservation", &self.reservation)
-            .field("finish", &self.finish)
-            .finish()
+        match &self.0 {
+            Some(Held::Permit(fast)) => f.debug_tuple("Permit").field(fast).finish(),
+            Some(Held::Reserved {
+                reservation,
+                refund,
+                ..
+            }) => f
+                .debug_struct("Reserved")
+                .field("reservation", reservation)
+                .field("refund", refund)
+                .finish(),
+            None => f.write_str("Done"),
+        }
     }
 }
 
@@ -145,9 +217,10 @@ impl<S, ReqB> WaitState<S, ReqB> {
                 Some(self.ticket),
                 Some(cx.waker()),
                 Some(self.deadline),
+                None,
             );
             match decision {
-                Decision::Admitted { reservation, soft } => {
+                Decision::Admitted { hold, soft } => {
                     self.ticket_active = false;
                     if let Some(s) = soft {
                         emit(
@@ -167,7 +240,7 @@ impl<S, ReqB> WaitState<S, ReqB> {
                             waited: now.saturating_duration_since(self.started),
                         },
                     );
-                    let guard = reservation.map(|r| Guard::new(self.budget.clone(), r));
+                    let guard = Guard::new(&self.budget, hold);
                     return match (self.svc.take(), self.req.take()) {
                         (Some(svc), Some(req)) => Poll::Ready(Ok((guard, svc, req))),
                         _ => Poll::Ready(Err("TokenBudget future polled after completion".into())),
@@ -220,6 +293,8 @@ pin_project! {
         guard: Option<Guard>,
         dialect: Option<StreamDialect>,
         observe: Option<(Arc<Budget>, Key)>,
+        // Whether the output was returned (polling again is an error).
+        done: bool,
     }
 }
 
@@ -251,6 +326,7 @@ where
             guard,
             dialect,
             observe,
+            done: false,
         }
     }
 
@@ -266,6 +342,7 @@ where
             guard: None,
             dialect,
             observe,
+            done: false,
         }
     }
 
@@ -277,6 +354,7 @@ where
             guard: None,
             dialect: None,
             observe: None,
+            done: false,
         }
     }
 }
@@ -301,12 +379,56 @@ where
 {
     type Output = Result<Response<BudgetBody<ResB>>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        if *this.done {
+            return Poll::Ready(Err("TokenBudget future polled after completion".into()));
+        }
+        let res = match this.state.as_mut().project() {
+            // The common case, kept short: the request was sent at once. The inner future
+            // stays (done) until this one is dropped.
+            StateProj::Called { fut } => {
+                let res = ready!(fut.poll(cx));
+                *this.done = true;
+                if this.dialect.is_none() && this.observe.is_none() {
+                    // Nothing to read from the response: wrap its body with the guard.
+                    let guard = this.guard.take();
+                    return Poll::Ready(match res {
+                        Ok(res) => Ok(res.map(|body| BudgetBody::new(body, guard, Reader::None))),
+                        Err(e) => Err(e.into()),
+                    });
+                }
+                res.map_err(Into::into)
+            }
+            _ => ready!(Self::poll_other(this.state.as_mut(), this.guard, cx)),
+        };
+        *this.done = true;
+        Poll::Ready(respond(
+            res,
+            this.guard.take(),
+            *this.dialect,
+            this.observe.take(),
+        ))
+    }
+}
+
+impl<S, ReqB, ResB> ResponseFuture<S, ReqB>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+{
+    /// Every state but `Called`: the wait for the budget, the call after it, a refusal.
+    #[inline(never)]
+    fn poll_other(
+        mut state: Pin<&mut State<S, ReqB>>,
+        guard: &mut Option<Guard>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<ResB>, BoxError>> {
         loop {
-            let res = match this.state.as_mut().project() {
-                StateProj::Called { fut } => ready!(fut.poll(cx)),
-                StateProj::Sending { fut } => ready!(fut.as_mut().poll(cx)),
+            match state.as_mut().project() {
+                StateProj::Called { fut } => return fut.poll(cx).map_err(Into::into),
+                StateProj::Sending { fut } => return fut.as_mut().poll(cx).map_err(Into::into),
                 StateProj::Rejected { err } => {
                     return Poll::Ready(Err(match err.take() {
                         Some(e) => e,
@@ -314,49 +436,53 @@ where
                     }))
                 }
                 StateProj::Waiting { wait } => {
-                    let (guard, svc, req) = match ready!(wait.poll_admit(cx)) {
+                    let (g, svc, req) = match ready!(wait.poll_admit(cx)) {
                         Ok(admitted) => admitted,
-                        Err(e) => {
-                            this.state.set(State::Rejected { err: None });
-                            return Poll::Ready(Err(e));
-                        }
+                        Err(e) => return Poll::Ready(Err(e)),
                     };
-                    *this.guard = guard;
-                    this.state.set(State::Sending {
+                    *guard = g;
+                    state.set(State::Sending {
                         fut: Box::pin(Oneshot::new(svc, req)),
                     });
-                    continue;
                 }
-            };
-            this.state.set(State::Rejected { err: None });
-            let mut guard = this.guard.take();
-            return Poll::Ready(match res {
-                Ok(res) => {
-                    if let Some((budget, key)) = this.observe.take() {
-                        let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
-                        budget.observe(key, &info, Instant::now());
-                    }
-                    let mut reader = Reader::None;
-                    if let Some(g) = guard.as_mut() {
-                        if !res.status().is_success() {
-                            // The provider refused or failed: it neither bills nor (as far
-                            // as documented) counts the tokens of an error.
-                            g.set(Finish::Refund);
-                        } else if let Some(dialect) = *this.dialect {
-                            reader =
-                                Reader::for_response(res.headers(), dialect, g.max_usage_body());
-                        }
-                    }
-                    Ok(res.map(|body| BudgetBody::new(body, guard, reader)))
+            }
+        }
+    }
+}
+
+/// The response, its body wrapped to hold the guard and read the usage; or the error,
+/// with the reservation refunded.
+#[inline]
+fn respond<ResB>(
+    res: Result<Response<ResB>, BoxError>,
+    mut guard: Option<Guard>,
+    dialect: Option<StreamDialect>,
+    observe: Option<(Arc<Budget>, Key)>,
+) -> Result<Response<BudgetBody<ResB>>, BoxError> {
+    match res {
+        Ok(res) => {
+            if let Some((budget, key)) = observe {
+                let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
+                budget.observe(key, &info, Instant::now());
+            }
+            let mut reader = Reader::None;
+            if let Some(g) = guard.as_mut() {
+                if !res.status().is_success() {
+                    // The provider refused or failed: it neither bills nor (as far as
+                    // documented) counts the tokens of an error.
+                    g.refund();
+                } else if let (Some(dialect), true) = (dialect, g.reads_usage()) {
+                    reader = Reader::for_response(res.headers(), dialect);
                 }
-                Err(e) => {
-                    if let Some(g) = guard.as_mut() {
-                        g.set(Finish::Refund);
-                    }
-                    drop(guard);
-                    Err(e.into())
-                }
-            });
+            }
+            Ok(res.map(|body| BudgetBody::new(body, guard, reader)))
+        }
+        Err(e) => {
+            if let Some(g) = guard.as_mut() {
+                g.refund();
+            }
+            drop(guard);
+            Err(e)
         }
     }
 }

@@ -45,7 +45,7 @@ impl TokenBudgetLayer {
 impl<K, L> TokenBudgetLayer<K, L> {
     pub(crate) fn from_parts(limits: Arc<Limits>, key_fn: K, listener: L) -> Self {
         TokenBudgetLayer {
-            budget: Arc::new(Budget::new(limits)),
+            budget: Budget::new(limits),
             key_fn: Arc::new(key_fn),
             listener: Arc::new(listener),
         }

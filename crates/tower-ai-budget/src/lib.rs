@@ -69,6 +69,17 @@
 //! 1/96 of a day) earlier than an exact sliding log. Memory per key is fixed by the limits
 //! configured (at most ~2.2 KB); all time is `tokio::time`.
 //!
+//! A budget with no token or money limit admits most requests without its lock or the
+//! clock (see [Performance](#performance)): while a key's minute window is below its limit
+//! (and its soft-limit line) and nobody waits, the locked path grants it a batch of up to
+//! 1/32 of its request limit (at most 1024; none for a limit under 32), and each request of
+//! the batch takes one. A batch is counted in the window when the next locked call ends it,
+//! at a time no earlier than any of its requests, and counts as used until then: the window
+//! still never admits more than its limit in any minute, on any clock. But a batch counts
+//! from its end rather than from each request, so the window may hold up to one batch more
+//! than an exact log (the batch that spans the start of the minute): it may refuse up to
+//! 1/32 of the limit earlier, never later.
+//!
 //! # Keys
 //!
 //! The key function defaults to [`Global`](tower_ai_core::keys::Global): one budget for
@@ -140,10 +151,19 @@
 //!
 //! # Performance
 //!
-//! The admit path takes one `std::sync::Mutex` for a few dozen instructions (look the key
-//! up, move the windows to now, compare, add) and allocates nothing once the key exists;
-//! settling takes it once more when the body ends. A waiting request boxes its state (the
-//! future of the common case stays small). A JSON response's usage is read by a scan that
+//! Without token or money limits (requests per minute and concurrency), a request is
+//! admitted with one compare-and-swap on its key's state, which holds its place in flight
+//! and the fast permits of the minute window: no lock, no clock read (a clock read costs
+//! more than the rest of the admission), no allocation. Each service clone caches the state
+//! of the last key it used, so the key function's key is looked up under the lock only
+//! when it changes. The response body gives the place in flight back with one atomic
+//! subtraction. The locked path runs when the permits of a batch run out, a limit is near,
+//! or someone waits.
+//!
+//! With token or money limits, the admit path takes one `std::sync::Mutex` for a few dozen
+//! instructions (look the key up, move the windows to now, compare, add) and allocates
+//! nothing once the key exists; settling takes it once more when the body ends. A waiting
+//! request boxes its state (the future of the common case stays small). A JSON response's usage is read by a scan that
 //! builds no JSON value (falling back to `Usage::from_json` for shapes it does not know), so
 //! admit, call, read and settle allocate nothing. The token estimate parses the request body
 //! (two small allocations, in core's `RequestMeta::parse`) unless a

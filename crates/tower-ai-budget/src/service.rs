@@ -5,13 +5,13 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use http_body::Body;
 use tokio::time::Instant;
-use tower_ai_core::keys::{Global, KeyFn};
+use tower_ai_core::keys::{Global, Key, KeyFn};
 use tower_ai_core::stream::StreamDialect;
-use tower_ai_core::{AiError, BoxError, Provider, ReplayBody, RequestMeta};
+use tower_ai_core::{AiError, BoxError, BudgetLimit, Provider, ReplayBody, RequestMeta};
 use tower_service::Service;
 
 use crate::body::BudgetBody;
-use crate::budget::{Budget, Decision};
+use crate::budget::{Budget, Cached, Cost, Decision, KeyFast};
 use crate::config::WhenFull;
 use crate::event::{emit, BudgetEvent, BudgetListener};
 use crate::future::{Guard, ResponseFuture, WaitState};
@@ -26,6 +26,8 @@ pub struct TokenBudget<S, K = Global, L = ()> {
     budget: Arc<Budget>,
     key_fn: Arc<K>,
     listener: Arc<L>,
+    /// The last key this service admitted on the fast path, and its state.
+    cache: Cached,
 }
 
 impl<S, K, L> TokenBudget<S, K, L> {
@@ -40,6 +42,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
             budget,
             key_fn,
             listener,
+            cache: None,
         }
     }
 
@@ -66,6 +69,7 @@ impl<S: Clone, K, L> Clone for TokenBudget<S, K, L> {
             budget: self.budget.clone(),
             key_fn: self.key_fn.clone(),
             listener: self.listener.clone(),
+            cache: self.cache.clone(),
         }
     }
 }
@@ -97,36 +101,108 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
-        let limits = &*self.budget.limits;
-        if limits.counts_tokens() {
-            // Parsed once and stored: the key function's `model_of`, the layers below
-            // and every retry of this request read it from the extensions.
-            RequestMeta::get_or_insert(&mut req);
+    #[inline]
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        if !self.budget.fast.enabled {
+            return self.call_counting_tokens(req);
         }
+        // No tokens or money to count: one atomic step on the key's state, without the
+        // lock or the clock, while the key holds fast permits.
+        let Some(key) = self.key_fn.key(&req) else {
+            return ResponseFuture::called(self.inner.call(req), None, None, None);
+        };
+        match self.fast_admit(key) {
+            Some(guard) => {
+                let observe = self
+                    .budget
+                    .limits
+                    .sync_from_headers
+                    .then(|| (self.budget.clone(), key));
+                ResponseFuture::called(self.inner.call(req), guard, None, observe)
+            }
+            None => self.locked(req, key, Ok(Cost::default()), None),
+        }
+    }
+}
+
+impl<S, K, L> TokenBudget<S, K, L> {
+    /// Admits a request on the fast path if the key's state (cached per service clone)
+    /// holds a permit: `Some` with the guard of its place in flight (`None` without a
+    /// concurrency limit), or `None` for the locked path.
+    #[inline]
+    fn fast_admit(&mut self, key: Key) -> Option<Option<Guard>> {
+        let in_flight_max = self.budget.fast.in_flight_max;
+        let fast = match &self.cache {
+            Some((k, fast)) if *k == key => fast,
+            _ => self.refresh_cache(key)?,
+        };
+        if !fast.try_acquire(in_flight_max) {
+            return None;
+        }
+        Some(in_flight_max.map(|_| Guard::permit(fast.clone())))
+    }
+
+    /// Points the cache at `key`'s state, if the key is held.
+    #[cold]
+    #[inline(never)]
+    fn refresh_cache(&mut self, key: Key) -> Option<&Arc<KeyFast>> {
+        self.cache = self.budget.fast_of(key).map(|fast| (key, fast));
+        self.cache.as_ref().map(|(_, fast)| fast)
+    }
+
+    /// A budget that counts tokens or money: the token estimate, then the locked path.
+    #[inline(never)]
+    fn call_counting_tokens<ReqB>(&mut self, mut req: Request<ReqB>) -> ResponseFuture<S, ReqB>
+    where
+        S: Service<Request<ReqB>> + Clone,
+        K: KeyFn<ReqB>,
+        L: BudgetListener,
+        ReqB: ReplayBody,
+    {
+        // Parsed once and stored: the key function's `model_of`, the layers below and
+        // every retry of this request read it from the extensions.
+        RequestMeta::get_or_insert(&mut req);
         let Some(key) = self.key_fn.key(&req) else {
             // No key: exempt from the budget.
             return ResponseFuture::called(self.inner.call(req), None, None, None);
         };
-        let (cost, dialect) = if limits.counts_tokens() {
-            let meta = RequestMeta::of(&req); // borrowed: stored above
-            let dialect = StreamDialect::of(Provider::of(&req), req.uri().path());
-            (self.budget.cost_of(Some(&meta)), Some(dialect))
-        } else {
-            (self.budget.cost_of(None), None)
-        };
+        let meta = RequestMeta::of(&req); // borrowed: stored above
+        let dialect = StreamDialect::of(Provider::of(&req), req.uri().path());
+        let cost = self.budget.cost_of(Some(&meta));
+        self.locked(req, key, cost, Some(dialect))
+    }
+
+    /// The locked path: reads the clock, decides, and admits, queues or refuses.
+    #[inline(never)]
+    fn locked<ReqB>(
+        &mut self,
+        req: Request<ReqB>,
+        key: Key,
+        cost: Result<Cost, BudgetLimit>,
+        dialect: Option<StreamDialect>,
+    ) -> ResponseFuture<S, ReqB>
+    where
+        S: Service<Request<ReqB>> + Clone,
+        K: KeyFn<ReqB>,
+        L: BudgetListener,
+    {
         let cost = match cost {
             Ok(c) => c,
             Err(limit) => return self.reject(&req, key, limit, None),
         };
+        let limits = &*self.budget.limits;
         let now = Instant::now();
         let deadline = match limits.when_full {
             WhenFull::Wait { max_wait } => Some(now + max_wait),
             WhenFull::Reject => None,
         };
         let observe = limits.sync_from_headers.then(|| (self.budget.clone(), key));
-        match self.budget.try_admit(key, &cost, now, None, None, deadline) {
-            Decision::Admitted { reservation, soft } => {
+        let cache = self.budget.fast.enabled.then_some(&mut self.cache);
+        match self
+            .budget
+            .try_admit(key, &cost, now, None, None, deadline, cache)
+        {
+            Decision::Admitted { hold, soft } => {
                 if let Some(s) = soft {
                     emit(
                         &*self.listener,
@@ -138,7 +214,7 @@ where
                         },
                     );
                 }
-                let guard = reservation.map(|r| Guard::new(self.budget.clone(), r));
+                let guard = Guard::new(&self.budget, hold);
                 ResponseFuture::called(self.inner.call(req), guard, dialect, observe)
             }
             Decision::Wait { ticket, limit, .. } => {
@@ -169,14 +245,12 @@ where
             Decision::Reject { limit, retry_after } => self.reject(&req, key, limit, retry_after),
         }
     }
-}
 
-impl<S, K, L> TokenBudget<S, K, L> {
     fn reject<ReqB>(
         &self,
         req: &Request<ReqB>,
-        key: tower_ai_core::keys::Key,
-        limit: tower_ai_core::BudgetLimit,
+        key: Key,
+        limit: BudgetLimit,
         retry_after: Option<std::time::Duration>,
     ) -> ResponseFuture<S, ReqB>
     where

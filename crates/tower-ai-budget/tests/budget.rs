@@ -356,6 +356,102 @@ async fn fifo_a_large_request_is_not_starved() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn fifo_holds_on_the_fast_path_too() {
+    // No token limit: requests are admitted without the lock while nobody waits.
+    let layer = TokenBudgetLayer::builder()
+        .max_concurrent(2)
+        .wait(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let p = ok_provider();
+    let svc = layer.layer(p.clone());
+    let a = send(&svc, chat(10, None)).await.unwrap();
+    let b = send(&svc, chat(10, None)).await.unwrap();
+    let mut third = task::spawn(send(&svc, chat(10, None)));
+    assert_pending!(third.poll());
+    drop(a); // a place is free, and the waiter is woken...
+    assert!(third.is_woken());
+    let mut fourth = task::spawn(send(&svc, chat(10, None)));
+    assert_pending!(fourth.poll()); // ...but a newcomer does not take it before the waiter
+    assert_eq!(snapshot(&layer).waiting, 2);
+    let c = assert_ready!(third.poll()).unwrap();
+    assert_pending!(fourth.poll());
+    assert_eq!(p.calls(), 3);
+    drop(b);
+    assert!(fourth.is_woken());
+    let d = assert_ready!(fourth.poll()).unwrap();
+    drop((c, d));
+    // Nobody waits any more: the fast path admits again.
+    let e = send(&svc, chat(10, None)).await.unwrap();
+    assert_eq!(snapshot(&layer).in_flight, 1);
+    drop(e);
+    let s = snapshot(&layer);
+    assert_eq!((s.in_flight, s.held, s.waiting), (0, 0, 0));
+}
+
+/// A request limit of 320 gets batches of 10 fast permits (admitted without the lock or the
+/// clock, counted when the batch ends). Bursts at uneven virtual times, ending batches at
+/// any moment, keep the documented promise: never more than the limit in any 60 s, and a
+/// refusal only when an exact count (the window's 61 one-second slots) holds at least the
+/// limit minus one batch.
+#[tokio::test(start_paused = true)]
+async fn fast_batches_keep_the_minute_limit() {
+    const LIMIT: usize = 320;
+    const BATCH: usize = LIMIT / 32;
+    let layer = TokenBudgetLayer::builder()
+        .requests_per_minute(LIMIT as u64)
+        .reject()
+        .build()
+        .unwrap();
+    let svc = layer.layer(ok_provider());
+    let start = tokio::time::Instant::now();
+    let (mut admitted, mut refused) = (Vec::<Duration>::new(), 0);
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..1500 {
+        for _ in 0..next() % 25 {
+            let t = start.elapsed();
+            match send(&svc, chat(10, None)).await {
+                Ok(_) => admitted.push(t),
+                Err(e) => {
+                    assert_eq!(exceeded(&e).0, BudgetLimit::RequestsPerMinute);
+                    let exact = admitted
+                        .iter()
+                        .filter(|a| a.as_secs() + 61 > t.as_secs())
+                        .count();
+                    assert!(
+                        exact + BATCH >= LIMIT,
+                        "refused at {t:?} with {exact} in the last 61 slots"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        advance(Duration::from_millis(next() % 3000)).await;
+    }
+    for (i, a) in admitted.iter().enumerate() {
+        let n = admitted[i..]
+            .iter()
+            .take_while(|b| **b < *a + Duration::from_secs(60))
+            .count();
+        assert!(n <= LIMIT, "{n} admitted in the minute from {a:?}");
+    }
+    // The load (about 480 a minute) kept reaching the limit, and the limit was used.
+    assert!(refused > 1000, "{refused} refused");
+    let minutes = start.elapsed().as_secs_f64() / 60.0;
+    let per_minute = admitted.len() as f64 / minutes;
+    assert!(
+        per_minute > 0.95 * LIMIT as f64 * 60.0 / 61.0,
+        "{per_minute:.0} a minute"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_dropped_waiter_gives_its_place_to_the_next() {
     let layer = TokenBudgetLayer::builder()
         .max_concurrent(1)
