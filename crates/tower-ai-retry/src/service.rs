@@ -259,6 +259,48 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_instance_deposits_in_batches_and_when_dropped() {
+        use std::future::Future;
+        use std::task::Waker;
+        use std::time::Duration;
+        let layer = AiRetryLayer::builder()
+            .budget(Duration::from_secs(10), 0, 1.0)
+            .build()
+            .unwrap();
+        let budget = layer.config().budget().unwrap().clone();
+        let svc = tower::service_fn(|_: Request<&'static str>| async {
+            Ok::<_, BoxError>(Response::new(()))
+        });
+        let mut one = AiRetry::new(svc, &layer);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut call = |one: &mut AiRetry<_>| {
+            let fut = std::pin::pin!(one.call(Request::new("{}")));
+            assert!(fut.poll(&mut cx).is_ready());
+        };
+        let remaining = || budget.remaining(Instant::now());
+        // The first call at once, then nothing until a batch is full.
+        call(&mut one);
+        assert_eq!(remaining(), 1);
+        for _ in 0..BATCH - 1 {
+            call(&mut one);
+        }
+        assert_eq!(remaining(), 1);
+        call(&mut one);
+        assert_eq!(remaining(), 1 + u64::from(BATCH));
+        // A retry asked of the budget: the next call adds what is held back.
+        call(&mut one);
+        call(&mut one);
+        assert!(budget.try_withdraw(Instant::now()));
+        assert_eq!(remaining(), u64::from(BATCH));
+        call(&mut one);
+        assert_eq!(remaining(), u64::from(BATCH) + 3);
+        // Dropping the instance adds the rest.
+        call(&mut one);
+        drop(one);
+        assert_eq!(remaining(), u64::from(BATCH) + 4);
+    }
+
+    #[test]
     fn an_instance_copies_the_config_on_its_second_call_only() {
         use std::future::Future;
         use std::task::Waker;
