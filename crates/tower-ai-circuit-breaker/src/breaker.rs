@@ -358,7 +358,7 @@ impl Core {
     /// from thread stripe `stripe`: in a closed count window, one atomic add to the
     /// stripe's counter and a few loads of lines no call writes. The same as
     /// [`record`](Self::record) with `Verdict::Success`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn record_success(&self, stripe: usize, word: u64) {
         let Calls::Count(stripes) = &self.calls else {
             return self.record(stripe, word, false, Verdict::Success, false, None);
@@ -650,6 +650,12 @@ impl Core {
             at: c.at,
             until: c.until,
         });
+    }
+
+    /// The state word (generation and state) as stored.
+    #[inline]
+    pub(crate) fn word(&self) -> u64 {
+        self.state.load(Ordering::Acquire)
     }
 
     /// The state as stored (an open breaker whose duration ended stays `Open` until the
