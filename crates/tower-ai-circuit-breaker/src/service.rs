@@ -24,7 +24,7 @@ pub struct CircuitBreaker<S, K = HostModel> {
     registry: Arc<Registry>,
     key_fn: Arc<K>,
     /// The lane of the last key this service called, if still good: most services call
-    /// one key again and again, and then skip the per-thread cache. A clone starts empty.
+    /// one key again and again, and then skip the per-thread cache. Clones keep it.
     last: Option<(Key, Arc<Lane>)>,
 }
 
@@ -60,8 +60,10 @@ impl<S: Clone, K> Clone for CircuitBreaker<S, K> {
             inner: self.inner.clone(),
             registry: self.registry.clone(),
             key_fn: self.key_fn.clone(),
-            // A clone may run on another thread, whose lanes differ.
-            last: None,
+            // Kept: a layer above that clones its inner service for every call (the
+            // `mem::replace` pattern) calls through a clone each time. A clone that runs
+            // on another thread finds the stripe differs and looks its own lane up.
+            last: self.last.clone(),
         }
     }
 }
@@ -289,14 +291,15 @@ mod tests {
     }
 
     #[test]
-    fn a_clone_starts_without_a_cached_lane() {
+    fn a_clone_keeps_the_cached_lane() {
         let layer = CircuitBreakerLayer::builder()
             .key_fn(by_path)
             .build()
             .unwrap();
         let mut svc = layer.layer(Ok200);
         send(&mut svc, "/a");
-        assert!(svc.last.is_some());
-        assert!(svc.clone().last.is_none());
+        let lane = svc.last.clone().unwrap().1;
+        let clone = svc.clone();
+        assert!(Arc::ptr_eq(&clone.last.unwrap().1, &lane));
     }
 }
