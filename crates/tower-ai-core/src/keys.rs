@@ -111,7 +111,7 @@ pub fn host_of<B>(req: &Request<B>) -> &str {
 }
 
 /// Key = provider host + model: one sick model does not hold back the others.
-/// Reads the model as [`model_of`](crate::meta::model_of) does (no allocation), with a
+/// Reads the model as [`model_of`] does (no allocation), with a
 /// shortcut for the common body whose first key is a plain `"model"` string.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HostModel;
