@@ -12,15 +12,17 @@ use serde_json::Value;
 use tower_ai_core::stream::{is_event_stream, StreamDialect, StreamScanner};
 use tower_ai_core::Usage;
 
-use crate::future::Guard;
+use crate::future::{Permit, Reserved};
 
 /// How the body is read for its usage.
 pub(crate) enum Reader {
     /// Not read (error responses, budgets that count no tokens).
     None,
     /// A non-streamed JSON body: read in place when it comes in one frame, else copied
-    /// (bounded) and read at its end. `overflow`: it outgrew the bound; not read.
-    Json { buf: Vec<u8>, overflow: bool },
+    /// (bounded) and read at its end.
+    Json(Vec<u8>),
+    /// A JSON body that outgrew the bound: not read.
+    Overflow,
     /// A stream: every chunk fed to the dialect's scanner, nothing kept. Boxed: a scanner
     /// is larger than everything else in the body, which moves with every response.
     Sse(Box<StreamScanner>),
@@ -31,10 +33,7 @@ impl Reader {
         if is_event_stream(headers) {
             Reader::Sse(Box::new(StreamScanner::new(dialect)))
         } else {
-            Reader::Json {
-                buf: Vec::new(),
-                overflow: false,
-            }
+            Reader::Json(Vec::new())
         }
     }
 
@@ -42,15 +41,12 @@ impl Reader {
     /// at once (a JSON body in one frame).
     fn feed(&mut self, chunk: &[u8], last: bool, max: usize) -> Option<Usage> {
         match self {
-            Reader::None => None,
+            Reader::None | Reader::Overflow => None,
             Reader::Sse(scanner) => {
                 scanner.feed(chunk);
                 None
             }
-            Reader::Json { buf, overflow } => {
-                if *overflow {
-                    return None;
-                }
+            Reader::Json(buf) => {
                 if buf.is_empty() && last {
                     // The whole body in one frame (the common case): no copy.
                     return usage_of_json(chunk);
@@ -58,8 +54,7 @@ impl Reader {
                 if buf.len().saturating_add(chunk.len()) <= max {
                     buf.extend_from_slice(chunk);
                 } else {
-                    *overflow = true;
-                    *buf = Vec::new();
+                    *self = Reader::Overflow;
                 }
                 None
             }
@@ -69,18 +64,13 @@ impl Reader {
     /// The usage read by the end of the body.
     fn usage(&mut self) -> Option<Usage> {
         match self {
-            Reader::None => None,
+            Reader::None | Reader::Overflow => None,
             Reader::Sse(scanner) => {
                 scanner.finish();
                 scanner.usage()
             }
-            Reader::Json { buf, overflow } => {
-                if *overflow || buf.is_empty() {
-                    None
-                } else {
-                    usage_of_json(buf)
-                }
-            }
+            Reader::Json(buf) if buf.is_empty() => None,
+            Reader::Json(buf) => usage_of_json(buf),
         }
     }
 }
@@ -96,6 +86,16 @@ pub(crate) fn usage_of_json(body: &[u8]) -> Option<Usage> {
     Usage::from_json(body)
 }
 
+/// What a response body holds for the budget until it ends or is dropped.
+pub(crate) enum BodyHold {
+    /// Nothing (a request limit alone, or already settled).
+    None,
+    /// A place in flight (given back when dropped).
+    Permit(#[allow(dead_code)] Permit),
+    /// A reservation to settle with the usage the reader finds.
+    Reserved { guard: Reserved, reader: Reader },
+}
+
 pin_project! {
     /// The response body of [`TokenBudget`](crate::TokenBudget): the inner body, frame for
     /// frame, untouched. On the way it reads the usage (a bounded copy of a JSON body, or a
@@ -106,18 +106,14 @@ pin_project! {
     pub struct BudgetBody<B> {
         #[pin]
         inner: B,
-        guard: Option<Guard>,
-        reader: Reader,
+        hold: BodyHold,
     }
 }
 
 impl<B> BudgetBody<B> {
-    pub(crate) fn new(inner: B, guard: Option<Guard>, reader: Reader) -> Self {
-        BudgetBody {
-            inner,
-            guard,
-            reader,
-        }
+    #[inline]
+    pub(crate) fn new(inner: B, hold: BodyHold) -> Self {
+        BudgetBody { inner, hold }
     }
 
     /// The inner body.
@@ -134,19 +130,8 @@ impl<B> BudgetBody<B> {
 impl<B> fmt::Debug for BudgetBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BudgetBody")
-            .field("holds_reservation", &self.guard.is_some())
+            .field("holds_reservation", &!matches!(self.hold, BodyHold::None))
             .finish_non_exhaustive()
-    }
-}
-
-/// Ends the guard: with the usage if it is known (`usage`, or what the reader read), else
-/// as dropped (the reservation kept).
-fn settle(guard: &mut Option<Guard>, reader: &mut Reader, usage: Option<Usage>) {
-    if let Some(g) = guard.take() {
-        match usage.or_else(|| reader.usage()) {
-            Some(u) => g.finish_used(u),
-            None => drop(g),
-        }
     }
 }
 
@@ -158,30 +143,35 @@ where
     type Data = B::Data;
     type Error = B::Error;
 
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        if this.guard.is_none() {
-            return Poll::Ready(frame);
-        }
-        match &frame {
-            Some(Ok(f)) => {
-                let end = this.inner.is_end_stream();
-                let usage = match (f.data_ref(), &this.guard) {
-                    (Some(data), Some(g)) => {
-                        this.reader.feed(data.as_ref(), end, g.max_usage_body())
-                    }
-                    _ => None,
-                };
-                if end {
-                    settle(this.guard, this.reader, usage);
+        match this.hold {
+            BodyHold::None => {}
+            BodyHold::Permit(_) => {
+                if !matches!(&frame, Some(Ok(_))) || this.inner.is_end_stream() {
+                    // Ended: the place in flight goes back.
+                    *this.hold = BodyHold::None;
                 }
             }
-            // The body failed: whatever usage arrived before stands, else the reservation.
-            Some(Err(_)) | None => settle(this.guard, this.reader, None),
+            BodyHold::Reserved { guard, reader } => match &frame {
+                Some(Ok(f)) => {
+                    let end = this.inner.is_end_stream();
+                    let usage = f
+                        .data_ref()
+                        .and_then(|d| reader.feed(d.as_ref(), end, guard.max_usage_body()));
+                    if end {
+                        settle(this.hold, usage);
+                    }
+                }
+                // The body failed: whatever usage arrived before stands, else the
+                // reservation.
+                Some(Err(_)) | None => settle(this.hold, None),
+            },
         }
         Poll::Ready(frame)
     }
@@ -192,6 +182,18 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Ends the hold: with the usage if it is known (`usage`, or what the reader read), else
+/// as if dropped (the reservation kept).
+fn settle(hold: &mut BodyHold, usage: Option<Usage>) {
+    if let BodyHold::Reserved { guard, mut reader } = std::mem::replace(hold, BodyHold::None) {
+        match usage.or_else(|| reader.usage()) {
+            Some(u) => guard.finish(u),
+            // Dropping the guard keeps the reservation and releases the permit.
+            None => drop(guard),
+        }
     }
 }
 
@@ -223,16 +225,13 @@ mod tests {
             Reader::Sse(_)
         ));
         assert!(matches!(reader(" text/event-stream"), Reader::Sse(_)));
-        assert!(matches!(reader("text/event-streamx"), Reader::Json { .. }));
-        assert!(matches!(reader("application/json"), Reader::Json { .. }));
+        assert!(matches!(reader("text/event-streamx"), Reader::Json(_)));
+        assert!(matches!(reader("application/json"), Reader::Json(_)));
     }
 
     #[test]
     fn json_reader_is_bounded() {
-        let json = || Reader::Json {
-            buf: Vec::new(),
-            overflow: false,
-        };
+        let json = || Reader::Json(Vec::new());
         let mut r = json();
         assert_eq!(r.feed(br#"{"usage":{"prompt_tokens":3,"#, false, 16), None);
         assert_eq!(r.feed(br#""completion_tokens":4}}"#, true, 16), None);

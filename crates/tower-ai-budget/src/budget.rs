@@ -211,10 +211,18 @@ pub(crate) struct Cost {
     pub(crate) price: NanoPrice,
 }
 
-/// What an admitted request with tokens or money reserved holds until it finishes.
+/// What an admitted request with tokens or money reserved holds until it finishes: its
+/// place in its key's table of reservations (small, so the response body that carries
+/// it stays small to move).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Reservation {
     pub(crate) key: Key,
+    slot: u32,
+}
+
+/// A reservation, kept by its key until it finishes.
+#[derive(Debug, Clone, Copy)]
+struct Reserve {
     secs: u64,
     tokens: u64,
     spend: u64,
@@ -298,7 +306,10 @@ struct KeyState {
     fast: Arc<KeyFast>,
     /// Fast permits granted since the last flush.
     granted: u64,
-    /// Reservations not yet finished: a key holding any is never evicted.
+    /// Reservations not yet finished (`None`: a free slot, listed in `free`): a key
+    /// holding any is never evicted.
+    reserved: Vec<Option<Reserve>>,
+    free: Vec<u32>,
     held: u32,
     queue: VecDeque<Ticket>,
     blocked_on: BudgetLimit,
@@ -331,6 +342,8 @@ impl KeyState {
                 budget: budget.clone(),
             }),
             granted: 0,
+            reserved: Vec::new(),
+            free: Vec::new(),
             held: 0,
             queue: VecDeque::new(),
             blocked_on: BudgetLimit::RequestsPerMinute,
@@ -402,6 +415,39 @@ impl KeyState {
         } else if !self.queue.is_empty() && !set {
             self.fast.word.fetch_or(WAITERS, Ordering::AcqRel);
         }
+    }
+
+    /// Keeps a reservation; its slot.
+    fn reserve(&mut self, r: Reserve) -> u32 {
+        self.held += 1;
+        match self.free.pop() {
+            Some(slot) => {
+                self.reserved[slot as usize] = Some(r);
+                slot
+            }
+            None => {
+                self.reserved.push(Some(r));
+                (self.reserved.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Takes a reservation back out.
+    fn unreserve(&mut self, slot: u32) -> Option<Reserve> {
+        let r = self.reserved.get_mut(slot as usize)?.take()?;
+        self.held = self.held.saturating_sub(1);
+        if self.held == 0 {
+            // Keep the memory for the next ones, unless a burst left a lot of it.
+            self.reserved.clear();
+            self.free.clear();
+            if self.reserved.capacity() > 1024 {
+                self.reserved.shrink_to(64);
+                self.free.shrink_to(64);
+            }
+        } else {
+            self.free.push(slot);
+        }
+        Some(r)
     }
 
     fn removable(&self) -> bool {
@@ -529,14 +575,14 @@ impl Budget {
             let decision = match decision {
                 Verdict::Admit(soft) => Decision::Admitted {
                     hold: if l.counts_tokens() {
-                        Hold::Reserved(Reservation {
-                            key,
+                        let slot = st.reserve(Reserve {
                             secs,
                             tokens: cost.tokens,
                             spend: cost.spend,
                             price: cost.price,
                             concurrency: l.max_concurrent.is_some(),
-                        })
+                        });
+                        Hold::Reserved(Reservation { key, slot })
                     } else if l.max_concurrent.is_some() {
                         Hold::Permit(st.fast.clone())
                     } else {
@@ -640,10 +686,13 @@ impl Budget {
 
     /// Ends a reservation: corrects its tokens and money as `finish` says, releases its
     /// place in flight, and wakes the head of the queue.
-    pub(crate) fn finish(&self, r: &Reservation, finish: Finish) {
+    pub(crate) fn finish(&self, reservation: Reservation, finish: Finish) {
         let to_wake = {
             let mut keys = self.lock();
-            let Some(st) = keys.map.get_mut(&r.key) else {
+            let Some(st) = keys.map.get_mut(&reservation.key) else {
+                return;
+            };
+            let Some(r) = st.unreserve(reservation.slot) else {
                 return;
             };
             let (tokens, spend) = match finish {
@@ -660,7 +709,6 @@ impl Budget {
             if r.concurrency {
                 st.fast.word.fetch_sub(1, Ordering::AcqRel);
             }
-            st.held = st.held.saturating_sub(1);
             st.head_waker()
         };
         if let Some(w) = to_wake {
@@ -857,9 +905,6 @@ fn decide(
             });
         }
     }
-    if l.counts_tokens() {
-        st.held += 1;
-    }
     if ticket.is_some() {
         st.queue.pop_front();
         *to_wake = st.head_waker();
@@ -960,7 +1005,7 @@ mod tests {
             }
         ));
         b.finish(
-            &r,
+            r,
             Finish::Used(Usage {
                 input_tokens: 100,
                 output_tokens: 50,

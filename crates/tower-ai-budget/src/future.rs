@@ -17,46 +17,94 @@ use tower_ai_core::stream::StreamDialect;
 use tower_ai_core::{AiError, BoxError, RateLimitInfo};
 use tower_service::Service;
 
-use crate::body::{BudgetBody, Reader};
+use crate::body::{BodyHold, BudgetBody, Reader};
 use crate::budget::{Budget, Cost, Decision, Finish, Hold, KeyFast, Reservation};
 use crate::event::{emit, BudgetEvent, BudgetListener};
 use tower_ai_core::Usage;
 
-/// An admitted request's hold on the budget: ending it (on drop) gives back its place in
-/// flight and settles its reservation.
-pub(crate) struct Guard(Option<Held>);
+/// A place in flight, given back (one atomic step) when dropped.
+pub(crate) struct Permit(Arc<KeyFast>);
 
-enum Held {
-    /// A place in flight: one atomic step to give back.
-    Permit(Arc<KeyFast>),
-    /// Tokens and money reserved (and maybe a place in flight): settled under the lock,
-    /// refunded if `refund` (the call failed), else kept unless the usage is known.
-    Reserved {
-        budget: Arc<Budget>,
-        reservation: Reservation,
-        refund: bool,
-    },
+impl Permit {
+    pub(crate) fn new(fast: Arc<KeyFast>) -> Self {
+        Permit(fast)
+    }
 }
 
-impl Held {
+impl Drop for Permit {
     #[inline]
-    fn end(self, usage: Option<Usage>) {
-        match self {
-            Held::Permit(fast) => fast.release(),
-            Held::Reserved {
-                budget,
-                reservation,
-                refund,
-            } => {
-                let finish = match (usage, refund) {
-                    (_, true) => Finish::Refund,
-                    (Some(u), false) => Finish::Used(u),
-                    (None, false) => Finish::Keep,
-                };
-                budget.finish(&reservation, finish);
-            }
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Permit").field(&self.0).finish()
+    }
+}
+
+/// Tokens and money reserved (and maybe a place in flight), settled under the lock: by
+/// [`finish`](Self::finish) with the usage the response reported, or when dropped (the
+/// reservation kept; refunded if the call failed).
+pub(crate) struct Reserved {
+    budget: Arc<Budget>,
+    reservation: Reservation,
+    refund: bool,
+    /// Settled already (by `finish`).
+    settled: bool,
+}
+
+impl Reserved {
+    /// The call failed: give back the tokens and money.
+    pub(crate) fn refund(&mut self) {
+        self.refund = true;
+    }
+
+    /// Settles with the usage the provider reported (a refund stands).
+    pub(crate) fn finish(mut self, usage: Usage) {
+        let end = if self.refund {
+            Finish::Refund
+        } else {
+            Finish::Used(usage)
+        };
+        self.settled = true;
+        self.budget.finish(self.reservation, end);
+    }
+
+    /// The largest JSON body copied to read its usage.
+    pub(crate) fn max_usage_body(&self) -> usize {
+        self.budget.limits.max_usage_body
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if !self.settled {
+            let end = if self.refund {
+                Finish::Refund
+            } else {
+                Finish::Keep
+            };
+            self.budget.finish(self.reservation, end);
         }
     }
+}
+
+impl fmt::Debug for Reserved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reserved")
+            .field("reservation", &self.reservation)
+            .field("refund", &self.refund)
+            .finish()
+    }
+}
+
+/// An admitted request's hold on the budget, until its response body ends or is dropped.
+#[derive(Debug)]
+pub(crate) enum Guard {
+    Permit(Permit),
+    Reserved(Reserved),
 }
 
 impl Guard {
@@ -64,72 +112,13 @@ impl Guard {
     pub(crate) fn new(budget: &Arc<Budget>, hold: Hold) -> Option<Self> {
         match hold {
             Hold::Nothing => None,
-            Hold::Permit(fast) => Some(Guard::permit(fast)),
-            Hold::Reserved(reservation) => Some(Guard(Some(Held::Reserved {
+            Hold::Permit(fast) => Some(Guard::Permit(Permit(fast))),
+            Hold::Reserved(reservation) => Some(Guard::Reserved(Reserved {
                 budget: budget.clone(),
                 reservation,
                 refund: false,
-            }))),
-        }
-    }
-
-    /// The guard of a place in flight taken on the fast path.
-    pub(crate) fn permit(fast: Arc<KeyFast>) -> Self {
-        Guard(Some(Held::Permit(fast)))
-    }
-
-    /// The call failed: give back the tokens and money when the guard ends.
-    pub(crate) fn refund(&mut self) {
-        if let Some(Held::Reserved { refund, .. }) = &mut self.0 {
-            *refund = true;
-        }
-    }
-
-    /// Whether the response's usage is worth reading (tokens or money are reserved and
-    /// not refunded).
-    pub(crate) fn reads_usage(&self) -> bool {
-        matches!(self.0, Some(Held::Reserved { refund: false, .. }))
-    }
-
-    /// The largest JSON body copied to read its usage.
-    pub(crate) fn max_usage_body(&self) -> usize {
-        match &self.0 {
-            Some(Held::Reserved { budget, .. }) => budget.limits.max_usage_body,
-            _ => 0,
-        }
-    }
-
-    /// Ends the hold with the usage the provider reported.
-    pub(crate) fn finish_used(mut self, usage: Usage) {
-        if let Some(held) = self.0.take() {
-            held.end(Some(usage));
-        }
-    }
-}
-
-impl Drop for Guard {
-    #[inline]
-    fn drop(&mut self) {
-        if let Some(held) = self.0.take() {
-            held.end(None);
-        }
-    }
-}
-
-impl fmt::Debug for Guard {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            Some(Held::Permit(fast)) => f.debug_tuple("Permit").field(fast).finish(),
-            Some(Held::Reserved {
-                reservation,
-                refund,
-                ..
-            }) => f
-                .debug_struct("Reserved")
-                .field("reservation", reservation)
-                .field("refund", refund)
-                .finish(),
-            None => f.write_str("Done"),
+                settled: false,
+            })),
         }
     }
 }
@@ -290,13 +279,12 @@ pin_project! {
     {
         #[pin]
         state: State<S, ReqB>,
-        guard: Option<Guard>,
-        dialect: Option<StreamDialect>,
-        observe: Option<(Arc<Budget>, Key)>,
-        // Whether the output was returned (polling again is an error).
-        done: bool,
     }
 }
+
+/// What reads a response: its stream dialect (to read the usage; `None` when the budget
+/// counts no tokens) and, when syncing from the provider's headers, the budget and key.
+type Reading = (Option<StreamDialect>, Option<(Arc<Budget>, Key)>);
 
 pin_project! {
     #[project = StateProj]
@@ -304,9 +292,13 @@ pin_project! {
     where
         S: Service<Request<ReqB>>,
     {
-        Called { #[pin] fut: S::Future },
-        Waiting { wait: Box<WaitState<S, ReqB>> },
-        Sending { fut: Pin<Box<Oneshot<S, Request<ReqB>>>> },
+        // Sent at once, with nothing to read from the response: the common case, kept
+        // small. `done`: the output was returned.
+        Fast { #[pin] fut: S::Future, permit: Option<Permit>, done: bool },
+        // Sent at once, with a reservation to settle or headers to read.
+        Called { #[pin] fut: S::Future, guard: Option<Guard>, reading: Reading },
+        Waiting { wait: Box<WaitState<S, ReqB>>, reading: Reading },
+        Sending { fut: Pin<Box<Oneshot<S, Request<ReqB>>>>, guard: Option<Guard>, reading: Reading },
         Rejected { err: Option<Box<AiError>> },
     }
 }
@@ -315,34 +307,47 @@ impl<S, ReqB> ResponseFuture<S, ReqB>
 where
     S: Service<Request<ReqB>>,
 {
-    pub(crate) fn called(
-        fut: S::Future,
-        guard: Option<Guard>,
-        dialect: Option<StreamDialect>,
-        observe: Option<(Arc<Budget>, Key)>,
-    ) -> Self {
+    /// The future of a request sent at once.
+    #[inline]
+    pub(crate) fn called(fut: S::Future, guard: Option<Guard>, reading: Reading) -> Self {
+        let state = match (guard, reading) {
+            (None, (None, None)) => State::Fast {
+                fut,
+                permit: None,
+                done: false,
+            },
+            (Some(Guard::Permit(p)), (None, None)) => State::Fast {
+                fut,
+                permit: Some(p),
+                done: false,
+            },
+            (guard, reading) => State::Called {
+                fut,
+                guard,
+                reading,
+            },
+        };
+        ResponseFuture { state }
+    }
+
+    /// The future of a request sent at once on the fast path.
+    #[inline]
+    pub(crate) fn fast(fut: S::Future, permit: Option<Permit>) -> Self {
         ResponseFuture {
-            state: State::Called { fut },
-            guard,
-            dialect,
-            observe,
-            done: false,
+            state: State::Fast {
+                fut,
+                permit,
+                done: false,
+            },
         }
     }
 
-    pub(crate) fn waiting(
-        wait: WaitState<S, ReqB>,
-        dialect: Option<StreamDialect>,
-        observe: Option<(Arc<Budget>, Key)>,
-    ) -> Self {
+    pub(crate) fn waiting(wait: WaitState<S, ReqB>, reading: Reading) -> Self {
         ResponseFuture {
             state: State::Waiting {
                 wait: Box::new(wait),
+                reading,
             },
-            guard: None,
-            dialect,
-            observe,
-            done: false,
         }
     }
 
@@ -351,10 +356,6 @@ where
             state: State::Rejected {
                 err: Some(Box::new(err)),
             },
-            guard: None,
-            dialect: None,
-            observe: None,
-            done: false,
         }
     }
 }
@@ -364,10 +365,21 @@ where
     S: Service<Request<ReqB>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Fast { permit, .. } => format!("Fast {{ permit: {permit:?} }}"),
+            State::Called { guard, .. } => format!("Called {{ guard: {guard:?} }}"),
+            State::Waiting { .. } => "Waiting".to_owned(),
+            State::Sending { guard, .. } => format!("Sending {{ guard: {guard:?} }}"),
+            State::Rejected { .. } => "Rejected".to_owned(),
+        };
         f.debug_struct("ResponseFuture")
-            .field("guard", &self.guard)
-            .finish_non_exhaustive()
+            .field("state", &state)
+            .finish()
     }
+}
+
+fn after_completion() -> BoxError {
+    "TokenBudget future polled after completion".into()
 }
 
 impl<S, ReqB, ResB> Future for ResponseFuture<S, ReqB>
@@ -381,83 +393,93 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        if *this.done {
-            return Poll::Ready(Err("TokenBudget future polled after completion".into()));
-        }
-        let res = match this.state.as_mut().project() {
-            // The common case, kept short: the request was sent at once. The inner future
-            // stays (done) until this one is dropped.
-            StateProj::Called { fut } => {
-                let res = ready!(fut.poll(cx));
-                *this.done = true;
-                if this.dialect.is_none() && this.observe.is_none() {
-                    // Nothing to read from the response: wrap its body with the guard.
-                    let guard = this.guard.take();
-                    return Poll::Ready(match res {
-                        Ok(res) => Ok(res.map(|body| BudgetBody::new(body, guard, Reader::None))),
-                        Err(e) => Err(e.into()),
-                    });
-                }
-                res.map_err(Into::into)
+        let mut state = self.project().state;
+        if let StateProj::Fast { fut, permit, done } = state.as_mut().project() {
+            if *done {
+                return Poll::Ready(Err(after_completion()));
             }
-            _ => ready!(Self::poll_other(this.state.as_mut(), this.guard, cx)),
-        };
-        *this.done = true;
-        Poll::Ready(respond(
-            res,
-            this.guard.take(),
-            *this.dialect,
-            this.observe.take(),
-        ))
+            let res = ready!(fut.poll(cx));
+            *done = true;
+            let hold = match permit.take() {
+                Some(p) => BodyHold::Permit(p),
+                None => BodyHold::None,
+            };
+            // An error drops the permit with `hold`: given back.
+            return Poll::Ready(match res {
+                Ok(res) => Ok(res.map(|body| BudgetBody::new(body, hold))),
+                Err(e) => Err(e.into()),
+            });
+        }
+        poll_slow(state, cx)
     }
 }
 
-impl<S, ReqB, ResB> ResponseFuture<S, ReqB>
+/// Every state but `Fast`: the wait for the budget, the call after it, a refusal, and a
+/// call whose response is read.
+#[inline(never)]
+fn poll_slow<S, ReqB, ResB>(
+    mut state: Pin<&mut State<S, ReqB>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Response<BudgetBody<ResB>>, BoxError>>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
+    ResB: Body,
+    ResB::Data: AsRef<[u8]>,
 {
-    /// Every state but `Called`: the wait for the budget, the call after it, a refusal.
-    #[inline(never)]
-    fn poll_other(
-        mut state: Pin<&mut State<S, ReqB>>,
-        guard: &mut Option<Guard>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Response<ResB>, BoxError>> {
-        loop {
-            match state.as_mut().project() {
-                StateProj::Called { fut } => return fut.poll(cx).map_err(Into::into),
-                StateProj::Sending { fut } => return fut.as_mut().poll(cx).map_err(Into::into),
-                StateProj::Rejected { err } => {
-                    return Poll::Ready(Err(match err.take() {
-                        Some(e) => e,
-                        None => "TokenBudget future polled after completion".into(),
-                    }))
-                }
-                StateProj::Waiting { wait } => {
-                    let (g, svc, req) = match ready!(wait.poll_admit(cx)) {
-                        Ok(admitted) => admitted,
-                        Err(e) => return Poll::Ready(Err(e)),
-                    };
-                    *guard = g;
-                    state.set(State::Sending {
-                        fut: Box::pin(Oneshot::new(svc, req)),
-                    });
-                }
+    loop {
+        let (res, guard, reading) = match state.as_mut().project() {
+            StateProj::Fast { .. } => unreachable!("the fast state is polled inline"),
+            StateProj::Called {
+                fut,
+                guard,
+                reading,
+            } => {
+                let res = ready!(fut.poll(cx)).map_err(Into::into);
+                (res, guard.take(), (reading.0, reading.1.take()))
             }
-        }
+            StateProj::Sending {
+                fut,
+                guard,
+                reading,
+            } => {
+                let res = ready!(fut.as_mut().poll(cx)).map_err(Into::into);
+                (res, guard.take(), (reading.0, reading.1.take()))
+            }
+            StateProj::Rejected { err } => {
+                return Poll::Ready(Err(match err.take() {
+                    Some(e) => e,
+                    None => after_completion(),
+                }))
+            }
+            StateProj::Waiting { wait, reading } => {
+                let (guard, svc, req) = match ready!(wait.poll_admit(cx)) {
+                    Ok(admitted) => admitted,
+                    Err(e) => {
+                        state.set(State::Rejected { err: None });
+                        return Poll::Ready(Err(e));
+                    }
+                };
+                let reading = (reading.0, reading.1.take());
+                state.set(State::Sending {
+                    fut: Box::pin(Oneshot::new(svc, req)),
+                    guard,
+                    reading,
+                });
+                continue;
+            }
+        };
+        state.set(State::Rejected { err: None });
+        return Poll::Ready(respond(res, guard, reading));
     }
 }
 
 /// The response, its body wrapped to hold the guard and read the usage; or the error,
 /// with the reservation refunded.
-#[inline]
 fn respond<ResB>(
     res: Result<Response<ResB>, BoxError>,
-    mut guard: Option<Guard>,
-    dialect: Option<StreamDialect>,
-    observe: Option<(Arc<Budget>, Key)>,
+    guard: Option<Guard>,
+    (dialect, observe): Reading,
 ) -> Result<Response<BudgetBody<ResB>>, BoxError> {
     match res {
         Ok(res) => {
@@ -465,23 +487,29 @@ fn respond<ResB>(
                 let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
                 budget.observe(key, &info, Instant::now());
             }
-            let mut reader = Reader::None;
-            if let Some(g) = guard.as_mut() {
-                if !res.status().is_success() {
-                    // The provider refused or failed: it neither bills nor (as far as
-                    // documented) counts the tokens of an error.
-                    g.refund();
-                } else if let (Some(dialect), true) = (dialect, g.reads_usage()) {
-                    reader = Reader::for_response(res.headers(), dialect);
+            let hold = match guard {
+                None => BodyHold::None,
+                Some(Guard::Permit(p)) => BodyHold::Permit(p),
+                Some(Guard::Reserved(mut r)) => {
+                    let reader = if !res.status().is_success() {
+                        // The provider refused or failed: it neither bills nor (as far as
+                        // documented) counts the tokens of an error.
+                        r.refund();
+                        Reader::None
+                    } else if let Some(dialect) = dialect {
+                        Reader::for_response(res.headers(), dialect)
+                    } else {
+                        Reader::None
+                    };
+                    BodyHold::Reserved { guard: r, reader }
                 }
-            }
-            Ok(res.map(|body| BudgetBody::new(body, guard, reader)))
+            };
+            Ok(res.map(|body| BudgetBody::new(body, hold)))
         }
         Err(e) => {
-            if let Some(g) = guard.as_mut() {
-                g.refund();
+            if let Some(Guard::Reserved(mut r)) = guard {
+                r.refund();
             }
-            drop(guard);
             Err(e)
         }
     }

@@ -14,7 +14,7 @@ use crate::body::BudgetBody;
 use crate::budget::{Budget, Cached, Cost, Decision, KeyFast};
 use crate::config::WhenFull;
 use crate::event::{emit, BudgetEvent, BudgetListener};
-use crate::future::{Guard, ResponseFuture, WaitState};
+use crate::future::{Guard, Permit, ResponseFuture, WaitState};
 
 /// Holds each request to a token budget before it reaches the provider: see the
 /// [crate docs](crate).
@@ -109,17 +109,17 @@ where
         // No tokens or money to count: one atomic step on the key's state, without the
         // lock or the clock, while the key holds fast permits.
         let Some(key) = self.key_fn.key(&req) else {
-            return ResponseFuture::called(self.inner.call(req), None, None, None);
+            return ResponseFuture::fast(self.inner.call(req), None);
         };
         match self.fast_admit(key) {
-            Some(guard) => {
-                let observe = self
-                    .budget
-                    .limits
-                    .sync_from_headers
-                    .then(|| (self.budget.clone(), key));
-                ResponseFuture::called(self.inner.call(req), guard, None, observe)
+            Some(permit) if !self.budget.limits.sync_from_headers => {
+                ResponseFuture::fast(self.inner.call(req), permit)
             }
+            Some(permit) => ResponseFuture::called(
+                self.inner.call(req),
+                permit.map(Guard::Permit),
+                (None, Some((self.budget.clone(), key))),
+            ),
             None => self.locked(req, key, Ok(Cost::default()), None),
         }
     }
@@ -127,10 +127,10 @@ where
 
 impl<S, K, L> TokenBudget<S, K, L> {
     /// Admits a request on the fast path if the key's state (cached per service clone)
-    /// holds a permit: `Some` with the guard of its place in flight (`None` without a
-    /// concurrency limit), or `None` for the locked path.
+    /// holds a permit: `Some` with its place in flight (`None` without a concurrency
+    /// limit), or `None` for the locked path.
     #[inline]
-    fn fast_admit(&mut self, key: Key) -> Option<Option<Guard>> {
+    fn fast_admit(&mut self, key: Key) -> Option<Option<Permit>> {
         let in_flight_max = self.budget.fast.in_flight_max;
         let fast = match &self.cache {
             Some((k, fast)) if *k == key => fast,
@@ -139,7 +139,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
         if !fast.try_acquire(in_flight_max) {
             return None;
         }
-        Some(in_flight_max.map(|_| Guard::permit(fast.clone())))
+        Some(in_flight_max.map(|_| Permit::new(fast.clone())))
     }
 
     /// Points the cache at `key`'s state, if the key is held.
@@ -164,7 +164,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
         RequestMeta::get_or_insert(&mut req);
         let Some(key) = self.key_fn.key(&req) else {
             // No key: exempt from the budget.
-            return ResponseFuture::called(self.inner.call(req), None, None, None);
+            return ResponseFuture::fast(self.inner.call(req), None);
         };
         let meta = RequestMeta::of(&req); // borrowed: stored above
         let dialect = StreamDialect::of(Provider::of(&req), req.uri().path());
@@ -215,7 +215,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
                     );
                 }
                 let guard = Guard::new(&self.budget, hold);
-                ResponseFuture::called(self.inner.call(req), guard, dialect, observe)
+                ResponseFuture::called(self.inner.call(req), guard, (dialect, observe))
             }
             Decision::Wait { ticket, limit, .. } => {
                 emit(&*self.listener, BudgetEvent::Waiting { key, limit });
@@ -238,8 +238,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
                         now,
                         deadline.unwrap_or(now),
                     ),
-                    dialect,
-                    observe,
+                    (dialect, observe),
                 )
             }
             Decision::Reject { limit, retry_after } => self.reject(&req, key, limit, retry_after),
