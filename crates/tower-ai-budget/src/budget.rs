@@ -171,6 +171,9 @@ pub(crate) type Cached = Option<(Key, Arc<KeyFast>)>;
 pub(crate) struct FastConfig {
     /// Whether requests may be admitted without the lock at all (no token or money limit).
     pub(crate) enabled: bool,
+    /// Whether responses are read for the provider's rate-limit headers (a copy of the
+    /// limits' flag, at hand on the fast path).
+    pub(crate) sync_from_headers: bool,
     /// With a concurrency limit: the most requests in flight after a fast admission (the
     /// limit, or just under its soft-limit line, which the locked path crosses and reports).
     pub(crate) in_flight_max: Option<u32>,
@@ -189,6 +192,7 @@ impl FastConfig {
         };
         FastConfig {
             enabled: !l.counts_tokens(),
+            sync_from_headers: l.sync_from_headers,
             in_flight_max: l
                 .max_concurrent
                 .map(|m| u32::try_from(line(u64::from(m))).unwrap_or(m)),

@@ -112,7 +112,7 @@ where
             return ResponseFuture::fast(self.inner.call(req), None);
         };
         match self.fast_admit(key) {
-            Some(permit) if !self.budget.limits.sync_from_headers => {
+            Some(permit) if !self.budget.fast.sync_from_headers => {
                 ResponseFuture::fast(self.inner.call(req), permit)
             }
             Some(permit) => ResponseFuture::called(
@@ -159,16 +159,28 @@ impl<S, K, L> TokenBudget<S, K, L> {
         L: BudgetListener,
         ReqB: ReplayBody,
     {
-        // Parsed once and stored: the key function's `model_of`, the layers below and
-        // every retry of this request read it from the extensions.
-        RequestMeta::get_or_insert(&mut req);
+        let cost = match req.extensions().get::<RequestMeta>() {
+            Some(meta) => self.budget.cost_of(Some(meta)),
+            // Parsed once and stored: the key function's `model_of`, the layers below and
+            // every retry of this request read it from the extensions.
+            None => self
+                .budget
+                .cost_of(Some(RequestMeta::get_or_insert(&mut req))),
+        };
         let Some(key) = self.key_fn.key(&req) else {
             // No key: exempt from the budget.
             return ResponseFuture::fast(self.inner.call(req), None);
         };
-        let meta = RequestMeta::of(&req); // borrowed: stored above
-        let dialect = StreamDialect::of(Provider::of(&req), req.uri().path());
-        let cost = self.budget.cost_of(Some(&meta));
+        // The path names the dialect of most endpoints, whoever the provider: when two
+        // providers get the same dialect, the path decided, and the provider (which may
+        // read headers) is not needed.
+        let path = req.uri().path();
+        let by_path = StreamDialect::of(Provider::Anthropic, path);
+        let dialect = if by_path == StreamDialect::of(Provider::Gemini, path) {
+            by_path
+        } else {
+            StreamDialect::of(Provider::of(&req), path)
+        };
         self.locked(req, key, cost, Some(dialect))
     }
 
