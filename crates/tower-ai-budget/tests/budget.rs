@@ -527,6 +527,42 @@ async fn a_future_dropped_in_flight_releases_its_permit_and_keeps_its_tokens() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn every_exit_of_the_fast_path_gives_its_permit_back() {
+    // No token limit: admitted without the lock, the permit held by the future, then the
+    // body.
+    let layer = TokenBudgetLayer::builder()
+        .requests_per_minute(1000)
+        .max_concurrent(1)
+        .reject()
+        .build()
+        .unwrap();
+    let (mock, mut handle) = tower_test::mock::pair::<Request<String>, Response<Chunks>>();
+    let mut svc = layer.layer(mock);
+    handle.allow(10);
+    // The first call creates the key on the locked path; the next ones take the fast path.
+    for _ in 0..3 {
+        svc.ready().await.unwrap();
+        let mut fut = task::spawn(svc.call(chat(10, None)));
+        assert_pending!(fut.poll());
+        let (_req, reply) = handle.next_request().await.unwrap();
+        assert_eq!(snapshot(&layer).in_flight, 1);
+        assert!(send(&svc, chat(10, None)).await.is_err(), "one at a time");
+        drop(fut); // dropped in flight
+        assert_eq!(snapshot(&layer).in_flight, 0);
+        drop(reply);
+    }
+    // An inner error gives it back too.
+    svc.ready().await.unwrap();
+    let mut fut = task::spawn(svc.call(chat(10, None)));
+    assert_pending!(fut.poll());
+    let (_req, reply) = handle.next_request().await.unwrap();
+    reply.send_error("connection reset");
+    assert!(assert_ready!(fut.poll()).is_err());
+    let s = snapshot(&layer);
+    assert_eq!((s.in_flight, s.held, s.requests), (0, 0, Some(4)));
+}
+
+#[tokio::test(start_paused = true)]
 async fn spend_cap_with_a_price_table() {
     // 0.01 per input token, 0.02 per output token.
     let layer = TokenBudgetLayer::builder()
