@@ -78,7 +78,8 @@ impl fmt::Debug for FailurePolicy {
 /// and the breaker opens when slow calls reach `rate` of the window.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SlowCalls {
-    /// A call taking longer than this (strictly) is slow.
+    /// A call taking longer than this (strictly) is slow; calls are timed to the
+    /// microsecond.
     pub threshold: Duration,
     /// The slow-call rate (0, 1] at which the breaker opens.
     pub rate: f64,
