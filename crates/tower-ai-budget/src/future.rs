@@ -293,8 +293,19 @@ pin_project! {
         S: Service<Request<ReqB>>,
     {
         // Sent at once, with nothing to read from the response: the common case, kept
-        // small. `done`: the output was returned.
+        // small and apart (its drop and its poll stay short). `done`: the output was
+        // returned.
         Fast { #[pin] fut: S::Future, permit: Option<Permit>, done: bool },
+        Slow { #[pin] slow: Slow<S, ReqB> },
+    }
+}
+
+pin_project! {
+    #[project = SlowProj]
+    enum Slow<S, ReqB>
+    where
+        S: Service<Request<ReqB>>,
+    {
         // Sent at once, with a reservation to settle or headers to read.
         Called { #[pin] fut: S::Future, guard: Option<Guard>, reading: Reading },
         Waiting { wait: Box<WaitState<S, ReqB>>, reading: Reading },
@@ -321,10 +332,12 @@ where
                 permit: Some(p),
                 done: false,
             },
-            (guard, reading) => State::Called {
-                fut,
-                guard,
-                reading,
+            (guard, reading) => State::Slow {
+                slow: Slow::Called {
+                    fut,
+                    guard,
+                    reading,
+                },
             },
         };
         ResponseFuture { state }
@@ -344,17 +357,21 @@ where
 
     pub(crate) fn waiting(wait: WaitState<S, ReqB>, reading: Reading) -> Self {
         ResponseFuture {
-            state: State::Waiting {
-                wait: Box::new(wait),
-                reading,
+            state: State::Slow {
+                slow: Slow::Waiting {
+                    wait: Box::new(wait),
+                    reading,
+                },
             },
         }
     }
 
     pub(crate) fn rejected(err: AiError) -> Self {
         ResponseFuture {
-            state: State::Rejected {
-                err: Some(Box::new(err)),
+            state: State::Slow {
+                slow: Slow::Rejected {
+                    err: Some(Box::new(err)),
+                },
             },
         }
     }
@@ -367,10 +384,18 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Fast { permit, .. } => format!("Fast {{ permit: {permit:?} }}"),
-            State::Called { guard, .. } => format!("Called {{ guard: {guard:?} }}"),
-            State::Waiting { .. } => "Waiting".to_owned(),
-            State::Sending { guard, .. } => format!("Sending {{ guard: {guard:?} }}"),
-            State::Rejected { .. } => "Rejected".to_owned(),
+            State::Slow {
+                slow: Slow::Called { guard, .. },
+            } => format!("Called {{ guard: {guard:?} }}"),
+            State::Slow {
+                slow: Slow::Waiting { .. },
+            } => "Waiting".to_owned(),
+            State::Slow {
+                slow: Slow::Sending { guard, .. },
+            } => format!("Sending {{ guard: {guard:?} }}"),
+            State::Slow {
+                slow: Slow::Rejected { .. },
+            } => "Rejected".to_owned(),
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -393,24 +418,25 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
-        if let StateProj::Fast { fut, permit, done } = state.as_mut().project() {
-            if *done {
-                return Poll::Ready(Err(after_completion()));
+        match self.project().state.project() {
+            StateProj::Fast { fut, permit, done } => {
+                if *done {
+                    return Poll::Ready(Err(after_completion()));
+                }
+                let res = ready!(fut.poll(cx));
+                *done = true;
+                let hold = match permit.take() {
+                    Some(p) => BodyHold::Permit(p),
+                    None => BodyHold::None,
+                };
+                // An error drops the permit with `hold`: given back.
+                Poll::Ready(match res {
+                    Ok(res) => Ok(res.map(|body| BudgetBody::new(body, hold))),
+                    Err(e) => Err(e.into()),
+                })
             }
-            let res = ready!(fut.poll(cx));
-            *done = true;
-            let hold = match permit.take() {
-                Some(p) => BodyHold::Permit(p),
-                None => BodyHold::None,
-            };
-            // An error drops the permit with `hold`: given back.
-            return Poll::Ready(match res {
-                Ok(res) => Ok(res.map(|body| BudgetBody::new(body, hold))),
-                Err(e) => Err(e.into()),
-            });
+            StateProj::Slow { slow } => poll_slow(slow, cx),
         }
-        poll_slow(state, cx)
     }
 }
 
@@ -418,7 +444,7 @@ where
 /// call whose response is read.
 #[inline(never)]
 fn poll_slow<S, ReqB, ResB>(
-    mut state: Pin<&mut State<S, ReqB>>,
+    mut state: Pin<&mut Slow<S, ReqB>>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<Response<BudgetBody<ResB>>, BoxError>>
 where
@@ -429,8 +455,7 @@ where
 {
     loop {
         let (res, guard, reading) = match state.as_mut().project() {
-            StateProj::Fast { .. } => unreachable!("the fast state is polled inline"),
-            StateProj::Called {
+            SlowProj::Called {
                 fut,
                 guard,
                 reading,
@@ -438,7 +463,7 @@ where
                 let res = ready!(fut.poll(cx)).map_err(Into::into);
                 (res, guard.take(), (reading.0, reading.1.take()))
             }
-            StateProj::Sending {
+            SlowProj::Sending {
                 fut,
                 guard,
                 reading,
@@ -446,22 +471,22 @@ where
                 let res = ready!(fut.as_mut().poll(cx)).map_err(Into::into);
                 (res, guard.take(), (reading.0, reading.1.take()))
             }
-            StateProj::Rejected { err } => {
+            SlowProj::Rejected { err } => {
                 return Poll::Ready(Err(match err.take() {
                     Some(e) => e,
                     None => after_completion(),
                 }))
             }
-            StateProj::Waiting { wait, reading } => {
+            SlowProj::Waiting { wait, reading } => {
                 let (guard, svc, req) = match ready!(wait.poll_admit(cx)) {
                     Ok(admitted) => admitted,
                     Err(e) => {
-                        state.set(State::Rejected { err: None });
+                        state.set(Slow::Rejected { err: None });
                         return Poll::Ready(Err(e));
                     }
                 };
                 let reading = (reading.0, reading.1.take());
-                state.set(State::Sending {
+                state.set(Slow::Sending {
                     fut: Box::pin(Oneshot::new(svc, req)),
                     guard,
                     reading,
@@ -469,7 +494,7 @@ where
                 continue;
             }
         };
-        state.set(State::Rejected { err: None });
+        state.set(Slow::Rejected { err: None });
         return Poll::Ready(respond(res, guard, reading));
     }
 }
