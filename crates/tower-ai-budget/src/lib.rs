@@ -67,7 +67,8 @@
 //! its limit in *any* interval of its length, whatever the alignment (so it also holds a
 //! provider's fixed windows); it may refuse up to one slot (1/60 of a minute or an hour,
 //! 1/96 of a day) earlier than an exact sliding log. Memory per key is fixed by the limits
-//! configured (at most ~2.2 KB); all time is `tokio::time`.
+//! configured (at most ~2.2 KB, plus about 60 bytes per request in flight with tokens or
+//! money reserved); all time is `tokio::time`.
 //!
 //! A budget with no token or money limit admits most requests without its lock or the
 //! clock (see [Performance](#performance)): while a key's minute window is below its limit
@@ -162,10 +163,13 @@
 //!
 //! With token or money limits, the admit path takes one `std::sync::Mutex` for a few dozen
 //! instructions (look the key up, move the windows to now, compare, add) and allocates
-//! nothing once the key exists; settling takes it once more when the body ends. A waiting
-//! request boxes its state (the future of the common case stays small). A JSON response's usage is read by a scan that
-//! builds no JSON value (falling back to `Usage::from_json` for shapes it does not know), so
-//! admit, call, read and settle allocate nothing. The token estimate parses the request body
+//! nothing once the key exists (a key's table of reservations keeps its room); settling
+//! takes it once more when the body ends. A waiting request boxes its state (the future of
+//! the common case stays small). A JSON response's usage is read by a scan that builds no
+//! JSON value (falling back to `Usage::from_json` for shapes it does not know), so
+//! admit, call, read and settle allocate nothing (a streamed response boxes its stream
+//! scanner, whose line buffers allocate anyway, to keep every response body small to
+//! move). The token estimate parses the request body
 //! (two small allocations, in core's `RequestMeta::parse`) unless a
 //! [`RequestMeta`](tower_ai_core::RequestMeta) is already in its extensions.
 //!
