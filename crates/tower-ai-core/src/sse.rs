@@ -14,6 +14,8 @@
 //! [`SseParser::with_max_event`]; a larger event is skipped and reported as
 //! [`SseItem::Oversized`].
 
+use std::ops::Range;
+
 /// What the parser found in the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SseItem<'a> {
@@ -40,6 +42,11 @@ pub enum SseItem<'a> {
 /// The push parser. Feed it chunks with [`feed`](SseParser::feed); call
 /// [`finish`](SseParser::finish) at end of stream.
 ///
+/// One pass over each chunk: `memchr` finds the line ends, and an event whose lines all
+/// lie in the chunk being fed is handed out as a slice of that chunk, never copied. Only
+/// what is still open when the chunk ends (an incomplete line, the event being assembled)
+/// is copied into the parser's own buffers, which are reused from event to event.
+///
 /// ```
 /// use tower_ai_core::sse::{SseItem, SseParser};
 /// let mut p = SseParser::new();
@@ -56,11 +63,25 @@ pub struct SseParser {
     line: Vec<u8>,
     data: Vec<u8>,
     event: Vec<u8>,
+    /// The last event name handed out, kept to hand out the next one equal to it without
+    /// checking its UTF-8 again (streams repeat a few names).
+    name: String,
     has_data: bool,
     skip_lf: bool,
     bom_seen: u8,
     oversized: bool,
     max_event: usize,
+}
+
+/// The longest event name kept; longer names are cut (no dialect uses more than ~40).
+const MAX_EVENT_NAME: usize = 256;
+
+/// The parts of the current event that still lie in the chunk being fed (ranges into
+/// it); they move into the parser's buffers when the chunk ends before the event does.
+#[derive(Default)]
+struct InChunk {
+    data: Option<Range<usize>>,
+    event: Option<Range<usize>>,
 }
 
 /// The default bound on one event: 4 MiB (Gemini sends whole response objects per event).
@@ -84,6 +105,7 @@ impl SseParser {
             line: Vec::new(),
             data: Vec::new(),
             event: Vec::new(),
+            name: String::new(),
             has_data: false,
             skip_lf: false,
             bom_seen: 0,
@@ -98,51 +120,63 @@ impl SseParser {
     }
 
     /// Parses `chunk`, calling `on_item` for each complete item.
-    pub fn feed<F: FnMut(SseItem<'_>)>(&mut self, mut chunk: &[u8], mut on_item: F) {
+    pub fn feed<F: FnMut(SseItem<'_>)>(&mut self, chunk: &[u8], mut on_item: F) {
+        let mut pos = 0;
         // Skip a BOM at the very start, even when it arrives split across chunks.
         const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
         while self.bom_seen < 3 {
-            let Some(&b) = chunk.first() else { return };
+            let Some(&b) = chunk.get(pos) else { return };
             if b == BOM[self.bom_seen as usize] {
                 self.bom_seen += 1;
-                chunk = &chunk[1..];
+                pos += 1;
             } else {
                 // Not a BOM after all: the bytes taken for one are part of the first line.
                 self.line.extend_from_slice(&BOM[..self.bom_seen as usize]);
                 self.bom_seen = 3;
             }
         }
-        while !chunk.is_empty() {
-            if self.skip_lf {
-                self.skip_lf = false;
-                if chunk[0] == b'\n' {
-                    chunk = &chunk[1..];
+        let mut held = InChunk::default();
+        while let Some(&b) = chunk.get(pos) {
+            // A line end right here (an empty line, mostly) needs no search.
+            let end = if b == b'\n' || b == b'\r' {
+                if b == b'\n' && self.skip_lf {
+                    // The LF of a CRLF split from its CR.
+                    self.skip_lf = false;
+                    pos += 1;
                     continue;
                 }
+                pos
+            } else {
+                match memchr::memchr2(b'\n', b'\r', &chunk[pos..]) {
+                    Some(i) => pos + i,
+                    None => break,
+                }
+            };
+            self.skip_lf = chunk[end] == b'\r';
+            self.line_end(chunk, pos..end, &mut held, &mut on_item);
+            pos = end + 1;
+            // The LF of a CRLF in this chunk.
+            if self.skip_lf && chunk.get(pos) == Some(&b'\n') {
+                self.skip_lf = false;
+                pos += 1;
             }
-            match memchr::memchr2(b'\n', b'\r', chunk) {
-                None => {
-                    if self.line.len() + chunk.len() + self.data.len() > self.max_event {
-                        self.oversized = true;
-                        self.line.clear();
-                    } else {
-                        self.line.extend_from_slice(chunk);
-                    }
-                    return;
-                }
-                Some(i) => {
-                    self.skip_lf = chunk[i] == b'\r';
-                    if self.line.is_empty() {
-                        self.line_done(&chunk[..i], &mut on_item);
-                    } else {
-                        let mut line = std::mem::take(&mut self.line);
-                        line.extend_from_slice(&chunk[..i]);
-                        self.line_done(&line, &mut on_item);
-                        line.clear();
-                        self.line = line;
-                    }
-                    chunk = &chunk[i + 1..];
-                }
+        }
+        // The chunk ends inside an event: keep what of it lies in the chunk.
+        if let Some(r) = held.data {
+            self.data.extend_from_slice(&chunk[r]);
+        }
+        if let Some(r) = held.event {
+            self.event.clear();
+            self.event.extend_from_slice(&chunk[r]);
+        }
+        let rest = &chunk[pos.min(chunk.len())..];
+        if !rest.is_empty() {
+            self.skip_lf = false;
+            if self.line.len() + rest.len() + self.data.len() > self.max_event {
+                self.oversized = true;
+                self.line.clear();
+            } else {
+                self.line.extend_from_slice(rest);
             }
         }
     }
@@ -150,67 +184,163 @@ impl SseParser {
     /// Ends the input: a pending line is taken as complete and a pending event is
     /// dispatched (see the module docs), then the parser is ready for a new stream.
     pub fn finish<F: FnMut(SseItem<'_>)>(&mut self, mut on_item: F) {
+        let mut held = InChunk::default();
         if !self.line.is_empty() {
-            let line = std::mem::take(&mut self.line);
-            self.line_done(&line, &mut on_item);
+            self.line_end(&[], 0..0, &mut held, &mut on_item);
         }
-        self.line_done(b"", &mut on_item);
+        self.dispatch(&[], &mut held, &mut on_item);
         *self = SseParser::with_max_event(self.max_event);
     }
 
-    fn line_done<F: FnMut(SseItem<'_>)>(&mut self, line: &[u8], on_item: &mut F) {
-        if line.is_empty() {
-            if self.oversized {
-                on_item(SseItem::Oversized);
-            } else if self.has_data {
-                let event = match std::str::from_utf8(&self.event) {
-                    Ok("") | Err(_) => "message",
-                    Ok(e) => e,
-                };
-                on_item(SseItem::Event {
-                    event,
-                    data: &self.data,
-                });
+    /// The line `chunk[range]` ended, completing the line held from earlier chunks if
+    /// there is one.
+    fn line_end<F: FnMut(SseItem<'_>)>(
+        &mut self,
+        chunk: &[u8],
+        range: Range<usize>,
+        held: &mut InChunk,
+        on_item: &mut F,
+    ) {
+        if self.line.is_empty() {
+            if range.is_empty() {
+                self.dispatch(chunk, held, on_item);
+            } else {
+                self.field(chunk, range, Some(held), on_item);
             }
-            self.data.clear();
-            self.event.clear();
-            self.has_data = false;
-            self.oversized = false;
-            return;
+        } else {
+            // A line begun in an earlier chunk: the first line completed in this one, so
+            // nothing is held in the chunk yet.
+            let mut line = std::mem::take(&mut self.line);
+            line.extend_from_slice(&chunk[range]);
+            self.field(&line, 0..line.len(), None, on_item);
+            line.clear();
+            self.line = line;
         }
+    }
+
+    /// An empty line: dispatches the event. `held` ranges are into `chunk`.
+    fn dispatch<F: FnMut(SseItem<'_>)>(
+        &mut self,
+        chunk: &[u8],
+        held: &mut InChunk,
+        on_item: &mut F,
+    ) {
+        let (data_at, event_at) = (held.data.take(), held.event.take());
+        if self.oversized {
+            on_item(SseItem::Oversized);
+        } else if self.has_data {
+            let name = match &event_at {
+                Some(r) => &chunk[r.clone()],
+                None => &self.event[..],
+            };
+            let event = if name.is_empty() {
+                "message"
+            } else if name == self.name.as_bytes() {
+                &self.name
+            } else {
+                match std::str::from_utf8(name) {
+                    Ok(e) => {
+                        self.name.clear();
+                        self.name.push_str(e);
+                        &self.name
+                    }
+                    Err(_) => "message",
+                }
+            };
+            let data = match data_at {
+                Some(r) => &chunk[r],
+                None => &self.data[..],
+            };
+            on_item(SseItem::Event { event, data });
+        }
+        self.data.clear();
+        self.event.clear();
+        self.has_data = false;
+        self.oversized = false;
+    }
+
+    /// A non-empty line, `src[range]`. `held` is `Some` when `src` is the chunk being fed:
+    /// then the event's data and name may stay in it, as ranges.
+    fn field<F: FnMut(SseItem<'_>)>(
+        &mut self,
+        src: &[u8],
+        range: Range<usize>,
+        held: Option<&mut InChunk>,
+        on_item: &mut F,
+    ) {
         if self.oversized {
             return;
         }
+        let line = &src[range.clone()];
+        // The value after the colon at `line[colon]`, one leading space dropped.
+        let value = |colon: usize| {
+            let v = colon + 1 + usize::from(line.get(colon + 1) == Some(&b' '));
+            range.start + v.min(line.len())..range.end
+        };
+        // The two fields of nearly every line by their prefix; the rest by the colon.
+        if line.starts_with(b"data:") {
+            return self.data_line(src, value(4), held);
+        }
+        if line.starts_with(b"event:") {
+            return self.event_line(src, value(5), held);
+        }
         if line[0] == b':' {
-            on_item(SseItem::Comment(&line[1..]));
+            return on_item(SseItem::Comment(&line[1..]));
+        }
+        let (name, value) = match memchr::memchr(b':', line) {
+            Some(i) => (&line[..i], value(i)),
+            None => (line, range.end..range.end),
+        };
+        match name {
+            b"data" => self.data_line(src, value, held),
+            b"event" => self.event_line(src, value, held),
+            b"id" | b"retry" => {}
+            _ => on_item(SseItem::OtherField {
+                name,
+                value: &src[value],
+            }),
+        }
+    }
+
+    /// A `data` field whose value is `src[value]`.
+    fn data_line(&mut self, src: &[u8], value: Range<usize>, held: Option<&mut InChunk>) {
+        let held_len = held
+            .as_ref()
+            .and_then(|h| h.data.as_ref())
+            .map_or(0, |r| r.len());
+        if self.data.len() + held_len + value.len() + 1 > self.max_event {
+            self.oversized = true;
+            self.data.clear();
+            if let Some(h) = held {
+                h.data = None;
+            }
             return;
         }
-        let (name, mut value) = match memchr::memchr(b':', line) {
-            Some(i) => (&line[..i], &line[i + 1..]),
-            None => (line, &b""[..]),
-        };
-        if value.first() == Some(&b' ') {
-            value = &value[1..];
-        }
-        match name {
-            b"data" => {
-                if self.data.len() + value.len() + 1 > self.max_event {
-                    self.oversized = true;
-                    self.data.clear();
-                    return;
+        match held {
+            // The event's first data line, in this chunk: it stays there.
+            Some(h) if !self.has_data => h.data = Some(value),
+            held => {
+                if let Some(r) = held.and_then(|h| h.data.take()) {
+                    self.data.extend_from_slice(&src[r]);
                 }
                 if self.has_data {
                     self.data.push(b'\n');
                 }
-                self.data.extend_from_slice(value);
-                self.has_data = true;
+                self.data.extend_from_slice(&src[value]);
             }
-            b"event" => {
+        }
+        self.has_data = true;
+    }
+
+    /// An `event` field whose value is `src[value]`.
+    fn event_line(&mut self, src: &[u8], value: Range<usize>, held: Option<&mut InChunk>) {
+        let value = value.start..value.end.min(value.start + MAX_EVENT_NAME);
+        match held {
+            Some(h) => h.event = Some(value),
+            None => {
                 self.event.clear();
-                self.event.extend_from_slice(&value[..value.len().min(256)]);
+                self.event.extend_from_slice(&src[value]);
             }
-            b"id" | b"retry" => {}
-            _ => on_item(SseItem::OtherField { name, value }),
         }
     }
 }

@@ -7,7 +7,6 @@
 //! through it, so the dialect rules live in one place.
 
 use http::StatusCode;
-use memchr::memmem;
 use serde_json::Value;
 
 use crate::classify::{classify_at, Classification, ClassifyConfig};
@@ -46,27 +45,42 @@ pub enum StreamDialect {
 impl StreamDialect {
     /// The dialect of a request to `provider` at `path`.
     ///
-    /// The path decides first, since providers serve each other's dialects
-    /// (Anthropic's and Gemini's OpenAI-compatible `/chat/completions` stream OpenAI
-    /// chunks); the provider decides for paths it does not know.
+    /// The path decides first ([`of_path`](StreamDialect::of_path)), since providers serve
+    /// each other's dialects (Anthropic's and Gemini's OpenAI-compatible
+    /// `/chat/completions` stream OpenAI chunks); the provider decides for paths it does
+    /// not know.
     pub fn of(provider: Provider, path: &str) -> StreamDialect {
-        if path.ends_with("/chat/completions") || path.ends_with("/completions") {
-            return StreamDialect::OpenAiChat;
-        }
-        if path.ends_with("/responses") {
-            return StreamDialect::OpenAiResponses;
-        }
-        if path.ends_with("/messages") {
-            return StreamDialect::Anthropic;
-        }
-        if path.contains(":streamGenerateContent") || path.contains(":generateContent") {
-            return StreamDialect::Gemini;
-        }
-        match provider {
+        StreamDialect::of_path(path).unwrap_or(match provider {
             Provider::Anthropic => StreamDialect::Anthropic,
             Provider::Gemini => StreamDialect::Gemini,
             _ => StreamDialect::OpenAiChat,
+        })
+    }
+
+    /// The dialect the endpoint at `path` streams, if the path names a known endpoint
+    /// (`…/chat/completions`, `…/completions`, `…/responses`, `…/messages`,
+    /// `:streamGenerateContent`, `:generateContent`), whoever serves it.
+    ///
+    /// ```
+    /// use tower_ai_core::stream::StreamDialect;
+    /// assert_eq!(StreamDialect::of_path("/v1/messages"), Some(StreamDialect::Anthropic));
+    /// assert_eq!(StreamDialect::of_path("/v1/complete"), None);
+    /// ```
+    pub fn of_path(path: &str) -> Option<StreamDialect> {
+        // `/chat/completions` and the legacy `/completions`.
+        if path.ends_with("/completions") {
+            return Some(StreamDialect::OpenAiChat);
         }
+        if path.ends_with("/responses") {
+            return Some(StreamDialect::OpenAiResponses);
+        }
+        if path.ends_with("/messages") {
+            return Some(StreamDialect::Anthropic);
+        }
+        if path.contains(":streamGenerateContent") || path.contains(":generateContent") {
+            return Some(StreamDialect::Gemini);
+        }
+        None
     }
 
     /// Whether a complete stream ends with a marker of its own (all but Gemini's).
@@ -74,7 +88,8 @@ impl StreamDialect {
         !matches!(self, StreamDialect::Gemini)
     }
 
-    fn provider(self) -> Provider {
+    /// The provider whose dialect this is (OpenAI for both of OpenAI's).
+    pub fn provider(self) -> Provider {
         match self {
             StreamDialect::OpenAiChat | StreamDialect::OpenAiResponses => Provider::OpenAi,
             StreamDialect::Anthropic => Provider::Anthropic,
@@ -134,127 +149,214 @@ pub struct ChunkFacts {
 }
 
 /// Reads a streamed answer chunk by chunk: see the module docs.
+///
+/// Each event is read once where it lies (in the chunk, or in the parser's buffer when it
+/// spanned chunks): named events are told apart by their name, and a JSON payload by one
+/// `memchr` pass over its colons that looks only at the keys the dialect puts its facts
+/// under. Nothing is allocated per event; an in-stream error, Anthropic's usage events and
+/// OpenAI Responses' terminal event are parsed in full (once per stream).
 #[derive(Debug, Clone)]
 pub struct StreamScanner {
-    dialect: StreamDialect,
     parser: SseParser,
+    state: ScanState,
+}
+
+/// What the scanner learnt so far (apart from the parser, so that the parser's callback
+/// can update it).
+#[derive(Debug, Clone)]
+struct ScanState {
+    dialect: StreamDialect,
     content_seen: bool,
     terminal_seen: bool,
     finish: Option<FinishReason>,
     usage: Option<Usage>,
+    /// The error found in the chunk being read (kept here rather than in the chunk's
+    /// facts, which are then built in place: a classification is large).
+    error: Option<Classification>,
+}
+
+/// What the chunk being read showed, but an error.
+#[derive(Default)]
+struct Seen {
+    content: bool,
+    liveness: bool,
+    terminal: bool,
 }
 
 impl StreamScanner {
     /// A scanner for `dialect`.
     pub fn new(dialect: StreamDialect) -> Self {
         StreamScanner {
-            dialect,
             parser: SseParser::new(),
-            content_seen: false,
-            terminal_seen: false,
-            finish: None,
-            usage: None,
+            state: ScanState {
+                dialect,
+                content_seen: false,
+                terminal_seen: false,
+                finish: None,
+                usage: None,
+                error: None,
+            },
         }
     }
 
     /// The dialect read.
     pub fn dialect(&self) -> StreamDialect {
-        self.dialect
+        self.state.dialect
     }
 
     /// Reads one chunk of the body.
+    #[inline]
     pub fn feed(&mut self, chunk: &[u8]) -> ChunkFacts {
-        let mut facts = ChunkFacts::default();
-        let mut parser = std::mem::take(&mut self.parser);
-        parser.feed(chunk, |item| self.item(item, &mut facts));
-        self.parser = parser;
-        facts
+        let mut seen = Seen::default();
+        let state = &mut self.state;
+        self.parser.feed(chunk, |item| state.item(item, &mut seen));
+        self.state.facts(seen)
     }
 
     /// Ends the stream (EOF), completing a last event that lacked its blank line.
     pub fn finish(&mut self) -> ChunkFacts {
-        let mut facts = ChunkFacts::default();
-        let mut parser = std::mem::take(&mut self.parser);
-        parser.finish(|item| self.item(item, &mut facts));
-        self.parser = parser;
-        facts
+        let mut seen = Seen::default();
+        let state = &mut self.state;
+        self.parser.finish(|item| state.item(item, &mut seen));
+        self.state.facts(seen)
     }
 
     /// Whether any content arrived.
     pub fn content_seen(&self) -> bool {
-        self.content_seen
+        self.state.content_seen
     }
     /// Whether the terminal marker arrived.
     pub fn terminal_seen(&self) -> bool {
-        self.terminal_seen
+        self.state.terminal_seen
     }
     /// Why the model stopped, once it said.
     pub fn finish_reason(&self) -> Option<FinishReason> {
-        self.finish
+        self.state.finish
     }
     /// The usage reported so far, merged by the dialect's rules (Anthropic's
     /// `message_delta` usage is cumulative; Gemini repeats `usageMetadata`, the last wins;
     /// OpenAI sends one usage chunk at the end, only with `include_usage`).
     pub fn usage(&self) -> Option<Usage> {
-        self.usage
+        self.state.usage
+    }
+}
+
+/// What an OpenAI Chat chunk says, gathered in one pass over its keys.
+#[derive(Default)]
+struct ChatChunk<'a> {
+    error: bool,
+    content: bool,
+    finish: Option<&'a str>,
+    usage: bool,
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+}
+
+/// What a Gemini chunk says, gathered in one pass over its keys.
+#[derive(Default)]
+struct GeminiChunk<'a> {
+    error: bool,
+    error_first: bool,
+    candidates: bool,
+    content: bool,
+    finish: Option<&'a str>,
+    usage: bool,
+    prompt: Option<u64>,
+    candidates_tokens: Option<u64>,
+    thoughts: Option<u64>,
+}
+
+/// Sets `slot` to `value` unless it was set: the first occurrence of a key wins.
+fn first<T>(slot: &mut Option<T>, value: impl FnOnce() -> Option<T>) {
+    if slot.is_none() {
+        *slot = value();
+    }
+}
+
+impl ScanState {
+    /// The facts of the chunk just read.
+    #[inline]
+    fn facts(&mut self, seen: Seen) -> ChunkFacts {
+        let mut facts = ChunkFacts {
+            content: seen.content,
+            liveness: seen.liveness,
+            terminal: seen.terminal,
+            error: None,
+        };
+        if self.error.is_some() {
+            facts.error = self.error.take();
+        }
+        facts
     }
 
-    fn item(&mut self, item: SseItem<'_>, facts: &mut ChunkFacts) {
+    fn item(&mut self, item: SseItem<'_>, seen: &mut Seen) {
         match item {
-            SseItem::Comment(_) => facts.liveness = true,
-            SseItem::Oversized => facts.liveness = true,
+            SseItem::Comment(_) => seen.liveness = true,
+            SseItem::Oversized => seen.liveness = true,
             SseItem::OtherField { name, value } => {
                 if name == b"error" {
-                    facts.error = Some(stream_error(self.dialect.provider(), value));
+                    self.error = Some(stream_error(self.dialect.provider(), value));
                     self.terminal_seen = true;
                 }
             }
-            SseItem::Event { event, data } => self.event(event, data, facts),
+            SseItem::Event { event, data } => self.event(event, data, seen),
         }
     }
 
-    fn event(&mut self, event: &str, data: &[u8], facts: &mut ChunkFacts) {
-        let has = |needle: &[u8]| memmem::find(data, needle).is_some();
+    fn event(&mut self, event: &str, data: &[u8], seen: &mut Seen) {
         let mut content = false;
         match self.dialect {
             StreamDialect::OpenAiChat => {
                 if data.starts_with(b"[DONE]") {
                     self.terminal_seen = true;
-                    facts.terminal = true;
+                    seen.terminal = true;
                     return;
                 }
-                if has(b"\"error\"") {
+                // Every chunk carries `"finish_reason":null` (and `"usage":null` with
+                // include_usage): the values are read where they are, only when set.
+                let mut c = ChatChunk::default();
+                each_key(data, |k| match k.last() {
+                    b'r' if k.is(b"error") => c.error = true,
+                    b't' if k.is(b"content") => c.content |= nonempty_string_at(data, k.value()),
+                    b'l' if k.is(b"refusal") => c.content |= nonempty_string_at(data, k.value()),
+                    b's' if k.is(b"tool_calls") => c.content = true,
+                    b'l' if k.is(b"function_call") => c.content = true,
+                    b'n' if k.is(b"finish_reason") => {
+                        first(&mut c.finish, || string_at(data, k.value()))
+                    }
+                    b'e' if k.is(b"usage") => c.usage |= data.get(k.value()) == Some(&b'{'),
+                    b's' if k.is(b"prompt_tokens") => {
+                        first(&mut c.prompt_tokens, || u64_at(data, k.value()))
+                    }
+                    b's' if k.is(b"completion_tokens") => {
+                        first(&mut c.completion_tokens, || u64_at(data, k.value()))
+                    }
+                    _ => {}
+                });
+                if c.error {
                     if let Some(err) = error_object(data) {
-                        facts.error = Some(stream_error(Provider::OpenAi, &err));
+                        self.error = Some(stream_error(Provider::OpenAi, &err));
                         return;
                     }
                 }
-                content = string_value_nonempty(data, b"\"content\"")
-                    || string_value_nonempty(data, b"\"refusal\"")
-                    || has(b"\"tool_calls\"")
-                    || has(b"\"function_call\"");
-                // Every chunk carries `"finish_reason":null` (and `"usage":null` with
-                // include_usage): read the values in place, and only when they are set,
-                // instead of parsing each chunk into a JSON tree.
-                if let Some(r) = str_after(data, b"\"finish_reason\"") {
+                content = c.content;
+                if let Some(r) = c.finish {
                     self.finish = Some(FinishReason::parse(r));
                 }
-                if object_after(data, b"\"usage\"") {
-                    if let Some(input) = u64_after(data, b"\"prompt_tokens\"") {
-                        self.usage = Some(Usage {
-                            input_tokens: input,
-                            output_tokens: u64_after(data, b"\"completion_tokens\"").unwrap_or(0),
-                        });
-                    }
+                if let (true, Some(input)) = (c.usage, c.prompt_tokens) {
+                    self.usage = Some(Usage {
+                        input_tokens: input,
+                        output_tokens: c.completion_tokens.unwrap_or(0),
+                    });
                 }
             }
             StreamDialect::OpenAiResponses => match event {
                 "error" => {
-                    facts.error = Some(stream_error(Provider::OpenAi, data));
+                    self.error = Some(stream_error(Provider::OpenAi, data));
                 }
                 "response.completed" | "response.incomplete" | "response.failed" => {
                     self.terminal_seen = true;
-                    facts.terminal = true;
+                    seen.terminal = true;
                     if let Ok(v) = serde_json::from_slice::<Value>(data) {
                         let resp = v.get("response").unwrap_or(&Value::Null);
                         if let Some(u) = Usage::from_value(resp) {
@@ -271,80 +373,111 @@ impl StreamScanner {
                         }
                         if event == "response.failed" {
                             let err = resp.get("error").map(|e| e.to_string()).unwrap_or_default();
-                            facts.error = Some(stream_error(Provider::OpenAi, err.as_bytes()));
+                            self.error = Some(stream_error(Provider::OpenAi, err.as_bytes()));
                         }
                     }
                 }
                 e => content = e.ends_with(".delta"),
             },
             StreamDialect::Anthropic => match event {
-                "error" => facts.error = Some(stream_error(Provider::Anthropic, data)),
+                "content_block_delta" => content = true,
+                "error" => self.error = Some(stream_error(Provider::Anthropic, data)),
                 "message_stop" => {
                     self.terminal_seen = true;
-                    facts.terminal = true;
+                    seen.terminal = true;
                 }
-                "content_block_delta" => content = true,
-                "message_start" | "message_delta" => {
-                    if let Ok(v) = serde_json::from_slice::<Value>(data) {
-                        let (usage_at, delta) = if event == "message_start" {
-                            (v.get("message").and_then(|m| m.get("usage")), None)
-                        } else {
-                            (v.get("usage"), v.get("delta"))
-                        };
-                        if let Some(u) = usage_at {
-                            if let Some(new) = Usage::from_usage_object(u) {
-                                let old = self.usage.unwrap_or_default();
-                                self.usage = Some(Usage {
-                                    // message_delta's input fields are optional: keep the
-                                    // message_start count unless it sends one.
-                                    input_tokens: if new.input_tokens > 0 {
-                                        new.input_tokens
-                                    } else {
-                                        old.input_tokens
-                                    },
-                                    output_tokens: new.output_tokens,
-                                });
-                            }
-                        }
-                        if let Some(r) = delta
-                            .and_then(|d| d.get("stop_reason"))
-                            .and_then(Value::as_str)
-                        {
-                            self.finish = Some(FinishReason::parse(r));
-                        }
+                "message_start" => {
+                    // The usage is the message's own.
+                    if let Some(m) = member(data, b"message") {
+                        self.merge_anthropic_usage(anthropic_usage(&data[m]));
+                    }
+                }
+                "message_delta" => {
+                    self.merge_anthropic_usage(anthropic_usage(data));
+                    let stop = member(data, b"delta")
+                        .and_then(|d| Some(d.start + member(&data[d], b"stop_reason")?.start))
+                        .and_then(|at| json_string(data, at));
+                    if let Some(r) = stop {
+                        self.finish = Some(FinishReason::parse(&r));
                     }
                 }
                 _ => {}
             },
             StreamDialect::Gemini => {
-                if data.trim_ascii_start().starts_with(b"{\"error\"")
-                    || has(b"\"error\":") && !has(b"\"candidates\"")
-                {
+                let mut g = GeminiChunk::default();
+                let mut keys = 0usize;
+                each_key(data, |k| {
+                    match k.last() {
+                        b'r' if k.is(b"error") => {
+                            g.error = true;
+                            g.error_first |= keys == 0;
+                        }
+                        b's' if k.is(b"candidates") => g.candidates = true,
+                        b't' if k.is(b"text") => g.content = true,
+                        b'l' if k.is(b"functionCall") => g.content = true,
+                        b'n' if k.is(b"finishReason") => {
+                            first(&mut g.finish, || string_at(data, k.value()))
+                        }
+                        b'a' if k.is(b"usageMetadata") => {
+                            g.usage |= data.get(k.value()) == Some(&b'{')
+                        }
+                        b't' if k.is(b"promptTokenCount") => {
+                            first(&mut g.prompt, || u64_at(data, k.value()))
+                        }
+                        b't' if k.is(b"candidatesTokenCount") => {
+                            first(&mut g.candidates_tokens, || u64_at(data, k.value()))
+                        }
+                        b't' if k.is(b"thoughtsTokenCount") => {
+                            first(&mut g.thoughts, || u64_at(data, k.value()))
+                        }
+                        _ => {}
+                    }
+                    keys += 1;
+                });
+                if g.error && (g.error_first || !g.candidates) {
                     if let Some(err) = error_object(data) {
-                        facts.error = Some(stream_error(Provider::Gemini, &err));
+                        self.error = Some(stream_error(Provider::Gemini, &err));
                         return;
                     }
                 }
-                content = has(b"\"text\"") || has(b"\"functionCall\"");
-                // Gemini repeats `usageMetadata` on every chunk: read its counts in place.
-                if let Some(r) = str_after(data, b"\"finishReason\"") {
+                content = g.content;
+                // Gemini repeats `usageMetadata` on every chunk: the last one wins.
+                if let Some(r) = g.finish {
                     self.finish = Some(FinishReason::parse(r));
                 }
-                if object_after(data, b"\"usageMetadata\"") {
-                    let n = |k: &[u8]| u64_after(data, k).unwrap_or(0);
+                if g.usage {
                     self.usage = Some(Usage {
-                        input_tokens: n(b"\"promptTokenCount\""),
-                        output_tokens: n(b"\"candidatesTokenCount\"")
-                            .saturating_add(n(b"\"thoughtsTokenCount\"")),
+                        input_tokens: g.prompt.unwrap_or(0),
+                        output_tokens: g
+                            .candidates_tokens
+                            .unwrap_or(0)
+                            .saturating_add(g.thoughts.unwrap_or(0)),
                     });
                 }
             }
         }
         if content {
             self.content_seen = true;
-            facts.content = true;
+            seen.content = true;
         } else {
-            facts.liveness = true;
+            seen.liveness = true;
+        }
+    }
+
+    /// Merges the usage of an Anthropic `message_start` or `message_delta`: the output
+    /// count is cumulative; `message_delta`'s input fields are optional, so the
+    /// `message_start` count stays unless it sends one.
+    fn merge_anthropic_usage(&mut self, new: Option<Usage>) {
+        if let Some(new) = new {
+            let old = self.usage.unwrap_or_default();
+            self.usage = Some(Usage {
+                input_tokens: if new.input_tokens > 0 {
+                    new.input_tokens
+                } else {
+                    old.input_tokens
+                },
+                output_tokens: new.output_tokens,
+            });
         }
     }
 }
@@ -362,57 +495,228 @@ fn error_object(data: &[u8]) -> Option<Vec<u8>> {
     truthy.then(|| data.to_vec())
 }
 
-/// The position just after `key` and its colon (whitespace skipped), for each place the
-/// key appears.
-fn values_after<'a>(data: &'a [u8], key: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
-    memmem::find_iter(data, key).filter_map(move |i| {
-        let mut j = i + key.len();
-        while matches!(data.get(j), Some(b' ' | b'\t' | b'\r' | b'\n')) {
-            j += 1;
+/// A key found by [`each_key`]: `json[close]` is its closing quote, `json[colon]` the
+/// colon after it.
+#[derive(Clone, Copy)]
+struct Key<'a> {
+    json: &'a [u8],
+    close: usize,
+    colon: usize,
+}
+
+impl Key<'_> {
+    /// The key's last byte (a quote for an empty key): a cheap first test.
+    #[inline]
+    fn last(self) -> u8 {
+        self.json[self.close - 1]
+    }
+
+    /// Whether the key is `name`: its bytes end the key and a quote comes before them.
+    #[inline]
+    fn is(self, name: &[u8]) -> bool {
+        self.close > name.len()
+            && &self.json[self.close - name.len()..self.close] == name
+            && self.json[self.close - name.len() - 1] == b'"'
+    }
+
+    /// The index of the key's value (whitespace skipped).
+    #[inline]
+    fn value(self) -> usize {
+        skip_ws(self.json, self.colon + 1)
+    }
+}
+
+/// Calls `f(key)` for each `"key":` in `json`, in order, at any depth.
+///
+/// One pass over the payload, eight bytes at a time, for its colons; a colon with a quote
+/// before it (whitespace allowed between) ends a key, which the caller tells apart by its
+/// last bytes ([`Key::is`]) without reading it whole. A colon inside a string is never
+/// preceded by an unescaped quote: a key read back from there ends with a backslash or
+/// is a fragment of JSON syntax, so it matches none of the names the dialects look for.
+#[inline]
+fn each_key<'a>(json: &'a [u8], mut f: impl FnMut(Key<'a>)) {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    const COLONS: u64 = u64::from_le_bytes([b':'; 8]);
+    let mut base = 0;
+    while base < json.len() {
+        let mut bytes = [0; 8];
+        match json.get(base..base + 8) {
+            Some(word) => bytes.copy_from_slice(word),
+            None => bytes[..json.len() - base].copy_from_slice(&json[base..]),
         }
-        if data.get(j) != Some(&b':') {
+        let x = u64::from_le_bytes(bytes) ^ COLONS;
+        // The high bit of each byte that was a colon (and, rarely, of a byte after one:
+        // checked below; the zeros padding the last word are no colons).
+        let mut hits = x.wrapping_sub(ONES) & !x & HIGHS;
+        while hits != 0 {
+            let colon = base + (hits.trailing_zeros() / 8) as usize;
+            hits &= hits - 1;
+            if colon == 0 || json.get(colon) != Some(&b':') {
+                continue;
+            }
+            let close = match json[colon - 1] {
+                b'"' => colon - 1,
+                b' ' | b'\t' | b'\r' | b'\n' => {
+                    match json[..colon].iter().rposition(|b| !b.is_ascii_whitespace()) {
+                        Some(c) if json[c] == b'"' => c,
+                        _ => continue,
+                    }
+                }
+                _ => continue,
+            };
+            if close > 0 {
+                f(Key { json, close, colon });
+            }
+        }
+        base += 8;
+    }
+}
+
+/// The string at `json[at..]` when it is a short one without escapes (a finish reason).
+fn string_at(json: &[u8], at: usize) -> Option<&str> {
+    let rest = json.get(at..)?.strip_prefix(b"\"")?;
+    let end = memchr::memchr2(b'"', b'\\', rest)?;
+    (rest[end] == b'"')
+        .then(|| std::str::from_utf8(&rest[..end]).ok())
+        .flatten()
+}
+
+/// Whether a non-empty string starts at `json[at]`.
+fn nonempty_string_at(json: &[u8], at: usize) -> bool {
+    json.get(at) == Some(&b'"') && json.get(at + 1).is_some_and(|&b| b != b'"')
+}
+
+/// The non-negative integer at `json[at..]`.
+fn u64_at(json: &[u8], at: usize) -> Option<u64> {
+    let digits = json.get(at..)?;
+    let n = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&digits[..n]).ok()?.parse().ok()
+}
+
+/// The usage in the `usage` object of an Anthropic event's object `obj`, by core's rules
+/// ([`Usage::from_json`]); `None` without one.
+fn anthropic_usage(obj: &[u8]) -> Option<Usage> {
+    let u = member(obj, b"usage")?;
+    if obj[u.start] != b'{' {
+        return None;
+    }
+    Usage::from_json(obj)
+}
+
+/// The span of the value of `key` among the top-level members of the JSON object `json`
+/// (the last one if the key repeats, as in a parsed value); `None` if `json` does not
+/// start with a well-formed object prefix holding it.
+fn member(json: &[u8], key: &[u8]) -> Option<std::ops::Range<usize>> {
+    let mut i = skip_ws(json, 0);
+    if json.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_ws(json, i + 1);
+    if json.get(i) == Some(&b'}') {
+        return None;
+    }
+    let mut found = None;
+    loop {
+        if json.get(i) != Some(&b'"') {
             return None;
         }
-        j += 1;
-        while matches!(data.get(j), Some(b' ' | b'\t' | b'\r' | b'\n')) {
-            j += 1;
+        let k_end = string_end(json, i)?;
+        let k = &json[i + 1..k_end - 1];
+        i = skip_ws(json, k_end);
+        if json.get(i) != Some(&b':') {
+            return None;
         }
-        Some(j)
-    })
+        i = skip_ws(json, i + 1);
+        let v_end = value_end(json, i)?;
+        if k == key {
+            found = Some(i..v_end);
+        }
+        i = skip_ws(json, v_end);
+        match json.get(i)? {
+            b',' => i = skip_ws(json, i + 1),
+            b'}' => return found,
+            _ => return None,
+        }
+    }
 }
 
-/// The first string value of `key` (an unescaped short string: a finish reason).
-fn str_after<'a>(data: &'a [u8], key: &'a [u8]) -> Option<&'a str> {
-    values_after(data, key).find_map(|j| {
-        let rest = data.get(j..)?.strip_prefix(b"\"")?;
-        let end = memchr::memchr2(b'"', b'\\', rest)?;
-        (rest[end] == b'"')
-            .then(|| std::str::from_utf8(&rest[..end]).ok())
-            .flatten()
-    })
+fn skip_ws(json: &[u8], mut i: usize) -> usize {
+    while matches!(json.get(i), Some(b' ' | b'\t' | b'\r' | b'\n')) {
+        i += 1;
+    }
+    i
 }
 
-/// The first non-negative integer value of `key`.
-fn u64_after(data: &[u8], key: &[u8]) -> Option<u64> {
-    values_after(data, key).find_map(|j| {
-        let digits = data
-            .get(j..)?
-            .iter()
-            .take_while(|b| b.is_ascii_digit())
-            .count();
-        std::str::from_utf8(&data[j..j + digits]).ok()?.parse().ok()
-    })
+/// The index just past the string that starts at `json[at]` (a quote).
+fn string_end(json: &[u8], at: usize) -> Option<usize> {
+    let mut i = at + 1;
+    loop {
+        i += memchr::memchr2(b'"', b'\\', json.get(i..)?)?;
+        if json[i] == b'"' {
+            return Some(i + 1);
+        }
+        i += 2; // a backslash and the byte it escapes
+    }
 }
 
-/// Whether some value of `key` is an object (not `null`).
-fn object_after(data: &[u8], key: &[u8]) -> bool {
-    values_after(data, key).any(|j| data.get(j) == Some(&b'{'))
+/// The index just past the JSON value that starts at `json[at]`.
+fn value_end(json: &[u8], at: usize) -> Option<usize> {
+    match json.get(at)? {
+        b'"' => string_end(json, at),
+        b'{' | b'[' => container_end(json, at),
+        _ => {
+            let n = json[at..]
+                .iter()
+                .take_while(|b| !matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n'))
+                .count();
+            (n > 0).then_some(at + n)
+        }
+    }
 }
 
-/// Whether `"key": "<non-empty string>"` appears in `data`.
-fn string_value_nonempty(data: &[u8], key: &[u8]) -> bool {
-    values_after(data, key)
-        .any(|j| data.get(j) == Some(&b'"') && data.get(j + 1).is_some_and(|&b| b != b'"'))
+/// The JSON string at `json[at]`, unescaped.
+fn json_string(json: &[u8], at: usize) -> Option<std::borrow::Cow<'_, str>> {
+    let end = string_end(json, at)?;
+    let quoted = &json[at..end];
+    let raw = &quoted[1..quoted.len() - 1];
+    if raw.contains(&b'\\') {
+        serde_json::from_slice::<String>(quoted)
+            .ok()
+            .map(std::borrow::Cow::Owned)
+    } else {
+        std::str::from_utf8(raw)
+            .ok()
+            .map(std::borrow::Cow::Borrowed)
+    }
+}
+
+/// The index just past the JSON object or array that starts at `json[at]`, brackets
+/// counted outside strings; `None` if it does not start there or does not end.
+fn container_end(json: &[u8], at: usize) -> Option<usize> {
+    if !matches!(json.get(at), Some(b'{' | b'[')) {
+        return None;
+    }
+    let mut depth = 0usize;
+    let mut i = at;
+    while let Some(&b) = json.get(i) {
+        match b {
+            b'"' => {
+                i = string_end(json, i)?;
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Classifies an error that arrived inside a 200 stream, by what the error object says
