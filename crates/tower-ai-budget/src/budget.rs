@@ -30,7 +30,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::Waker;
 use std::time::Duration;
@@ -72,9 +72,16 @@ fn in_flight(word: u64) -> u32 {
 }
 
 /// What one key shares with the fast path: one atomic word, its own cache line.
+///
+/// Without a concurrency limit the permits live in `solo` instead, taken by one atomic
+/// subtraction (no compare-and-swap loop to retry under contention): a value at or below
+/// zero means none is left.
 #[repr(align(64))]
 pub(crate) struct KeyFast {
     word: AtomicU64,
+    solo: AtomicI64,
+    /// Whether the permits are in `solo` (no concurrency limit).
+    split: bool,
     key: Key,
     budget: Weak<Budget>,
 }
@@ -85,7 +92,7 @@ impl fmt::Debug for KeyFast {
         f.debug_struct("KeyFast")
             .field("key", &self.key)
             .field("in_flight", &in_flight(w))
-            .field("permits", &permits(w))
+            .field("permits", &self.permits_left())
             .field("waiters", &(w & WAITERS != 0))
             .finish()
     }
@@ -97,6 +104,9 @@ impl KeyFast {
     /// `false`: no permit, or too many in flight; take the locked path.
     #[inline]
     pub(crate) fn try_acquire(&self, in_flight_max: Option<u32>) -> bool {
+        if self.split {
+            return self.solo.fetch_sub(1, Ordering::AcqRel) > 0;
+        }
         let mut cur = self.word.load(Ordering::Relaxed);
         loop {
             if cur & PERMIT_MASK == 0 {
@@ -160,6 +170,33 @@ impl KeyFast {
 
     fn in_flight(&self) -> u32 {
         in_flight(self.word.load(Ordering::Acquire))
+    }
+
+    /// The fast permits not taken yet.
+    fn permits_left(&self) -> u64 {
+        if self.split {
+            self.solo.load(Ordering::Acquire).max(0) as u64
+        } else {
+            permits(self.word.load(Ordering::Acquire))
+        }
+    }
+
+    /// Takes the permits not taken yet back; how many there were.
+    fn take_permits(&self) -> u64 {
+        if self.split {
+            self.solo.swap(0, Ordering::AcqRel).max(0) as u64
+        } else {
+            permits(self.word.fetch_and(!PERMIT_MASK, Ordering::AcqRel))
+        }
+    }
+
+    /// Gives `n` permits (there are none).
+    fn give_permits(&self, n: u64) {
+        if self.split {
+            self.solo.store(n as i64, Ordering::Release);
+        } else {
+            self.word.fetch_add(n << 32, Ordering::AcqRel);
+        }
     }
 }
 
@@ -342,6 +379,9 @@ impl KeyState {
             day: w(l.spend_per_day, DAY),
             fast: Arc::new(KeyFast {
                 word: AtomicU64::new(0),
+                solo: AtomicI64::new(0),
+                // The fast path's admission decides it (see `FastConfig::in_flight_max`).
+                split: l.max_concurrent.is_none(),
                 key,
                 budget: budget.clone(),
             }),
@@ -375,8 +415,7 @@ impl KeyState {
 
     /// Fast permits used since the last grant (not yet in the window).
     fn pending(&self) -> u64 {
-        self.granted
-            .saturating_sub(permits(self.fast.word.load(Ordering::Acquire)))
+        self.granted.saturating_sub(self.fast.permits_left())
     }
 
     /// Takes back the permits not used and counts the used ones in the window's current
@@ -386,8 +425,7 @@ impl KeyState {
         if self.granted == 0 {
             return 0;
         }
-        let prev = self.fast.word.fetch_and(!PERMIT_MASK, Ordering::AcqRel);
-        let used = self.granted.saturating_sub(permits(prev));
+        let used = self.granted.saturating_sub(self.fast.take_permits());
         self.granted = 0;
         if let Some(w) = self.rpm.as_mut() {
             w.add(used);
@@ -407,7 +445,7 @@ impl KeyState {
         };
         if n > 0 {
             self.granted = n;
-            self.fast.word.fetch_add(n << 32, Ordering::AcqRel);
+            self.fast.give_permits(n);
         }
     }
 
@@ -1120,6 +1158,6 @@ mod tests {
         ));
         assert!(b.key_state(k).is_none());
         assert!(!fast.try_acquire(max));
-        assert_eq!(permits(fast.word.load(Ordering::Relaxed)), 0);
+        assert_eq!(fast.permits_left(), 0);
     }
 }
