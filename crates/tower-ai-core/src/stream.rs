@@ -1,6 +1,6 @@
 //! What a streamed answer says, event by event, in each provider's dialect.
 //!
-//! [`StreamScanner`] sits on top of the [`SseParser`](crate::sse::SseParser) and turns
+//! [`StreamScanner`] sits on top of the [`SseParser`] and turns
 //! events into facts: was that content or only a sign of life, did the provider send an
 //! error inside the 200 stream, did the stream end with its terminal marker, why did the
 //! model stop, how many tokens were used. StallDetector and TokenBudget both read streams

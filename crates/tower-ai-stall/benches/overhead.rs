@@ -389,7 +389,9 @@ fn allocations() {
 }
 
 /// Per-call cost of the three services measured in alternation (rounds of 20,000 calls,
-/// median and minimum of 25 rounds), so that the load of a shared machine hits all three alike.
+/// median and minimum of 25 rounds), so that the load of a shared machine hits all three
+/// alike; then the per-chunk cost of each dialect's stream, bare and through StallBody,
+/// the same way (rounds of 20 streams).
 fn interleaved() {
     let rt = runtime();
     for pending in [false, true] {
@@ -445,13 +447,58 @@ fn interleaved() {
             );
         }
     }
+    // Per chunk: a 1,000-event stream read bare and through StallBody, in alternation.
+    for (dialect, uri, frames) in [
+        ("openai", OPENAI, sse_frames()),
+        ("anthropic", ANTHROPIC, anthropic_frames()),
+    ] {
+        let mut bare = sse_service(frames.clone());
+        let mut stall = ServiceBuilder::new()
+            .layer(StallDetectorLayer::new())
+            .service(sse_service(frames.clone()));
+        const STREAMS: u32 = 20;
+        let mut samples: [Vec<f64>; 2] = Default::default();
+        rt.block_on(async {
+            for _ in 0..25 {
+                let t = Instant::now();
+                for _ in 0..STREAMS {
+                    std::hint::black_box(one_to(&mut bare, uri).await);
+                }
+                samples[0].push(t.elapsed().as_nanos() as f64 / f64::from(STREAMS) / 1e3);
+                let t = Instant::now();
+                for _ in 0..STREAMS {
+                    std::hint::black_box(one_to(&mut stall, uri).await);
+                }
+                samples[1].push(t.elapsed().as_nanos() as f64 / f64::from(STREAMS) / 1e3);
+            }
+        });
+        for (stat, pick) in [("median", 0usize), ("min", 1)] {
+            let [bare, stall] = samples.clone().map(|mut v| {
+                v.sort_by(f64::total_cmp);
+                if pick == 0 {
+                    v[v.len() / 2]
+                } else {
+                    v[0]
+                }
+            });
+            println!(
+                "interleaved per_chunk/{dialect} ({stat} of 25 rounds, {} events): bare_body {bare:.1} µs, \
+                 stall_body {stall:.1} µs; stall/bare {:.2}",
+                frames.len(),
+                stall / bare
+            );
+        }
+    }
 }
 
 criterion_group!(benches, per_call, per_chunk);
 
 fn main() {
-    allocations();
-    interleaved();
+    // Profiling one benchmark (`--profile-time`) skips the printed measurements.
+    if !std::env::args().any(|a| a == "--profile-time") {
+        allocations();
+        interleaved();
+    }
     benches();
     Criterion::default().configure_from_args().final_summary();
 }

@@ -6,13 +6,12 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_ai_core::BoxError;
 
-use crate::stall::{Check, StreamOutcome, Tracker};
+use crate::stall::{Check, Held, StreamOutcome, Tracker};
 
 pin_project! {
     #[project = InnerProj]
@@ -30,7 +29,7 @@ pin_project! {
     /// Frames pass through as the inner body yields them, never copied. For a
     /// `text/event-stream` success the body reads each chunk with
     /// [`StreamScanner`](tower_ai_core::stream::StreamScanner) (which keeps only the bytes
-    /// of an incomplete line) and:
+    /// of an event that spans chunks) and:
     ///
     /// - ends with an [`AiError::Stalled`] error frame when the first-byte, first-content,
     ///   idle or total deadline expires, never with a clean end;
@@ -50,21 +49,23 @@ pin_project! {
     /// # Timer and `Unpin`
     ///
     /// One [`Sleep`] per body, created (boxed) only when the inner body first makes the
-    /// caller wait, set to the earliest armed deadline and reset in place; progress only
-    /// records its instant, and the timer catches up when it fires. The body is as small
-    /// as a few words plus the inner body, and `Unpin` when the inner body is.
+    /// caller wait, set to the earliest armed deadline and reset in place. A chunk costs
+    /// no timer operation and no clock read: progress is timed when the body next waits
+    /// (so time the caller spends between polls is not counted as the provider's), and
+    /// the timer, left at an earlier deadline, catches up when it fires. The body is a few
+    /// words plus the inner body (a stream's state is boxed apart), and `Unpin` when the
+    /// inner body is.
+    ///
+    /// [`AiError`]: tower_ai_core::AiError
+    /// [`AiError::Stalled`]: tower_ai_core::AiError::Stalled
+    /// [`AiError::Provider`]: tower_ai_core::AiError::Provider
+    /// [`AiError::Truncated`]: tower_ai_core::AiError::Truncated
     pub struct StallBody<B> {
         #[pin]
         inner: Inner<B>,
         // Boxed and created only when the body first waits: a body is moved through every
         // layer above, and most of them never wait.
         sleep: Option<Pin<Box<Sleep>>>,
-        // The first frame, read ahead by the response future: data, or (for a body that
-        // ends with trailers before any data) trailers.
-        first: Option<Bytes>,
-        first_trailers: Option<Box<HeaderMap>>,
-        // The error to end with after the frame that carried it.
-        pending: Option<BoxError>,
         tracker: Tracker,
         done: bool,
     }
@@ -75,31 +76,24 @@ impl<B> StallBody<B> {
         StallBody {
             inner: Inner::Inline { body },
             sleep: None,
-            first: None,
-            first_trailers: None,
-            pending: None,
             tracker,
             done: false,
         }
     }
 
+    /// A body whose first frame (`None`: its end) the response future read ahead.
     pub(crate) fn read_ahead(
         body: Pin<Box<B>>,
-        tracker: Tracker,
+        mut tracker: Tracker,
         first: Option<Frame<Bytes>>,
         done: bool,
     ) -> Self {
-        let (first, first_trailers) = match first.map(Frame::into_data) {
-            None => (None, None),
-            Some(Ok(data)) => (Some(data), None),
-            Some(Err(frame)) => (None, frame.into_trailers().ok().map(Box::new)),
-        };
+        if let Some(frame) = first {
+            tracker.hold_frame(frame);
+        }
         StallBody {
             inner: Inner::Boxed { body },
             sleep: None,
-            first,
-            first_trailers,
-            pending: None,
             tracker,
             done,
         }
@@ -143,18 +137,10 @@ where
         if *this.done {
             return Poll::Ready(None);
         }
-        // Checked before taking: `take` on these (large) options would move them on every
-        // frame.
-        if this.first.is_some() || this.first_trailers.is_some() {
-            if let Some(data) = this.first.take() {
-                return Poll::Ready(Some(Ok(Frame::data(data))));
-            }
-            if let Some(trailers) = this.first_trailers.take() {
-                return Poll::Ready(Some(Ok(Frame::trailers(*trailers))));
-            }
-        }
-        if this.pending.is_some() {
-            if let Some(err) = this.pending.take() {
+        match this.tracker.take_held() {
+            None => {}
+            Some(Held::Frame(frame)) => return Poll::Ready(Some(Ok(frame))),
+            Some(Held::Error(err)) => {
                 *this.done = true;
                 return Poll::Ready(Some(Err(err)));
             }
@@ -165,19 +151,11 @@ where
         };
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
+                // Progress only moves deadlines out or arms idle in place of first
+                // content; both are timed, and the timer set, when the body next waits.
                 if let Some(data) = frame.data_ref() {
-                    if let Some(err) = this.tracker.on_data(data, Instant::now) {
-                        *this.pending = Some(Box::new(err));
-                    }
-                    // Progress pushes deadlines out, and the timer catches up lazily when
-                    // it fires; but content can arm an earlier one (idle replacing
-                    // first-content), so the timer is pulled in when that happens.
-                    if let Some(sleep) = this.sleep.as_mut() {
-                        if let Some(at) = this.tracker.deadline() {
-                            if at < sleep.deadline() {
-                                sleep.as_mut().reset(at);
-                            }
-                        }
+                    if let Some(err) = this.tracker.on_data(data) {
+                        this.tracker.hold_error(err);
                     }
                 }
                 return Poll::Ready(Some(Ok(frame)));
@@ -204,6 +182,8 @@ where
             };
             let sleep = match this.sleep {
                 Some(sleep) => {
+                    // Only pulled in here: a later deadline is caught up with when the
+                    // timer fires.
                     if sleep.deadline() > at {
                         sleep.as_mut().reset(at);
                     }
@@ -236,11 +216,7 @@ where
         if self.done {
             return true;
         }
-        if self.first.is_some()
-            || self.first_trailers.is_some()
-            || self.pending.is_some()
-            || self.tracker.is_sse()
-        {
+        if self.tracker.is_sse() {
             // A stream's end is judged (terminal marker, last event) when it is seen.
             return false;
         }
@@ -258,8 +234,7 @@ where
             Inner::Inline { body } => body.size_hint(),
             Inner::Boxed { body } => body.size_hint(),
         };
-        if let Some(first) = &self.first {
-            let extra = first.len() as u64;
+        if let Some(extra) = self.tracker.held() {
             if let Some(upper) = hint.upper() {
                 hint.set_upper(upper.saturating_add(extra));
             }

@@ -3,6 +3,8 @@
 use std::num::NonZeroU64;
 use std::time::Duration;
 
+use tower_ai_core::StallPhase;
+
 use crate::layer::StallDetectorLayer;
 
 /// The deadlines of a [`StallDetector`](crate::StallDetector), each optional, and how
@@ -14,12 +16,16 @@ use crate::layer::StallDetectorLayer;
 /// | [`unary_head`](StallConfigBuilder::unary_head) | the call | other requests | off |
 /// | [`first_byte`](StallConfigBuilder::first_byte) | the response head | SSE responses | 30 s |
 /// | [`first_content`](StallConfigBuilder::first_content) | the response head | SSE responses | 300 s |
-/// | [`idle`](StallConfigBuilder::idle) | the last chunk | SSE responses, once content started | 60 s |
+/// | [`idle`](StallConfigBuilder::idle) | the last progress | SSE responses, once content started | 60 s |
 /// | [`total`](StallConfigBuilder::total) | the call | every response, to the body's end | 20 min |
 ///
 /// "The call" is the first time the response future (or, when the answer was ready at
 /// once, the body) has to wait: a client sends nothing before its future is polled, and a
-/// response that never makes anyone wait never reads the clock.
+/// response that never makes anyone wait never reads the clock. "The last progress" is
+/// the first time the body had to wait after the last chunk that counts as progress
+/// (content, and with [`liveness_resets_idle`](StallConfigBuilder::liveness_resets_idle)
+/// any chunk): the clock is read once per wait rather than once per chunk, and time the
+/// caller spends between polls is not counted against the provider.
 ///
 /// # Why these defaults
 ///
@@ -195,6 +201,25 @@ impl StallConfig {
     /// Whether the response future waits for the first body byte of an SSE response.
     pub fn await_first_byte(&self) -> bool {
         self.await_first_byte
+    }
+
+    /// The deadline before the response head of a (`streamed` or not) request, from the
+    /// call: the head deadline that applies, or the total deadline when it is earlier (on
+    /// a tie, the head's).
+    pub(crate) fn head_wait(&self, streamed: bool) -> Option<(StallPhase, Duration)> {
+        let head = if streamed { self.head } else { self.unary_head };
+        let (phase, nanos) = match (head, self.total) {
+            (Some(h), Some(t)) if t < h => (StallPhase::Total, t),
+            (Some(h), _) => (StallPhase::Head, h),
+            (None, Some(t)) => (StallPhase::Total, t),
+            (None, None) => return None,
+        };
+        Some((phase, Duration::from_nanos(nanos.get())))
+    }
+
+    /// Whether the head deadline depends on whether the request is streamed.
+    pub(crate) fn head_depends_on_stream(&self) -> bool {
+        self.head != self.unary_head
     }
 
     /// Checks that the config makes sense (the builder rejects zero deadlines).

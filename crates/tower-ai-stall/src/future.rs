@@ -11,11 +11,12 @@ use http::Response;
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
-use tower_ai_core::stream::{is_event_stream, StreamDialect};
+use tower_ai_core::stream::is_event_stream;
 use tower_ai_core::{AiError, BoxError};
 
 use crate::body::StallBody;
 use crate::config::StallConfig;
+use crate::service::Route;
 use crate::stall::{Check, Tracker};
 
 pin_project! {
@@ -35,12 +36,11 @@ pin_project! {
     pub struct ResponseFuture<F, B> {
         #[pin]
         state: State<F, B>,
+        // Created the first time the call makes us wait, then reset from phase to phase.
         #[pin]
         sleep: Option<Sleep>,
         config: StallConfig,
-        system: &'static str,
-        dialect: StreamDialect,
-        streamed: bool,
+        route: Route,
         // Taken the first time the call makes us wait (no clock read otherwise).
         start: Option<Instant>,
     }
@@ -64,20 +64,12 @@ struct ReadAhead<B> {
 }
 
 impl<F, B> ResponseFuture<F, B> {
-    pub(crate) fn new(
-        fut: F,
-        config: StallConfig,
-        system: &'static str,
-        dialect: StreamDialect,
-        streamed: bool,
-    ) -> Self {
+    pub(crate) fn new(fut: F, config: StallConfig, route: Route) -> Self {
         ResponseFuture {
             state: State::Calling { fut },
             sleep: None,
             config,
-            system,
-            dialect,
-            streamed,
+            route,
             start: None,
         }
     }
@@ -86,9 +78,9 @@ impl<F, B> ResponseFuture<F, B> {
 impl<F, B> fmt::Debug for ResponseFuture<F, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("system", &self.system)
-            .field("dialect", &self.dialect)
-            .field("streamed", &self.streamed)
+            .field("system", &self.route.system)
+            .field("dialect", &self.route.dialect)
+            .field("streamed", &self.route.streamed)
             .finish_non_exhaustive()
     }
 }
@@ -130,20 +122,26 @@ where
             match this.state.as_mut().project() {
                 StateProj::Calling { fut } => {
                     match fut.poll(cx) {
+                        Poll::Ready(Ok(res)) if !is_sse(&res) => {
+                            this.state.set(State::Done);
+                            let tracker =
+                                Tracker::plain(this.config, this.route.system, *this.start);
+                            return Poll::Ready(Ok(res.map(|b| StallBody::new(b, tracker))));
+                        }
                         Poll::Ready(Ok(res)) => {
-                            let sse = is_sse(&res);
                             // The head's instant matters only to a stream's deadlines.
-                            let tracker = Tracker::new(
+                            let tracker = Tracker::stream(
                                 *this.config,
-                                this.system,
+                                this.route.system,
                                 *this.start,
-                                sse.then(|| (*this.dialect, Instant::now())),
+                                this.route.dialect,
+                                Instant::now(),
                             );
                             let (mut parts, body) = res.into_parts();
                             if let Some(outcome) = tracker.outcome() {
                                 parts.extensions.insert(outcome.clone());
                             }
-                            if sse && this.config.await_first_byte {
+                            if this.config.await_first_byte {
                                 this.state.set(State::FirstByte {
                                     read_ahead: Box::new(ReadAhead {
                                         parts: Some(parts),
@@ -165,14 +163,14 @@ where
                     }
                     let start = *this.start.get_or_insert_with(Instant::now);
                     let Some((at, phase, after)) =
-                        Tracker::head_deadline(this.config, *this.streamed, start)
+                        Tracker::head_deadline(this.config, this.route.streamed, start)
                     else {
                         return Poll::Pending;
                     };
                     ready!(poll_sleep(this.sleep.as_mut(), at, cx));
                     this.state.set(State::Done);
                     tracing::warn!(
-                        gen_ai.system = *this.system,
+                        gen_ai.system = this.route.system.as_str(),
                         error.type = "stalled",
                         stall.phase = ?phase,
                         stall.after_ms = after.as_millis() as u64,
@@ -199,7 +197,7 @@ where
                                 if data.is_empty() {
                                     continue;
                                 }
-                                if let Some(err) = t.on_data(data, Instant::now) {
+                                if let Some(err) = t.on_data(data) {
                                     // Not one byte reached the caller: an error of the call.
                                     this.state.set(State::Done);
                                     return Poll::Ready(Err(Box::new(err)));
@@ -220,6 +218,7 @@ where
                             None
                         }
                         Poll::Pending => {
+                            t.arm(Instant::now);
                             let Some(at) = t.deadline() else {
                                 return Poll::Pending;
                             };

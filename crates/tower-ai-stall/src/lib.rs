@@ -43,10 +43,12 @@
 //!
 //! Chunks pass through as the inner body yields them (zero copies; the scanner keeps only
 //! the bytes of an incomplete line). Responses that are not `text/event-stream`
-//! successes get only the head and total deadlines. Each body has at most one timer,
-//! created only when the inner body is first pending and reset in place; progress only
-//! records the instant (the timer catches up when it fires), so a chunk costs no timer
-//! operation.
+//! successes get only the head and total deadlines. The response future and the body
+//! each have at most one timer, created only when they are first pending and reset in
+//! place from phase to phase; a chunk only marks progress, timed when the body next waits
+//! (the timer catches up when it fires), so it costs no timer operation and no clock
+//! read. `call` reads the request's path and headers, but the host (for the
+//! `gen_ai.system` of trace events) only when warnings can be recorded.
 //!
 //! ```
 //! use std::time::Duration;

@@ -5,9 +5,11 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::Frame;
 use tokio::time::Instant;
 use tower_ai_core::stream::{FinishReason, StreamDialect, StreamScanner};
-use tower_ai_core::{AiError, ErrorKind, StallPhase, Usage};
+use tower_ai_core::{AiError, BoxError, ErrorKind, Provider, StallPhase, Usage};
 
 use crate::config::StallConfig;
 
@@ -121,59 +123,101 @@ pub(crate) enum Check {
     End,
 }
 
+/// What the body holds back to deliver on its next poll.
+pub(crate) enum Held {
+    /// A frame the response future read ahead.
+    Frame(Frame<Bytes>),
+    /// The error found in the frame delivered last.
+    Error(BoxError),
+}
+
 /// The state of one response: the deadlines armed, what the stream showed so far.
+///
+/// Small for responses that are not streams (the total deadline, its start, a byte
+/// count); a stream's state is boxed apart, since a body is moved through every layer
+/// above.
 #[derive(Debug)]
 pub(crate) struct Tracker {
-    config: StallConfig,
-    /// The `gen_ai.system` of trace events.
-    system: &'static str,
+    /// The total deadline.
+    total: Option<Duration>,
     /// When the call started to wait; taken lazily (see [`Tracker::arm`]), so that a
     /// response that never makes anyone wait never reads the clock.
     start: Option<Instant>,
     bytes: u64,
-    /// Present for SSE success responses only (others get only the total deadline);
-    /// boxed so that other responses carry a small body.
+    /// The `gen_ai.system` of trace events.
+    system: Provider,
+    /// Present for SSE success responses only.
     sse: Option<Box<Sse>>,
 }
 
 /// What a stream showed so far.
 #[derive(Debug)]
 struct Sse {
+    config: StallConfig,
     scanner: StreamScanner,
     outcome: StreamOutcome,
     head_at: Instant,
+    /// The last progress, as the idle deadline counts it.
     last_progress: Instant,
+    /// Progress was made since the clock was last read: `last_progress` moves to the
+    /// next time the body waits (reading the clock once per wait, not once per chunk).
+    progressed: bool,
+    /// A frame or an error the body delivers on its next poll.
+    held_frame: Option<Frame<Bytes>>,
+    held_error: Option<BoxError>,
 }
 
 impl Tracker {
-    /// A tracker for a response; `sse` is the dialect and the head's instant of an SSE
-    /// success response.
-    pub(crate) fn new(
-        config: StallConfig,
-        system: &'static str,
-        start: Option<Instant>,
-        sse: Option<(StreamDialect, Instant)>,
-    ) -> Self {
+    /// A tracker for a response that is not a stream: only the total deadline applies.
+    pub(crate) fn plain(config: &StallConfig, system: Provider, start: Option<Instant>) -> Self {
         Tracker {
-            config,
+            total: config.total(),
             system,
-            start: start.or(sse.map(|(_, at)| at)),
+            start,
             bytes: 0,
-            sse: sse.map(|(dialect, head_at)| {
-                Box::new(Sse {
-                    scanner: StreamScanner::new(dialect),
-                    outcome: StreamOutcome::new(),
-                    head_at,
-                    last_progress: head_at,
-                })
-            }),
+            sse: None,
         }
     }
 
-    /// Takes the start instant if it was not taken yet: call it before waiting.
+    /// A tracker for an SSE success response in `dialect` whose head arrived at `head_at`.
+    pub(crate) fn stream(
+        config: StallConfig,
+        system: Provider,
+        start: Option<Instant>,
+        dialect: StreamDialect,
+        head_at: Instant,
+    ) -> Self {
+        Tracker {
+            total: config.total(),
+            system,
+            start: start.or(Some(head_at)),
+            bytes: 0,
+            sse: Some(Box::new(Sse {
+                config,
+                scanner: StreamScanner::new(dialect),
+                outcome: StreamOutcome::new(),
+                head_at,
+                last_progress: head_at,
+                progressed: false,
+                held_frame: None,
+                held_error: None,
+            })),
+        }
+    }
+
+    /// Takes the start instant if it was not taken yet, and moves the last progress to
+    /// now if progress was made since the last wait: call it when the body waits.
+    /// Reads the clock only when one of them needs it.
     pub(crate) fn arm(&mut self, now: impl FnOnce() -> Instant) {
-        if self.start.is_none() {
-            self.start = Some(now());
+        let progressed = self.sse.as_ref().is_some_and(|s| s.progressed);
+        if self.start.is_some() && !progressed {
+            return;
+        }
+        let now = now();
+        self.start.get_or_insert(now);
+        if let (true, Some(sse)) = (progressed, self.sse.as_deref_mut()) {
+            sse.last_progress = now;
+            sse.progressed = false;
         }
     }
 
@@ -190,27 +234,53 @@ impl Tracker {
         self.bytes
     }
 
+    /// Holds `frame` (read ahead by the response future) for the body's first poll.
+    pub(crate) fn hold_frame(&mut self, frame: Frame<Bytes>) {
+        if let Some(sse) = self.sse.as_deref_mut() {
+            sse.held_frame = Some(frame);
+        }
+    }
+
+    /// Holds `err` (found in the frame just delivered) for the body's next poll.
+    pub(crate) fn hold_error(&mut self, err: AiError) {
+        if let Some(sse) = self.sse.as_deref_mut() {
+            sse.held_error = Some(Box::new(err));
+        }
+    }
+
+    /// What the body holds back, to deliver now.
+    #[inline]
+    pub(crate) fn take_held(&mut self) -> Option<Held> {
+        let sse = self.sse.as_deref_mut()?;
+        if let Some(frame) = sse.held_frame.take() {
+            return Some(Held::Frame(frame));
+        }
+        sse.held_error.take().map(Held::Error)
+    }
+
+    /// Whether the body holds something back, and the data bytes of a held frame.
+    pub(crate) fn held(&self) -> Option<u64> {
+        let sse = self.sse.as_deref()?;
+        match &sse.held_frame {
+            Some(f) => Some(f.data_ref().map_or(0, |d| d.len() as u64)),
+            None => sse.held_error.is_some().then_some(0),
+        }
+    }
+
     /// The deadline before the response head, for a call started at `start`.
     pub(crate) fn head_deadline(
         config: &StallConfig,
         streamed: bool,
         start: Instant,
     ) -> Option<(Instant, StallPhase, Duration)> {
-        let head = if streamed {
-            config.head()
-        } else {
-            config.unary_head()
-        };
-        let a = head.map(|d| (start + d, StallPhase::Head, d));
-        let b = config.total().map(|d| (start + d, StallPhase::Total, d));
-        earliest(a, b)
+        let (phase, d) = config.head_wait(streamed)?;
+        Some((start + d, phase, d))
     }
 
     /// The earliest armed deadline, with its phase and duration.
     fn next(&self) -> Option<(Instant, StallPhase, Duration)> {
-        let c = &self.config;
-        let total = c
-            .total()
+        let total = self
+            .total
             .zip(self.start)
             .map(|(d, start)| (start + d, StallPhase::Total, d));
         let Some(sse) = &self.sse else {
@@ -220,6 +290,7 @@ impl Tracker {
             // The answer is whole: only the total deadline still bounds the body's end.
             return total;
         }
+        let c = &sse.config;
         // On a tie the more specific phase wins, so `total` is merged last.
         let mut next = None;
         let first_byte = self.bytes > 0;
@@ -264,7 +335,7 @@ impl Tracker {
             Some((_, phase, after)) => {
                 if self.sse.as_ref().is_some_and(|s| s.scanner.terminal_seen()) {
                     tracing::debug!(
-                        gen_ai.system = self.system,
+                        gen_ai.system = self.system.as_str(),
                         bytes_received = self.bytes,
                         "stream idle after its terminal event: ending it"
                     );
@@ -279,7 +350,7 @@ impl Tracker {
     /// The error for a stall in `phase`, recorded and traced.
     pub(crate) fn stalled(&mut self, phase: StallPhase, after: Duration) -> AiError {
         tracing::warn!(
-            gen_ai.system = self.system,
+            gen_ai.system = self.system.as_str(),
             error.type = "stalled",
             stall.phase = ?phase,
             stall.after_ms = after.as_millis() as u64,
@@ -294,23 +365,25 @@ impl Tracker {
         }
     }
 
-    /// A data chunk arrived at `now` (read lazily: only when an idle deadline needs it).
-    /// Returns the error to deliver after this chunk, if it carried one.
-    pub(crate) fn on_data(
-        &mut self,
-        data: &[u8],
-        now: impl FnOnce() -> Instant,
-    ) -> Option<AiError> {
-        if data.is_empty() {
+    /// A data chunk arrived. Returns the error to deliver after this chunk, if it carried
+    /// one. Reads no clock: progress is timed when the body next waits ([`Tracker::arm`]).
+    #[inline]
+    pub(crate) fn on_data(&mut self, data: &[u8]) -> Option<AiError> {
+        self.bytes += data.len() as u64;
+        if self.sse.is_none() || data.is_empty() {
             return None;
         }
-        self.bytes += data.len() as u64;
+        self.scan(data)
+    }
+
+    /// Reads a stream's chunk.
+    fn scan(&mut self, data: &[u8]) -> Option<AiError> {
         let sse = self.sse.as_deref_mut()?;
         let facts = sse.scanner.feed(data);
         if let Some(classification) = facts.error {
             let kind = classification.kind;
             tracing::warn!(
-                gen_ai.system = self.system,
+                gen_ai.system = self.system.as_str(),
                 error.type = kind.map_or("unknown", |k| k.as_str()),
                 bytes_received = self.bytes,
                 "provider error inside the stream"
@@ -318,27 +391,37 @@ impl Tracker {
             self.finish(StreamEnd::ProviderError(kind));
             return Some(AiError::Provider { classification });
         }
-        if self.config.idle().is_some() && (facts.content || self.config.liveness_resets_idle) {
-            sse.last_progress = now();
+        if facts.content || sse.config.liveness_resets_idle {
+            sse.progressed = true;
         }
         None
     }
 
     /// The inner body ended. Returns the error to end with, if the stream was cut or its
     /// last event was an error.
+    #[inline]
     pub(crate) fn on_end(&mut self) -> Option<AiError> {
+        if self.sse.is_some() {
+            self.end_stream()
+        } else {
+            None
+        }
+    }
+
+    /// A stream's end.
+    fn end_stream(&mut self) -> Option<AiError> {
         let sse = self.sse.as_deref_mut()?;
         let facts = sse.scanner.finish();
         if let Some(classification) = facts.error {
             self.finish(StreamEnd::ProviderError(classification.kind));
             return Some(AiError::Provider { classification });
         }
-        if self.config.require_terminal
+        if sse.config.require_terminal
             && sse.scanner.dialect().has_terminal_marker()
             && !sse.scanner.terminal_seen()
         {
             tracing::warn!(
-                gen_ai.system = self.system,
+                gen_ai.system = self.system.as_str(),
                 error.type = "truncated",
                 bytes_received = self.bytes,
                 "stream ended without its terminal event"
@@ -371,7 +454,7 @@ impl Tracker {
         };
         if summary.truncated_by_model() {
             tracing::warn!(
-                gen_ai.system = self.system,
+                gen_ai.system = self.system.as_str(),
                 gen_ai.response.finish_reasons = "length",
                 gen_ai.usage.input_tokens = summary.usage.map(|u| u.input_tokens),
                 gen_ai.usage.output_tokens = summary.usage.map(|u| u.output_tokens),
@@ -412,9 +495,16 @@ mod tests {
     fn tracker(config: StallConfig, dialect: StreamDialect) -> (Tracker, Instant) {
         let t0 = Instant::now();
         (
-            Tracker::new(config, "openai", Some(t0), Some((dialect, t0 + S))),
+            Tracker::stream(config, Provider::OpenAi, Some(t0), dialect, t0 + S),
             t0,
         )
+    }
+
+    /// A chunk arrives, then the body waits at `at`.
+    fn chunk(t: &mut Tracker, data: &[u8], at: Instant) -> Option<AiError> {
+        let err = t.on_data(data);
+        t.arm(|| at);
+        err
     }
 
     fn phase(c: Check) -> Option<StallPhase> {
@@ -432,28 +522,38 @@ mod tests {
         assert!(matches!(t.check(t0 + 5 * S), Check::Wait(_)));
         assert_eq!(
             phase(
-                Tracker::new(
+                Tracker::stream(
                     config(),
-                    "anthropic",
+                    Provider::Anthropic,
                     Some(t0),
-                    Some((StreamDialect::Anthropic, t0 + S))
+                    StreamDialect::Anthropic,
+                    t0 + S
                 )
                 .check(t0 + 6 * S)
             ),
             Some(StallPhase::FirstByte)
         );
         // A ping is a byte but not content: first content by t0 + 21 s.
-        assert!(t
-            .on_data(b"event: ping\ndata: {\"type\":\"ping\"}\n\n", || t0 + 2 * S)
-            .is_none());
+        assert!(chunk(
+            &mut t,
+            b"event: ping\ndata: {\"type\":\"ping\"}\n\n",
+            t0 + 2 * S
+        )
+        .is_none());
         assert_eq!(t.deadline(), Some(t0 + 21 * S));
         assert_eq!(phase(t.check(t0 + 21 * S)), Some(StallPhase::FirstContent));
         let (mut t, t0) = tracker(config(), StreamDialect::Anthropic);
         let delta = b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n";
-        t.on_data(delta, || t0 + 3 * S);
-        // Content started: idle from the last chunk.
+        chunk(&mut t, delta, t0 + 3 * S);
+        // Content started: idle from the last chunk (timed when the body next waits).
         assert_eq!(t.deadline(), Some(t0 + 13 * S));
-        t.on_data(delta, || t0 + 12 * S);
+        t.on_data(delta);
+        assert_eq!(
+            t.deadline(),
+            Some(t0 + 13 * S),
+            "not timed until the body waits"
+        );
+        t.arm(|| t0 + 12 * S);
         assert_eq!(t.deadline(), Some(t0 + 22 * S));
         assert_eq!(phase(t.check(t0 + 22 * S)), Some(StallPhase::Idle));
     }
@@ -469,8 +569,13 @@ mod tests {
                 .build_config()
                 .unwrap();
             let (mut t, t0) = tracker(c, StreamDialect::OpenAiChat);
-            t.on_data(delta, || t0 + 2 * S);
-            t.on_data(ping, || t0 + 8 * S);
+            chunk(&mut t, delta, t0 + 2 * S);
+            t.on_data(ping);
+            if resets {
+                t.arm(|| t0 + 8 * S);
+            } else {
+                t.arm(|| panic!("a ping is no progress then: no clock read"));
+            }
             let expect = if resets { t0 + 18 * S } else { t0 + 12 * S };
             assert_eq!(t.deadline(), Some(expect), "resets={resets}");
         }
@@ -479,7 +584,7 @@ mod tests {
     #[test]
     fn terminal_marker_and_truncation() {
         let (mut t, _) = tracker(config(), StreamDialect::OpenAiChat);
-        t.on_data(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":\"length\"}]}\n\n", Instant::now);
+        t.on_data(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":\"length\"}]}\n\n");
         assert!(
             matches!(t.on_end(), Some(AiError::Truncated { bytes_received }) if bytes_received > 0)
         );
@@ -488,9 +593,10 @@ mod tests {
         assert!(s.truncated_by_model());
 
         let (mut t, t0) = tracker(config(), StreamDialect::OpenAiChat);
-        t.on_data(
+        chunk(
+            &mut t,
             b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n",
-            || t0,
+            t0,
         );
         // After the marker only the total deadline is armed, and expiry ends cleanly.
         assert_eq!(t.deadline(), Some(t0 + 100 * S));
@@ -499,7 +605,7 @@ mod tests {
 
         // Gemini has no marker: EOF is a clean end.
         let (mut t, t0) = tracker(config(), StreamDialect::Gemini);
-        t.on_data(b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"a\"}]},\"finishReason\":\"STOP\"}]}\r\n\r\n", || t0);
+        chunk(&mut t, b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"a\"}]},\"finishReason\":\"STOP\"}]}\r\n\r\n", t0);
         assert!(t.on_end().is_none());
         // Unless required off, OpenAI without [DONE] is truncated; off, it is not.
         let c = config()
@@ -514,15 +620,14 @@ mod tests {
     #[test]
     fn non_sse_gets_only_the_total_deadline() {
         let t0 = Instant::now();
-        let mut t = Tracker::new(config(), "openai", None, None);
+        let mut t = Tracker::plain(&config(), Provider::OpenAi, None);
         // Not armed until someone waits: no clock read for a response that is ready.
         assert_eq!(t.deadline(), None);
         t.arm(|| t0);
-        t.arm(|| t0 + S);
+        t.arm(|| panic!("the clock is read once"));
         assert_eq!(t.deadline(), Some(t0 + 100 * S));
-        assert!(t
-            .on_data(b"{\"error\":{\"message\":\"x\"}}", || t0)
-            .is_none());
+        assert!(t.on_data(b"{\"error\":{\"message\":\"x\"}}").is_none());
+        t.arm(|| panic!("no progress is timed for a plain body"));
         assert!(t.on_end().is_none());
         assert_eq!(t.bytes(), 25);
         assert!(t.outcome().is_none());
@@ -539,12 +644,18 @@ mod tests {
             .build_config()
             .unwrap();
         assert_eq!(
-            Tracker::head_deadline(&c, true, t0).map(|d| d.1),
-            Some(StallPhase::Head)
+            Tracker::head_deadline(&c, true, t0),
+            Some((t0 + 3 * S, StallPhase::Head, 3 * S))
         );
         assert_eq!(
-            Tracker::head_deadline(&c, false, t0).map(|d| d.1),
-            Some(StallPhase::Total)
+            Tracker::head_deadline(&c, false, t0),
+            Some((t0 + 50 * S, StallPhase::Total, 50 * S))
+        );
+        // On a tie the head deadline is named.
+        let tie = c.to_builder().head(50 * S).build_config().unwrap();
+        assert_eq!(
+            Tracker::head_deadline(&tie, true, t0).map(|d| d.1),
+            Some(StallPhase::Head)
         );
         assert!(Tracker::head_deadline(&StallConfig::none(), true, t0).is_none());
     }
