@@ -11,7 +11,7 @@ use tower_ai_core::{AiError, BoxError, BudgetLimit, Provider, ReplayBody, Reques
 use tower_service::Service;
 
 use crate::body::BudgetBody;
-use crate::budget::{Budget, Cached, Cost, Decision, KeyFast};
+use crate::budget::{Budget, Cached, Cost, Decision, FastConfig, KeyFast};
 use crate::config::WhenFull;
 use crate::event::{emit, BudgetEvent, BudgetListener};
 use crate::future::{Guard, Permit, ResponseFuture, WaitState};
@@ -28,6 +28,8 @@ pub struct TokenBudget<S, K = Global, L = ()> {
     listener: Arc<L>,
     /// The last key this service admitted on the fast path, and its state.
     cache: Cached,
+    /// The budget's fast-path settings, at hand.
+    fast: FastConfig,
 }
 
 impl<S, K, L> TokenBudget<S, K, L> {
@@ -39,6 +41,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
     ) -> Self {
         TokenBudget {
             inner,
+            fast: budget.fast,
             budget,
             key_fn,
             listener,
@@ -70,6 +73,7 @@ impl<S: Clone, K, L> Clone for TokenBudget<S, K, L> {
             key_fn: self.key_fn.clone(),
             listener: self.listener.clone(),
             cache: self.cache.clone(),
+            fast: self.fast,
         }
     }
 }
@@ -103,7 +107,7 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        if !self.budget.fast.enabled {
+        if !self.fast.enabled {
             return self.call_counting_tokens(req);
         }
         // No tokens or money to count: one atomic step on the key's state, without the
@@ -112,7 +116,7 @@ where
             return ResponseFuture::fast(self.inner.call(req), None);
         };
         match self.fast_admit(key) {
-            Some(permit) if !self.budget.fast.sync_from_headers => {
+            Some(permit) if !self.fast.sync_from_headers => {
                 ResponseFuture::fast(self.inner.call(req), permit)
             }
             Some(permit) => ResponseFuture::called(
@@ -131,7 +135,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
     /// limit), or `None` for the locked path.
     #[inline]
     fn fast_admit(&mut self, key: Key) -> Option<Option<Permit>> {
-        let in_flight_max = self.budget.fast.in_flight_max;
+        let in_flight_max = self.fast.in_flight_max;
         let fast = match &self.cache {
             Some((k, fast)) if *k == key => fast,
             _ => self.refresh_cache(key)?,
@@ -209,7 +213,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
             WhenFull::Reject => None,
         };
         let observe = limits.sync_from_headers.then(|| (self.budget.clone(), key));
-        let cache = self.budget.fast.enabled.then_some(&mut self.cache);
+        let cache = self.fast.enabled.then_some(&mut self.cache);
         match self
             .budget
             .try_admit(key, &cost, now, None, None, deadline, cache)
