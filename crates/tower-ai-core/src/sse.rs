@@ -70,8 +70,14 @@ pub struct SseParser {
     skip_lf: bool,
     bom_seen: u8,
     oversized: bool,
+    /// The line being read was dropped when a chunk ended in it (too long to keep): its
+    /// end ends nothing else.
+    line_dropped: bool,
     max_event: usize,
 }
+
+/// The byte order mark a stream may start with.
+const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
 
 /// The longest event name kept; longer names are cut (no dialect uses more than ~40).
 const MAX_EVENT_NAME: usize = 256;
@@ -99,7 +105,9 @@ impl SseParser {
         SseParser::with_max_event(DEFAULT_MAX_EVENT)
     }
 
-    /// A parser that skips events larger than `max_event` bytes.
+    /// A parser that skips events larger than `max_event` bytes: an event is skipped (and
+    /// reported once as [`SseItem::Oversized`]) as soon as its data and the line being
+    /// read no longer fit, whatever kind of line that is, and wherever the chunks end.
     pub fn with_max_event(max_event: usize) -> Self {
         SseParser {
             line: Vec::new(),
@@ -110,6 +118,7 @@ impl SseParser {
             skip_lf: false,
             bom_seen: 0,
             oversized: false,
+            line_dropped: false,
             max_event,
         }
     }
@@ -123,7 +132,6 @@ impl SseParser {
     pub fn feed<F: FnMut(SseItem<'_>)>(&mut self, chunk: &[u8], mut on_item: F) {
         let mut pos = 0;
         // Skip a BOM at the very start, even when it arrives split across chunks.
-        const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
         while self.bom_seen < 3 {
             let Some(&b) = chunk.get(pos) else { return };
             if b == BOM[self.bom_seen as usize] {
@@ -172,8 +180,11 @@ impl SseParser {
         let rest = &chunk[pos.min(chunk.len())..];
         if !rest.is_empty() {
             self.skip_lf = false;
-            if self.line.len() + rest.len() + self.data.len() > self.max_event {
+            if self.line_dropped {
+                // Still inside a line too long to keep.
+            } else if self.line.len() + rest.len() + self.data.len() > self.max_event {
                 self.oversized = true;
+                self.line_dropped = true;
                 self.line.clear();
             } else {
                 self.line.extend_from_slice(rest);
@@ -185,6 +196,12 @@ impl SseParser {
     /// dispatched (see the module docs), then the parser is ready for a new stream.
     pub fn finish<F: FnMut(SseItem<'_>)>(&mut self, mut on_item: F) {
         let mut held = InChunk::default();
+        if self.bom_seen < 3 {
+            // The input ended inside what began like a BOM: those bytes are a line.
+            self.line
+                .extend_from_slice(&BOM[..usize::from(self.bom_seen)]);
+            self.bom_seen = 3;
+        }
         if !self.line.is_empty() {
             self.line_end(&[], 0..0, &mut held, &mut on_item);
         }
@@ -201,6 +218,22 @@ impl SseParser {
         held: &mut InChunk,
         on_item: &mut F,
     ) {
+        if std::mem::take(&mut self.line_dropped) {
+            // The rest of a line too long to keep: the event is skipped already.
+            self.line.clear();
+            return;
+        }
+        // A line that does not fit with the event's data skips the event, wherever the
+        // chunks happen to end (the check above, at a chunk's end, is this one early).
+        let len = self.line.len() + range.len();
+        let data = self.data.len() + held.data.as_ref().map_or(0, |r| r.len());
+        if len > 0 && len + data > self.max_event {
+            self.oversized = true;
+            self.line.clear();
+            self.data.clear();
+            held.data = None;
+            return;
+        }
         if self.line.is_empty() {
             if range.is_empty() {
                 self.dispatch(chunk, held, on_item);

@@ -650,6 +650,10 @@ fn skip_ws(json: &[u8], mut i: usize) -> usize {
 
 /// The index just past the string that starts at `json[at]` (a quote).
 fn string_end(json: &[u8], at: usize) -> Option<usize> {
+    if json.get(at) != Some(&b'"') {
+        // Not a string (`null`, a number): reading on would take the next key for it.
+        return None;
+    }
     let mut i = at + 1;
     loop {
         i += memchr::memchr2(b'"', b'\\', json.get(i..)?)?;
