@@ -458,3 +458,34 @@ fn a_null_stop_reason_is_no_finish_reason() {
     );
     assert_eq!(scan(StreamDialect::Anthropic, &[&stream[..]]).finish, None);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// `Usage::from_json` reads a whole response without building a tree; it must find
+    /// what `serde_json` finds, whatever the answer's text says.
+    #[test]
+    fn usage_of_a_whole_response_matches_serde(
+        shape in 0usize..3,
+        t in text(),
+        counts in proptest::option::of((0u64..1_000_000, 0u64..100_000, 0u64..5_000)),
+        pad in prop_oneof![Just(""), Just(" "), Just("\n  ")],
+    ) {
+        let mut v = match shape {
+            0 => json!({"id": "c", "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}]}),
+            1 => json!({"id": "msg", "type": "message", "content": [{"type": "text", "text": t}], "stop_reason": "end_turn"}),
+            _ => json!({"candidates": [{"content": {"parts": [{"text": t}], "role": "model"}, "finishReason": "STOP"}]}),
+        };
+        if let Some((a, b, c)) = counts {
+            match shape {
+                0 => v["usage"] = json!({"prompt_tokens": a, "completion_tokens": b, "total_tokens": a + b}),
+                1 => v["usage"] = json!({"input_tokens": a, "cache_read_input_tokens": c, "output_tokens": b}),
+                _ => v["usageMetadata"] = json!({"promptTokenCount": a, "candidatesTokenCount": b,
+                    "thoughtsTokenCount": c, "totalTokenCount": a + b + c}),
+            }
+        }
+        let body = format!("{pad}{v}{pad}");
+        prop_assert_eq!(Usage::from_json(body.as_bytes()), Usage::from_value(&v));
+    }
+}
