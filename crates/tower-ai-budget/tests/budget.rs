@@ -717,6 +717,8 @@ async fn bad_input_is_handled_as_documented() {
 
 #[tokio::test(start_paused = true)]
 async fn soft_limit_warns_once_per_crossing() {
+    let log = tower_ai_sim::testing::TraceLog::default();
+    let _guard = log.install();
     let (events, listener) = recorder();
     let layer = TokenBudgetLayer::builder()
         .requests_per_minute(10)
@@ -748,6 +750,21 @@ async fn soft_limit_warns_once_per_crossing() {
             ..
         })
     ));
+    // The same, as `tracing` sees it: one warning at the crossing, one refusal.
+    let traced = log.events();
+    let warned: Vec<_> = traced
+        .iter()
+        .filter(|e| e.message() == Some("token budget past its soft limit"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{traced:#?}");
+    assert_eq!(warned[0].level, tracing::Level::WARN);
+    assert_eq!(warned[0].field("budget.used"), Some("8"));
+    assert_eq!(warned[0].field("budget.max"), Some("10"));
+    let refused = traced
+        .iter()
+        .filter(|e| e.message() == Some("request refused by the token budget"))
+        .count();
+    assert_eq!(refused, 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -808,3 +808,64 @@ fn services_and_bodies_are_send_sync_static() {
     fn assert_unpin<T: Unpin>() {}
     assert_unpin::<StallBody<ChanBody>>();
 }
+
+// ---------------------------------------------------------------- what is traced
+
+#[tokio::test(start_paused = true)]
+async fn truncations_stalls_and_in_stream_errors_are_warned_about() {
+    let log = tower_ai_sim::testing::TraceLog::default();
+    let _guard = log.install();
+    let warnings = |message: &str| -> Vec<tower_ai_sim::testing::Recorded> {
+        log.events()
+            .into_iter()
+            .filter(|e| e.level == tracing::Level::WARN && e.message() == Some(message))
+            .collect()
+    };
+
+    // Cut by the token limit: one warning, with the system, the reason and the usage.
+    let steps = [
+        Send(OAI_ROLE),
+        Send(OAI_TOKEN),
+        Send(OAI_LENGTH),
+        Send(OAI_USAGE),
+        Send(OAI_DONE),
+    ];
+    ends(OPENAI, &steps, StallConfig::default().to_builder()).await;
+    let cut = warnings("answer truncated at the output-token limit");
+    assert_eq!(cut.len(), 1, "{:#?}", log.events());
+    assert_eq!(cut[0].field("gen_ai.system"), Some("openai"));
+    assert_eq!(
+        cut[0].field("gen_ai.response.finish_reasons"),
+        Some("length")
+    );
+    assert_eq!(cut[0].field("gen_ai.usage.input_tokens"), Some("14"));
+    assert_eq!(cut[0].field("gen_ai.usage.output_tokens"), Some("30"));
+
+    // A stall after content: the phase, and how many bytes had arrived.
+    let steps = [Send(ANT_START), Send(ANT_DELTA), Hang];
+    let (read, _) = ends(ANTHROPIC, &steps, cfg().idle(5 * S)).await;
+    assert_eq!(read.stall().0, StallPhase::Idle);
+    let stalled = warnings("stream stalled");
+    assert_eq!(stalled.len(), 1, "{:#?}", log.events());
+    assert_eq!(stalled[0].field("gen_ai.system"), Some("anthropic"));
+    assert_eq!(stalled[0].field("error.type"), Some("stalled"));
+    assert_eq!(stalled[0].field("stall.phase"), Some("Idle"));
+    assert_eq!(stalled[0].field("stall.after_ms"), Some("5000"));
+    let bytes = (ANT_START.len() + ANT_DELTA.len()).to_string();
+    assert_eq!(stalled[0].field("bytes_received"), Some(bytes.as_str()));
+
+    // An error event inside a 200 stream: its kind.
+    let steps = [Send(ANT_START), Send(ANT_DELTA), Send(ANT_ERROR)];
+    ends(ANTHROPIC, &steps, StallConfig::default().to_builder()).await;
+    let errors = warnings("provider error inside the stream");
+    assert_eq!(errors.len(), 1, "{:#?}", log.events());
+    assert_eq!(errors[0].field("gen_ai.system"), Some("anthropic"));
+    assert_eq!(errors[0].field("error.type"), Some("overloaded"));
+    // A natural end warns about nothing.
+    let before = log.events().len();
+    let steps = [Send(ANT_START), Send(ANT_DELTA), Send(ANT_STOP)];
+    ends(ANTHROPIC, &steps, StallConfig::default().to_builder()).await;
+    assert!(log.events()[before..]
+        .iter()
+        .all(|e| e.level != tracing::Level::WARN));
+}
