@@ -219,12 +219,12 @@ impl SseParser {
         on_item: &mut F,
     ) {
         if std::mem::take(&mut self.line_dropped) {
-            // The rest of a line too long to keep: the event is skipped already.
-            self.line.clear();
+            // The rest of a line too long to keep (none of it was kept): the event is
+            // skipped already.
             return;
         }
         // A line that does not fit with the event's data skips the event, wherever the
-        // chunks happen to end (the check above, at a chunk's end, is this one early).
+        // chunks happen to end (the check in `feed`, at a chunk's end, is this one made early).
         let len = self.line.len() + range.len();
         let data = self.data.len() + held.data.as_ref().map_or(0, |r| r.len());
         if len > 0 && len + data > self.max_event {
@@ -336,19 +336,9 @@ impl SseParser {
     }
 
     /// A `data` field whose value is `src[value]`.
+    /// The event's bound was checked on the whole line (in `line_end`), which
+    /// holds the value and more.
     fn data_line(&mut self, src: &[u8], value: Range<usize>, held: Option<&mut InChunk>) {
-        let held_len = held
-            .as_ref()
-            .and_then(|h| h.data.as_ref())
-            .map_or(0, |r| r.len());
-        if self.data.len() + held_len + value.len() + 1 > self.max_event {
-            self.oversized = true;
-            self.data.clear();
-            if let Some(h) = held {
-                h.data = None;
-            }
-            return;
-        }
         match held {
             // The event's first data line, in this chunk: it stays there.
             Some(h) if !self.has_data => h.data = Some(value),

@@ -5,7 +5,6 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use proptest::prelude::*;
-use tower_ai_core::sse::{SseItem, SseParser};
 use tower_ai_core::stream::{StreamDialect, StreamScanner};
 use tower_ai_core::{
     classify_at, duration, ClassifyConfig, Provider, RateLimitInfo, RequestMeta, RequestedWait,
@@ -117,38 +116,6 @@ proptest! {
         let _ = duration::protobuf_duration(&s);
         let _ = duration::number(&s, 1e-3);
         let _ = duration::http_date(&s);
-    }
-
-    #[test]
-    fn sse_split_invariance_and_bounded_memory(
-        events in proptest::collection::vec(("[a-z_]{0,8}", "[ -~]{0,40}", 0usize..3), 0..12),
-        cut in proptest::collection::vec(1usize..17, 1..8),
-    ) {
-        let eol = ["\n", "\r\n", "\r"];
-        let mut stream = Vec::new();
-        for (name, data, e) in &events {
-            if !name.is_empty() { stream.extend_from_slice(format!("event: {name}{}", eol[*e]).as_bytes()); }
-            stream.extend_from_slice(format!("data: {data}{}{}", eol[*e], eol[*e]).as_bytes());
-        }
-        let collect = |chunks: Vec<&[u8]>| {
-            let mut p = SseParser::with_max_event(4096);
-            let mut out = Vec::new();
-            let mut push = |i: SseItem<'_>| out.push(format!("{i:?}"));
-            for c in chunks { p.feed(c, &mut push); }
-            p.finish(&mut push);
-            out
-        };
-        let whole = collect(vec![&stream[..]]);
-        let mut chunks = Vec::new();
-        let mut rest = &stream[..];
-        let mut i = 0;
-        while !rest.is_empty() {
-            let n = cut[i % cut.len()].min(rest.len());
-            chunks.push(&rest[..n]);
-            rest = &rest[n..];
-            i += 1;
-        }
-        prop_assert_eq!(collect(chunks), whole);
     }
 
     #[test]
