@@ -5,6 +5,8 @@
 //! These tests use the real clock: each runs well inside one minute, so the minute window
 //! never slides during it.
 
+mod support;
+
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +18,9 @@ use http::{Request, Response};
 use http_body::{Body, Frame};
 use tower::{Layer, Service};
 use tower_ai_budget::TokenBudgetLayer;
-use tower_ai_core::{AiBody, AiError, BoxError, BudgetLimit};
+use tower_ai_core::{AiBody, BoxError, BudgetLimit};
+
+use support::exceeded;
 
 const THREADS: usize = 4;
 
@@ -103,10 +107,7 @@ where
                             }
                         }
                         Err(e) => {
-                            match e.downcast_ref::<AiError>() {
-                                Some(AiError::BudgetExceeded { limit: l, .. }) if *l == limit => {}
-                                other => panic!("unexpected error {other:?} / {e}"),
-                            }
+                            assert_eq!(exceeded(&e).0, limit, "refused by another limit");
                             refused += 1;
                         }
                     }
@@ -163,12 +164,6 @@ fn the_concurrency_cap_holds_under_contention_and_every_place_comes_back() {
         .map(|_| once(&mut one).expect("a free place"))
         .collect();
     let err = once(&mut one).expect_err("the cap is reached");
-    assert!(matches!(
-        err.downcast_ref::<AiError>(),
-        Some(AiError::BudgetExceeded {
-            limit: BudgetLimit::Concurrency,
-            ..
-        })
-    ));
+    assert_eq!(exceeded(&err).0, BudgetLimit::Concurrency);
     drop(held);
 }
