@@ -38,7 +38,9 @@ pub enum StreamDialect {
     OpenAiResponses,
     /// Anthropic Messages: named events, ends with `message_stop`.
     Anthropic,
-    /// Gemini `streamGenerateContent?alt=sse`: whole response objects, ends at EOF.
+    /// Gemini `streamGenerateContent?alt=sse`: whole response objects; the last
+    /// candidate chunk carries a `finishReason`, which is the stream's terminal marker
+    /// (a stream that ends without one was cut).
     Gemini,
 }
 
@@ -83,9 +85,12 @@ impl StreamDialect {
         None
     }
 
-    /// Whether a complete stream ends with a marker of its own (all but Gemini's).
+    /// Whether a complete stream ends with a marker of its own: all four do (`[DONE]`,
+    /// `response.completed`/`.incomplete`/`.failed`, `message_stop`, and Gemini's
+    /// `finishReason` on its last candidate chunk, see the `FinishReason` enum of the
+    /// Gemini API reference).
     pub fn has_terminal_marker(self) -> bool {
-        !matches!(self, StreamDialect::Gemini)
+        true
     }
 
     /// The provider whose dialect this is (OpenAI for both of OpenAI's).
@@ -441,10 +446,14 @@ impl ScanState {
                     }
                 }
                 content = g.content;
-                // Gemini repeats `usageMetadata` on every chunk: the last one wins.
+                // A candidate's `finishReason` ends the stream: it is Gemini's terminal
+                // marker (the chunk may carry the last text too).
                 if let Some(r) = g.finish {
                     self.finish = Some(FinishReason::parse(r));
+                    self.terminal_seen = true;
+                    seen.terminal = true;
                 }
+                // Gemini repeats `usageMetadata` on every chunk: the last one wins.
                 if g.usage {
                     self.usage = Some(Usage {
                         input_tokens: g.prompt.unwrap_or(0),

@@ -362,6 +362,8 @@ proptest! {
             if let Some(f) = fin {
                 candidate["finishReason"] = json!(f);
                 want.finish = Some(FinishReason::parse(f));
+                // Gemini's terminal marker: a candidate's finishReason.
+                want.terminal = true;
             }
             let mut chunk = json!({"candidates": [candidate], "modelVersion": "gemini-2.5-flash"});
             if let Some((p, c, th)) = usage {

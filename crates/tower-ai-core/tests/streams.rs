@@ -204,7 +204,11 @@ fn gemini_stream_crlf() {
     for split in [usize::MAX, 1, 2, 31] {
         let r = run(StreamDialect::Gemini, GEMINI, split);
         assert!(r.scanner.content_seen(), "split {split}");
-        assert!(!StreamDialect::Gemini.has_terminal_marker());
+        assert!(StreamDialect::Gemini.has_terminal_marker());
+        assert!(
+            r.scanner.terminal_seen(),
+            "finishReason is Gemini's terminal marker"
+        );
         assert_eq!(r.scanner.finish_reason(), Some(FinishReason::Stop));
         assert_eq!(
             r.scanner.usage(),

@@ -55,8 +55,9 @@ use crate::layer::StallDetectorLayer;
 /// - **total 20 min.** A backstop so nothing hangs forever: 32k output tokens at a slow
 ///   27 tokens/s take 20 minutes. The official SDKs' 600 s is a *per-read* timeout, not a
 ///   total.
-/// - **`require_terminal` on.** A stream of a dialect with a terminal marker (`[DONE]`,
-///   `message_stop`, `response.completed`) that ends without it is cut: the caller gets
+/// - **`require_terminal` on.** A stream that ends without its dialect's terminal marker
+///   (`[DONE]`, `message_stop`, `response.completed`, Gemini's `finishReason` on the last
+///   candidate chunk) is cut: the caller gets
 ///   [`AiError::Truncated`](tower_ai_core::AiError::Truncated) instead of a clean end.
 /// - **`await_first_byte` on.** The response future waits for the first body byte of a
 ///   stream before handing the response on, so a stall (or a cut connection) before any
@@ -323,8 +324,8 @@ impl StallConfigBuilder {
         self
     }
     /// Whether a stream that ends without its dialect's terminal marker ends with
-    /// [`AiError::Truncated`](tower_ai_core::AiError::Truncated) (default `true`; Gemini
-    /// has no marker and is never judged so).
+    /// [`AiError::Truncated`](tower_ai_core::AiError::Truncated) (default `true`). Gemini's
+    /// marker is the `finishReason` its last candidate chunk carries.
     pub fn require_terminal(mut self, yes: bool) -> Self {
         self.config.require_terminal = yes;
         self

@@ -603,10 +603,17 @@ mod tests {
         assert!(matches!(t.check(t0 + 100 * S), Check::End));
         assert!(t.outcome().unwrap().get().unwrap().is_complete());
 
-        // Gemini has no marker: EOF is a clean end.
+        // Gemini's marker is the finishReason of its last candidate chunk.
         let (mut t, t0) = tracker(config(), StreamDialect::Gemini);
         chunk(&mut t, b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"a\"}]},\"finishReason\":\"STOP\"}]}\r\n\r\n", t0);
         assert!(t.on_end().is_none());
+        let (mut t, t0) = tracker(config(), StreamDialect::Gemini);
+        chunk(
+            &mut t,
+            b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"a\"}]}}]}\r\n\r\n",
+            t0,
+        );
+        assert!(matches!(t.on_end(), Some(AiError::Truncated { .. })));
         // Unless required off, OpenAI without [DONE] is truncated; off, it is not.
         let c = config()
             .to_builder()

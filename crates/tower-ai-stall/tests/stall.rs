@@ -131,6 +131,7 @@ const ANT_ERROR: &str = "event: error\ndata: {\"type\": \"error\", \"error\": {\
 
 const GEM_TOKEN: &str = "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"Hi\"}],\"role\": \"model\"}}],\"usageMetadata\": {\"promptTokenCount\": 10,\"totalTokenCount\": 10}}\r\n\r\n";
 const GEM_MAX: &str = "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \" there\"}],\"role\": \"model\"},\"finishReason\": \"MAX_TOKENS\"}],\"usageMetadata\": {\"promptTokenCount\": 10,\"candidatesTokenCount\": 49,\"totalTokenCount\": 59}}\r\n\r\n";
+const GEM_STOP: &str = "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \" there\"}],\"role\": \"model\"},\"finishReason\": \"STOP\"}],\"usageMetadata\": {\"promptTokenCount\": 10,\"candidatesTokenCount\": 2,\"totalTokenCount\": 12}}\r\n\r\n";
 const GEM_ERROR: &str = "data: {\"error\": {\"code\": 503, \"message\": \"The model is overloaded. Please try again later.\", \"status\": \"UNAVAILABLE\"}}\r\n\r\n";
 
 const RESP_DELTA: &str = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":3,\"delta\":\"Hi\"}\n\n";
@@ -640,8 +641,8 @@ async fn each_dialect_ends_cleanly_with_its_terminal_marker() {
             &[Send(ANT_START), Send(ANT_DELTA), Send(ANT_STOP)][..],
         ),
         (RESPONSES, &[Send(RESP_DELTA), Send(RESP_DONE)][..]),
-        // Gemini has no marker: EOF is the end.
-        (GEMINI, &[Send(GEM_TOKEN)][..]),
+        // Gemini's marker is the finishReason on its last candidate chunk.
+        (GEMINI, &[Send(GEM_TOKEN), Send(GEM_STOP)][..]),
     ] {
         let (read, outcome) = ends(uri, steps, StallConfig::default().to_builder()).await;
         assert!(read.error.is_none(), "{uri}: {:?}", read.error);
@@ -649,7 +650,7 @@ async fn each_dialect_ends_cleanly_with_its_terminal_marker() {
         let s = outcome.get().unwrap();
         assert_eq!(s.end, StreamEnd::Complete, "{uri}");
         assert!(s.content_seen);
-        assert_eq!(s.terminal_seen, uri != GEMINI);
+        assert!(s.terminal_seen, "{uri}");
     }
 }
 
@@ -659,6 +660,9 @@ async fn a_stream_cut_before_its_terminal_marker_is_truncated() {
         (OPENAI, &[Send(OAI_ROLE), Send(OAI_TOKEN)][..]),
         (ANTHROPIC, &[Send(ANT_START), Send(ANT_DELTA)][..]),
         (RESPONSES, &[Send(RESP_DELTA)][..]),
+        // A Gemini stream that closes cleanly with no finishReason (a proxy closing the
+        // connection mid-answer) was cut.
+        (GEMINI, &[Send(GEM_TOKEN)][..]),
     ] {
         let (read, outcome) = ends(uri, steps, StallConfig::default().to_builder()).await;
         assert_eq!(read.bytes(), sent(steps), "{uri}");
