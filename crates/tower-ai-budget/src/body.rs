@@ -12,6 +12,7 @@ use serde_json::Value;
 use tower_ai_core::stream::{is_event_stream, StreamDialect, StreamScanner};
 use tower_ai_core::Usage;
 
+use crate::budget::Finish;
 use crate::future::{Permit, Reserved};
 
 /// How the body is read for its usage.
@@ -61,18 +62,51 @@ impl Reader {
         }
     }
 
-    /// The usage read by the end of the body.
-    fn usage(&mut self) -> Option<Usage> {
+    /// How the reservation settles when the body ends cleanly (its last frame read).
+    ///
+    /// A stream that reached its terminal event settles on the usage it reported; one
+    /// that ended without it was cut (a proxy closing the connection, say), and the
+    /// provider may bill more than it reported so far: see [`Reader::cut`].
+    fn at_end(&mut self) -> Finish {
         match self {
-            Reader::None | Reader::Overflow => None,
+            Reader::None | Reader::Overflow => Finish::Keep,
             Reader::Sse(scanner) => {
                 scanner.finish();
-                scanner.usage()
+                if reached_terminal(scanner) {
+                    scanner.usage().map_or(Finish::Keep, Finish::Used)
+                } else {
+                    scanner.usage().map_or(Finish::Keep, Finish::AtLeast)
+                }
             }
-            Reader::Json(buf) if buf.is_empty() => None,
-            Reader::Json(buf) => usage_of_json(buf),
+            Reader::Json(buf) if buf.is_empty() => Finish::Keep,
+            Reader::Json(buf) => usage_of_json(buf).map_or(Finish::Keep, Finish::Used),
         }
     }
+
+    /// How the reservation settles when the body fails or is dropped before its end: a
+    /// stream that already reached its terminal event settles on its usage; otherwise
+    /// the larger of the usage reported so far (Anthropic's `message_start` counts one
+    /// output token) and the reservation, since the provider bills what it generated
+    /// before it saw the connection go.
+    fn cut(&self) -> Finish {
+        match self {
+            Reader::Sse(scanner) => match scanner.usage() {
+                Some(u) if reached_terminal(scanner) => Finish::Used(u),
+                Some(u) => Finish::AtLeast(u),
+                None => Finish::Keep,
+            },
+            // A JSON body is read at its end only.
+            Reader::None | Reader::Overflow | Reader::Json(_) => Finish::Keep,
+        }
+    }
+}
+
+/// Whether a stream reached its dialect's terminal event: its marker (`[DONE]`,
+/// `response.completed`/`.incomplete`/`.failed`, `message_stop`), or for Gemini, which
+/// has none, the `finishReason` of its last candidate chunk.
+fn reached_terminal(scanner: &StreamScanner) -> bool {
+    scanner.terminal_seen()
+        || (scanner.dialect() == StreamDialect::Gemini && scanner.finish_reason().is_some())
 }
 
 /// The usage of a JSON response: an object of any dialect, or (Gemini's
@@ -101,8 +135,9 @@ pin_project! {
     /// frame, untouched. On the way it reads the usage (a bounded copy of a JSON body, or a
     /// scan of each SSE chunk that keeps nothing), and it holds the request's reservation:
     /// when the body ends, the reservation is replaced with the actual usage (or kept, if
-    /// none came) and the concurrency permit is released; dropping the body early releases
-    /// the permit and keeps the reservation.
+    /// none came) and the concurrency permit is released. A stream that fails, ends or is
+    /// dropped before its terminal event is charged the larger of the usage it reported
+    /// and the reservation (see the [crate docs](crate#reserve-then-reconcile)).
     pub struct BudgetBody<B> {
         #[pin]
         inner: B,
@@ -164,13 +199,15 @@ where
                     let usage = f
                         .data_ref()
                         .and_then(|d| reader.feed(d.as_ref(), end, guard.max_usage_body()));
-                    if end {
-                        settle(this.hold, usage);
+                    if let Some(u) = usage {
+                        settle(this.hold, |_| Finish::Used(u));
+                    } else if end {
+                        settle(this.hold, Reader::at_end);
                     }
                 }
-                // The body failed: whatever usage arrived before stands, else the
-                // reservation.
-                Some(Err(_)) | None => settle(this.hold, None),
+                None => settle(this.hold, Reader::at_end),
+                // The body failed: a cut.
+                Some(Err(_)) => settle(this.hold, |r| r.cut()),
             },
         }
         Poll::Ready(frame)
@@ -185,14 +222,21 @@ where
     }
 }
 
-/// Ends the hold: with the usage if it is known (`usage`, or what the reader read), else
-/// as if dropped (the reservation kept).
-fn settle(hold: &mut BodyHold, usage: Option<Usage>) {
-    if let BodyHold::Reserved { guard, mut reader } = std::mem::replace(hold, BodyHold::None) {
-        match usage.or_else(|| reader.usage()) {
-            Some(u) => guard.finish(u),
-            // Dropping the guard keeps the reservation and releases the permit.
-            None => drop(guard),
+/// Ends the hold as `end` says.
+#[inline]
+fn settle(hold: &mut BodyHold, end: impl FnOnce(&mut Reader) -> Finish) {
+    if let BodyHold::Reserved { guard, reader } = hold {
+        guard.settle(end(reader));
+    }
+    *hold = BodyHold::None;
+}
+
+impl Drop for BodyHold {
+    /// A body dropped before its end (by the caller, or with the response) settles as a
+    /// cut stream: it did not reach its terminal event.
+    fn drop(&mut self) {
+        if let BodyHold::Reserved { guard, reader } = self {
+            guard.settle(reader.cut());
         }
     }
 }
@@ -235,14 +279,14 @@ mod tests {
         let mut r = json();
         assert_eq!(r.feed(br#"{"usage":{"prompt_tokens":3,"#, false, 16), None);
         assert_eq!(r.feed(br#""completion_tokens":4}}"#, true, 16), None);
-        assert_eq!(r.usage(), None, "over the bound: not read");
+        assert_eq!(r.at_end(), Finish::Keep, "over the bound: not read");
         let mut r = json();
         assert_eq!(
             r.feed(br#"{"usage":{"prompt_tokens":3,"#, false, 1024),
             None
         );
         assert_eq!(r.feed(br#""completion_tokens":4}}"#, true, 1024), None);
-        assert_eq!(r.usage().map(|u| u.total()), Some(7));
+        assert!(matches!(r.at_end(), Finish::Used(u) if u.total() == 7));
         let mut r = json();
         let one = br#"{"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
         assert_eq!(

@@ -290,6 +290,10 @@ pub(crate) enum Finish {
     Keep,
     /// The provider said what it used: replace the reservation with it.
     Used(Usage),
+    /// The response did not reach its end (a stream cut before its terminal event, a body
+    /// dropped early): what it reported so far may be less than it will bill, so the
+    /// larger of that usage and the reservation is kept, tokens and money each.
+    AtLeast(Usage),
     /// The call failed (error response, transport error): give back tokens and money.
     Refund,
 }
@@ -741,6 +745,10 @@ impl Budget {
                 Finish::Keep => (r.tokens, r.spend),
                 Finish::Refund => (0, 0),
                 Finish::Used(u) => (u.total(), r.price.cost(u.input_tokens, u.output_tokens)),
+                Finish::AtLeast(u) => (
+                    u.total().max(r.tokens),
+                    r.price.cost(u.input_tokens, u.output_tokens).max(r.spend),
+                ),
             };
             if let Some(w) = st.tpm.as_mut() {
                 w.correct(r.secs, r.tokens, tokens);

@@ -20,7 +20,6 @@ use tower_service::Service;
 use crate::body::{BodyHold, BudgetBody, Reader};
 use crate::budget::{Budget, Cost, Decision, Finish, Hold, KeyFast, Reservation};
 use crate::event::{emit, BudgetEvent, BudgetListener};
-use tower_ai_core::Usage;
 
 /// A place in flight, given back (one atomic step) when dropped.
 pub(crate) struct Permit(Arc<KeyFast>);
@@ -61,13 +60,13 @@ impl Reserved {
         self.refund = true;
     }
 
-    /// Settles with the usage the provider reported (a refund stands).
-    pub(crate) fn finish(mut self, usage: Usage) {
-        let end = if self.refund {
-            Finish::Refund
-        } else {
-            Finish::Used(usage)
-        };
+    /// Settles the reservation as `end` says (a refund stands); once: later calls and the
+    /// drop do nothing.
+    pub(crate) fn settle(&mut self, end: Finish) {
+        if self.settled {
+            return;
+        }
+        let end = if self.refund { Finish::Refund } else { end };
         self.settled = true;
         self.budget.finish(self.reservation, end);
     }

@@ -109,13 +109,24 @@
 //!
 //! | how the request ends | tokens and money | request count | concurrency permit |
 //! |---|---|---|---|
-//! | body ends with usage | replaced by the usage | kept | released |
-//! | body ends without usage (stream cut, no `include_usage`, not JSON, over 1 MiB) | reservation kept | kept | released |
-//! | body dropped before its end | reservation kept (unless usage was already read) | kept | released |
+//! | body ends with usage (a JSON body, or a stream that reached its terminal event) | replaced by the usage | kept | released |
+//! | body ends without usage (no `include_usage`, not JSON, over 1 MiB) | reservation kept | kept | released |
+//! | stream cut before its terminal event (reset, EOF without it, an error from a layer below such as a stall) | the larger of the usage reported so far and the reservation | kept | released |
+//! | body dropped before its end | as a cut stream (a stream past its terminal event: its usage) | kept | released |
 //! | error response (non-2xx) | refunded | kept (it was sent) | released with the body |
 //! | inner service error | refunded | kept | released |
 //! | future dropped while in flight | reservation kept (it may have been billed) | kept | released |
 //! | future dropped while waiting | nothing was reserved; its place in the queue goes to the next | — | — |
+//!
+//! A stream's terminal event is `data: [DONE]` (OpenAI Chat, Azure, compatible servers),
+//! `response.completed` / `.incomplete` / `.failed` (OpenAI Responses), `message_stop`
+//! (Anthropic), or the chunk with a `finishReason` (Gemini). Usage reported before it is
+//! partial: Anthropic's `message_start` counts one output token, and the provider keeps
+//! generating (and billing) until it notices the connection is gone. So a stream that
+//! did not reach it is charged at least its reservation, tokens and money alike. A body
+//! the caller drops early did not reach it either and is charged the same way: the
+//! provider bills what it generated before the drop, and the budget cannot tell an
+//! abandoned answer from a cut one.
 //!
 //! # When a request does not fit
 //!
