@@ -1,6 +1,6 @@
 //! The classifier (tower-ai-core) against the simulator (tower-ai-sim). The two were
-//! written apart, from PROTOCOLS.md, sharing no code: where they agree, both read the
-//! providers' real shapes the same way.
+//! written apart from the same provider facts (docs/protocols.md), sharing no code: where
+//! they agree, both read the providers' real shapes the same way.
 
 use std::time::Duration;
 

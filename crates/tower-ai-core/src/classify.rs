@@ -329,7 +329,7 @@ impl BodyFacts {
     }
 }
 
-/// OpenAI's billing codes: 429s that no retry fixes (PROTOCOLS.md §1.2).
+/// OpenAI's billing codes: 429s that no retry fixes (docs/protocols.md#openai-error-codes).
 const OPENAI_BILLING_CODES: [&str; 5] = [
     "insufficient_quota",
     "credit_balance_exhausted",

@@ -1,7 +1,7 @@
 //! A push parser for Server-Sent Events, fed with body chunks as they pass.
 //!
-//! It follows the WHATWG event-stream rules that matter for AI streams (PROTOCOLS.md §8.6):
-//! lines end in LF, CR or CRLF, also when the CR and LF arrive in different chunks; `data:`
+//! It follows the WHATWG event-stream rules that matter for AI streams
+//! (docs/protocols.md#sse-parsing): lines end in LF, CR or CRLF, also when the CR and LF arrive in different chunks; `data:`
 //! lines join with `\n`; `:` lines are comments; one leading space after the colon is
 //! dropped; a leading BOM is skipped; an event is dispatched on a blank line. Two
 //! differences, both deliberate: fields that are not `event`, `data`, `id` or `retry` are

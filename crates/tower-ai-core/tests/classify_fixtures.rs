@@ -1,4 +1,5 @@
-//! Every row of PROTOCOLS.md §0, with the providers' real bodies and headers.
+//! Every row of the summary table in docs/protocols.md#summary, with the providers' real
+//! bodies and headers.
 
 use std::time::{Duration, SystemTime};
 

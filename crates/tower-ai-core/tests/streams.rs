@@ -1,5 +1,7 @@
-//! The stream reader against each dialect's recorded streams (PROTOCOLS.md §1.4, §1.5,
-//! §3.4, §4.3, §6), fed whole and in awkward splits.
+//! The stream reader against each dialect's recorded streams (docs/protocols.md#openai-chat-stream,
+//! docs/protocols.md#openai-responses-stream, docs/protocols.md#anthropic-stream,
+//! docs/protocols.md#gemini-stream, docs/protocols.md#openai-compatible), fed whole and in
+//! awkward splits.
 
 use tower_ai_core::stream::{FinishReason, StreamDialect, StreamScanner};
 use tower_ai_core::{ErrorKind, Usage};

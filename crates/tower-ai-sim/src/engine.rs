@@ -404,7 +404,7 @@ impl Inner {
                         put("anthropic-ratelimit-requests-reset", reset_at.clone());
                     }
                     if let Some((limit, remaining)) = r.tokens {
-                        // "rounded to the nearest thousand" (PROTOCOLS.md §3.3)
+                        // "rounded to the nearest thousand" (docs/protocols.md#anthropic-rate-limit-headers)
                         let rounded = ((remaining + 500) / 1000 * 1000).min(limit);
                         put("anthropic-ratelimit-tokens-limit", limit.to_string());
                         put("anthropic-ratelimit-tokens-remaining", rounded.to_string());

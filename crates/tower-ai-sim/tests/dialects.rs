@@ -1,4 +1,4 @@
-//! Each dialect's JSON and SSE answers, checked against PROTOCOLS.md.
+//! Each dialect's JSON and SSE answers, checked against the shapes in docs/protocols.md.
 
 mod support;
 

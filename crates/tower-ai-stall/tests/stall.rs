@@ -113,7 +113,8 @@ fn sent(steps: &[Step]) -> Vec<u8> {
         .collect()
 }
 
-// Dialect fixtures (shapes from PROTOCOLS.md).
+// Dialect fixtures (shapes from docs/protocols.md#openai-chat-stream,
+// docs/protocols.md#anthropic-stream and docs/protocols.md#gemini-stream).
 const OAI_ROLE: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n";
 const OAI_TOKEN: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n";
 const OAI_LENGTH: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"length\"}]}\n\n";

@@ -1,4 +1,4 @@
-//! Anthropic Messages templates: PROTOCOLS.md §3.
+//! Anthropic Messages templates: docs/protocols.md#anthropic-errors and the sections after it.
 
 use serde_json::{json, Value};
 

@@ -1,4 +1,4 @@
-//! Gemini generateContent templates: PROTOCOLS.md §4.
+//! Gemini generateContent templates: docs/protocols.md#gemini-errors and the sections after it.
 
 use serde_json::{json, Value};
 

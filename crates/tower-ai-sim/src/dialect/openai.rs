@@ -1,4 +1,6 @@
-//! OpenAI Chat Completions (and Azure OpenAI) templates: PROTOCOLS.md §1 and §5.1.
+//! OpenAI Chat Completions (and Azure OpenAI) templates:
+//! docs/protocols.md#openai-errors and the sections after it, and
+//! docs/protocols.md#azure-openai.
 
 use serde_json::{json, Value};
 
