@@ -58,7 +58,9 @@ pub use classify::{classify, classify_at, Classification, ClassifyConfig, Provid
 pub use error::{AiError, BoxError, BudgetLimit, RouteFailure, StallPhase};
 pub use kind::ErrorKind;
 pub use layer::ClassifyLayer;
-pub use meta::{model_of, top_level_string, top_level_value_span, RequestMeta, Usage};
+pub use meta::{
+    model_of, top_level_bool, top_level_string, top_level_value_span, RequestMeta, Usage,
+};
 pub use provider::Provider;
 pub use ratelimit::{response_clock, Bucket, RateLimitInfo, RequestedWait, WaitSource};
 pub use service::Classify;

@@ -189,6 +189,42 @@ pub fn top_level_string<'a>(json: &'a [u8], key: &[u8]) -> Option<Cow<'a, str>> 
 /// assert_eq!(&body[span], br#""gpt-4o""#);
 /// ```
 pub fn top_level_value_span(json: &[u8], key: &[u8]) -> Option<std::ops::Range<usize>> {
+    let i = top_level_value_at(json, key)?;
+    if json.get(i) != Some(&b'"') {
+        return None;
+    }
+    let (_, v_end) = string_span(json, i)?;
+    Some(i..v_end + 1)
+}
+
+/// The boolean value of a top-level key of a JSON object (`"stream": true`), found by the
+/// walk of [`top_level_string`]: no tree is built, nested values are skipped. `None` if
+/// the body is not an object, the key is missing or its value is not `true` or `false`.
+///
+/// ```
+/// let body = br#"{"messages":[{"stream":false}],"stream":true}"#;
+/// assert_eq!(tower_ai_core::top_level_bool(body, b"stream"), Some(true));
+/// assert_eq!(tower_ai_core::top_level_bool(br#"{"stream":"yes"}"#, b"stream"), None);
+/// ```
+pub fn top_level_bool(json: &[u8], key: &[u8]) -> Option<bool> {
+    let v = json.get(top_level_value_at(json, key)?..)?;
+    let end = |n: usize| {
+        matches!(
+            v.get(n),
+            None | Some(b',' | b'}' | b' ' | b'\n' | b'\r' | b'\t')
+        )
+    };
+    if v.starts_with(b"true") && end(4) {
+        Some(true)
+    } else if v.starts_with(b"false") && end(5) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// The index where the value of the top-level `key` starts (the first occurrence).
+fn top_level_value_at(json: &[u8], key: &[u8]) -> Option<usize> {
     let mut i = skip_ws(json, 0);
     if json.get(i) != Some(&b'{') {
         return None;
@@ -212,11 +248,7 @@ pub fn top_level_value_span(json: &[u8], key: &[u8]) -> Option<std::ops::Range<u
         }
         i = skip_ws(json, i + 1);
         if &json[k_start..k_end] == key {
-            if json.get(i) != Some(&b'"') {
-                return None;
-            }
-            let (_, v_end) = string_span(json, i)?;
-            return Some(i..v_end + 1);
+            return Some(i);
         }
         i = skip_value(json, i)?;
     }

@@ -37,8 +37,11 @@ use crate::layer::StallDetectorLayer;
 ///   retries, so [`unary_head`](StallConfigBuilder::unary_head) is off by default and
 ///   only `total` bounds them. A request counts as streamed when its
 ///   [`RequestMeta`](tower_ai_core::RequestMeta) (in the extensions, as TokenBudget puts
-///   it) says so, when its path is Gemini's `:streamGenerateContent`, or when it sends
-///   `accept: text/event-stream`; the detector never parses the request body.
+///   it) says so, when its path is Gemini's `:streamGenerateContent`, when it sends
+///   `accept: text/event-stream`, or else when its body, held in memory (`AiBody`,
+///   `Bytes`, `String`, `Vec<u8>`, `&'static str`), has a top-level `"stream": true`: a
+///   forward walk over the top-level keys that stops at `stream`, never a parse, and only
+///   when the head deadlines differ.
 /// - **first byte 30 s.** Providers flush the stream's head together with its first event
 ///   (`message_start`, OpenAI's role chunk), so a head with no byte after it means a
 ///   connection that went bad.

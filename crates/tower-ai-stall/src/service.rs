@@ -1,12 +1,13 @@
 //! [`StallDetector`]: the service.
 
+use std::any::Any;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{header, Request, Response};
 use http_body::Body;
 use tower_ai_core::stream::StreamDialect;
-use tower_ai_core::{BoxError, Provider, RequestMeta};
+use tower_ai_core::{top_level_bool, AiBody, BoxError, Provider, RequestMeta};
 use tower_service::Service;
 
 use crate::body::StallBody;
@@ -52,11 +53,12 @@ impl<S> StallDetector<S> {
     }
 }
 
-/// Whether the answer to `req` is streamed, judged without reading the body: its
-/// [`RequestMeta`] if a layer put one in the extensions, Gemini's streaming path, or an
-/// `accept: text/event-stream` header. `by_path` is the dialect the path names
-/// ([`StreamDialect::of_path`]): only a Gemini path is read for `:streamGenerateContent`.
-pub(crate) fn is_streamed<B>(req: &Request<B>, by_path: Option<StreamDialect>) -> bool {
+/// Whether the answer to `req` is streamed: its [`RequestMeta`] if a layer put one in the
+/// extensions, Gemini's streaming path, an `accept: text/event-stream` header, else a
+/// top-level `"stream": true` in a body held in memory ([`body_says_stream`]). `by_path` is
+/// the dialect the path names ([`StreamDialect::of_path`]): only a Gemini path is read for
+/// `:streamGenerateContent`.
+pub(crate) fn is_streamed<B: 'static>(req: &Request<B>, by_path: Option<StreamDialect>) -> bool {
     if let Some(meta) = req.extensions().get::<RequestMeta>() {
         return meta.stream;
     }
@@ -74,7 +76,27 @@ pub(crate) fn is_streamed<B>(req: &Request<B>, by_path: Option<StreamDialect>) -
         v.as_bytes()
             .windows(17)
             .any(|w| w.eq_ignore_ascii_case(b"text/event-stream"))
-    })
+    }) || body_says_stream(req.body())
+}
+
+/// Whether a request body held in memory ([`AiBody`], [`Bytes`], `String`, `Vec<u8>`,
+/// `&'static str`) has a top-level `"stream": true`: one forward walk over the top-level
+/// keys that skips nested values and stops at the key ([`top_level_bool`]), no parse. Other
+/// body types (streamed bodies) are not read.
+fn body_says_stream<B: 'static>(body: &B) -> bool {
+    let any = body as &dyn Any;
+    let bytes: Option<&[u8]> = if let Some(b) = any.downcast_ref::<AiBody>() {
+        b.as_bytes().map(|b| &b[..])
+    } else if let Some(b) = any.downcast_ref::<Bytes>() {
+        Some(b)
+    } else if let Some(b) = any.downcast_ref::<String>() {
+        Some(b.as_bytes())
+    } else if let Some(b) = any.downcast_ref::<Vec<u8>>() {
+        Some(b)
+    } else {
+        any.downcast_ref::<&'static str>().map(|s| s.as_bytes())
+    };
+    bytes.and_then(|b| top_level_bool(b, b"stream")) == Some(true)
 }
 
 /// The stream dialect of `req` and the `gen_ai.system` of its trace events: the provider
@@ -104,7 +126,7 @@ impl Route {
     /// differ, and the provider (whose detection parses the host) is looked for only when
     /// the path names no dialect or a warning could be recorded. When no subscriber takes
     /// warnings, events (there are none then) would name the dialect's provider.
-    pub(crate) fn of<B>(req: &Request<B>, config: &StallConfig) -> Route {
+    pub(crate) fn of<B: 'static>(req: &Request<B>, config: &StallConfig) -> Route {
         let by_path = StreamDialect::of_path(req.uri().path());
         let (dialect, system) = match by_path {
             Some(d) if !tracing::level_enabled!(tracing::Level::WARN) => (d, d.provider()),
@@ -122,6 +144,7 @@ impl<S, ReqB, ResB> Service<Request<ReqB>> for StallDetector<S>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
+    ReqB: 'static,
     ResB: Body<Data = Bytes>,
     ResB::Error: Into<BoxError>,
 {
@@ -164,6 +187,43 @@ mod tests {
         let meta = RequestMeta::parse("/v1/messages", br#"{"model":"m","stream":false}"#);
         r.extensions_mut().insert(meta);
         assert!(!is_streamed(&r), "the request's meta wins");
+    }
+
+    #[test]
+    fn a_top_level_stream_true_in_the_body_counts() {
+        fn is_streamed<B: 'static>(r: &Request<B>) -> bool {
+            super::is_streamed(r, StreamDialect::of_path(r.uri().path()))
+        }
+        let uri = "https://api.openai.com/v1/chat/completions";
+        let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"\"stream\": true"}],"stream" : true}"#;
+        assert!(is_streamed(
+            &Request::post(uri).body(AiBody::from(body)).unwrap()
+        ));
+        assert!(is_streamed(
+            &Request::post(uri).body(Bytes::from(body)).unwrap()
+        ));
+        assert!(is_streamed(
+            &Request::post(uri).body(body.to_owned()).unwrap()
+        ));
+        assert!(is_streamed(
+            &Request::post(uri).body(body.as_bytes().to_vec()).unwrap()
+        ));
+        assert!(is_streamed(&Request::post(uri).body(body).unwrap()));
+        for not in [
+            r#"{"model":"gpt-4o","stream":false}"#,
+            r#"{"model":"gpt-4o","messages":[{"stream":true}]}"#,
+            r#"{"model":"gpt-4o","stream":"true"}"#,
+            r#"{"model":"gpt-4o","note":"\"stream\":true"}"#,
+            "not json",
+        ] {
+            assert!(
+                !is_streamed(&Request::post(uri).body(AiBody::from(not)).unwrap()),
+                "{not}"
+            );
+        }
+        // A streamed body is not read.
+        let streaming = AiBody::streaming(http_body_util::Full::new(Bytes::from(body)));
+        assert!(!is_streamed(&Request::post(uri).body(streaming).unwrap()));
     }
 
     #[test]

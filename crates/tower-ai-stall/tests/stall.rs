@@ -159,6 +159,29 @@ async fn head_deadline_is_a_retryable_error_of_the_call() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stream_true_body_gets_the_streamed_head_deadline_without_accept_or_meta() {
+    // The defaults (as `AiStack::new()` has them): no `accept` header, no RequestMeta,
+    // only `"stream": true` in the body. The head deadline is the streamed one (60 s),
+    // not the 20-minute total.
+    let (mut svc, mut handle) = service(StallConfig::default().to_builder());
+    assert_ready_ok!(svc.poll_ready());
+    let req = Request::post(OPENAI)
+        .body(r#"{"model":"gpt-4o","messages":[],"stream":true}"#)
+        .unwrap();
+    let mut fut = task::spawn(svc.call(req));
+    assert_pending!(fut.poll());
+    let (_req, _send) = handle.next_request().await.unwrap();
+    advance(tower_ai_stall::DEFAULT_HEAD - MS).await;
+    assert_pending!(fut.poll());
+    advance(2 * MS).await;
+    let err = assert_ready_err!(fut.poll());
+    assert_eq!(
+        stalled(&err),
+        (StallPhase::Head, tower_ai_stall::DEFAULT_HEAD, 0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn unary_requests_wait_for_their_head_until_the_total_deadline() {
     // A non-streamed answer's head comes only once it is generated: the streamed head
     // deadline does not apply, the total deadline does.
