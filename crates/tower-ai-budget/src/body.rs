@@ -49,7 +49,12 @@ impl Reader {
             }
             Reader::Json(buf) => {
                 if buf.is_empty() && last {
-                    // The whole body in one frame (the common case): no copy.
+                    // The whole body in one frame (the common case): no copy, and the
+                    // same bound as a body in several frames.
+                    if chunk.len() > max {
+                        *self = Reader::Overflow;
+                        return None;
+                    }
                     return usage_of_json(chunk);
                 }
                 if buf.len().saturating_add(chunk.len()) <= max {
@@ -287,12 +292,15 @@ mod tests {
         );
         assert_eq!(r.feed(br#""completion_tokens":4}}"#, true, 1024), None);
         assert!(matches!(r.at_end(), Finish::Used(u) if u.total() == 7));
-        let mut r = json();
         let one = br#"{"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        let mut r = json();
         assert_eq!(
-            r.feed(one, true, 16).map(|u| u.total()),
+            r.feed(one, true, 1024).map(|u| u.total()),
             Some(7),
-            "one frame: read in place, whatever the bound"
+            "one frame: read in place"
         );
+        let mut r = json();
+        assert_eq!(r.feed(one, true, 16), None, "one frame over the bound");
+        assert_eq!(r.at_end(), Finish::Keep);
     }
 }

@@ -46,9 +46,13 @@ use crate::window::Window;
 const MINUTE: (u64, usize) = (1, 60);
 const HOUR: (u64, usize) = (60, 60);
 const DAY: (u64, usize) = (900, 96);
-/// A key whose windows have all emptied is idle after this long: the longest window plus
-/// its extra slot.
-const IDLE_SECS: u64 = 24 * 3600 + 900;
+
+/// The key new keys share while the map is full of keys with something to lose (see
+/// [`TokenBudgetLayer::overflow_key`](crate::TokenBudgetLayer::overflow_key)).
+pub(crate) fn overflow_key() -> Key {
+    static KEY: std::sync::OnceLock<Key> = std::sync::OnceLock::new();
+    *KEY.get_or_init(|| Key::of("tower-ai-budget: overflow key"))
+}
 
 /// A batch of fast permits is at most this fraction of the request limit...
 pub(crate) const FAST_BATCH_DIVISOR: u64 = 32;
@@ -241,6 +245,21 @@ impl FastConfig {
     }
 }
 
+/// What prices a request for a spend cap.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PriceBy<'a> {
+    /// The request's model.
+    Model,
+    /// An Azure OpenAI deployment (`None`: the request names none).
+    Deployment(Option<&'a str>),
+}
+
+/// The deployment of an Azure OpenAI path (`/openai/deployments/{deployment}/…`).
+pub(crate) fn azure_deployment(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/openai/deployments/")?;
+    Some(&rest[..rest.find('/').unwrap_or(rest.len())]).filter(|d| !d.is_empty())
+}
+
 /// What one request costs the budget, computed before the call.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Cost {
@@ -314,6 +333,8 @@ pub(crate) enum Decision {
     /// It waits, with ticket `ticket`, for `limit`; it may fit at `until` (`None`: when
     /// something is released, or when it reaches the head of the queue).
     Wait {
+        /// The key whose queue it waits in: the request's, or the overflow key.
+        key: Key,
         ticket: u64,
         limit: BudgetLimit,
         until: Option<Instant>,
@@ -331,6 +352,8 @@ pub(crate) struct Budget {
     pub(crate) limits: Arc<Limits>,
     pub(crate) fast: FastConfig,
     epoch: Instant,
+    /// Seconds after a key's last touch by which all of its windows have emptied.
+    horizon: u64,
     me: Weak<Budget>,
     keys: Mutex<Keys>,
 }
@@ -339,6 +362,14 @@ pub(crate) struct Budget {
 struct Keys {
     map: KeyMap<KeyState>,
     next_ticket: u64,
+    /// Every key, in the order of the second it was last touched (its `last_secs`), oldest
+    /// first: eviction looks only at the front, so it is amortised O(1). Kept lazily: an
+    /// entry whose second is not its key's `last_secs` any more is stale and skipped.
+    touched: VecDeque<(Key, u64)>,
+    /// Requests waiting in all queues.
+    waiters: usize,
+    /// Requests sent to the overflow key since the budget was made.
+    overflowed: u64,
 }
 
 #[derive(Debug)]
@@ -500,6 +531,23 @@ impl KeyState {
         self.held == 0 && self.fast.in_flight() == 0 && self.queue.is_empty()
     }
 
+    /// Whether every window is empty (after [`advance`](Self::advance) and
+    /// [`flush`](Self::flush)).
+    fn is_empty(&self) -> bool {
+        [&self.rpm, &self.tpm, &self.hour, &self.day]
+            .into_iter()
+            .flatten()
+            .all(|w| w.used() == 0)
+    }
+
+    /// Records a touch at `secs` (in `touched`, once per second at most).
+    fn touch(&mut self, key: Key, secs: u64, touched: &mut VecDeque<(Key, u64)>) {
+        if secs > self.last_secs {
+            self.last_secs = secs;
+            touched.push_back((key, secs));
+        }
+    }
+
     fn head_waker(&mut self) -> Option<Waker> {
         self.queue.front_mut().and_then(|t| t.waker.take())
     }
@@ -518,6 +566,7 @@ impl Budget {
     pub(crate) fn new(limits: Arc<Limits>) -> Arc<Self> {
         Arc::new_cyclic(|me| Budget {
             fast: FastConfig::of(&limits),
+            horizon: horizon(&limits),
             limits,
             epoch: Instant::now(),
             me: me.clone(),
@@ -541,7 +590,11 @@ impl Budget {
 
     /// What a request costs. `Err(limit)`: a spend cap cannot price its model and the
     /// policy is to reject.
-    pub(crate) fn cost_of(&self, meta: Option<&RequestMeta>) -> Result<Cost, BudgetLimit> {
+    pub(crate) fn cost_of(
+        &self,
+        meta: Option<&RequestMeta>,
+        by: PriceBy<'_>,
+    ) -> Result<Cost, BudgetLimit> {
         let l = &*self.limits;
         let Some(meta) = meta else {
             return Ok(Cost::default());
@@ -553,7 +606,11 @@ impl Budget {
             price: NanoPrice::default(),
         };
         if l.counts_spend() {
-            match l.prices.of(meta.model()) {
+            let price = match by {
+                PriceBy::Model => l.prices.of(meta.model()),
+                PriceBy::Deployment(d) => l.prices.of_deployment(d),
+            };
+            match price {
                 PriceOf::Known(p) => {
                     cost.price = p;
                     cost.spend = p.cost(meta.input_tokens_estimate, output);
@@ -596,18 +653,34 @@ impl Budget {
         let decision = {
             let mut keys = self.lock();
             let keys = &mut *keys;
-            let st = entry(&mut keys.map, key, l, &self.me, secs);
-            st.last_secs = secs;
+            let (key_held, st) = entry(
+                &mut keys.map,
+                &mut keys.touched,
+                &mut keys.overflowed,
+                key,
+                l,
+                &self.me,
+                secs,
+                self.horizon,
+            );
+            let key = key_held;
+            st.touch(key, secs, &mut keys.touched);
             st.advance(secs);
             st.flush();
             if let Some(cache) = cache {
-                if !cache
+                if key_held != key {
+                    // Sent to the overflow key: not cached, so the key gets its own state
+                    // as soon as there is room.
+                    *cache = None;
+                } else if !cache
                     .as_ref()
                     .is_some_and(|(k, f)| *k == key && Arc::ptr_eq(f, &st.fast))
                 {
                     *cache = Some((key, st.fast.clone()));
                 }
             }
+            let queued_before = st.queue.len();
+            let room = st.queue.len() < l.max_waiters_per_key && keys.waiters < l.max_waiters;
             let decision = decide(
                 st,
                 l,
@@ -615,6 +688,7 @@ impl Budget {
                 secs,
                 ticket,
                 waker,
+                room,
                 &mut keys.next_ticket,
                 &mut to_wake,
             );
@@ -641,9 +715,14 @@ impl Budget {
                     retry_after: None,
                 },
                 Verdict::Queued { ticket, limit } => Decision::Wait {
+                    key,
                     ticket,
                     limit,
                     until: None,
+                },
+                Verdict::Full { limit } => Decision::Reject {
+                    limit,
+                    retry_after: Some(Duration::ZERO),
                 },
                 Verdict::Blocked { limit, at } => {
                     let until = at.map(|s| self.instant(s));
@@ -659,6 +738,9 @@ impl Budget {
                                     st.queue.retain(|t| t.id != id);
                                     to_wake = st.head_waker();
                                 }
+                                Decision::Reject { limit, retry_after }
+                            } else if ticket.is_none() && !room {
+                                // The queues are full: refused at once.
                                 Decision::Reject { limit, retry_after }
                             } else {
                                 let id = match ticket {
@@ -679,6 +761,7 @@ impl Budget {
                                 };
                                 st.blocked_on = limit;
                                 Decision::Wait {
+                                    key,
                                     ticket: id,
                                     limit,
                                     until,
@@ -690,6 +773,10 @@ impl Budget {
             };
             st.sync_waiters();
             st.grant(&self.fast);
+            keys.waiters = keys
+                .waiters
+                .saturating_add(st.queue.len())
+                .saturating_sub(queued_before);
             decision
         };
         if let Some(w) = to_wake {
@@ -702,11 +789,17 @@ impl Budget {
     pub(crate) fn cancel(&self, key: Key, ticket: u64) {
         let to_wake = {
             let mut keys = self.lock();
+            let keys = &mut *keys;
             let Some(st) = keys.map.get_mut(&key) else {
                 return;
             };
             let was_head = st.queue.front().is_some_and(|t| t.id == ticket);
+            let before = st.queue.len();
             st.queue.retain(|t| t.id != ticket);
+            keys.waiters = keys
+                .waiters
+                .saturating_add(st.queue.len())
+                .saturating_sub(before);
             st.sync_waiters();
             // No clock here: the windows as of their last move hold at least what they
             // hold now, so a grant from them is on the safe side.
@@ -771,9 +864,11 @@ impl Budget {
     pub(crate) fn observe(&self, key: Key, info: &RateLimitInfo, now: Instant) {
         let secs = self.secs(now);
         let mut keys = self.lock();
+        let keys = &mut *keys;
         let Some(st) = keys.map.get_mut(&key) else {
             return;
         };
+        st.touch(key, secs, &mut keys.touched);
         st.advance(secs);
         st.flush();
         for (w, remaining) in [
@@ -790,6 +885,38 @@ impl Budget {
     /// The number of keys held.
     pub(crate) fn key_count(&self) -> usize {
         self.lock().map.len()
+    }
+
+    /// Counts and memory of all keys (walks every key under the lock).
+    pub(crate) fn stats(&self) -> BudgetStats {
+        use std::mem::size_of;
+        let keys = self.lock();
+        // hashbrown: one control byte per bucket besides the entry.
+        let table = keys.map.capacity() * (size_of::<(Key, KeyState)>() + 1);
+        // An `Arc<KeyFast>`: two counts, then the value at its alignment.
+        let fast = size_of::<KeyFast>() + std::mem::align_of::<KeyFast>().max(16);
+        let per_key: usize = keys
+            .map
+            .values()
+            .map(|st| {
+                let windows: usize = [&st.rpm, &st.tpm, &st.hour, &st.day]
+                    .into_iter()
+                    .flatten()
+                    .map(Window::heap_bytes)
+                    .sum();
+                windows
+                    + fast
+                    + st.reserved.capacity() * size_of::<Option<Reserve>>()
+                    + st.free.capacity() * size_of::<u32>()
+                    + st.queue.capacity() * size_of::<Ticket>()
+            })
+            .sum();
+        BudgetStats {
+            keys: keys.map.len(),
+            waiters: keys.waiters,
+            overflowed: keys.overflowed,
+            approx_bytes: table + per_key + keys.touched.capacity() * size_of::<(Key, u64)>(),
+        }
     }
 
     /// What the budget holds for a key, or `None` if it is not held.
@@ -815,6 +942,25 @@ impl Budget {
             spend_day: st.day.as_ref().map(Window::used),
         })
     }
+}
+
+/// What a budget holds in all (see
+/// [`TokenBudgetLayer::stats`](crate::TokenBudgetLayer::stats)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BudgetStats {
+    /// Keys held (the overflow key included, when held).
+    pub keys: usize,
+    /// Requests waiting in all queues.
+    pub waiters: usize,
+    /// Requests sent to the overflow key since the layer was built, because the map was
+    /// full of keys with something to lose.
+    pub overflowed: u64,
+    /// The heap and table memory the keys take, in bytes: the map's table (at its
+    /// capacity), each key's windows, fast-path state, reservation table and queue, and
+    /// the touch log that orders eviction. Counted from sizes and capacities (an
+    /// allocator's own overhead per allocation is not included).
+    pub approx_bytes: usize,
 }
 
 /// What a budget holds for one key (see
@@ -843,8 +989,18 @@ pub struct KeySnapshot {
 enum Verdict {
     Admit(Option<Soft>),
     Never(BudgetLimit),
-    Queued { ticket: u64, limit: BudgetLimit },
-    Blocked { limit: BudgetLimit, at: Option<u64> },
+    Queued {
+        ticket: u64,
+        limit: BudgetLimit,
+    },
+    /// It would queue, but the queues are full.
+    Full {
+        limit: BudgetLimit,
+    },
+    Blocked {
+        limit: BudgetLimit,
+        at: Option<u64>,
+    },
 }
 
 /// Decides on a request; the key's windows are already at `secs` and flushed.
@@ -856,6 +1012,7 @@ fn decide(
     secs: u64,
     ticket: Option<u64>,
     waker: Option<&Waker>,
+    room: bool,
     next_ticket: &mut u64,
     to_wake: &mut Option<Waker>,
 ) -> Verdict {
@@ -886,6 +1043,11 @@ fn decide(
                     t.waker = waker.cloned();
                 }
                 id
+            }
+            None if !room => {
+                return Verdict::Full {
+                    limit: st.blocked_on,
+                }
             }
             None => {
                 *next_ticket += 1;
@@ -962,54 +1124,116 @@ fn decide(
     Verdict::Admit(soft)
 }
 
-/// The key's state, created (evicting idle keys if the map is full) when missing.
+/// The key's state, created when missing, and the key it is held under: `key`, or the
+/// overflow key when the map is full and no key in it can be forgotten without loss.
+#[allow(clippy::too_many_arguments)]
 fn entry<'a>(
     map: &'a mut KeyMap<KeyState>,
+    touched: &mut VecDeque<(Key, u64)>,
+    overflowed: &mut u64,
     key: Key,
     l: &Limits,
     budget: &Weak<Budget>,
     secs: u64,
-) -> &'a mut KeyState {
+    horizon: u64,
+) -> (Key, &'a mut KeyState) {
+    let mut key = key;
+    // Keep memory to the keys that hold something: a few expired keys go with every
+    // locked call (one look at the front when none has expired).
+    evict_expired(map, touched, secs, horizon, 4);
     if map.len() >= l.max_keys && !map.contains_key(&key) {
-        evict(map, l.max_keys, secs);
+        evict_expired(map, touched, secs, horizon, usize::MAX);
+        let overflow = overflow_key();
+        if map.len() >= l.max_keys && key != overflow {
+            key = overflow;
+            *overflowed += 1;
+            // Logged at the 1st, 2nd, 4th, 8th… overflow: a flood of new keys cannot
+            // flood the log.
+            if overflowed.is_power_of_two() {
+                tracing::warn!(
+                    budget.keys = map.len(),
+                    budget.overflowed = *overflowed,
+                    "token budget full of keys with something to lose: new keys share the overflow key"
+                );
+            }
+        }
     }
-    map.entry(key)
-        .or_insert_with(|| KeyState::new(l, key, budget, secs))
+    // Compact the touch log when stale entries outnumber the keys (amortised O(1)).
+    if touched.len() > 2 * map.len() + 64 {
+        let map = &*map;
+        touched.retain(|(k, s)| map.get(k).is_some_and(|st| st.last_secs == *s));
+    }
+    let st = map.entry(key).or_insert_with(|| {
+        touched.push_back((key, secs));
+        KeyState::new(l, key, budget, secs)
+    });
+    (key, st)
 }
 
-/// Makes room: first every key that holds nothing and whose windows have all emptied
-/// (lossless), then, if that is not enough, the least recently used keys that hold nothing,
-/// down to 90 % of `max_keys` (their window history is forgotten). Keys with requests in
-/// flight or waiting are never evicted, so memory stays bounded by `max_keys` plus the
-/// requests in flight. Every key's fast permits are taken back first (a key that used some
-/// since its last update counts as used now), so an evicted key's state, which a service
-/// may still cache, can never admit again.
-fn evict(map: &mut KeyMap<KeyState>, max_keys: usize, secs: u64) {
-    map.retain(|_, st| {
-        st.advance(secs);
-        if st.flush() > 0 {
-            st.last_secs = secs;
+/// Forgets keys with nothing to lose, oldest touch first, looking at no more than `steps`
+/// entries of the touch log: a key is forgotten only when nothing is in flight, waiting
+/// or reserved, and every window has emptied (it was last touched more than a window's
+/// length ago), so its state is the same as a new key's. A key whose windows have passed
+/// but that is still busy (a long stream in flight, fast permits used since its last
+/// update) is touched again and looked at a window later. Each entry is looked at once
+/// per window length, so eviction costs amortised O(1) per call, whatever the map holds.
+fn evict_expired(
+    map: &mut KeyMap<KeyState>,
+    touched: &mut VecDeque<(Key, u64)>,
+    secs: u64,
+    horizon: u64,
+    steps: usize,
+) {
+    let mut evicted = 0usize;
+    for _ in 0..steps {
+        let Some(&(k, s)) = touched.front() else {
+            break;
+        };
+        if secs < s.saturating_add(horizon) {
+            // Every entry behind it was touched later.
+            break;
         }
-        !(st.removable() && secs.saturating_sub(st.last_secs) > IDLE_SECS)
-    });
-    if map.len() < max_keys {
-        return;
+        touched.pop_front();
+        let Some(st) = map.get_mut(&k) else {
+            continue;
+        };
+        if st.last_secs != s {
+            continue; // stale: the key was touched again later
+        }
+        st.advance(secs);
+        // Fast permits used since the last update count now: the key stays.
+        let used = st.flush();
+        if used == 0 && st.removable() && st.is_empty() {
+            map.remove(&k);
+            evicted += 1;
+        } else {
+            st.touch(k, secs, touched);
+        }
     }
-    let target = max_keys - max_keys / 10 - 1;
-    let mut idle: Vec<(u64, Key)> = map
-        .iter()
-        .filter(|(_, st)| st.removable())
-        .map(|(k, st)| (st.last_secs, *k))
-        .collect();
-    idle.sort_unstable();
-    let excess = map.len().saturating_sub(target);
-    for (_, k) in idle.into_iter().take(excess) {
-        map.remove(&k);
+    if evicted > 0 {
+        tracing::trace!(
+            budget.keys = map.len(),
+            budget.evicted = evicted,
+            "token budget forgot keys whose windows have passed"
+        );
     }
-    tracing::debug!(
-        keys = map.len(),
-        "token budget evicted least recently used keys"
-    );
+}
+
+/// Seconds after which every window of a key last touched at `t` has emptied.
+fn horizon(l: &Limits) -> u64 {
+    let len = |(slot, n): (u64, usize)| slot * (n as u64 + 1);
+    let mut h = 0;
+    if l.requests_per_minute.is_some() || l.tokens_per_minute.is_some() {
+        h = len(MINUTE);
+    }
+    if l.spend_per_hour.is_some() {
+        h = h.max(len(HOUR));
+    }
+    if l.spend_per_day.is_some() {
+        h = h.max(len(DAY));
+    }
+    // A budget of concurrency alone has no window: a key may go once idle.
+    h.max(1)
 }
 
 #[cfg(test)]
@@ -1104,8 +1328,11 @@ mod tests {
             {
                 p.release();
             }
-            assert!(b.key_count() <= 100);
+            // Every key's window holds its request: none can be forgotten, so the keys
+            // past 100 share the overflow key.
+            assert!(b.key_count() <= 101);
         }
+        assert_eq!(b.stats().overflowed, 10_000 - 99);
         assert_eq!(
             b.key_state(busy).map(|s| s.in_flight),
             Some(1),
@@ -1158,13 +1385,28 @@ mod tests {
             (Some(3), 0, 0),
             "pending permits count"
         );
-        // A second key evicts the first (max_keys 1): its cached state admits no more.
+        // Fast permits used since the key's last update count when it is next looked at
+        // (their time is not known): a day later the key stays one window more, and
+        // another key shares the overflow key (max_keys 1).
         let later = now + Duration::from_secs(25 * 3600);
+        let Decision::Admitted {
+            hold: Hold::Permit(other),
+            ..
+        } = admit(&b, Key::of("other"), &Cost::default(), later)
+        else {
+            panic!()
+        };
+        other.release();
+        assert_eq!(b.key_state(k).and_then(|s| s.requests), Some(2));
+        assert_eq!(b.stats().overflowed, 1);
+        // A window later it is forgotten: its cached state admits no more.
+        let later = later + Duration::from_secs(61);
         assert!(matches!(
-            admit(&b, Key::of("other"), &Cost::default(), later),
+            admit(&b, Key::of("third"), &Cost::default(), later),
             Decision::Admitted { .. }
         ));
         assert!(b.key_state(k).is_none());
+        assert!(b.key_state(Key::of("third")).is_some());
         assert!(!fast.try_acquire(max));
         assert_eq!(fast.permits_left(), 0);
     }

@@ -20,10 +20,17 @@ pub const DEFAULT_OUTPUT_TOKENS: u64 = 1024;
 /// overload scenario in `benches/scenarios.rs` served 38 % of capacity to callers in time
 /// with 60 s, 94 % with 10 s). Raise it for batch work that has no caller waiting.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(10);
-/// Default number of keys kept before idle ones are evicted: 10 000.
+/// Default most keys held (besides the overflow key): 10 000.
 pub const DEFAULT_MAX_KEYS: usize = 10_000;
 /// Default largest non-streamed response body copied to read its usage: 1 MiB.
 pub const DEFAULT_MAX_USAGE_BODY: usize = 1024 * 1024;
+/// Default most requests waiting in one key's queue: 256. A queue longer than what the
+/// key's limits can admit within `max_wait` only holds requests that will time out (256
+/// is 10 s of a 1,536-requests-a-minute limit).
+pub const DEFAULT_MAX_WAITERS_PER_KEY: usize = 256;
+/// Default most requests waiting in all queues of a budget: 4,096. Each waiter holds its
+/// request (body included) until it is sent or refused.
+pub const DEFAULT_MAX_WAITERS: usize = 4096;
 /// The longest `max_wait` accepted: one day.
 pub const MAX_WAIT_CEILING: Duration = Duration::from_secs(24 * 3600);
 
@@ -89,6 +96,17 @@ pub enum UnknownModel {
 /// Models are matched by exact name first, then by the longest listed name the model
 /// starts with followed by `-`, so `"gpt-4o"` also prices `"gpt-4o-2024-08-06"`.
 ///
+/// # Azure OpenAI
+///
+/// On Azure the deployment, not the body's `model`, decides which model runs (and the
+/// body is written by the caller), so an Azure request is priced by its deployment: the
+/// `{deployment}` of `/openai/deployments/{deployment}/…`, or, on the v1 API
+/// (`/openai/v1/…`), the body's `model`, which names the deployment there. The deployment
+/// is looked up in the [`deployment`](Self::deployment) prices first, then as a model
+/// name (deployments are often named after their model; the operator names them, not the
+/// caller), then priced by the [`UnknownModel`] policy. The body's `model` never prices a
+/// request to `/openai/deployments/…`.
+///
 /// ```
 /// use tower_ai_budget::{ModelPrice, PriceTable, UnknownModel};
 /// let prices = PriceTable::new()
@@ -100,6 +118,7 @@ pub enum UnknownModel {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PriceTable {
     models: HashMap<Box<str>, ModelPrice>,
+    deployments: HashMap<Box<str>, ModelPrice>,
     unknown: UnknownModel,
 }
 
@@ -112,6 +131,23 @@ impl PriceTable {
     /// Adds (or replaces) a model's price per million input and output tokens.
     pub fn model(mut self, name: impl Into<Box<str>>, input: f64, output: f64) -> Self {
         self.models
+            .insert(name.into(), ModelPrice::per_million(input, output));
+        self
+    }
+
+    /// Adds (or replaces) the price of an Azure OpenAI deployment, per million input and
+    /// output tokens: what requests to it cost whatever `model` their body names (see
+    /// [Azure OpenAI](#azure-openai)).
+    ///
+    /// ```
+    /// use tower_ai_budget::PriceTable;
+    /// let prices = PriceTable::new()
+    ///     .model("gpt-4o", 2.50, 10.00)
+    ///     .deployment("prod-chat", 2.50, 10.00); // a gpt-4o deployment
+    /// # let _ = prices;
+    /// ```
+    pub fn deployment(mut self, name: impl Into<Box<str>>, input: f64, output: f64) -> Self {
+        self.deployments
             .insert(name.into(), ModelPrice::per_million(input, output));
         self
     }
@@ -159,6 +195,7 @@ pub(crate) enum PriceOf {
 #[derive(Debug, Default)]
 pub(crate) struct Prices {
     models: HashMap<Box<str>, NanoPrice>,
+    deployments: HashMap<Box<str>, NanoPrice>,
     unknown: Option<NanoPrice>,
 }
 
@@ -181,6 +218,15 @@ impl Prices {
             None => PriceOf::Unknown,
         }
     }
+
+    /// The price of a request to an Azure deployment: its own price, else its name as a
+    /// model, else the unknown-model policy.
+    pub(crate) fn of_deployment(&self, deployment: Option<&str>) -> PriceOf {
+        match deployment.and_then(|d| self.deployments.get(d)) {
+            Some(p) => PriceOf::Known(*p),
+            None => self.of(deployment),
+        }
+    }
 }
 
 /// The validated limits a budget enforces.
@@ -198,6 +244,8 @@ pub(crate) struct Limits {
     pub(crate) sync_from_headers: bool,
     pub(crate) max_keys: usize,
     pub(crate) max_usage_body: usize,
+    pub(crate) max_waiters_per_key: usize,
+    pub(crate) max_waiters: usize,
 }
 
 impl Limits {
@@ -255,6 +303,8 @@ pub struct TokenBudgetBuilder<K = Global, L = ()> {
     sync_from_headers: bool,
     max_keys: usize,
     max_usage_body: usize,
+    max_waiters_per_key: usize,
+    max_waiters: usize,
     key_fn: K,
     listener: L,
 }
@@ -287,6 +337,8 @@ impl Default for TokenBudgetBuilder {
             sync_from_headers: false,
             max_keys: DEFAULT_MAX_KEYS,
             max_usage_body: DEFAULT_MAX_USAGE_BODY,
+            max_waiters_per_key: DEFAULT_MAX_WAITERS_PER_KEY,
+            max_waiters: DEFAULT_MAX_WAITERS,
             key_fn: Global,
             listener: (),
         }
@@ -373,9 +425,29 @@ impl<K, L> TokenBudgetBuilder<K, L> {
         self
     }
 
-    /// Keys kept before idle ones are evicted (default [`DEFAULT_MAX_KEYS`]).
+    /// Keys held at most (default [`DEFAULT_MAX_KEYS`]), besides the overflow key.
+    ///
+    /// A key is forgotten only when it has nothing to lose: nothing in flight, waiting or
+    /// reserved, and every window emptied. While the map is full of keys that still hold
+    /// something, a new key shares the *overflow key*: one more set of the same limits,
+    /// shared by every key that found no room (see the [crate docs](crate#keys)).
     pub fn max_keys(mut self, n: usize) -> Self {
         self.max_keys = n;
+        self
+    }
+
+    /// The most requests waiting in one key's queue (default
+    /// [`DEFAULT_MAX_WAITERS_PER_KEY`]); one more is refused at once with
+    /// `BudgetExceeded`.
+    pub fn max_waiters_per_key(mut self, n: usize) -> Self {
+        self.max_waiters_per_key = n;
+        self
+    }
+
+    /// The most requests waiting in all queues (default [`DEFAULT_MAX_WAITERS`]); one
+    /// more is refused at once with `BudgetExceeded`.
+    pub fn max_waiters(mut self, n: usize) -> Self {
+        self.max_waiters = n;
         self
     }
 
@@ -404,6 +476,8 @@ impl<K, L> TokenBudgetBuilder<K, L> {
             sync_from_headers: self.sync_from_headers,
             max_keys: self.max_keys,
             max_usage_body: self.max_usage_body,
+            max_waiters_per_key: self.max_waiters_per_key,
+            max_waiters: self.max_waiters,
             key_fn,
             listener: self.listener,
         }
@@ -425,6 +499,8 @@ impl<K, L> TokenBudgetBuilder<K, L> {
             sync_from_headers: self.sync_from_headers,
             max_keys: self.max_keys,
             max_usage_body: self.max_usage_body,
+            max_waiters_per_key: self.max_waiters_per_key,
+            max_waiters: self.max_waiters,
             key_fn: self.key_fn,
             listener,
         }
@@ -463,6 +539,8 @@ impl<K, L> TokenBudgetBuilder<K, L> {
         nonzero(self.tokens_per_minute, "tokens_per_minute")?;
         nonzero(self.max_concurrent.map(u64::from), "max_concurrent")?;
         nonzero(Some(self.max_keys as u64), "max_keys")?;
+        nonzero(Some(self.max_waiters_per_key as u64), "max_waiters_per_key")?;
+        nonzero(Some(self.max_waiters as u64), "max_waiters")?;
         let amount = |what: &str, v: f64| {
             if v.is_finite() && v >= 0.0 {
                 Ok(v)
@@ -502,6 +580,10 @@ impl<K, L> TokenBudgetBuilder<K, L> {
         for (name, p) in &self.prices.models {
             models.insert(name.clone(), nano(name, p)?);
         }
+        let mut deployments = HashMap::with_capacity(self.prices.deployments.len());
+        for (name, p) in &self.prices.deployments {
+            deployments.insert(name.clone(), nano(name, p)?);
+        }
         let unknown = match &self.prices.unknown {
             UnknownModel::Reject => None,
             UnknownModel::Assume(p) => Some(nano("unknown models", p)?),
@@ -509,6 +591,7 @@ impl<K, L> TokenBudgetBuilder<K, L> {
         };
         if (spend_per_hour.is_some() || spend_per_day.is_some())
             && models.is_empty()
+            && deployments.is_empty()
             && unknown.is_none()
         {
             return Err(ConfigError::NoPrices);
@@ -529,13 +612,19 @@ impl<K, L> TokenBudgetBuilder<K, L> {
             max_concurrent: self.max_concurrent,
             spend_per_hour,
             spend_per_day,
-            prices: Prices { models, unknown },
+            prices: Prices {
+                models,
+                deployments,
+                unknown,
+            },
             when_full: self.when_full,
             default_output_tokens: self.default_output_tokens,
             soft_limit: self.soft_limit,
             sync_from_headers: self.sync_from_headers,
             max_keys: self.max_keys,
             max_usage_body: self.max_usage_body,
+            max_waiters_per_key: self.max_waiters_per_key,
+            max_waiters: self.max_waiters,
         })
     }
 }

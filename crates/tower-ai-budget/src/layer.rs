@@ -4,7 +4,7 @@ use std::sync::Arc;
 use tower_ai_core::keys::{Global, Key};
 use tower_layer::Layer;
 
-use crate::budget::{Budget, KeySnapshot};
+use crate::budget::{overflow_key, Budget, BudgetStats, KeySnapshot};
 use crate::config::{Limits, TokenBudgetBuilder};
 use crate::service::TokenBudget;
 
@@ -62,10 +62,22 @@ impl<K, L> TokenBudgetLayer<K, L> {
         self.budget.key_state(key)
     }
 
-    /// The number of keys the budget holds (bounded by `max_keys` plus keys with requests
-    /// in flight).
+    /// The number of keys the budget holds: at most `max_keys`, plus the overflow key.
     pub fn key_count(&self) -> usize {
         self.budget.key_count()
+    }
+
+    /// Keys, waiters, overflowed requests and the memory the keys take (see
+    /// [`BudgetStats`]). Walks every key under the budget's lock: for monitoring and
+    /// tests, not for every request.
+    pub fn stats(&self) -> BudgetStats {
+        self.budget.stats()
+    }
+
+    /// The key that new keys share while the map is full of keys with something to lose
+    /// (pass it to [`snapshot`](Self::snapshot)). The same for every budget of a process.
+    pub fn overflow_key(&self) -> Key {
+        overflow_key()
     }
 }
 

@@ -11,7 +11,9 @@ use tower_ai_core::{AiError, BoxError, BudgetLimit, Provider, ReplayBody, Reques
 use tower_service::Service;
 
 use crate::body::BudgetBody;
-use crate::budget::{Budget, Cached, Cost, Decision, FastConfig, KeyFast};
+use crate::budget::{
+    azure_deployment, Budget, Cached, Cost, Decision, FastConfig, KeyFast, PriceBy,
+};
 use crate::config::WhenFull;
 use crate::event::{emit, BudgetEvent, BudgetListener};
 use crate::future::{Guard, Permit, ResponseFuture, WaitState};
@@ -163,13 +165,29 @@ impl<S, K, L> TokenBudget<S, K, L> {
         L: BudgetListener,
         ReqB: ReplayBody,
     {
-        let cost = match req.extensions().get::<RequestMeta>() {
-            Some(meta) => self.budget.cost_of(Some(meta)),
-            // Parsed once and stored: the key function's `model_of`, the layers below and
-            // every retry of this request read it from the extensions.
-            None => self
-                .budget
-                .cost_of(Some(RequestMeta::get_or_insert(&mut req))),
+        let cost = if !self.budget.limits.counts_spend() {
+            match req.extensions().get::<RequestMeta>() {
+                Some(meta) => self.budget.cost_of(Some(meta), PriceBy::Model),
+                // Parsed once and stored: the key function's `model_of`, the layers below
+                // and every retry of this request read it from the extensions.
+                None => self
+                    .budget
+                    .cost_of(Some(RequestMeta::get_or_insert(&mut req)), PriceBy::Model),
+            }
+        } else {
+            if req.extensions().get::<RequestMeta>().is_none() {
+                RequestMeta::get_or_insert(&mut req);
+            }
+            let meta = req.extensions().get::<RequestMeta>();
+            // On Azure the deployment decides the model, not the caller's body.
+            let by = if Provider::of(&req) == Provider::AzureOpenAi {
+                PriceBy::Deployment(
+                    azure_deployment(req.uri().path()).or_else(|| meta.and_then(|m| m.model())),
+                )
+            } else {
+                PriceBy::Model
+            };
+            self.budget.cost_of(meta, by)
         };
         let Some(key) = self.key_fn.key(&req) else {
             // No key: exempt from the budget.
@@ -233,21 +251,27 @@ impl<S, K, L> TokenBudget<S, K, L> {
                 let guard = Guard::new(&self.budget, hold);
                 ResponseFuture::called(self.inner.call(req), guard, (dialect, observe))
             }
-            Decision::Wait { ticket, limit, .. } => {
+            Decision::Wait {
+                key: held_under,
+                ticket,
+                limit,
+                ..
+            } => {
                 emit(&*self.listener, BudgetEvent::Waiting { key, limit });
                 let label = self.key_fn.label(&req);
                 let listener: Arc<dyn BudgetListener> = self.listener.clone();
-                // The wait sends later, through its own service: it takes the one made
-                // ready by `poll_ready`, and a fresh clone (not yet ready) stays here.
-                let clone = self.inner.clone();
-                let svc = std::mem::replace(&mut self.inner, clone);
+                // The wait sends later through a clone, which gets ready (`Oneshot`) only
+                // once admitted: a waiting request holds no readiness of the inner service
+                // (a `Buffer` or `ConcurrencyLimit` slot), and the service made ready by
+                // `poll_ready` stays here for the next call.
+                let svc = self.inner.clone();
                 ResponseFuture::waiting(
                     WaitState::new(
                         req,
                         svc,
                         self.budget.clone(),
                         listener,
-                        key,
+                        held_under,
                         label,
                         cost,
                         ticket,

@@ -37,6 +37,11 @@ impl Window {
         }
     }
 
+    /// The bytes its slots take on the heap.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.slots)
+    }
+
     pub(crate) fn limit(&self) -> u64 {
         self.limit
     }

@@ -1,0 +1,146 @@
+//! The memory TokenBudget holds per key, counted by the allocator and by the layer's own
+//! `stats().approx_bytes`, and its bound under a flood of hostile keys.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use tower::{Layer, Service};
+use tower_ai_budget::{PriceTable, TokenBudgetBuilder, TokenBudgetLayer};
+use tower_ai_core::keys::Key;
+use tower_ai_core::{AiBody, RequestMeta};
+
+const BODY: &str =
+    r#"{"model":"gpt-4o","max_tokens":16,"messages":[{"role":"user","content":"Hi"}]}"#;
+const USAGE: &str = r#"{"usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
+
+#[derive(Clone, Copy)]
+struct Bare;
+
+impl Service<Request<AiBody>> for Bare {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: Request<AiBody>) -> Self::Future {
+        std::future::ready(Ok(Response::new(Full::new(Bytes::from_static(
+            USAGE.as_bytes(),
+        )))))
+    }
+}
+
+fn keyed(req: &Request<AiBody>) -> Option<Key> {
+    req.extensions().get::<Key>().copied()
+}
+
+/// One request for key `i`, sent and its body read to the end: the key is idle after.
+fn once<S, B>(svc: &mut S, i: u64)
+where
+    S: Service<Request<AiBody>, Response = Response<B>>,
+    B: http_body::Body,
+{
+    let mut req = Request::new(AiBody::from(BODY));
+    req.extensions_mut().insert(Key::of(&i));
+    RequestMeta::get_or_insert(&mut req);
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(svc.poll_ready(&mut cx).is_ready());
+    let fut = pin!(svc.call(req));
+    let Poll::Ready(Ok(res)) = fut.poll(&mut cx) else {
+        panic!("not admitted")
+    };
+    let mut body = pin!(res.into_body());
+    while let Poll::Ready(Some(_)) = http_body::Body::poll_frame(body.as_mut(), &mut cx) {}
+}
+
+type Build = fn(
+    TokenBudgetBuilder<fn(&Request<AiBody>) -> Option<Key>>,
+) -> TokenBudgetBuilder<fn(&Request<AiBody>) -> Option<Key>>;
+
+const N: u64 = 10_000;
+
+/// Bytes per idle key: (allocator, the layer's own count).
+fn per_key(configure: Build) -> (u64, u64) {
+    let layer = configure(
+        TokenBudgetLayer::builder()
+            .key_fn(keyed as fn(&Request<AiBody>) -> Option<Key>)
+            .reject(),
+    )
+    .build()
+    .unwrap();
+    let mut svc = layer.layer(Bare);
+    once(&mut svc, u64::MAX);
+    let info = allocation_counter::measure(|| {
+        for i in 0..N {
+            once(&mut svc, i);
+        }
+    });
+    let stats = layer.stats();
+    assert_eq!(stats.keys as u64, N + 1);
+    (
+        info.bytes_current.max(0) as u64 / N,
+        stats.approx_bytes as u64 / (N + 1),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_per_idle_key() {
+    let configs: [(&str, Build); 4] = [
+        ("concurrency", |b| b.max_concurrent(8)),
+        ("requests/min", |b| b.requests_per_minute(1000)),
+        ("requests + tokens/min", |b| {
+            b.requests_per_minute(1000).tokens_per_minute(100_000)
+        }),
+        ("requests + tokens/min + spend/hour + spend/day", |b| {
+            b.requests_per_minute(1000)
+                .tokens_per_minute(100_000)
+                .spend_per_hour(10.0)
+                .spend_per_day(100.0)
+                .prices(PriceTable::new().model("gpt-4o", 2.5, 10.0))
+        }),
+    ];
+    for (name, configure) in configs {
+        let (measured, reported) = per_key(configure);
+        println!("{name}: {measured} bytes per idle key allocated, {reported} reported by stats()");
+        // The layer's own count follows the allocator's within 25 %.
+        assert!(
+            reported * 4 >= measured * 3 && reported * 4 <= measured * 5,
+            "{name}: stats() says {reported}, the allocator {measured}"
+        );
+        // Regression bound: windows (8 bytes a slot) + fast state + map and order.
+        assert!(measured <= 3200, "{name}: {measured} bytes per key");
+    }
+}
+
+/// 200,000 hostile keys (one request each, then idle) with the default `max_keys`: the
+/// map holds at most 10,001 keys, and the memory stays under 64 MiB.
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_keys_is_bounded() {
+    let layer = TokenBudgetLayer::builder()
+        .key_fn(keyed as fn(&Request<AiBody>) -> Option<Key>)
+        .requests_per_minute(1_000_000)
+        .tokens_per_minute(100_000_000)
+        .reject()
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(Bare);
+    let info = allocation_counter::measure(|| {
+        for i in 0..200_000 {
+            once(&mut svc, i);
+        }
+    });
+    let stats = layer.stats();
+    println!(
+        "200,000 keys: {} held, {} overflowed, {} bytes allocated, {} reported",
+        stats.keys, stats.overflowed, info.bytes_current, stats.approx_bytes
+    );
+    assert!(stats.keys <= 10_001);
+    assert_eq!(stats.overflowed, 200_000 - 10_000);
+    assert!(info.bytes_current < 64 << 20, "{}", info.bytes_current);
+    assert!(stats.approx_bytes < 64 << 20);
+}
