@@ -30,9 +30,13 @@ pub(crate) enum Reader {
 }
 
 impl Reader {
-    pub(crate) fn for_response(headers: &HeaderMap, dialect: StreamDialect) -> Self {
+    pub(crate) fn for_response(
+        headers: &HeaderMap,
+        dialect: StreamDialect,
+        max_event: usize,
+    ) -> Self {
         if is_event_stream(headers) {
-            Reader::Sse(Box::new(StreamScanner::new(dialect)))
+            Reader::Sse(Box::new(StreamScanner::with_max_event(dialect, max_event)))
         } else {
             Reader::Json(Vec::new())
         }
@@ -267,7 +271,11 @@ mod tests {
         let reader = |ct: &str| {
             let mut h = HeaderMap::new();
             h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
-            Reader::for_response(&h, StreamDialect::OpenAiChat)
+            Reader::for_response(
+                &h,
+                StreamDialect::OpenAiChat,
+                tower_ai_core::sse::DEFAULT_MAX_EVENT,
+            )
         };
         assert!(matches!(
             reader("Text/Event-Stream; charset=utf-8"),

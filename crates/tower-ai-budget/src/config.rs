@@ -246,6 +246,7 @@ pub(crate) struct Limits {
     pub(crate) max_usage_body: usize,
     pub(crate) max_waiters_per_key: usize,
     pub(crate) max_waiters: usize,
+    pub(crate) max_event: usize,
 }
 
 impl Limits {
@@ -305,6 +306,7 @@ pub struct TokenBudgetBuilder<K = Global, L = ()> {
     max_usage_body: usize,
     max_waiters_per_key: usize,
     max_waiters: usize,
+    max_event: usize,
     key_fn: K,
     listener: L,
 }
@@ -339,6 +341,7 @@ impl Default for TokenBudgetBuilder {
             max_usage_body: DEFAULT_MAX_USAGE_BODY,
             max_waiters_per_key: DEFAULT_MAX_WAITERS_PER_KEY,
             max_waiters: DEFAULT_MAX_WAITERS,
+            max_event: tower_ai_core::sse::DEFAULT_MAX_EVENT,
             key_fn: Global,
             listener: (),
         }
@@ -458,6 +461,19 @@ impl<K, L> TokenBudgetBuilder<K, L> {
         self
     }
 
+    /// Largest SSE event of a streamed response read whole for its usage (default 4 MiB,
+    /// [`DEFAULT_MAX_EVENT`](tower_ai_core::sse::DEFAULT_MAX_EVENT)); the scanner holds at
+    /// most this much of one event. A larger event (an OpenAI Responses
+    /// `response.completed` with a generated image inline, a Gemini chunk with inline
+    /// data) is not read whole, but its name and the start of its data still tell a
+    /// terminal event or an error, so the stream is judged as it ended: only the usage it
+    /// held is lost (then the reservation is kept, as for a stream with no usage). Raise it
+    /// when such events matter for the count.
+    pub fn max_event(mut self, bytes: usize) -> Self {
+        self.max_event = bytes;
+        self
+    }
+
     /// The key function: [`Global`] (the default: one budget for everything through the
     /// layer), [`ApiKeyHash`](tower_ai_core::keys::ApiKeyHash) (one per API key),
     /// [`HostModel`](tower_ai_core::keys::HostModel) (one per provider and model), or a
@@ -478,6 +494,7 @@ impl<K, L> TokenBudgetBuilder<K, L> {
             max_usage_body: self.max_usage_body,
             max_waiters_per_key: self.max_waiters_per_key,
             max_waiters: self.max_waiters,
+            max_event: self.max_event,
             key_fn,
             listener: self.listener,
         }
@@ -501,6 +518,7 @@ impl<K, L> TokenBudgetBuilder<K, L> {
             max_usage_body: self.max_usage_body,
             max_waiters_per_key: self.max_waiters_per_key,
             max_waiters: self.max_waiters,
+            max_event: self.max_event,
             key_fn: self.key_fn,
             listener,
         }
@@ -625,6 +643,7 @@ impl<K, L> TokenBudgetBuilder<K, L> {
             max_usage_body: self.max_usage_body,
             max_waiters_per_key: self.max_waiters_per_key,
             max_waiters: self.max_waiters,
+            max_event: self.max_event,
         })
     }
 }

@@ -75,6 +75,11 @@ impl Reserved {
     pub(crate) fn max_usage_body(&self) -> usize {
         self.budget.limits.max_usage_body
     }
+
+    /// The largest SSE event read whole.
+    pub(crate) fn max_event(&self) -> usize {
+        self.budget.limits.max_event
+    }
 }
 
 impl Drop for Reserved {
@@ -521,7 +526,7 @@ fn respond<ResB>(
                         r.refund();
                         Reader::None
                     } else if let Some(dialect) = dialect {
-                        Reader::for_response(res.headers(), dialect)
+                        Reader::for_response(res.headers(), dialect, r.max_event())
                     } else {
                         Reader::None
                     };

@@ -12,7 +12,8 @@
 //! It never copies a chunk to pass it on: callers hand it `&[u8]` and keep the chunk. It
 //! keeps only the bytes of an incomplete line and of the event being assembled, bounded by
 //! [`SseParser::with_max_event`]; a larger event is skipped and reported as
-//! [`SseItem::Oversized`].
+//! [`SseItem::Oversized`] with its name and the start of its data, so that what it was (a
+//! terminal event, an error) can still be told.
 
 use std::ops::Range;
 
@@ -35,9 +36,34 @@ pub enum SseItem<'a> {
         /// Its value.
         value: &'a [u8],
     },
-    /// An event was larger than the limit and was skipped.
-    Oversized,
+    /// An event was larger than the limit and was skipped. Its name and the start of its
+    /// data are kept, so that a reader can still tell a terminal event (OpenAI Responses'
+    /// `response.completed` holding a large image inline) or an error from the rest.
+    Oversized {
+        /// The event name (`"message"` when it had none, or when its `event:` line came
+        /// after the line that made it too large and was itself too long).
+        event: &'a str,
+        /// The first bytes of its data ([`oversized_head`] of them at most, fewer when
+        /// the data was shorter before the line that did not fit was not a `data` line),
+        /// the data lines joined with `\n` as in [`SseItem::Event`].
+        head: &'a [u8],
+    },
 }
+
+/// How many bytes of an oversized event's data [`SseItem::Oversized`] keeps, for an event
+/// bound of `max_event`: 16 KiB, or less for a small bound (half of it, less a `data: `
+/// prefix). Any split of the input into chunks gives the same head.
+pub const fn oversized_head(max_event: usize) -> usize {
+    let half = max_event.saturating_sub(6) / 2;
+    if half < OVERSIZED_HEAD {
+        half
+    } else {
+        OVERSIZED_HEAD
+    }
+}
+
+/// The most bytes kept of an oversized event's data.
+const OVERSIZED_HEAD: usize = 16 * 1024;
 
 /// The push parser. Feed it chunks with [`feed`](SseParser::feed); call
 /// [`finish`](SseParser::finish) at end of stream.
@@ -63,6 +89,8 @@ pub struct SseParser {
     line: Vec<u8>,
     data: Vec<u8>,
     event: Vec<u8>,
+    /// The start of the data of an event found too large (see [`SseItem::Oversized`]).
+    head: Vec<u8>,
     /// The last event name handed out, kept to hand out the next one equal to it without
     /// checking its UTF-8 again (streams repeat a few names).
     name: String,
@@ -113,6 +141,7 @@ impl SseParser {
             line: Vec::new(),
             data: Vec::new(),
             event: Vec::new(),
+            head: Vec::new(),
             name: String::new(),
             has_data: false,
             skip_lf: false,
@@ -125,7 +154,7 @@ impl SseParser {
 
     /// Bytes held between calls (an incomplete line and the event being assembled).
     pub fn buffered(&self) -> usize {
-        self.line.len() + self.data.len() + self.event.len()
+        self.line.len() + self.data.len() + self.event.len() + self.head.len()
     }
 
     /// Parses `chunk`, calling `on_item` for each complete item.
@@ -183,9 +212,19 @@ impl SseParser {
             if self.line_dropped {
                 // Still inside a line too long to keep.
             } else if self.line.len() + rest.len() + self.data.len() > self.max_event {
+                if !self.oversized {
+                    keep_head(
+                        &mut self.head,
+                        oversized_head(self.max_event),
+                        [&self.data, &[]],
+                        self.has_data,
+                        [&self.line, rest],
+                    );
+                }
                 self.oversized = true;
                 self.line_dropped = true;
                 self.line.clear();
+                self.data.clear();
             } else {
                 self.line.extend_from_slice(rest);
             }
@@ -228,6 +267,16 @@ impl SseParser {
         let len = self.line.len() + range.len();
         let data = self.data.len() + held.data.as_ref().map_or(0, |r| r.len());
         if len > 0 && len + data > self.max_event {
+            if !self.oversized {
+                let held_data = held.data.clone().map_or(&[][..], |r| &chunk[r]);
+                keep_head(
+                    &mut self.head,
+                    oversized_head(self.max_event),
+                    [&self.data, held_data],
+                    self.has_data,
+                    [&self.line, &chunk[range]],
+                );
+            }
             self.oversized = true;
             self.line.clear();
             self.data.clear();
@@ -259,9 +308,7 @@ impl SseParser {
         on_item: &mut F,
     ) {
         let (data_at, event_at) = (held.data.take(), held.event.take());
-        if self.oversized {
-            on_item(SseItem::Oversized);
-        } else if self.has_data {
+        if self.oversized || self.has_data {
             let name = match &event_at {
                 Some(r) => &chunk[r.clone()],
                 None => &self.event[..],
@@ -280,14 +327,22 @@ impl SseParser {
                     Err(_) => "message",
                 }
             };
-            let data = match data_at {
-                Some(r) => &chunk[r],
-                None => &self.data[..],
-            };
-            on_item(SseItem::Event { event, data });
+            if self.oversized {
+                on_item(SseItem::Oversized {
+                    event,
+                    head: &self.head,
+                });
+            } else {
+                let data = match data_at {
+                    Some(r) => &chunk[r],
+                    None => &self.data[..],
+                };
+                on_item(SseItem::Event { event, data });
+            }
         }
         self.data.clear();
         self.event.clear();
+        self.head.clear();
         self.has_data = false;
         self.oversized = false;
     }
@@ -301,9 +356,6 @@ impl SseParser {
         held: Option<&mut InChunk>,
         on_item: &mut F,
     ) {
-        if self.oversized {
-            return;
-        }
         let line = &src[range.clone()];
         // The value after the colon at `line[colon]`, one leading space dropped.
         let value = |colon: usize| {
@@ -311,11 +363,15 @@ impl SseParser {
             range.start + v.min(line.len())..range.end
         };
         // The two fields of nearly every line by their prefix; the rest by the colon.
+        if line.starts_with(b"event:") {
+            // Kept for an oversized event too: its name tells what it was.
+            return self.event_line(src, value(5), held);
+        }
+        if self.oversized {
+            return;
+        }
         if line.starts_with(b"data:") {
             return self.data_line(src, value(4), held);
-        }
-        if line.starts_with(b"event:") {
-            return self.event_line(src, value(5), held);
         }
         if line[0] == b':' {
             return on_item(SseItem::Comment(&line[1..]));
@@ -326,6 +382,7 @@ impl SseParser {
         };
         match name {
             b"data" => self.data_line(src, value, held),
+            b"event" if self.oversized => {}
             b"event" => self.event_line(src, value, held),
             b"id" | b"retry" => {}
             _ => on_item(SseItem::OtherField {
@@ -368,6 +425,34 @@ impl SseParser {
     }
 }
 
+/// Keeps the first `cap` bytes of an event's data in `head`, as the event is found too
+/// large: the data so far (`data`, in two parts), then, if the line that did not fit
+/// (`line`, in two parts, maybe only its start) is a `data` line, its value, joined with
+/// `\n` when the event `has_data` already.
+fn keep_head(head: &mut Vec<u8>, cap: usize, data: [&[u8]; 2], has_data: bool, line: [&[u8]; 2]) {
+    head.clear();
+    for part in data {
+        head.extend_from_slice(&part[..part.len().min(cap - head.len())]);
+    }
+    if head.len() == cap {
+        return;
+    }
+    // The line's start: its `data:` prefix (one space dropped) and what can be kept after it.
+    let mut start = Vec::with_capacity((cap - head.len() + 6).min(line[0].len() + line[1].len()));
+    for part in line {
+        let room = (cap - head.len() + 6).saturating_sub(start.len());
+        start.extend_from_slice(&part[..part.len().min(room)]);
+    }
+    let Some(value) = start.strip_prefix(b"data:") else {
+        return;
+    };
+    let value = value.strip_prefix(b" ").unwrap_or(value);
+    if has_data {
+        head.push(b'\n');
+    }
+    head.extend_from_slice(&value[..value.len().min(cap.saturating_sub(head.len()))]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,24 +463,46 @@ mod tests {
         Comment(String),
         Other(String, String),
         Oversized,
+        OversizedHead(String, String),
+    }
+
+    fn own(i: SseItem<'_>) -> Owned {
+        match i {
+            SseItem::Oversized { event, head } => {
+                Owned::OversizedHead(event.into(), String::from_utf8_lossy(head).into())
+            }
+            i => own_plain(i),
+        }
+    }
+
+    fn parse_heads(chunks: &[&[u8]], max: usize) -> Vec<Owned> {
+        let mut p = SseParser::with_max_event(max);
+        let mut out = Vec::new();
+        for c in chunks {
+            p.feed(c, |i| out.push(own(i)));
+        }
+        p.finish(|i| out.push(own(i)));
+        out
+    }
+
+    fn own_plain(i: SseItem<'_>) -> Owned {
+        match i {
+            SseItem::Event { event, data } => {
+                Owned::Event(event.into(), String::from_utf8_lossy(data).into())
+            }
+            SseItem::Comment(c) => Owned::Comment(String::from_utf8_lossy(c).into()),
+            SseItem::OtherField { name, value } => Owned::Other(
+                String::from_utf8_lossy(name).into(),
+                String::from_utf8_lossy(value).into(),
+            ),
+            SseItem::Oversized { .. } => Owned::Oversized,
+        }
     }
 
     fn parse_chunks(chunks: &[&[u8]], max: usize) -> Vec<Owned> {
         let mut p = SseParser::with_max_event(max);
         let mut out = Vec::new();
-        let mut push = |i: SseItem<'_>| {
-            out.push(match i {
-                SseItem::Event { event, data } => {
-                    Owned::Event(event.into(), String::from_utf8_lossy(data).into())
-                }
-                SseItem::Comment(c) => Owned::Comment(String::from_utf8_lossy(c).into()),
-                SseItem::OtherField { name, value } => Owned::Other(
-                    String::from_utf8_lossy(name).into(),
-                    String::from_utf8_lossy(value).into(),
-                ),
-                SseItem::Oversized => Owned::Oversized,
-            })
-        };
+        let mut push = |i: SseItem<'_>| out.push(own_plain(i));
         for c in chunks {
             p.feed(c, &mut push);
         }
@@ -468,9 +575,44 @@ mod tests {
             assert!(p.buffered() <= 1024);
         }
         let mut items = Vec::new();
-        p.feed(b"\n\ndata: ok\n\n", |i| items.push(format!("{i:?}")));
+        p.feed(b"\n\ndata: ok\n\n", |i| items.push(own(i)));
         assert_eq!(n, 0);
-        assert_eq!(items.len(), 2);
-        assert_eq!(items[0], "Oversized");
+        assert_eq!(
+            items,
+            [
+                Owned::OversizedHead("message".into(), "x".repeat(oversized_head(1024))),
+                ev("message", "ok")
+            ]
+        );
+    }
+
+    #[test]
+    fn an_oversized_event_keeps_its_name_and_the_start_of_its_data() {
+        let big = format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"b64\":\"{}\"}}\n\n",
+            "A".repeat(5000)
+        );
+        let whole = parse_heads(&[big.as_bytes()], 1024);
+        assert_eq!(whole.len(), 1);
+        let Owned::OversizedHead(name, head) = &whole[0] else {
+            panic!("{whole:?}")
+        };
+        assert_eq!(name, "response.completed");
+        assert!(
+            head.starts_with("{\"type\":\"response.completed\",\"b64\":\"AAA"),
+            "{head}"
+        );
+        assert_eq!(head.len(), oversized_head(1024));
+        for cut in [1, 7, 100, 1000, 3000] {
+            let parts: Vec<&[u8]> = big.as_bytes().chunks(cut).collect();
+            assert_eq!(parse_heads(&parts, 1024), whole, "cut every {cut}");
+        }
+        // The name may come after the data that made it too large.
+        let late = format!("data: {}\nevent: error\n\n", "e".repeat(2000));
+        let got = parse_heads(&[late.as_bytes()], 1024);
+        assert!(
+            matches!(&got[..], [Owned::OversizedHead(n, _)] if n == "error"),
+            "{got:?}"
+        );
     }
 }

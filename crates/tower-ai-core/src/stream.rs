@@ -189,10 +189,19 @@ struct Seen {
 }
 
 impl StreamScanner {
-    /// A scanner for `dialect`.
+    /// A scanner for `dialect`, with the parser's default event bound
+    /// ([`DEFAULT_MAX_EVENT`](crate::sse::DEFAULT_MAX_EVENT)).
     pub fn new(dialect: StreamDialect) -> Self {
+        StreamScanner::with_max_event(dialect, crate::sse::DEFAULT_MAX_EVENT)
+    }
+
+    /// A scanner for `dialect` whose parser holds at most `max_event` bytes of one event
+    /// ([`SseParser::with_max_event`]). A larger event is not read whole, but its name and
+    /// the start of its data still tell a terminal event or an error (see
+    /// [`SseItem::Oversized`]).
+    pub fn with_max_event(dialect: StreamDialect, max_event: usize) -> Self {
         StreamScanner {
-            parser: SseParser::new(),
+            parser: SseParser::with_max_event(max_event),
             state: ScanState {
                 dialect,
                 content_seen: false,
@@ -297,7 +306,7 @@ impl ScanState {
     fn item(&mut self, item: SseItem<'_>, seen: &mut Seen) {
         match item {
             SseItem::Comment(_) => seen.liveness = true,
-            SseItem::Oversized => seen.liveness = true,
+            SseItem::Oversized { event, head } => self.oversized(event, head, seen),
             SseItem::OtherField { name, value } => {
                 if name == b"error" {
                     self.error = Some(stream_error(self.dialect.provider(), value));
@@ -465,6 +474,76 @@ impl ScanState {
                 }
             }
         }
+        if content {
+            self.content_seen = true;
+            seen.content = true;
+        } else {
+            seen.liveness = true;
+        }
+    }
+
+    /// An event too large to read whole ([`SseItem::Oversized`]): what its name and the
+    /// start of its data tell. Its name, else the `type` its payload starts with, says a
+    /// terminal event (OpenAI Responses' `response.completed` with a large image inline is
+    /// whole and paid for; `response.incomplete` gives its reason if it is in the start)
+    /// or an error (an `error` event, or a payload whose first key is `error`: classified
+    /// from the start, as much as it holds). Any other large event of OpenAI Chat or Gemini
+    /// is content (nothing else is that large); of the named dialects, content if its name
+    /// is a content delta, else a sign of life.
+    #[cold]
+    fn oversized(&mut self, event: &str, head: &[u8], seen: &mut Seen) {
+        let mut ty = None;
+        let mut reason = None;
+        let mut error_first = false;
+        let mut keys = 0usize;
+        each_key(head, |k| {
+            if keys == 0 && k.is(b"error") {
+                error_first = true;
+            }
+            if k.is(b"type") {
+                first(&mut ty, || string_at(head, k.value()));
+            }
+            if k.is(b"reason") {
+                first(&mut reason, || string_at(head, k.value()));
+            }
+            keys += 1;
+        });
+        let name = if event == "message" {
+            ty.unwrap_or("")
+        } else {
+            event
+        };
+        if error_first || name == "error" {
+            self.error = Some(stream_error(self.dialect.provider(), head));
+            return;
+        }
+        let content = match self.dialect {
+            StreamDialect::OpenAiResponses => match name {
+                "response.completed" | "response.incomplete" | "response.failed" => {
+                    self.terminal_seen = true;
+                    seen.terminal = true;
+                    match (name, reason) {
+                        ("response.failed", _) => {
+                            self.error = Some(stream_error(Provider::OpenAi, head));
+                        }
+                        (_, Some(r)) => self.finish = Some(FinishReason::parse(r)),
+                        ("response.completed", None) => self.finish = Some(FinishReason::Stop),
+                        _ => {}
+                    }
+                    false
+                }
+                n => n.ends_with(".delta"),
+            },
+            StreamDialect::Anthropic => match name {
+                "message_stop" => {
+                    self.terminal_seen = true;
+                    seen.terminal = true;
+                    false
+                }
+                n => n == "content_block_delta",
+            },
+            StreamDialect::OpenAiChat | StreamDialect::Gemini => true,
+        };
         if content {
             self.content_seen = true;
             seen.content = true;

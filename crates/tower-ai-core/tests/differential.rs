@@ -15,7 +15,8 @@ enum Item {
     Event(String, Vec<u8>),
     Comment(Vec<u8>),
     Other(Vec<u8>, Vec<u8>),
-    Oversized,
+    /// An oversized event: its name and the start of its data.
+    Oversized(String, Vec<u8>),
 }
 
 fn own(i: SseItem<'_>) -> Item {
@@ -23,7 +24,7 @@ fn own(i: SseItem<'_>) -> Item {
         SseItem::Event { event, data } => Item::Event(event.to_owned(), data.to_vec()),
         SseItem::Comment(c) => Item::Comment(c.to_vec()),
         SseItem::OtherField { name, value } => Item::Other(name.to_vec(), value.to_vec()),
-        SseItem::Oversized => Item::Oversized,
+        SseItem::Oversized { event, head } => Item::Oversized(event.to_owned(), head.to_vec()),
     }
 }
 
@@ -272,7 +273,11 @@ struct Facts {
 }
 
 fn scan(dialect: StreamDialect, parts: &[&[u8]]) -> Facts {
-    let mut s = StreamScanner::new(dialect);
+    scan_bounded(dialect, parts, tower_ai_core::sse::DEFAULT_MAX_EVENT)
+}
+
+fn scan_bounded(dialect: StreamDialect, parts: &[&[u8]], max_event: usize) -> Facts {
+    let mut s = StreamScanner::with_max_event(dialect, max_event);
     let mut error = false;
     for c in parts {
         error |= s.feed(c).error.is_some();
@@ -435,7 +440,7 @@ fn a_line_dropped_at_a_chunk_end_does_not_end_its_event() {
     assert_eq!(
         whole,
         [
-            Item::Oversized,
+            Item::Oversized("message".into(), b"aaa".to_vec()),
             Item::Event("message".into(), b"c".to_vec())
         ]
     );
@@ -489,5 +494,57 @@ proptest! {
         }
         let body = format!("{pad}{v}{pad}");
         prop_assert_eq!(Usage::from_json(body.as_bytes()), Usage::from_value(&v));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// An event over the bound still tells what it was, from its name and the start of its
+    /// data, however the stream is cut: a terminal event ends the stream (an OpenAI
+    /// Responses `response.completed` holding a large image inline is whole), an error
+    /// event or a payload whose first key is `error` is an error, anything else is read as
+    /// before (content for the dialects without event names).
+    #[test]
+    fn oversized_events_are_told_by_name_and_start(
+        pad in 200usize..3000,
+        cuts in proptest::collection::vec(1usize..97, 1..5),
+        max in 64usize..190,
+    ) {
+        let big = "A".repeat(pad);
+        let delta = (Some("response.output_text.delta"), json!({"type": "response.output_text.delta", "delta": "Hi"}));
+        let completed = (Some("response.completed"), json!({"type": "response.completed", "response": {"status": "completed",
+            "output": [{"type": "image_generation_call", "result": big}], "usage": {"input_tokens": 5, "output_tokens": 7}}}));
+        let stream = sse(&[delta.clone(), completed], false);
+        let f = scan_bounded(StreamDialect::OpenAiResponses, &chunks(&stream, &cuts), max);
+        prop_assert!(f.terminal && f.content && !f.error, "{:?}", f);
+        prop_assert_eq!(f.finish, Some(FinishReason::Stop));
+
+        let incomplete = (Some("response.incomplete"), json!({"type": "response.incomplete", "response": {"status": "incomplete",
+            "incomplete_details": {"reason": "max_output_tokens"}, "output": [{"type": "message", "text": big}]}}));
+        let stream = sse(&[delta.clone(), incomplete], false);
+        let f = scan_bounded(StreamDialect::OpenAiResponses, &chunks(&stream, &cuts), max);
+        prop_assert!(f.terminal, "{:?}", f);
+
+        let error = (Some("error"), json!({"type": "error", "code": "server_error", "message": big}));
+        let stream = sse(&[delta.clone(), error], false);
+        let f = scan_bounded(StreamDialect::OpenAiResponses, &chunks(&stream, &cuts), max);
+        prop_assert!(f.error && !f.terminal, "{:?}", f);
+
+        let ant_error = (Some("error"), json!({"type": "error", "error": {"type": "overloaded_error", "message": big}}));
+        let stream = sse(&[ant_error], false);
+        prop_assert!(scan_bounded(StreamDialect::Anthropic, &chunks(&stream, &cuts), max).error);
+
+        for dialect in [StreamDialect::OpenAiChat, StreamDialect::Gemini] {
+            let err = (None, json!({"error": {"code": 503, "message": big, "status": "UNAVAILABLE"}}));
+            let stream = sse(&[err], false);
+            let f = scan_bounded(dialect, &chunks(&stream, &cuts), max);
+            prop_assert!(f.error, "{:?} {:?}", dialect, f);
+            // An ordinary large chunk is content, not an error, and ends nothing.
+            let chunk = (None, json!({"choices": [{"delta": {"content": big}}], "candidates": [{"content": {"parts": [{"text": big}]}}]}));
+            let stream = sse(&[chunk], false);
+            let f = scan_bounded(dialect, &chunks(&stream, &cuts), max);
+            prop_assert!(f.content && !f.error && !f.terminal, "{:?} {:?}", dialect, f);
+        }
     }
 }

@@ -92,6 +92,8 @@ pub struct StallConfig {
     pub(crate) liveness_resets_idle: bool,
     pub(crate) require_terminal: bool,
     pub(crate) await_first_byte: bool,
+    /// The largest SSE event read whole, in bytes (a `u32`: a body carries a copy).
+    max_event: u32,
 }
 
 /// A deadline in nanoseconds, `None` when off.
@@ -122,6 +124,8 @@ pub const DEFAULT_IDLE: Duration = Duration::from_secs(60);
 /// The default total deadline.
 pub const DEFAULT_TOTAL: Duration = Duration::from_secs(20 * 60);
 
+const DEFAULT_MAX_EVENT_U32: u32 = tower_ai_core::sse::DEFAULT_MAX_EVENT as u32;
+
 impl Default for StallConfig {
     fn default() -> Self {
         let d = |d: Duration| store(Some(d)).unwrap_or(None);
@@ -135,6 +139,7 @@ impl Default for StallConfig {
             liveness_resets_idle: true,
             require_terminal: true,
             await_first_byte: true,
+            max_event: DEFAULT_MAX_EVENT_U32,
         }
     }
 }
@@ -205,6 +210,10 @@ impl StallConfig {
     /// Whether the response future waits for the first body byte of an SSE response.
     pub fn await_first_byte(&self) -> bool {
         self.await_first_byte
+    }
+    /// The largest SSE event read whole, in bytes.
+    pub fn max_event(&self) -> usize {
+        self.max_event as usize
     }
 
     /// The deadline before the response head of a (`streamed` or not) request, from the
@@ -339,6 +348,20 @@ impl StallConfigBuilder {
     /// the call, which retry and fallback layers can act on.
     pub fn await_first_byte(mut self, yes: bool) -> Self {
         self.config.await_first_byte = yes;
+        self
+    }
+
+    /// The largest SSE event the stream reader holds whole, in bytes (default 4 MiB,
+    /// [`DEFAULT_MAX_EVENT`](tower_ai_core::sse::DEFAULT_MAX_EVENT); at most 4 GiB − 1,
+    /// larger values are capped). It bounds the memory a stream can make the detector
+    /// keep. A larger event passes through to the caller untouched but is not read
+    /// whole: its name and the start of its data still tell a terminal event (an OpenAI
+    /// Responses `response.completed` holding a generated image inline is whole) or an
+    /// error event, whatever its size; any other large event counts as content (OpenAI
+    /// Chat, Gemini) or by its name (content deltas) and a sign of life otherwise. Only
+    /// what lies past the event's start is lost: a finish reason or usage at its end.
+    pub fn max_event(mut self, bytes: usize) -> Self {
+        self.config.max_event = u32::try_from(bytes).unwrap_or(u32::MAX);
         self
     }
 

@@ -194,7 +194,7 @@ impl Tracker {
             bytes: 0,
             sse: Some(Box::new(Sse {
                 config,
-                scanner: StreamScanner::new(dialect),
+                scanner: StreamScanner::with_max_event(dialect, config.max_event()),
                 outcome: StreamOutcome::new(),
                 head_at,
                 last_progress: head_at,

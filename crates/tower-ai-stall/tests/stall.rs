@@ -706,6 +706,61 @@ async fn a_stream_cut_before_its_terminal_marker_is_truncated() {
     }
 }
 
+/// A `'static` copy of `s` (the scripted steps hold `&'static str`).
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oversized_terminal_or_error_event_is_recognised_whatever_its_size() {
+    // A 5 MiB `response.completed` (an image-generation result inline) over the default
+    // 4 MiB bound: whole and paid for, so Complete, every byte delivered.
+    let image = "A".repeat(5 << 20);
+    let done = leak(format!(
+        "event: response.completed\ndata: {{\"type\":\"response.completed\",\"sequence_number\":9,\"response\":{{\"status\":\"completed\",\"output\":[{{\"type\":\"image_generation_call\",\"result\":\"{image}\"}}],\"usage\":{{\"input_tokens\":5,\"output_tokens\":7,\"total_tokens\":12}}}}}}\n\n"
+    ));
+    let (a, b) = done.split_at(1 << 20);
+    let steps = [Send(RESP_DELTA), Send(a), Send(b)];
+    let (read, outcome) = ends(RESPONSES, &steps, StallConfig::default().to_builder()).await;
+    assert!(read.error.is_none(), "{:?}", read.error);
+    assert_eq!(read.bytes().len(), sent(&steps).len());
+    let s = outcome.get().unwrap();
+    assert_eq!((s.end, s.terminal_seen), (StreamEnd::Complete, true));
+    assert_eq!(s.finish_reason, Some(FinishReason::Stop));
+    assert_eq!(s.usage, None, "the usage lies past the event's start");
+
+    // The bound is configurable: raised over the event, it is read whole (usage too).
+    let config = StallConfig::default().to_builder().max_event(8 << 20);
+    assert_eq!(config.build_config().unwrap().max_event(), 8 << 20);
+    let (read, outcome) = ends(RESPONSES, &steps, config).await;
+    assert!(read.error.is_none(), "{:?}", read.error);
+    assert_eq!(
+        outcome.get().unwrap().usage,
+        Some(Usage {
+            input_tokens: 5,
+            output_tokens: 7
+        })
+    );
+
+    // An error event over a (small) bound is still an in-stream error.
+    let err = leak(format!(
+        "event: error\ndata: {{\"type\": \"error\", \"error\": {{\"type\": \"overloaded_error\", \"message\": \"{}\"}}}}\n\n",
+        "x".repeat(4096)
+    ));
+    let steps = [Send(ANT_START), Send(ANT_DELTA), Send(err), Hang];
+    let config = StallConfig::default().to_builder().max_event(1024);
+    let (read, outcome) = ends(ANTHROPIC, &steps, config).await;
+    assert!(
+        matches!(read.ai_error(), AiError::Provider { .. }),
+        "{:?}",
+        read.error
+    );
+    assert!(matches!(
+        outcome.get().unwrap().end,
+        StreamEnd::ProviderError(_)
+    ));
+}
+
 // ---------------------------------------------------------------- model truncation
 
 #[tokio::test(start_paused = true)]
