@@ -166,7 +166,7 @@ pub fn ai_stack_full() -> impl Service<Request<AiBody>, Error = BoxError> + Clon
 
 /// tower's Retry policy: retry 429 and 5xx, funded by a shared `TpsBudget`.
 #[derive(Clone)]
-pub struct TowerPolicy(Arc<TpsBudget>);
+pub struct TowerPolicy(pub Arc<TpsBudget>);
 
 impl<B> tower::retry::Policy<Request<AiBody>, Response<B>, BoxError> for TowerPolicy {
     type Future = tokio::time::Sleep;
