@@ -52,7 +52,7 @@ use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_ai::budget::BudgetBody;
+use tower_ai::circuit_breaker::BreakerBody;
 use tower_ai::core::keys::Key;
 use tower_ai::prelude::*;
 use tower_ai::sim::{ModelSpec, Scenario, Simulator};
@@ -97,7 +97,7 @@ fn stack(client: Client<HttpConnector, AiBody>) -> Result<Ai, BoxError> {
         .reject()
         .build()?;
     let svc = ServiceBuilder::new()
-        .map_response(|res: Response<_>| res.map(|b: BudgetBody<_>| b.boxed_unsync()))
+        .map_response(|res: Response<_>| res.map(|b: BreakerBody<_>| b.boxed_unsync()))
         .ai_stack(AiStack::new().budget(per_tenant))
         .service(client);
     Ok(BoxCloneSyncService::new(svc))

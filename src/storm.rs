@@ -398,8 +398,9 @@ pub fn naive(
 }
 
 /// The response body of the tower-ai stack over the simulator.
-pub type StackBody =
-    tower_ai::budget::BudgetBody<tower_ai::stall::StallBody<ClassifiedBody<SimBody>>>;
+pub type StackBody = tower_ai::circuit_breaker::BreakerBody<
+    tower_ai::budget::BudgetBody<tower_ai::stall::StallBody<ClassifiedBody<SimBody>>>,
+>;
 
 /// The tower-ai stack: [`AiStack`] with a requests-per-minute budget at the primary
 /// account's own limit (so excess traffic moves on before the provider says no), and a

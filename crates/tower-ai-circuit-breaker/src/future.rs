@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use http::Response;
 use pin_project_lite::pin_project;
+use tower_ai_core::stream::is_event_stream;
 use tower_ai_core::{BoxError, Classification, ErrorKind};
 
+use crate::body::BreakerBody;
 use crate::breaker::{is_probe, Verdict};
 use crate::clock;
 use crate::registry::Lane;
@@ -71,53 +73,113 @@ impl Ticket {
         }
     }
 
-    /// Records the call's outcome. The common case, a plain success of a call neither
-    /// timed nor probing, is one atomic add in a closed count window (no clock read, no
-    /// lock); everything else goes the long way, out of line.
+    /// Records the call's outcome at its response head, or, for a successful head of a
+    /// streamed answer (`text/event-stream`), hands the ticket on to be recorded at the
+    /// body's end. The common case, a plain success of a call neither timed nor probing,
+    /// is one header lookup and one atomic add in a closed count window (no clock read,
+    /// no lock); everything else goes the long way, out of line.
     #[inline(always)]
-    fn complete<B>(&mut self, res: &Result<Response<B>, BoxError>) {
+    fn complete<B>(mut self, res: &Result<Response<B>, BoxError>) -> Option<Pending> {
         if let Ok(r) = res {
             // The classification a layer below attached wins; without one, a status
             // under 400 is a success (what `Classification::of` would find, without
             // building a whole classification to find no kind in it).
-            if !is_probe(self.stamp)
-                && !self.lane.core.times_calls()
-                && r.status().as_u16() < 400
-                && r.extensions().get::<Classification>().is_none()
-            {
-                self.lane.core.record_success(self.lane.stripe, self.stamp);
-                self.stamp = RECORDED;
-                return;
+            if r.status().as_u16() < 400 && r.extensions().get::<Classification>().is_none() {
+                if is_event_stream(r.headers()) {
+                    return Some(self.defer());
+                }
+                if !is_probe(self.stamp) && !self.lane.core.times_calls() {
+                    self.lane.core.record_success(self.lane.stripe, self.stamp);
+                    self.stamp = RECORDED;
+                    return None;
+                }
             }
         }
-        self.complete_slow(res);
+        self.complete_slow(res)
     }
 
     #[cold]
     #[inline(never)]
-    fn complete_slow<B>(&mut self, res: &Result<Response<B>, BoxError>) {
+    fn complete_slow<B>(mut self, res: &Result<Response<B>, BoxError>) -> Option<Pending> {
         let kind = match res {
-            Ok(r) => Classification::of(r).kind,
+            Ok(r) => {
+                let kind = Classification::of(r).kind;
+                if kind.is_none() && is_event_stream(r.headers()) {
+                    return Some(self.defer());
+                }
+                kind
+            }
             // An `AiError` in the chain gives its own kind.
             Err(e) => Some(ErrorKind::of_error(&**e)),
         };
-        let core = &self.lane.core;
-        let verdict = match kind {
+        let verdict = self.verdict(kind);
+        let (now, slow) = self.timed();
+        self.record(verdict, slow, now);
+        None
+    }
+
+    /// The verdict on an outcome of `kind` (`None`: a success).
+    fn verdict(&self, kind: Option<ErrorKind>) -> Verdict {
+        match kind {
             None => Verdict::Success,
-            Some(k) if core.config().failure_policy().is_failure(k) => Verdict::Failure,
+            Some(k) if self.lane.core.config().failure_policy().is_failure(k) => Verdict::Failure,
             Some(_) => Verdict::Ignored,
-        };
-        let (now, slow) = if core.times_calls() {
+        }
+    }
+
+    /// The time now and whether the call was slow, when calls are timed.
+    fn timed(&self) -> (Option<tokio::time::Instant>, bool) {
+        let core = &self.lane.core;
+        if core.times_calls() {
             let now = clock::now();
             let start = self.stamp >> WORD_BITS;
             let took = (core.nanos(now) / 1_000).wrapping_sub(start) & START_MASK;
             (Some(now), core.is_slow(Duration::from_micros(took)))
         } else {
             (None, false)
-        };
+        }
+    }
+
+    fn record(&mut self, verdict: Verdict, slow: bool, now: Option<tokio::time::Instant>) {
         let (word, probe) = (self.word(), is_probe(self.stamp));
         self.stamp = RECORDED;
-        core.record(self.lane.stripe, word, probe, verdict, slow, now);
+        self.lane
+            .core
+            .record(self.lane.stripe, word, probe, verdict, slow, now);
+    }
+
+    /// A streamed answer's head arrived: the call is timed to it (a stream's length is
+    /// the answer's, not the provider's latency), its outcome waits for the body's end.
+    #[cold]
+    #[inline(never)]
+    fn defer(self) -> Pending {
+        let (_, slow) = self.timed();
+        Pending { ticket: self, slow }
+    }
+}
+
+/// The ticket of a streamed answer, carried by its body until it ends.
+pub(crate) struct Pending {
+    ticket: Ticket,
+    /// Its head came later than the slow-call threshold.
+    slow: bool,
+}
+
+impl Pending {
+    /// Records the end of the body: a success at its clean end (`kind: None`), else as
+    /// the error's kind says.
+    pub(crate) fn finish(mut self, kind: Option<ErrorKind>) {
+        let verdict = self.ticket.verdict(kind);
+        self.ticket.record(verdict, self.slow, None);
+    }
+}
+
+impl fmt::Debug for Pending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pending")
+            .field("ticket", &self.ticket)
+            .field("slow", &self.slow)
+            .finish()
     }
 }
 
@@ -197,18 +259,19 @@ where
     F: Future<Output = Result<Response<B>, E>>,
     E: Into<BoxError>,
 {
-    type Output = Result<Response<B>, BoxError>;
+    type Output = Result<Response<BreakerBody<B>>, BoxError>;
 
     #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
             StateProj::Called { fut, ticket } => {
                 let res = ready!(fut.poll(cx)).map_err(Into::into);
-                if let Some(t) = ticket {
-                    t.complete(&res);
-                    *ticket = None; // drops the claim on the lane
-                }
-                Poll::Ready(res)
+                // Taken: the claim on the lane goes with the ticket (or with the body).
+                let pending = match ticket.take() {
+                    Some(t) => t.complete(&res),
+                    None => None,
+                };
+                Poll::Ready(res.map(|r| r.map(|b| BreakerBody::new(b, pending))))
             }
             StateProj::Rejected { err } => {
                 let err = err
@@ -256,8 +319,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_timed_ticket_measures_the_call_to_the_microsecond() {
         let lane = timed();
-        let mut fast = ticket(&lane);
-        let mut slow = ticket(&lane);
+        let fast = ticket(&lane);
+        let slow = ticket(&lane);
         tokio::time::advance(Duration::from_micros(1_500_000)).await;
         fast.complete(&ok()); // exactly the threshold: not slow
         tokio::time::advance(Duration::from_micros(1)).await;
@@ -269,9 +332,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_timed_ticket_admitted_before_a_transition_records_nothing() {
         let lane = timed();
-        let mut stale = ticket(&lane);
+        let stale = ticket(&lane);
         lane.core.force(CircuitState::Closed, clock::now()); // a reset: a new generation
-        let mut fresh = ticket(&lane);
+        let fresh = ticket(&lane);
         tokio::time::advance(Duration::from_secs(2)).await;
         stale.complete(&ok());
         fresh.complete(&ok());

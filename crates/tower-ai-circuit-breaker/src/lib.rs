@@ -76,6 +76,24 @@
 //! A call's outcome counts only against the state that admitted it: a slow call sent
 //! before the breaker opened does not count against the next closed period.
 //!
+//! # Streamed answers
+//!
+//! A `text/event-stream` answer whose head is a success is judged when its body ends, not
+//! when its head arrives: the call's ticket travels in the [`BreakerBody`]. A clean end
+//! (the last frame read) is a success; an error from the body counts by its
+//! [`ErrorKind`](tower_ai_core::ErrorKind), like any other: a connection reset, a stall
+//! or a stream cut before its terminal event ([`AiError::Stalled`] /
+//! [`AiError::Truncated`], kind `Stalled`) and an in-stream overload or server error are
+//! failures; an in-stream rate limit is ignored. So a provider that sends the role chunk
+//! and then fails every stream opens the breaker. A body dropped before its end counts
+//! for nothing (the caller stopped reading; that says nothing of the provider), and a
+//! half-open probe resolves at its body's end (dropped early, it gives its permit back).
+//! Slow-call detection times a stream to its head: its length is the answer's.
+//!
+//! The body's errors are what the layers below make of the stream: StallDetector (below
+//! the breaker in the stack) turns stalls, cut streams and in-stream `error` events into
+//! `AiError`s; without it, only transport errors fail a stream.
+//!
 //! # Place in the stack
 //!
 //! `ModelFallback → AiRetry → CircuitBreaker → TokenBudget → RetryAfterAware →
@@ -91,7 +109,8 @@
 //! scans the body for `"model"` and hashes host + model, without allocating), a check that
 //! the key is the one the service called last (else a lookup in a per-thread cache), an
 //! `Arc` clone on a cache line only the calling thread writes, one atomic load, and on
-//! completion one atomic add to a per-thread counter. Clock reads: none for a success in a
+//! completion a look at the `content-type` header (is it a stream?) and one atomic add to
+//! a per-thread counter. Clock reads: none for a success in a
 //! count window, one in a time window (its bucket), two with slow-call detection (it must
 //! time the call); a unit test counts them. No allocation, no lock, no boxed future. Bad
 //! outcomes, other states, new keys and events take a `std::sync::Mutex` held for a few
@@ -117,8 +136,11 @@
 //! half-open breaker whose permits are taken; a day ahead for a forced one).
 //!
 //! [`AiError::CircuitOpen`]: tower_ai_core::AiError::CircuitOpen
+//! [`AiError::Stalled`]: tower_ai_core::AiError::Stalled
+//! [`AiError::Truncated`]: tower_ai_core::AiError::Truncated
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod body;
 mod breaker;
 mod clock;
 mod config;
@@ -130,6 +152,7 @@ mod registry;
 mod service;
 mod window;
 
+pub use body::BreakerBody;
 pub use breaker::Metrics;
 pub use config::{
     CircuitBreakerConfig, CircuitBreakerConfigBuilder, ConfigError, FailurePolicy, SlowCalls,

@@ -9,6 +9,7 @@ use tower_ai_core::keys::{HostModel, Key, KeyFn};
 use tower_ai_core::{AiError, BoxError};
 use tower_service::Service;
 
+use crate::body::BreakerBody;
 use crate::breaker::Admit;
 use crate::clock;
 use crate::future::{ResponseFuture, Ticket};
@@ -83,7 +84,7 @@ where
     S::Error: Into<BoxError>,
     K: KeyFn<ReqB>,
 {
-    type Response = Response<ResB>;
+    type Response = Response<BreakerBody<ResB>>;
     type Error = BoxError;
     type Future = ResponseFuture<S::Future>;
 

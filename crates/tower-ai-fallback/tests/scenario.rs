@@ -14,7 +14,7 @@ use tower_ai_fallback::{FallbackChain, ModelFallbackLayer, Route};
 use tower_ai_retry::{AiRetryLayer, Backoff, Jitter};
 use tower_ai_sim::{Latency, ModelSpec, Scenario, Simulator};
 
-type ResBody = ClassifiedBody<tower_ai_sim::SimBody>;
+type ResBody = tower_ai_circuit_breaker::BreakerBody<ClassifiedBody<tower_ai_sim::SimBody>>;
 
 const B_LATENCY: Duration = Duration::from_millis(400);
 const OUTAGE: Duration = Duration::from_secs(60);
