@@ -48,6 +48,7 @@ mod layer;
 mod meta;
 mod provider;
 mod ratelimit;
+pub mod respond;
 mod service;
 pub mod sse;
 pub mod stream;
@@ -63,4 +64,5 @@ pub use meta::{
 };
 pub use provider::Provider;
 pub use ratelimit::{response_clock, Bucket, RateLimitInfo, RequestedWait, WaitSource};
+pub use respond::{error_response, ErrorDialect, ErrorReply};
 pub use service::Classify;

@@ -52,6 +52,15 @@
 //! [`AiError::find`]) says what happened when there is no response to give: a refusal
 //! (`CircuitOpen`, `CoolingDown`, `BudgetExceeded`), a stall, a transport failure, every
 //! route of a chain failing.
+//!
+//! # In a server
+//!
+//! A gateway answers its own callers from an `AiError` with [`ErrorReply`]: the status
+//! (429 with `retry-after` for a budget or cooldown refusal, 503 for an open circuit, 504
+//! for a stall, 502 for an upstream failure, …), a stable `code` and a message, in the
+//! caller's [`ErrorDialect`] (OpenAI or Anthropic). The `axum` feature implements
+//! `IntoResponse` for `AiError`; the `tonic` feature gives `From<AiError> for
+//! tonic::Status` with `google.rpc.RetryInfo`. The table is in [`core::respond`].
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod builder_ext;
@@ -75,8 +84,8 @@ pub use stack::AiStack;
 /// The shared vocabulary: classification, rate-limit parsing, bodies, errors, SSE.
 pub use tower_ai_core as core;
 pub use tower_ai_core::{
-    AiBody, AiError, BoxError, Classification, ClassifyConfig, ClassifyLayer, ErrorKind, Provider,
-    RequestMeta, Usage,
+    error_response, AiBody, AiError, BoxError, Classification, ClassifyConfig, ClassifyLayer,
+    ErrorDialect, ErrorKind, ErrorReply, Provider, RequestMeta, Usage,
 };
 
 /// AiRetry: backoff with jitter, only for what is worth retrying, inside a retry budget.
