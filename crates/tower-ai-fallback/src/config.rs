@@ -138,6 +138,7 @@ pub struct Route<ReqB, ResB> {
     pub(crate) skip: Option<SkipFn<ReqB>>,
     pub(crate) header: Option<HeaderValue>,
     pub(crate) served: Option<Served>,
+    pub(crate) account: Option<Arc<str>>,
 }
 
 impl<ReqB, ResB> Clone for Route<ReqB, ResB> {
@@ -152,6 +153,7 @@ impl<ReqB, ResB> Clone for Route<ReqB, ResB> {
             skip: self.skip.clone(),
             header: self.header.clone(),
             served: self.served.clone(),
+            account: self.account.clone(),
         }
     }
 }
@@ -170,6 +172,7 @@ impl<ReqB, ResB> fmt::Debug for Route<ReqB, ResB> {
             .field("model", &self.model)
             .field("context_window", &self.context_window)
             .field("content_policy", &self.content_policy)
+            .field("account", &self.account)
             .finish_non_exhaustive()
     }
 }
@@ -186,6 +189,7 @@ impl<ReqB, ResB> Route<ReqB, ResB> {
             skip: None,
             header: None,
             served: None,
+            account: None,
         }
     }
 
@@ -308,9 +312,42 @@ impl<ReqB, ResB> Route<ReqB, ResB> {
         self
     }
 
+    /// Declares the account (credential group, billing account) the route's calls are
+    /// made on. A quota or billing failure ([`ErrorKind::QuotaExhausted`]: OpenAI's
+    /// `insufficient_quota`, Anthropic's spend-limit 429 and `billing_error`) never falls
+    /// back to a later route on the same account (the money is gone for every model
+    /// there): the chain skips those routes, and when no route on another account is
+    /// left the failure reaches the caller as it is.
+    ///
+    /// Without a declaration, [`primary`](Route::primary) and [`model`](Route::model)
+    /// routes share the wrapped service's account, each [`service`](Route::service) route
+    /// has an account of its own, and degraded answers use none.
+    pub fn account(mut self, account: impl Into<Arc<str>>) -> Self {
+        self.account = Some(account.into());
+        self
+    }
+
     /// The route's name.
     pub fn route_name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether `self` and `other` (at positions `i` and `j` of a chain) bill the same
+    /// account: see [`account`](Route::account).
+    pub(crate) fn same_account(&self, i: usize, other: &Route<ReqB, ResB>, j: usize) -> bool {
+        fn id<ReqB, ResB>(r: &Route<ReqB, ResB>, i: usize) -> Option<Result<&str, usize>> {
+            match (&r.account, &r.target) {
+                (Some(a), _) => Some(Ok(a)),
+                (None, Target::Degraded(_)) => None,
+                // The wrapped service: one implicit account for all its routes.
+                (None, Target::Inner) => Some(Err(usize::MAX)),
+                (None, Target::Service { .. }) => Some(Err(i)),
+            }
+        }
+        match (id(self, i), id(other, j)) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        }
     }
 
     pub(crate) fn is_degraded(&self) -> bool {

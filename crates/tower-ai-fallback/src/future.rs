@@ -374,7 +374,22 @@ where
             return Step::Ready(result);
         }
         let window = route.context_window.unwrap_or(0);
-        let next = next_route(&chain.routes, j, failure.action, window);
+        let mut next = next_route(&chain.routes, j, failure.action, window);
+        if failure.classification.kind == Some(ErrorKind::QuotaExhausted) {
+            // Quota and billing are per account: no route on the same one can serve.
+            let mut skipped = false;
+            while let Some(n) = next.filter(|&n| route.same_account(j, &chain.routes[n], n)) {
+                skipped = true;
+                next = next_route(&chain.routes, n, failure.action, window);
+            }
+            if skipped && next.is_none() {
+                tracing::debug!(
+                    route = &*route.name,
+                    "quota exhausted and no route on another account: passed through"
+                );
+                return Step::Ready(result);
+            }
+        }
         if next.is_none() && self.failures.is_empty() {
             // No route can take this failure (no larger model, no content-policy route,
             // a one-route chain) and none was tried before: it reaches the caller as is.

@@ -24,6 +24,11 @@
 //!   [`Action::LargerContext`] (per-route [`context_window`](Route::context_window));
 //!   ContentFiltered → [`Action::ContentPolicy`] ([`content_policy`](Route::content_policy)
 //!   routes); Unauthorized, Forbidden, BadRequest, Unknown → [`Action::Stop`].
+//! - **Quota is per account**: a quota or billing failure (OpenAI `insufficient_quota`,
+//!   Anthropic's spend-limit 429 or `billing_error`) skips later routes on the same
+//!   [`account`](Route::account) (by default `primary` and `model` routes share the
+//!   wrapped service's, each `service` route has its own), and when none on another
+//!   account is left it reaches the caller as it is, not as another model's answer.
 //! - **No waiting on a route that asked for too long**: a wait over the maximum
 //!   (`RequestedWait::exceeds_max`, on the response or in
 //!   `AiError::RetriesExhausted { wait }`) moves on at once; so do `AiError::CircuitOpen`

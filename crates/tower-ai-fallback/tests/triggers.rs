@@ -58,7 +58,6 @@ async fn each_next_trigger_moves_on() {
         ),
         ("server error", status(500, SERVER)),
         ("timeout 504", status(504, "")),
-        ("quota", status(429, QUOTA)),
         (
             "connection",
             fail(|| Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))),
@@ -98,6 +97,67 @@ async fn each_next_trigger_moves_on() {
             "{what}"
         );
     }
+}
+
+#[tokio::test]
+async fn quota_errors_never_fall_back_on_the_same_account() {
+    let anthropic_billing = r#"{"type":"error","error":{"type":"billing_error","message":"Your credit balance is too low"}}"#;
+    for (what, answer) in [
+        ("openai insufficient_quota", status(429, QUOTA)),
+        ("anthropic billing_error", status(402, anthropic_billing)),
+    ] {
+        // `primary` and `model` routes share the wrapped service's account: the quota
+        // error is the caller's answer, untouched, and "b" is never called.
+        let p = Provider::new();
+        p.answer("a", answer.clone());
+        let res = send(two_models().build().unwrap(), &p, chat("a"))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(res.status() == 429 || res.status() == 402, "{what}");
+        assert_eq!(p.models_called(), ["a"], "{what}");
+        assert!(Served::get(&res).is_none(), "{what}");
+        let body = body_of(res).await;
+        assert!(
+            body.windows(7).any(|w| w == b"balance") || body.windows(5).any(|w| w == b"quota"),
+            "{what}: the provider's body is passed through"
+        );
+
+        // A route declared on another account serves it; one on the same account is skipped.
+        let p = Provider::new();
+        p.answer("a", answer);
+        let chain = FallbackChain::builder()
+            .route(Route::primary("a").account("org-1"))
+            .route(Route::model("b").account("org-1"))
+            .route(Route::model("c").account("org-2"))
+            .build()
+            .unwrap();
+        let res = send(chain, &p, chat("a")).await.unwrap();
+        assert_eq!(res.status(), 200, "{what}");
+        assert_eq!(p.models_called(), ["a", "c"], "{what}");
+        assert_eq!(&*Served::get(&res).unwrap().route, "c", "{what}");
+    }
+
+    // Other failures still move on within the account.
+    let p = Provider::new();
+    p.answer("a", status(503, OVERLOADED));
+    let res = send(two_models().build().unwrap(), &p, chat("a"))
+        .await
+        .unwrap();
+    assert_eq!(p.models_called(), ["a", "b"]);
+    assert_eq!(res.status(), 200);
+
+    // A service route (another provider) has an account of its own by default.
+    let p = Provider::new();
+    p.answer("a", status(429, QUOTA));
+    let backup = Provider::new();
+    let chain = two_models()
+        .route(Route::service("backup", backup.service()))
+        .build()
+        .unwrap();
+    let res = send(chain, &p, chat("a")).await.unwrap();
+    assert_eq!(p.models_called(), ["a"], "b shares a's account");
+    assert_eq!(backup.models_called(), ["a"]);
+    assert_eq!(&*Served::get(&res).unwrap().route, "backup");
 }
 
 #[tokio::test]
