@@ -473,7 +473,9 @@ impl State {
             gemini_sse,
         };
 
-        if sc.quota_after.is_some_and(|n| self.successes >= n) {
+        if sc.quota_after.is_some_and(|n| self.successes >= n)
+            || sc.quota_models.iter().any(|m| *m == facts.model)
+        {
             return (Err(ErrorCase::QuotaExhausted), Outcome::QuotaExhausted);
         }
 

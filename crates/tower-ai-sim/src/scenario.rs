@@ -401,6 +401,7 @@ pub struct Scenario {
     pub(crate) tpm_limit: Option<u64>,
     pub(crate) rate_window: Duration,
     pub(crate) quota_after: Option<u64>,
+    pub(crate) quota_models: Vec<String>,
     pub(crate) faults: Vec<Fault>,
     pub(crate) outages: Vec<Outage>,
     pub(crate) latency: Latency,
@@ -424,6 +425,7 @@ impl Default for Scenario {
             tpm_limit: None,
             rate_window: DEFAULT_RATE_WINDOW,
             quota_after: None,
+            quota_models: Vec::new(),
             faults: Vec::new(),
             outages: Vec::new(),
             latency: Latency::ZERO,
@@ -583,6 +585,14 @@ impl ScenarioBuilder {
     /// a `…PerDay…` quota violation).
     pub fn quota_exhausted_after(mut self, successes: u64) -> Self {
         self.scenario.quota_after = Some(successes);
+        self
+    }
+
+    /// Every request for `model` gets the dialect's non-retryable quota 429 (as
+    /// [`quota_exhausted_after`](Self::quota_exhausted_after), for one model only: a
+    /// model billed to an account whose credit is gone).
+    pub fn quota_exhausted_for(mut self, model: impl Into<String>) -> Self {
+        self.scenario.quota_models.push(model.into());
         self
     }
 

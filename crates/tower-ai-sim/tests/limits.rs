@@ -220,6 +220,23 @@ async fn anthropic_tokens_remaining_is_rounded_to_thousands() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn quota_exhausted_for_one_model() {
+    let sim = Simulator::new(
+        Scenario::builder()
+            .quota_exhausted_for("broke")
+            .build()
+            .unwrap(),
+    );
+    let (parts, v) = read_json(send_json(&sim, OPENAI, &chat("broke", "hi")).await).await;
+    assert_eq!(parts.status, 429);
+    assert_eq!(v["error"]["code"], "insufficient_quota");
+    assert_eq!(
+        send_json(&sim, OPENAI, &chat("fine", "hi")).await.status(),
+        200
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn quota_exhaustion_per_dialect() {
     let sim = Simulator::new(
         Scenario::builder()
