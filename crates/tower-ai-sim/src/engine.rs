@@ -474,7 +474,7 @@ impl State {
         };
 
         if sc.quota_after.is_some_and(|n| self.successes >= n)
-            || sc.quota_models.iter().any(|m| *m == facts.model)
+            || sc.quota_models.contains(&facts.model)
         {
             return (Err(ErrorCase::QuotaExhausted), Outcome::QuotaExhausted);
         }
