@@ -144,6 +144,13 @@ impl ErrorReply {
         }
     }
 
+    /// The reply for a provider's error *response* that a server does not pass on as it
+    /// is (a gRPC service turning it into a status, say): from its [`Classification`]
+    /// (`Classification::of(&res)`), as the table's upstream rows say.
+    pub fn from_classification(c: &Classification) -> Self {
+        upstream(c, "", None)
+    }
+
     /// The `retry-after` header value: whole seconds, rounded up, at least 1.
     pub fn retry_after_secs(&self) -> Option<u64> {
         self.retry_after.map(|d| {
