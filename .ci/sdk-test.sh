@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The official OpenAI Python SDK against the axum gateway example (issue 9): installs the
+# The official OpenAI Python SDK against the axum gateway example (issues 9, 16, 22): installs the
 # `openai` package into a venv, starts `examples/axum_gateway.rs --serve-for-test` (its
 # upstream is the simulator, in-process), runs examples/axum_gateway_sdk_test.py against it,
 # and stops the gateway.
@@ -80,6 +80,16 @@ for _ in $(seq 100); do kill -0 "$gateway_pid" 2>/dev/null || break; sleep 0.1; 
 if kill -0 "$gateway_pid" 2>/dev/null; then
   echo "sdk-test: the gateway did not stop when its stdin closed" >&2
   status=1
+fi
+if [[ $status -eq 0 ]]; then
+  # The stalled stream of the test was cut by StallDetector and logged at warn, with its
+  # reason and the upstream's request id.
+  if grep -q 'WARN.*stream cut.*request_id=req_.*reason=' "$tmp/stderr"; then
+    grep 'stream cut' "$tmp/stderr" | head -n 3
+  else
+    echo "sdk-test: the cut stream was not logged at warn with its reason and request id" >&2
+    status=1
+  fi
 fi
 if [[ $status -ne 0 ]]; then
   echo "sdk-test: FAILED (gateway stderr follows)" >&2

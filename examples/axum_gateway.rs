@@ -1,18 +1,30 @@
 //! An OpenAI-compatible gateway built with axum: `POST /v1/chat/completions`, streamed or
-//! not, forwarded to an upstream provider through the tower-ai stack, with a token budget
-//! per client API key protecting the gateway itself.
+//! not, forwarded to an upstream provider through the tower-ai stack, with the gateway's
+//! own clients authenticated against a configured set of API keys and a token budget per
+//! client key protecting the gateway itself.
 //!
 //! Two stacks, two jobs:
 //! - the **upstream** stack sits on the gateway's HTTP client and keeps the gateway's one
 //!   provider account healthy (its limits, classification, fallback);
 //! - the **gateway** budget sits in front of it, keyed by the caller's API key (hashed,
 //!   never stored), so one noisy client gets OpenAI-style 429s with `retry-after` instead
-//!   of eating everyone's upstream quota.
+//!   of eating everyone's upstream quota. Only keys the gateway knows get that far
+//!   (`GATEWAY_CLIENT_KEYS`, comma-separated, or `GATEWAY_CLIENT_KEYS_FILE`, one key a
+//!   line; without either, the demo keys `sk-alice`, `sk-bob`, `sk-carol` and the SDK
+//!   test's): an unknown key is a 401, so rotating made-up keys buys no fresh budget.
+//!
+//! It answers like OpenAI's own server: every non-2xx (its own 401, 404, 405, 413 and the
+//! stack's refusals, mapped by [`ErrorReply`]) is an OpenAI error body with a stable
+//! `code`; a budget or cooldown refusal is a 429 with `retry-after`, so the official SDKs
+//! wait and retry by themselves; a provider's quota error reaches the caller as it is
+//! (never as a fallback model's answer on the same account); `x-tower-ai-route` and
+//! `x-tower-ai-model` name the route and model that served an answer.
 //!
 //! Streams pass through untouched: the SSE bytes the upstream sends are the bytes the
 //! client reads. A stream the upstream stops feeding is cut by the StallDetector with an
 //! error, so the client's connection is reset mid-stream: its SDK raises, instead of
-//! taking a truncated answer for a whole one. Any OpenAI SDK works against it (`examples/axum_gateway_sdk_test.py`
+//! taking a truncated answer for a whole one; the gateway logs the cut at `warn` with its
+//! reason and the upstream's request id. Any OpenAI SDK works against it (`examples/axum_gateway_sdk_test.py`
 //! checks the official Python one, `.ci/sdk-test.sh` runs that check).
 //!
 //! By default the upstream is the tower-ai simulator on a loopback port; set
@@ -27,50 +39,136 @@
 //! cargo run --example axum_gateway -- --serve-for-test  # print the base URL, serve until stdin closes
 //! ```
 //!
+//! With the simulator as upstream, a few model names are scripted for the tests:
+//! `quota-model` (429 `insufficient_quota`), `down-model` (503: served by the fallback
+//! model), `slow-model` (one token a second), `stall-model` (a stream that stops after
+//! two tokens: cut after 2 s of silence).
+//!
 //! Then, for example: `curl -N localhost:3000/v1/chat/completions -H 'authorization: Bearer
 //! sk-me' -d '{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"Hi"}]}'`
 
+use std::collections::HashSet;
 use std::future::IntoFuture as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Request as AxumRequest, State};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use http::{header, HeaderMap, HeaderValue, Request, StatusCode, Uri};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::{json, Value};
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_ai::core::keys::ApiKeyHash;
-use tower_ai::fallback::{FallbackChain, Route};
+use tower_ai::core::top_level_value_span;
+use tower_ai::fallback::{FallbackChain, Route, Served};
 use tower_ai::prelude::*;
-use tower_ai::sim::{Latency, ModelSpec, Scenario, Simulator};
+use tower_ai::sim::{Fault, Latency, ModelSpec, Scenario, Simulator, StreamFault};
+use tower_ai::{ErrorDialect, ErrorReply};
 
 /// Requests per minute each client API key may send through the gateway.
-const CLIENT_RPM: u64 = 5;
+const CLIENT_RPM: u64 = 300;
+/// Requests (streams included, until they end) each client API key may have in flight.
+const CLIENT_CONCURRENT: u32 = 4;
+/// The longest model name the gateway forwards (in bytes, as JSON text): longer ones are
+/// a 400, never a key in the stack's per-model state.
+const MAX_MODEL_LEN: usize = 256;
+/// How long an idle upstream connection is kept in the pool.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(90);
+/// The demo client keys, when none are configured.
+const DEMO_KEYS: &[&str] = &[
+    "sk-alice",
+    "sk-bob",
+    "sk-carol",
+    "sk-sdk-test",
+    "sk-sdk-noisy",
+    "sk-sdk-burst",
+];
+
+/// Names the route that served an answer.
+const ROUTE_HEADER: HeaderName = HeaderName::from_static("x-tower-ai-route");
+/// Names the model that served an answer.
+const MODEL_HEADER: HeaderName = HeaderName::from_static("x-tower-ai-model");
 
 /// What the axum handler calls: the gateway budget over the upstream stack.
 type Gateway = BoxCloneSyncService<Request<AiBody>, Response, BoxError>;
 
+#[derive(Clone)]
+struct App {
+    gateway: Gateway,
+    keys: Arc<ClientKeys>,
+}
+
+/// The API keys the gateway's clients may use.
+struct ClientKeys(HashSet<Box<[u8]>>);
+
+impl ClientKeys {
+    /// From `GATEWAY_CLIENT_KEYS_FILE` (one key a line, `#` comments), else
+    /// `GATEWAY_CLIENT_KEYS` (comma-separated), else the demo keys.
+    fn from_env() -> Result<Self, BoxError> {
+        let text = match (
+            std::env::var("GATEWAY_CLIENT_KEYS_FILE"),
+            std::env::var("GATEWAY_CLIENT_KEYS"),
+        ) {
+            (Ok(path), _) => std::fs::read_to_string(&path)
+                .map_err(|e| format!("GATEWAY_CLIENT_KEYS_FILE {path}: {e}"))?,
+            (_, Ok(list)) => list.replace(',', "\n"),
+            _ => DEMO_KEYS.join("\n"),
+        };
+        let keys: HashSet<Box<[u8]>> = text
+            .lines()
+            .map(str::trim)
+            .filter(|k| !k.is_empty() && !k.starts_with('#'))
+            .map(|k| k.as_bytes().into())
+            .collect();
+        if keys.is_empty() {
+            return Err("no client API keys configured".into());
+        }
+        Ok(ClientKeys(keys))
+    }
+
+    fn contains(&self, key: &[u8]) -> bool {
+        self.0.contains(key)
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header; the scheme is matched without
+/// regard to case (RFC 9110 §11.1).
+fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, token) = value.split_at(space);
+    let token = token.trim_ascii();
+    (scheme.eq_ignore_ascii_case(b"bearer") && !token.is_empty()).then_some(token)
+}
+
 /// The upstream stack on the gateway's HTTP client: [`AiStack`] in its recommended order,
-/// with the gateway's provider account limits and a fallback model.
+/// with the gateway's provider account limits and a fallback model on the same account.
 fn upstream_stack(
     client: Client<HttpConnector, AiBody>,
+    stall_idle: Option<Duration>,
 ) -> Result<BoxCloneSyncService<Request<AiBody>, Response, BoxError>, BoxError> {
     let chain = FallbackChain::builder()
         .route(Route::primary("primary"))
         .route(Route::model("gpt-4o-mini"))
+        // Every answer names its route (in `Served`), the first route's too.
+        .mark_primary(true)
         .build()?;
-    let stack = AiStack::new()
+    let mut stack = AiStack::new()
         // The gateway's provider account: stay inside its limits.
-        .budget(TokenBudgetLayer::new(500, 200_000))
+        .budget(TokenBudgetLayer::new(1_000, 1_000_000))
         .fallback(ModelFallbackLayer::new(chain));
+    if let Some(idle) = stall_idle {
+        stack = stack.stall(StallDetectorLayer::builder().idle(idle).build()?);
+    }
     let svc = ServiceBuilder::new()
         .map_response(|res: http::Response<_>| res.map(Body::new))
         .ai_stack(stack)
@@ -84,11 +182,13 @@ fn gateway(
     upstream_base: &str,
     upstream_key: &str,
     client: Client<HttpConnector, AiBody>,
+    stall_idle: Option<Duration>,
 ) -> Result<Gateway, BoxError> {
     let per_client = TokenBudgetLayer::builder()
         .key_fn(ApiKeyHash)
         .requests_per_minute(CLIENT_RPM)
-        .tokens_per_minute(50_000)
+        .max_concurrent(CLIENT_CONCURRENT)
+        .tokens_per_minute(200_000)
         .reject() // answer 429 at once; the client's SDK knows how to wait
         .build()?;
     let uri: Uri = format!("{upstream_base}/chat/completions").parse()?;
@@ -102,82 +202,184 @@ fn gateway(
                 .insert(header::AUTHORIZATION, auth.clone());
             req
         })
-        .service(upstream_stack(client)?);
+        .service(upstream_stack(client, stall_idle)?);
     Ok(BoxCloneSyncService::new(svc))
 }
 
-async fn chat_completions(
-    State(gateway): State<Gateway>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let bearer = |v: &&HeaderValue| {
-        v.as_bytes()
-            .strip_prefix(b"Bearer ")
-            .is_some_and(|k| !k.trim_ascii().is_empty())
-    };
-    let Some(key) = headers.get(header::AUTHORIZATION).filter(bearer) else {
+async fn chat_completions(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(token) = bearer(&headers) else {
         return openai_error(
             StatusCode::UNAUTHORIZED,
             "invalid_api_key",
-            "missing bearer API key",
+            "missing API key: send `Authorization: Bearer <key>`",
         );
     };
+    if !app.keys.contains(token) {
+        // The key is not repeated: it may be someone's real key sent to the wrong place.
+        return openai_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "unknown API key",
+        );
+    }
+    if let Some(span) = top_level_value_span(&body, b"model") {
+        if span.len() > MAX_MODEL_LEN + 2 {
+            let message = format!(
+                "model name of {} bytes: at most {MAX_MODEL_LEN} are accepted",
+                span.len() - 2
+            );
+            return openai_error(StatusCode::BAD_REQUEST, "model_too_long", &message);
+        }
+    }
     let mut req = Request::new(AiBody::from(body));
     *req.method_mut() = http::Method::POST;
-    req.headers_mut().insert(header::AUTHORIZATION, key.clone());
+    // The client's (known) key: the per-client budget hashes it.
+    if let Some(auth) = headers.get(header::AUTHORIZATION) {
+        req.headers_mut()
+            .insert(header::AUTHORIZATION, auth.clone());
+    }
     req.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    match gateway.oneshot(req).await {
+    match app.gateway.oneshot(req).await {
         // Status, content type, rate-limit headers and body (JSON or SSE) as the upstream sent them.
-        Ok(mut res) => {
-            for hop in [
-                header::CONNECTION,
-                header::TRANSFER_ENCODING,
-                header::CONTENT_LENGTH,
-            ] {
-                res.headers_mut().remove(hop);
-            }
-            res
-        }
-        Err(err) => match AiError::find(&*err) {
-            Some(AiError::BudgetExceeded {
-                retry_after: Some(wait),
-                ..
-            }) => {
-                let mut res = openai_error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_exceeded",
-                    &err.to_string(),
+        Ok(res) => forward(res),
+        Err(err) => {
+            let reply = ErrorReply::from_error(&*err);
+            if reply.status.is_server_error() {
+                tracing::warn!(
+                    status = reply.status.as_u16(),
+                    code = reply.code,
+                    "{}",
+                    reply.message
                 );
-                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                res.headers_mut()
-                    .insert(header::RETRY_AFTER, secs.max(1).into());
-                res
             }
-            Some(AiError::BudgetExceeded {
-                retry_after: None, ..
-            }) => openai_error(
-                StatusCode::BAD_REQUEST,
-                "request_too_large",
-                &err.to_string(),
-            ),
-            _ => openai_error(StatusCode::BAD_GATEWAY, "upstream_error", &err.to_string()),
-        },
+            reply.to_response(ErrorDialect::OpenAi).into_response()
+        }
     }
+}
+
+/// The upstream's answer, on its way to the client: hop-by-hop headers dropped, the
+/// serving route named, a non-retryable error marked so, and a cut stream logged.
+fn forward(mut res: Response) -> Response {
+    for hop in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::CONTENT_LENGTH,
+    ] {
+        res.headers_mut().remove(hop);
+    }
+    if let Some(served) = res.extensions().get::<Served>().cloned() {
+        let h = res.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&served.route) {
+            h.insert(ROUTE_HEADER, v);
+        }
+        if let Some(v) = served
+            .model
+            .as_deref()
+            .and_then(|m| HeaderValue::from_str(m).ok())
+        {
+            h.insert(MODEL_HEADER, v);
+        }
+    }
+    if !res.status().is_success() && !res.headers().contains_key("x-should-retry") {
+        // A quota error passed through: the SDK should not retry what no retry fixes.
+        let c = Classification::of(&res);
+        if c.kind.is_some() && !c.is_retryable() {
+            res.headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+    }
+    let request_id = res
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    res.map(move |body| {
+        Body::new(body.map_err(move |err| {
+            let reply = ErrorReply::from_error(&err);
+            let reason = AiError::find(&err).map_or_else(|| err.to_string(), |e| e.to_string());
+            tracing::warn!(
+                request_id = %request_id,
+                code = reply.code,
+                reason = %reason,
+                "stream cut: the client gets a reset connection"
+            );
+            err
+        }))
+    })
 }
 
 /// An error in OpenAI's shape, so SDKs raise their usual exception types.
 fn openai_error(status: StatusCode, code: &str, message: &str) -> Response {
-    let kind = if status == StatusCode::TOO_MANY_REQUESTS {
-        "requests"
-    } else {
-        "invalid_request_error"
+    let kind = match status.as_u16() {
+        401 => "authentication_error",
+        429 => "rate_limit_error",
+        500..=599 => "server_error",
+        _ => "invalid_request_error",
     };
     let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
     (status, Json(body)).into_response()
+}
+
+/// Every answer the router makes itself (404, 405, an extractor's 413 or 415) in OpenAI's
+/// error shape: a non-2xx that is not JSON already is rewritten.
+async fn openai_errors(req: AxumRequest, next: Next) -> Response {
+    let what = format!("{} {}", req.method(), req.uri().path());
+    let res = next.run(req).await;
+    let status = res.status();
+    let json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.is_success() || json {
+        return res;
+    }
+    let (code, message) = match status {
+        StatusCode::NOT_FOUND => ("unknown_url", format!("Invalid URL ({what})")),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            ("method_not_allowed", format!("Method not allowed ({what})"))
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "request_too_large",
+            "the request body is larger than the gateway accepts".to_owned(),
+        ),
+        s => (
+            "invalid_request",
+            format!("{} ({what})", s.canonical_reason().unwrap_or("error")),
+        ),
+    };
+    let mut out = openai_error(status, code, &message);
+    if let Some(allow) = res.headers().get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
+}
+
+/// The simulated upstream, with the scripted models the tests use.
+fn simulator() -> Result<Simulator, BoxError> {
+    Ok(Simulator::new(
+        Scenario::builder()
+            .default_model(ModelSpec::new("*").completion_tokens(16))
+            .model(
+                ModelSpec::new("slow-model")
+                    .completion_tokens(60)
+                    .token_interval(Latency::fixed(Duration::from_secs(1))),
+            )
+            .quota_exhausted_for("quota-model")
+            .fault(Fault::status(503).model("down-model"))
+            .stream_fault_for(
+                "stall-model",
+                StreamFault::StallAfterTokens {
+                    tokens: 2,
+                    probability: 1.0,
+                },
+            )
+            .token_interval(Latency::fixed(Duration::from_millis(5)))
+            .build()?,
+    ))
 }
 
 #[tokio::main]
@@ -189,13 +391,13 @@ async fn main() -> Result<(), BoxError> {
         None => None,
     };
 
+    // Warnings (a stream cut, an upstream failure) on stderr.
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(std::io::stderr)
+        .init();
+
     // The upstream: a simulated provider on loopback, unless a real one is configured.
-    let sim = Simulator::new(
-        Scenario::builder()
-            .default_model(ModelSpec::new("*").completion_tokens(16))
-            .token_interval(Latency::fixed(Duration::from_millis(5)))
-            .build()?,
-    );
     let (upstream, upstream_key, _sim_server) = match std::env::var("OPENAI_BASE_URL") {
         Ok(base) => (
             base.trim_end_matches('/').to_owned(),
@@ -203,7 +405,9 @@ async fn main() -> Result<(), BoxError> {
             None,
         ),
         Err(_) => {
-            let server = sim.serve(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+            let server = simulator()?
+                .serve(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await?;
             (
                 format!("{}/v1", server.url()),
                 "sk-upstream".to_owned(),
@@ -214,11 +418,22 @@ async fn main() -> Result<(), BoxError> {
     if upstream.starts_with("https://") {
         return Err("built without TLS: use an http:// OPENAI_BASE_URL (see the header)".into());
     }
+    // The simulator's stall-model goes quiet: cut it after 2 s rather than the default.
+    let stall_idle = _sim_server.as_ref().map(|_| Duration::from_secs(2));
 
-    let client = Client::builder(TokioExecutor::new()).build_http::<AiBody>();
+    // Idle upstream connections are closed after a while (the pool needs a timer for it).
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(UPSTREAM_IDLE)
+        .pool_timer(TokioTimer::new())
+        .build_http::<AiBody>();
+    let app = App {
+        gateway: gateway(&upstream, &upstream_key, client.clone(), stall_idle)?,
+        keys: Arc::new(ClientKeys::from_env()?),
+    };
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
-        .with_state(gateway(&upstream, &upstream_key, client.clone())?);
+        .with_state(app)
+        .layer(middleware::from_fn(openai_errors));
     let listener =
         tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port.unwrap_or(0))))
             .await?;
@@ -277,25 +492,29 @@ async fn stop_signal(stdin: bool) {
     }
 }
 
-/// Calls the gateway as a client: one JSON answer, one stream, then one key past its budget.
+/// Calls the gateway as a client: one JSON answer, one stream, a fallback, a key at its
+/// concurrency limit, and the gateway's own refusals.
 async fn self_test(base: &str, client: Client<HttpConnector, AiBody>) -> Result<(), BoxError> {
-    let call = |key: &str, body: Value| {
+    let send = |auth: &str, body: Value| {
         let req = Request::post(format!("{base}/chat/completions"))
-            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(header::AUTHORIZATION, auth)
             .header(header::CONTENT_TYPE, "application/json")
             .body(AiBody::from(body.to_string()));
         let client = client.clone();
+        async move { Ok::<_, BoxError>(client.request(req?).await?) }
+    };
+    let call = |key: &str, body: Value| {
+        let res = send(&format!("Bearer {key}"), body);
         async move {
-            let res = client.request(req?).await?;
-            let status = res.status();
-            let retry_after = res.headers().get(header::RETRY_AFTER).cloned();
-            let bytes = res.into_body().collect().await?.to_bytes();
-            Ok::<_, BoxError>((status, retry_after, bytes))
+            let res = res.await?;
+            let (parts, body) = res.into_parts();
+            let bytes = body.collect().await?.to_bytes();
+            Ok::<_, BoxError>((parts.status, parts.headers, bytes))
         }
     };
     let messages = json!([{"role": "user", "content": "Hello, gateway"}]);
 
-    let (status, _, bytes) =
+    let (status, headers, bytes) =
         call("sk-alice", json!({"model": "gpt-4o", "messages": messages})).await?;
     assert_eq!(
         status,
@@ -309,6 +528,7 @@ async fn self_test(base: &str, client: Client<HttpConnector, AiBody>) -> Result<
         .unwrap_or("");
     println!("answer: {text}");
     assert!(!text.is_empty() && answer["usage"]["completion_tokens"].as_u64() > Some(0));
+    assert_eq!(headers[ROUTE_HEADER], "primary");
 
     let stream = json!({"model": "gpt-4o", "messages": messages, "stream": true});
     let (status, _, bytes) = call("sk-alice", stream).await?;
@@ -321,29 +541,84 @@ async fn self_test(base: &str, client: Client<HttpConnector, AiBody>) -> Result<
         "not an SSE stream: {sse}"
     );
 
-    // Bob may send CLIENT_RPM requests a minute; Alice's two calls do not count against him.
-    let short = json!({"model": "gpt-4o", "max_tokens": 5, "messages": messages});
-    for _ in 0..CLIENT_RPM {
-        assert_eq!(call("sk-bob", short.clone()).await?.0, StatusCode::OK);
-    }
-    let (status, retry_after, bytes) = call("sk-bob", short.clone()).await?;
+    // The primary model is down: the fallback answers, and says so.
+    let (status, headers, _) = call(
+        "sk-alice",
+        json!({"model": "down-model", "messages": messages}),
+    )
+    .await?;
     println!(
-        "bob's request {}: {status}, retry-after {retry_after:?}",
-        CLIENT_RPM + 1
+        "down-model: {status}, served by {:?}",
+        headers.get(ROUTE_HEADER)
+    );
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[ROUTE_HEADER], "gpt-4o-mini");
+    assert_eq!(headers[MODEL_HEADER], "gpt-4o-mini");
+
+    // Out of credit on the account: the quota error itself, not the fallback's answer.
+    let (status, headers, bytes) = call(
+        "sk-alice",
+        json!({"model": "quota-model", "messages": messages}),
+    )
+    .await?;
+    let error: Value = serde_json::from_slice(&bytes)?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(error["error"]["code"], "insufficient_quota");
+    assert_eq!(headers["x-should-retry"], "false");
+
+    // Bob may have CLIENT_CONCURRENT requests in flight; slow streams hold their places.
+    let slow = json!({"model": "slow-model", "stream": true, "messages": messages});
+    let mut held = Vec::new();
+    for _ in 0..CLIENT_CONCURRENT {
+        let res = send("Bearer sk-bob", slow.clone()).await?;
+        assert_eq!(res.status(), StatusCode::OK);
+        held.push(res);
+    }
+    let (status, headers, bytes) = call("sk-bob", slow.clone()).await?;
+    println!(
+        "bob's request {}: {status}, retry-after {:?}",
+        CLIENT_CONCURRENT + 1,
+        headers.get(header::RETRY_AFTER)
     );
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
-    assert!(retry_after.is_some());
+    assert!(headers.contains_key(header::RETRY_AFTER));
     let error: Value = serde_json::from_slice(&bytes)?;
-    assert_eq!(error["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(error["error"]["code"], "budget_exceeded");
+    let short = json!({"model": "gpt-4o", "max_tokens": 5, "messages": messages});
     assert_eq!(
         call("sk-carol", short.clone()).await?.0,
         StatusCode::OK,
         "carol has her own budget"
     );
+    drop(held);
+
+    // The gateway's own refusals, in OpenAI's shape.
+    let (status, _, bytes) = call("sk-mallory", short.clone()).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "unknown key");
     assert_eq!(
-        call("", short).await?.0,
-        StatusCode::UNAUTHORIZED,
-        "no key, no service"
+        serde_json::from_slice::<Value>(&bytes)?["error"]["code"],
+        "invalid_api_key"
+    );
+    let res = send("bearer sk-alice", short.clone()).await?;
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "the scheme is case-insensitive"
+    );
+    let huge = json!({"model": "m".repeat(1 << 20), "messages": messages});
+    let (status, _, bytes) = call("sk-alice", huge).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&bytes)?["error"]["code"],
+        "model_too_long"
+    );
+    let req = Request::get(format!("{base}/nowhere")).body(AiBody::from(""))?;
+    let res = client.request(req).await?;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    let bytes = res.into_body().collect().await?.to_bytes();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&bytes)?["error"]["code"],
+        "unknown_url"
     );
     Ok(())
 }
