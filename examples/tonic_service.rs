@@ -50,13 +50,14 @@ use tonic::server::NamedService;
 use tonic::transport::{server::TcpIncoming, Endpoint, Server};
 use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
+use tonic_types::StatusExt as _;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_ai::circuit_breaker::BreakerBody;
 use tower_ai::core::keys::Key;
 use tower_ai::prelude::*;
 use tower_ai::sim::{ModelSpec, Scenario, Simulator};
-use tower_ai::Usage;
+use tower_ai::{ErrorReply, Usage};
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct AskRequest {
@@ -126,6 +127,7 @@ async fn ask(
 
     let res = ai.oneshot(http_req).await.map_err(to_status)?;
     let status = res.status();
+    let classification = Classification::of(&res).into_owned();
     let bytes = res
         .into_body()
         .collect()
@@ -133,13 +135,9 @@ async fn ask(
         .map_err(to_status)?
         .to_bytes();
     if !status.is_success() {
-        let code = match status.as_u16() {
-            429 => Code::ResourceExhausted,
-            400 | 404 | 413 => Code::InvalidArgument,
-            401 | 403 => Code::PermissionDenied,
-            _ => Code::Unavailable,
-        };
-        return Err(Status::new(code, format!("AI API answered {status}")));
+        // The provider's error answer, as a gRPC status (the classification was read by
+        // the stack; the body is not passed on).
+        return Err(ErrorReply::from_classification(&classification).to_status());
     }
     let answer: Value =
         serde_json::from_slice(&bytes).map_err(|e| Status::internal(e.to_string()))?;
@@ -154,18 +152,12 @@ async fn ask(
     }))
 }
 
-/// A refusal of the stack as a gRPC status.
+/// A refusal or failure of the stack as a gRPC status: `RESOURCE_EXHAUSTED` for a budget
+/// refusal, `UNAVAILABLE` for an open circuit, `DEADLINE_EXCEEDED` for a stall, …, with
+/// `google.rpc.RetryInfo` when the layer knows when to come back (see
+/// `tower_ai::core::respond`).
 fn to_status(err: BoxError) -> Status {
-    match AiError::find(&*err) {
-        Some(AiError::BudgetExceeded { retry_after, .. }) => {
-            let mut status = Status::resource_exhausted(err.to_string());
-            if let Some(secs) = retry_after.map(|d| d.as_secs().max(1)) {
-                status.metadata_mut().insert("retry-after", secs.into());
-            }
-            status
-        }
-        _ => Status::unavailable(err.to_string()),
-    }
+    ErrorReply::from_error(&*err).to_status()
 }
 
 #[derive(Debug)]
@@ -298,12 +290,22 @@ async fn main() -> Result<(), BoxError> {
     call("acme").await?;
     let refused = call("acme").await.expect_err("over acme's budget");
     println!(
-        "acme's third call: {:?} {:?}, retry-after {:?}",
+        "acme's third call: {:?} {:?}, RetryInfo {:?}",
         refused.code(),
         refused.message(),
-        refused.metadata().get("retry-after")
+        refused.get_error_details().retry_info()
     );
     assert_eq!(refused.code(), Code::ResourceExhausted);
+    let details = refused.get_error_details();
+    let delay = details.retry_info().and_then(|r| r.retry_delay);
+    assert!(
+        delay.is_some_and(|d| d.as_secs() >= 1),
+        "RetryInfo: {delay:?}"
+    );
+    assert_eq!(
+        details.error_info().map(|i| i.reason.as_str()),
+        Some("budget_exceeded")
+    );
     assert!(
         call("globex").await.is_ok(),
         "another tenant has its own budget"
