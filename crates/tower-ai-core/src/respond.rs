@@ -6,7 +6,7 @@
 //! status, a `retry-after` when the layer that refused knows when capacity returns, a
 //! stable machine-readable `code`, a specific message, and the provider's request id
 //! when one is known. [`ErrorReply::to_response`] writes it in the caller's dialect
-//! (OpenAI or Anthropic); with the `tonic` feature, [`ErrorReply::to_status`] (and
+//! (OpenAI or Anthropic); with the `tonic` feature, `ErrorReply::to_status` (and
 //! `From<AiError> for tonic::Status`) gives the gRPC status with `google.rpc.RetryInfo`,
 //! `ErrorInfo` and `RequestInfo` details; with the `axum` feature, `AiError` implements
 //! `IntoResponse` (OpenAI's shape).
