@@ -5,6 +5,12 @@ use std::time::Duration;
 use crate::cooldown::Tuning;
 use crate::layer::RetryAfterAwareLayer;
 
+/// Default most requests waiting for one key's cooldown: 256.
+pub const DEFAULT_MAX_WAITERS_PER_KEY: usize = 256;
+/// Default most requests waiting for cooldowns in all: 4,096. Each waiter holds its
+/// request (body included) until it is sent or refused.
+pub const DEFAULT_MAX_WAITERS: usize = 4096;
+
 /// A configuration value that makes no sense, with what was wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {field}: {reason}")]
@@ -68,6 +74,8 @@ impl Default for CooldownConfig {
                 recheck: Duration::from_millis(250),
                 idle: Duration::from_secs(600),
                 max_keys: 10_000,
+                max_waiters_per_key: DEFAULT_MAX_WAITERS_PER_KEY,
+                max_waiters: DEFAULT_MAX_WAITERS,
             },
             seed: None,
         }
@@ -157,6 +165,21 @@ impl CooldownConfigBuilder {
         self
     }
 
+    /// The most requests waiting for one key's cooldown (default
+    /// [`DEFAULT_MAX_WAITERS_PER_KEY`]); one more fails at once with
+    /// `AiError::CoolingDown`.
+    pub fn max_waiters_per_key(mut self, n: usize) -> Self {
+        self.cfg.tuning.max_waiters_per_key = n;
+        self
+    }
+
+    /// The most requests waiting for cooldowns in all (default [`DEFAULT_MAX_WAITERS`]);
+    /// one more fails at once with `AiError::CoolingDown`.
+    pub fn max_waiters(mut self, n: usize) -> Self {
+        self.cfg.tuning.max_waiters = n;
+        self
+    }
+
     /// Seed of the release spread's random numbers. Default: from entropy.
     pub fn seed(mut self, seed: u64) -> Self {
         self.cfg.seed = Some(seed);
@@ -170,7 +193,8 @@ impl CooldownConfigBuilder {
     /// [`ConfigError`] naming the setting: a zero or over-a-day `max_wait` or
     /// `max_cooldown`; a release spread over 60 s; a zero or over-a-minute `recheck`;
     /// a zero `max_keys` or more than 10 million; an `idle` under 1 s or over a week; a
-    /// reset margin over 60 s.
+    /// reset margin over 60 s; a zero `max_waiters_per_key` or `max_waiters`, or more than
+    /// 10 million.
     pub fn build_config(self) -> Result<CooldownConfig, ConfigError> {
         let c = &self.cfg;
         const DAY: Duration = Duration::from_secs(86_400);
@@ -212,6 +236,17 @@ impl CooldownConfigBuilder {
                 "idle",
                 format!("{:?} is outside [1 s, 1 week]", t.idle),
             ));
+        }
+        for (field, n) in [
+            ("max_waiters_per_key", t.max_waiters_per_key),
+            ("max_waiters", t.max_waiters),
+        ] {
+            if n == 0 || n > 10_000_000 {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{n} is outside 1..=10,000,000"),
+                ));
+            }
         }
         if t.reset_margin > Duration::from_secs(60) {
             return Err(ConfigError::new(

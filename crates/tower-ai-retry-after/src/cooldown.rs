@@ -43,6 +43,28 @@ pub(crate) struct Entry {
     /// The requests bucket's size, 0 = unknown.
     limit: AtomicU64,
     last_seen: AtomicU64,
+    /// Requests waiting for this key's cooldown.
+    waiters: AtomicUsize,
+}
+
+/// A waiting request's place, given back when dropped.
+#[derive(Debug)]
+pub(crate) struct WaitSlot {
+    entry: Arc<Entry>,
+    total: Arc<AtomicUsize>,
+}
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        self.entry.waiters.fetch_sub(1, Relaxed);
+        self.total.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Adds one to `n` if it is below `max`.
+fn take_one(n: &AtomicUsize, max: usize) -> bool {
+    n.fetch_update(Relaxed, Relaxed, |v| (v < max).then_some(v + 1))
+        .is_ok()
 }
 
 /// What a response taught.
@@ -63,6 +85,8 @@ pub(crate) struct Tuning {
     pub(crate) recheck: Duration,
     pub(crate) idle: Duration,
     pub(crate) max_keys: usize,
+    pub(crate) max_waiters_per_key: usize,
+    pub(crate) max_waiters: usize,
 }
 
 /// Every key's state, in a bounded, sharded map.
@@ -70,6 +94,8 @@ pub(crate) struct Tuning {
 pub(crate) struct Cooldowns {
     base: Instant,
     entries: AtomicUsize,
+    /// Requests waiting in all.
+    waiters: Arc<AtomicUsize>,
     shards: Box<[RwLock<Map>]>,
     tuning: Tuning,
 }
@@ -79,6 +105,7 @@ impl Cooldowns {
         Cooldowns {
             base: Instant::now(),
             entries: AtomicUsize::new(0),
+            waiters: Arc::default(),
             shards: (0..SHARDS).map(|_| RwLock::new(Map::default())).collect(),
             tuning,
         }
@@ -105,6 +132,44 @@ impl Cooldowns {
     /// Keys with state.
     pub(crate) fn len(&self) -> usize {
         self.entries.load(Relaxed)
+    }
+
+    /// Requests waiting in all.
+    pub(crate) fn waiters(&self) -> usize {
+        self.waiters.load(Relaxed)
+    }
+
+    /// The memory the keys take, in bytes: each shard's table at its capacity and each
+    /// entry (two reference counts and the atomics).
+    pub(crate) fn approx_bytes(&self) -> usize {
+        use std::mem::size_of;
+        self.shards
+            .iter()
+            .map(|s| {
+                let s = s.read().unwrap_or_else(|p| p.into_inner());
+                s.capacity() * (size_of::<(Key, Arc<Entry>)>() + 1)
+                    + s.len() * (size_of::<Entry>() + 2 * size_of::<usize>())
+            })
+            .sum()
+    }
+
+    /// A place among the waiters for `key`'s cooldown, if the caps leave one.
+    pub(crate) fn enter_wait(&self, key: Key) -> Option<WaitSlot> {
+        let entry = {
+            let shard = self.shard(key).read().unwrap_or_else(|p| p.into_inner());
+            shard.get(&key).cloned()
+        }?;
+        if !take_one(&self.waiters, self.tuning.max_waiters) {
+            return None;
+        }
+        if !take_one(&entry.waiters, self.tuning.max_waiters_per_key) {
+            self.waiters.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(WaitSlot {
+            entry,
+            total: self.waiters.clone(),
+        })
     }
 
     /// Whether a request for `key` may go now. Read-only while no key has state.
@@ -299,6 +364,8 @@ mod tests {
             recheck: Duration::from_millis(250),
             idle: Duration::from_secs(60),
             max_keys: 32,
+            max_waiters_per_key: 2,
+            max_waiters: 3,
         }
     }
 

@@ -16,7 +16,7 @@ use tower_ai_core::{AiError, AttemptBudget, BoxError, Classification, ErrorKind,
 use tower_service::Service;
 
 use crate::config::OnCooldown;
-use crate::cooldown::{Admit, Lesson};
+use crate::cooldown::{Admit, Lesson, WaitSlot};
 use crate::layer::Shared;
 use crate::service::jitter;
 
@@ -42,6 +42,8 @@ pin_project! {
         state: State<S::Future, Oneshot<S, Request<B>>>,
         req: Option<Request<B>>,
         service: Option<S>,
+        // A waiting request's place among the waiters (given back when it stops waiting).
+        slot: Option<WaitSlot>,
         key: Option<Key>,
         seq: Option<u64>,
         sent_at: Instant,
@@ -84,6 +86,7 @@ where
             state: State::Called { fut },
             req: None,
             service: None,
+            slot: None,
             key,
             seq,
             sent_at: now,
@@ -94,10 +97,12 @@ where
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn waiting(
         wake: Instant,
         req: Request<B>,
         service: S,
+        slot: WaitSlot,
         key: Option<Key>,
         now: Instant,
         rng: fastrand::Rng,
@@ -109,6 +114,7 @@ where
             },
             req: Some(req),
             service: Some(service),
+            slot: Some(slot),
             key,
             seq: None,
             sent_at: now,
@@ -125,6 +131,7 @@ where
             state: State::Rejected,
             req: None,
             service: None,
+            slot: None,
             key: None,
             seq: None,
             sent_at: now,
@@ -219,6 +226,7 @@ where
                             };
                             *this.seq = seq;
                             *this.sent_at = now;
+                            *this.slot = None;
                             this.state.set(State::Sending {
                                 fut: Oneshot::new(svc, req),
                             });
@@ -242,6 +250,7 @@ where
                                     |r| shared.key_fn.label(r),
                                 );
                                 this.state.set(State::Rejected);
+                                *this.slot = None;
                                 return Poll::Ready(Err(Box::new(AiError::CoolingDown {
                                     key: label,
                                     until,

@@ -104,6 +104,17 @@ impl<K> RetryAfterAwareLayer<K> {
         self.shared.cooldowns.len()
     }
 
+    /// Keys with state, requests waiting, and the memory the keys take (see
+    /// [`GateStats`]). Reads every shard: for monitoring and tests, not for every request.
+    pub fn stats(&self) -> GateStats {
+        let c = &self.shared.cooldowns;
+        GateStats {
+            keys: c.len(),
+            waiters: c.waiters(),
+            approx_bytes: c.approx_bytes(),
+        }
+    }
+
     /// Drops the state of keys idle for longer than the idle time (also done when the
     /// map is full).
     pub fn evict_idle(&self) {
@@ -111,6 +122,20 @@ impl<K> RetryAfterAwareLayer<K> {
             .cooldowns
             .evict_idle(tokio::time::Instant::now());
     }
+}
+
+/// What a [`RetryAfterAwareLayer`] holds (see [`RetryAfterAwareLayer::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GateStats {
+    /// Keys with state (a cooldown, or a requests bucket being paced).
+    pub keys: usize,
+    /// Requests waiting for a cooldown to end.
+    pub waiters: usize,
+    /// The memory the keys take, in bytes: each shard's table at its capacity and each
+    /// key's entry. Counted from sizes (an allocator's own overhead per allocation is not
+    /// included).
+    pub approx_bytes: usize,
 }
 
 impl<S, K> Layer<S> for RetryAfterAwareLayer<K> {

@@ -25,12 +25,18 @@
 //!   then acquires the inner service's readiness with `Oneshot`: a waiting request holds
 //!   no inner permit. Requests for other keys pass untouched. With
 //!   [`OnCooldown::FailFast`] (or when the wait would exceed `max_wait`) the request
-//!   fails at once with `AiError::CoolingDown { key, until }`.
+//!   fails at once with `AiError::CoolingDown { key, until }`, and so does one that finds
+//!   [`max_waiters_per_key`](CooldownConfigBuilder::max_waiters_per_key) (256) waiting for
+//!   its key or [`max_waiters`](CooldownConfigBuilder::max_waiters) (4 096) waiting in
+//!   all: a waiter holds its request, so waiters are bounded. A cancelled waiter gives
+//!   its place back.
 //! - **Spreads** the release when the capacity behind a cooldown is unknown (a bare
 //!   `Retry-After`): each waiter wakes at a random point of `release_spread` after the
 //!   end, drawn from a seeded RNG.
 //! - **Bounded**: at most `max_keys` keys; idle keys without a cooldown are evicted
-//!   first, then the least recently seen.
+//!   first, then the least recently seen. A key with state takes about 115 bytes (its
+//!   entry and its share of the table; `tests/hostile.rs`, `memory_per_key`);
+//!   [`RetryAfterAwareLayer::stats`] counts keys, waiters and bytes.
 //!
 //! Key = a [`KeyFn`](tower_ai_core::keys::KeyFn): [`HostModel`](tower_ai_core::keys::HostModel)
 //! (default: provider host + model), [`ApiKeyHash`](tower_ai_core::keys::ApiKeyHash)
@@ -101,6 +107,9 @@ pub mod future;
 mod layer;
 mod service;
 
-pub use config::{ConfigError, CooldownConfig, CooldownConfigBuilder, OnCooldown};
-pub use layer::RetryAfterAwareLayer;
+pub use config::{
+    ConfigError, CooldownConfig, CooldownConfigBuilder, OnCooldown, DEFAULT_MAX_WAITERS,
+    DEFAULT_MAX_WAITERS_PER_KEY,
+};
+pub use layer::{GateStats, RetryAfterAwareLayer};
 pub use service::RetryAfterAware;

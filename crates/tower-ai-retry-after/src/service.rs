@@ -116,16 +116,23 @@ where
                         OnCooldown::FailFast => true,
                         OnCooldown::Wait { max_wait } => until > now + max_wait,
                     };
-                if refuse {
+                // A place among the waiters, within the per-key and total caps: a waiter
+                // holds its request, so waiters are bounded.
+                let slot = match (refuse, key) {
+                    (false, Some(k)) => shared.cooldowns.enter_wait(k),
+                    _ => None,
+                };
+                let Some(slot) = slot else {
                     tracing::debug!(
                         until_ms = until.saturating_duration_since(now).as_millis() as u64,
+                        full = !refuse,
                         "retry_after_aware refused: cooling down"
                     );
                     return ResponseFuture::rejected(AiError::CoolingDown {
                         key: shared.key_fn.label(&req),
                         until,
                     });
-                }
+                };
                 let wake = if spread {
                     until + jitter(&mut self.rng, shared.config.release_spread)
                 } else {
@@ -141,6 +148,7 @@ where
                     wake,
                     req,
                     self.inner.clone(),
+                    slot,
                     key,
                     now,
                     fastrand::Rng::with_seed(self.rng.u64(..)),

@@ -1,0 +1,171 @@
+//! RetryAfterAware against a flood of waiters (issue #16 point 3), and the memory it holds
+//! per key.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use http::{Request, Response};
+use tokio_test::{assert_pending, assert_ready, task};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower_ai_core::keys::Key;
+use tower_ai_core::{AiError, BoxError};
+use tower_ai_retry_after::RetryAfterAwareLayer;
+use tower_test::mock;
+
+type Mock = mock::Mock<Request<String>, Response<String>>;
+type Handle = mock::Handle<Request<String>, Response<String>>;
+
+fn request(model: &str) -> Request<String> {
+    Request::post("https://api.openai.com/v1/chat/completions")
+        .body(format!(r#"{{"model":"{model}","messages":[]}}"#))
+        .unwrap()
+}
+
+fn resp(status: u16, headers: &[(&str, &str)]) -> Response<String> {
+    let mut b = Response::builder().status(status);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body("{}".to_owned()).unwrap()
+}
+
+fn stack(layer: &RetryAfterAwareLayer) -> (tower_ai_retry_after::RetryAfterAware<Mock>, Handle) {
+    let (svc, handle) = mock::pair::<Request<String>, Response<String>>();
+    (
+        ServiceBuilder::new().layer(layer.clone()).service(svc),
+        handle,
+    )
+}
+
+/// A 429 with `retry-after: 30` for `model`: its key cools down for 30 s.
+async fn cool(svc: &tower_ai_retry_after::RetryAfterAware<Mock>, handle: &mut Handle, model: &str) {
+    let first = tokio::spawn(svc.clone().oneshot(request(model)));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(resp(429, &[("retry-after", "30")]));
+    assert_eq!(first.await.unwrap().unwrap().status(), 429);
+}
+
+fn cooling_down(err: &BoxError) -> bool {
+    matches!(
+        err.downcast_ref::<AiError>(),
+        Some(AiError::CoolingDown { .. })
+    )
+}
+
+/// The default per-key cap (256): the request past it fails at once, and a cancelled
+/// waiter gives its place back.
+#[tokio::test(start_paused = true)]
+async fn waiters_per_key_are_capped_by_default() {
+    let layer = RetryAfterAwareLayer::builder().seed(1).build().unwrap();
+    let (svc, mut handle) = stack(&layer);
+    cool(&svc, &mut handle, "gpt-4o").await;
+    let mut waiters: Vec<_> = (0..256)
+        .map(|_| task::spawn(svc.clone().oneshot(request("gpt-4o"))))
+        .collect();
+    for w in &mut waiters {
+        assert_pending!(w.poll());
+    }
+    let mut over = task::spawn(svc.clone().oneshot(request("gpt-4o")));
+    let err = assert_ready!(over.poll()).expect_err("past the cap: refused at once");
+    assert!(cooling_down(&err), "{err}");
+    drop(waiters.pop());
+    let mut next = task::spawn(svc.clone().oneshot(request("gpt-4o")));
+    assert_pending!(next.poll());
+    assert_eq!(layer.stats().waiters, 256);
+}
+
+/// Both caps configured: per key, then in all; places come back when waiters are sent or
+/// dropped.
+#[tokio::test(start_paused = true)]
+async fn waiters_in_all_are_capped_and_places_come_back() {
+    let layer = RetryAfterAwareLayer::builder()
+        .release_spread(Duration::ZERO)
+        .max_waiters_per_key(2)
+        .max_waiters(3)
+        .seed(1)
+        .build()
+        .unwrap();
+    let (svc, mut handle) = stack(&layer);
+    cool(&svc, &mut handle, "gpt-4o").await;
+    cool(&svc, &mut handle, "gpt-4o-mini").await;
+    let mut waiting = Vec::new();
+    for model in ["gpt-4o", "gpt-4o", "gpt-4o-mini"] {
+        let mut w = task::spawn(svc.clone().oneshot(request(model)));
+        assert_pending!(w.poll());
+        waiting.push(w);
+    }
+    // "gpt-4o" is at its own cap; "gpt-4o-mini" has room of its own, not in all.
+    for model in ["gpt-4o", "gpt-4o-mini"] {
+        let mut w = task::spawn(svc.clone().oneshot(request(model)));
+        let err = assert_ready!(w.poll()).expect_err("refused at once");
+        assert!(cooling_down(&err), "{err}");
+    }
+    assert_eq!(layer.stats().waiters, 3);
+    drop(waiting.remove(0));
+    assert_eq!(layer.stats().waiters, 2);
+    let mut mini = task::spawn(svc.clone().oneshot(request("gpt-4o-mini")));
+    assert_pending!(mini.poll());
+    assert_eq!(layer.stats().waiters, 3);
+    // The cooldowns end: every waiter is sent and gives its place back.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    for w in waiting.iter_mut().chain(std::iter::once(&mut mini)) {
+        assert_pending!(w.poll());
+    }
+    assert_eq!(layer.stats().waiters, 0);
+    for _ in 0..3 {
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(resp(200, &[]));
+    }
+    for w in waiting.iter_mut().chain(std::iter::once(&mut mini)) {
+        assert_eq!(assert_ready!(w.poll()).unwrap().status(), 200);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct TooMany;
+
+impl Service<Request<String>> for TooMany {
+    type Response = Response<String>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Response<String>, Infallible>>;
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: Request<String>) -> Self::Future {
+        std::future::ready(Ok(resp(429, &[("retry-after", "60")])))
+    }
+}
+
+/// Bytes per key with a cooldown, counted by the allocator and by `stats()`.
+#[tokio::test(start_paused = true)]
+async fn memory_per_key() {
+    const N: u64 = 5_000;
+    let layer = RetryAfterAwareLayer::builder()
+        .build()
+        .unwrap()
+        .key_fn(|req: &Request<String>| req.extensions().get::<Key>().copied());
+    let mut svc = layer.layer(TooMany);
+    let info = allocation_counter::measure(|| {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        for i in 0..N {
+            let mut r = request("gpt-4o");
+            r.extensions_mut().insert(Key::of(&i));
+            let mut fut = std::pin::pin!(svc.call(r));
+            assert!(std::future::Future::poll(fut.as_mut(), &mut cx).is_ready());
+        }
+    });
+    let stats = layer.stats();
+    assert_eq!(stats.keys as u64, N);
+    let measured = info.bytes_current.max(0) as u64 / N;
+    let reported = stats.approx_bytes as u64 / N;
+    println!("{measured} bytes per key allocated, {reported} reported by stats()");
+    assert!(
+        reported * 4 >= measured * 3 && reported * 4 <= measured * 5,
+        "stats() says {reported}, the allocator {measured}"
+    );
+    assert!(measured <= 200, "{measured} bytes per key");
+}
