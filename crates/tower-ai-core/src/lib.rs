@@ -60,7 +60,8 @@ pub use error::{AiError, BoxError, BudgetLimit, RouteFailure, StallPhase};
 pub use kind::ErrorKind;
 pub use layer::ClassifyLayer;
 pub use meta::{
-    model_of, top_level_bool, top_level_string, top_level_value_span, RequestMeta, Usage,
+    model_of, model_path_span, top_level_bool, top_level_string, top_level_value_span, RequestMeta,
+    Usage,
 };
 pub use provider::Provider;
 pub use ratelimit::{response_clock, Bucket, RateLimitInfo, RequestedWait, WaitSource};

@@ -133,13 +133,33 @@ fn estimate(bytes: u64) -> u64 {
 
 /// Gemini: `/v1beta/models/{model}:generateContent`; Azure: `/openai/deployments/{name}/…`.
 fn model_from_path(path: &str) -> Option<&str> {
+    model_path_span(path).map(|r| &path[r])
+}
+
+/// Where a request path names its model, as a byte range of `path`: Gemini's
+/// `…/models/{model}:generateContent` (or `:streamGenerateContent`, any `:` method), or
+/// Azure OpenAI's deployment in `/openai/deployments/{name}/…`. `None` when the path
+/// names no model (the model is then in the body).
+///
+/// ```
+/// use tower_ai_core::model_path_span;
+/// let gemini = "/v1beta/models/gemini-2.5-flash:streamGenerateContent";
+/// assert_eq!(model_path_span(gemini).map(|r| &gemini[r]), Some("gemini-2.5-flash"));
+/// let azure = "/openai/deployments/prod-4o/chat/completions";
+/// assert_eq!(model_path_span(azure).map(|r| &azure[r]), Some("prod-4o"));
+/// assert_eq!(model_path_span("/v1/chat/completions"), None);
+/// ```
+pub fn model_path_span(path: &str) -> Option<std::ops::Range<usize>> {
     if let Some(i) = path.find("/models/") {
-        let rest = &path[i + "/models/".len()..];
+        let start = i + "/models/".len();
+        let rest = &path[start..];
         let end = rest.find(':').unwrap_or(rest.len());
-        return Some(&rest[..end]).filter(|m| !m.is_empty() && !m.contains('/'));
+        return (end > 0 && !rest[..end].contains('/')).then_some(start..start + end);
     }
     let rest = path.strip_prefix("/openai/deployments/")?;
-    Some(&rest[..rest.find('/').unwrap_or(rest.len())]).filter(|m| !m.is_empty())
+    let start = path.len() - rest.len();
+    let end = rest.find('/').unwrap_or(rest.len());
+    (end > 0).then_some(start..start + end)
 }
 
 /// The request's model, as cheaply as it can be had: [`RequestMeta`] from the extensions

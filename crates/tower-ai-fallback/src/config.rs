@@ -198,8 +198,11 @@ impl<ReqB, ResB> Route<ReqB, ResB> {
         Route::with_target(name, Target::Inner)
     }
 
-    /// The wrapped service, with the body's top-level `"model"` value set to `model`; the
-    /// route is named after the model (see [`name`](Route::name) to change it).
+    /// The wrapped service, with the request's model set to `model`: the model segment of
+    /// the path where the provider reads it there (Gemini's `models/{model}:…`, Azure
+    /// OpenAI's `deployments/{name}/…`; the query is kept), and the body's top-level
+    /// `"model"` value when it has one. The route is named after the model (see
+    /// [`name`](Route::name) to change it); [`Served`] names the model called.
     pub fn model(model: impl Into<Arc<str>>) -> Self {
         let model = model.into();
         let mut r = Route::with_target(model.clone(), Target::Inner);
@@ -263,7 +266,7 @@ impl<ReqB, ResB> Route<ReqB, ResB> {
         self
     }
 
-    /// Sets the body's top-level `"model"` value to `model` before sending (for a
+    /// Sets the request's model to `model` before sending, as [`Route::model`] does (for a
     /// [`service`](Route::service) route, before its [`rewrite`](Route::rewrite)).
     pub fn model_name(mut self, model: impl Into<Arc<str>>) -> Self {
         self.model = Some(model.into());

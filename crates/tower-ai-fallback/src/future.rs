@@ -2,17 +2,19 @@
 
 use std::fmt;
 use std::future::Future;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri};
 use pin_project_lite::pin_project;
 use tower::util::Oneshot;
 use tower_ai_core::{
-    model_of, try_clone_request, AiError, AttemptBudget, BoxError, Classification, ErrorKind,
-    Provider, ReplayBody, RouteFailure,
+    model_of, model_path_span, try_clone_request, AiError, AttemptBudget, BoxError, Classification,
+    ErrorKind, Provider, ReplayBody, RouteFailure,
 };
 use tower_service::Service;
 
@@ -448,18 +450,24 @@ fn prepare<ReqB, ResB>(
 where
     ReqB: ReplayBody + From<Bytes>,
 {
-    if let Some(quoted) = &route.quoted_model {
-        let body = req
-            .body()
-            .bytes()
-            .and_then(|b| replace_model(b, quoted))
-            .ok_or_else(|| {
-                format!(
-                    "route {:?}: the body has no top-level \"model\" string to rewrite",
-                    &*route.name
-                )
-            })?;
-        *req.body_mut() = ReqB::from(body);
+    if let (Some(quoted), Some(model)) = (&route.quoted_model, &route.model) {
+        // Gemini names the model in the path and Azure OpenAI the deployment: that is
+        // what is called, so the path changes; the body's `model` too, when it has one.
+        let span = model_path_span(req.uri().path());
+        let body = req.body().bytes().and_then(|b| replace_model(b, quoted));
+        if span.is_none() && body.is_none() {
+            return Err(format!(
+                "route {:?}: the body has no top-level \"model\" string and the path names no model to rewrite",
+                &*route.name
+            ));
+        }
+        if let Some(span) = span {
+            *req.uri_mut() = with_path_model(req.uri(), span, model)
+                .map_err(|e| format!("route {:?}: {e}", &*route.name))?;
+        }
+        if let Some(body) = body {
+            *req.body_mut() = ReqB::from(body);
+        }
         // A parsed RequestMeta names the old model; the rest of it still holds, so the
         // layers below need not parse the body again.
         if let Some(meta) = req.extensions_mut().get_mut::<tower_ai_core::RequestMeta>() {
@@ -475,6 +483,36 @@ where
         f(req).map_err(|e| format!("route {:?}: rewrite failed: {e}", &*route.name))?;
     }
     Ok(())
+}
+
+/// `uri` with the model segment of its path (at `span`, see [`model_path_span`]) set to
+/// `model`, percent-encoded as a path segment; the query is kept.
+fn with_path_model(uri: &Uri, span: Range<usize>, model: &str) -> Result<Uri, String> {
+    let path = uri.path();
+    let query = uri.query();
+    let mut pq =
+        String::with_capacity(path.len() + 3 * model.len() + query.map_or(0, |q| q.len() + 1));
+    pq.push_str(&path[..span.start]);
+    for &b in model.as_bytes() {
+        // RFC 3986 unreserved characters stay; everything else (`/`, `:`, `?`, `%`,
+        // spaces, non-ASCII) is percent-encoded, so the model stays one segment.
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            pq.push(b as char);
+        } else {
+            pq.push('%');
+            pq.push(char::from(b"0123456789ABCDEF"[usize::from(b >> 4)]));
+            pq.push(char::from(b"0123456789ABCDEF"[usize::from(b & 15)]));
+        }
+    }
+    pq.push_str(&path[span.end..]);
+    if let Some(q) = query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query =
+        Some(PathAndQuery::try_from(pq).map_err(|e| format!("the new path is invalid: {e}"))?);
+    Uri::from_parts(parts).map_err(|e| format!("the new URI is invalid: {e}"))
 }
 
 impl<S, ReqB, ResB> Future for ResponseFuture<S, ReqB, ResB>
@@ -515,4 +553,38 @@ where
 #[cold]
 fn polled_after_completion() -> BoxError {
     "ModelFallback's ResponseFuture polled after completion".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewrite(uri: &str, model: &str) -> String {
+        let uri: Uri = uri.parse().unwrap();
+        let span = model_path_span(uri.path()).unwrap();
+        with_path_model(&uri, span, model).unwrap().to_string()
+    }
+
+    #[test]
+    fn the_path_model_is_replaced_as_one_segment_and_the_query_kept() {
+        assert_eq!(
+            rewrite(
+                "https://generativelanguage.googleapis.com/v1beta/models/gemini-a:streamGenerateContent?alt=sse",
+                "gemini-2.5-flash"
+            ),
+            "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+        );
+        assert_eq!(
+            rewrite(
+                "https://r.openai.azure.com/openai/deployments/a/chat/completions?api-version=2024-10-21",
+                "b_2"
+            ),
+            "https://r.openai.azure.com/openai/deployments/b_2/chat/completions?api-version=2024-10-21"
+        );
+        // A name that would change the route is encoded: it stays one segment.
+        assert_eq!(
+            rewrite("/v1beta/models/x:generateContent", "a/b:c d?%é"),
+            "/v1beta/models/a%2Fb%3Ac%20d%3F%25%C3%A9:generateContent"
+        );
+    }
 }

@@ -12,8 +12,9 @@
 //! attached (or from the [`AiError`] they returned), whether and where to go next.
 //!
 //! - **Routes.** [`Route::primary`] (the wrapped service, request as sent),
-//!   [`Route::model`] (the wrapped service, the body's top-level `"model"` value
-//!   rewritten and every other byte kept), [`Route::service`] (another provider, with an
+//!   [`Route::model`] (the wrapped service, the model rewritten where the provider reads
+//!   it: the body's top-level `"model"` value with every other byte kept, and the path's
+//!   model segment for Gemini and Azure OpenAI deployments), [`Route::service`] (another provider, with an
 //!   optional [`rewrite`](Route::rewrite) of URL, headers and body), and
 //!   [`Route::degraded`] / [`Route::degraded_static`] (an answer made without a call,
 //!   marked degraded).

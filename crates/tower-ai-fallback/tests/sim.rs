@@ -194,3 +194,126 @@ async fn served_names_the_model_the_cross_provider_route_sent() {
         ("anthropic", Some("claude-b"))
     );
 }
+
+/// A simulator whose model (or deployment) `down` is in an outage and `up` answers.
+fn outage_sim(down: &str, up: &str) -> Simulator {
+    Simulator::new(
+        Scenario::builder()
+            .seed(9)
+            .model(ModelSpec::new(down))
+            .model(ModelSpec::new(up).completion_tokens(5))
+            .outage(down, Duration::ZERO, Duration::from_secs(3600))
+            .build()
+            .unwrap(),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn gemini_routes_rewrite_the_model_in_the_path_and_keep_the_query() {
+    let body = r#"{"contents":[{"role":"user","parts":[{"text":"Hi"}]}]}"#;
+    for (verb, sse) in [
+        ("streamGenerateContent?alt=sse", true),
+        ("generateContent", false),
+    ] {
+        let sim = outage_sim("gemini-a", "gemini-b");
+        let chain = FallbackChain::<AiBody, ResBody>::builder()
+            .route(Route::primary("primary"))
+            .route(Route::model("gemini-b"))
+            .build()
+            .unwrap();
+        let svc = ModelFallbackLayer::new(chain).layer(ClassifyLayer::new().layer(sim.service()));
+        let req = Request::post(format!(
+            "https://generativelanguage.googleapis.com/v1beta/models/gemini-a:{verb}"
+        ))
+        .header("x-goog-api-key", "test")
+        .body(AiBody::from(body))
+        .unwrap();
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200, "{verb}");
+        let served = Served::get(&res).unwrap().clone();
+        assert_eq!(
+            (&*served.route, served.model.as_deref()),
+            ("gemini-b", Some("gemini-b"))
+        );
+        let streamed = res
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        assert_eq!(streamed, sse, "{verb}: alt=sse kept");
+        let calls = sim.calls();
+        let seen: Vec<_> = calls
+            .iter()
+            .map(|c| (c.path.as_str(), c.model.as_deref(), c.outcome))
+            .collect();
+        let method = verb.split('?').next().unwrap();
+        assert_eq!(
+            seen,
+            [
+                (
+                    &*format!("/v1beta/models/gemini-a:{method}"),
+                    Some("gemini-a"),
+                    Outcome::Outage
+                ),
+                (
+                    &*format!("/v1beta/models/gemini-b:{method}"),
+                    Some("gemini-b"),
+                    Outcome::Success
+                ),
+            ]
+        );
+        assert_eq!(
+            calls[1].body_digest,
+            digest(body.as_bytes()),
+            "a body without a model is sent as it is"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn azure_routes_call_the_fallback_deployment() {
+    let sim = outage_sim("prod-4o", "prod-4o-mini");
+    let chain = FallbackChain::<AiBody, ResBody>::builder()
+        .route(Route::primary("primary"))
+        .route(Route::model("prod-4o-mini"))
+        .build()
+        .unwrap();
+    let svc = ModelFallbackLayer::new(chain).layer(ClassifyLayer::new().layer(sim.service()));
+    // Azure ignores a body's model (the deployment decides); some clients send one.
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}"#;
+    let req = Request::post(
+        "https://res.openai.azure.com/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21",
+    )
+    .header("api-key", "test")
+    .body(AiBody::from(body))
+    .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let served = Served::get(&res).unwrap();
+    assert_eq!(served.model.as_deref(), Some("prod-4o-mini"));
+    let calls = sim.calls();
+    let seen: Vec<_> = calls
+        .iter()
+        .map(|c| (c.path.as_str(), c.model.as_deref(), c.outcome))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                "/openai/deployments/prod-4o/chat/completions",
+                Some("prod-4o"),
+                Outcome::Outage
+            ),
+            (
+                "/openai/deployments/prod-4o-mini/chat/completions",
+                Some("prod-4o-mini"),
+                Outcome::Success
+            ),
+        ],
+        "the fallback deployment is the one called"
+    );
+    assert_eq!(
+        calls[1].body_digest,
+        digest(&rewrite_model(body.as_bytes(), "prod-4o-mini").unwrap()),
+        "the body's model follows the deployment"
+    );
+}
