@@ -150,36 +150,37 @@ impl Ticket {
 
     /// A streamed answer's head arrived: the call is timed to it (a stream's length is
     /// the answer's, not the provider's latency), its outcome waits for the body's end.
+    /// A timed ticket no longer needs its start: the upper bits of its stamp keep whether
+    /// the head was slow, so the ticket stays two words.
     #[cold]
     #[inline(never)]
-    fn defer(self) -> Pending {
-        let (_, slow) = self.timed();
-        Pending { ticket: self, slow }
+    fn defer(mut self) -> Pending {
+        if self.lane.core.times_calls() {
+            let (_, slow) = self.timed();
+            self.stamp = (u64::from(slow) << WORD_BITS) | (self.stamp & WORD_MASK);
+        }
+        Pending(self)
     }
 }
 
-/// The ticket of a streamed answer, carried by its body until it ends.
-pub(crate) struct Pending {
-    ticket: Ticket,
-    /// Its head came later than the slow-call threshold.
-    slow: bool,
-}
+/// The ticket of a streamed answer, carried by its body until it ends (a timed one
+/// holds whether its head was slow instead of its start: see [`Ticket::defer`]).
+pub(crate) struct Pending(Ticket);
 
 impl Pending {
     /// Records the end of the body: a success at its clean end (`kind: None`), else as
     /// the error's kind says.
     pub(crate) fn finish(mut self, kind: Option<ErrorKind>) {
-        let verdict = self.ticket.verdict(kind);
-        self.ticket.record(verdict, self.slow, None);
+        let t = &mut self.0;
+        let slow = t.lane.core.times_calls() && t.stamp >> WORD_BITS == 1;
+        let verdict = t.verdict(kind);
+        t.record(verdict, slow, None);
     }
 }
 
 impl fmt::Debug for Pending {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pending")
-            .field("ticket", &self.ticket)
-            .field("slow", &self.slow)
-            .finish()
+        f.debug_tuple("Pending").field(&self.0).finish()
     }
 }
 

@@ -246,3 +246,57 @@ async fn a_non_streamed_answer_is_still_judged_at_its_head() {
     drop(res);
     assert_eq!(handle.metrics(key()).unwrap().calls, 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_is_timed_to_its_head_and_judged_at_its_end() {
+    let head_delay = Arc::new(Mutex::new(Duration::from_secs(2)));
+    let delay = head_delay.clone();
+    let provider = service_fn(move |_r: Request<String>| {
+        let delay = *delay.lock().unwrap();
+        async move {
+            tokio::time::sleep(delay).await;
+            let res = Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Stream {
+                    parts: VecDeque::from([ROLE, DONE]),
+                    end: Some(End::Clean),
+                })
+                .unwrap();
+            Ok::<_, BoxError>(res)
+        }
+    });
+    let layer = CircuitBreakerLayer::builder()
+        .count_window(10)
+        .minimum_calls(4)
+        .slow_calls(Duration::from_secs(1), 0.75)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let svc = layer.layer(provider);
+    // Two quick heads whose bodies take a minute: not slow.
+    *head_delay.lock().unwrap() = Duration::from_millis(10);
+    for _ in 0..2 {
+        let res = svc.clone().oneshot(req()).await.unwrap();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        read(res.into_body()).await.unwrap();
+    }
+    // Two late heads: slow, recorded at their bodies' ends.
+    *head_delay.lock().unwrap() = Duration::from_secs(2);
+    for i in 0..2 {
+        let res = svc.clone().oneshot(req()).await.unwrap();
+        assert_eq!(handle.metrics(key()).unwrap().slow_calls, i, "not yet");
+        read(res.into_body()).await.unwrap();
+    }
+    let m = handle.metrics(key()).unwrap();
+    assert_eq!((m.calls, m.failures, m.slow_calls), (4, 0, 2));
+    assert_eq!(m.state, CircuitState::Closed, "2 slow of 4: under 0.75");
+}
+
+#[test]
+fn the_body_adds_two_words() {
+    // An outcome pending travels as the two-word ticket.
+    assert_eq!(
+        std::mem::size_of::<BreakerBody<()>>(),
+        2 * std::mem::size_of::<usize>()
+    );
+}
