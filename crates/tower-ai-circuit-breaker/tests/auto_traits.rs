@@ -2,7 +2,7 @@
 
 use http::{Request, Response};
 use tower_ai_circuit_breaker::{
-    future::ResponseFuture, CircuitBreaker, CircuitBreakerHandle, CircuitBreakerLayer,
+    future::ResponseFuture, BreakerBody, CircuitBreaker, CircuitBreakerHandle, CircuitBreakerLayer,
     CircuitEvent, Metrics,
 };
 use tower_ai_core::AiBody;
@@ -22,4 +22,6 @@ fn public_types_are_send_and_sync() {
     send_sync::<CircuitEvent>();
     send::<ResponseFuture<std::future::Ready<Result<Response<AiBody>, std::io::Error>>>>();
     send_sync::<ResponseFuture<std::future::Ready<Result<Response<AiBody>, std::io::Error>>>>();
+    send_sync::<BreakerBody<AiBody>>();
+    send_sync::<BreakerBody<tower_ai_sim::SimBody>>();
 }
