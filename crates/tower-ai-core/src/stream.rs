@@ -137,6 +137,45 @@ impl FinishReason {
     pub fn is_truncation(self) -> bool {
         self == FinishReason::Length
     }
+
+    /// Why the model stopped, read from a whole non-streamed JSON answer of any dialect:
+    /// OpenAI Chat's `finish_reason` (any choice cut by the limit makes it
+    /// [`Length`](FinishReason::Length)), Anthropic's `stop_reason`, Gemini's
+    /// `finishReason` (any candidate), OpenAI Responses' `incomplete_details.reason`
+    /// (`status: "completed"` is [`Stop`](FinishReason::Stop)).
+    ///
+    /// One pass over the body's colons, as the stream scanner reads events: no tree is
+    /// built, and keys inside strings (an answer quoting JSON) are never taken for keys.
+    ///
+    /// ```
+    /// use tower_ai_core::stream::FinishReason;
+    /// let body = br#"{"choices":[{"message":{"content":""finish_reason":"stop""},"finish_reason":"length"}]}"#;
+    /// assert_eq!(FinishReason::of_answer(body), Some(FinishReason::Length));
+    /// let body = br#"{"object":"response","status":"incomplete","incomplete_details":{"reason":"max_output_tokens"}}"#;
+    /// assert_eq!(FinishReason::of_answer(body), Some(FinishReason::Length));
+    /// ```
+    pub fn of_answer(json: &[u8]) -> Option<FinishReason> {
+        let mut found: Option<FinishReason> = None;
+        let mut note = |r: Option<&str>| {
+            if let Some(r) = r.map(FinishReason::parse) {
+                if found.is_none() || r == FinishReason::Length {
+                    found = Some(r);
+                }
+            }
+        };
+        let mut incomplete = false;
+        let mut completed = false;
+        each_key(json, |k| match k.last() {
+            b'n' if k.is(b"finish_reason") || k.is(b"stop_reason") || k.is(b"finishReason") => {
+                note(string_at(json, k.value()))
+            }
+            b's' if k.is(b"incomplete_details") => incomplete |= json.get(k.value()) == Some(&b'{'),
+            b'n' if incomplete && k.is(b"reason") => note(string_at(json, k.value())),
+            b's' if k.is(b"status") => completed |= string_at(json, k.value()) == Some("completed"),
+            _ => {}
+        });
+        found.or(completed.then_some(FinishReason::Stop))
+    }
 }
 
 /// What one chunk of a stream showed.

@@ -145,9 +145,20 @@ where
                 return Poll::Ready(Some(Err(err)));
             }
         }
-        let polled = match this.inner.project() {
-            InnerProj::Inline { body } => body.poll_frame(cx),
-            InnerProj::Boxed { body } => body.as_mut().poll_frame(cx),
+        // A JSON answer is read at its end, which a caller may take from the inner body's
+        // `is_end_stream` after its last frame without polling again.
+        let reads_json = this.tracker.reads_json();
+        let (polled, inner_ended) = match this.inner.project() {
+            InnerProj::Inline { mut body } => {
+                let p = body.as_mut().poll_frame(cx);
+                let ended = reads_json && p.is_ready() && body.is_end_stream();
+                (p, ended)
+            }
+            InnerProj::Boxed { body } => {
+                let p = body.as_mut().poll_frame(cx);
+                let ended = reads_json && p.is_ready() && body.is_end_stream();
+                (p, ended)
+            }
         };
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -156,6 +167,12 @@ where
                 if let Some(data) = frame.data_ref() {
                     if let Some(err) = this.tracker.on_data(data) {
                         this.tracker.hold_error(err);
+                    }
+                    if reads_json {
+                        this.tracker.on_json(data);
+                        if inner_ended {
+                            this.tracker.end_json();
+                        }
                     }
                 }
                 return Poll::Ready(Some(Ok(frame)));

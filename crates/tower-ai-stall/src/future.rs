@@ -90,6 +90,22 @@ fn is_sse<B>(res: &Response<B>) -> bool {
     res.status().is_success() && is_event_stream(res.headers())
 }
 
+/// Whether a response is a non-streamed JSON answer, read for why the model stopped: a
+/// success whose `content-type` is `application/json` (parameters allowed).
+fn is_json_answer<B>(res: &Response<B>) -> bool {
+    const JSON: &[u8] = b"application/json";
+    res.status().is_success()
+        && res
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| {
+                let v = v.as_bytes().trim_ascii_start();
+                v.len() >= JSON.len()
+                    && v[..JSON.len()].eq_ignore_ascii_case(JSON)
+                    && matches!(v.get(JSON.len()), None | Some(b';' | b' ' | b'\t'))
+            })
+}
+
 /// Polls the one timer of the future at `at`, creating it the first time it is needed
 /// (a response that is ready at once never creates one).
 fn poll_sleep(mut sleep: Pin<&mut Option<Sleep>>, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
@@ -122,10 +138,17 @@ where
             match this.state.as_mut().project() {
                 StateProj::Calling { fut } => {
                     match fut.poll(cx) {
-                        Poll::Ready(Ok(res)) if !is_sse(&res) => {
+                        Poll::Ready(Ok(mut res)) if !is_sse(&res) => {
                             this.state.set(State::Done);
-                            let tracker =
-                                Tracker::plain(this.config, this.route.system, *this.start);
+                            let tracker = if is_json_answer(&res) {
+                                let t = Tracker::json(this.config, this.route.system, *this.start);
+                                if let Some(outcome) = t.outcome() {
+                                    res.extensions_mut().insert(outcome.clone());
+                                }
+                                t
+                            } else {
+                                Tracker::plain(this.config, this.route.system, *this.start)
+                            };
                             return Poll::Ready(Ok(res.map(|b| StallBody::new(b, tracker))));
                         }
                         Poll::Ready(Ok(res)) => {

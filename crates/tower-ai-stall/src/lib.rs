@@ -39,7 +39,9 @@
 //! [`AiError::Provider`] (classified, status 200) after every byte before it; a missing
 //! terminal marker ends it with [`AiError::Truncated`]. How the stream ended, the finish
 //! reason and the usage are put in a [`StreamOutcome`] in the response's extensions, and a
-//! truncation by the token limit is also a `tracing` warning.
+//! truncation by the token limit is also a `tracing` warning. A non-streamed JSON answer
+//! gets the same: a [`StreamOutcome`] filled at its body's end with its finish reason and
+//! usage, and the same warning when the token limit cut it.
 //!
 //! Chunks pass through as the inner body yields them (zero copies; the scanner keeps only
 //! the bytes of an incomplete line). Responses that are not `text/event-stream`

@@ -67,8 +67,15 @@ impl StreamSummary {
     }
 }
 
-/// A handle on how a streamed (SSE) answer ended, put in the response's extensions by
-/// [`StallDetector`](crate::StallDetector) for every `text/event-stream` success.
+/// A handle on how an answer ended, put in the response's extensions by
+/// [`StallDetector`](crate::StallDetector) for every `text/event-stream` success, and for
+/// every non-streamed `application/json` success too: then it is read at the body's end
+/// for why the model stopped and the usage (`finish_reason: "length"`, `stop_reason:
+/// "max_tokens"`, `finishReason: "MAX_TOKENS"`, `incomplete_details.reason:
+/// "max_output_tokens"` make [`StreamSummary::truncated_by_model`] true and are warned
+/// about as for a stream), its `end` is `Complete` and `terminal_seen` true. A JSON answer
+/// larger than [`max_event`](crate::StallConfigBuilder::max_event) is not read (no finish
+/// reason); one in a single frame is read in place, one in several is copied first.
 ///
 /// It is a shared handle (`Arc<OnceLock<…>>`, cheap to clone): take it from the
 /// extensions before consuming the body, read it after. It is empty until the body ended
@@ -148,6 +155,24 @@ pub(crate) struct Tracker {
     system: Provider,
     /// Present for SSE success responses only.
     sse: Option<Box<Sse>>,
+    /// Present for JSON success responses only: the answer, read at its end for why the
+    /// model stopped.
+    json: Option<Box<Json>>,
+}
+
+/// A non-streamed JSON answer being read.
+#[derive(Debug)]
+struct Json {
+    outcome: StreamOutcome,
+    /// The body's one frame (the common case: no copy).
+    first: Option<Bytes>,
+    /// The body copied when it comes in several frames, up to the event bound.
+    copied: Vec<u8>,
+    /// The body outgrew the bound: not read.
+    over: bool,
+    max: usize,
+    /// The summary was recorded.
+    done: bool,
 }
 
 /// What a stream showed so far.
@@ -176,6 +201,23 @@ impl Tracker {
             start,
             bytes: 0,
             sse: None,
+            json: None,
+        }
+    }
+
+    /// A tracker for a JSON success response: the total deadline applies, and the answer
+    /// is read at its end for why the model stopped (see [`Tracker::on_json`]).
+    pub(crate) fn json(config: &StallConfig, system: Provider, start: Option<Instant>) -> Self {
+        Tracker {
+            json: Some(Box::new(Json {
+                outcome: StreamOutcome::new(),
+                first: None,
+                copied: Vec::new(),
+                over: false,
+                max: config.max_event(),
+                done: false,
+            })),
+            ..Tracker::plain(config, system, start)
         }
     }
 
@@ -202,6 +244,7 @@ impl Tracker {
                 held_frame: None,
                 held_error: None,
             })),
+            json: None,
         }
     }
 
@@ -221,9 +264,80 @@ impl Tracker {
         }
     }
 
-    /// The outcome handle, for an SSE response.
+    /// The outcome handle, for an SSE or a JSON success response.
     pub(crate) fn outcome(&self) -> Option<&StreamOutcome> {
-        self.sse.as_ref().map(|s| &s.outcome)
+        match (&self.sse, &self.json) {
+            (Some(s), _) => Some(&s.outcome),
+            (None, Some(j)) => Some(&j.outcome),
+            (None, None) => None,
+        }
+    }
+
+    /// Whether the body is a JSON answer being read.
+    pub(crate) fn reads_json(&self) -> bool {
+        self.json.is_some()
+    }
+
+    /// A data frame of a JSON answer: kept (the first as it is, more copied, up to the
+    /// bound) to be read at the end.
+    #[cold]
+    pub(crate) fn on_json(&mut self, data: &Bytes) {
+        let Some(j) = self.json.as_deref_mut() else {
+            return;
+        };
+        if j.over || j.done || data.is_empty() {
+            return;
+        }
+        if j.first.is_none() && j.copied.is_empty() {
+            j.first = Some(data.clone());
+            return;
+        }
+        let first = j.first.take();
+        let held = first.as_ref().map_or(0, |f| f.len()) + j.copied.len();
+        if held + data.len() > j.max {
+            j.over = true;
+            j.copied = Vec::new();
+            return;
+        }
+        if let Some(f) = first {
+            j.copied.extend_from_slice(&f);
+        }
+        j.copied.extend_from_slice(data);
+    }
+
+    /// A JSON answer ended: records why the model stopped and its usage, and warns of a
+    /// truncation by the token limit, as for a stream.
+    pub(crate) fn end_json(&mut self) {
+        let Some(j) = self.json.as_deref_mut() else {
+            return;
+        };
+        if j.done {
+            return;
+        }
+        j.done = true;
+        let body: &[u8] = match &j.first {
+            Some(f) => f,
+            None => &j.copied,
+        };
+        let (finish_reason, usage) = if j.over {
+            (None, None)
+        } else {
+            (FinishReason::of_answer(body), Usage::from_json(body))
+        };
+        let summary = StreamSummary {
+            end: StreamEnd::Complete,
+            finish_reason,
+            usage,
+            terminal_seen: true,
+            content_seen: true,
+            bytes_received: self.bytes,
+        };
+        j.first = None;
+        j.copied = Vec::new();
+        if summary.truncated_by_model() {
+            warn_truncated(self.system, &summary);
+        }
+        j.outcome.set(summary);
     }
 
     pub(crate) fn is_sse(&self) -> bool {
@@ -404,6 +518,9 @@ impl Tracker {
         if self.sse.is_some() {
             self.end_stream()
         } else {
+            if self.json.is_some() {
+                self.end_json();
+            }
             None
         }
     }
@@ -453,16 +570,21 @@ impl Tracker {
             bytes_received: self.bytes,
         };
         if summary.truncated_by_model() {
-            tracing::warn!(
-                gen_ai.system = self.system.as_str(),
-                gen_ai.response.finish_reasons = "length",
-                gen_ai.usage.input_tokens = summary.usage.map(|u| u.input_tokens),
-                gen_ai.usage.output_tokens = summary.usage.map(|u| u.output_tokens),
-                "answer truncated at the output-token limit"
-            );
+            warn_truncated(self.system, &summary);
         }
         sse.outcome.set(summary);
     }
+}
+
+/// The warning for an answer cut at the output-token limit, streamed or not.
+fn warn_truncated(system: Provider, summary: &StreamSummary) {
+    tracing::warn!(
+        gen_ai.system = system.as_str(),
+        gen_ai.response.finish_reasons = "length",
+        gen_ai.usage.input_tokens = summary.usage.map(|u| u.input_tokens),
+        gen_ai.usage.output_tokens = summary.usage.map(|u| u.output_tokens),
+        "answer truncated at the output-token limit"
+    );
 }
 
 /// The earlier of two deadlines; on a tie the first (the more specific phase).

@@ -515,9 +515,11 @@ async fn non_streamed_responses_get_only_the_total_deadline() {
     let (tx, body) = chan();
     play(tx, &steps);
     let res = call(config, unary(OPENAI), json(body)).await.unwrap();
-    assert!(res.extensions().get::<StreamOutcome>().is_none());
+    // A JSON answer's outcome says only why the model stopped (here it did not say).
+    let outcome = res.extensions().get::<StreamOutcome>().cloned().unwrap();
     let read = read_body(res.into_body()).await;
     assert!(read.error.is_none(), "{:?}", read.error);
+    assert_eq!(outcome.get().unwrap().finish_reason, None);
     assert_at(t0.elapsed(), 90 * S);
     assert_eq!(read.bytes(), sent(&steps));
 
@@ -822,6 +824,88 @@ async fn truncation_by_the_token_limit_is_reported_in_each_dialect() {
     )
     .await;
     assert!(!outcome.get().unwrap().truncated_by_model());
+}
+
+#[tokio::test(start_paused = true)]
+async fn truncation_of_a_non_streamed_json_answer_is_reported_like_a_stream() {
+    let log = tower_ai_sim::testing::TraceLog::default();
+    let _guard = log.install();
+    let cut = |s: &str| -> usize {
+        log.events()
+            .iter()
+            .filter(|e| {
+                e.level == tracing::Level::WARN
+                    && e.message() == Some("answer truncated at the output-token limit")
+                    && e.field("gen_ai.usage.output_tokens") == Some(s)
+            })
+            .count()
+    };
+    let gemini_unary =
+        "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent";
+    let cases: [(&str, &str, Option<FinishReason>, u64); 6] = [
+        (
+            OPENAI,
+            r#"{"id":"c1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"{\"finish_reason\":\"stop\""},"finish_reason":"length"}],"usage":{"prompt_tokens":14,"completion_tokens":31,"total_tokens":45}}"#,
+            Some(FinishReason::Length),
+            31,
+        ),
+        (
+            ANTHROPIC,
+            r#"{"id":"msg_1","type":"message","role":"assistant","content":[{"type":"text","text":"Hel"}],"model":"claude","stop_reason":"max_tokens","stop_sequence":null,"usage":{"input_tokens":25,"output_tokens":32}}"#,
+            Some(FinishReason::Length),
+            32,
+        ),
+        (
+            gemini_unary,
+            r#"{"candidates":[{"content":{"parts":[{"text":"Hel"}],"role":"model"},"finishReason":"MAX_TOKENS","index":0}],"usageMetadata":{"promptTokenCount":10,"candidatesTokenCount":33,"totalTokenCount":43}}"#,
+            Some(FinishReason::Length),
+            33,
+        ),
+        (
+            RESPONSES,
+            r#"{"id":"resp_1","object":"response","status":"incomplete","incomplete_details":{"reason":"max_output_tokens"},"output":[],"usage":{"input_tokens":5,"output_tokens":34,"total_tokens":39}}"#,
+            Some(FinishReason::Length),
+            34,
+        ),
+        // Natural stops: reported, not warned about.
+        (
+            OPENAI,
+            r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":35,"total_tokens":36}}"#,
+            Some(FinishReason::Stop),
+            35,
+        ),
+        (
+            RESPONSES,
+            r#"{"id":"resp_1","object":"response","status":"completed","incomplete_details":null,"output":[],"usage":{"input_tokens":5,"output_tokens":36,"total_tokens":41}}"#,
+            Some(FinishReason::Stop),
+            36,
+        ),
+    ];
+    for (uri, answer, finish, output) in cases {
+        // In one frame, and in two (the answer copied to be read at its end).
+        for split in [answer.len(), answer.len() / 2] {
+            let (a, b) = answer.split_at(split);
+            let steps = [Send(leak(a.to_owned())), Send(leak(b.to_owned()))];
+            let (tx, body) = chan();
+            play(tx, &steps);
+            let res = call(cfg(), unary(uri), json(body)).await.unwrap();
+            let outcome = res.extensions().get::<StreamOutcome>().cloned();
+            let outcome = outcome.expect("a JSON answer has an outcome in its extensions");
+            let read = read_body(res.into_body()).await;
+            assert!(read.error.is_none());
+            assert_eq!(read.bytes(), answer.as_bytes());
+            let s = outcome.get().expect("read at the body's end");
+            assert_eq!(s.finish_reason, finish, "{uri}: {answer}");
+            assert_eq!(s.usage.map(|u| u.output_tokens), Some(output));
+            assert_eq!(s.truncated_by_model(), finish == Some(FinishReason::Length));
+        }
+        let want = if finish == Some(FinishReason::Length) {
+            2
+        } else {
+            0
+        };
+        assert_eq!(cut(&output.to_string()), want, "{uri}: {:#?}", log.events());
+    }
 }
 
 // ---------------------------------------------------------------- body contract
