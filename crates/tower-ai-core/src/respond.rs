@@ -1051,6 +1051,20 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "axum")]
+    #[tokio::test(start_paused = true)]
+    async fn into_response_for_axum() {
+        use axum_core::response::IntoResponse as _;
+        let res = AiError::CircuitOpen {
+            key: "api.openai.com/gpt-4o".into(),
+            until: Instant::now() + Duration::from_secs(9),
+        }
+        .into_response();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()["retry-after"], "9");
+        assert_eq!(res.headers()["content-type"], "application/json");
+    }
+
     #[test]
     fn foreign_errors_do_not_repeat_their_text() {
         let err: crate::BoxError = "connect error: https://h.example/?key=AIzaSECRET".into();
