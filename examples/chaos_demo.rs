@@ -8,6 +8,11 @@
 //! paused clock: five minutes of provider time take a second or two. The table is
 //! computed, not typed in.
 //!
+//! Standard output holds only what the run computes: the table and the sentences that read
+//! it, exactly as README.md shows them (`.ci/check-figures.sh` compares the two in CI, and
+//! `.ci/check-figures.sh --update` rewrites the README's copy). Progress and wall-clock
+//! time go to standard error.
+//!
 //! Run with:
 //!
 //! ```text
@@ -28,7 +33,7 @@ async fn main() {
         ..StormConfig::default()
     };
     let wall = std::time::Instant::now();
-    println!(
+    eprintln!(
         "tower-ai chaos demo: {} requests over {} virtual seconds, seed {seed}",
         config.requests,
         (config.interval * config.requests).as_secs()
@@ -42,9 +47,11 @@ async fn main() {
     let s = Storm::new(config);
     reports.push(storm::run("tower-ai", &s, storm::tower_ai(&s), progress("tower-ai")).await);
 
-    println!();
+    eprintln!();
     print!("{}", storm::table(&reports));
-    println!("\n(wall-clock time: {:.2} s)", wall.elapsed().as_secs_f64());
+    println!();
+    print!("{}", storm::summary(&reports));
+    eprintln!("\n(wall-clock time: {:.2} s)", wall.elapsed().as_secs_f64());
 }
 
 fn progress(name: &'static str) -> impl FnMut(u64, u32, u32) {

@@ -18,7 +18,7 @@ use tower_ai::fallback::{rewrite_model, FallbackChain, Route};
 use tower_ai::prelude::*;
 use tower_ai_core::{try_clone_request, ClassifiedBody};
 use tower_ai_sim::SimBody;
-use tower_ai_sim::{Fault, Latency, ModelSpec, Scenario, Simulator, StreamFault};
+use tower_ai_sim::{Fault, Latency, ModelSpec, Scenario, Simulator, StreamFault, StreamFaultKind};
 
 /// The primary provider's main model.
 pub const PRIMARY_MODEL: &str = "gpt-4o";
@@ -206,6 +206,8 @@ pub struct Report {
     pub wasted: u64,
     /// Upstream streams that stalled (before or after their first token).
     pub stalled_upstream: u64,
+    /// Of those, the streams that stalled before their first byte (where a retry is safe).
+    pub stalled_before_first_byte: u64,
     /// Median latency of served requests.
     pub p50: Duration,
     /// 99th-percentile latency of served requests.
@@ -297,6 +299,10 @@ where
             .filter(|c| c.status != 200 || c.stream_fault.is_some())
             .count() as u64,
         stalled_upstream: calls.iter().filter(|c| c.stream_fault.is_some()).count() as u64,
+        stalled_before_first_byte: calls
+            .iter()
+            .filter(|c| c.stream_fault == Some(StreamFaultKind::StallBeforeFirstToken))
+            .count() as u64,
         p50: pct(0.50),
         p99: pct(0.99),
     }
@@ -343,6 +349,99 @@ pub fn table(reports: &[Report]) -> String {
         for r in reports {
             let _ = write!(out, " {:>16} |", f(r));
         }
+        out.push('\n');
+    }
+    out
+}
+
+/// What the demo's table shows, in words: the sentences under the table in the README,
+/// written from the reports of the `bare`, `naive retry` and `tower-ai` runs (empty if one
+/// is missing), so that they cannot disagree with the figures.
+pub fn summary(reports: &[Report]) -> String {
+    let by_name = |name: &str| reports.iter().find(|r| r.name == name);
+    let (Some(bare), Some(naive), Some(ai)) =
+        (by_name("bare"), by_name("naive retry"), by_name("tower-ai"))
+    else {
+        return String::new();
+    };
+    let n = |count: u64, one: &str, many: &str| {
+        if count == 1 {
+            format!("{count} {one}")
+        } else {
+            format!("{count} {many}")
+        }
+    };
+    let mut out = String::new();
+    if naive.served < bare.served {
+        out.push_str(&format!(
+            "The naive loop serves *fewer* requests than no retry at all ({} against {}): its \
+             retries spend the rate limit ({} 429s received), and it retries the quota errors \
+             that can never succeed. ",
+            naive.served, bare.served, naive.rate_limited
+        ));
+    } else {
+        out.push_str(&format!(
+            "The naive loop serves {} requests against the bare client's {}, for {:.2} calls \
+             per request. ",
+            naive.served,
+            bare.served,
+            naive.upstream_calls as f64 / f64::from(naive.offered.max(1))
+        ));
+    }
+    let before = ai.stalled_before_first_byte;
+    let after = ai.stalled_upstream - before;
+    let other_failures = u64::from(ai.failed - ai.stalls_caught);
+    out.push_str(&format!(
+        "Behind tower-ai, {} upstream: {} before the first byte, where a retry is safe, and {} \
+         after the first tokens, when no layer may send the request again behind the caller's \
+         back. The caller saw {} (instead of a silently truncated answer), {}, and {}. ",
+        n(ai.stalled_upstream, "stream stalled", "streams stalled"),
+        before,
+        after,
+        n(
+            u64::from(ai.stalls_caught),
+            "`AiError::Stalled`",
+            "`AiError::Stalled`s"
+        ),
+        n(other_failures, "other error", "other errors"),
+        n(u64::from(ai.timed_out), "timeout", "timeouts"),
+    ));
+    let secs = |d: Duration| format!("{:.1} s", d.as_secs_f64());
+    if ai.p99 > bare.p99 {
+        out.push_str(&format!(
+            "tower-ai's p99 ({}) is above the bare client's ({}): the requests a bare client \
+             fails fast are the ones tower-ai serves late, by waiting out rate limits and \
+             falling back.",
+            secs(ai.p99),
+            secs(bare.p99)
+        ));
+    } else {
+        out.push_str(&format!(
+            "tower-ai's p99 is {}, the bare client's {}.",
+            secs(ai.p99),
+            secs(bare.p99)
+        ));
+    }
+    wrap(&out, 90)
+}
+
+/// `text` as lines of at most `width` characters (a word longer than that stands alone).
+fn wrap(text: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            out.push_str(&line);
+            out.push('\n');
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        out.push_str(&line);
         out.push('\n');
     }
     out
