@@ -117,3 +117,37 @@ async fn a_cooldown_is_a_429_whose_retry_after_is_the_providers_wait() {
     tokio::time::advance(Duration::from_secs(7)).await;
     assert_eq!(svc.clone().oneshot(chat()).await.unwrap().status(), 200);
 }
+
+/// `respond::handle_error` fits axum's `HandleErrorLayer`: a stack's error becomes the
+/// OpenAI-shaped answer of the table, served by a real router.
+#[tokio::test(start_paused = true)]
+async fn handle_error_fits_axums_handle_error_layer() {
+    use axum::error_handling::HandleErrorLayer;
+    use axum::Router;
+    use tower::ServiceBuilder;
+
+    let failing = tower::service_fn(|_req: axum::extract::Request| async {
+        Err::<axum::response::Response, BoxError>(Box::new(AiError::Stalled {
+            phase: tower_ai::core::StallPhase::FirstByte,
+            after: Duration::from_secs(10),
+            bytes_received: 0,
+        }))
+    });
+    let app = Router::new().route_service(
+        "/v1/chat/completions",
+        ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(tower_ai::core::respond::handle_error))
+            .service(failing),
+    );
+    let req = Request::post("/v1/chat/completions")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 504);
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["code"], "stalled");
+}
