@@ -41,7 +41,8 @@
 //!
 //! With the simulator as upstream, a few model names are scripted for the tests:
 //! `quota-model` (429 `insufficient_quota`), `down-model` (503: served by the fallback
-//! model), `slow-model` (one token a second), `stall-model` (a stream that stops after
+//! model), `locked-model` (401: the upstream refuses the gateway's key, a 502 to the
+//! client), `slow-model` (one token a second), `stall-model` (a stream that stops after
 //! two tokens: cut after 2 s of silence).
 //!
 //! Then, for example: `curl -N localhost:3000/v1/chat/completions -H 'authorization: Bearer
@@ -283,6 +284,13 @@ fn forward(mut res: Response) -> Response {
             h.insert(MODEL_HEADER, v);
         }
     }
+    if matches!(res.status().as_u16(), 401 | 403 | 407) {
+        // The upstream refused the gateway's own credentials: not the client's to fix, and
+        // the provider's text may quote (part of) the gateway's key. A 502 of our own.
+        let reply = ErrorReply::from_classification(&Classification::of(&res));
+        tracing::warn!(status = res.status().as_u16(), "{}", reply.message);
+        return reply.to_response(ErrorDialect::OpenAi).into_response();
+    }
     if !res.status().is_success() && !res.headers().contains_key("x-should-retry") {
         // A quota error passed through: the SDK should not retry what no retry fixes.
         let c = Classification::of(&res);
@@ -370,6 +378,7 @@ fn simulator() -> Result<Simulator, BoxError> {
             )
             .quota_exhausted_for("quota-model")
             .fault(Fault::status(503).model("down-model"))
+            .fault(Fault::status(401).model("locked-model"))
             .stream_fault_for(
                 "stall-model",
                 StreamFault::StallAfterTokens {
@@ -565,6 +574,16 @@ async fn self_test(base: &str, client: Client<HttpConnector, AiBody>) -> Result<
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(error["error"]["code"], "insufficient_quota");
     assert_eq!(headers["x-should-retry"], "false");
+
+    // The upstream refuses the gateway's own key: a 502, without the provider's text.
+    let (status, _, bytes) = call(
+        "sk-alice",
+        json!({"model": "locked-model", "messages": messages}),
+    )
+    .await?;
+    let error: Value = serde_json::from_slice(&bytes)?;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(error["error"]["code"], "upstream_unauthorized");
 
     // Bob may have CLIENT_CONCURRENT requests in flight; slow streams hold their places.
     let slow = json!({"model": "slow-model", "stream": true, "messages": messages});

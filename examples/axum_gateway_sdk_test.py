@@ -150,6 +150,17 @@ def quota_and_fallback(base_url: str) -> None:
     else:
         raise AssertionError("insufficient_quota was answered by another model")
 
+    # The upstream refuses the gateway's own key: a 502 of the gateway's, not the
+    # provider's 401 (the client's key is fine) nor its text; not retried.
+    start = time.monotonic()
+    try:
+        client.chat.completions.create(model="locked-model", messages=MESSAGES)
+    except openai.InternalServerError as err:
+        assert err.status_code == 502 and err.code == "upstream_unauthorized", err.body
+        assert time.monotonic() - start < 2, "x-should-retry: false, so the SDK did not retry"
+    else:
+        raise AssertionError("the upstream's 401 was not reported")
+
     # (3) The primary model is down: the fallback model answers, and the header says so.
     raw = client.chat.completions.with_raw_response.create(model="down-model", messages=MESSAGES)
     completion = raw.parse()
