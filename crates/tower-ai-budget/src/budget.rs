@@ -360,7 +360,7 @@ pub(crate) struct Budget {
 
 #[derive(Debug, Default)]
 struct Keys {
-    map: KeyMap<KeyState>,
+    map: KeyMap<Box<KeyState>>,
     next_ticket: u64,
     /// Every key, in the order of the second it was last touched (its `last_secs`), oldest
     /// first: eviction looks only at the front, so it is amortised O(1). Kept lazily: an
@@ -374,10 +374,11 @@ struct Keys {
 
 #[derive(Debug)]
 struct KeyState {
-    rpm: Option<Window>,
-    tpm: Option<Window>,
-    hour: Option<Window>,
-    day: Option<Window>,
+    /// The windows the budget limits, in the order requests, tokens, spend per hour,
+    /// spend per day (those of `kinds`), out of line: an idle key's entry stays small.
+    windows: Box<[Window]>,
+    /// Which windows `windows` holds: bit [`RPM`], [`TPM`], [`HOUR_SPEND`], [`DAY_SPEND`].
+    kinds: u8,
     /// In-flight count, fast permits and the waiters flag.
     fast: Arc<KeyFast>,
     /// Fast permits granted since the last flush.
@@ -398,20 +399,38 @@ struct Ticket {
     waker: Option<Waker>,
 }
 
+/// Bits of [`KeyState::kinds`].
+const RPM: u8 = 0;
+const TPM: u8 = 1;
+const HOUR_SPEND: u8 = 2;
+const DAY_SPEND: u8 = 3;
+
 impl KeyState {
     fn new(l: &Limits, key: Key, budget: &Weak<Budget>, secs: u64) -> Self {
-        let w = |limit: Option<u64>, (slot, n): (u64, usize)| {
-            limit.map(|limit| {
-                let mut w = Window::new(limit, slot, n);
-                w.advance(secs);
-                w
-            })
-        };
+        let configured = [
+            (l.requests_per_minute, MINUTE),
+            (l.tokens_per_minute, MINUTE),
+            (l.spend_per_hour, HOUR),
+            (l.spend_per_day, DAY),
+        ];
+        let mut kinds = 0;
+        for (bit, (limit, _)) in configured.iter().enumerate() {
+            if limit.is_some() {
+                kinds |= 1 << bit;
+            }
+        }
         KeyState {
-            rpm: w(l.requests_per_minute, MINUTE),
-            tpm: w(l.tokens_per_minute, MINUTE),
-            hour: w(l.spend_per_hour, HOUR),
-            day: w(l.spend_per_day, DAY),
+            windows: configured
+                .into_iter()
+                .filter_map(|(limit, (slot, n))| {
+                    limit.map(|limit| {
+                        let mut w = Window::new(limit, slot, n);
+                        w.advance(secs);
+                        w
+                    })
+                })
+                .collect(),
+            kinds,
             fast: Arc::new(KeyFast {
                 word: AtomicU64::new(0),
                 solo: AtomicI64::new(0),
@@ -431,12 +450,36 @@ impl KeyState {
     }
 
     fn windows(&mut self) -> [(Option<&mut Window>, BudgetLimit); 4] {
+        let kinds = self.kinds;
+        let mut it = self.windows.iter_mut();
+        let mut next = |bit: u8| {
+            if kinds & (1 << bit) != 0 {
+                it.next()
+            } else {
+                None
+            }
+        };
         [
-            (self.rpm.as_mut(), BudgetLimit::RequestsPerMinute),
-            (self.tpm.as_mut(), BudgetLimit::TokensPerMinute),
-            (self.hour.as_mut(), BudgetLimit::SpendPerHour),
-            (self.day.as_mut(), BudgetLimit::SpendPerDay),
+            (next(RPM), BudgetLimit::RequestsPerMinute),
+            (next(TPM), BudgetLimit::TokensPerMinute),
+            (next(HOUR_SPEND), BudgetLimit::SpendPerHour),
+            (next(DAY_SPEND), BudgetLimit::SpendPerDay),
         ]
+    }
+
+    /// The position of window `bit` in `windows`, if the budget has it.
+    fn index(&self, bit: u8) -> Option<usize> {
+        (self.kinds & (1 << bit) != 0)
+            .then(|| (self.kinds & ((1 << bit) - 1)).count_ones() as usize)
+    }
+
+    fn window(&self, bit: u8) -> Option<&Window> {
+        self.windows.get(self.index(bit)?)
+    }
+
+    fn window_mut(&mut self, bit: u8) -> Option<&mut Window> {
+        let i = self.index(bit)?;
+        self.windows.get_mut(i)
     }
 
     /// Moves every window to `secs`.
@@ -462,7 +505,7 @@ impl KeyState {
         }
         let used = self.granted.saturating_sub(self.fast.take_permits());
         self.granted = 0;
-        if let Some(w) = self.rpm.as_mut() {
+        if let Some(w) = self.window_mut(RPM) {
             w.add(used);
         }
         used
@@ -474,7 +517,7 @@ impl KeyState {
         if !fast.enabled || !self.queue.is_empty() || self.granted != 0 {
             return;
         }
-        let n = match &self.rpm {
+        let n = match self.window(RPM) {
             Some(w) => fast.batch.min(fast.rpm_line.saturating_sub(w.used())),
             None => fast.batch,
         };
@@ -534,10 +577,7 @@ impl KeyState {
     /// Whether every window is empty (after [`advance`](Self::advance) and
     /// [`flush`](Self::flush)).
     fn is_empty(&self) -> bool {
-        [&self.rpm, &self.tpm, &self.hour, &self.day]
-            .into_iter()
-            .flatten()
-            .all(|w| w.used() == 0)
+        self.windows.iter().all(|w| w.used() == 0)
     }
 
     /// Records a touch at `secs` (in `touched`, once per second at most).
@@ -817,7 +857,7 @@ impl Budget {
 
     /// Wakes the head of `key`'s queue (a place in flight was given back).
     fn wake_head(&self, key: Key) {
-        let to_wake = self.lock().map.get_mut(&key).and_then(KeyState::head_waker);
+        let to_wake = self.lock().map.get_mut(&key).and_then(|st| st.head_waker());
         if let Some(w) = to_wake {
             w.wake();
         }
@@ -843,11 +883,12 @@ impl Budget {
                     r.price.cost(u.input_tokens, u.output_tokens).max(r.spend),
                 ),
             };
-            if let Some(w) = st.tpm.as_mut() {
-                w.correct(r.secs, r.tokens, tokens);
-            }
-            for w in [st.hour.as_mut(), st.day.as_mut()].into_iter().flatten() {
-                w.correct(r.secs, r.spend, spend);
+            for (w, limit) in st.windows() {
+                match (w, limit) {
+                    (None, _) | (_, BudgetLimit::RequestsPerMinute) => {}
+                    (Some(w), BudgetLimit::TokensPerMinute) => w.correct(r.secs, r.tokens, tokens),
+                    (Some(w), _) => w.correct(r.secs, r.spend, spend),
+                }
             }
             if r.concurrency {
                 st.fast.word.fetch_sub(1, Ordering::AcqRel);
@@ -871,10 +912,12 @@ impl Budget {
         st.touch(key, secs, &mut keys.touched);
         st.advance(secs);
         st.flush();
-        for (w, remaining) in [
-            (st.rpm.as_mut(), info.requests.remaining),
-            (st.tpm.as_mut(), info.tokens.remaining),
-        ] {
+        for (w, limit) in st.windows() {
+            let remaining = match limit {
+                BudgetLimit::RequestsPerMinute => info.requests.remaining,
+                BudgetLimit::TokensPerMinute => info.tokens.remaining,
+                _ => None,
+            };
             if let (Some(w), Some(remaining)) = (w, remaining) {
                 w.raise_to(w.limit().saturating_sub(remaining));
             }
@@ -892,17 +935,18 @@ impl Budget {
         use std::mem::size_of;
         let keys = self.lock();
         // hashbrown: one control byte per bucket besides the entry.
-        let table = keys.map.capacity() * (size_of::<(Key, KeyState)>() + 1);
+        let table = keys.map.capacity() * (size_of::<(Key, Box<KeyState>)>() + 1)
+            + keys.map.len() * size_of::<KeyState>();
         // An `Arc<KeyFast>`: two counts, then the value at its alignment.
         let fast = size_of::<KeyFast>() + std::mem::align_of::<KeyFast>().max(16);
         let per_key: usize = keys
             .map
             .values()
             .map(|st| {
-                let windows: usize = [&st.rpm, &st.tpm, &st.hour, &st.day]
-                    .into_iter()
-                    .flatten()
-                    .map(Window::heap_bytes)
+                let windows: usize = st
+                    .windows
+                    .iter()
+                    .map(|w| size_of::<Window>() + w.heap_bytes())
                     .sum();
                 windows
                     + fast
@@ -934,12 +978,11 @@ impl Budget {
             },
             waiting: st.queue.len(),
             requests: st
-                .rpm
-                .as_ref()
+                .window(RPM)
                 .map(|w| w.used().saturating_add(st.pending())),
-            tokens: st.tpm.as_ref().map(Window::used),
-            spend_hour: st.hour.as_ref().map(Window::used),
-            spend_day: st.day.as_ref().map(Window::used),
+            tokens: st.window(TPM).map(Window::used),
+            spend_hour: st.window(HOUR_SPEND).map(Window::used),
+            spend_day: st.window(DAY_SPEND).map(Window::used),
         })
     }
 }
@@ -1128,7 +1171,7 @@ fn decide(
 /// overflow key when the map is full and no key in it can be forgotten without loss.
 #[allow(clippy::too_many_arguments)]
 fn entry<'a>(
-    map: &'a mut KeyMap<KeyState>,
+    map: &'a mut KeyMap<Box<KeyState>>,
     touched: &mut VecDeque<(Key, u64)>,
     overflowed: &mut u64,
     key: Key,
@@ -1165,7 +1208,7 @@ fn entry<'a>(
     }
     let st = map.entry(key).or_insert_with(|| {
         touched.push_back((key, secs));
-        KeyState::new(l, key, budget, secs)
+        Box::new(KeyState::new(l, key, budget, secs))
     });
     (key, st)
 }
@@ -1178,7 +1221,7 @@ fn entry<'a>(
 /// update) is touched again and looked at a window later. Each entry is looked at once
 /// per window length, so eviction costs amortised O(1) per call, whatever the map holds.
 fn evict_expired(
-    map: &mut KeyMap<KeyState>,
+    map: &mut KeyMap<Box<KeyState>>,
     touched: &mut VecDeque<(Key, u64)>,
     secs: u64,
     horizon: u64,

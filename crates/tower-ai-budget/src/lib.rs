@@ -67,7 +67,7 @@
 //! its limit in *any* interval of its length, whatever the alignment (so it also holds a
 //! provider's fixed windows); it may refuse up to one slot (1/60 of a minute or an hour,
 //! 1/96 of a day) earlier than an exact sliding log. Memory per key is fixed by the limits
-//! configured (at most ~3.1 KB, plus about 60 bytes per request in flight with tokens or
+//! configured (at most ~2.5 KB, plus about 60 bytes per request in flight with tokens or
 //! money reserved; see [Keys](#keys)); all time is `tokio::time`.
 //!
 //! A budget with no token or money limit admits most requests without its lock or the
@@ -106,13 +106,15 @@
 //! filled the map. Eviction looks at the least recently touched keys only: amortised
 //! O(1) per call, however many keys are held.
 //!
-//! Memory: each key holds its windows (8 bytes a slot: 61 slots for each minute limit or
-//! the hourly cap, 97 for the daily cap), a 128-byte fast-path state (its own cache line),
-//! and its share of the map (about 310 bytes an entry, at the table's capacity) and of
-//! the eviction order. Measured per idle key at 10 000 keys: 666 bytes with a
-//! concurrency limit alone, 1 154 with requests per minute, 1 834 with requests and
-//! tokens per minute, 3 098 with both spend caps too (`tests/memory.rs`);
-//! [`TokenBudgetLayer::stats`] adds it up at run time.
+//! Memory: each key holds its windows (a slot per second of a minute limit, per minute of
+//! the hourly cap, per 15 minutes of the daily cap, 61 or 97 slots; 4 bytes a slot when
+//! the limit fits in 32 bits, else 8), a 128-byte fast-path state (its own cache line, so
+//! keys admitted on different threads do not contend), its entry (about 180 bytes) and
+//! its share of the map and of the eviction order. Measured per idle key at 10 000 keys
+//! (`tests/memory.rs`): 310 bytes with a concurrency limit alone, 610 with requests per
+//! minute, 1 102 with requests and tokens per minute, 2 478 with both spend caps too
+//! (whose limits in nano-units need 8-byte slots). [`TokenBudgetLayer::stats`] adds it up
+//! at run time.
 //!
 //! # Reserve, then reconcile
 //!

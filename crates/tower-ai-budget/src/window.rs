@@ -6,7 +6,10 @@
 //! in any interval of its length**, whatever the alignment (of a provider's fixed windows,
 //! say). The price is that a slot is forgotten up to one slot late: the window may refuse
 //! up to `1/n` of its length earlier than an exact sliding log would (1 s of a minute, 1 min
-//! of an hour, 15 min of a day). Memory is fixed: `n + 1` integers, whatever the traffic.
+//! of an hour, 15 min of a day). Memory is fixed: `n + 1` integers, whatever the traffic:
+//! 4 bytes each when the limit fits in 32 bits, else 8. A 4-byte slot saturates at
+//! `u32::MAX`, which is past the limit: a saturated slot still reads as full, and the
+//! total is always the sum of what the slots hold.
 //!
 //! Slot indices are absolute (`seconds since the budget's epoch / slot`), so a reservation
 //! remembers its slot and can be corrected later, while that slot is still in the window.
@@ -17,7 +20,7 @@ pub(crate) struct Window {
     limit: u64,
     /// Seconds per slot.
     slot_secs: u64,
-    slots: Box<[u64]>,
+    slots: Slots,
     /// Absolute index of the newest slot.
     head: u64,
     /// The sum of `slots`.
@@ -31,7 +34,11 @@ impl Window {
         Window {
             limit,
             slot_secs: slot_secs.max(1),
-            slots: vec![0; n + 1].into_boxed_slice(),
+            slots: if u32::try_from(limit).is_ok() {
+                Slots::Narrow(vec![0; n + 1].into_boxed_slice())
+            } else {
+                Slots::Wide(vec![0; n + 1].into_boxed_slice())
+            },
             head: 0,
             total: 0,
         }
@@ -39,7 +46,10 @@ impl Window {
 
     /// The bytes its slots take on the heap.
     pub(crate) fn heap_bytes(&self) -> usize {
-        std::mem::size_of_val(&*self.slots)
+        match &self.slots {
+            Slots::Narrow(s) => std::mem::size_of_val(&**s),
+            Slots::Wide(s) => std::mem::size_of_val(&**s),
+        }
     }
 
     pub(crate) fn limit(&self) -> u64 {
@@ -64,13 +74,12 @@ impl Window {
         }
         let len = self.slots.len() as u64;
         if idx - self.head >= len {
-            self.slots.iter_mut().for_each(|s| *s = 0);
+            self.slots.clear();
             self.total = 0;
         } else {
             for i in self.head + 1..=idx {
-                let s = &mut self.slots[(i % len) as usize];
-                self.total = self.total.saturating_sub(*s);
-                *s = 0;
+                let old = self.slots.set((i % len) as usize, 0);
+                self.total = self.total.saturating_sub(old);
             }
         }
         self.head = idx;
@@ -89,9 +98,13 @@ impl Window {
     /// Adds `cost` to the current slot.
     pub(crate) fn add(&mut self, cost: u64) {
         let len = self.slots.len() as u64;
-        let s = &mut self.slots[(self.head % len) as usize];
-        *s = s.saturating_add(cost);
-        self.total = self.total.saturating_add(cost);
+        let i = (self.head % len) as usize;
+        let old = self.slots.get(i);
+        self.slots.set(i, old.saturating_add(cost));
+        self.total = self
+            .total
+            .saturating_sub(old)
+            .saturating_add(self.slots.get(i));
     }
 
     /// Replaces `reserved` with `actual` in the slot of `secs`, if that slot is still in
@@ -102,11 +115,14 @@ impl Window {
         if idx > self.head || self.head - idx >= len {
             return;
         }
-        let s = &mut self.slots[(idx % len) as usize];
-        let old = *s;
-        let new = old.saturating_sub(reserved).saturating_add(actual);
-        *s = new;
-        self.total = self.total.saturating_sub(old).saturating_add(new);
+        let i = (idx % len) as usize;
+        let old = self.slots.get(i);
+        self.slots
+            .set(i, old.saturating_sub(reserved).saturating_add(actual));
+        self.total = self
+            .total
+            .saturating_sub(old)
+            .saturating_add(self.slots.get(i));
     }
 
     /// Raises what the current slot holds so the window holds at least `used` (a
@@ -131,13 +147,53 @@ impl Window {
         // Oldest slot first: slot `i` leaves the window when the head reaches `i + len`.
         let oldest = self.head.saturating_sub(len - 1);
         for i in oldest..=self.head {
-            total = total.saturating_sub(self.slots[(i % len) as usize]);
+            total = total.saturating_sub(self.slots.get((i % len) as usize));
             if total.saturating_add(cost) <= self.limit {
                 return Some((i + len).saturating_mul(self.slot_secs));
             }
         }
         // Every slot has left by then.
         Some((self.head + len).saturating_mul(self.slot_secs))
+    }
+}
+
+/// The slots of a window: 4 bytes each when its limit fits in 32 bits.
+#[derive(Debug, Clone)]
+enum Slots {
+    Narrow(Box<[u32]>),
+    Wide(Box<[u64]>),
+}
+
+impl Slots {
+    fn len(&self) -> usize {
+        match self {
+            Slots::Narrow(s) => s.len(),
+            Slots::Wide(s) => s.len(),
+        }
+    }
+
+    fn get(&self, i: usize) -> u64 {
+        match self {
+            Slots::Narrow(s) => s.get(i).map_or(0, |v| u64::from(*v)),
+            Slots::Wide(s) => s.get(i).copied().unwrap_or(0),
+        }
+    }
+
+    /// Stores `v` (saturated to the slot's width) in slot `i`; returns what it held.
+    fn set(&mut self, i: usize, v: u64) -> u64 {
+        match self {
+            Slots::Narrow(s) => s.get_mut(i).map_or(0, |s| {
+                u64::from(std::mem::replace(s, u32::try_from(v).unwrap_or(u32::MAX)))
+            }),
+            Slots::Wide(s) => s.get_mut(i).map_or(0, |s| std::mem::replace(s, v)),
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            Slots::Narrow(s) => s.fill(0),
+            Slots::Wide(s) => s.fill(0),
+        }
     }
 }
 
@@ -208,9 +264,35 @@ mod tests {
         w.correct(500, 1, 0); // a future slot: ignored
         assert_eq!(w.used(), 10);
         w.add(u64::MAX);
-        assert_eq!(w.used(), u64::MAX, "saturates");
+        // A 4-byte slot saturates at u32::MAX: past the limit all the same.
+        let full = u64::from(u32::MAX) + 10;
+        assert_eq!(w.used(), full, "saturates");
         w.raise_to(5);
-        assert_eq!(w.used(), u64::MAX);
+        assert_eq!(w.used(), full);
+        let mut wide = Window::new(u64::MAX, 1, 60);
+        wide.add(u64::MAX);
+        wide.add(1);
+        assert_eq!(wide.used(), u64::MAX, "saturates");
+    }
+
+    #[test]
+    fn narrow_slots_saturate_past_the_limit_and_stay_full() {
+        let mut w = Window::new(10, 1, 60);
+        assert_eq!(w.heap_bytes(), 61 * 4);
+        w.advance(1);
+        w.add(u64::MAX);
+        assert_eq!(w.used(), u64::from(u32::MAX));
+        assert!(!w.fits(1));
+        w.correct(1, 5, 0);
+        assert!(!w.fits(1), "still past the limit");
+        w.add(3);
+        w.advance(70);
+        assert_eq!(w.used(), 0);
+        assert!(w.fits(10));
+        assert_eq!(
+            Window::new(u64::from(u32::MAX) + 1, 1, 60).heap_bytes(),
+            61 * 8
+        );
     }
 
     #[test]

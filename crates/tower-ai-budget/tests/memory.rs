@@ -113,7 +113,7 @@ async fn memory_per_idle_key() {
             "{name}: stats() says {reported}, the allocator {measured}"
         );
         // Regression bound: windows (8 bytes a slot) + fast state + map and order.
-        assert!(measured <= 3200, "{name}: {measured} bytes per key");
+        assert!(measured <= 2600, "{name}: {measured} bytes per key");
     }
 }
 
