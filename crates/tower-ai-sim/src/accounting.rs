@@ -63,6 +63,10 @@ pub enum StreamFaultKind {
     StallAfterTokens(u32),
     /// Ended with an error event after this many content events.
     ErrorEventAfterTokens(u32),
+    /// Ended cleanly, without the terminal marker, after this many content events.
+    CutAfterTokens(u32),
+    /// Failed (a reset connection) after this many content events.
+    ResetAfterTokens(u32),
 }
 
 /// One request the simulator received.

@@ -223,6 +223,14 @@ impl Inner {
                         k.min(a.completion_tokens),
                         Some(StreamFaultKind::ErrorEventAfterTokens(k)),
                     ),
+                    StreamEnd::CutAfter(k) => (
+                        k.min(a.completion_tokens),
+                        Some(StreamFaultKind::CutAfterTokens(k)),
+                    ),
+                    StreamEnd::ResetAfter(k) => (
+                        k.min(a.completion_tokens),
+                        Some(StreamFaultKind::ResetAfterTokens(k)),
+                    ),
                 };
                 (200, sent, a.truncated, fault, *stream)
             }
@@ -329,6 +337,10 @@ impl Inner {
                 }
                 if matches!(end, StreamEnd::StallBeforeFirst | StreamEnd::StallAfter(_)) {
                     steps.push_back(Step::Stall(sc.stall_duration));
+                }
+                if let StreamEnd::ResetAfter(_) = end {
+                    // A failure at once: over HTTP, a connection cut mid-body.
+                    steps.push_back(Step::Stall(Duration::ZERO));
                 }
                 let ct = match d.dialect {
                     Dialect::Gemini if !answer.gemini_sse => "application/json; charset=UTF-8",
@@ -589,6 +601,10 @@ impl State {
                         }
                         StreamFault::ErrorEventAfterTokens { tokens, .. } => {
                             StreamEnd::ErrorAfter(tokens)
+                        }
+                        StreamFault::CutAfterTokens { tokens, .. } => StreamEnd::CutAfter(tokens),
+                        StreamFault::ResetAfterTokens { tokens, .. } => {
+                            StreamEnd::ResetAfter(tokens)
                         }
                     };
                     break;

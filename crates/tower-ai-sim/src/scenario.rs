@@ -292,6 +292,25 @@ pub enum StreamFault {
         /// Chance in `[0, 1]` that a stream gets this fault.
         probability: f64,
     },
+    /// The stream's preamble and `tokens` content events are sent, then the body ends
+    /// cleanly without the dialect's terminal marker (no `[DONE]`, no `message_stop`, no
+    /// `response.completed`, no Gemini `finishReason`): a proxy or a load balancer closing
+    /// the connection mid-answer. Over HTTP the chunked body is terminated properly.
+    CutAfterTokens {
+        /// Content events sent before the end.
+        tokens: u32,
+        /// Chance in `[0, 1]` that a stream gets this fault.
+        probability: f64,
+    },
+    /// The stream's preamble and `tokens` content events are sent, then the body fails
+    /// at once with a [`SimBodyError`](crate::SimBodyError) (over HTTP: the connection is
+    /// reset, without a terminating chunk).
+    ResetAfterTokens {
+        /// Content events sent before the reset.
+        tokens: u32,
+        /// Chance in `[0, 1]` that a stream gets this fault.
+        probability: f64,
+    },
 }
 
 impl StreamFault {
@@ -299,7 +318,9 @@ impl StreamFault {
         match *self {
             StreamFault::StallBeforeFirstToken { probability }
             | StreamFault::StallAfterTokens { probability, .. }
-            | StreamFault::ErrorEventAfterTokens { probability, .. } => probability,
+            | StreamFault::ErrorEventAfterTokens { probability, .. }
+            | StreamFault::CutAfterTokens { probability, .. }
+            | StreamFault::ResetAfterTokens { probability, .. } => probability,
         }
     }
 }
@@ -462,7 +483,9 @@ impl Scenario {
     ///     "outages": [{"model": "model-a", "from": "0s", "until": "60s"}],
     ///     "latency": {"min": "100ms", "max": "300ms"},
     ///     "token_interval": 20,
-    ///     "stream_faults": [{"kind": "stall_after_tokens", "tokens": 3, "probability": 0.5}]
+    ///     "stream_faults": [{"kind": "stall_after_tokens", "tokens": 3, "probability": 0.5},
+    ///                       {"kind": "cut_after_tokens", "tokens": 2, "probability": 0.1},
+    ///                       {"kind": "reset_after_tokens", "tokens": 2, "probability": 0.1}]
     /// }"#)?;
     /// # let _ = scenario;
     /// # Ok::<(), tower_ai_sim::ScenarioError>(())

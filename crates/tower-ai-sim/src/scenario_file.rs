@@ -109,6 +109,8 @@ enum StreamFaultKind {
     StallBeforeFirstToken,
     StallAfterTokens,
     ErrorEventAfterTokens,
+    CutAfterTokens,
+    ResetAfterTokens,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -207,6 +209,14 @@ impl ScenarioFile {
                     probability,
                 },
                 StreamFaultKind::ErrorEventAfterTokens => StreamFault::ErrorEventAfterTokens {
+                    tokens: f.tokens,
+                    probability,
+                },
+                StreamFaultKind::CutAfterTokens => StreamFault::CutAfterTokens {
+                    tokens: f.tokens,
+                    probability,
+                },
+                StreamFaultKind::ResetAfterTokens => StreamFault::ResetAfterTokens {
                     tokens: f.tokens,
                     probability,
                 },

@@ -81,16 +81,9 @@ impl<B> StallBody<B> {
         }
     }
 
-    /// A body whose first frame (`None`: its end) the response future read ahead.
-    pub(crate) fn read_ahead(
-        body: Pin<Box<B>>,
-        mut tracker: Tracker,
-        first: Option<Frame<Bytes>>,
-        done: bool,
-    ) -> Self {
-        if let Some(frame) = first {
-            tracker.hold_frame(frame);
-        }
+    /// A body whose first frames the response future read ahead (held in `tracker`;
+    /// `done`: the inner body ended too).
+    pub(crate) fn read_ahead(body: Pin<Box<B>>, tracker: Tracker, done: bool) -> Self {
         StallBody {
             inner: Inner::Boxed { body },
             sleep: None,
@@ -134,9 +127,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        if *this.done {
-            return Poll::Ready(None);
-        }
+        // Frames read ahead come first, also when the inner body ended behind them.
         match this.tracker.take_held() {
             None => {}
             Some(Held::Frame(frame)) => return Poll::Ready(Some(Ok(frame))),
@@ -144,6 +135,9 @@ where
                 *this.done = true;
                 return Poll::Ready(Some(Err(err)));
             }
+        }
+        if *this.done {
+            return Poll::Ready(None);
         }
         // A JSON answer is read at its end, which a caller may take from the inner body's
         // `is_end_stream` after its last frame without polling again.
@@ -231,7 +225,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         if self.done {
-            return true;
+            return self.tracker.held().is_none();
         }
         if self.tracker.is_sse() {
             // A stream's end is judged (terminal marker, last event) when it is seen.
@@ -245,7 +239,7 @@ where
 
     fn size_hint(&self) -> SizeHint {
         if self.done {
-            return SizeHint::with_exact(0);
+            return SizeHint::with_exact(self.tracker.held().unwrap_or(0));
         }
         let mut hint = match &self.inner {
             Inner::Inline { body } => body.size_hint(),

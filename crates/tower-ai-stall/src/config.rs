@@ -66,6 +66,14 @@ use crate::layer::StallDetectorLayer;
 ///   stream before handing the response on, so a stall (or a cut connection) before any
 ///   byte is a retryable error of the call, which AiRetry and ModelFallback can act on.
 ///
+/// - **`await_first_content` off.** Holding the response until the first content event
+///   makes a first-token stall retryable, but hides the head and the stream's start from
+///   the caller for up to the first-content deadline and makes a retry pay for the prompt
+///   again after a long wait: see
+///   [`await_first_content`](StallConfigBuilder::await_first_content).
+/// - **`max_event` 4 MiB.** The largest event read whole; see
+///   [`max_event`](StallConfigBuilder::max_event).
+///
 /// ```
 /// use std::time::Duration;
 /// use tower_ai_stall::StallConfig;
@@ -94,6 +102,9 @@ pub struct StallConfig {
     pub(crate) await_first_byte: bool,
     /// The largest SSE event read whole, in bytes (a `u32`: a body carries a copy).
     max_event: u32,
+    pub(crate) await_first_content: bool,
+    /// The most preamble bytes held while awaiting the first content.
+    max_preamble: u32,
 }
 
 /// A deadline in nanoseconds, `None` when off.
@@ -124,6 +135,10 @@ pub const DEFAULT_IDLE: Duration = Duration::from_secs(60);
 /// The default total deadline.
 pub const DEFAULT_TOTAL: Duration = Duration::from_secs(20 * 60);
 
+/// The default bound on the preamble held by
+/// [`await_first_content`](StallConfigBuilder::await_first_content): 64 KiB.
+pub const DEFAULT_MAX_PREAMBLE: u32 = 64 * 1024;
+
 const DEFAULT_MAX_EVENT_U32: u32 = tower_ai_core::sse::DEFAULT_MAX_EVENT as u32;
 
 impl Default for StallConfig {
@@ -140,6 +155,8 @@ impl Default for StallConfig {
             require_terminal: true,
             await_first_byte: true,
             max_event: DEFAULT_MAX_EVENT_U32,
+            await_first_content: false,
+            max_preamble: DEFAULT_MAX_PREAMBLE,
         }
     }
 }
@@ -214,6 +231,14 @@ impl StallConfig {
     /// The largest SSE event read whole, in bytes.
     pub fn max_event(&self) -> usize {
         self.max_event as usize
+    }
+    /// Whether the response future holds an SSE response until its first content event.
+    pub fn await_first_content(&self) -> bool {
+        self.await_first_content
+    }
+    /// The most preamble bytes held while awaiting the first content.
+    pub fn max_preamble(&self) -> usize {
+        self.max_preamble as usize
     }
 
     /// The deadline before the response head of a (`streamed` or not) request, from the
@@ -348,6 +373,35 @@ impl StallConfigBuilder {
     /// the call, which retry and fallback layers can act on.
     pub fn await_first_byte(mut self, yes: bool) -> Self {
         self.config.await_first_byte = yes;
+        self
+    }
+
+    /// Whether the response future holds an SSE response until its first *content* event
+    /// (default `false`), instead of handing it on at its first byte. The events before
+    /// it (OpenAI's role chunk, Anthropic's `message_start` and `ping`s, Responses'
+    /// `response.created`) are held, up to [`max_preamble`](Self::max_preamble) bytes,
+    /// and delivered first, unchanged, when content comes. A first-content stall, a cut
+    /// connection, a missing terminal marker or an in-stream error before any content
+    /// then is an error *of the call* (nothing reached the caller): AiRetry retries it,
+    /// ModelFallback moves on, and the circuit breaker counts it. A preamble that
+    /// outgrows the bound is handed on as it is (the body then ends with the error as
+    /// before).
+    ///
+    /// Off by default, because it hides from the caller, for up to the first-content
+    /// deadline (300 s by default, sized for silent reasoning), the response head (its
+    /// request id and rate-limit headers) and the stream's start, which streaming UIs show
+    /// as "connected"; and because a retry after a long silent wait sends the prompt, and
+    /// pays for it, again. Turn it on together with a first-content deadline sized for the
+    /// model when a stalled first token should be retried or failed over.
+    pub fn await_first_content(mut self, yes: bool) -> Self {
+        self.config.await_first_content = yes;
+        self
+    }
+    /// The most preamble bytes held by [`await_first_content`](Self::await_first_content)
+    /// (default [`DEFAULT_MAX_PREAMBLE`], 64 KiB; at most 4 GiB − 1). A normal preamble is
+    /// well under 2 KiB; keep-alive comments count too.
+    pub fn max_preamble(mut self, bytes: usize) -> Self {
+        self.config.max_preamble = u32::try_from(bytes).unwrap_or(u32::MAX);
         self
     }
 

@@ -226,7 +226,12 @@ where
                                     return Poll::Ready(Err(Box::new(err)));
                                 }
                             }
-                            Some(frame)
+                            t.hold_frame(frame);
+                            if t.wants_more_preamble() {
+                                // Awaiting the first content: the preamble is held.
+                                continue;
+                            }
+                            Some(())
                         }
                         Poll::Ready(Some(Err(err))) => {
                             t.on_body_error();
@@ -264,7 +269,7 @@ where
                         panic!("ResponseFuture polled after completion");
                     };
                     this.state.set(State::Done);
-                    let body = StallBody::read_ahead(b, t, end, done);
+                    let body = StallBody::read_ahead(b, t, done);
                     return Poll::Ready(Ok(Response::from_parts(parts, body)));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),

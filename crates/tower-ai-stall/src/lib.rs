@@ -23,7 +23,11 @@
 //! - **before the first byte** of a `text/event-stream` success (first byte, total): by
 //!   default the future waits for the first byte, so a stall here, a connection cut
 //!   before any byte, or an error event in the very first chunk is also an error *of the
-//!   call* — nothing reached the caller, so it is safe to retry;
+//!   call* — nothing reached the caller, so it is safe to retry; with
+//!   [`await_first_content`](StallConfigBuilder::await_first_content) (off by default) the
+//!   future holds the response until the first *content* event, buffering the preamble
+//!   (bounded), so that a first-token stall after OpenAI's role chunk or Anthropic's
+//!   `message_start` is a retryable error of the call too;
 //! - **in the body** (first content, idle, total): the body ends with an
 //!   [`AiError::Stalled`] error frame carrying the phase, the deadline and the bytes
 //!   received — never a clean EOF, so half an answer cannot pass for a whole one.
@@ -135,7 +139,7 @@ mod stall;
 pub use body::StallBody;
 pub use config::{
     StallConfig, StallConfigBuilder, StallConfigError, DEFAULT_FIRST_BYTE, DEFAULT_FIRST_CONTENT,
-    DEFAULT_HEAD, DEFAULT_IDLE, DEFAULT_TOTAL,
+    DEFAULT_HEAD, DEFAULT_IDLE, DEFAULT_MAX_PREAMBLE, DEFAULT_TOTAL,
 };
 pub use layer::StallDetectorLayer;
 pub use service::StallDetector;

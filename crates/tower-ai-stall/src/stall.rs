@@ -188,7 +188,9 @@ struct Sse {
     /// next time the body waits (reading the clock once per wait, not once per chunk).
     progressed: bool,
     /// A frame or an error the body delivers on its next poll.
-    held_frame: Option<Frame<Bytes>>,
+    held_frames: std::collections::VecDeque<Frame<Bytes>>,
+    /// The data bytes of `held_frames`.
+    held_bytes: u64,
     held_error: Option<BoxError>,
 }
 
@@ -241,7 +243,8 @@ impl Tracker {
                 head_at,
                 last_progress: head_at,
                 progressed: false,
-                held_frame: None,
+                held_frames: std::collections::VecDeque::new(),
+                held_bytes: 0,
                 held_error: None,
             })),
             json: None,
@@ -351,8 +354,23 @@ impl Tracker {
     /// Holds `frame` (read ahead by the response future) for the body's first poll.
     pub(crate) fn hold_frame(&mut self, frame: Frame<Bytes>) {
         if let Some(sse) = self.sse.as_deref_mut() {
-            sse.held_frame = Some(frame);
+            sse.held_bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+            sse.held_frames.push_back(frame);
         }
+    }
+
+    /// Whether the response future should keep reading ahead before handing the response
+    /// on: [`await_first_content`](crate::StallConfigBuilder::await_first_content) is on,
+    /// no content and no terminal marker came yet, and the preamble held is within its
+    /// bound.
+    pub(crate) fn wants_more_preamble(&self) -> bool {
+        let Some(sse) = self.sse.as_deref() else {
+            return false;
+        };
+        sse.config.await_first_content
+            && !sse.scanner.content_seen()
+            && !sse.scanner.terminal_seen()
+            && sse.held_bytes < sse.config.max_preamble() as u64
     }
 
     /// Holds `err` (found in the frame just delivered) for the body's next poll.
@@ -366,7 +384,8 @@ impl Tracker {
     #[inline]
     pub(crate) fn take_held(&mut self) -> Option<Held> {
         let sse = self.sse.as_deref_mut()?;
-        if let Some(frame) = sse.held_frame.take() {
+        if let Some(frame) = sse.held_frames.pop_front() {
+            sse.held_bytes -= frame.data_ref().map_or(0, |d| d.len() as u64);
             return Some(Held::Frame(frame));
         }
         sse.held_error.take().map(Held::Error)
@@ -375,9 +394,10 @@ impl Tracker {
     /// Whether the body holds something back, and the data bytes of a held frame.
     pub(crate) fn held(&self) -> Option<u64> {
         let sse = self.sse.as_deref()?;
-        match &sse.held_frame {
-            Some(f) => Some(f.data_ref().map_or(0, |d| d.len() as u64)),
-            None => sse.held_error.is_some().then_some(0),
+        if sse.held_frames.is_empty() {
+            sse.held_error.is_some().then_some(0)
+        } else {
+            Some(sse.held_bytes)
         }
     }
 

@@ -456,3 +456,300 @@ async fn loopback_clean_stream_passes_through() {
     }
     server.shutdown().await;
 }
+
+// ---------------------------------------------------------------- cut streams, first content
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_cut_without_its_terminal_marker_is_truncated_in_each_dialect() {
+    // The simulator ends the body cleanly after two tokens: no `[DONE]`, no
+    // `message_stop`, no Gemini `finishReason`.
+    for dialect in DIALECTS {
+        let sim = Simulator::new(
+            scenario()
+                .stream_fault(StreamFault::CutAfterTokens {
+                    tokens: 2,
+                    probability: 1.0,
+                })
+                .build()
+                .unwrap(),
+        );
+        let svc = ServiceBuilder::new()
+            .layer(StallDetectorLayer::new())
+            .layer(ClassifyLayer::new())
+            .service(sim.service());
+        let res = svc.oneshot(request("", dialect, 100)).await.unwrap();
+        let outcome = res.extensions().get::<StreamOutcome>().cloned().unwrap();
+        let read = read_body(res.into_body()).await;
+        assert!(
+            matches!(read.ai_error(), AiError::Truncated { .. }),
+            "{dialect:?}: {:?}",
+            read.error
+        );
+        let s = outcome.get().unwrap();
+        assert_eq!(s.end, StreamEnd::Truncated, "{dialect:?}");
+        assert!(s.content_seen && !s.terminal_seen && !s.is_complete());
+        assert_eq!(
+            sim.calls()[0].stream_fault,
+            Some(StreamFaultKind::CutAfterTokens(2))
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reset_mid_stream_is_a_body_error_in_each_dialect() {
+    for dialect in DIALECTS {
+        let sim = Simulator::new(
+            scenario()
+                .stream_fault(StreamFault::ResetAfterTokens {
+                    tokens: 2,
+                    probability: 1.0,
+                })
+                .build()
+                .unwrap(),
+        );
+        let svc = ServiceBuilder::new()
+            .layer(StallDetectorLayer::new())
+            .layer(ClassifyLayer::new())
+            .service(sim.service());
+        let res = svc.oneshot(request("", dialect, 100)).await.unwrap();
+        let outcome = res.extensions().get::<StreamOutcome>().cloned().unwrap();
+        let read = read_body(res.into_body()).await;
+        assert!(read.error.is_some(), "{dialect:?}");
+        assert_eq!(
+            outcome.get().unwrap().end,
+            StreamEnd::BodyError,
+            "{dialect:?}"
+        );
+    }
+}
+
+/// A StallDetector holding the response until the first content, under AiRetry.
+fn first_content_stack(
+    sim: &Simulator,
+    hold: bool,
+) -> impl tower::Service<
+    Request<AiBody>,
+    Response = Response<impl Body<Data = Bytes, Error = BoxError>>,
+    Error = BoxError,
+> {
+    ServiceBuilder::new()
+        .layer(
+            AiRetryLayer::builder()
+                .max_attempts(8)
+                .seed(1)
+                .build()
+                .unwrap(),
+        )
+        .layer(
+            StallDetectorLayer::builder()
+                .first_byte(Duration::from_secs(5))
+                .first_content(Duration::from_secs(5))
+                .await_first_content(hold)
+                .build()
+                .unwrap(),
+        )
+        .layer(ClassifyLayer::new())
+        .service(sim.service())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_first_token_stall_after_the_role_chunk_is_retried_when_the_head_is_held() {
+    // Half of the streams send their preamble (OpenAI's role chunk, Anthropic's
+    // message_start and ping, Gemini has none) and then nothing. Seeded: take the first
+    // seed whose first stream stalls.
+    for seed in 0..16 {
+        for dialect in [Dialect::OpenAi, Dialect::Anthropic] {
+            let build = || {
+                Simulator::new(
+                    scenario()
+                        .seed(seed)
+                        .stream_fault(StreamFault::StallAfterTokens {
+                            tokens: 0,
+                            probability: 0.5,
+                        })
+                        .build()
+                        .unwrap(),
+                )
+            };
+            let sim = build();
+            let t0 = Instant::now();
+            let res = first_content_stack(&sim, true)
+                .oneshot(request("", dialect, 100))
+                .await
+                .unwrap();
+            let outcome = res.extensions().get::<StreamOutcome>().cloned().unwrap();
+            let read = read_body(res.into_body()).await;
+            assert!(read.error.is_none(), "{dialect:?}: {:?}", read.error);
+            let s = outcome.get().unwrap();
+            assert!(s.is_complete() && s.terminal_seen, "{dialect:?}: {s:?}");
+            let calls = sim.calls();
+            let (last, stalled) = calls.split_last().unwrap();
+            assert_eq!(last.stream_fault, None);
+            if stalled.is_empty() {
+                continue;
+            }
+            assert!(stalled
+                .iter()
+                .all(|c| c.stream_fault == Some(StreamFaultKind::StallAfterTokens(0))));
+            // Each stalled attempt cost the first-content deadline.
+            assert!(t0.elapsed() >= Duration::from_secs(5) * stalled.len() as u32);
+            // The caller got one whole answer: no preamble of a stalled attempt in it.
+            let text = String::from_utf8(read.bytes()).unwrap();
+            let starts = match dialect {
+                Dialect::Anthropic => text.matches("event: message_start").count(),
+                _ => text.matches("\"role\":\"assistant\"").count(),
+            };
+            assert_eq!(starts, 1, "{dialect:?}: {text}");
+
+            // Without holding the head, the same first stream reaches the caller and its
+            // stall ends the body after the preamble: no retry.
+            let sim = build();
+            let res = first_content_stack(&sim, false)
+                .oneshot(request("", dialect, 100))
+                .await
+                .unwrap();
+            let read = read_body(res.into_body()).await;
+            assert_eq!(read.stall().0, StallPhase::FirstContent);
+            assert_eq!(sim.calls().len(), 1);
+            return;
+        }
+    }
+    panic!("no seed made the first stream stall");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_preamble_is_bounded() {
+    // A preamble larger than the bound is handed on as it is: the stall then ends the
+    // body, as without the option.
+    let sim = Simulator::new(
+        scenario()
+            .stream_fault(StreamFault::StallAfterTokens {
+                tokens: 0,
+                probability: 1.0,
+            })
+            .build()
+            .unwrap(),
+    );
+    let svc = ServiceBuilder::new()
+        .layer(
+            StallDetectorLayer::builder()
+                .first_byte(Duration::from_secs(5))
+                .first_content(Duration::from_secs(5))
+                .await_first_content(true)
+                .max_preamble(16)
+                .build()
+                .unwrap(),
+        )
+        .layer(ClassifyLayer::new())
+        .service(sim.service());
+    let res = svc
+        .oneshot(request("", Dialect::Anthropic, 100))
+        .await
+        .unwrap();
+    let read = read_body(res.into_body()).await;
+    assert_eq!(read.stall().0, StallPhase::FirstContent);
+    assert!(read.bytes().starts_with(b"event: message_start"));
+}
+
+// ---------------------------------------------------------------- cut streams over real HTTP
+
+#[tokio::test]
+async fn loopback_a_gemini_stream_closed_without_finish_reason_is_truncated() {
+    for (fault, want) in [
+        (
+            StreamFault::CutAfterTokens {
+                tokens: 2,
+                probability: 1.0,
+            },
+            StreamEnd::Truncated,
+        ),
+        (
+            StreamFault::ResetAfterTokens {
+                tokens: 2,
+                probability: 1.0,
+            },
+            StreamEnd::BodyError,
+        ),
+    ] {
+        let sim = Simulator::new(scenario().stream_fault(fault).build().unwrap());
+        let server = sim.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let client = Client::builder(TokioExecutor::new()).build_http::<AiBody>();
+        let svc = ServiceBuilder::new()
+            .layer(StallDetectorLayer::new())
+            .layer(ClassifyLayer::new())
+            .service(client);
+        let res = tokio::time::timeout(
+            Duration::from_secs(5),
+            svc.oneshot(request(&server.url(), Dialect::Gemini, 100)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let outcome = res.extensions().get::<StreamOutcome>().cloned().unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(5), read_body(res.into_body()))
+            .await
+            .unwrap();
+        assert!(read.error.is_some(), "{fault:?}");
+        if want == StreamEnd::Truncated {
+            assert!(matches!(read.ai_error(), AiError::Truncated { .. }));
+        }
+        let s = outcome.get().unwrap();
+        assert_eq!(s.end, want, "{fault:?}");
+        assert!(s.content_seen && !s.terminal_seen);
+        server.shutdown_with_grace(Duration::ZERO).await;
+    }
+}
+
+#[tokio::test]
+async fn loopback_a_first_token_stall_is_an_error_of_the_call_when_the_head_is_held() {
+    let sim = Simulator::new(
+        scenario()
+            .stream_fault(StreamFault::StallAfterTokens {
+                tokens: 0,
+                probability: 1.0,
+            })
+            .stall_duration(Duration::from_secs(5))
+            .build()
+            .unwrap(),
+    );
+    let server = sim.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http::<AiBody>();
+    let first_content = Duration::from_millis(300);
+    let svc = ServiceBuilder::new()
+        .layer(
+            StallDetectorLayer::builder()
+                .first_byte(first_content)
+                .first_content(first_content)
+                .await_first_content(true)
+                .build()
+                .unwrap(),
+        )
+        .layer(ClassifyLayer::new())
+        .service(client);
+    let t0 = Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(5),
+        svc.oneshot(request(&server.url(), Dialect::OpenAi, 100)),
+    )
+    .await
+    .expect("within 5 s")
+    .unwrap_err();
+    let at = t0.elapsed();
+    match err.downcast_ref::<AiError>() {
+        Some(AiError::Stalled {
+            phase: StallPhase::FirstContent,
+            after,
+            bytes_received,
+        }) => {
+            assert_eq!(*after, first_content);
+            assert!(*bytes_received > 0, "the role chunk arrived, and was held");
+        }
+        other => panic!("expected a first-content stall of the call, got {other:?} ({err})"),
+    }
+    assert_eq!(ErrorKind::of_error(&*err), ErrorKind::Stalled);
+    assert!(
+        at >= first_content && at <= first_content + Duration::from_secs(1),
+        "{at:?}"
+    );
+    server.shutdown_with_grace(Duration::ZERO).await;
+}

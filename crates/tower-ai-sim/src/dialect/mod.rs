@@ -411,6 +411,10 @@ pub(crate) enum StreamEnd {
     StallAfter(u32),
     /// Preamble and this many tokens, then an error event, then the end.
     ErrorAfter(u32),
+    /// Preamble and this many tokens, then a clean end without the finishing events.
+    CutAfter(u32),
+    /// Preamble and this many tokens, then a failed body.
+    ResetAfter(u32),
 }
 
 impl StreamEnd {
@@ -420,7 +424,9 @@ impl StreamEnd {
         match self {
             StreamEnd::StallBeforeFirst => None,
             StreamEnd::Complete => Some((tokens, Tail::Finish)),
-            StreamEnd::StallAfter(k) => Some((k.min(tokens), Tail::None)),
+            StreamEnd::StallAfter(k) | StreamEnd::CutAfter(k) | StreamEnd::ResetAfter(k) => {
+                Some((k.min(tokens), Tail::None))
+            }
             StreamEnd::ErrorAfter(k) => Some((k.min(tokens), Tail::Error)),
         }
     }
