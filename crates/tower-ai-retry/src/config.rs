@@ -241,6 +241,27 @@ impl AiRetryConfigBuilder {
 
     /// Seed of the random numbers (jitter, idempotency keys), for reproducible runs.
     /// Default: from entropy.
+    ///
+    /// The layer draws its numbers from [fastrand](https://docs.rs/fastrand)'s small
+    /// non-cryptographic generator (jitter needs speed and a seed, not secrecy: an
+    /// idempotency key only has to differ between requests), one per service made from
+    /// the layer, each seeded from this seed in turn. A program that keeps its own
+    /// generator, say a `rand` `StdRng` seeded once so that a whole run can be replayed,
+    /// brings it in through this seed: draw one `u64` from it for each layer it builds.
+    ///
+    /// ```
+    /// use tower_ai_retry::AiRetryLayer;
+    ///
+    /// // The program's own generator (with rand: `let seed: u64 = rng.random();`).
+    /// let mut program_rng = fastrand::Rng::with_seed(2024);
+    /// let retry = AiRetryLayer::builder()
+    ///     .max_attempts(4)
+    ///     .seed(program_rng.u64(..))
+    ///     .build()?;
+    /// # let _ = retry;
+    /// // The same program seed gives the same layer seed, hence the same jitter and keys.
+    /// # Ok::<(), tower_ai_retry::ConfigError>(())
+    /// ```
     pub fn seed(mut self, seed: u64) -> Self {
         self.cfg.seed = Some(seed);
         self
