@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use http_body::Body;
 use tokio::time::Instant;
-use tower_ai_core::keys::{Global, Key, KeyFn};
+use tower_ai_core::keys::{cap_label, Global, Key, KeyFn};
 use tower_ai_core::stream::StreamDialect;
 use tower_ai_core::{AiError, BoxError, BudgetLimit, Provider, ReplayBody, RequestMeta};
 use tower_service::Service;
@@ -258,7 +258,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
                 ..
             } => {
                 emit(&*self.listener, BudgetEvent::Waiting { key, limit });
-                let label = self.key_fn.label(&req);
+                let label = cap_label(self.key_fn.label(&req));
                 let listener: Arc<dyn BudgetListener> = self.listener.clone();
                 // The wait sends later through a clone, which gets ready (`Oneshot`) only
                 // once admitted: a waiting request holds no readiness of the inner service
@@ -306,7 +306,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
             },
         );
         ResponseFuture::rejected(AiError::BudgetExceeded {
-            key: self.key_fn.label(req),
+            key: cap_label(self.key_fn.label(req)),
             limit,
             retry_after,
         })

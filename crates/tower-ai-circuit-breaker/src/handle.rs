@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::Request;
 use tokio::time::Instant;
-use tower_ai_core::keys::{HostModel, Key, KeyFn};
+use tower_ai_core::keys::{cap_label, HostModel, Key, KeyFn};
 
 use crate::breaker::Metrics;
 use crate::event::CircuitState;
@@ -150,7 +150,9 @@ impl<K> CircuitBreakerHandle<K> {
         K: KeyFn<B>,
     {
         if let Some(k) = self.key_of(req) {
-            self.force(k, CircuitState::ForcedOpen, || self.key_fn.label(req));
+            self.force(k, CircuitState::ForcedOpen, || {
+                cap_label(self.key_fn.label(req))
+            });
         }
     }
 
@@ -160,7 +162,9 @@ impl<K> CircuitBreakerHandle<K> {
         K: KeyFn<B>,
     {
         if let Some(k) = self.key_of(req) {
-            self.force(k, CircuitState::ForcedClosed, || self.key_fn.label(req));
+            self.force(k, CircuitState::ForcedClosed, || {
+                cap_label(self.key_fn.label(req))
+            });
         }
     }
 }

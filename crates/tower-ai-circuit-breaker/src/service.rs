@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use tower_ai_core::keys::{HostModel, Key, KeyFn};
+use tower_ai_core::keys::{cap_label, HostModel, Key, KeyFn};
 use tower_ai_core::{AiError, BoxError};
 use tower_service::Service;
 
@@ -117,7 +117,10 @@ impl<S, K> CircuitBreaker<S, K> {
         let lane = match &self.last {
             Some((k, lane)) if *k == key && lane.is_current() => lane.clone(),
             _ => {
-                let Some(lane) = self.registry.lane(key, || self.key_fn.label(req)) else {
+                let Some(lane) = self
+                    .registry
+                    .lane(key, || cap_label(self.key_fn.label(req)))
+                else {
                     return Ok(None);
                 };
                 self.last = Some((key, lane.clone()));

@@ -79,6 +79,17 @@ impl AttemptBudget {
         self.take(self.inner.reserved.load(Ordering::Acquire))
     }
 
+    /// Hands back one unit taken by [`try_acquire`](AttemptBudget::try_acquire) or
+    /// [`try_acquire_retry`](AttemptBudget::try_acquire_retry) for a call that was then
+    /// not made (another limit refused it). Call it only for a unit you took.
+    pub fn release(&self) {
+        // Saturating: a stray release cannot wrap the counter.
+        let _ = self
+            .inner
+            .remaining
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_add(1));
+    }
+
     fn take(&self, keep: u32) -> bool {
         self.inner
             .remaining

@@ -166,6 +166,16 @@ pub enum AiError {
         /// Each route's last failure, in chain order.
         failures: Vec<RouteFailure>,
     },
+    /// The request's model name is longer than any real one
+    /// ([`MAX_MODEL_LEN`](crate::keys::MAX_MODEL_LEN) bytes): refused before it is sent
+    /// or kept anywhere. A gateway answers it with a 400.
+    #[error("model name of {len} bytes is longer than the {max}-byte maximum")]
+    ModelTooLong {
+        /// The model name's length, in bytes.
+        len: usize,
+        /// The maximum, in bytes.
+        max: usize,
+    },
 }
 
 impl AiError {
@@ -193,12 +203,19 @@ impl AiError {
                 .last()
                 .and_then(|f| f.classification.kind)
                 .unwrap_or(ErrorKind::Unknown),
+            AiError::ModelTooLong { .. } => ErrorKind::BadRequest,
         }
     }
 
     /// Wraps a client's error as [`AiError::Transport`], judging its kind with
     /// [`ErrorKind::of_error`]; an error that already is (or wraps) an `AiError` is
     /// returned as it is.
+    ///
+    /// Clients put the URL in their messages (reqwest does), and a URL may carry a
+    /// credential (Gemini's `?key=`). When the text of the error or of any error in its
+    /// `source()` chain holds one (see [`redact_secrets`]), the source kept is a
+    /// [`RedactedError`] with the redacted text instead of the client's error; otherwise
+    /// the client's error is kept as it is, for downcasting.
     pub fn transport(err: BoxError) -> BoxError {
         if err.is::<AiError>() {
             return err;
@@ -207,7 +224,10 @@ impl AiError {
             k @ (ErrorKind::Timeout | ErrorKind::Connection) => k,
             _ => ErrorKind::Unknown,
         };
-        Box::new(AiError::Transport { kind, source: err })
+        Box::new(AiError::Transport {
+            kind,
+            source: RedactedError::scrub(err),
+        })
     }
 
     /// The `AiError` in an error's `source()` chain, if there is one.
@@ -221,6 +241,157 @@ impl AiError {
         }
         None
     }
+}
+
+/// A client's error whose text held a credential: the text of the error and of its
+/// `source()` chain, joined with `": "`, with every credential replaced by
+/// [`redact_secrets`]. Made by [`AiError::transport`] and by any layer that reports a
+/// client's error in text ([`RouteFailure::message`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedactedError {
+    message: String,
+}
+
+impl RedactedError {
+    /// `err` itself when neither it nor its chain holds a credential, else a
+    /// `RedactedError` with its chain's text, redacted.
+    pub fn scrub(err: BoxError) -> BoxError {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&*err);
+        let mut dirty = false;
+        while let Some(e) = cur {
+            if matches!(redact_secrets(&e.to_string()), std::borrow::Cow::Owned(_)) {
+                dirty = true;
+                break;
+            }
+            cur = e.source();
+        }
+        if !dirty {
+            return err;
+        }
+        Box::new(RedactedError {
+            message: redacted_chain(&*err),
+        })
+    }
+
+    /// The redacted text.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for RedactedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for RedactedError {}
+
+/// The text of an error and of its `source()` chain (each message once, joined with
+/// `": "`), with every credential redacted by [`redact_secrets`]: what a layer that
+/// reports a client's error as text (a [`RouteFailure::message`]) writes.
+pub fn redacted_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let text = e.to_string();
+        // Many errors repeat their source's text in their own: keep it once.
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        cur = e.source();
+    }
+    redact_secrets(&out).into_owned()
+}
+
+/// The query parameters whose values are credentials: Gemini's `key` (its documented
+/// `?key=API_KEY`), Azure's `api-key`, and OAuth 2.0's `access_token` (RFC 6750 §2.3).
+const SECRET_PARAMS: [&str; 4] = ["key", "api-key", "api_key", "access_token"];
+
+/// What a redacted credential is replaced with.
+pub const REDACTED: &str = "[REDACTED]";
+
+/// `text` with credentials replaced by [`REDACTED`]: the values of the query parameters
+/// `key`, `api-key`, `api_key` and `access_token` (after `?`, `&` or `;`, names compared
+/// without case), and the token after `Bearer ` (RFC 6750 §2.1). Borrowed when there is
+/// nothing to redact.
+///
+/// ```
+/// use tower_ai_core::redact_secrets;
+/// let msg = "error sending request for url (https://generativelanguage.googleapis.com/v1beta/models/gemini-2.0-flash:generateContent?key=AIzaSyA-secret&alt=sse)";
+/// assert_eq!(
+///     redact_secrets(msg),
+///     "error sending request for url (https://generativelanguage.googleapis.com/v1beta/models/gemini-2.0-flash:generateContent?key=[REDACTED]&alt=sse)"
+/// );
+/// assert_eq!(redact_secrets("Authorization: Bearer sk-abc.def"), "Authorization: Bearer [REDACTED]");
+/// assert_eq!(redact_secrets("monkey=1"), "monkey=1");
+/// ```
+pub fn redact_secrets(text: &str) -> std::borrow::Cow<'_, str> {
+    let bytes = text.as_bytes();
+    // The spans of secret values, in order.
+    let mut spans: Vec<(usize, usize)> = Vec::new();
+    let value_end = |from: usize| {
+        bytes[from..]
+            .iter()
+            .position(|&b| {
+                b.is_ascii_whitespace()
+                    || matches!(b, b'&' | b'#' | b';' | b'"' | b'\'' | b')' | b'>' | b',')
+            })
+            .map_or(bytes.len(), |p| from + p)
+    };
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if matches!(b, b'?' | b'&' | b';') {
+            let rest = &text[i + 1..];
+            if let Some(name) = SECRET_PARAMS.iter().find(|p| {
+                rest.len() > p.len()
+                    && rest.as_bytes()[p.len()] == b'='
+                    && rest[..p.len()].eq_ignore_ascii_case(p)
+            }) {
+                let start = i + 1 + name.len() + 1;
+                let end = value_end(start);
+                if end > start && !text[start..].starts_with(REDACTED) {
+                    spans.push((start, end));
+                }
+                i = end;
+                continue;
+            }
+        }
+        if (b == b'b' || b == b'B')
+            && (i == 0 || !bytes[i - 1].is_ascii_alphanumeric())
+            && text
+                .get(i..i + 7)
+                .is_some_and(|w| w.eq_ignore_ascii_case("bearer "))
+        {
+            let mut start = i + 7;
+            while bytes.get(start) == Some(&b' ') {
+                start += 1;
+            }
+            let end = value_end(start);
+            if end > start && !text[start..].starts_with(REDACTED) {
+                spans.push((start, end));
+            }
+            i = end.max(i + 7);
+            continue;
+        }
+        i += 1;
+    }
+    if spans.is_empty() {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for (start, end) in spans {
+        out.push_str(&text[at..start]);
+        out.push_str(REDACTED);
+        at = end;
+    }
+    out.push_str(&text[at..]);
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]

@@ -113,6 +113,12 @@ pub fn host_of<B>(req: &Request<B>) -> &str {
 /// Key = provider host + model: one sick model does not hold back the others.
 /// Reads the model as [`model_of`] does (no allocation), with a
 /// shortcut for the common body whose first key is a plain `"model"` string.
+///
+/// A model name longer than [`MAX_MODEL_LEN`] bytes is no model any provider serves: all
+/// such requests to a host share one key (so a caller cannot make a state per junk name),
+/// and its label names the length, not the bytes. AiRetry refuses such a request with
+/// [`AiError::ModelTooLong`](crate::AiError::ModelTooLong) before it reaches any per-key
+/// layer.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HostModel;
 
@@ -132,19 +138,85 @@ impl<B: ReplayBody> KeyFn<B> for HostModel {
         ))
     }
     fn label(&self, req: &Request<B>) -> String {
-        match model_of(req) {
-            Some(m) => format!("{}/{}", host_of(req), m),
-            None => host_of(req).to_owned(),
-        }
+        host_model_label(host_of(req), model_of(req).as_deref())
     }
+}
+
+/// `host/model`, bounded: the model's length instead of an absurd model, and the whole
+/// capped by [`cap_label`].
+fn host_model_label(host: &str, model: Option<&str>) -> String {
+    let host = &host[..floor_char_boundary(host, MAX_LABEL_LEN)];
+    let label = match model {
+        Some(m) if m.len() > MAX_MODEL_LEN => format!("{host}/<model name of {} bytes>", m.len()),
+        Some(m) => {
+            let m = &m[..floor_char_boundary(m, MAX_LABEL_LEN)];
+            format!("{host}/{m}")
+        }
+        None => host.to_owned(),
+    };
+    cap_label(label)
+}
+
+/// The longest model name the per-key layers accept, in bytes. Real model names are
+/// under 100 bytes (OpenAI's fine-tuned `ft:…` names are the longest, about 60); Azure
+/// deployment names are at most 64 characters.
+pub const MAX_MODEL_LEN: usize = 256;
+
+/// The longest label (in bytes) a per-key layer keeps or puts in an error:
+/// [`cap_label`] cuts longer ones.
+pub const MAX_LABEL_LEN: usize = 128;
+
+/// The marker [`cap_label`] ends a cut label with.
+pub const TRUNCATION_MARKER: &str = "…";
+
+/// A label cut to at most [`MAX_LABEL_LEN`] bytes, on a character boundary, ending with
+/// [`TRUNCATION_MARKER`] when it was cut. A cut label is a fresh, exactly sized string,
+/// so a long label's allocation is not kept. Every per-key layer passes the labels of its
+/// [`KeyFn`] through this before it keeps one (in a registry, a waiter, an error).
+///
+/// ```
+/// use tower_ai_core::keys::{cap_label, MAX_LABEL_LEN};
+/// assert_eq!(cap_label("api.openai.com/gpt-4o".into()), "api.openai.com/gpt-4o");
+/// let long = cap_label("é".repeat(1000));
+/// assert!(long.len() <= MAX_LABEL_LEN && long.ends_with('…'));
+/// ```
+pub fn cap_label(label: String) -> String {
+    if label.len() <= MAX_LABEL_LEN {
+        return label;
+    }
+    let keep = floor_char_boundary(&label, MAX_LABEL_LEN - TRUNCATION_MARKER.len());
+    let mut out = String::with_capacity(keep + TRUNCATION_MARKER.len());
+    out.push_str(&label[..keep]);
+    out.push_str(TRUNCATION_MARKER);
+    out
+}
+
+/// The largest index `<= max` on a character boundary of `s` (`str::floor_char_boundary`
+/// is not stable yet).
+fn floor_char_boundary(s: &str, max: usize) -> usize {
+    if max >= s.len() {
+        return s.len();
+    }
+    let mut i = max;
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }
 
 /// The key of a host and a model. Hashed as bytes, so that [`leading_model`] needs no
 /// UTF-8 check (it checks for ASCII as it scans).
 #[inline]
 fn host_model_key(host: &str, model: &[u8]) -> Key {
+    if model.len() > MAX_MODEL_LEN {
+        // One key for every absurd name: no state per junk name.
+        return Key::of(&(host.as_bytes(), OVERSIZED_MODEL));
+    }
     Key::of(&(host.as_bytes(), model))
 }
+
+/// What an over-long model name is hashed as (no real model name holds a NUL byte).
+const OVERSIZED_MODEL: &[u8] = b"\0oversized model name";
 
 /// The value of `"model"` when it is the first key of the JSON object and a plain ASCII
 /// string (no escape): what [`model_of`] finds for such a body, read without its general
@@ -205,27 +277,92 @@ fn first_special(b: &[u8]) -> Option<usize> {
 }
 
 /// Key = the request's API key (`authorization`, `x-api-key`, `api-key` or
-/// `x-goog-api-key`), hashed: the key itself is never stored or shown. Requests without
-/// one share a single key.
+/// `x-goog-api-key`, else the `key` query parameter Gemini documents as an alternative:
+/// `?key=API_KEY`), hashed: the key itself is never stored or shown. The same key sent
+/// in a header or in the query is the same tenant. Requests without one share a single
+/// key.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiKeyHash;
 
 const SECRET_HEADERS: [&str; 4] = ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
 
+/// The request's API key as sent (a header's value, else the raw `key` query value), or
+/// empty. Borrowed: never copied, never kept.
+fn api_key_of<B>(req: &Request<B>) -> &[u8] {
+    SECRET_HEADERS
+        .iter()
+        .find_map(|h| req.headers().get(*h))
+        .map(|v| v.as_bytes())
+        .or_else(|| query_key(req.uri().query()?))
+        .unwrap_or(b"")
+}
+
+/// The raw value of the first `key=` parameter of a query string.
+fn query_key(query: &str) -> Option<&[u8]> {
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("key="))
+        .map(str::as_bytes)
+}
+
+/// `api-key#` and a short slice of the salted hash of the request's API key: enough to
+/// tell keys apart in logs, useless to recover the secret.
+fn api_key_label<B>(req: &Request<B>) -> String {
+    format!("api-key#{:08x}", Key::of(api_key_of(req)).as_u64() >> 32)
+}
+
 impl<B> KeyFn<B> for ApiKeyHash {
     fn key(&self, req: &Request<B>) -> Option<Key> {
-        let secret = SECRET_HEADERS
-            .iter()
-            .find_map(|h| req.headers().get(*h))
-            .map(|v| v.as_bytes())
-            .unwrap_or(b"");
-        Some(Key::of(secret))
+        Some(Key::of(api_key_of(req)))
     }
     fn label(&self, req: &Request<B>) -> String {
-        // A short slice of the salted hash: enough to tell keys apart in logs, useless
-        // to recover the secret.
-        let k = self.key(req).map_or(0, Key::as_u64);
-        format!("api-key#{:08x}", k >> 32)
+        api_key_label(req)
+    }
+}
+
+/// Key = the request's API key (hashed, as [`ApiKeyHash`] reads it) + provider host +
+/// model: per-tenant state for a proxy that forwards each tenant's own API key.
+///
+/// [`HostModel`], the default of every per-key layer, models *one* provider account: a
+/// 429 or an outage of `host/model` holds back every caller of that model, which is
+/// right when all calls spend one key's limits. When each tenant sends its own key, the
+/// provider's limits are per key too, and a cooldown or an open circuit under
+/// `HostModel` would let one tenant's 429 hold back the others. With this key each
+/// tenant's (key, model) has its own state:
+///
+/// - RetryAfterAware: one tenant's `Retry-After` cools only that tenant down.
+/// - TokenBudget: limits per tenant and model (use [`ApiKeyHash`] for per-tenant limits
+///   over all models).
+/// - CircuitBreaker: usually keep `HostModel` (an outage is the provider's, for all
+///   tenants); this key fits when failures are per key (a revoked or exhausted key).
+///
+/// The price: one state per tenant and model, so a map's size bound (each layer's
+/// `max_keys`) must cover tenants × models, and a caller that invents keys creates
+/// states (bounded, like any key).
+///
+/// ```
+/// use http::Request;
+/// use tower_ai_core::keys::{ApiKeyHostModel, KeyFn};
+/// let req = |key: &str| {
+///     Request::post("https://api.openai.com/v1/chat/completions")
+///         .header("authorization", key)
+///         .body(r#"{"model":"gpt-4o"}"#)
+///         .unwrap()
+/// };
+/// let (a, b) = (req("Bearer sk-a"), req("Bearer sk-b"));
+/// assert_ne!(ApiKeyHostModel.key(&a), ApiKeyHostModel.key(&b));
+/// assert!(!ApiKeyHostModel.label(&a).contains("sk-a"));
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiKeyHostModel;
+
+impl<B: ReplayBody> KeyFn<B> for ApiKeyHostModel {
+    fn key(&self, req: &Request<B>) -> Option<Key> {
+        let model = HostModel.key(req)?;
+        Some(Key::of(&(api_key_of(req), model.as_u64())))
+    }
+    fn label(&self, req: &Request<B>) -> String {
+        cap_label(format!("{}/{}", api_key_label(req), HostModel.label(req)))
     }
 }
 

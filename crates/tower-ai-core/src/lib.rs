@@ -56,12 +56,15 @@ pub mod stream;
 pub use attempt::AttemptBudget;
 pub use body::{try_clone_request, AiBody, ClassifiedBody, ReplayBody};
 pub use classify::{classify, classify_at, Classification, ClassifyConfig, ProviderError};
-pub use error::{AiError, BoxError, BudgetLimit, RouteFailure, StallPhase};
+pub use error::{
+    redact_secrets, redacted_chain, AiError, BoxError, BudgetLimit, RedactedError, RouteFailure,
+    StallPhase, REDACTED,
+};
 pub use kind::ErrorKind;
 pub use layer::ClassifyLayer;
 pub use meta::{
-    model_of, model_path_span, top_level_bool, top_level_string, top_level_value_span, RequestMeta,
-    Usage,
+    check_model, model_of, model_path_span, top_level_bool, top_level_string, top_level_value_span,
+    RequestMeta, Usage,
 };
 pub use provider::Provider;
 pub use ratelimit::{response_clock, Bucket, RateLimitInfo, RequestedWait, WaitSource};

@@ -180,6 +180,42 @@ pub fn model_of<B: ReplayBody>(req: &http::Request<B>) -> Option<Cow<'_, str>> {
     model_from_path(req.uri().path()).map(Cow::Borrowed)
 }
 
+/// Refuses a request whose model name (as [`model_of`] reads it) is longer than
+/// [`MAX_MODEL_LEN`](crate::keys::MAX_MODEL_LEN) bytes, with
+/// [`AiError::ModelTooLong`](crate::AiError::ModelTooLong). No provider serves such a
+/// model; refusing it before any per-key layer keeps caller-sized names out of every map,
+/// label and error. AiRetry calls it first thing (so [`AiStack`]'s layers below never see
+/// such a request); call it yourself in a stack without AiRetry.
+///
+/// [`AiStack`]: https://docs.rs/tower-ai/latest/tower_ai/struct.AiStack.html
+///
+/// ```
+/// use http::Request;
+/// use tower_ai_core::{check_model, AiError};
+/// let ok = Request::post("/v1/chat/completions").body(r#"{"model":"gpt-4o"}"#).unwrap();
+/// assert!(check_model(&ok).is_ok());
+/// let body: &'static str = Box::leak(format!(r#"{{"model":"{}"}}"#, "x".repeat(300)).into_boxed_str());
+/// let absurd = Request::post("/v1/chat/completions").body(body).unwrap();
+/// assert!(matches!(check_model(&absurd), Err(AiError::ModelTooLong { len: 300, .. })));
+/// ```
+// The error is an `AiError` like every refusal of the crate; the refusal path is rare.
+#[allow(clippy::result_large_err)]
+pub fn check_model<B: ReplayBody>(req: &http::Request<B>) -> Result<(), crate::AiError> {
+    let max = crate::keys::MAX_MODEL_LEN;
+    // A body no longer than the maximum cannot hold a longer name: skip the scan.
+    let body_len = req.body().bytes().map_or(0, <[u8]>::len);
+    if body_len <= max
+        && req.uri().path().len() <= max
+        && req.extensions().get::<RequestMeta>().is_none()
+    {
+        return Ok(());
+    }
+    match model_of(req) {
+        Some(m) if m.len() > max => Err(crate::AiError::ModelTooLong { len: m.len(), max }),
+        _ => Ok(()),
+    }
+}
+
 /// The string value of a top-level key of a JSON object, found by a single forward scan
 /// that skips nested values and string contents and stops at the key. `None` if the body
 /// is not an object, the key is missing or its value is not a string.

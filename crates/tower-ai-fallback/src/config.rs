@@ -436,6 +436,7 @@ pub(crate) struct Chain<ReqB, ResB> {
     pub(crate) header: Option<HeaderName>,
     pub(crate) return_last: bool,
     pub(crate) long_wait_moves_on: bool,
+    pub(crate) idempotency_header: Option<HeaderName>,
 }
 
 impl<ReqB, ResB> Chain<ReqB, ResB> {
@@ -526,6 +527,7 @@ pub struct FallbackChainBuilder<ReqB, ResB> {
     header: Option<HeaderName>,
     return_last: bool,
     long_wait_moves_on: bool,
+    idempotency_header: Option<HeaderName>,
 }
 
 impl<ReqB, ResB> fmt::Debug for FallbackChainBuilder<ReqB, ResB> {
@@ -555,6 +557,7 @@ impl<ReqB, ResB> FallbackChainBuilder<ReqB, ResB> {
             header: None,
             return_last: false,
             long_wait_moves_on: true,
+            idempotency_header: Some(HeaderName::from_static("idempotency-key")),
         }
     }
 
@@ -616,6 +619,21 @@ impl<ReqB, ResB> FallbackChainBuilder<ReqB, ResB> {
     /// route at once, whatever its kind's action (default true).
     pub fn long_wait_moves_on(mut self, yes: bool) -> Self {
         self.long_wait_moves_on = yes;
+        self
+    }
+
+    /// The idempotency-key header whose caller-set value is made per route (default
+    /// `idempotency-key`, the header AiRetry sends and providers read), or `None` to send
+    /// it as the caller set it on every route.
+    ///
+    /// A provider that honours idempotency keys answers a repeated key with the first
+    /// request's result, or refuses it when the body differs; a later route sends another
+    /// model (another body) and must not reuse the first route's key. So the first route
+    /// sends the caller's key as it is, and route `i > 0` sends `<key>-route<i>`: the same
+    /// on every retry of that route (and on every replay of the same call), different
+    /// from every other route's.
+    pub fn idempotency_header(mut self, name: Option<HeaderName>) -> Self {
+        self.idempotency_header = name;
         self
     }
 
@@ -695,6 +713,7 @@ impl<ReqB, ResB> FallbackChainBuilder<ReqB, ResB> {
                 header: self.header,
                 return_last: self.return_last,
                 long_wait_moves_on: self.long_wait_moves_on,
+                idempotency_header: self.idempotency_header,
             }),
         })
     }

@@ -4,7 +4,10 @@
 use std::sync::Arc;
 
 use http::Response;
-use tower_ai_core::{AiError, BoxError, Classification, ErrorKind, Provider, RequestedWait};
+use tower_ai_core::{
+    redact_secrets, redacted_chain, AiError, BoxError, Classification, ErrorKind, Provider,
+    RequestedWait,
+};
 
 use crate::config::{Action, Chain, Route};
 
@@ -58,7 +61,7 @@ pub(crate) fn judge_response<ReqB, ResB, B>(
     let action = action_for(chain, kind, [c.wait]);
     let message = c
         .message()
-        .map(str::to_owned)
+        .map(|m| redact_secrets(m).into_owned())
         .unwrap_or_else(|| format!("HTTP {} ({kind})", c.status.as_u16()));
     Some(Failure {
         action,
@@ -73,7 +76,8 @@ pub(crate) fn judge_error<ReqB, ResB>(
     err: &BoxError,
     provider: Provider,
 ) -> Failure {
-    let message = err.to_string();
+    // A client's error text can hold a credential (a URL with `?key=`): redacted.
+    let message = redacted_chain(&**err);
     let failure = |action, classification| Failure {
         action,
         classification,

@@ -13,8 +13,8 @@ use http::{Request, Response, Uri};
 use pin_project_lite::pin_project;
 use tower::util::Oneshot;
 use tower_ai_core::{
-    model_of, model_path_span, try_clone_request, AiError, AttemptBudget, BoxError, Classification,
-    ErrorKind, Provider, ReplayBody, RouteFailure,
+    model_of, model_path_span, redacted_chain, try_clone_request, AiError, AttemptBudget, BoxError,
+    Classification, ErrorKind, Provider, ReplayBody, RouteFailure,
 };
 use tower_service::Service;
 
@@ -262,6 +262,11 @@ where
                 candidate = next_route(&chain.routes, j, Action::Next, window);
                 continue;
             }
+            if j > 0 {
+                if let Some(name) = &chain.idempotency_header {
+                    per_route_key(&mut req, name, j);
+                }
+            }
             if route.skip.as_ref().is_some_and(|skip| skip(&req)) {
                 tracing::debug!(route = &*route.name, "route skipped (circuit open)");
                 self.failures.push(RouteFailure {
@@ -480,7 +485,13 @@ where
     {
         // A rewrite for another provider may change anything in the body.
         req.extensions_mut().remove::<tower_ai_core::RequestMeta>();
-        f(req).map_err(|e| format!("route {:?}: rewrite failed: {e}", &*route.name))?;
+        f(req).map_err(|e| {
+            format!(
+                "route {:?}: rewrite failed: {}",
+                &*route.name,
+                redacted_chain(&*e)
+            )
+        })?;
     }
     Ok(())
 }
@@ -513,6 +524,29 @@ fn with_path_model(uri: &Uri, span: Range<usize>, model: &str) -> Result<Uri, St
     parts.path_and_query =
         Some(PathAndQuery::try_from(pq).map_err(|e| format!("the new path is invalid: {e}"))?);
     Uri::from_parts(parts).map_err(|e| format!("the new URI is invalid: {e}"))
+}
+
+/// Makes a caller-set idempotency key route `j`'s own: `<key>-route<j>` (see
+/// [`FallbackChainBuilder::idempotency_header`](crate::FallbackChainBuilder::idempotency_header)).
+/// Deterministic, so every retry of the route (and every replay of the call) sends the
+/// same key. A key that cannot be extended (too long for a header) is removed: no key is
+/// better than one shared with another body.
+fn per_route_key<B>(req: &mut Request<B>, name: &http::HeaderName, j: usize) {
+    let Some(key) = req.headers().get(name) else {
+        return;
+    };
+    let mut derived = Vec::with_capacity(key.len() + 12);
+    derived.extend_from_slice(key.as_bytes());
+    derived.extend_from_slice(b"-route");
+    derived.extend_from_slice(j.to_string().as_bytes());
+    match http::HeaderValue::from_bytes(&derived) {
+        Ok(v) => {
+            req.headers_mut().insert(name, v);
+        }
+        Err(_) => {
+            req.headers_mut().remove(name);
+        }
+    }
 }
 
 impl<S, ReqB, ResB> Future for ResponseFuture<S, ReqB, ResB>

@@ -11,7 +11,7 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::util::Oneshot;
-use tower_ai_core::keys::{Key, KeyFn};
+use tower_ai_core::keys::{cap_label, Key, KeyFn};
 use tower_ai_core::{AiError, AttemptBudget, BoxError, Classification, ErrorKind, RateLimitInfo};
 use tower_service::Service;
 
@@ -247,7 +247,7 @@ where
                             if too_long {
                                 let label = this.req.as_ref().map_or_else(
                                     || "unknown".to_owned(),
-                                    |r| shared.key_fn.label(r),
+                                    |r| cap_label(shared.key_fn.label(r)),
                                 );
                                 this.state.set(State::Rejected);
                                 *this.slot = None;

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use tokio::time::Instant;
-use tower_ai_core::keys::{HostModel, KeyFn};
+use tower_ai_core::keys::{cap_label, HostModel, KeyFn};
 use tower_ai_core::{AiError, AttemptBudget, BoxError};
 use tower_service::Service;
 
@@ -129,7 +129,7 @@ where
                         "retry_after_aware refused: cooling down"
                     );
                     return ResponseFuture::rejected(AiError::CoolingDown {
-                        key: shared.key_fn.label(&req),
+                        key: cap_label(shared.key_fn.label(&req)),
                         until,
                     });
                 };

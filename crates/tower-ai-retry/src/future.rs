@@ -81,6 +81,8 @@ pin_project! {
         // small (a `Oneshot` holds a whole request).
         Waiting { sleep: Pin<Box<Sleep>> },
         Retrying { fut: Pin<Box<O>> },
+        // Refused before any call (a model name longer than any real one).
+        Refused { err: Option<BoxError> },
     }
 }
 
@@ -118,6 +120,7 @@ where
             State::Called { .. } => "called",
             State::Waiting { .. } => "waiting",
             State::Retrying { .. } => "retrying",
+            State::Refused { .. } => "refused",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -151,6 +154,32 @@ where
             start,
             prev_backoff: None,
             rng,
+            config,
+            span,
+        }
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    /// A future that fails with `err` at once, without a call.
+    pub(crate) fn refused(
+        err: BoxError,
+        service: S,
+        config: Arc<AiRetryConfig>,
+        span: tracing::Span,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Refused { err: Some(err) },
+            service,
+            retained: None,
+            key: None,
+            attempts: 0,
+            start: None,
+            prev_backoff: None,
+            rng: fastrand::Rng::with_seed(0),
             config,
             span,
         }
@@ -239,13 +268,18 @@ impl<B> Ctx<'_, B> {
                 return Plan::Stop(StopReason::Deadline);
             }
         }
-        if let Some(b) = attempts {
-            if !b.try_acquire_retry() {
-                return Plan::Stop(StopReason::AttemptBudget);
-            }
-        }
+        // Both budgets must allow the retry, and a refusal by either spends nothing of
+        // the other: the attempt unit is taken first (an atomic step that can fail) and
+        // handed back if the retry budget then refuses.
+        let unit = match attempts {
+            Some(b) if !b.try_acquire_retry() => return Plan::Stop(StopReason::AttemptBudget),
+            b => b,
+        };
         if let Some(budget) = &cfg.budget {
             if !budget.try_withdraw(now) {
+                if let Some(b) = unit {
+                    b.release();
+                }
                 return Plan::Stop(StopReason::Budget);
             }
         }
@@ -305,6 +339,11 @@ where
             let result = match this.state.as_mut().project() {
                 StateProj::Called { fut } => ready!(fut.poll(cx)).map_err(Into::into),
                 StateProj::Retrying { fut } => ready!(fut.as_mut().poll(cx)).map_err(Into::into),
+                StateProj::Refused { err } => {
+                    return Poll::Ready(Err(err
+                        .take()
+                        .unwrap_or_else(|| "ai_retry: polled after completion".into())));
+                }
                 StateProj::Waiting { sleep } => {
                     ready!(sleep.as_mut().poll(cx));
                     *this.attempts += 1;

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use http::header::Entry;
 use http::{HeaderValue, Method, Request, Response};
 use tokio::time::Instant;
-use tower_ai_core::{try_clone_request, BoxError, ReplayBody};
+use tower_ai_core::{check_model, try_clone_request, BoxError, ReplayBody};
 use tower_service::Service;
 
 use crate::config::AiRetryConfig;
@@ -200,6 +200,15 @@ where
             http.request.method = %req.method(),
             attempts = tracing::field::Empty,
         );
+        // A model name longer than any real one is refused before any layer below keeps
+        // it (a label, a map entry) or a provider sees it.
+        if let Err(e) = check_model(&req) {
+            // The ready instance is let go now (whatever it holds, a permit, with it).
+            let fresh = self.inner.clone();
+            drop(std::mem::replace(&mut self.inner, fresh));
+            let config = self.local.config.clone();
+            return ResponseFuture::refused(Box::new(e), self.inner.clone(), config, span);
+        }
         // The copy for a retry is taken first, without the two headers: it costs two
         // entries less to clone and to drop, and a retry puts them in (the same key,
         // the next attempt number). A map already at http's maximum size gets neither

@@ -119,3 +119,35 @@ async fn a_refusal_is_not_waited_on_when_a_fallback_can_serve() {
     send.send_response(Response::new("ok".to_owned()));
     assert!(task.await.unwrap().is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_the_retry_budget_refuses_spends_no_attempt_unit() {
+    // Issue #16: the attempt unit was taken before the retry budget refused, so a retry
+    // that never happened still cost a later route its call.
+    let budget = AttemptBudget::new(4);
+    assert!(budget.try_acquire());
+    budget.set_reserved(1);
+    // A retry budget that cannot afford a retry: 1 % of one call is no retry.
+    let layer = AiRetryLayer::builder()
+        .max_attempts(3)
+        .budget(Duration::from_secs(10), 0, 0.01)
+        .build()
+        .unwrap();
+    let (svc, mut handle) = mock::pair::<Request<String>, Response<String>>();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(ClassifyLayer::new())
+        .service(svc);
+    let task = tokio::spawn(svc.oneshot(request(Some(&budget))));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(Response::builder().status(500).body(String::new()).unwrap());
+    let res = task.await.unwrap().unwrap();
+    let stop = res.extensions().get::<RetryStop>().unwrap();
+    assert_eq!(stop.reason, StopReason::Budget);
+    assert_eq!(stop.attempts, 1);
+    assert_eq!(
+        budget.remaining(),
+        3,
+        "the refused retry took no unit from the attempt budget"
+    );
+}

@@ -710,3 +710,34 @@ fn the_builder_rejects_zero_and_absurd_values() {
         Some("idempotency-key")
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_absurd_model_name_is_refused_before_any_call() {
+    // Issue #16: a 1 MiB model name went down the stack and into every per-key label.
+    let body = format!(r#"{{"model":"{}","messages":[]}}"#, "m".repeat(1 << 20));
+    let req = Request::post("https://api.openai.com/v1/chat/completions")
+        .body(body)
+        .unwrap();
+    let (call, mut handle) = spawn_call(AiRetryLayer::new(3), req);
+    let err = call.await.unwrap().unwrap_err();
+    match err.downcast_ref::<AiError>() {
+        Some(e @ AiError::ModelTooLong { len, max }) => {
+            assert_eq!((*len, *max), (1 << 20, 256));
+            assert_eq!(e.kind(), ErrorKind::BadRequest);
+            assert!(e.to_string().len() < 100, "{e}");
+        }
+        other => panic!("expected ModelTooLong, got {other:?}"),
+    }
+    // Nothing reached the wire; a 256-byte name still goes.
+    assert!(handle.next_request().await.is_none());
+    let ok = format!(r#"{{"model":"{}"}}"#, "m".repeat(256));
+    let (call, mut handle) = spawn_call(
+        AiRetryLayer::new(3),
+        Request::post("https://api.openai.com/v1/chat/completions")
+            .body(ok)
+            .unwrap(),
+    );
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(resp(200, &[], "{}"));
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}
