@@ -15,6 +15,7 @@
 //! | --- | --- | --- | --- | --- |
 //! | `BudgetExceeded` (can fit later) | 429 | `budget_exceeded` | until it fits (the budget's own prediction; 1 s when it has none, e.g. concurrency) | `RESOURCE_EXHAUSTED` + `RetryInfo` |
 //! | `BudgetExceeded` (can never fit) | 400 | `request_too_large` | — | `INVALID_ARGUMENT` |
+//! | `ModelTooLong` | 400 | `model_too_long` | — | `INVALID_ARGUMENT` |
 //! | `CoolingDown` | 429 | `cooling_down` | until the cooldown ends | `RESOURCE_EXHAUSTED` + `RetryInfo` |
 //! | `CircuitOpen` | 503 | `circuit_open` | until the breaker half-opens | `UNAVAILABLE` + `RetryInfo` |
 //! | `Stalled` | 504 | `stalled` | — | `DEADLINE_EXCEEDED` |
@@ -495,6 +496,12 @@ impl AiError {
                 wait.map(|w| w.requested),
             ),
             AiError::AllRoutesFailed { failures } => all_routes_failed(failures),
+            AiError::ModelTooLong { len, max } => ErrorReply::new(
+                StatusCode::BAD_REQUEST,
+                "model_too_long",
+                format!("model name of {len} bytes: at most {max} are accepted"),
+            )
+            .retryable(false),
         }
     }
 }
@@ -602,9 +609,10 @@ mod tests {
             AiError::Truncated { .. } => 6,
             AiError::RetriesExhausted { .. } => 7,
             AiError::AllRoutesFailed { .. } => 8,
+            AiError::ModelTooLong { .. } => 9,
         }
     }
-    const VARIANTS: usize = 9;
+    const VARIANTS: usize = 10;
 
     struct Row {
         error: AiError,
@@ -703,6 +711,21 @@ mod tests {
                 anthropic_type: "invalid_request_error",
                 grpc: "InvalidArgument",
                 message_has: "larger than the tokens per minute budget allows",
+                request_id: None,
+            },
+            Row {
+                error: AiError::ModelTooLong {
+                    len: 1 << 20,
+                    max: 256,
+                },
+                status: 400,
+                code: "model_too_long",
+                retry_after: None,
+                should_retry: "false",
+                openai_type: "invalid_request_error",
+                anthropic_type: "invalid_request_error",
+                grpc: "InvalidArgument",
+                message_has: "1048576 bytes",
                 request_id: None,
             },
             Row {
