@@ -163,6 +163,11 @@ fn upstream_stack(
         // Every answer names its route (in `Served`), the first route's too.
         .mark_primary(true)
         .build()?;
+    // Every request goes upstream with the gateway's own key: one provider account, so a
+    // provider's 429 is that account's, and the default per-model cooldown (HostModel)
+    // holding back every client is right. A proxy that forwards each client's own key
+    // would key its cooldowns per tenant instead:
+    // `.retry_after(RetryAfterAwareLayer::new().key_fn(ApiKeyHostModel))`.
     let mut stack = AiStack::new()
         // The gateway's provider account: stay inside its limits.
         .budget(TokenBudgetLayer::new(1_000, 1_000_000))

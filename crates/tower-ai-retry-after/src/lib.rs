@@ -40,8 +40,32 @@
 //!
 //! Key = a [`KeyFn`](tower_ai_core::keys::KeyFn): [`HostModel`](tower_ai_core::keys::HostModel)
 //! (default: provider host + model), [`ApiKeyHash`](tower_ai_core::keys::ApiKeyHash)
-//! (the API key, hashed, never stored), [`Global`](tower_ai_core::keys::Global), or a
+//! (the API key, hashed, never stored), [`ApiKeyHostModel`](tower_ai_core::keys::ApiKeyHostModel)
+//! (API key hash + host + model), [`Global`](tower_ai_core::keys::Global), or a
 //! closure.
+//!
+//! # Which key: one account, or one per tenant
+//!
+//! The default, `HostModel`, models **one provider account**: a `Retry-After` on
+//! `host/model` cools that model down for every caller of the layer, for up to
+//! [`max_cooldown`](CooldownConfigBuilder::max_cooldown). That is right when every
+//! request spends the same API key's limits (an application, or a gateway that calls the
+//! provider with its own key): the next caller would get the same 429. It is wrong in a
+//! proxy that forwards **each tenant's own API key**: the provider's limits are then per
+//! key, and one tenant's 429 would hold back every other tenant of that model. Such a
+//! proxy keys the gate by tenant too:
+//!
+//! ```
+//! use tower_ai_core::keys::ApiKeyHostModel;
+//! use tower_ai_retry_after::RetryAfterAwareLayer;
+//! let gate = RetryAfterAwareLayer::new().key_fn(ApiKeyHostModel);
+//! # let _ = gate;
+//! ```
+//!
+//! The price is one state per tenant and model, within `max_keys`. The same choice
+//! applies to TokenBudget's key (per-tenant limits: `ApiKeyHash` or `ApiKeyHostModel`)
+//! and, more rarely, to CircuitBreaker's (an outage is the provider's, for all tenants:
+//! keep `HostModel` unless failures are per key, e.g. a revoked key).
 //!
 //! ```
 //! use std::time::Duration;

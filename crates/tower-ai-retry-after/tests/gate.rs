@@ -393,3 +393,63 @@ async fn learns_from_any_status_classified_as_overloaded() {
     send.send_response(resp(200, &[]));
     waiting.await.unwrap().unwrap();
 }
+
+/// Issue #16: in a proxy forwarding each tenant's own API key, one tenant's 429 cooled
+/// the model down for every tenant. The composite key keeps cooldowns per tenant; the
+/// default still shares them (one provider account).
+#[tokio::test(start_paused = true)]
+async fn the_composite_key_cools_down_only_the_tenant_that_was_told_to_wait() {
+    use tower_ai_core::keys::ApiKeyHostModel;
+    let tenant = |key: &str| {
+        let mut r = request("gpt-4o");
+        r.headers_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        r
+    };
+    for per_tenant in [false, true] {
+        let base = RetryAfterAwareLayer::builder().fail_fast().build().unwrap();
+        let (svc, mut handle) = mock::pair::<Request<String>, Response<String>>();
+        // `key_fn` makes a new state: build the per-tenant layer once.
+        let layer_pt = base.key_fn(ApiKeyHostModel);
+        let run = |req: Request<String>| {
+            let svc = svc.clone();
+            let (a, b) = (base.clone(), layer_pt.clone());
+            async move {
+                if per_tenant {
+                    ServiceBuilder::new()
+                        .layer(b)
+                        .service(svc)
+                        .oneshot(req)
+                        .await
+                } else {
+                    ServiceBuilder::new()
+                        .layer(a)
+                        .service(svc)
+                        .oneshot(req)
+                        .await
+                }
+            }
+        };
+        let a = tokio::spawn(run(tenant("sk-a")));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(resp(429, &[("retry-after", "30")]));
+        assert_eq!(a.await.unwrap().unwrap().status(), 429);
+        // Tenant b, same model, one second later.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let b = tokio::spawn(run(tenant("sk-b")));
+        if per_tenant {
+            let (_, send) = handle.next_request().await.unwrap();
+            send.send_response(resp(200, &[]));
+            assert_eq!(b.await.unwrap().unwrap().status(), 200);
+        } else {
+            let err = b.await.unwrap().unwrap_err();
+            assert!(
+                matches!(
+                    err.downcast_ref::<AiError>(),
+                    Some(AiError::CoolingDown { .. })
+                ),
+                "{err}"
+            );
+        }
+    }
+}
