@@ -68,8 +68,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::{json, Value};
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_ai::core::keys::ApiKeyHash;
-use tower_ai::core::top_level_value_span;
+use tower_ai::core::check_model;
+use tower_ai::core::keys::{ApiKeyHash, ApiKeyHostModel};
 use tower_ai::fallback::{FallbackChain, Route, Served};
 use tower_ai::prelude::*;
 use tower_ai::sim::{Fault, Latency, ModelSpec, Scenario, Simulator, StreamFault};
@@ -79,9 +79,6 @@ use tower_ai::{ErrorDialect, ErrorReply};
 const CLIENT_RPM: u64 = 300;
 /// Requests (streams included, until they end) each client API key may have in flight.
 const CLIENT_CONCURRENT: u32 = 4;
-/// The longest model name the gateway forwards (in bytes, as JSON text): longer ones are
-/// a 400, never a key in the stack's per-model state.
-const MAX_MODEL_LEN: usize = 256;
 /// How long an idle upstream connection is kept in the pool.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(90);
 /// The demo client keys, when none are configured.
@@ -171,6 +168,10 @@ fn upstream_stack(
     let mut stack = AiStack::new()
         // The gateway's provider account: stay inside its limits.
         .budget(TokenBudgetLayer::new(1_000, 1_000_000))
+        // Cooldowns per upstream key, host and model: here every request carries the
+        // gateway's one key, so this is host + model; a proxy forwarding each client's own
+        // key keeps one client's 429 from pausing the others.
+        .retry_after(RetryAfterAwareLayer::new().key_fn(ApiKeyHostModel))
         .fallback(ModelFallbackLayer::new(chain));
     if let Some(idle) = stall_idle {
         stack = stack.stall(StallDetectorLayer::builder().idle(idle).build()?);
@@ -228,15 +229,6 @@ async fn chat_completions(State(app): State<App>, headers: HeaderMap, body: Byte
             "unknown API key",
         );
     }
-    if let Some(span) = top_level_value_span(&body, b"model") {
-        if span.len() > MAX_MODEL_LEN + 2 {
-            let message = format!(
-                "model name of {} bytes: at most {MAX_MODEL_LEN} are accepted",
-                span.len() - 2
-            );
-            return openai_error(StatusCode::BAD_REQUEST, "model_too_long", &message);
-        }
-    }
     let mut req = Request::new(AiBody::from(body));
     *req.method_mut() = http::Method::POST;
     // The client's (known) key: the per-client budget hashes it.
@@ -248,6 +240,14 @@ async fn chat_completions(State(app): State<App>, headers: HeaderMap, body: Byte
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    // An absurd model name (a 1 MiB one, say) is a 400 before it reaches the budget or
+    // any per-model state (AiRetry would refuse it too, further in).
+    if let Err(err) = check_model(&req) {
+        return err
+            .reply()
+            .to_response(ErrorDialect::OpenAi)
+            .into_response();
+    }
     match app.gateway.oneshot(req).await {
         // Status, content type, rate-limit headers and body (JSON or SSE) as the upstream sent them.
         Ok(res) => forward(res),
