@@ -69,7 +69,7 @@ use serde_json::{json, Value};
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_ai::core::check_model;
-use tower_ai::core::keys::{ApiKeyHash, ApiKeyHostModel};
+use tower_ai::core::keys::ApiKeyHash;
 use tower_ai::fallback::{FallbackChain, Route, Served};
 use tower_ai::prelude::*;
 use tower_ai::sim::{Fault, Latency, ModelSpec, Scenario, Simulator, StreamFault};
@@ -168,10 +168,6 @@ fn upstream_stack(
     let mut stack = AiStack::new()
         // The gateway's provider account: stay inside its limits.
         .budget(TokenBudgetLayer::new(1_000, 1_000_000))
-        // Cooldowns per upstream key, host and model: here every request carries the
-        // gateway's one key, so this is host + model; a proxy forwarding each client's own
-        // key keeps one client's 429 from pausing the others.
-        .retry_after(RetryAfterAwareLayer::new().key_fn(ApiKeyHostModel))
         .fallback(ModelFallbackLayer::new(chain));
     if let Some(idle) = stall_idle {
         stack = stack.stall(StallDetectorLayer::builder().idle(idle).build()?);
