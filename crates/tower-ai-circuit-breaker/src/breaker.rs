@@ -209,7 +209,8 @@ impl Core {
     }
 
     fn instant(&self, nanos: u64) -> Instant {
-        self.epoch + Duration::from_nanos(nanos)
+        let d = Duration::from_nanos(nanos);
+        self.epoch.checked_add(d).unwrap_or(self.epoch)
     }
 
     #[inline]
@@ -557,7 +558,11 @@ impl Core {
         } else {
             0
         };
-        let until = now + self.cfg.open_duration_after(g.reopens);
+        // At most 7 days (the config's bound), so the sum fits any clock; checked all
+        // the same, so no configuration can make a trip panic.
+        let until = now
+            .checked_add(self.cfg.open_duration_after(g.reopens))
+            .unwrap_or(now);
         self.open_until.store(self.nanos(until), Ordering::Release);
         self.reset_window(g);
         g.in_flight = 0;

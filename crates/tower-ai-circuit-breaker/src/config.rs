@@ -218,6 +218,19 @@ pub struct CircuitBreakerConfigBuilder {
     max_open: Option<Duration>,
 }
 
+/// The longest duration any setting takes (open durations, windows, thresholds, the
+/// idle timeout): 7 days. Longer ones are refused by
+/// [`build`](CircuitBreakerConfigBuilder::build), so every deadline the breaker computes
+/// fits a clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The largest count window, in calls (each key keeps up to one entry per failed or slow
+/// call of its window).
+pub const MAX_WINDOW_CALLS: u64 = 1_000_000;
+
+/// The largest `max_keys`.
+pub const MAX_KEYS: u64 = 100_000_000;
+
 impl CircuitBreakerConfigBuilder {
     /// Measure over the last `calls` calls (default 50).
     pub fn count_window(mut self, calls: u32) -> Self {
@@ -315,6 +328,37 @@ impl CircuitBreakerConfigBuilder {
     pub fn build(self) -> Result<CircuitBreakerConfig, ConfigError> {
         let mut c = self.config;
         c.max_open_duration = self.max_open.unwrap_or(c.open_duration);
+        let too_long = |what, value: Duration| {
+            if value > MAX_DURATION {
+                Err(ConfigError::TooLong {
+                    what,
+                    value,
+                    max: MAX_DURATION,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        too_long("open_duration", c.open_duration)?;
+        too_long("max_open_duration", c.max_open_duration)?;
+        too_long("idle_timeout", c.idle_timeout)?;
+        if let Window::Time { length, .. } = c.window {
+            too_long("time window", length)?;
+        }
+        if let Some(s) = c.slow {
+            too_long("slow_calls threshold", s.threshold)?;
+        }
+        let too_many = |what, value: u64, max: u64| {
+            if value > max {
+                Err(ConfigError::TooMany { what, value, max })
+            } else {
+                Ok(())
+            }
+        };
+        if let Window::Count { calls } = c.window {
+            too_many("count window", u64::from(calls), MAX_WINDOW_CALLS)?;
+        }
+        too_many("max_keys", c.max_keys as u64, MAX_KEYS)?;
         match c.window {
             Window::Count { calls: 0 } => return Err(ConfigError::EmptyWindow),
             Window::Count { calls } if c.minimum_calls > calls => {
@@ -423,6 +467,26 @@ pub enum ConfigError {
     /// An open-duration multiplier below 1 or not finite.
     #[error("the open-duration multiplier must be finite and at least 1, got {0}")]
     Multiplier(f64),
+    /// A duration above its bound ([`MAX_DURATION`]).
+    #[error("{what} of {value:?} is longer than the {max:?} allowed")]
+    TooLong {
+        /// Which setting.
+        what: &'static str,
+        /// The value given.
+        value: Duration,
+        /// The bound.
+        max: Duration,
+    },
+    /// A count above its bound.
+    #[error("{what} of {value} is more than the {max} allowed")]
+    TooMany {
+        /// Which setting.
+        what: &'static str,
+        /// The value given.
+        value: u64,
+        /// The bound.
+        max: u64,
+    },
     /// A cap below the base open duration.
     #[error("max open duration {max:?} is shorter than the open duration {open:?}")]
     MaxOpenBelowOpen {

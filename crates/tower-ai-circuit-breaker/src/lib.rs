@@ -156,7 +156,7 @@ pub use body::BreakerBody;
 pub use breaker::Metrics;
 pub use config::{
     CircuitBreakerConfig, CircuitBreakerConfigBuilder, ConfigError, FailurePolicy, SlowCalls,
-    Window,
+    Window, MAX_DURATION, MAX_KEYS, MAX_WINDOW_CALLS,
 };
 pub use event::{CircuitEvent, CircuitState, Listener, TransitionReason};
 pub use handle::CircuitBreakerHandle;
