@@ -124,11 +124,11 @@ async fn over_loopback_a_request_that_cannot_fit_waits_for_the_reset_and_is_answ
     assert_eq!(first.status(), 200);
     let _ = first.into_body().collect().await.unwrap();
 
-    // The second request would find the window full.
-    let started = std::time::Instant::now();
-    let res = tokio::time::timeout(Duration::from_secs(10), ai.clone().oneshot(ask(chat(true))))
+    // The second request would find the window full. (A real socket, so the real clock:
+    // a generous bound that only a hang reaches, however loaded the machine.)
+    let res = tokio::time::timeout(Duration::from_secs(60), ai.clone().oneshot(ask(chat(true))))
         .await
-        .expect("answered within 10 s")
+        .expect("answered, not hung")
         .unwrap();
     assert_eq!(res.status(), 200);
     let text = res.into_body().collect().await.unwrap().to_bytes();
@@ -137,7 +137,6 @@ async fn over_loopback_a_request_that_cannot_fit_waits_for_the_reset_and_is_answ
         text.trim_end().ends_with("data: [DONE]"),
         "the stream arrived whole: {text}"
     );
-    assert!(started.elapsed() < Duration::from_secs(5));
 
     let calls = sim.calls();
     let statuses: Vec<u16> = calls.iter().map(|c| c.status).collect();
@@ -149,10 +148,16 @@ async fn over_loopback_a_request_that_cannot_fit_waits_for_the_reset_and_is_answ
         statuses == [200, 200] || statuses == [200, 429, 200],
         "{statuses:?}"
     );
-    assert!(
-        calls[1].at >= Duration::from_millis(1500),
-        "sent at {:?}: not held for the reset at 2 s",
-        calls[1].at
+    // The simulator's rate windows are 2 s long from its start: the answered second
+    // request went out in a later window than the first (it was held for the reset), and
+    // in the very next one (it was held for the reset, not for a fixed or much longer
+    // wait). Event times on the simulator's own clock, whatever the machine's load.
+    let window = |at: Duration| at.as_millis() / 2000;
+    let (first, last) = (calls[0].at, calls.last().unwrap().at);
+    assert_eq!(
+        window(last),
+        window(first) + 1,
+        "first sent at {first:?}, the answered second at {last:?}: not held for the reset"
     );
     // Each call carried the exact bytes the client gave the stack.
     let sent = [digest(&chat(false)), digest(&chat(true))];

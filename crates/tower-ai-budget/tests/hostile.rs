@@ -175,8 +175,14 @@ async fn new_keys_cost_the_same_whatever_the_map_holds() {
         drop(held);
         per_key
     }
-    let small = per_new_key(200).await;
-    let large = per_new_key(20_000).await;
+    // Real time on a shared machine: the best of three runs each, so that a run the
+    // scheduler interrupts does not pass for a slow map.
+    let mut small = Duration::MAX;
+    let mut large = Duration::MAX;
+    for _ in 0..3 {
+        small = small.min(per_new_key(200).await);
+        large = large.min(per_new_key(20_000).await);
+    }
     assert!(
         large < small * 10 + Duration::from_micros(20),
         "{large:?} per new key with 20,000 keys, {small:?} with 200"
