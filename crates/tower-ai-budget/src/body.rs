@@ -73,15 +73,17 @@ impl Reader {
 
     /// How the reservation settles when the body ends cleanly (its last frame read).
     ///
-    /// A stream that reached its terminal event settles on the usage it reported; one
-    /// that ended without it was cut (a proxy closing the connection, say), and the
+    /// A stream that reached its terminal event settles on the usage it reported (unless
+    /// an event over [`max_event`](crate::TokenBudgetBuilder::max_event) went unread: its
+    /// usage may lie in it, so the reservation stays the floor); one that ended without it
+    /// was cut (a proxy closing the connection, say), and the
     /// provider may bill more than it reported so far: see [`Reader::cut`].
     fn at_end(&mut self) -> Finish {
         match self {
             Reader::None | Reader::Overflow => Finish::Keep,
             Reader::Sse(scanner) => {
                 scanner.finish();
-                if reached_terminal(scanner) {
+                if reached_terminal(scanner) && !scanner.oversized_seen() {
                     scanner.usage().map_or(Finish::Keep, Finish::Used)
                 } else {
                     scanner.usage().map_or(Finish::Keep, Finish::AtLeast)
@@ -100,7 +102,9 @@ impl Reader {
     fn cut(&self) -> Finish {
         match self {
             Reader::Sse(scanner) => match scanner.usage() {
-                Some(u) if reached_terminal(scanner) => Finish::Used(u),
+                Some(u) if reached_terminal(scanner) && !scanner.oversized_seen() => {
+                    Finish::Used(u)
+                }
                 Some(u) => Finish::AtLeast(u),
                 None => Finish::Keep,
             },

@@ -214,6 +214,8 @@ struct ScanState {
     terminal_seen: bool,
     finish: Option<FinishReason>,
     usage: Option<Usage>,
+    /// An event over the bound was seen (its end, and what it said there, unread).
+    oversized: bool,
     /// The error found in the chunk being read (kept here rather than in the chunk's
     /// facts, which are then built in place: a classification is large).
     error: Option<Classification>,
@@ -247,6 +249,7 @@ impl StreamScanner {
                 terminal_seen: false,
                 finish: None,
                 usage: None,
+                oversized: false,
                 error: None,
             },
         }
@@ -281,6 +284,12 @@ impl StreamScanner {
     /// Whether the terminal marker arrived.
     pub fn terminal_seen(&self) -> bool {
         self.state.terminal_seen
+    }
+    /// Whether an event over the bound was seen: only its name and start were read, so a
+    /// usage or finish reason it held is not known (a budget should not settle below its
+    /// reservation then).
+    pub fn oversized_seen(&self) -> bool {
+        self.state.oversized
     }
     /// Why the model stopped, once it said.
     pub fn finish_reason(&self) -> Option<FinishReason> {
@@ -531,6 +540,7 @@ impl ScanState {
     /// is a content delta, else a sign of life.
     #[cold]
     fn oversized(&mut self, event: &str, head: &[u8], seen: &mut Seen) {
+        self.oversized = true;
         let mut ty = None;
         let mut reason = None;
         let mut error_first = false;
@@ -553,7 +563,7 @@ impl ScanState {
             event
         };
         if error_first || name == "error" {
-            self.error = Some(stream_error(self.dialect.provider(), head));
+            self.error = Some(stream_error(self.dialect.provider(), &salvage_error(head)));
             return;
         }
         let content = match self.dialect {
@@ -563,7 +573,7 @@ impl ScanState {
                     seen.terminal = true;
                     match (name, reason) {
                         ("response.failed", _) => {
-                            self.error = Some(stream_error(Provider::OpenAi, head));
+                            self.error = Some(stream_error(Provider::OpenAi, &salvage_error(head)));
                         }
                         (_, Some(r)) => self.finish = Some(FinishReason::parse(r)),
                         ("response.completed", None) => self.finish = Some(FinishReason::Stop),
@@ -607,6 +617,40 @@ impl ScanState {
             });
         }
     }
+}
+
+/// The start of an oversized error payload as an error object to classify: the start
+/// itself when it is whole JSON, else `{"error": {…}}` with what its keys still say (the
+/// first `type` other than `"error"`, `code` as a string or a number, `status`), so that
+/// an overloaded error whose message made it too large still classifies as overloaded.
+#[cold]
+fn salvage_error(head: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if serde_json::from_slice::<serde::de::IgnoredAny>(head).is_ok() {
+        return std::borrow::Cow::Borrowed(head);
+    }
+    let mut error = serde_json::Map::new();
+    each_key(head, |k| {
+        let at = k.value();
+        let name = match k.last() {
+            b'e' if k.is(b"type") => "type",
+            b'e' if k.is(b"code") => "code",
+            b's' if k.is(b"status") => "status",
+            _ => return,
+        };
+        if error.contains_key(name) {
+            return;
+        }
+        if let Some(v) = string_at(head, at) {
+            if !(name == "type" && v == "error") {
+                error.insert(name.to_owned(), Value::from(v));
+            }
+        } else if let Some(n) = u64_at(head, at) {
+            error.insert(name.to_owned(), Value::from(n));
+        }
+    });
+    let mut v = serde_json::Map::new();
+    v.insert("error".to_owned(), Value::Object(error));
+    std::borrow::Cow::Owned(Value::Object(v).to_string().into_bytes())
 }
 
 /// Re-serialises a data payload's truthy `error` member as `{"error": …}`, or `None` when

@@ -127,6 +127,7 @@
 //! [`AiError::Stalled`]: tower_ai_core::AiError::Stalled
 //! [`AiError::Provider`]: tower_ai_core::AiError::Provider
 //! [`AiError::Truncated`]: tower_ai_core::AiError::Truncated
+#![doc = include_str!("../TRUTH.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
