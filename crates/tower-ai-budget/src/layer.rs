@@ -24,15 +24,29 @@ impl TokenBudgetLayer {
     /// the layer, waiting up to 10 s for a request to fit. Use [`builder`](Self::builder)
     /// for the rest.
     ///
-    /// # Panics
-    ///
-    /// If either limit is zero (the builder returns an error instead).
+    /// Infallible: a limit of zero is taken as 1, the strictest a limit can be (fail
+    /// closed: a budget of nothing admits next to nothing), with a warning traced. The
+    /// [`builder`](Self::builder) returns an error for a zero limit instead.
     pub fn new(requests_per_minute: u64, tokens_per_minute: u64) -> Self {
-        TokenBudgetLayer::builder()
-            .requests_per_minute(requests_per_minute)
-            .tokens_per_minute(tokens_per_minute)
-            .build()
-            .expect("TokenBudgetLayer::new: limits must be greater than zero")
+        if requests_per_minute == 0 || tokens_per_minute == 0 {
+            tracing::warn!(
+                requests_per_minute,
+                tokens_per_minute,
+                "TokenBudgetLayer::new: a zero limit is taken as 1"
+            );
+        }
+        let built = TokenBudgetLayer::builder()
+            .requests_per_minute(requests_per_minute.max(1))
+            .tokens_per_minute(tokens_per_minute.max(1))
+            .build();
+        match built {
+            Ok(layer) => layer,
+            // Unreachable: two non-zero limits and defaults for the rest always build.
+            Err(_) => TokenBudgetLayer::builder()
+                .requests_per_minute(1)
+                .build()
+                .unwrap_or_else(|_| unreachable!("one non-zero limit builds")),
+        }
     }
 
     /// A builder: limits in any combination, key function, wait or reject, prices,

@@ -15,6 +15,15 @@ use crate::ratelimit::{RateLimitInfo, RequestedWait, WaitSource};
 
 /// Limits for classification. Every field comes from the user, so none can make a wait
 /// or a read unbounded.
+///
+/// Every value of every field is valid, so the fields are public and there is nothing
+/// to check: `0` reads no error body (the response is classified from its status and
+/// headers) and clamps every requested wait to zero (flagged as
+/// [`exceeds_max`](RequestedWait::exceeds_max)); `Duration::MAX` and `usize::MAX` mean
+/// no limit of this config's own (the error body is still read only until it ends, and
+/// a provider's wait is still whatever it asked). Nothing is computed from them that can
+/// overflow: the timer saturates, and the buffer grows with the bytes that arrive, never
+/// to `max_error_body` up front.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClassifyConfig {
     /// The longest wait a provider may ask for and get: longer requests are clamped to

@@ -35,9 +35,18 @@ impl Shared {
 }
 
 impl AiRetryLayer {
-    /// Retries with the default configuration and `max_attempts` attempts in all
-    /// (clamped to 1..=100).
+    /// Retries with the default configuration and `max_attempts` attempts in all.
+    ///
+    /// Infallible: a count outside 1..=100 is clamped into it (0 is 1, no retry; above
+    /// 100 is 100), with a warning traced. For an error instead, use
+    /// [`builder`](AiRetryLayer::builder)`().max_attempts(n).build()`.
     pub fn new(max_attempts: u32) -> Self {
+        if !(1..=100).contains(&max_attempts) {
+            tracing::warn!(
+                max_attempts,
+                "AiRetryLayer::new: max_attempts clamped to 1..=100"
+            );
+        }
         let config = AiRetryConfig {
             max_attempts: max_attempts.clamp(1, 100),
             ..AiRetryConfig::default()
