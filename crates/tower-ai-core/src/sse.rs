@@ -332,6 +332,7 @@ impl SseParser {
                     event,
                     head: &self.head,
                 });
+                self.head.clear();
             } else {
                 let data = match data_at {
                     Some(r) => &chunk[r],
@@ -342,7 +343,6 @@ impl SseParser {
         }
         self.data.clear();
         self.event.clear();
-        self.head.clear();
         self.has_data = false;
         self.oversized = false;
     }
@@ -363,15 +363,18 @@ impl SseParser {
             range.start + v.min(line.len())..range.end
         };
         // The two fields of nearly every line by their prefix; the rest by the colon.
+        if line.starts_with(b"data:") {
+            if self.oversized {
+                return;
+            }
+            return self.data_line(src, value(4), held);
+        }
         if line.starts_with(b"event:") {
             // Kept for an oversized event too: its name tells what it was.
             return self.event_line(src, value(5), held);
         }
         if self.oversized {
             return;
-        }
-        if line.starts_with(b"data:") {
-            return self.data_line(src, value(4), held);
         }
         if line[0] == b':' {
             return on_item(SseItem::Comment(&line[1..]));
