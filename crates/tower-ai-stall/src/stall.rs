@@ -292,7 +292,11 @@ impl Tracker {
             return;
         }
         if j.first.is_none() && j.copied.is_empty() {
-            j.first = Some(data.clone());
+            if data.len() > j.max {
+                j.over = true;
+            } else {
+                j.first = Some(data.clone());
+            }
             return;
         }
         let first = j.first.take();

@@ -906,6 +906,22 @@ async fn truncation_of_a_non_streamed_json_answer_is_reported_like_a_stream() {
         };
         assert_eq!(cut(&output.to_string()), want, "{uri}: {:#?}", log.events());
     }
+    // An answer over the bound is passed on unread, in one frame or several.
+    let (_, answer, _, _) = cases[0];
+    for split in [answer.len(), answer.len() / 2] {
+        let (a, b) = answer.split_at(split);
+        let steps = [Send(leak(a.to_owned())), Send(leak(b.to_owned()))];
+        let (tx, body) = chan();
+        play(tx, &steps);
+        let res = call(cfg().max_event(64), unary(OPENAI), json(body))
+            .await
+            .unwrap();
+        let outcome = res.extensions().get::<StreamOutcome>().cloned().unwrap();
+        let read = read_body(res.into_body()).await;
+        assert_eq!(read.bytes(), answer.as_bytes());
+        let s = outcome.get().unwrap();
+        assert_eq!((s.finish_reason, s.usage), (None, None));
+    }
 }
 
 // ---------------------------------------------------------------- body contract
