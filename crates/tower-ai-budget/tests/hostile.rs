@@ -165,12 +165,18 @@ async fn new_keys_cost_the_same_whatever_the_map_holds() {
         for i in 0..max_keys {
             held.push(send(&svc, tenant(&format!("busy-{i}"))).await.unwrap());
         }
-        let reqs: Vec<_> = (0..2000).map(|i| tenant(&format!("new-{i}"))).collect();
-        let start = std::time::Instant::now();
-        for r in reqs {
-            let _ = send(&svc, r).await;
+        // The least of three rounds: a busy machine slows a round, never speeds one up.
+        let mut per_key = Duration::MAX;
+        for round in 0..3 {
+            let reqs: Vec<_> = (0..2000)
+                .map(|i| tenant(&format!("new-{round}-{i}")))
+                .collect();
+            let start = std::time::Instant::now();
+            for r in reqs {
+                let _ = send(&svc, r).await;
+            }
+            per_key = per_key.min(start.elapsed() / 2000);
         }
-        let per_key = start.elapsed() / 2000;
         assert!(layer.key_count() <= max_keys + 1, "{}", layer.key_count());
         drop(held);
         per_key
