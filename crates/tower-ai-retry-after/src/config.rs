@@ -158,7 +158,8 @@ impl CooldownConfigBuilder {
         self
     }
 
-    /// The most keys kept (idle ones are evicted first, then the least recently seen).
+    /// The most keys kept (idle ones are evicted first, then the least recently seen of
+    /// those without a running cooldown; a running cooldown is never evicted).
     /// Default 10,000.
     pub fn max_keys(mut self, n: usize) -> Self {
         self.cfg.tuning.max_keys = n;

@@ -314,17 +314,30 @@ impl Cooldowns {
             shard.retain(|_, e| {
                 e.until.load(Relaxed) > n || n.saturating_sub(e.last_seen.load(Relaxed)) < idle
             });
+            let mut full = false;
             if shard.len() >= cap {
-                // Still full of live keys: drop the least recently seen.
-                if let Some(oldest) = shard
+                // Still full of live keys: drop the least recently seen of those with no
+                // cooldown running and nobody waiting (they lose only their pacing). A
+                // cooldown is never forgotten before it ends, so no caller can lift one
+                // by teaching the gate about other keys; when every key holds one, the
+                // new key's lesson is not kept (the provider will say it again).
+                match shard
                     .iter()
+                    .filter(|(_, e)| e.until.load(Relaxed) <= n && e.waiters.load(Relaxed) == 0)
                     .min_by_key(|(_, e)| e.last_seen.load(Relaxed))
                     .map(|(k, _)| *k)
                 {
-                    shard.remove(&oldest);
+                    Some(oldest) => {
+                        shard.remove(&oldest);
+                    }
+                    None => full = true,
                 }
             }
             self.entries.fetch_sub(before - shard.len(), Relaxed);
+            if full {
+                tracing::debug!("retry_after_aware full of keys cooling down: lesson not kept");
+                return Arc::new(Entry::default());
+            }
         }
         let e = Arc::new(Entry {
             budget_end: AtomicU64::new(UNPACED),
@@ -470,6 +483,31 @@ mod tests {
                 until: t1 + Duration::from_millis(250),
                 spread: false
             }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn churn_never_lifts_a_running_cooldown() {
+        let c = Cooldowns::new(tuning());
+        let now = Instant::now();
+        let wait = |s| Lesson {
+            wait: Some(Duration::from_secs(s)),
+            info: None,
+        };
+        let victim = Key::of("victim");
+        c.learn(victim, None, now, now, wait(60));
+        // Every other key is seen later than the victim.
+        for i in 0..10_000u32 {
+            let t = now + Duration::from_micros(u64::from(i) + 1);
+            c.learn(Key::of(&i), None, t, t, wait(60));
+        }
+        assert!(c.len() <= 32 + SHARDS, "{} keys kept", c.len());
+        assert!(
+            matches!(
+                c.admit(victim, now + Duration::from_secs(1)),
+                Admit::Wait { .. }
+            ),
+            "the cooldown survives key churn"
         );
     }
 

@@ -34,7 +34,9 @@
 //!   `Retry-After`): each waiter wakes at a random point of `release_spread` after the
 //!   end, drawn from a seeded RNG.
 //! - **Bounded**: at most `max_keys` keys; idle keys without a cooldown are evicted
-//!   first, then the least recently seen. A key with state takes about 115 bytes (its
+//!   first, then the least recently seen without a running cooldown or waiters. A running
+//!   cooldown is never forgotten before it ends (teaching the gate about other keys
+//!   cannot lift it); when every key holds one, a new key's lesson is not kept. A key with state takes about 115 bytes (its
 //!   entry and its share of the table; `tests/hostile.rs`, `memory_per_key`);
 //!   [`RetryAfterAwareLayer::stats`] counts keys, waiters and bytes.
 //!
