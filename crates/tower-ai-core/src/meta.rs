@@ -263,6 +263,16 @@ pub fn top_level_value_span(json: &[u8], key: &[u8]) -> Option<std::ops::Range<u
 /// assert_eq!(tower_ai_core::top_level_bool(br#"{"stream":"yes"}"#, b"stream"), None);
 /// ```
 pub fn top_level_bool(json: &[u8], key: &[u8]) -> Option<bool> {
+    // A key that appears nowhere in the text is not at the top level: a vectorised search
+    // answers for most bodies (a non-streamed request rarely names `stream`) without walking
+    // their messages. The searcher for `stream`, the key asked for on every call, is built once.
+    static STREAM: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"stream"));
+    if key == b"stream" {
+        STREAM.find(json)?;
+    } else {
+        memchr::memmem::find(json, key)?;
+    }
     let v = json.get(top_level_value_at(json, key)?..)?;
     let end = |n: usize| {
         matches!(
