@@ -356,7 +356,6 @@ const SUCCESS: &str = "success";
 const FAILURE: &str = "failure";
 const USAGE_SETTLED: &str = "the usage reported (30)";
 const RESERVATION: &str = "max(usage so far, reservation)";
-const KEPT: &str = "the reservation (no usage read)";
 
 /// What each case must come to.
 fn expected(d: Dialect, ending: Ending) -> Row {
@@ -390,16 +389,18 @@ fn expected(d: Dialect, ending: Ending) -> Row {
             "provider error inside the stream",
         ),
         OversizedTerminal => match d {
-            // The finish reason and usage lie past the kept start of the closing event.
-            Responses => row("the whole body", SUCCESS, KEPT, "—"),
-            // Gemini's marker (finishReason) follows the candidate's content: past the
-            // start kept of an oversized chunk, so the stream reads as cut.
-            Gemini => row(truncated, FAILURE, RESERVATION, no_marker),
-            // An event went unread past its start: the usage may lie there, so the
+            // The usage ends the closing event, in the end kept of it (Gemini's marker,
+            // its finishReason, too).
+            Responses | Anthropic | Gemini => row("the whole body", SUCCESS, USAGE_SETTLED, "—"),
+            // The large chunk ends with no usage: what it held is not known, so the
             // budget does not settle below the reservation.
+            Chat | Azure | Compatible => row("the whole body", SUCCESS, RESERVATION, "—"),
+        },
+        OversizedOrdinary => match d {
+            // Each Gemini chunk ends with its usageMetadata.
+            Gemini => row("the whole body", SUCCESS, USAGE_SETTLED, "—"),
             _ => row("the whole body", SUCCESS, RESERVATION, "—"),
         },
-        OversizedOrdinary => row("the whole body", SUCCESS, RESERVATION, "—"),
         TokenLimit => row(
             "the whole body; `StreamOutcome` says Length",
             SUCCESS,
@@ -504,12 +505,7 @@ async fn observe(d: Dialect, ending: Ending, log: &TraceLog) -> Row {
     let budget = if settled == USAGE {
         USAGE_SETTLED
     } else if settled == reserved {
-        // Which of the two rules it was is told by whether usage could be read.
-        if matches!((d, ending), (Responses, OversizedTerminal)) {
-            KEPT
-        } else {
-            RESERVATION
-        }
+        RESERVATION
     } else {
         panic!("{d:?} {ending:?}: settled {settled}, reserved {reserved}")
     };

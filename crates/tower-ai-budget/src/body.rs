@@ -74,8 +74,9 @@ impl Reader {
     /// How the reservation settles when the body ends cleanly (its last frame read).
     ///
     /// A stream that reached its terminal event settles on the usage it reported (unless
-    /// an event over [`max_event`](crate::TokenBudgetBuilder::max_event) went unread: its
-    /// usage may lie in it, so the reservation stays the floor); one that ended without it
+    /// the last event over [`max_event`](crate::TokenBudgetBuilder::max_event) showed no
+    /// usage at its end, which is all of it that is read: its usage may lie in it, so the
+    /// reservation stays the floor); one that ended without it
     /// was cut (a proxy closing the connection, say), and the
     /// provider may bill more than it reported so far: see [`Reader::cut`].
     fn at_end(&mut self) -> Finish {
@@ -83,7 +84,7 @@ impl Reader {
             Reader::None | Reader::Overflow => Finish::Keep,
             Reader::Sse(scanner) => {
                 scanner.finish();
-                if reached_terminal(scanner) && !scanner.oversized_seen() {
+                if reached_terminal(scanner) && !scanner.oversized_unread() {
                     scanner.usage().map_or(Finish::Keep, Finish::Used)
                 } else {
                     scanner.usage().map_or(Finish::Keep, Finish::AtLeast)
@@ -102,7 +103,7 @@ impl Reader {
     fn cut(&self) -> Finish {
         match self {
             Reader::Sse(scanner) => match scanner.usage() {
-                Some(u) if reached_terminal(scanner) && !scanner.oversized_seen() => {
+                Some(u) if reached_terminal(scanner) && !scanner.oversized_unread() => {
                     Finish::Used(u)
                 }
                 Some(u) => Finish::AtLeast(u),

@@ -466,9 +466,13 @@ impl<K, L> TokenBudgetBuilder<K, L> {
     /// most this much of one event. A larger event (an OpenAI Responses
     /// `response.completed` with a generated image inline, a Gemini chunk with inline
     /// data) is not read whole, but its name and the start of its data still tell a
-    /// terminal event or an error, so the stream is judged as it ended: only the usage it
-    /// held is lost (then the reservation is kept, as for a stream with no usage). Raise it
-    /// when such events matter for the count.
+    /// terminal event or an error, and the end of its data (its last 16 KiB, less for a
+    /// bound under 32 KiB) the usage object these events end with (OpenAI's `usage`,
+    /// Gemini's `usageMetadata`), so the stream is judged as it ended and settles on that
+    /// usage. Only when a large event shows no usage at its end (an OpenAI Chat chunk with
+    /// a large delta, whose usage comes in a chunk of its own) is the reservation kept as
+    /// the floor, since what it held is not known. Raise it when such events matter for
+    /// the count.
     pub fn max_event(mut self, bytes: usize) -> Self {
         self.max_event = bytes;
         self

@@ -12,9 +12,11 @@
 //! It never copies a chunk to pass it on: callers hand it `&[u8]` and keep the chunk. It
 //! keeps only the bytes of an incomplete line and of the event being assembled, bounded by
 //! [`SseParser::with_max_event`]; a larger event is skipped and reported as
-//! [`SseItem::Oversized`] with its name and the start of its data, so that what it was (a
-//! terminal event, an error) can still be told.
+//! [`SseItem::Oversized`] with its name, the start of its data and the end of it, so that
+//! what it was (a terminal event, an error) and what it said last (Gemini's `finishReason`,
+//! a usage object) can still be told.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 
 /// What the parser found in the input.
@@ -36,9 +38,11 @@ pub enum SseItem<'a> {
         /// Its value.
         value: &'a [u8],
     },
-    /// An event was larger than the limit and was skipped. Its name and the start of its
-    /// data are kept, so that a reader can still tell a terminal event (OpenAI Responses'
-    /// `response.completed` holding a large image inline) or an error from the rest.
+    /// An event was larger than the limit and was skipped. Its name and the start and the
+    /// end of its data are kept, so that a reader can still tell a terminal event (OpenAI
+    /// Responses' `response.completed` holding a large image inline, a Gemini chunk whose
+    /// `finishReason` follows a large inline image) or an error from the rest, and read
+    /// what the event ends with (usage).
     Oversized {
         /// The event name (`"message"` when it had none, or when its `event:` line came
         /// after the line that made it too large and was itself too long).
@@ -47,12 +51,19 @@ pub enum SseItem<'a> {
         /// the data was shorter before the line that did not fit was not a `data` line),
         /// the data lines joined with `\n` as in [`SseItem::Event`].
         head: &'a [u8],
+        /// The last bytes of its data ([`oversized_head`] of them at most), the data lines
+        /// joined with `\n` as in [`SseItem::Event`]: the end of the data the event would
+        /// have had under no bound, whatever the split of the input into chunks. It may
+        /// begin anywhere, inside a string or a UTF-8 sequence; it overlaps the head when
+        /// the data is shorter than both.
+        tail: &'a [u8],
     },
 }
 
-/// How many bytes of an oversized event's data [`SseItem::Oversized`] keeps, for an event
-/// bound of `max_event`: 16 KiB, or less for a small bound (half of it, less a `data: `
-/// prefix). Any split of the input into chunks gives the same head.
+/// How many bytes of an oversized event's data [`SseItem::Oversized`] keeps of its start
+/// (and as many of its end), for an event bound of `max_event`: 16 KiB, or less for a
+/// small bound (half of it, less a `data: ` prefix). Any split of the input into chunks
+/// gives the same head and the same tail.
 pub const fn oversized_head(max_event: usize) -> usize {
     let half = max_event.saturating_sub(6) / 2;
     if half < OVERSIZED_HEAD {
@@ -91,6 +102,8 @@ pub struct SseParser {
     event: Vec<u8>,
     /// The start of the data of an event found too large (see [`SseItem::Oversized`]).
     head: Vec<u8>,
+    /// The end of the data of an event found too large, as it streams past.
+    tail: Tail,
     /// The last event name handed out, kept to hand out the next one equal to it without
     /// checking its UTF-8 again (streams repeat a few names).
     name: String,
@@ -142,6 +155,7 @@ impl SseParser {
             data: Vec::new(),
             event: Vec::new(),
             head: Vec::new(),
+            tail: Tail::default(),
             name: String::new(),
             has_data: false,
             skip_lf: false,
@@ -152,9 +166,14 @@ impl SseParser {
         }
     }
 
-    /// Bytes held between calls (an incomplete line and the event being assembled).
+    /// Bytes held between calls (an incomplete line and the event being assembled, or the
+    /// start and end kept of an oversized one).
     pub fn buffered(&self) -> usize {
-        self.line.len() + self.data.len() + self.event.len() + self.head.len()
+        self.line.len()
+            + self.data.len()
+            + self.event.len()
+            + self.head.len()
+            + self.tail.bytes.len()
     }
 
     /// Parses `chunk`, calling `on_item` for each complete item.
@@ -210,17 +229,23 @@ impl SseParser {
         if !rest.is_empty() {
             self.skip_lf = false;
             if self.line_dropped {
-                // Still inside a line too long to keep.
+                // Still inside a line too long to keep: only its end is kept, if it is data.
+                let cap = oversized_head(self.max_event);
+                self.tail.line_part(rest, cap, &mut self.has_data);
             } else if self.line.len() + rest.len() + self.data.len() > self.max_event {
+                let cap = oversized_head(self.max_event);
                 if !self.oversized {
                     keep_head(
                         &mut self.head,
-                        oversized_head(self.max_event),
+                        cap,
                         [&self.data, &[]],
                         self.has_data,
                         [&self.line, rest],
                     );
+                    self.tail.push(&self.data, cap);
                 }
+                self.tail.line_part(&self.line, cap, &mut self.has_data);
+                self.tail.line_part(rest, cap, &mut self.has_data);
                 self.oversized = true;
                 self.line_dropped = true;
                 self.line.clear();
@@ -241,7 +266,7 @@ impl SseParser {
                 .extend_from_slice(&BOM[..usize::from(self.bom_seen)]);
             self.bom_seen = 3;
         }
-        if !self.line.is_empty() {
+        if !self.line.is_empty() || self.line_dropped {
             self.line_end(&[], 0..0, &mut held, &mut on_item);
         }
         self.dispatch(&[], &mut held, &mut on_item);
@@ -258,8 +283,11 @@ impl SseParser {
         on_item: &mut F,
     ) {
         if std::mem::take(&mut self.line_dropped) {
-            // The rest of a line too long to keep (none of it was kept): the event is
-            // skipped already.
+            // The rest of a line too long to keep: the event is skipped already, only the
+            // end of its data is kept.
+            let cap = oversized_head(self.max_event);
+            self.tail.line_part(&chunk[range], cap, &mut self.has_data);
+            self.tail.line_end(cap, &mut self.has_data);
             return;
         }
         // A line that does not fit with the event's data skips the event, wherever the
@@ -267,16 +295,22 @@ impl SseParser {
         let len = self.line.len() + range.len();
         let data = self.data.len() + held.data.as_ref().map_or(0, |r| r.len());
         if len > 0 && len + data > self.max_event {
+            let cap = oversized_head(self.max_event);
             if !self.oversized {
                 let held_data = held.data.clone().map_or(&[][..], |r| &chunk[r]);
                 keep_head(
                     &mut self.head,
-                    oversized_head(self.max_event),
+                    cap,
                     [&self.data, held_data],
                     self.has_data,
-                    [&self.line, &chunk[range]],
+                    [&self.line, &chunk[range.clone()]],
                 );
+                self.tail.push(&self.data, cap);
+                self.tail.push(held_data, cap);
             }
+            self.tail.line_part(&self.line, cap, &mut self.has_data);
+            self.tail.line_part(&chunk[range], cap, &mut self.has_data);
+            self.tail.line_end(cap, &mut self.has_data);
             self.oversized = true;
             self.line.clear();
             self.data.clear();
@@ -331,8 +365,10 @@ impl SseParser {
                 on_item(SseItem::Oversized {
                     event,
                     head: &self.head,
+                    tail: self.tail.bytes.make_contiguous(),
                 });
                 self.head.clear();
+                self.tail.bytes.clear();
             } else {
                 let data = match data_at {
                     Some(r) => &chunk[r],
@@ -365,7 +401,7 @@ impl SseParser {
         // The two fields of nearly every line by their prefix; the rest by the colon.
         if line.starts_with(b"data:") {
             if self.oversized {
-                return;
+                return self.tail_line(line);
             }
             return self.data_line(src, value(4), held);
         }
@@ -374,7 +410,8 @@ impl SseParser {
             return self.event_line(src, value(5), held);
         }
         if self.oversized {
-            return;
+            // A bare `data` line is an empty data line.
+            return self.tail_line(line);
         }
         if line[0] == b':' {
             return on_item(SseItem::Comment(&line[1..]));
@@ -393,6 +430,14 @@ impl SseParser {
                 value: &src[value],
             }),
         }
+    }
+
+    /// A whole line of an oversized event: its value, if it is a data line, goes to the tail.
+    #[cold]
+    fn tail_line(&mut self, line: &[u8]) {
+        let cap = oversized_head(self.max_event);
+        self.tail.line_part(line, cap, &mut self.has_data);
+        self.tail.line_end(cap, &mut self.has_data);
     }
 
     /// A `data` field whose value is `src[value]`.
@@ -425,6 +470,92 @@ impl SseParser {
                 self.event.extend_from_slice(&src[value]);
             }
         }
+    }
+}
+
+/// The end of an oversized event's data, kept as its lines stream past: a rolling buffer of
+/// the last `cap` bytes (`cap` is [`oversized_head`] of the bound), and where the line being
+/// read stands, for a line too long to keep that arrives in parts.
+#[derive(Debug, Clone, Default)]
+struct Tail {
+    bytes: VecDeque<u8>,
+    line: TailLine,
+}
+
+/// Where a line of an oversized event stands, read part by part: its first bytes may still
+/// be `data:`'s (`Prefix(n)`: the first `n` are), it is a data line past its colon (one
+/// space still to drop), in its value, or not a data line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TailLine {
+    Prefix(u8),
+    Colon,
+    Value,
+    Skip,
+}
+
+impl Default for TailLine {
+    fn default() -> Self {
+        TailLine::Prefix(0)
+    }
+}
+
+impl Tail {
+    /// Appends bytes of the event's data, keeping the last `cap`.
+    fn push(&mut self, bytes: &[u8], cap: usize) {
+        if bytes.len() >= cap {
+            self.bytes.clear();
+            self.bytes.extend(&bytes[bytes.len() - cap..]);
+        } else {
+            let over = (self.bytes.len() + bytes.len()).saturating_sub(cap);
+            self.bytes.drain(..over);
+            self.bytes.extend(bytes);
+        }
+    }
+
+    /// A data line's value begins: joined with `\n` to the data before it.
+    fn data_start(&mut self, cap: usize, has_data: &mut bool) {
+        if *has_data {
+            self.push(b"\n", cap);
+        }
+        *has_data = true;
+    }
+
+    /// The next part of the line being read (a line is read in one or more parts, then
+    /// ended with [`line_end`](Tail::line_end)).
+    fn line_part(&mut self, mut part: &[u8], cap: usize, has_data: &mut bool) {
+        while let Some(&b) = part.first() {
+            match self.line {
+                TailLine::Prefix(n) => {
+                    if b != b"data:"[usize::from(n)] {
+                        self.line = TailLine::Skip;
+                        return;
+                    }
+                    part = &part[1..];
+                    self.line = if n == 4 {
+                        self.data_start(cap, has_data);
+                        TailLine::Colon
+                    } else {
+                        TailLine::Prefix(n + 1)
+                    };
+                }
+                TailLine::Colon => {
+                    if b == b' ' {
+                        part = &part[1..];
+                    }
+                    self.line = TailLine::Value;
+                }
+                TailLine::Value => return self.push(part, cap),
+                TailLine::Skip => return,
+            }
+        }
+    }
+
+    /// The line being read ended (a bare `data` line is an empty data line).
+    fn line_end(&mut self, cap: usize, has_data: &mut bool) {
+        if self.line == TailLine::Prefix(4) {
+            self.data_start(cap, has_data);
+        }
+        self.line = TailLine::Prefix(0);
     }
 }
 
@@ -471,7 +602,7 @@ mod tests {
 
     fn own(i: SseItem<'_>) -> Owned {
         match i {
-            SseItem::Oversized { event, head } => {
+            SseItem::Oversized { event, head, .. } => {
                 Owned::OversizedHead(event.into(), String::from_utf8_lossy(head).into())
             }
             i => own_plain(i),

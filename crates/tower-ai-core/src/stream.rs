@@ -214,8 +214,11 @@ struct ScanState {
     terminal_seen: bool,
     finish: Option<FinishReason>,
     usage: Option<Usage>,
-    /// An event over the bound was seen (its end, and what it said there, unread).
+    /// An event over the bound was seen.
     oversized: bool,
+    /// The last event over the bound held no usage that its tail showed: the usage it
+    /// may have had is not known.
+    oversized_unread: bool,
     /// The error found in the chunk being read (kept here rather than in the chunk's
     /// facts, which are then built in place: a classification is large).
     error: Option<Classification>,
@@ -238,8 +241,9 @@ impl StreamScanner {
 
     /// A scanner for `dialect` whose parser holds at most `max_event` bytes of one event
     /// ([`SseParser::with_max_event`]). A larger event is not read whole, but its name and
-    /// the start of its data still tell a terminal event or an error (see
-    /// [`SseItem::Oversized`]).
+    /// the start of its data still tell a terminal event or an error, and the end of its
+    /// data a Gemini `finishReason` and a usage object (see [`SseItem::Oversized`] and
+    /// [`oversized_unread`](StreamScanner::oversized_unread)).
     pub fn with_max_event(dialect: StreamDialect, max_event: usize) -> Self {
         StreamScanner {
             parser: SseParser::with_max_event(max_event),
@@ -250,6 +254,7 @@ impl StreamScanner {
                 finish: None,
                 usage: None,
                 oversized: false,
+                oversized_unread: false,
                 error: None,
             },
         }
@@ -285,11 +290,19 @@ impl StreamScanner {
     pub fn terminal_seen(&self) -> bool {
         self.state.terminal_seen
     }
-    /// Whether an event over the bound was seen: only its name and start were read, so a
-    /// usage or finish reason it held is not known (a budget should not settle below its
-    /// reservation then).
+    /// Whether an event over the bound was seen: only its name, its start and its end were
+    /// read (see [`oversized_unread`](StreamScanner::oversized_unread)).
     pub fn oversized_seen(&self) -> bool {
         self.state.oversized
+    }
+    /// Whether the last event over the bound showed no usage in the end kept of it, so
+    /// that a usage it held is not known (a budget should not settle below its
+    /// reservation then). An oversized event whose end holds a usage object that the
+    /// scanner reads there (OpenAI Chat's and Responses' `usage`, Anthropic
+    /// `message_delta`'s, Gemini's `usageMetadata`) leaves it false: the dialects report
+    /// usage cumulatively, so that one is the count so far.
+    pub fn oversized_unread(&self) -> bool {
+        self.state.oversized_unread
     }
     /// Why the model stopped, once it said.
     pub fn finish_reason(&self) -> Option<FinishReason> {
@@ -354,7 +367,7 @@ impl ScanState {
     fn item(&mut self, item: SseItem<'_>, seen: &mut Seen) {
         match item {
             SseItem::Comment(_) => seen.liveness = true,
-            SseItem::Oversized { event, head } => self.oversized(event, head, seen),
+            SseItem::Oversized { event, head, tail } => self.oversized(event, head, tail, seen),
             SseItem::OtherField { name, value } => {
                 if name == b"error" {
                     self.error = Some(stream_error(self.dialect.provider(), value));
@@ -538,9 +551,17 @@ impl ScanState {
     /// from the start, as much as it holds). Any other large event of OpenAI Chat or Gemini
     /// is content (nothing else is that large); of the named dialects, content if its name
     /// is a content delta, else a sign of life.
+    ///
+    /// Its tail (the last bytes of its data) gives what the event ends with, read by
+    /// [`tail_finish`] and [`tail_usage`]: a Gemini candidates chunk's `finishReason` (its
+    /// terminal marker, after the content: a chunk holding a large inline image ends the
+    /// stream as a small one does) and `usageMetadata`, OpenAI Chat's `finish_reason` and
+    /// `usage`, OpenAI Responses' `usage` in a terminal event, Anthropic `message_delta`'s
+    /// `usage`.
     #[cold]
-    fn oversized(&mut self, event: &str, head: &[u8], seen: &mut Seen) {
+    fn oversized(&mut self, event: &str, head: &[u8], tail: &[u8], seen: &mut Seen) {
         self.oversized = true;
+        self.oversized_unread = true;
         let mut ty = None;
         let mut reason = None;
         let mut error_first = false;
@@ -571,6 +592,10 @@ impl ScanState {
                 "response.completed" | "response.incomplete" | "response.failed" => {
                     self.terminal_seen = true;
                     seen.terminal = true;
+                    if let Some(u) = tail_usage(tail, b"usage") {
+                        self.usage = Some(u);
+                        self.oversized_unread = false;
+                    }
                     match (name, reason) {
                         ("response.failed", _) => {
                             self.error = Some(stream_error(Provider::OpenAi, &salvage_error(head)));
@@ -589,9 +614,43 @@ impl ScanState {
                     seen.terminal = true;
                     false
                 }
+                "message_delta" => {
+                    if let Some(u) = tail_usage(tail, b"usage") {
+                        self.merge_anthropic_usage(Some(u));
+                        self.oversized_unread = false;
+                    }
+                    false
+                }
                 n => n == "content_block_delta",
             },
-            StreamDialect::OpenAiChat | StreamDialect::Gemini => true,
+            StreamDialect::OpenAiChat => {
+                if let Some(r) = tail_finish(tail, b"finish_reason", CHAT_FINISH) {
+                    self.finish = Some(FinishReason::parse(r));
+                }
+                if let Some(u) = tail_usage(tail, b"usage") {
+                    self.usage = Some(u);
+                    self.oversized_unread = false;
+                }
+                true
+            }
+            StreamDialect::Gemini => {
+                // Only a candidates chunk (its first key, in the head) ends the stream.
+                let mut candidates = false;
+                each_key(head, |k| candidates |= k.is(b"candidates"));
+                if let Some(r) = candidates
+                    .then(|| tail_finish(tail, b"finishReason", GEMINI_FINISH))
+                    .flatten()
+                {
+                    self.finish = Some(FinishReason::parse(r));
+                    self.terminal_seen = true;
+                    seen.terminal = true;
+                }
+                if let Some(u) = tail_usage(tail, b"usageMetadata") {
+                    self.usage = Some(u);
+                    self.oversized_unread = false;
+                }
+                true
+            }
         };
         if content {
             self.content_seen = true;
@@ -617,6 +676,88 @@ impl ScanState {
             });
         }
     }
+}
+
+/// OpenAI Chat's finish reasons (the `finish_reason` enum of the Chat Completions API
+/// reference).
+const CHAT_FINISH: &[&str] = &[
+    "stop",
+    "length",
+    "tool_calls",
+    "content_filter",
+    "function_call",
+];
+
+/// Gemini's finish reasons (the `FinishReason` enum of the Gemini API reference).
+const GEMINI_FINISH: &[&str] = &[
+    "FINISH_REASON_UNSPECIFIED",
+    "STOP",
+    "MAX_TOKENS",
+    "SAFETY",
+    "RECITATION",
+    "LANGUAGE",
+    "OTHER",
+    "BLOCKLIST",
+    "PROHIBITED_CONTENT",
+    "SPII",
+    "MALFORMED_FUNCTION_CALL",
+    "IMAGE_SAFETY",
+    "IMAGE_PROHIBITED_CONTENT",
+    "IMAGE_OTHER",
+    "NO_IMAGE",
+    "IMAGE_RECITATION",
+    "UNEXPECTED_TOOL_CALL",
+    "TOO_MANY_TOOL_CALLS",
+];
+
+/// The last `"key":` in the tail of an oversized event (its last bytes, which may begin
+/// anywhere: inside a string, a number, a key).
+///
+/// The heuristic and its limits: keys are found as [`each_key`] finds them, so a key
+/// quoted in the answer's text (`\"finishReason\":`, escaped) is never taken for one,
+/// even when the tail begins inside that string; but the nesting of what is found is not
+/// known, so JSON the model produced as structure (a function call's arguments) could hold
+/// the same key. The dialects put the keys read here after the content (a candidate's
+/// `finishReason` follows its parts, `usageMetadata` and `usage` end the object), so the
+/// last occurrence is taken: a mimic can only be taken when the real key is missing (a
+/// chunk that is not the last, whose arguments end with such a key), or when the key
+/// lies before the tail (more than [`oversized_head`](crate::sse::oversized_head) bytes
+/// from the end; then nothing is read).
+#[cold]
+fn tail_key<'a>(tail: &'a [u8], key: &[u8]) -> Option<Key<'a>> {
+    let mut last = None;
+    each_key(tail, |k| {
+        if k.is(key) {
+            last = Some(k);
+        }
+    });
+    last
+}
+
+/// The finish reason the last `"key":` of an oversized event's tail gives, if its value
+/// is a string of the dialect's enum `known` (anything else reads as nothing).
+#[cold]
+fn tail_finish<'a>(tail: &'a [u8], key: &[u8], known: &[&str]) -> Option<&'a str> {
+    let k = tail_key(tail, key)?;
+    string_at(tail, k.value()).filter(|r| known.contains(r))
+}
+
+/// The usage in the object that is the value of the last `"key":` (`usage`,
+/// `usageMetadata`) of an oversized event's tail, by core's rules for that object
+/// ([`Usage::from_value`]); `None` if the object is not whole there.
+#[cold]
+fn tail_usage(tail: &[u8], key: &[u8]) -> Option<Usage> {
+    let k = tail_key(tail, key)?;
+    let at = k.value();
+    let end = container_end(tail, at)?;
+    let obj: Value = serde_json::from_slice(&tail[at..end]).ok()?;
+    if !obj.is_object() {
+        return None;
+    }
+    let name = std::str::from_utf8(key).ok()?.to_owned();
+    let mut wrap = serde_json::Map::new();
+    wrap.insert(name, obj);
+    Usage::from_value(&Value::Object(wrap))
 }
 
 /// The start of an oversized error payload as an error object to classify: the start

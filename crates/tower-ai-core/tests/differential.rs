@@ -5,7 +5,7 @@
 
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use tower_ai_core::sse::{SseItem, SseParser};
+use tower_ai_core::sse::{oversized_head, SseItem, SseParser};
 use tower_ai_core::stream::{FinishReason, StreamDialect, StreamScanner};
 use tower_ai_core::Usage;
 
@@ -15,8 +15,8 @@ enum Item {
     Event(String, Vec<u8>),
     Comment(Vec<u8>),
     Other(Vec<u8>, Vec<u8>),
-    /// An oversized event: its name and the start of its data.
-    Oversized(String, Vec<u8>),
+    /// An oversized event: its name, the start of its data and the end of it.
+    Oversized(String, Vec<u8>, Vec<u8>),
 }
 
 fn own(i: SseItem<'_>) -> Item {
@@ -24,7 +24,9 @@ fn own(i: SseItem<'_>) -> Item {
         SseItem::Event { event, data } => Item::Event(event.to_owned(), data.to_vec()),
         SseItem::Comment(c) => Item::Comment(c.to_vec()),
         SseItem::OtherField { name, value } => Item::Other(name.to_vec(), value.to_vec()),
-        SseItem::Oversized { event, head } => Item::Oversized(event.to_owned(), head.to_vec()),
+        SseItem::Oversized { event, head, tail } => {
+            Item::Oversized(event.to_owned(), head.to_vec(), tail.to_vec())
+        }
     }
 }
 
@@ -222,6 +224,51 @@ proptest! {
     ) {
         prop_assert_eq!(parse(&chunks(&s, &cuts), max), parse(&[&s[..]], max));
     }
+
+    /// An oversized event's head is the start and its tail the end of the data it would
+    /// have had under no bound (the data lines joined, bare `data` lines and `data:`
+    /// without a space included), whatever the chunks and wherever the bound fell.
+    #[test]
+    fn an_oversized_event_keeps_the_start_and_the_end_of_its_data(
+        ev in event(),
+        cuts in proptest::collection::vec(1usize..20, 1..6),
+        max in 8usize..64,
+    ) {
+        let data = parse(&[&ev[..]], 1 << 20)
+            .into_iter()
+            .find_map(|i| match i {
+                Item::Event(_, d) => Some(d),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let got = parse(&chunks(&ev, &cuts), max);
+        prop_assert_eq!(&got, &parse(&[&ev[..]], max));
+        prop_assert_eq!(&got, &parse(&chunks(&ev, &[1]), max), "byte by byte");
+        let cap = oversized_head(max);
+        for item in got {
+            if let Item::Oversized(_, head, tail) = item {
+                prop_assert!(data.starts_with(&head), "head {:?} of {:?}", head, data);
+                prop_assert_eq!(&tail[..], &data[data.len().saturating_sub(cap)..]);
+            }
+        }
+    }
+}
+
+/// One event: lines that are not blank (some long), each with its line end, then a
+/// blank line.
+fn event() -> impl Strategy<Value = Vec<u8>> {
+    let long_line = (line(), 0usize..60, 0usize..3)
+        .prop_filter("not blank", |(l, n, _)| !l.is_empty() || *n > 0)
+        .prop_map(|(mut l, n, e)| {
+            l.extend(std::iter::repeat_n(b'x', n));
+            l.extend_from_slice([&b"\n"[..], b"\r\n", b"\r"][e]);
+            l
+        });
+    (proptest::collection::vec(long_line, 1..8), 0usize..3).prop_map(|(lines, e)| {
+        let mut s = lines.concat();
+        s.extend_from_slice([&b"\n"[..], b"\r\n", b"\r"][e]);
+        s
+    })
 }
 
 /// Text a model might stream, written to trip a reader that looks for keys without
@@ -440,7 +487,7 @@ fn a_line_dropped_at_a_chunk_end_does_not_end_its_event() {
     assert_eq!(
         whole,
         [
-            Item::Oversized("message".into(), b"aaa".to_vec()),
+            Item::Oversized("message".into(), b"aaa".to_vec(), b"a\nb".to_vec()),
             Item::Event("message".into(), b"c".to_vec())
         ]
     );
@@ -546,5 +593,66 @@ proptest! {
             let f = scan_bounded(dialect, &chunks(&stream, &cuts), max);
             prop_assert!(f.content && !f.error && !f.terminal, "{:?} {:?}", dialect, f);
         }
+    }
+
+    /// An event over the bound is also read by its end: a Gemini chunk whose inline image
+    /// makes it large ends the stream with its `finishReason` and gives its
+    /// `usageMetadata`, an OpenAI Chat chunk its `finish_reason` and `usage`, a Responses
+    /// terminal event its `usage`, Anthropic's `message_delta` its usage: the facts are
+    /// those of the same stream read under no bound, however it is cut. Text that quotes
+    /// the keys is not taken for them.
+    #[test]
+    fn oversized_events_are_told_by_their_end_too(
+        pad in 1000usize..6000,
+        cuts in proptest::collection::vec(1usize..97, 1..5),
+        // A tail of 197 to 397 bytes: room for the usage objects that end the events.
+        max in 400usize..800,
+        mimic in any::<bool>(),
+    ) {
+        let big = "A".repeat(pad);
+        // The text may end quoting the very keys the tail is read for.
+        let quoted = if mimic {
+            format!(r#"{big}"finishReason":"STOP","usageMetadata":{{"promptTokenCount":1}},"finish_reason":"stop","usage":{{"prompt_tokens":1}}"#)
+        } else {
+            big.clone()
+        };
+        let same = |dialect, stream: &[u8]| -> Result<Facts, TestCaseError> {
+            let f = scan_bounded(dialect, &chunks(stream, &cuts), max);
+            prop_assert_eq!(&f, &scan(dialect, &[stream]), "{:?}", dialect);
+            Ok(f)
+        };
+
+        let token = (None, json!({"candidates": [{"content": {"parts": [{"text": quoted}], "role": "model"}, "index": 0}],
+            "usageMetadata": {"promptTokenCount": 10, "totalTokenCount": 10}}));
+        let image = (None, json!({"candidates": [{"content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": big}}],
+            "role": "model"}, "finishReason": "STOP", "index": 0}],
+            "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 20, "thoughtsTokenCount": 3, "totalTokenCount": 33}}));
+        let f = same(StreamDialect::Gemini, &sse(&[token.clone(), image], false))?;
+        prop_assert!(f.terminal && f.content, "{:?}", f);
+        prop_assert_eq!(f.usage, Some(Usage { input_tokens: 10, output_tokens: 23 }));
+        // A large chunk that is not the last, whose text quotes the keys: not an end.
+        let f = same(StreamDialect::Gemini, &sse(&[token], false))?;
+        prop_assert!(!f.terminal && f.finish.is_none(), "{:?}", f);
+
+        let chunk = (None, json!({"choices": [{"index": 0, "delta": {"content": quoted}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}));
+        let f = same(StreamDialect::OpenAiChat, &sse(&[chunk], true))?;
+        prop_assert_eq!(f.finish, Some(FinishReason::Length));
+        prop_assert_eq!(f.usage, Some(Usage { input_tokens: 5, output_tokens: 7 }));
+        let plain = (None, json!({"choices": [{"index": 0, "delta": {"content": quoted}, "finish_reason": null}], "usage": null}));
+        let f = same(StreamDialect::OpenAiChat, &sse(&[plain], true))?;
+        prop_assert_eq!(f.usage, None);
+
+        let delta = (Some("response.output_text.delta"), json!({"type": "response.output_text.delta", "delta": "Hi"}));
+        let completed = (Some("response.completed"), json!({"type": "response.completed", "response": {"status": "completed",
+            "output": [{"type": "message", "text": quoted}], "usage": {"input_tokens": 5, "output_tokens": 7}}}));
+        let f = same(StreamDialect::OpenAiResponses, &sse(&[delta, completed], false))?;
+        prop_assert_eq!(f.usage, Some(Usage { input_tokens: 5, output_tokens: 7 }));
+
+        let start = (Some("message_start"), json!({"type": "message_start", "message": {"usage": {"input_tokens": 10, "output_tokens": 1}}}));
+        let message_delta = (Some("message_delta"), json!({"type": "message_delta", "delta": {"stop_reason": null, "text": quoted},
+            "usage": {"output_tokens": 20}}));
+        let f = scan_bounded(StreamDialect::Anthropic, &chunks(&sse(&[start, message_delta], false), &cuts), max);
+        prop_assert_eq!(f.usage, Some(Usage { input_tokens: 10, output_tokens: 20 }));
     }
 }

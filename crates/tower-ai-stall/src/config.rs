@@ -411,9 +411,13 @@ impl StallConfigBuilder {
     /// keep. A larger event passes through to the caller untouched but is not read
     /// whole: its name and the start of its data still tell a terminal event (an OpenAI
     /// Responses `response.completed` holding a generated image inline is whole) or an
-    /// error event, whatever its size; any other large event counts as content (OpenAI
-    /// Chat, Gemini) or by its name (content deltas) and a sign of life otherwise. Only
-    /// what lies past the event's start is lost: a finish reason or usage at its end.
+    /// error event, whatever its size, and the end of its data (its last 16 KiB, less for
+    /// a bound under 32 KiB) the finish reason and usage it ends with (a Gemini chunk
+    /// holding an inline image ends the stream by its `finishReason` as a small one does);
+    /// any other large event counts as content (OpenAI Chat, Gemini) or by its name
+    /// (content deltas) and a sign of life otherwise. Only what lies between the two is
+    /// lost (see [`SseItem::Oversized`](tower_ai_core::sse::SseItem::Oversized) and the
+    /// heuristic of reading keys from a tail).
     pub fn max_event(mut self, bytes: usize) -> Self {
         self.config.max_event = u32::try_from(bytes).unwrap_or(u32::MAX);
         self

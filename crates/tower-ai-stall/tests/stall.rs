@@ -729,20 +729,41 @@ async fn an_oversized_terminal_or_error_event_is_recognised_whatever_its_size() 
     let s = outcome.get().unwrap();
     assert_eq!((s.end, s.terminal_seen), (StreamEnd::Complete, true));
     assert_eq!(s.finish_reason, Some(FinishReason::Stop));
-    assert_eq!(s.usage, None, "the usage lies past the event's start");
+    // The usage ends the event: read from the end kept of it.
+    let usage = Some(Usage {
+        input_tokens: 5,
+        output_tokens: 7,
+    });
+    assert_eq!(s.usage, usage);
+
+    // A 5 MiB Gemini chunk (a generated image inline) whose `finishReason` and
+    // `usageMetadata` follow the image: the stream's terminal marker, read from the end
+    // of the chunk, so Complete (it read as cut when only the chunk's start was kept).
+    let gem = leak(format!(
+        "data: {{\"candidates\": [{{\"content\": {{\"parts\": [{{\"inlineData\": {{\"mimeType\": \"image/png\", \"data\": \"{image}\"}}}}],\"role\": \"model\"}},\"finishReason\": \"STOP\",\"index\": 0}}],\"usageMetadata\": {{\"promptTokenCount\": 9,\"candidatesTokenCount\": 1290,\"totalTokenCount\": 1299}},\"modelVersion\": \"gemini-2.5-flash-image\"}}\r\n\r\n"
+    ));
+    let (a, b) = gem.split_at(3 << 20);
+    let gem_steps = [Send(GEM_TOKEN), Send(a), Send(b)];
+    let (read, outcome) = ends(GEMINI, &gem_steps, StallConfig::default().to_builder()).await;
+    assert!(read.error.is_none(), "{:?}", read.error);
+    assert_eq!(read.bytes().len(), sent(&gem_steps).len());
+    let s = outcome.get().unwrap();
+    assert_eq!((s.end, s.terminal_seen), (StreamEnd::Complete, true));
+    assert_eq!(s.finish_reason, Some(FinishReason::Stop));
+    assert_eq!(
+        s.usage,
+        Some(Usage {
+            input_tokens: 9,
+            output_tokens: 1290
+        })
+    );
 
     // The bound is configurable: raised over the event, it is read whole (usage too).
     let config = StallConfig::default().to_builder().max_event(8 << 20);
     assert_eq!(config.build_config().unwrap().max_event(), 8 << 20);
     let (read, outcome) = ends(RESPONSES, &steps, config).await;
     assert!(read.error.is_none(), "{:?}", read.error);
-    assert_eq!(
-        outcome.get().unwrap().usage,
-        Some(Usage {
-            input_tokens: 5,
-            output_tokens: 7
-        })
-    );
+    assert_eq!(outcome.get().unwrap().usage, usage);
 
     // An error event over a (small) bound is still an in-stream error.
     let err = leak(format!(
