@@ -20,6 +20,8 @@
 //! - [`sse`] and [`stream`]: an SSE push parser and a dialect-aware stream reader.
 //! - [`keys`]: per-key state keys, with API keys hashed, never stored.
 //! - [`AiError`]: the one error type, with every layer's refusal as a variant.
+//! - [`Deadline`] and [`DeadlineLayer`]: the instant a request must be answered by,
+//!   which every layer that waits honours.
 //! - [`AttemptBudget`]: one cap on upstream calls per logical request, shared by
 //!   ModelFallback and AiRetry through the request's extensions.
 //!
@@ -39,6 +41,7 @@
 mod attempt;
 mod body;
 mod classify;
+mod deadline;
 pub mod duration;
 mod error;
 pub mod future;
@@ -56,6 +59,7 @@ pub mod stream;
 pub use attempt::AttemptBudget;
 pub use body::{try_clone_request, AiBody, ClassifiedBody, ReplayBody};
 pub use classify::{classify, classify_at, Classification, ClassifyConfig, ProviderError};
+pub use deadline::{parse_grpc_timeout, Deadline, DeadlineLayer, SetDeadline, MAX_HEADER_TIMEOUT};
 pub use error::{
     redact_secrets, redacted_chain, AiError, BoxError, BudgetLimit, RedactedError, RouteFailure,
     StallPhase, REDACTED,
