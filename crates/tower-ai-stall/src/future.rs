@@ -43,6 +43,8 @@ pin_project! {
         route: Route,
         // Taken the first time the call makes us wait (no clock read otherwise).
         start: Option<Instant>,
+        // The request's `Deadline`: no deadline of this future ends after it.
+        deadline: Option<Instant>,
     }
 }
 
@@ -64,13 +66,19 @@ struct ReadAhead<B> {
 }
 
 impl<F, B> ResponseFuture<F, B> {
-    pub(crate) fn new(fut: F, config: StallConfig, route: Route) -> Self {
+    pub(crate) fn new(
+        fut: F,
+        config: StallConfig,
+        route: Route,
+        deadline: Option<Instant>,
+    ) -> Self {
         ResponseFuture {
             state: State::Calling { fut },
             sleep: None,
             config,
             route,
             start: None,
+            deadline,
         }
     }
 }
@@ -141,13 +149,15 @@ where
                         Poll::Ready(Ok(mut res)) if !is_sse(&res) => {
                             this.state.set(State::Done);
                             let tracker = if is_json_answer(&res) {
-                                let t = Tracker::json(this.config, this.route.system, *this.start);
+                                let t = Tracker::json(this.config, this.route.system, *this.start)
+                                    .with_deadline(*this.deadline);
                                 if let Some(outcome) = t.outcome() {
                                     res.extensions_mut().insert(outcome.clone());
                                 }
                                 t
                             } else {
                                 Tracker::plain(this.config, this.route.system, *this.start)
+                                    .with_deadline(*this.deadline)
                             };
                             return Poll::Ready(Ok(res.map(|b| StallBody::new(b, tracker))));
                         }
@@ -159,7 +169,8 @@ where
                                 *this.start,
                                 this.route.dialect,
                                 Instant::now(),
-                            );
+                            )
+                            .with_deadline(*this.deadline);
                             let (mut parts, body) = res.into_parts();
                             if let Some(outcome) = tracker.outcome() {
                                 parts.extensions.insert(outcome.clone());
@@ -185,9 +196,12 @@ where
                         Poll::Pending => {}
                     }
                     let start = *this.start.get_or_insert_with(Instant::now);
-                    let Some((at, phase, after)) =
-                        Tracker::head_deadline(this.config, this.route.streamed, start)
-                    else {
+                    let Some((at, phase, after)) = Tracker::head_or_request_deadline(
+                        this.config,
+                        this.route.streamed,
+                        start,
+                        *this.deadline,
+                    ) else {
                         return Poll::Pending;
                     };
                     ready!(poll_sleep(this.sleep.as_mut(), at, cx));

@@ -32,6 +32,12 @@
 //!   [`AiError::Stalled`] error frame carrying the phase, the deadline and the bytes
 //!   received — never a clean EOF, so half an answer cannot pass for a whole one.
 //!
+//! The total deadline is the earlier of the configured one and the request's
+//! [`Deadline`](tower_ai_core::Deadline) (set by a
+//! [`DeadlineLayer`](tower_ai_core::DeadlineLayer) or the caller), counted as phase
+//! `Total`: a call whose caller will have given up by then ends then, with the same
+//! typed error. Reading it is one extensions lookup in `call`, no clock read.
+//!
 //! It reads SSE bodies with [`StreamScanner`](tower_ai_core::stream::StreamScanner) in
 //! the request's dialect, taken in `call` from the endpoint the path names
 //! (`…/chat/completions`, `…/responses`, `…/messages`, `:streamGenerateContent`; so the

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{header, Request, Response};
 use http_body::Body;
 use tower_ai_core::stream::StreamDialect;
-use tower_ai_core::{top_level_bool, AiBody, BoxError, Provider, RequestMeta};
+use tower_ai_core::{top_level_bool, AiBody, BoxError, Deadline, Provider, RequestMeta};
 use tower_service::Service;
 
 use crate::body::StallBody;
@@ -158,7 +158,9 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let route = Route::of(&req, &self.config);
-        ResponseFuture::new(self.inner.call(req), self.config, route)
+        // One extensions lookup; no clock read.
+        let deadline = Deadline::of(&req).map(Deadline::instant);
+        ResponseFuture::new(self.inner.call(req), self.config, route, deadline)
     }
 }
 

@@ -147,6 +147,9 @@ pub(crate) enum Held {
 pub(crate) struct Tracker {
     /// The total deadline.
     total: Option<Duration>,
+    /// The request's [`Deadline`](tower_ai_core::Deadline), if it carries one: the total
+    /// deadline is the earlier of the two.
+    deadline: Option<Instant>,
     /// When the call started to wait; taken lazily (see [`Tracker::arm`]), so that a
     /// response that never makes anyone wait never reads the clock.
     start: Option<Instant>,
@@ -199,6 +202,7 @@ impl Tracker {
     pub(crate) fn plain(config: &StallConfig, system: Provider, start: Option<Instant>) -> Self {
         Tracker {
             total: config.total(),
+            deadline: None,
             system,
             start,
             bytes: 0,
@@ -233,6 +237,7 @@ impl Tracker {
     ) -> Self {
         Tracker {
             total: config.total(),
+            deadline: None,
             system,
             start: start.or(Some(head_at)),
             bytes: 0,
@@ -249,6 +254,12 @@ impl Tracker {
             })),
             json: None,
         }
+    }
+
+    /// Bounds the total deadline by the request's deadline `at` (the earlier wins).
+    pub(crate) fn with_deadline(mut self, at: Option<Instant>) -> Self {
+        self.deadline = at;
+        self
     }
 
     /// Takes the start instant if it was not taken yet, and moves the last progress to
@@ -421,6 +432,7 @@ impl Tracker {
             .total
             .zip(self.start)
             .map(|(d, start)| (start + d, StallPhase::Total, d));
+        let total = earliest(total, self.request_deadline());
         let Some(sse) = &self.sse else {
             return total;
         };
@@ -458,6 +470,27 @@ impl Tracker {
             );
         }
         earliest(next, total)
+    }
+
+    /// The request's deadline as a total deadline, its duration counted from the start.
+    fn request_deadline(&self) -> Option<(Instant, StallPhase, Duration)> {
+        let at = self.deadline?;
+        let after = self
+            .start
+            .map_or(Duration::ZERO, |s| at.saturating_duration_since(s));
+        Some((at, StallPhase::Total, after))
+    }
+
+    /// The earliest of the head deadline (see [`Tracker::head_deadline`]) and the
+    /// request's deadline `at`, as a total deadline.
+    pub(crate) fn head_or_request_deadline(
+        config: &StallConfig,
+        streamed: bool,
+        start: Instant,
+        at: Option<Instant>,
+    ) -> Option<(Instant, StallPhase, Duration)> {
+        let by_request = at.map(|at| (at, StallPhase::Total, at.saturating_duration_since(start)));
+        earliest(Tracker::head_deadline(config, streamed, start), by_request)
     }
 
     /// The instant of the earliest armed deadline.

@@ -1,0 +1,116 @@
+//! StallDetector honours the request's `Deadline`: its total deadline is the earlier of
+//! its own and the request's. Paused clock, tower-test mock.
+
+mod support;
+
+use std::time::Duration;
+
+use http::{Request, Response};
+use tokio::time::{advance, Instant};
+use tokio_test::{assert_pending, assert_ready_err, assert_ready_ok, task};
+use tower_ai_core::{AiError, BoxError, Deadline, StallPhase};
+use tower_ai_stall::{StallDetector, StallDetectorLayer};
+use tower_test::mock;
+
+use support::*;
+
+const S: Duration = Duration::from_secs(1);
+const MS: Duration = Duration::from_millis(1);
+const OAI_TOKEN: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n";
+
+type Mock = mock::Mock<Request<&'static str>, Response<ChanBody>>;
+type Handle = mock::Handle<Request<&'static str>, Response<ChanBody>>;
+
+fn service(layer: StallDetectorLayer) -> (mock::Spawn<StallDetector<Mock>>, Handle) {
+    mock::spawn_layer(layer)
+}
+
+fn stalled(err: &BoxError) -> (StallPhase, Duration) {
+    match err.downcast_ref::<AiError>() {
+        Some(AiError::Stalled { phase, after, .. }) => (*phase, *after),
+        other => panic!("expected Stalled, got {other:?} ({err})"),
+    }
+}
+
+fn with_deadline(mut req: Request<&'static str>, after: Duration) -> Request<&'static str> {
+    Deadline::set(&mut req, Deadline::after(after));
+    req
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_that_never_answers_ends_at_the_requests_deadline() {
+    // The default detector: a non-streamed call waits up to its 20-minute total.
+    let (mut svc, mut handle) = service(StallDetectorLayer::new());
+    assert_ready_ok!(svc.poll_ready());
+    let t0 = Instant::now();
+    let mut fut = task::spawn(svc.call(with_deadline(unary(OPENAI), 30 * S)));
+    assert_pending!(fut.poll());
+    let (_req, _send) = handle.next_request().await.unwrap();
+    advance(30 * S - MS).await;
+    assert_pending!(fut.poll());
+    advance(MS).await;
+    let err = assert_ready_err!(fut.poll());
+    assert_eq!(t0.elapsed(), 30 * S);
+    assert_eq!(stalled(&err), (StallPhase::Total, 30 * S));
+    assert_eq!(
+        AiError::find(&*err).unwrap().kind(),
+        tower_ai_core::ErrorKind::Stalled
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_later_request_deadline_leaves_the_detectors_own() {
+    let layer = StallDetectorLayer::with_config(
+        tower_ai_stall::StallConfig::none()
+            .to_builder()
+            .total(60 * S)
+            .build_config()
+            .unwrap(),
+    );
+    let (mut svc, mut handle) = service(layer);
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(with_deadline(unary(OPENAI), 3600 * S)));
+    assert_pending!(fut.poll());
+    let (_req, _send) = handle.next_request().await.unwrap();
+    advance(60 * S).await;
+    let err = assert_ready_err!(fut.poll());
+    assert_eq!(stalled(&err), (StallPhase::Total, 60 * S));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_keeps_talking_ends_at_the_requests_deadline() {
+    let (tx, body) = chan();
+    tokio::spawn(async move {
+        for _ in 0..100 {
+            tx.send(OAI_TOKEN);
+            tokio::time::sleep(S).await;
+        }
+    });
+    let (mut svc, mut handle) = service(StallDetectorLayer::new());
+    assert_ready_ok!(svc.poll_ready());
+    let t0 = Instant::now();
+    let fut = svc.call(with_deadline(streamed(OPENAI), 10 * S));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(sse(body));
+    let res = fut.await.unwrap();
+    let read = read_body(res.into_body()).await;
+    assert!(
+        t0.elapsed() >= 10 * S && t0.elapsed() <= 10 * S + 5 * MS,
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(read.stall().0, StallPhase::Total);
+    assert!(read.frames.len() >= 10, "{}", read.frames.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_already_past_fails_the_wait_at_once() {
+    let (mut svc, mut handle) = service(StallDetectorLayer::new());
+    assert_ready_ok!(svc.poll_ready());
+    let mut req = unary(OPENAI);
+    Deadline::set(&mut req, Deadline::at(Instant::now()));
+    let mut fut = task::spawn(svc.call(req));
+    let _pending = handle.next_request();
+    let err = assert_ready_err!(fut.poll());
+    assert_eq!(stalled(&err).0, StallPhase::Total);
+}
