@@ -12,7 +12,7 @@
 //! Each workload runs twice under `valgrind --tool=callgrind`, with `W` and `W + N` calls
 //! (`W` warms keys, lanes and caches up); the difference divided by `N` is the cost of one
 //! call, without the process's start and the stacks' construction. Streams are counted the
-//! same way, per stream of 1,003 SSE events.
+//! same way, per stream of about 1,000 SSE events (OpenAI Chat and Anthropic Messages).
 //!
 //! A workload whose count rose more than 5% over the baseline is marked `REGRESSED`; with
 //! `--fail-on-regression` the command then exits non-zero. The baseline belongs to one
@@ -136,6 +136,21 @@ const WORKLOADS: &[Workload] = &[
         Some("stream_bare"),
         "the same through TokenBudget (token limit)",
     ),
+    stream(
+        "anthropic_bare",
+        None,
+        "1,002-event Anthropic Messages stream, bare body",
+    ),
+    stream(
+        "anthropic_stall",
+        Some("anthropic_bare"),
+        "the same through StallDetector",
+    ),
+    stream(
+        "anthropic_budget",
+        Some("anthropic_bare"),
+        "the same through TokenBudget (token limit)",
+    ),
 ];
 
 fn main() {
@@ -254,6 +269,9 @@ fn drive(only: Option<&str>, save: bool, fail_on_regression: bool) {
         };
         let (unit, bare) = match w.kind {
             Kind::Call => ("per call", measured.get("bare")),
+            Kind::Stream if w.name.starts_with("anthropic") => {
+                ("per stream", measured.get("anthropic_bare"))
+            }
             Kind::Stream => ("per stream", measured.get("stream_bare")),
         };
         let over = bare.map_or("-".to_owned(), |b| format!("{:.0}", v - b));
@@ -334,19 +352,38 @@ fn run(name: &str, n: u64) {
         "tower_resilience" => calls(common::tower_resilience(), n),
         "ai_stack_default" => calls(common::ai_stack_default(), n),
         "ai_stack_full" => calls(common::ai_stack_full(), n),
-        "stream_bare" => streams(&rt, Sse::new(), n),
+        "stream_bare" => streams(&rt, Sse::openai(), OPENAI_STREAM, n),
         "stream_stall" => streams(
             &rt,
             ServiceBuilder::new()
                 .layer(StallDetectorLayer::new())
-                .service(Sse::new()),
+                .service(Sse::openai()),
+            OPENAI_STREAM,
             n,
         ),
         "stream_budget" => streams(
             &rt,
             ServiceBuilder::new()
                 .layer(TokenBudgetLayer::new(1 << 40, 1 << 50))
-                .service(Sse::new()),
+                .service(Sse::openai()),
+            OPENAI_STREAM,
+            n,
+        ),
+        "anthropic_bare" => streams(&rt, Sse::anthropic(), ANTHROPIC_STREAM, n),
+        "anthropic_stall" => streams(
+            &rt,
+            ServiceBuilder::new()
+                .layer(StallDetectorLayer::new())
+                .service(Sse::anthropic()),
+            ANTHROPIC_STREAM,
+            n,
+        ),
+        "anthropic_budget" => streams(
+            &rt,
+            ServiceBuilder::new()
+                .layer(TokenBudgetLayer::new(1 << 40, 1 << 50))
+                .service(Sse::anthropic()),
+            ANTHROPIC_STREAM,
             n,
         ),
         other => panic!("no workload named {other}"),
@@ -469,7 +506,7 @@ impl http_body::Body for Frames {
 struct Sse(Arc<[Bytes]>);
 
 impl Sse {
-    fn new() -> Self {
+    fn openai() -> Self {
         const CHUNK: &str = r#""id":"chatcmpl-ABfw031mOJeYCSHe4yI2ZjOA6kMJL","object":"chat.completion.chunk","created":1727346168,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd""#;
         let mut frames: Vec<Bytes> = (0..1000)
             .map(|i| {
@@ -481,6 +518,20 @@ impl Sse {
         frames.push(Bytes::from(format!("data: {{{CHUNK},\"choices\":[{{\"index\":0,\"delta\":{{}},\"logprobs\":null,\"finish_reason\":\"stop\"}}]}}\n\n")));
         frames.push(Bytes::from(format!("data: {{{CHUNK},\"choices\":[],\"usage\":{{\"prompt_tokens\":14,\"completion_tokens\":1000,\"total_tokens\":1014}}}}\n\n")));
         frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        Sse(frames.into())
+    }
+
+    fn anthropic() -> Self {
+        let mut frames = vec![Bytes::from_static(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-sonnet-4\",\"stop_reason\":null,\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n")];
+        frames.extend((0..1000).map(|i| {
+            Bytes::from(format!(
+                "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"tok{i}\"}}}}\n\n"
+            ))
+        }));
+        frames.push(Bytes::from_static(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":1000}}\n\n"));
+        frames.push(Bytes::from_static(
+            b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        ));
         Sse(frames.into())
     }
 }
@@ -503,18 +554,26 @@ impl Service<Request<AiBody>> for Sse {
     }
 }
 
-/// A streamed chat request (the budget reserves for its `max_tokens`).
-fn stream_request() -> Request<AiBody> {
-    Request::post("https://api.openai.com/v1/chat/completions")
+const OPENAI_STREAM: (&str, &str) = (
+    "https://api.openai.com/v1/chat/completions",
+    r#"{"model":"gpt-4o","stream":true,"max_tokens":1000,"messages":[{"role":"user","content":"Hi"}]}"#,
+);
+
+const ANTHROPIC_STREAM: (&str, &str) = (
+    "https://api.anthropic.com/v1/messages",
+    r#"{"model":"claude-sonnet-4","stream":true,"max_tokens":1000,"messages":[{"role":"user","content":"Hi"}]}"#,
+);
+
+/// A streamed request to `(uri, body)` (the budget reserves for its `max_tokens`).
+fn stream_request((uri, body): (&'static str, &'static str)) -> Request<AiBody> {
+    Request::post(uri)
         .header("content-type", "application/json")
         .header("accept", "text/event-stream")
-        .body(AiBody::from(
-            r#"{"model":"gpt-4o","stream":true,"max_tokens":1000,"messages":[{"role":"user","content":"Hi"}]}"#,
-        ))
+        .body(AiBody::from(body))
         .expect("a valid request")
 }
 
-fn streams<S, B>(rt: &tokio::runtime::Runtime, mut svc: S, n: u64)
+fn streams<S, B>(rt: &tokio::runtime::Runtime, mut svc: S, to: (&'static str, &'static str), n: u64)
 where
     S: Service<Request<AiBody>, Response = Response<B>>,
     S::Error: std::fmt::Debug,
@@ -529,7 +588,7 @@ where
                 .ready()
                 .await
                 .expect("always ready")
-                .call(stream_request())
+                .call(stream_request(to))
                 .await
                 .expect("an answer");
             let body = res.into_body().collect().await.expect("a whole stream");
