@@ -12,8 +12,8 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::util::Oneshot;
 use tower_ai_core::{
-    try_clone_request, AiError, AttemptBudget, BoxError, Classification, ErrorKind, ReplayBody,
-    RequestedWait,
+    try_clone_request, AiError, AttemptBudget, BoxError, Classification, Deadline, ErrorKind,
+    ReplayBody, RequestedWait,
 };
 use tower_service::Service;
 
@@ -33,6 +33,10 @@ pub enum StopReason {
     MaxAttempts,
     /// The next wait would have crossed the `max_elapsed` deadline.
     Deadline,
+    /// The next wait (a backoff or the provider's `Retry-After`) would have ended at or
+    /// after the request's [`Deadline`](tower_ai_core::Deadline): no attempt could be
+    /// answered in time, so retrying ends at once with the last answer or error.
+    RequestDeadline,
     /// The retry budget is empty.
     Budget,
     /// The provider asked for a wait longer than `max_wait`.
@@ -54,6 +58,7 @@ impl StopReason {
             StopReason::NotRetryable => "not_retryable",
             StopReason::MaxAttempts => "max_attempts",
             StopReason::Deadline => "deadline",
+            StopReason::RequestDeadline => "request_deadline",
             StopReason::Budget => "budget",
             StopReason::WaitTooLong => "wait_too_long",
             StopReason::NotReplayable => "not_replayable",
@@ -268,6 +273,16 @@ impl<B> Ctx<'_, B> {
                 return Plan::Stop(StopReason::Deadline);
             }
         }
+        // The attempt after the wait needs time too: a wait ending at the deadline is
+        // as useless as one ending after it.
+        if let Some(deadline) = Deadline::of(retained) {
+            if now
+                .checked_add(wait)
+                .is_none_or(|end| end >= deadline.instant())
+            {
+                return Plan::Stop(StopReason::RequestDeadline);
+            }
+        }
         // Both budgets must allow the retry, and a refusal by either spends nothing of
         // the other: the attempt unit is taken first (an atomic step that can fail) and
         // handed back if the retry budget then refuses.
@@ -477,6 +492,7 @@ fn finish_response<B, ResB>(
         reason,
         StopReason::MaxAttempts
             | StopReason::Deadline
+            | StopReason::RequestDeadline
             | StopReason::Budget
             | StopReason::WaitTooLong
             | StopReason::AttemptBudget

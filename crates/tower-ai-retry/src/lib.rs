@@ -87,6 +87,11 @@
 //!   (with the same `exceeds_max()`), and `None` for every other reason.
 //! - A transport error (or a layer's refusal) that ends the retries: the error as it
 //!   is, in both modes.
+//! - **The request's [`Deadline`](tower_ai_core::Deadline)**: a wait (backoff,
+//!   `Retry-After` or a layer's "not before") that would end at or after it is not
+//!   started; retrying ends at once with the last answer or error, the reason
+//!   [`StopReason::RequestDeadline`] (traced as `stop = "request_deadline"`). So a
+//!   `Stalled { phase: Total }` that used the whole deadline is not retried.
 //!
 //! # Tracing
 //!
