@@ -8,7 +8,7 @@
 //! `.await`, never while a listener runs).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -17,6 +17,7 @@ use tower_ai_core::keys::Key;
 use crate::clock;
 use crate::config::{CircuitBreakerConfig, Window};
 use crate::event::{CircuitEvent, CircuitState, Emitter, TransitionReason};
+use crate::registry::Lane;
 use crate::window::{stripe_count, Bad, Calls, Stats};
 
 const CLOSED: u64 = 0;
@@ -107,6 +108,11 @@ impl Metrics {
 
 #[derive(Debug)]
 struct Inner {
+    /// The lanes of the thread stripes that called this key, one per stripe, made on the
+    /// stripe's first call ([`Core::lane`]): a count window's calls are their counters.
+    /// Each is also owned while the key is in its registry ([`Core::detach`] lets go of
+    /// them, a lane owning its breaker).
+    lanes: Vec<(Weak<Lane>, Option<Arc<Lane>>)>,
     bad: Bad,
     in_flight: u32,
     successes: u32,
@@ -184,6 +190,7 @@ impl Core {
             rejected: AtomicU64::new(0),
             calls: Calls::new(cfg.window, stripe_count()),
             inner: Mutex::new(Inner {
+                lanes: Vec::new(),
                 bad: Bad::new(cfg.window),
                 in_flight: 0,
                 successes: 0,
@@ -194,6 +201,53 @@ impl Core {
         };
         core.touch(now);
         core
+    }
+
+    /// Thread stripe `stripe`'s lane to this breaker, made on the stripe's first call
+    /// (the registry's lookup, off the hot path) and kept until [`detach`](Self::detach).
+    pub(crate) fn lane(self: &Arc<Self>, stripe: usize) -> Arc<Lane> {
+        let mut g = self.lock();
+        if let Some(l) = g
+            .lanes
+            .iter()
+            .find_map(|(_, l)| l.as_ref().filter(|l| l.stripe == stripe))
+        {
+            return l.clone();
+        }
+        let lane = Arc::new(Lane {
+            core: self.clone(),
+            stripe,
+            calls: AtomicU64::new(0),
+        });
+        g.lanes.push((Arc::downgrade(&lane), Some(lane.clone())));
+        lane
+    }
+
+    /// Lets go of the lanes: the registry forgot this key. Lanes a call or a service
+    /// still holds go on counting into it.
+    pub(crate) fn detach(&self) {
+        let kept: Vec<_> = self
+            .lock()
+            .lanes
+            .iter_mut()
+            .filter_map(|(_, l)| l.take())
+            .collect();
+        drop(kept); // after the lock: a lane's drop may drop a breaker
+    }
+
+    /// The lanes alive (a lane outlives its registry entry only while a call or a
+    /// service holds it).
+    fn live_lanes(g: &Inner) -> impl Iterator<Item = Arc<Lane>> + '_ {
+        g.lanes.iter().filter_map(|(l, _)| l.upgrade())
+    }
+
+    /// Calls in the window at `tick`.
+    fn total(&self, g: &Inner, tick: u64) -> u64 {
+        self.calls.total(tick, || {
+            Self::live_lanes(g)
+                .map(|l| l.calls.load(Ordering::Relaxed))
+                .sum()
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -356,13 +410,13 @@ impl Core {
     }
 
     /// Records a plain success (not a probe, not timed) of a call admitted with `word`,
-    /// from thread stripe `stripe`: in a closed count window, one atomic add to the
-    /// stripe's counter and a few loads of lines no call writes. The same as
+    /// through `lane` (the calling thread stripe's): in a closed count window, one atomic
+    /// add to the lane's counter and a few loads of lines no call writes. The same as
     /// [`record`](Self::record) with `Verdict::Success`.
     #[inline(always)]
-    pub(crate) fn record_success(&self, stripe: usize, word: u64) {
-        let Calls::Count(stripes) = &self.calls else {
-            return self.record(stripe, word, false, Verdict::Success, false, None);
+    pub(crate) fn record_success(&self, lane: &Lane, word: u64) {
+        let Calls::Count = &self.calls else {
+            return self.record(lane, word, false, Verdict::Success, false, None);
         };
         self.mark_used();
         if self.state.load(Ordering::Acquire) != word {
@@ -371,9 +425,9 @@ impl Core {
         if self.counts_consecutive && self.consecutive.load(Ordering::Relaxed) != 0 {
             self.consecutive.store(0, Ordering::Relaxed);
         }
-        stripes[stripe].calls.fetch_add(1, Ordering::Relaxed);
+        lane.calls.fetch_add(1, Ordering::Relaxed);
         if self.armed.load(Ordering::Relaxed) {
-            self.record_armed_success(stripe, word);
+            self.record_armed_success(lane, word);
         }
     }
 
@@ -381,19 +435,19 @@ impl Core {
     /// may be the call that reaches the minimum.
     #[cold]
     #[inline(never)]
-    fn record_armed_success(&self, stripe: usize, word: u64) {
+    fn record_armed_success(&self, lane: &Lane, word: u64) {
         let now = clock::now();
         self.touch(now);
-        self.record_locked(stripe, word, 0, false, false, true, now);
+        self.record_locked(lane, word, 0, false, false, true, now);
     }
 
-    /// Records a completed call admitted with `word`, from thread stripe `stripe`; `now`
+    /// Records a completed call admitted with `word`, through `lane`; `now`
     /// is `Some` when the caller read the clock already. A closed-state success in a
     /// count window reads no clock.
     #[inline(never)]
     pub(crate) fn record(
         &self,
-        stripe: usize,
+        lane: &Lane,
         word: u64,
         probe: bool,
         verdict: Verdict,
@@ -427,21 +481,21 @@ impl Core {
             {
                 self.consecutive.store(0, Ordering::Relaxed);
             }
-            added = self.calls.try_add(stripe, tick);
+            added = self.calls.try_add(&lane.calls, lane.stripe, tick);
             if added && !self.armed.load(Ordering::Relaxed) {
                 return; // the common case: a success cannot raise a rate
             }
         }
         let now = now.unwrap_or_else(clock::now);
         self.touch(now);
-        self.record_locked(stripe, word, tick, failure, slow, added, now);
+        self.record_locked(lane, word, tick, failure, slow, added, now);
     }
 
     #[cold]
     #[allow(clippy::too_many_arguments)]
     fn record_locked(
         &self,
-        stripe: usize,
+        lane: &Lane,
         word: u64,
         tick: u64,
         failure: bool,
@@ -454,11 +508,11 @@ impl Core {
             return;
         }
         if !added {
-            self.calls.add_locked(stripe, tick);
+            self.calls.add_locked(&lane.calls, lane.stripe, tick);
         }
         if failure || slow {
             let at = match self.cfg.window {
-                Window::Count { .. } => self.calls.total(tick),
+                Window::Count { .. } => self.total(&g, tick),
                 Window::Time { .. } => tick,
             };
             g.bad.add(at, failure, slow);
@@ -471,7 +525,8 @@ impl Core {
             self.consecutive.store(0, Ordering::Relaxed);
             0
         };
-        let st = g.bad.stats(self.calls.total(tick), tick);
+        let calls = self.total(&g, tick);
+        let st = g.bad.stats(calls, tick);
         let cfg = &self.cfg;
         let rate = |n: u64| n as f64 / st.calls as f64;
         let reason = if cfg.consecutive_failures.is_some_and(|k| consecutive >= k) {
@@ -545,7 +600,8 @@ impl Core {
     }
 
     fn reset_window(&self, g: &mut Inner) {
-        self.calls.reset();
+        self.calls
+            .reset(|| Self::live_lanes(g).for_each(|l| l.calls.store(0, Ordering::Relaxed)));
         g.bad.reset();
         self.consecutive.store(0, Ordering::Relaxed);
         self.armed.store(false, Ordering::Relaxed);
@@ -691,7 +747,8 @@ impl Core {
     pub(crate) fn metrics(&self, now: Instant) -> Metrics {
         let mut g = self.lock();
         let tick = self.tick(self.nanos(now));
-        let st = g.bad.stats(self.calls.total(tick), tick);
+        let calls = self.total(&g, tick);
+        let st = g.bad.stats(calls, tick);
         let st = match self.state.load(Ordering::Acquire) & 7 {
             CLOSED => st,
             _ => Stats::default(),
@@ -717,7 +774,11 @@ mod tests {
     use super::*;
     use std::sync::Mutex as StdMutex;
 
-    fn core(cfg: CircuitBreakerConfig, now: Instant) -> (Core, Arc<StdMutex<Vec<CircuitState>>>) {
+    /// A breaker, a lane to it (stripe 0), and the states it announced.
+    fn core(
+        cfg: CircuitBreakerConfig,
+        now: Instant,
+    ) -> (Arc<Lane>, Arc<StdMutex<Vec<CircuitState>>>) {
         let seen = Arc::new(StdMutex::new(Vec::new()));
         let s = seen.clone();
         let emitter = Emitter::new(move |e: &CircuitEvent| {
@@ -725,14 +786,21 @@ mod tests {
                 s.lock().unwrap().push(*to);
             }
         });
-        let c = Core::new(Key::of("k"), "k".into(), Arc::new(cfg), now, emitter, now);
-        (c, seen)
+        let c = Arc::new(Core::new(
+            Key::of("k"),
+            "k".into(),
+            Arc::new(cfg),
+            now,
+            emitter,
+            now,
+        ));
+        (c.lane(0), seen)
     }
 
-    fn call(c: &Core, now: Instant, v: Verdict) -> bool {
-        match c.admit(|| now) {
+    fn call(lane: &Lane, now: Instant, v: Verdict) -> bool {
+        match lane.core.admit(|| now) {
             Admit::Pass { word, probe } => {
-                c.record(0, word, probe, v, false, Some(now));
+                lane.core.record(lane, word, probe, v, false, Some(now));
                 true
             }
             Admit::Untracked => true,
@@ -752,23 +820,24 @@ mod tests {
             .half_open_successes(1)
             .build()
             .unwrap();
-        let (c, seen) = core(cfg, t0);
-        assert!(call(&c, t0, Verdict::Failure));
-        assert!(call(&c, t0, Verdict::Failure));
-        assert!(call(&c, t0, Verdict::Success));
+        let (lane, seen) = core(cfg, t0);
+        let c = &lane.core;
+        assert!(call(&lane, t0, Verdict::Failure));
+        assert!(call(&lane, t0, Verdict::Failure));
+        assert!(call(&lane, t0, Verdict::Success));
         assert_eq!(c.state(), CircuitState::Closed, "3 calls < minimum 4");
-        assert!(call(&c, t0, Verdict::Success)); // 2/4 = 50 %
+        assert!(call(&lane, t0, Verdict::Success)); // 2/4 = 50 %
         assert_eq!(c.state(), CircuitState::Open);
-        assert!(!call(&c, t0 + Duration::from_secs(9), Verdict::Success));
+        assert!(!call(&lane, t0 + Duration::from_secs(9), Verdict::Success));
         // probe fails: open again for 20 s
         let t1 = t0 + Duration::from_secs(10);
-        assert!(call(&c, t1, Verdict::Failure));
+        assert!(call(&lane, t1, Verdict::Failure));
         assert_eq!(c.open_until(), Some(t1 + Duration::from_secs(20)));
         let t2 = t1 + Duration::from_secs(20);
-        assert!(call(&c, t2, Verdict::Failure));
+        assert!(call(&lane, t2, Verdict::Failure));
         assert_eq!(c.open_until(), Some(t2 + Duration::from_secs(25)), "capped");
         let t3 = t2 + Duration::from_secs(25);
-        assert!(call(&c, t3, Verdict::Success));
+        assert!(call(&lane, t3, Verdict::Success));
         assert_eq!(c.state(), CircuitState::Closed);
         use CircuitState::*;
         assert_eq!(
@@ -785,14 +854,15 @@ mod tests {
             .consecutive_failures(1)
             .build()
             .unwrap();
-        let (c, _) = core(cfg, t0);
+        let (lane, _) = core(cfg, t0);
+        let c = &lane.core;
         let Admit::Pass { word: old, .. } = c.admit(|| t0) else {
             panic!()
         };
-        assert!(call(&c, t0, Verdict::Failure));
+        assert!(call(&lane, t0, Verdict::Failure));
         assert_eq!(c.state(), CircuitState::Open);
         c.force(CircuitState::Closed, t0);
-        c.record(0, old, false, Verdict::Failure, false, Some(t0));
+        c.record(&lane, old, false, Verdict::Failure, false, Some(t0));
         assert_eq!(
             c.state(),
             CircuitState::Closed,

@@ -89,7 +89,7 @@ impl Ticket {
                     return Some(self.defer());
                 }
                 if !is_probe(self.stamp) && !self.lane.core.times_calls() {
-                    self.lane.core.record_success(self.lane.stripe, self.stamp);
+                    self.lane.core.record_success(&self.lane, self.stamp);
                     self.stamp = RECORDED;
                     return None;
                 }
@@ -145,7 +145,7 @@ impl Ticket {
         self.stamp = RECORDED;
         self.lane
             .core
-            .record(self.lane.stripe, word, probe, verdict, slow, now);
+            .record(&self.lane, word, probe, verdict, slow, now);
     }
 
     /// A streamed answer's head arrived: the call is timed to it (a stream's length is

@@ -1,10 +1,12 @@
 //! The per-key map of breakers: bounded, idle keys evicted, and found on the hot path
 //! without a lock, an allocation or a write to a shared cache line.
 //!
-//! Each key's breaker ([`Core`]) is reached through one [`Lane`] per thread stripe: a
-//! small `Arc` whose reference count lives on its own cache line. A call clones the lane
-//! of its thread's stripe (a write only that thread makes), so two tasks on two cores do
-//! not bounce a reference count between them. Each service keeps the lane of the last key
+//! Each key's breaker ([`Core`]) is reached through one [`Lane`] per thread stripe that
+//! called it (made on the stripe's first call, so a key one thread calls holds one lane,
+//! however many stripes there are): a small `Arc` whose reference count and count-window
+//! counter live on its own cache lines. A call clones the lane of its thread's stripe and
+//! counts its success in it (writes only that thread makes), so two tasks on two cores do
+//! not bounce a cache line between them. Each service keeps the lane of the last key
 //! it called (reused while its breaker is not evicted and the thread's stripe is the
 //! lane's); otherwise lanes are found through a small per-thread cache (16 direct-mapped
 //! slots keyed by layer and key); a miss takes the shard's `RwLock` for reading, and only
@@ -21,14 +23,17 @@ use crate::breaker::Core;
 use crate::clock;
 use crate::config::CircuitBreakerConfig;
 use crate::event::Emitter;
-use crate::window::{stripe_count, thread_stripe};
+use crate::window::thread_stripe;
 
-/// A thread stripe's way to a breaker.
+/// A thread stripe's way to a breaker, made by [`Core::lane`].
 #[repr(align(128))]
 #[derive(Debug)]
 pub(crate) struct Lane {
     pub(crate) core: Arc<Core>,
     pub(crate) stripe: usize,
+    /// The stripe's calls in a count window since its last reset (the breaker sums its
+    /// lanes); unused by a time window.
+    pub(crate) calls: AtomicU64,
 }
 
 impl Lane {
@@ -42,10 +47,23 @@ impl Lane {
     }
 }
 
+/// A key in the map: its breaker, which owns its lanes until the entry is dropped.
 #[derive(Debug)]
 struct Entry {
     core: Arc<Core>,
-    lanes: Box<[Arc<Lane>]>,
+}
+
+impl Entry {
+    /// Stripe `stripe`'s lane, made if it is the stripe's first call.
+    fn lane(&self, stripe: usize) -> Arc<Lane> {
+        self.core.lane(stripe)
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.core.detach();
+    }
 }
 
 type Shard = RwLock<KeyMap<Entry>>;
@@ -129,7 +147,7 @@ impl Registry {
         let stripe = thread_stripe();
         let lane = self
             .lookup(key, stripe)
-            .or_else(|| self.insert(key, stripe, label))?;
+            .or_else(|| self.insert(key, label, |e| e.lane(stripe)))?;
         let _ = CACHE.try_with(|c| {
             if let Ok(mut c) = c.try_borrow_mut() {
                 c[i] = Some(Slot {
@@ -144,14 +162,20 @@ impl Registry {
 
     fn lookup(&self, key: Key, stripe: usize) -> Option<Arc<Lane>> {
         let map = self.shard(key).read().unwrap_or_else(|e| e.into_inner());
-        map.get(&key).map(|e| e.lanes[stripe].clone())
+        map.get(&key).map(|e| e.lane(stripe))
     }
 
-    fn insert(&self, key: Key, stripe: usize, label: impl FnOnce() -> String) -> Option<Arc<Lane>> {
+    /// `f` of `key`'s entry, made if needed. `None` when the map is full of forced keys.
+    fn insert<R>(
+        &self,
+        key: Key,
+        label: impl FnOnce() -> String,
+        f: impl FnOnce(&Entry) -> R,
+    ) -> Option<R> {
         let now = clock::now();
         let mut map = self.shard(key).write().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = map.get(&key) {
-            return Some(e.lanes[stripe].clone());
+            return Some(f(e));
         }
         // Forget idle keys; if still full, the least recently used one that is not forced.
         let idle = self.cfg.idle_timeout;
@@ -191,17 +215,8 @@ impl Registry {
             self.emitter.clone(),
             now,
         ));
-        let lanes: Box<[Arc<Lane>]> = (0..stripe_count())
-            .map(|s| {
-                Arc::new(Lane {
-                    core: core.clone(),
-                    stripe: s,
-                })
-            })
-            .collect();
-        let lane = lanes[stripe].clone();
-        map.insert(key, Entry { core, lanes });
-        Some(lane)
+        let entry = map.entry(key).or_insert(Entry { core });
+        Some(f(entry))
     }
 
     /// The breaker of `key`, if it is tracked.
@@ -219,7 +234,7 @@ impl Registry {
         if let Some(c) = self.get(key) {
             return Some(c);
         }
-        self.insert(key, 0, label).map(|l| l.core.clone())
+        self.insert(key, label, |e| e.core.clone())
     }
 
     /// Every tracked breaker.

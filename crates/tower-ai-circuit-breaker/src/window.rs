@@ -60,12 +60,6 @@ fn assign_stripe() -> usize {
     v
 }
 
-#[repr(align(128))]
-#[derive(Debug, Default)]
-pub(crate) struct StripeCount {
-    pub(crate) calls: AtomicU64,
-}
-
 #[derive(Debug, Default)]
 struct Bucket {
     /// The bucket's tick + 1 (0 = never used).
@@ -83,27 +77,34 @@ pub(crate) struct BucketLine([Bucket; PER_LINE]);
 /// Call counts, striped per thread.
 #[derive(Debug)]
 pub(crate) enum Calls {
-    Count(Box<[StripeCount]>),
-    Time {
-        lines: Box<[BucketLine]>,
-        lines_per_stripe: usize,
-        buckets: u64,
-    },
+    /// A count window: each thread stripe's lane counts its own calls (`own` in the
+    /// methods below, the lane's counter), on the lane's own cache lines, and the
+    /// breaker sums the lanes; nothing is held here, so a key a single thread calls
+    /// holds one counter, not one per stripe.
+    Count,
+    /// Boxed: a count window's breaker (the default) does not carry its size.
+    Time(Box<TimeCalls>),
+}
+
+/// A time window's buckets, per stripe.
+#[derive(Debug)]
+pub(crate) struct TimeCalls {
+    lines: Box<[BucketLine]>,
+    lines_per_stripe: usize,
+    buckets: u64,
 }
 
 impl Calls {
     pub(crate) fn new(window: Window, stripes: usize) -> Calls {
         match window {
-            Window::Count { .. } => {
-                Calls::Count((0..stripes).map(|_| StripeCount::default()).collect())
-            }
+            Window::Count { .. } => Calls::Count,
             Window::Time { buckets, .. } => {
                 let per = (buckets as usize).div_ceil(PER_LINE);
-                Calls::Time {
+                Calls::Time(Box::new(TimeCalls {
                     lines: (0..stripes * per).map(|_| BucketLine::default()).collect(),
                     lines_per_stripe: per,
                     buckets: u64::from(buckets),
-                }
+                }))
             }
         }
     }
@@ -114,20 +115,22 @@ impl Calls {
         &lines[stripe * per + j / PER_LINE].0[j % PER_LINE]
     }
 
-    /// Adds one call to `stripe` at `tick` without a lock. False when the bucket belongs
-    /// to an older tick and must be reused first ([`add_locked`](Self::add_locked)).
+    /// Adds one call to `stripe` (whose count-window counter is `own`) at `tick` without
+    /// a lock. False when the bucket belongs to an older tick and must be reused first
+    /// ([`add_locked`](Self::add_locked)).
     #[inline]
-    pub(crate) fn try_add(&self, stripe: usize, tick: u64) -> bool {
+    pub(crate) fn try_add(&self, own: &AtomicU64, stripe: usize, tick: u64) -> bool {
         match self {
-            Calls::Count(s) => {
-                s[stripe].calls.fetch_add(1, Ordering::Relaxed);
+            Calls::Count => {
+                own.fetch_add(1, Ordering::Relaxed);
                 true
             }
-            Calls::Time {
-                lines,
-                lines_per_stripe,
-                buckets,
-            } => {
+            Calls::Time(t) => {
+                let TimeCalls {
+                    lines,
+                    lines_per_stripe,
+                    buckets,
+                } = &**t;
                 let b = Self::bucket(lines, *lines_per_stripe, *buckets, stripe, tick);
                 if b.tick.load(Ordering::Acquire) == tick + 1 {
                     b.calls.fetch_add(1, Ordering::Relaxed);
@@ -141,17 +144,18 @@ impl Calls {
 
     /// Adds one call, reusing the bucket if needed. Caller holds the breaker's lock (the
     /// only place buckets are re-tagged). Returns whether a bucket was reused.
-    pub(crate) fn add_locked(&self, stripe: usize, tick: u64) -> bool {
+    pub(crate) fn add_locked(&self, own: &AtomicU64, stripe: usize, tick: u64) -> bool {
         match self {
-            Calls::Count(_) => {
-                self.try_add(stripe, tick);
+            Calls::Count => {
+                self.try_add(own, stripe, tick);
                 false
             }
-            Calls::Time {
-                lines,
-                lines_per_stripe,
-                buckets,
-            } => {
+            Calls::Time(t) => {
+                let TimeCalls {
+                    lines,
+                    lines_per_stripe,
+                    buckets,
+                } = &**t;
                 let b = Self::bucket(lines, *lines_per_stripe, *buckets, stripe, tick);
                 let seen = b.tick.load(Ordering::Acquire);
                 let rotated = seen != tick + 1;
@@ -173,11 +177,13 @@ impl Calls {
         }
     }
 
-    /// Calls in the window at `tick` (for a count window: every call since the reset).
-    pub(crate) fn total(&self, tick: u64) -> u64 {
+    /// Calls in the window at `tick` (for a count window: every call since the reset,
+    /// the sum of the lanes' counters, `lanes`).
+    pub(crate) fn total(&self, tick: u64, lanes: impl FnOnce() -> u64) -> u64 {
         match self {
-            Calls::Count(s) => s.iter().map(|s| s.calls.load(Ordering::Relaxed)).sum(),
-            Calls::Time { lines, buckets, .. } => {
+            Calls::Count => lanes(),
+            Calls::Time(t) => {
+                let TimeCalls { lines, buckets, .. } = &**t;
                 let lo = (tick + 1).saturating_sub(*buckets); // oldest tick + 1 - 1
                 lines
                     .iter()
@@ -192,10 +198,11 @@ impl Calls {
         }
     }
 
-    pub(crate) fn reset(&self) {
+    /// Empties the window (`lanes` zeroes a count window's lane counters).
+    pub(crate) fn reset(&self, lanes: impl FnOnce()) {
         match self {
-            Calls::Count(s) => s.iter().for_each(|s| s.calls.store(0, Ordering::Relaxed)),
-            Calls::Time { lines, .. } => lines.iter().flat_map(|l| l.0.iter()).for_each(|b| {
+            Calls::Count => lanes(),
+            Calls::Time(t) => t.lines.iter().flat_map(|l| l.0.iter()).for_each(|b| {
                 b.tick.store(0, Ordering::Relaxed);
                 b.calls.store(0, Ordering::Relaxed);
             }),
@@ -309,17 +316,19 @@ mod tests {
     fn count_window_keeps_the_last_n_calls() {
         let w = Window::Count { calls: 4 };
         let calls = Calls::new(w, 2);
+        let lanes = [AtomicU64::new(0), AtomicU64::new(0)];
+        let total = || lanes.iter().map(|l| l.load(Ordering::Relaxed)).sum::<u64>();
         let mut bad = Bad::new(w);
         // F S S F S S : with N = 4 the first failure leaves after the 5th call.
         for (i, fail) in [true, false, false, true, false, false]
             .into_iter()
             .enumerate()
         {
-            calls.add_locked(i % 2, 0);
+            calls.add_locked(&lanes[i % 2], i % 2, 0);
             if fail {
-                bad.add(calls.total(0), true, false);
+                bad.add(calls.total(0, total), true, false);
             }
-            let st = bad.stats(calls.total(0), 0);
+            let st = bad.stats(calls.total(0, total), 0);
             let want = match i {
                 0..=2 => 1,
                 3 => 2,
@@ -328,9 +337,9 @@ mod tests {
             assert_eq!(st.failures, want, "after call {i}");
             assert_eq!(st.calls, (i as u64 + 1).min(4));
         }
-        calls.reset();
+        calls.reset(|| lanes.iter().for_each(|l| l.store(0, Ordering::Relaxed)));
         bad.reset();
-        assert_eq!(bad.stats(calls.total(0), 0), Stats::default());
+        assert_eq!(bad.stats(calls.total(0, total), 0), Stats::default());
     }
 
     #[test]
@@ -341,14 +350,18 @@ mod tests {
         };
         let calls = Calls::new(w, 4);
         let mut bad = Bad::new(w);
-        assert!(!calls.try_add(1, 3), "a fresh bucket must be tagged first");
-        assert!(calls.add_locked(1, 3));
-        assert!(calls.try_add(1, 3));
-        assert!(calls.add_locked(2, 3));
+        let own = AtomicU64::new(0); // a count window's counter: a time window leaves it be
+        assert!(
+            !calls.try_add(&own, 1, 3),
+            "a fresh bucket must be tagged first"
+        );
+        assert!(calls.add_locked(&own, 1, 3));
+        assert!(calls.try_add(&own, 1, 3));
+        assert!(calls.add_locked(&own, 2, 3));
         bad.add(3, true, false);
-        assert_eq!(calls.total(3), 3);
+        assert_eq!(calls.total(3, || 0), 3);
         assert_eq!(
-            bad.stats(calls.total(12), 12),
+            bad.stats(calls.total(12, || 0), 12),
             Stats {
                 calls: 3,
                 failures: 1,
@@ -356,14 +369,14 @@ mod tests {
             }
         );
         // tick 13: bucket 3 left the window (ticks 4..=13 remain).
-        assert_eq!(calls.total(13), 0);
+        assert_eq!(calls.total(13, || 0), 0);
         assert_eq!(bad.stats(0, 13).failures, 0);
         // reusing bucket slot 3 for tick 13 zeroes it.
-        assert!(calls.add_locked(1, 13));
-        assert_eq!(calls.total(13), 1);
+        assert!(calls.add_locked(&own, 1, 13));
+        assert_eq!(calls.total(13, || 0), 1);
         // a late call for an older tick lands in the current bucket.
-        assert!(!calls.add_locked(1, 3));
-        assert_eq!(calls.total(13), 2);
+        assert!(!calls.add_locked(&own, 1, 3));
+        assert_eq!(calls.total(13, || 0), 2);
     }
 
     #[test]
@@ -371,6 +384,5 @@ mod tests {
         assert!(stripe_count().is_power_of_two());
         assert!(thread_stripe() < stripe_count());
         assert_eq!(std::mem::align_of::<BucketLine>(), 128);
-        assert_eq!(std::mem::size_of::<StripeCount>(), 128);
     }
 }

@@ -2,13 +2,17 @@
 
 mod support;
 
+use std::future::Future;
+use std::task::{Context, Waker};
 use std::time::Duration;
 
+use http::{Request, Response};
 use support::*;
-use tower::ServiceExt;
+use tower::{service_fn, Service, ServiceExt};
 use tower_ai_circuit_breaker::{CircuitBreakerLayer, CircuitState};
-use tower_ai_core::keys::MAX_LABEL_LEN;
-use tower_ai_core::AiError;
+use tower_ai_core::keys::{HostModel, KeyFn, MAX_LABEL_LEN};
+use tower_ai_core::{AiError, BoxError};
+use tower_layer::Layer;
 
 #[tokio::test(start_paused = true)]
 async fn huge_model_names_share_one_short_labelled_circuit() {
@@ -36,4 +40,50 @@ async fn huge_model_names_share_one_short_labelled_circuit() {
     assert!(key.len() <= MAX_LABEL_LEN, "{} bytes", key.len());
     // A real model is its own circuit, untouched.
     assert_eq!(r.call("gpt-4o", OK).await, Got::Status(200));
+}
+
+/// The most an idle circuit may hold, in bytes (see the test below): 638 measured on
+/// x86_64 Linux, with room for the map's growth steps and a longer label.
+const IDLE_CIRCUIT_BYTES: u64 = 704;
+
+/// What an idle circuit holds (a key that had a few successful calls from one thread and
+/// is closed, the default config): its breaker, its label, the lane of the one thread
+/// stripe that called it and its slot in the map, as the allocator counts them. It was
+/// 1,208 bytes with two stripes: every stripe's lane (256 bytes) and count-window counter
+/// (128 bytes) were made with the key, so ~6 KiB with 16 stripes. A lane is now made on
+/// its stripe's first call and holds the stripe's counter, so the figure does not grow
+/// with the machine's cores.
+#[tokio::test(start_paused = true)]
+async fn an_idle_circuit_holds_one_lane() {
+    const KEYS: u64 = 512; // half the default max_keys: none is evicted
+    let layer = CircuitBreakerLayer::new();
+    let mut svc = layer.layer(service_fn(|_: Request<String>| async {
+        Ok::<_, BoxError>(Response::new(String::new()))
+    }));
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut calls = |i: u64| {
+        for _ in 0..3 {
+            assert!(svc.poll_ready(&mut cx).is_ready());
+            let fut = std::pin::pin!(svc.call(req(&format!("model-{i:06}"), OK)));
+            assert!(fut.poll(&mut cx).is_ready());
+        }
+    };
+    calls(0); // the thread's stripe and cache, made once
+    let held = allocation_counter::measure(|| (1..=KEYS).for_each(&mut calls));
+    let handle = layer.handle();
+    assert_eq!(handle.key_count(), KEYS as usize + 1);
+    let last = req(&format!("model-{KEYS:06}"), OK);
+    let m = handle
+        .metrics(KeyFn::<String>::key(&HostModel, &last).unwrap())
+        .unwrap();
+    assert_eq!((m.state, m.calls), (CircuitState::Closed, 3));
+    let per = held.bytes_current.max(0) as u64 / KEYS;
+    println!(
+        "{per} bytes per idle circuit ({KEYS} circuits: {} bytes)",
+        held.bytes_current
+    );
+    assert!(
+        per <= IDLE_CIRCUIT_BYTES,
+        "{per} bytes per idle circuit, more than {IDLE_CIRCUIT_BYTES}"
+    );
 }
