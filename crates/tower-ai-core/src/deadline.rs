@@ -237,7 +237,7 @@ impl<S> Layer<S> for DeadlineLayer {
     fn layer(&self, inner: S) -> SetDeadline<S> {
         SetDeadline {
             inner,
-            timeout: self.timeout,
+            timeout: Some(self.timeout),
         }
     }
 }
@@ -246,13 +246,25 @@ impl<S> Layer<S> for DeadlineLayer {
 #[derive(Clone)]
 pub struct SetDeadline<S> {
     inner: S,
-    timeout: Duration,
+    // `None`: off (requests pass through untouched, no clock read).
+    timeout: Option<Duration>,
 }
 
 impl<S> SetDeadline<S> {
     /// Wraps `inner`, giving every request at most `timeout`.
     pub const fn new(inner: S, timeout: Duration) -> Self {
-        SetDeadline { inner, timeout }
+        SetDeadline {
+            inner,
+            timeout: Some(timeout),
+        }
+    }
+
+    /// Wraps `inner` without setting any deadline: requests pass through untouched.
+    pub const fn off(inner: S) -> Self {
+        SetDeadline {
+            inner,
+            timeout: None,
+        }
     }
 
     /// The inner service.
@@ -284,9 +296,12 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> S::Future {
+        let Some(own) = self.timeout else {
+            return self.inner.call(req);
+        };
         let timeout = match Deadline::header_timeout(req.headers()) {
-            Some(t) => t.min(self.timeout),
-            None => self.timeout,
+            Some(t) => t.min(own),
+            None => own,
         };
         Deadline::set(&mut req, Deadline::after_from(Instant::now(), timeout));
         self.inner.call(req)

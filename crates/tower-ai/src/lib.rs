@@ -85,7 +85,7 @@ pub use stack::AiStack;
 pub use tower_ai_core as core;
 pub use tower_ai_core::{
     error_response, AiBody, AiError, BoxError, Classification, ClassifyConfig, ClassifyLayer,
-    ErrorDialect, ErrorKind, ErrorReply, Provider, RequestMeta, Usage,
+    Deadline, DeadlineLayer, ErrorDialect, ErrorKind, ErrorReply, Provider, RequestMeta, Usage,
 };
 
 /// AiRetry: backoff with jitter, only for what is worth retrying, inside a retry budget.
@@ -132,7 +132,8 @@ pub use tower_ai_sim as sim;
 pub mod prelude {
     pub use crate::ServiceBuilderExt;
     pub use tower_ai_core::{
-        AiBody, AiError, BoxError, Classification, ClassifyLayer, ErrorKind, Provider,
+        AiBody, AiError, BoxError, Classification, ClassifyLayer, Deadline, DeadlineLayer,
+        ErrorKind, Provider,
     };
 
     #[cfg(all(

@@ -1,7 +1,9 @@
 //! [`AiStack`]: the recommended order of every layer, in one call.
 
+use std::time::Duration;
 use tower_ai_circuit_breaker::{CircuitBreakerHandle, CircuitBreakerLayer};
-use tower_ai_core::{Classify, ClassifyConfig, ClassifyLayer};
+
+use tower_ai_core::{Classify, ClassifyConfig, ClassifyLayer, SetDeadline};
 use tower_ai_retry::{AiRetry, AiRetryLayer};
 use tower_ai_retry_after::RetryAfterAwareLayer;
 use tower_ai_stall::{StallDetector, StallDetectorLayer};
@@ -10,7 +12,7 @@ use tower_layer::{Identity, Layer};
 /// The whole tower-ai stack in the recommended order, as one [`Layer`]:
 ///
 /// ```text
-/// ModelFallback → AiRetry → CircuitBreaker → TokenBudget → RetryAfterAware → StallDetector → Classify → client
+/// Deadline → ModelFallback → AiRetry → CircuitBreaker → TokenBudget → RetryAfterAware → StallDetector → Classify → client
 /// ```
 ///
 /// Fallback sees a route's final verdict; retry repeats one route; the breaker fails fast
@@ -22,6 +24,13 @@ use tower_layer::{Identity, Layer};
 /// budget), a per-model CircuitBreaker, a per-model RetryAfterAware gate, StallDetector's
 /// streaming deadlines, and Classify. Each provider's dialect (OpenAI, Azure, Anthropic,
 /// Gemini, OpenAI-compatible) is recognised per request, so the same defaults serve all.
+/// Every call gets an end-to-end [`Deadline`](tower_ai_core::Deadline) of
+/// [`AiStack::DEFAULT_DEADLINE`] (10 minutes, the official OpenAI SDKs' default timeout),
+/// or less when the caller asked for less (a `Deadline` in the request's extensions, a
+/// `grpc-timeout`, `x-stainless-timeout` or `x-stainless-read-timeout` header): no layer
+/// waits past it, so a provider that never answers costs the caller 10 minutes, not three
+/// attempts of StallDetector's 20-minute total. Change it with
+/// [`deadline`](AiStack::deadline), remove it with [`no_deadline`](AiStack::no_deadline).
 /// TokenBudget and ModelFallback need facts only you have (your limits, your chain of
 /// models), so they join with [`budget`](AiStack::budget) and
 /// [`fallback`](AiStack::fallback); until then they are [`Identity`] and cost nothing.
@@ -72,6 +81,7 @@ use tower_layer::{Identity, Layer};
 #[derive(Debug, Clone)]
 pub struct AiStack<F = Identity, B = Identity, CB = CircuitBreakerLayer, RA = RetryAfterAwareLayer>
 {
+    deadline: Option<Duration>,
     fallback: F,
     retry: AiRetryLayer,
     breaker: CB,
@@ -82,9 +92,13 @@ pub struct AiStack<F = Identity, B = Identity, CB = CircuitBreakerLayer, RA = Re
 }
 
 impl AiStack {
+    /// The end-to-end deadline of every call through the default stack: 10 minutes.
+    pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(600);
+
     /// The stack with its defaults (see the type's docs).
     pub fn new() -> Self {
         AiStack {
+            deadline: Some(AiStack::DEFAULT_DEADLINE),
             fallback: Identity::new(),
             retry: AiRetryLayer::new(3),
             breaker: CircuitBreakerLayer::new(),
@@ -129,6 +143,22 @@ impl Default for AiStack {
 }
 
 impl<F, B, CB, RA> AiStack<F, B, CB, RA> {
+    /// Gives every call at most `timeout` end to end (instead of
+    /// [`AiStack::DEFAULT_DEADLINE`]); a caller's shorter deadline still wins. See
+    /// [`DeadlineLayer`](tower_ai_core::DeadlineLayer).
+    pub fn deadline(mut self, timeout: Duration) -> Self {
+        self.deadline = Some(timeout);
+        self
+    }
+
+    /// Sets no deadline: calls are bounded only by each layer's own limits (and by a
+    /// `Deadline` the caller put in the request's extensions). Timeout headers are then
+    /// not read.
+    pub fn no_deadline(mut self) -> Self {
+        self.deadline = None;
+        self
+    }
+
     /// Uses `retry` instead of the default AiRetry.
     pub fn retry(mut self, retry: AiRetryLayer) -> Self {
         self.retry = retry;
@@ -151,6 +181,7 @@ impl<F, B, CB, RA> AiStack<F, B, CB, RA> {
     /// per-model CircuitBreaker.
     pub fn circuit_breaker<CB2>(self, breaker: CB2) -> AiStack<F, B, CB2, RA> {
         AiStack {
+            deadline: self.deadline,
             fallback: self.fallback,
             retry: self.retry,
             breaker,
@@ -165,6 +196,7 @@ impl<F, B, CB, RA> AiStack<F, B, CB, RA> {
     /// per-model RetryAfterAware gate.
     pub fn retry_after<RA2>(self, cooldown: RA2) -> AiStack<F, B, CB, RA2> {
         AiStack {
+            deadline: self.deadline,
             fallback: self.fallback,
             retry: self.retry,
             breaker: self.breaker,
@@ -178,6 +210,7 @@ impl<F, B, CB, RA> AiStack<F, B, CB, RA> {
     /// Adds a budget (a `TokenBudgetLayer`) between the breaker and the cooldown gate.
     pub fn budget<B2>(self, budget: B2) -> AiStack<F, B2, CB, RA> {
         AiStack {
+            deadline: self.deadline,
             fallback: self.fallback,
             retry: self.retry,
             breaker: self.breaker,
@@ -191,6 +224,7 @@ impl<F, B, CB, RA> AiStack<F, B, CB, RA> {
     /// Adds a fallback chain (a `ModelFallbackLayer`) outside everything else.
     pub fn fallback<F2>(self, fallback: F2) -> AiStack<F2, B, CB, RA> {
         AiStack {
+            deadline: self.deadline,
             fallback,
             retry: self.retry,
             breaker: self.breaker,
@@ -218,7 +252,7 @@ where
     CB: Layer<B::Service>,
     F: Layer<AiRetry<CB::Service>>,
 {
-    type Service = F::Service;
+    type Service = SetDeadline<F::Service>;
 
     fn layer(&self, client: S) -> Self::Service {
         let s = self.classify.layer(client);
@@ -227,6 +261,10 @@ where
         let s = self.budget.layer(s);
         let s = self.breaker.layer(s);
         let s = self.retry.layer(s);
-        self.fallback.layer(s)
+        let s = self.fallback.layer(s);
+        match self.deadline {
+            Some(timeout) => SetDeadline::new(s, timeout),
+            None => SetDeadline::off(s),
+        }
     }
 }

@@ -1,0 +1,95 @@
+//! The default stack's end-to-end deadline: a non-streamed call whose provider never
+//! answers is a bounded error, in-process against the simulator on a paused clock.
+
+use std::time::Duration;
+
+use http::Request;
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+use tower_ai::prelude::*;
+use tower_ai_core::StallPhase;
+use tower_ai_sim::{Latency, ModelSpec, Scenario, Simulator};
+
+const MIN: Duration = Duration::from_secs(60);
+
+/// A provider that takes ten hours to answer: never, for any caller.
+fn silent() -> Simulator {
+    Simulator::new(
+        Scenario::builder()
+            .model(ModelSpec::new("gpt-4o").latency(Latency::fixed(600 * MIN)))
+            .build()
+            .unwrap(),
+    )
+}
+
+fn request() -> Request<AiBody> {
+    Request::post("https://api.openai.com/v1/chat/completions")
+        .body(AiBody::from(
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}"#,
+        ))
+        .unwrap()
+}
+
+/// Sends one request through `stack` to the silent provider: how long the caller
+/// waited, the error, and the calls the provider saw.
+async fn hang(stack: AiStack, req: Request<AiBody>) -> (Duration, BoxError, usize) {
+    let sim = silent();
+    let svc = stack.layer(sim.service());
+    let t0 = Instant::now();
+    let err = svc
+        .oneshot(req)
+        .await
+        .expect_err("the provider never answers");
+    (t0.elapsed(), err, sim.calls().len())
+}
+
+fn stalled_total(err: &BoxError) -> bool {
+    matches!(
+        AiError::find(&**err),
+        Some(AiError::Stalled {
+            phase: StallPhase::Total,
+            ..
+        })
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_stack_bounds_a_call_to_a_silent_provider_at_ten_minutes() {
+    let (waited, err, calls) = hang(AiStack::seeded(1), request()).await;
+    println!("default stack: failed after {waited:?}, {calls} call(s)");
+    assert_eq!(waited, 10 * MIN);
+    assert_eq!(
+        calls, 1,
+        "a stall that used the whole deadline is not retried"
+    );
+    assert!(stalled_total(&err), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_deadline_the_same_call_hangs_for_an_hour() {
+    // What the default stack did before it had a deadline: three attempts of
+    // StallDetector's 20-minute total, with backoff between them.
+    let (waited, err, calls) = hang(AiStack::seeded(1).no_deadline(), request()).await;
+    println!("no deadline: failed after {waited:?}, {calls} call(s)");
+    assert_eq!(calls, 3);
+    assert!(waited >= 60 * MIN, "{waited:?}");
+    assert!(stalled_total(&err), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_callers_timeout_header_or_deadline_shortens_it() {
+    let mut req = request();
+    req.headers_mut()
+        .insert("x-stainless-timeout", "30".parse().unwrap());
+    let (waited, err, calls) = hang(AiStack::seeded(1), req).await;
+    assert_eq!((waited, calls), (30 * Duration::from_secs(1), 1));
+    assert!(stalled_total(&err), "{err}");
+
+    let mut req = request();
+    Deadline::set(&mut req, Deadline::after(2 * MIN));
+    let (waited, _, _) = hang(AiStack::seeded(1).deadline(5 * MIN), req).await;
+    assert_eq!(waited, 2 * MIN);
+
+    let (waited, _, _) = hang(AiStack::seeded(1).deadline(5 * MIN), request()).await;
+    assert_eq!(waited, 5 * MIN);
+}
