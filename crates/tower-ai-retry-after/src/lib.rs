@@ -24,7 +24,8 @@
 //! - **Holds** requests for a cooling key in the response future (`Waiting { sleep }`),
 //!   then acquires the inner service's readiness with `Oneshot`: a waiting request holds
 //!   no inner permit. Requests for other keys pass untouched. With
-//!   [`OnCooldown::FailFast`] (or when the wait would exceed `max_wait`) the request
+//!   [`OnCooldown::FailFast`] (or when the wait would exceed `max_wait`, or the cooldown
+//!   ends at or after the request's [`Deadline`](tower_ai_core::Deadline)) the request
 //!   fails at once with `AiError::CoolingDown { key, until }`, and so does one that finds
 //!   [`max_waiters_per_key`](CooldownConfigBuilder::max_waiters_per_key) (256) waiting for
 //!   its key or [`max_waiters`](CooldownConfigBuilder::max_waiters) (4 096) waiting in

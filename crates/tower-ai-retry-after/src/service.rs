@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tokio::time::Instant;
 use tower_ai_core::keys::{cap_label, HostModel, KeyFn};
-use tower_ai_core::{AiError, AttemptBudget, BoxError};
+use tower_ai_core::{AiError, AttemptBudget, BoxError, Deadline};
 use tower_service::Service;
 
 use crate::config::OnCooldown;
@@ -110,8 +110,12 @@ where
             }
             Admit::Wait { until, spread } => {
                 // With a later fallback route able to serve (ModelFallback's shared
-                // attempt budget says so), waiting here would only delay the answer.
-                let refuse = AttemptBudget::of(&req).is_some_and(AttemptBudget::has_fallback)
+                // attempt budget says so), waiting here would only delay the answer; and
+                // a request whose deadline comes before the cooldown's end would only be
+                // sent when nobody waits for its answer.
+                let past_deadline = Deadline::of(&req).is_some_and(|d| until >= d.instant());
+                let refuse = past_deadline
+                    || AttemptBudget::of(&req).is_some_and(AttemptBudget::has_fallback)
                     || match shared.config.on_cooldown {
                         OnCooldown::FailFast => true,
                         OnCooldown::Wait { max_wait } => until > now + max_wait,
@@ -126,6 +130,7 @@ where
                     tracing::debug!(
                         until_ms = until.saturating_duration_since(now).as_millis() as u64,
                         full = !refuse,
+                        past_deadline,
                         "retry_after_aware refused: cooling down"
                     );
                     return ResponseFuture::rejected(AiError::CoolingDown {
