@@ -159,7 +159,9 @@
 //!   expires, a reservation is corrected down, a permit is released). Waiters are served in
 //!   FIFO order per key, so a large request is never starved by small ones (the price:
 //!   small requests behind a large one wait for it). A request the budget can already tell
-//!   will not fit within `max_wait` is refused at once, and so is one that finds its key's
+//!   will not fit within `max_wait`, or before the request's
+//!   [`Deadline`](tower_ai_core::Deadline) when that comes first (a waiter also gives up
+//!   at it), is refused at once with its `retry_after`, and so is one that finds its key's
 //!   queue at [`max_waiters_per_key`](TokenBudgetBuilder::max_waiters_per_key) (256) or all
 //!   queues at [`max_waiters`](TokenBudgetBuilder::max_waiters) (4 096): a waiter holds its
 //!   request, so waiters are bounded. A waiter holds no readiness of the inner service

@@ -7,7 +7,7 @@ use http_body::Body;
 use tokio::time::Instant;
 use tower_ai_core::keys::{cap_label, Global, Key, KeyFn};
 use tower_ai_core::stream::StreamDialect;
-use tower_ai_core::{AiError, BoxError, BudgetLimit, Provider, ReplayBody, RequestMeta};
+use tower_ai_core::{AiError, BoxError, BudgetLimit, Deadline, Provider, ReplayBody, RequestMeta};
 use tower_service::Service;
 
 use crate::body::BudgetBody;
@@ -226,8 +226,14 @@ impl<S, K, L> TokenBudget<S, K, L> {
         };
         let limits = &*self.budget.limits;
         let now = Instant::now();
+        // A waiter gives up at `max_wait`, or at the request's own deadline if that comes
+        // first: a request that cannot fit before it is refused at once (one extensions
+        // lookup, in wait mode only).
         let deadline = match limits.when_full {
-            WhenFull::Wait { max_wait } => Some(now + max_wait),
+            WhenFull::Wait { max_wait } => {
+                let own = now + max_wait;
+                Some(Deadline::of(&req).map_or(own, |d| own.min(d.instant())))
+            }
             WhenFull::Reject => None,
         };
         let observe = limits.sync_from_headers.then(|| (self.budget.clone(), key));
