@@ -131,16 +131,8 @@ impl ErrorReply {
         match AiError::find(err) {
             Some(ai) => ai.reply(),
             None => match ErrorKind::of_error(err) {
-                ErrorKind::Timeout => ErrorReply::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    "the upstream provider did not answer in time".to_owned(),
-                ),
-                _ => ErrorReply::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_error",
-                    "the request to the upstream provider failed".to_owned(),
-                ),
+                ErrorKind::Timeout => transport(ErrorKind::Timeout),
+                _ => transport(ErrorKind::Unknown),
             },
         }
     }
@@ -354,6 +346,28 @@ fn kind_status(kind: ErrorKind) -> StatusCode {
 
 /// The reply for what an upstream said (a response's or an in-stream error's
 /// classification); `prefix` says what the stack did about it.
+/// The reply for a request that got no answer from the provider, by what went wrong; the
+/// client's own error text is never repeated (it can hold a URL with a key).
+fn transport(kind: ErrorKind) -> ErrorReply {
+    match kind {
+        ErrorKind::Timeout => ErrorReply::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            "the upstream provider did not answer in time".to_owned(),
+        ),
+        ErrorKind::Connection => ErrorReply::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_unreachable",
+            "the upstream provider could not be reached (connection failed)".to_owned(),
+        ),
+        _ => ErrorReply::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "the request to the upstream provider failed".to_owned(),
+        ),
+    }
+}
+
 fn upstream(c: &Classification, prefix: &str, extra_wait: Option<Duration>) -> ErrorReply {
     let kind = c.kind.unwrap_or(ErrorKind::Unknown);
     let http_status = c.status.is_client_error() || c.status.is_server_error();
@@ -401,23 +415,7 @@ impl AiError {
     pub fn reply(&self) -> ErrorReply {
         match self {
             AiError::Provider { classification } => upstream(classification, "", None),
-            AiError::Transport { kind, .. } => match kind {
-                ErrorKind::Timeout => ErrorReply::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    "the upstream provider did not answer in time".to_owned(),
-                ),
-                ErrorKind::Connection => ErrorReply::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_unreachable",
-                    "the upstream provider could not be reached (connection failed)".to_owned(),
-                ),
-                _ => ErrorReply::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_error",
-                    "the request to the upstream provider failed".to_owned(),
-                ),
-            },
+            AiError::Transport { kind, .. } => transport(*kind),
             AiError::CircuitOpen { key, until: at } => {
                 let wait = until(*at);
                 ErrorReply::new(
