@@ -10,30 +10,8 @@ use tower_ai_core::{AiError, BoxError};
 use tower_ai_retry_after::{CooldownConfig, RetryAfterAwareLayer};
 use tower_test::mock;
 
-type Mock = mock::Mock<Request<String>, Response<String>>;
-type Handle = mock::Handle<Request<String>, Response<String>>;
-
-fn request(model: &str) -> Request<String> {
-    Request::post("https://api.openai.com/v1/chat/completions")
-        .body(format!(r#"{{"model":"{model}","messages":[]}}"#))
-        .unwrap()
-}
-
-fn resp(status: u16, headers: &[(&str, &str)]) -> Response<String> {
-    let mut b = Response::builder().status(status);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body("{}".to_owned()).unwrap()
-}
-
-fn stack(layer: &RetryAfterAwareLayer) -> (tower_ai_retry_after::RetryAfterAware<Mock>, Handle) {
-    let (svc, handle) = mock::pair::<Request<String>, Response<String>>();
-    (
-        ServiceBuilder::new().layer(layer.clone()).service(svc),
-        handle,
-    )
-}
+mod support;
+use support::{request, resp, stack};
 
 fn gate(spread_ms: u64) -> RetryAfterAwareLayer {
     RetryAfterAwareLayer::builder()

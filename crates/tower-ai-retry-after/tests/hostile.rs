@@ -6,36 +6,13 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use tokio_test::{assert_pending, assert_ready, task};
-use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 use tower_ai_core::keys::Key;
 use tower_ai_core::{AiError, BoxError};
 use tower_ai_retry_after::RetryAfterAwareLayer;
-use tower_test::mock;
 
-type Mock = mock::Mock<Request<String>, Response<String>>;
-type Handle = mock::Handle<Request<String>, Response<String>>;
-
-fn request(model: &str) -> Request<String> {
-    Request::post("https://api.openai.com/v1/chat/completions")
-        .body(format!(r#"{{"model":"{model}","messages":[]}}"#))
-        .unwrap()
-}
-
-fn resp(status: u16, headers: &[(&str, &str)]) -> Response<String> {
-    let mut b = Response::builder().status(status);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body("{}".to_owned()).unwrap()
-}
-
-fn stack(layer: &RetryAfterAwareLayer) -> (tower_ai_retry_after::RetryAfterAware<Mock>, Handle) {
-    let (svc, handle) = mock::pair::<Request<String>, Response<String>>();
-    (
-        ServiceBuilder::new().layer(layer.clone()).service(svc),
-        handle,
-    )
-}
+mod support;
+use support::{request, resp, stack, Handle, Mock};
 
 /// A 429 with `retry-after: 30` for `model`: its key cools down for 30 s.
 async fn cool(svc: &tower_ai_retry_after::RetryAfterAware<Mock>, handle: &mut Handle, model: &str) {
