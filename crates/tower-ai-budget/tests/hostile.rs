@@ -147,53 +147,34 @@ async fn a_full_map_sends_new_keys_to_the_overflow_key() {
     assert_eq!(layer.stats().overflowed, 2);
 }
 
-/// Point 8: with the map full of busy keys (requests in flight), a new key does not walk
-/// the map. Measured as time per new key with 20,000 busy keys against 200: it must not
-/// grow with the map (the old eviction walked every key for every new key).
+/// Point 8: once the map is full of busy keys, new keys go to the overflow key and the map
+/// stays at its bound, however many come. (What a new key costs with 200 and with 20,000
+/// busy keys is measured in `benches/overhead.rs`, `new_key_cost`: real time belongs in a
+/// benchmark, not in a test.)
 #[tokio::test(start_paused = true)]
-async fn new_keys_cost_the_same_whatever_the_map_holds() {
-    async fn per_new_key(max_keys: usize) -> Duration {
-        let layer = TokenBudgetLayer::builder()
-            .key_fn(tenant_key)
-            .max_concurrent(1)
-            .max_keys(max_keys)
-            .reject()
-            .build()
-            .unwrap();
-        let svc = layer.layer(ok_provider());
-        let mut held = Vec::with_capacity(max_keys);
-        for i in 0..max_keys {
-            held.push(send(&svc, tenant(&format!("busy-{i}"))).await.unwrap());
-        }
-        // The least of three rounds: a busy machine slows a round, never speeds one up.
-        let mut per_key = Duration::MAX;
-        for round in 0..3 {
-            let reqs: Vec<_> = (0..2000)
-                .map(|i| tenant(&format!("new-{round}-{i}")))
-                .collect();
-            let start = std::time::Instant::now();
-            for r in reqs {
-                let _ = send(&svc, r).await;
-            }
-            per_key = per_key.min(start.elapsed() / 2000);
-        }
-        assert!(layer.key_count() <= max_keys + 1, "{}", layer.key_count());
-        drop(held);
-        per_key
+async fn a_map_full_of_busy_keys_stays_bounded_under_new_keys() {
+    let max_keys = 2_000;
+    let layer = TokenBudgetLayer::builder()
+        .key_fn(tenant_key)
+        .max_concurrent(1)
+        .max_keys(max_keys)
+        .reject()
+        .build()
+        .unwrap();
+    let svc = layer.layer(ok_provider());
+    let mut held = Vec::with_capacity(max_keys);
+    for i in 0..max_keys {
+        held.push(send(&svc, tenant(&format!("busy-{i}"))).await.unwrap());
     }
-    // Real time on a shared machine: the best of three runs each, so that a run the
-    // scheduler interrupts does not pass for a slow map.
-    let mut small = Duration::MAX;
-    let mut large = Duration::MAX;
-    for _ in 0..3 {
-        small = small.min(per_new_key(200).await);
-        large = large.min(per_new_key(20_000).await);
+    for i in 0..2_000 {
+        let _ = send(&svc, tenant(&format!("new-{i}"))).await;
     }
-    println!("{large:?} per new key with 20,000 busy keys, {small:?} with 200");
+    assert!(layer.key_count() <= max_keys + 1, "{}", layer.key_count());
     assert!(
-        large < small * 10 + Duration::from_micros(20),
-        "{large:?} per new key with 20,000 keys, {small:?} with 200"
+        layer.stats().overflowed > 0,
+        "new keys shared the overflow key"
     );
+    drop(held);
 }
 
 /// Point 3: a flood of waiters on one key is cut at the per-key cap (default 256): the
