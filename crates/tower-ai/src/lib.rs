@@ -124,6 +124,10 @@ pub use tower_ai_stall as stall;
 #[cfg(feature = "stall")]
 pub use tower_ai_stall::StallDetectorLayer;
 
+/// Shared state through Redis: limits, cooldowns and breakers across replicas.
+#[cfg(feature = "redis")]
+pub use tower_ai_redis as redis;
+
 /// The simulated provider, for testing stacks.
 #[cfg(feature = "sim")]
 pub use tower_ai_sim as sim;

@@ -1,0 +1,31 @@
+//! Shared state for tower-ai through Redis: limits, cooldowns and breaker state that hold
+//! across every replica of a service, instead of multiplying by their number.
+//!
+//! A team running four replicas of a gateway on one provider account gets, with in-process
+//! state, four times its requests-per-minute, four separate cooldowns (each replica must meet
+//! the `429` itself) and four breakers. With a [`RedisStore`] given to TokenBudget,
+//! RetryAfterAware and CircuitBreaker, the replicas share one set of limits, decided
+//! atomically by Lua scripts on Redis's own clock (replicas' clocks may disagree).
+//!
+//! The in-process state stays the default: nothing changes for a service that does not opt
+//! in. When Redis is down or slow, each layer decides in-process at its limit divided by the
+//! number of replicas ([`RedisStore::replicas`]), logs one warning per outage, and returns to
+//! shared state by itself when Redis is back.
+//!
+//! ```no_run
+//! use tower_ai_redis::RedisStore;
+//!
+//! # fn main() -> Result<(), tower_ai_redis::StoreError> {
+//! let store = RedisStore::open("redis://127.0.0.1:6379/")?;
+//! assert!(!store.is_degraded());
+//! # Ok(()) }
+//! ```
+//!
+//! The scripts are plain Lua 5.1 with no module and no command newer than Redis 7, so they
+//! run on Redis 7 and later and on Valkey.
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod store;
+pub mod testing;
+
+pub use store::{RedisStore, RedisStoreBuilder, StoreError, ToRedisArgsDyn};

@@ -1,0 +1,462 @@
+//! [`RedisStore`]: one Redis connection shared by every layer of a replica, with a short
+//! admission timeout, a small breaker on Redis itself and the replica count.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, Script, ToRedisArgs};
+use tokio::time::Instant;
+
+/// Why a call to Redis did not give an answer.
+///
+/// Every variant but [`StoreError::Script`] means "Redis could not be asked": the layers
+/// then decide in-process (fail open at limit ÷ N) or refuse (fail closed), as configured.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Redis is known to be down (the store's own breaker is open): no round trip was made.
+    #[error("redis unavailable (skipped for {retry_in:?} after the last failure)")]
+    Unavailable {
+        /// When the store will try Redis again.
+        retry_in: Duration,
+    },
+    /// Redis did not answer within the store's response timeout.
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The connection failed (refused, reset, closed).
+    #[error("redis connection failed: {0}")]
+    Connection(String),
+    /// Redis answered with an error, or an answer the script's caller could not read: a bug
+    /// or a key of the wrong type, not an outage (the store's breaker does not count it).
+    #[error("redis script failed: {0}")]
+    Script(String),
+}
+
+impl StoreError {
+    /// `true` when Redis could not be asked (down, slow, or skipped by the store's breaker);
+    /// `false` for an answer that was an error.
+    pub fn is_outage(&self) -> bool {
+        !matches!(self, StoreError::Script(_))
+    }
+}
+
+/// Settings of a [`RedisStore`]; see [`RedisStore::builder`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    prefix: String,
+    response_timeout: Duration,
+    connect_timeout: Duration,
+    retry_after_outage: Duration,
+    replicas: Option<u32>,
+    heartbeat: Duration,
+}
+
+impl Default for RedisStoreBuilder {
+    fn default() -> Self {
+        Self {
+            prefix: "tower-ai".to_owned(),
+            response_timeout: RedisStore::DEFAULT_RESPONSE_TIMEOUT,
+            connect_timeout: Duration::from_millis(250),
+            retry_after_outage: Duration::from_millis(500),
+            replicas: None,
+            heartbeat: Duration::from_secs(1),
+        }
+    }
+}
+
+impl RedisStoreBuilder {
+    /// The prefix of every key the store writes (default `tower-ai`), so several
+    /// applications can share one Redis.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long a call waits for Redis's answer before the layer decides without it
+    /// (default [`RedisStore::DEFAULT_RESPONSE_TIMEOUT`]). Keep it short: every admission
+    /// that finds Redis slow pays it once, before the store's breaker opens.
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How long one attempt to (re)connect may take (default 250 ms).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// After a failed call, how long the store skips Redis before one call tries it again
+    /// (default 500 ms). Calls in between fail at once with [`StoreError::Unavailable`].
+    pub fn retry_after_outage(mut self, wait: Duration) -> Self {
+        self.retry_after_outage = wait;
+        self
+    }
+
+    /// The number of replicas sharing the limits, used to divide a limit when Redis is
+    /// down. Unset (the default), the store counts live replicas by a heartbeat in Redis.
+    pub fn replicas(mut self, replicas: u32) -> Self {
+        self.replicas = Some(replicas.max(1));
+        self
+    }
+
+    /// How often the heartbeat refreshes the replica count (default 1 s; a replica is
+    /// counted for three periods after its last beat).
+    pub fn heartbeat(mut self, period: Duration) -> Self {
+        self.heartbeat = period.max(Duration::from_millis(10));
+        self
+    }
+
+    /// The store, talking to `client`'s server. No I/O happens here: the connection is made
+    /// on first use, and a replica starts even while Redis is down.
+    pub fn build(self, client: redis::Client) -> RedisStore {
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(self.response_timeout))
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(self.retry_after_outage);
+        let configured = self.replicas;
+        RedisStore {
+            inner: Arc::new(Inner {
+                client,
+                manager_config: config,
+                conn: OnceLock::new(),
+                id: instance_id(),
+                epoch: Instant::now(),
+                down_until_ms: AtomicU64::new(0),
+                degraded: AtomicBool::new(false),
+                answered: AtomicBool::new(false),
+                replicas: AtomicU32::new(configured.unwrap_or(1)),
+                heartbeat: OnceLock::new(),
+                config: self,
+            }),
+        }
+    }
+}
+
+/// One connection to Redis, shared by the layers of a replica (clone it freely: clones
+/// share the connection, the health state and the replica count).
+///
+/// - **Connection:** redis-rs's connection manager, multiplexed and reconnecting by itself;
+///   scripts run by `EVALSHA` and are loaded again after `SCRIPT FLUSH` or a restart.
+/// - **Outages:** every call has a short response timeout; after a failure the store skips
+///   Redis for [`retry_after_outage`](RedisStoreBuilder::retry_after_outage), so calls do not
+///   each pay the timeout, then lets one call try again. [`is_degraded`](Self::is_degraded)
+///   tells whether the last call failed; one warning is logged per outage and one note when
+///   Redis is back.
+/// - **Replicas:** [`replicas`](Self::replicas) is the number of replicas sharing the limits,
+///   configured or counted by a heartbeat, used to divide a limit while Redis is down.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    manager_config: ConnectionManagerConfig,
+    /// Made on first use, inside the runtime (redis-rs spawns its reconnect task there).
+    conn: OnceLock<ConnectionManager>,
+    id: String,
+    epoch: Instant,
+    /// Milliseconds since `epoch` before which Redis is skipped (0: not skipped).
+    down_until_ms: AtomicU64,
+    degraded: AtomicBool,
+    /// Redis has answered at least once (the first call gets the connect timeout).
+    answered: AtomicBool,
+    replicas: AtomicU32,
+    heartbeat: OnceLock<tokio::task::JoinHandle<()>>,
+    config: RedisStoreBuilder,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self.heartbeat.get() {
+            task.abort();
+        }
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.config.prefix)
+            .field("degraded", &self.is_degraded())
+            .field("replicas", &self.replicas())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Heartbeat: this replica is alive until now + ttl; the answer is the number of replicas
+/// alive now. On Redis's clock.
+const HEARTBEAT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return redis.call('ZCARD', KEYS[1])
+";
+
+impl RedisStore {
+    /// The default response timeout: 20 ms, so a call that finds Redis gone decides
+    /// without it within 25 ms.
+    pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_millis(20);
+
+    /// Settings for a store.
+    pub fn builder() -> RedisStoreBuilder {
+        RedisStoreBuilder::default()
+    }
+
+    /// A store with the default settings, for a URL such as `redis://127.0.0.1:6379/` or
+    /// `redis+unix:///run/redis.sock`. No I/O happens here.
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| StoreError::Connection(e.to_string()))?;
+        Ok(Self::builder().build(client))
+    }
+
+    /// `true` while Redis is unreachable (the last call failed, or is being skipped).
+    pub fn is_degraded(&self) -> bool {
+        self.inner.degraded.load(Ordering::Relaxed)
+    }
+
+    /// The number of replicas sharing the limits: configured, or the last count of the
+    /// heartbeat (1 until it has run; the last count while Redis is down).
+    pub fn replicas(&self) -> u32 {
+        self.start_heartbeat();
+        self.inner.replicas.load(Ordering::Relaxed).max(1)
+    }
+
+    /// This replica's id in Redis (host name, process id and a random part).
+    pub fn instance_id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// A key of this store: `{prefix}:{kind}:{{tag}}:{key}`. `tag` is the Redis Cluster hash
+    /// tag: every key of one decision must carry the same one (e.g. the provider account).
+    pub fn key(&self, kind: &str, tag: &str, key: &str) -> String {
+        let prefix = &self.inner.config.prefix;
+        let mut k = String::with_capacity(prefix.len() + kind.len() + tag.len() + key.len() + 6);
+        k.push_str(prefix);
+        k.push(':');
+        k.push_str(kind);
+        k.push_str(":{");
+        // A `}` in the tag would end the hash tag early; it cannot come from our layers'
+        // keys, but a caller-made tag is cleaned rather than trusted.
+        k.extend(
+            tag.chars()
+                .map(|c| if c == '}' || c == '{' { '_' } else { c }),
+        );
+        k.push_str("}:");
+        k.push_str(key);
+        k
+    }
+
+    /// Runs `script` with `keys` and `args`, within the response timeout and through the
+    /// store's breaker. `EVALSHA` first; the script is loaded again when Redis has lost it.
+    pub async fn run<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: &[&dyn ToRedisArgsDyn],
+    ) -> Result<T, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(*key);
+        }
+        for arg in args {
+            arg.push_to(&mut invocation);
+        }
+        let mut conn = self.connection()?;
+        self.guarded(async move { invocation.invoke_async::<T>(&mut conn).await })
+            .await
+    }
+
+    /// Runs one command within the response timeout and through the store's breaker.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        let mut conn = self.connection()?;
+        self.guarded(async move { cmd.query_async::<T>(&mut conn).await })
+            .await
+    }
+
+    fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        let inner = &self.inner;
+        if let Some(conn) = inner.conn.get() {
+            return Ok(conn.clone());
+        }
+        let conn = ConnectionManager::new_lazy_with_config(
+            inner.client.clone(),
+            inner.manager_config.clone(),
+        )
+        .map_err(|e| StoreError::Connection(e.to_string()))?;
+        // Two first calls at once: one manager wins, the other is dropped unused.
+        Ok(inner.conn.get_or_init(|| conn).clone())
+    }
+
+    async fn guarded<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        self.start_heartbeat();
+        let inner = &self.inner;
+        let now = self.now_ms();
+        let until = inner.down_until_ms.load(Ordering::Acquire);
+        if now < until {
+            return Err(StoreError::Unavailable {
+                retry_in: Duration::from_millis(until - now),
+            });
+        }
+        if until != 0 {
+            // Redis was down: one call tries it again, the others keep skipping it until this
+            // one has an answer (or its timeout has passed).
+            let probe_until = now + inner.config.response_timeout.as_millis() as u64 + 1;
+            if inner
+                .down_until_ms
+                .compare_exchange(until, probe_until, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                return Err(StoreError::Unavailable {
+                    retry_in: inner.config.response_timeout,
+                });
+            }
+        }
+        // The first call also connects (and loads the script): it gets the connect timeout.
+        let timeout = if inner.answered.load(Ordering::Relaxed) {
+            inner.config.response_timeout
+        } else {
+            inner
+                .config
+                .connect_timeout
+                .max(inner.config.response_timeout)
+        };
+        let result = match tokio::time::timeout(timeout, call).await {
+            Err(_) => Err(StoreError::Timeout(timeout)),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout(timeout)),
+            Ok(Err(e)) if is_outage(&e) => Err(StoreError::Connection(e.to_string())),
+            Ok(Err(e)) => Err(StoreError::Script(e.to_string())),
+        };
+        match &result {
+            Err(e) if e.is_outage() => self.mark_down(e),
+            _ => self.mark_up(),
+        }
+        result
+    }
+
+    fn mark_down(&self, error: &StoreError) {
+        let inner = &self.inner;
+        let until = self.now_ms() + inner.config.retry_after_outage.as_millis() as u64;
+        inner.down_until_ms.store(until.max(1), Ordering::Release);
+        if !inner.degraded.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                target: "tower_ai::redis",
+                error = %error,
+                "redis unreachable: limits are decided in-process until it is back"
+            );
+        }
+    }
+
+    fn mark_up(&self) {
+        let inner = &self.inner;
+        if !inner.answered.load(Ordering::Relaxed) {
+            inner.answered.store(true, Ordering::Relaxed);
+        }
+        if inner.down_until_ms.load(Ordering::Relaxed) != 0 {
+            inner.down_until_ms.store(0, Ordering::Release);
+        }
+        if inner.degraded.swap(false, Ordering::AcqRel) {
+            tracing::info!(target: "tower_ai::redis", "redis reachable again: limits shared");
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        // +1 so that "0" stays free to mean "not skipped".
+        self.inner.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Starts the heartbeat task on first use (needs a Tokio runtime; without one, or with a
+    /// configured replica count, there is nothing to start).
+    fn start_heartbeat(&self) {
+        let inner = &self.inner;
+        if inner.config.replicas.is_some() || inner.heartbeat.get().is_some() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        static STARTING: Mutex<()> = Mutex::new(());
+        let _guard = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.heartbeat.get().is_some() {
+            return;
+        }
+        let weak = Arc::downgrade(inner);
+        let period = inner.config.heartbeat;
+        let task = runtime.spawn(async move {
+            let script = Script::new(HEARTBEAT);
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let store = RedisStore { inner };
+                let key = store.key("replicas", "replicas", "alive");
+                let ttl = (period * 3).as_millis() as u64;
+                // On an outage (logged once by the store) the last count stays.
+                if let Ok(n) = store
+                    .run::<u32>(&script, &[&key], &[&store.inner.id.as_str(), &ttl])
+                    .await
+                {
+                    store.inner.replicas.store(n.max(1), Ordering::Relaxed);
+                }
+            }
+        });
+        let _ = inner.heartbeat.set(task);
+    }
+}
+
+/// An argument of [`RedisStore::run`]: anything redis-rs can send (numbers, strings).
+pub trait ToRedisArgsDyn: Sync {
+    /// Adds `self` to the invocation's arguments.
+    fn push_to(&self, invocation: &mut redis::ScriptInvocation<'_>);
+}
+
+impl<T: ToRedisArgs + Sync> ToRedisArgsDyn for T {
+    fn push_to(&self, invocation: &mut redis::ScriptInvocation<'_>) {
+        invocation.arg(self);
+    }
+}
+
+fn is_outage(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+                | redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain)
+                | redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown)
+                | redis::ErrorKind::Server(redis::ServerErrorKind::MasterDown)
+        )
+}
+
+fn instance_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    format!("{}:{}:{:016x}", host, std::process::id(), fastrand_u64())
+}
+
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // std's RandomState is seeded per process from the OS: enough to tell replicas apart.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
+    h.finish()
+}

@@ -1,0 +1,174 @@
+//! A throwaway `redis-server` for tests and examples: started on a free loopback port with
+//! no persistence, stopped when dropped.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use tower_ai_redis::testing::RedisServer;
+//!
+//! let Some(server) = RedisServer::start_or_skip("my test") else { return };
+//! let store = server.store();
+//! # }
+//! ```
+
+use std::io;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{RedisStore, StoreError};
+
+/// A `redis-server` process of this test's own, killed when dropped.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    binary: PathBuf,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` on a free loopback port (`--save "" --appendonly no`) and waits
+    /// until it answers `PING`.
+    ///
+    /// When no `redis-server` can be found: returns `None` after printing why, so a local
+    /// test run without Redis skips the test; but panics when the environment variable
+    /// `CI` is `true`, so CI cannot pass without having run it.
+    pub fn start_or_skip(test: &str) -> Option<Self> {
+        match Self::start() {
+            Ok(server) => Some(server),
+            Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+                panic!("{test}: redis-server is needed in CI and could not start: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipping {test}: redis-server could not start ({e}); install Debian's redis-server to run it");
+                None
+            }
+        }
+    }
+
+    /// Starts `redis-server` (from `$REDIS_SERVER`, or `redis-server` on the `PATH`).
+    pub fn start() -> io::Result<Self> {
+        let binary = std::env::var_os("REDIS_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("redis-server"));
+        let mut last = io::Error::other("no attempt");
+        // A free port can be taken by someone else between our probe and the server's bind:
+        // try a few.
+        for _ in 0..5 {
+            let port = free_port()?;
+            let mut server = Self {
+                child: None,
+                port,
+                binary: binary.clone(),
+            };
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let child = Command::new(&self.binary)
+            .args(["--bind", "127.0.0.1", "--port"])
+            .arg(self.port.to_string())
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(10))
+    }
+
+    fn wait_ready(&mut self, within: Duration) -> io::Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    return Err(io::Error::other(format!("redis-server exited: {status}")));
+                }
+            }
+            if ping(self.port) {
+                return Ok(());
+            }
+            if start.elapsed() > within {
+                return Err(io::Error::other("redis-server did not answer PING"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server's URL, `redis://127.0.0.1:{port}/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A [`RedisStore`] on this server with the default settings.
+    pub fn store(&self) -> RedisStore {
+        self.try_store().expect("a store for a local server")
+    }
+
+    /// A [`RedisStore`] on this server with the default settings.
+    pub fn try_store(&self) -> Result<RedisStore, StoreError> {
+        RedisStore::open(&self.url())
+    }
+
+    /// A plain client, for a test's own commands (`CLIENT PAUSE`, `SCRIPT FLUSH`, …).
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).expect("a client for a local server")
+    }
+
+    /// Kills the server (as a crash would: no shutdown, nothing saved).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port, empty, after [`kill`](Self::kill).
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.kill();
+        let start = Instant::now();
+        // The port may linger for a moment after the kill.
+        loop {
+            match self.spawn() {
+                Ok(()) => return Ok(()),
+                Err(e) if start.elapsed() > Duration::from_secs(10) => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `PING` by hand, so readiness does not depend on the client's reconnect logic.
+fn ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}

@@ -1,0 +1,180 @@
+//! The store against a real `redis-server` (started by the test; skipped locally without
+//! one, a failure in CI): scripts, outages, recovery and the replica count.
+
+use std::time::{Duration, Instant};
+
+use redis::Script;
+use tower_ai_redis::testing::RedisServer;
+use tower_ai_redis::{RedisStore, StoreError};
+
+const INCR: &str = "return redis.call('INCRBY', KEYS[1], ARGV[1])";
+
+#[tokio::test]
+async fn a_script_runs_and_is_loaded_again_after_script_flush() {
+    let Some(server) = RedisServer::start_or_skip("script reload") else {
+        return;
+    };
+    let store = server.store();
+    let script = Script::new(INCR);
+    let key = store.key("test", "acct", "n");
+    assert_eq!(store.run::<i64>(&script, &[&key], &[&2]).await.unwrap(), 2);
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(
+            &mut server
+                .client()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.run::<i64>(&script, &[&key], &[&3]).await.unwrap(), 5);
+    assert!(!store.is_degraded());
+}
+
+#[tokio::test]
+async fn a_script_error_is_not_an_outage() {
+    let Some(server) = RedisServer::start_or_skip("script error") else {
+        return;
+    };
+    let store = server.store();
+    let bad = Script::new("return redis.call('NO_SUCH_COMMAND')");
+    let err = store.run::<i64>(&bad, &[], &[]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Script(_)), "{err:?}");
+    assert!(!err.is_outage());
+    assert!(!store.is_degraded());
+}
+
+#[tokio::test]
+async fn a_killed_server_is_skipped_fast_and_found_again_after_restart() {
+    let Some(mut server) = RedisServer::start_or_skip("kill and restart") else {
+        return;
+    };
+    let store = RedisStore::builder()
+        .retry_after_outage(Duration::from_millis(200))
+        .build(server.client());
+    let script = Script::new(INCR);
+    let key = store.key("test", "acct", "n");
+    assert_eq!(store.run::<i64>(&script, &[&key], &[&1]).await.unwrap(), 1);
+
+    server.kill();
+    let started = Instant::now();
+    let err = store.run::<i64>(&script, &[&key], &[&1]).await.unwrap_err();
+    assert!(err.is_outage(), "{err:?}");
+    assert!(store.is_degraded());
+    // Within the skip period, no round trip at all.
+    let skipped = Instant::now();
+    let err = store.run::<i64>(&script, &[&key], &[&1]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    assert!(
+        skipped.elapsed() < Duration::from_millis(5),
+        "{:?}",
+        skipped.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+
+    server.restart().unwrap();
+    // The restarted server is empty and has none of our scripts: the store reconnects and
+    // loads the script again by itself.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let n = loop {
+        match store.run::<i64>(&script, &[&key], &[&7]).await {
+            Ok(n) => break n,
+            Err(e) if Instant::now() < deadline => {
+                assert!(e.is_outage(), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("redis not found again after restart: {e}"),
+        }
+    };
+    assert_eq!(n, 7);
+    assert!(!store.is_degraded());
+}
+
+#[tokio::test]
+async fn a_paused_server_costs_one_timeout_not_a_hang() {
+    let Some(server) = RedisServer::start_or_skip("client pause") else {
+        return;
+    };
+    let store = server.store();
+    let script = Script::new(INCR);
+    let key = store.key("test", "acct", "n");
+    store.run::<i64>(&script, &[&key], &[&1]).await.unwrap();
+    let mut admin = server
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2000)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = store.run::<i64>(&script, &[&key], &[&1]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Timeout(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(25),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(store.is_degraded());
+}
+
+#[tokio::test]
+async fn the_heartbeat_counts_live_replicas() {
+    let Some(server) = RedisServer::start_or_skip("replica count") else {
+        return;
+    };
+    let build = || {
+        RedisStore::builder()
+            .heartbeat(Duration::from_millis(50))
+            .build(server.client())
+    };
+    let stores = [build(), build(), build()];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Every replica beats from its first use, whether or not it asks the count.
+    for store in &stores {
+        store.replicas();
+    }
+    while stores.iter().any(|s| s.replicas() != 3) {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            stores.iter().map(|s| s.replicas()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A replica that stops beating is no longer counted after three periods.
+    let [a, b, c] = stores;
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.replicas() != 2 || b.replicas() != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{} {}",
+            a.replicas(),
+            b.replicas()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let configured = RedisStore::builder().replicas(4).build(server.client());
+    assert_eq!(configured.replicas(), 4);
+}
+
+#[test]
+fn keys_share_one_hash_tag_and_a_tag_cannot_escape_it() {
+    let store = RedisStore::open("redis://127.0.0.1:1/").unwrap();
+    assert_eq!(
+        store.key("rpm", "acct-1", "gpt-4o"),
+        "tower-ai:rpm:{acct-1}:gpt-4o"
+    );
+    assert_eq!(store.key("rpm", "a}b{", "m"), "tower-ai:rpm:{a_b_}:m");
+}
