@@ -29,3 +29,7 @@ mod store;
 pub mod testing;
 
 pub use store::{RedisStore, RedisStoreBuilder, StoreError, ToRedisArgsDyn};
+
+// Cooldowns and breaker state (RetryAfterAware, CircuitBreaker).
+mod cooldown;
+pub use cooldown::RedisCooldowns;

@@ -2,8 +2,11 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crate::cooldown::Tuning;
 use crate::layer::RetryAfterAwareLayer;
+use crate::store::CooldownStore;
 
 /// Default most requests waiting for one key's cooldown: 256.
 pub const DEFAULT_MAX_WAITERS_PER_KEY: usize = 256;
@@ -60,6 +63,8 @@ pub struct CooldownConfig {
     pub(crate) release_spread: Duration,
     pub(crate) tuning: Tuning,
     pub(crate) seed: Option<u64>,
+    /// The shared state, if any (`None`: in-process only, the default).
+    pub(crate) store: Option<Arc<dyn CooldownStore>>,
 }
 
 impl Default for CooldownConfig {
@@ -78,6 +83,7 @@ impl Default for CooldownConfig {
                 max_waiters: DEFAULT_MAX_WAITERS,
             },
             seed: None,
+            store: None,
         }
     }
 }
@@ -178,6 +184,16 @@ impl CooldownConfigBuilder {
     /// one more fails at once with `AiError::CoolingDown`.
     pub fn max_waiters(mut self, n: usize) -> Self {
         self.cfg.tuning.max_waiters = n;
+        self
+    }
+
+    /// Shares cooldowns with other replicas through `store` (e.g. tower-ai-redis's
+    /// `RedisCooldowns`): a cooldown learned here is published, and a request the local
+    /// state lets go is checked against the shared state as the store says (every
+    /// admission, or from a copy it refreshes). Without it (the default) the state is
+    /// in-process and nothing on the call path changes. See [`crate::store`].
+    pub fn store(mut self, store: impl CooldownStore) -> Self {
+        self.cfg.store = Some(Arc::new(store));
         self
     }
 

@@ -236,8 +236,24 @@ impl Cooldowns {
         }
     }
 
+    /// Learns a cooldown from the shared state: `key` cools down until `until` (cut to
+    /// `max_cooldown` from `now`, and only ever extended).
+    pub(crate) fn learn_shared(&self, key: Key, now: Instant, until: Instant) {
+        let entry = {
+            let shard = self.shard(key).read().unwrap_or_else(|p| p.into_inner());
+            shard.get(&key).cloned()
+        };
+        let e = entry.unwrap_or_else(|| self.insert(key, now));
+        let until = self.nanos(until.min(now + self.tuning.max_cooldown));
+        if e.until.load(Relaxed) < until {
+            e.spread.store(e.limit.load(Relaxed) == 0, Relaxed);
+            e.until.fetch_max(until, Relaxed);
+        }
+    }
+
     /// Learns from a response to a request for `key` sent at `sent_at` (send number
-    /// `seq`, if it had one). Returns the cooldown's end, if one is now active.
+    /// `seq`, if it had one). Returns the cooldown's end, if one is now active, and
+    /// whether this response moved it later.
     pub(crate) fn learn(
         &self,
         key: Key,
@@ -245,7 +261,7 @@ impl Cooldowns {
         sent_at: Instant,
         now: Instant,
         lesson: Lesson,
-    ) -> Option<Instant> {
+    ) -> Option<(Instant, bool)> {
         let t = &self.tuning;
         let exhausted = lesson.info.and_then(|i| i.exhausted_for());
         let low = lesson.info.is_some_and(|i| {
@@ -296,7 +312,7 @@ impl Cooldowns {
         if until != 0 {
             e.spread.store(e.limit.load(Relaxed) == 0, Relaxed);
             let before = e.until.fetch_max(until, Relaxed);
-            return Some(self.instant(before.max(until)));
+            return Some((self.instant(before.max(until)), until > before));
         }
         None
     }
@@ -409,7 +425,7 @@ mod tests {
                 info: None,
             },
         );
-        assert_eq!(until, Some(now + Duration::from_secs(7)));
+        assert_eq!(until, Some((now + Duration::from_secs(7), true)));
         assert_eq!(
             c.admit(k, now + Duration::from_millis(6_999)),
             Admit::Wait {

@@ -97,6 +97,13 @@
 //! # }
 //! ```
 //!
+//! # Several replicas
+//!
+//! With [`CooldownConfigBuilder::store`], the cooldowns are shared by every replica of a
+//! service: tower-ai-redis's `RedisCooldowns` keeps them in Redis, so a `429` one replica
+//! meets holds the others too. Without a store (the default) the state is in-process and
+//! the call path is unchanged. See [`store`].
+//!
 //! # Place in the stack
 //!
 //! `ModelFallback → AiRetry → CircuitBreaker → TokenBudget → RetryAfterAware →
@@ -133,6 +140,7 @@ mod cooldown;
 pub mod future;
 mod layer;
 mod service;
+pub mod store;
 
 pub use config::{
     ConfigError, CooldownConfig, CooldownConfigBuilder, OnCooldown, DEFAULT_MAX_WAITERS,

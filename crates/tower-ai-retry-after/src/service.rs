@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use tokio::time::Instant;
-use tower_ai_core::keys::{cap_label, HostModel, KeyFn};
+use tower_ai_core::keys::{cap_label, HostModel, Key, KeyFn};
 use tower_ai_core::{AiError, AttemptBudget, BoxError, Deadline};
 use tower_service::Service;
 
@@ -15,6 +15,7 @@ use crate::config::OnCooldown;
 use crate::cooldown::Admit;
 use crate::future::ResponseFuture;
 use crate::layer::{RetryAfterAwareLayer, Shared};
+use crate::store::{Check, SharedCooldown};
 
 /// Holds requests for a key that is cooling down; learns cooldowns from responses. See
 /// the [crate docs](crate).
@@ -102,65 +103,153 @@ where
             Some(k) => shared.cooldowns.admit(k, now),
             None => Admit::Go { seq: None },
         };
+        // With a shared state, the key's label names it there (a `Key` is seeded per
+        // process). Without one (the default), this is one `None` read.
+        let label = match (&shared.config.store, key) {
+            (Some(_), Some(_)) => Some(shared_label(shared, &req)),
+            _ => None,
+        };
         match admit {
+            Admit::Go { seq } => {
+                if let (Some(label), Some(k)) = (&label, key) {
+                    if let Some(store) = shared.config.store.as_deref().filter(|s| s.consult()) {
+                        match store.check(label) {
+                            Check::Now(SharedCooldown::Cooling(d)) => {
+                                shared.cooldowns.learn_shared(k, now, now + d);
+                                return self.hold(req, key, now, label_of(label));
+                            }
+                            Check::Later(check) => {
+                                return ResponseFuture::checking(
+                                    check,
+                                    req,
+                                    self.inner.clone(),
+                                    key,
+                                    seq,
+                                    now,
+                                    fastrand::Rng::with_seed(self.rng.u64(..)),
+                                    self.shared.clone(),
+                                    label_of(label),
+                                );
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::called(inner.call(req), key, seq, now, self.shared.clone(), label)
+            }
+            Admit::Wait { until, spread } => self.wait(req, key, until, spread, now, label),
+        }
+    }
+}
+
+/// The label a shared state knows a key by.
+#[cold]
+fn shared_label<K: KeyFn<B>, B>(shared: &Shared<K>, req: &Request<B>) -> Box<str> {
+    cap_label(shared.key_fn.label(req)).into_boxed_str()
+}
+
+fn label_of(label: &str) -> Option<Box<str>> {
+    Some(label.into())
+}
+
+impl<S, K> RetryAfterAware<S, K> {
+    /// A request for a key the shared state says is cooling (just learned): waits for it
+    /// like a locally known cooldown.
+    #[cold]
+    fn hold<B, ResB>(
+        &mut self,
+        req: Request<B>,
+        key: Option<Key>,
+        now: Instant,
+        label: Option<Box<str>>,
+    ) -> ResponseFuture<S, B, K>
+    where
+        S: Service<Request<B>, Response = Response<ResB>> + Clone,
+        K: KeyFn<B>,
+    {
+        let admit = match key {
+            Some(k) => self.shared.cooldowns.admit(k, now),
+            None => Admit::Go { seq: None },
+        };
+        match admit {
+            Admit::Wait { until, spread } => self.wait(req, key, until, spread, now, label),
+            // Ended meanwhile (a cooldown shorter than a clock tick): send.
             Admit::Go { seq } => {
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::called(inner.call(req), key, seq, now, self.shared.clone())
-            }
-            Admit::Wait { until, spread } => {
-                // With a later fallback route able to serve (ModelFallback's shared
-                // attempt budget says so), waiting here would only delay the answer; and
-                // a request whose deadline comes before the cooldown's end would only be
-                // sent when nobody waits for its answer.
-                let past_deadline = Deadline::of(&req).is_some_and(|d| until >= d.instant());
-                let refuse = past_deadline
-                    || AttemptBudget::of(&req).is_some_and(AttemptBudget::has_fallback)
-                    || match shared.config.on_cooldown {
-                        OnCooldown::FailFast => true,
-                        OnCooldown::Wait { max_wait } => until > now + max_wait,
-                    };
-                // A place among the waiters, within the per-key and total caps: a waiter
-                // holds its request, so waiters are bounded.
-                let slot = match (refuse, key) {
-                    (false, Some(k)) => shared.cooldowns.enter_wait(k),
-                    _ => None,
-                };
-                let Some(slot) = slot else {
-                    tracing::debug!(
-                        until_ms = until.saturating_duration_since(now).as_millis() as u64,
-                        full = !refuse,
-                        past_deadline,
-                        "retry_after_aware refused: cooling down"
-                    );
-                    return ResponseFuture::rejected(AiError::CoolingDown {
-                        key: cap_label(shared.key_fn.label(&req)),
-                        until,
-                    });
-                };
-                let wake = if spread {
-                    until + jitter(&mut self.rng, shared.config.release_spread)
-                } else {
-                    until
-                };
-                tracing::debug!(
-                    wait_ms = wake.saturating_duration_since(now).as_millis() as u64,
-                    "retry_after_aware waiting for cooldown"
-                );
-                // The ready inner service stays here, ready for the next call: a waiting
-                // request holds no permit; it gets readiness again with `Oneshot`.
-                ResponseFuture::waiting(
-                    wake,
-                    req,
-                    self.inner.clone(),
-                    slot,
-                    key,
-                    now,
-                    fastrand::Rng::with_seed(self.rng.u64(..)),
-                    self.shared.clone(),
-                )
+                ResponseFuture::called(inner.call(req), key, seq, now, self.shared.clone(), label)
             }
         }
+    }
+
+    /// A request for a key cooling down until `until`: refused, or held in its future.
+    fn wait<B, ResB>(
+        &mut self,
+        req: Request<B>,
+        key: Option<Key>,
+        until: Instant,
+        spread: bool,
+        now: Instant,
+        label: Option<Box<str>>,
+    ) -> ResponseFuture<S, B, K>
+    where
+        S: Service<Request<B>, Response = Response<ResB>> + Clone,
+        K: KeyFn<B>,
+    {
+        let shared = &*self.shared;
+        // With a later fallback route able to serve (ModelFallback's shared
+        // attempt budget says so), waiting here would only delay the answer; and
+        // a request whose deadline comes before the cooldown's end would only be
+        // sent when nobody waits for its answer.
+        let past_deadline = Deadline::of(&req).is_some_and(|d| until >= d.instant());
+        let refuse = past_deadline
+            || AttemptBudget::of(&req).is_some_and(AttemptBudget::has_fallback)
+            || match shared.config.on_cooldown {
+                OnCooldown::FailFast => true,
+                OnCooldown::Wait { max_wait } => until > now + max_wait,
+            };
+        // A place among the waiters, within the per-key and total caps: a waiter
+        // holds its request, so waiters are bounded.
+        let slot = match (refuse, key) {
+            (false, Some(k)) => shared.cooldowns.enter_wait(k),
+            _ => None,
+        };
+        let Some(slot) = slot else {
+            tracing::debug!(
+                until_ms = until.saturating_duration_since(now).as_millis() as u64,
+                full = !refuse,
+                past_deadline,
+                "retry_after_aware refused: cooling down"
+            );
+            return ResponseFuture::rejected(AiError::CoolingDown {
+                key: cap_label(shared.key_fn.label(&req)),
+                until,
+            });
+        };
+        let wake = if spread {
+            until + jitter(&mut self.rng, shared.config.release_spread)
+        } else {
+            until
+        };
+        tracing::debug!(
+            wait_ms = wake.saturating_duration_since(now).as_millis() as u64,
+            "retry_after_aware waiting for cooldown"
+        );
+        // The ready inner service stays here, ready for the next call: a waiting
+        // request holds no permit; it gets readiness again with `Oneshot`.
+        ResponseFuture::waiting(
+            wake,
+            req,
+            self.inner.clone(),
+            slot,
+            key,
+            now,
+            fastrand::Rng::with_seed(self.rng.u64(..)),
+            self.shared.clone(),
+            label,
+        )
     }
 }
 
