@@ -866,6 +866,8 @@ impl Budget {
     /// Ends a reservation: corrects its tokens and money as `finish` says, releases its
     /// place in flight, and wakes the head of the queue.
     pub(crate) fn finish(&self, reservation: Reservation, finish: Finish) {
+        #[cfg(feature = "metrics")]
+        let settled;
         let to_wake = {
             let mut keys = self.lock();
             let Some(st) = keys.map.get_mut(&reservation.key) else {
@@ -893,8 +895,14 @@ impl Budget {
             if r.concurrency {
                 st.fast.word.fetch_sub(1, Ordering::AcqRel);
             }
+            #[cfg(feature = "metrics")]
+            {
+                settled = (r.tokens, tokens, spend);
+            }
             st.head_waker()
         };
+        #[cfg(feature = "metrics")]
+        crate::meter::settled(settled.0, settled.1, settled.2);
         if let Some(w) = to_wake {
             w.wake();
         }

@@ -108,5 +108,12 @@ pub(crate) fn emit<L: BudgetListener + ?Sized>(listener: &L, event: BudgetEvent)
             "request refused by the token budget"
         ),
     }
+    #[cfg(feature = "metrics")]
+    match event {
+        BudgetEvent::SoftLimit { limit, .. } => crate::meter::soft_limit(limit),
+        BudgetEvent::Waiting { limit, .. } => crate::meter::queued(limit),
+        BudgetEvent::Admitted { waited, .. } => crate::meter::admitted(Some(waited)),
+        BudgetEvent::Rejected { limit, .. } => crate::meter::refused(limit),
+    }
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| listener.on_event(&event)));
 }

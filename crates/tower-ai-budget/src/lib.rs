@@ -241,6 +241,8 @@ mod config;
 mod event;
 pub mod future;
 mod layer;
+#[cfg(feature = "metrics")]
+mod meter;
 mod service;
 mod window;
 
@@ -254,3 +256,11 @@ pub use config::{
 pub use event::{BudgetEvent, BudgetListener};
 pub use layer::TokenBudgetLayer;
 pub use service::TokenBudget;
+
+/// Describes TokenBudget's metrics (units and help text) to the installed `metrics` recorder;
+/// call it once after installing the recorder. Feature `metrics`; the metrics are listed
+/// in the README ("Metrics").
+#[cfg(feature = "metrics")]
+pub fn describe_metrics() {
+    meter::describe();
+}

@@ -119,13 +119,19 @@ where
         };
         match self.fast_admit(key) {
             Some(permit) if !self.fast.sync_from_headers => {
+                #[cfg(feature = "metrics")]
+                crate::meter::admitted(None);
                 ResponseFuture::fast(self.inner.call(req), permit)
             }
-            Some(permit) => ResponseFuture::called(
-                self.inner.call(req),
-                permit.map(Guard::Permit),
-                (None, Some((self.budget.clone(), key))),
-            ),
+            Some(permit) => {
+                #[cfg(feature = "metrics")]
+                crate::meter::admitted(None);
+                ResponseFuture::called(
+                    self.inner.call(req),
+                    permit.map(Guard::Permit),
+                    (None, Some((self.budget.clone(), key))),
+                )
+            }
             None => self.locked(req, key, Ok(Cost::default()), None),
         }
     }
@@ -243,6 +249,8 @@ impl<S, K, L> TokenBudget<S, K, L> {
             .try_admit(key, &cost, now, None, None, deadline, cache)
         {
             Decision::Admitted { hold, soft } => {
+                #[cfg(feature = "metrics")]
+                crate::meter::admitted(None);
                 if let Some(s) = soft {
                     emit(
                         &*self.listener,

@@ -200,7 +200,15 @@ impl Core {
             cfg,
         };
         core.touch(now);
+        #[cfg(feature = "metrics")]
+        crate::meter::created(&core);
         core
+    }
+
+    /// Where this breaker's events go.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn emitter(&self) -> &Emitter {
+        &self.emitter
     }
 
     /// Thread stripe `stripe`'s lane to this breaker, made on the stripe's first call
@@ -226,6 +234,8 @@ impl Core {
     /// Lets go of the lanes: the registry forgot this key. Lanes a call or a service
     /// still holds go on counting into it.
     pub(crate) fn detach(&self) {
+        #[cfg(feature = "metrics")]
+        crate::meter::forgotten(self, self.state());
         let kept: Vec<_> = self
             .lock()
             .lanes
@@ -399,6 +409,8 @@ impl Core {
         self.touch(now);
         if let Admit::Reject { until } = decision {
             self.rejected.fetch_add(1, Ordering::Relaxed);
+            #[cfg(feature = "metrics")]
+            crate::meter::rejected(code_state(self.state.load(Ordering::Relaxed)));
             self.emitter.emit(&CircuitEvent::Rejected {
                 key: self.key,
                 label: self.label.clone(),
@@ -702,6 +714,8 @@ impl Core {
         } else {
             tracing::warn!(circuit.key = %self.label, circuit.from = c.from.as_str(), circuit.to = c.to.as_str(), reason = ?c.reason, "circuit state changed");
         }
+        #[cfg(feature = "metrics")]
+        crate::meter::transition(self, c.from, c.to, !self.evicted.load(Ordering::Relaxed));
         self.emitter.emit(&CircuitEvent::StateChanged {
             key: self.key,
             label: self.label.clone(),

@@ -131,20 +131,57 @@ where
     }
 }
 
-/// A listener behind a pointer, with the panic guard.
+/// How many state changes a [`subscribe`](crate::CircuitBreakerHandle::subscribe)r may
+/// fall behind before it misses the oldest (it then reads
+/// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged)).
+pub const SUBSCRIBER_CAPACITY: usize = 256;
+
+/// Where a breaker's events go: the listener fixed at build time (behind the panic
+/// guard), the run-time subscribers (a broadcast channel made by the first
+/// subscription), and the layer's metrics. One pointer per breaker.
 #[derive(Clone)]
-pub(crate) struct Emitter(Arc<dyn Listener>);
+pub(crate) struct Emitter(Arc<Sinks>);
+
+struct Sinks {
+    listener: Box<dyn Listener>,
+    live: std::sync::OnceLock<tokio::sync::broadcast::Sender<CircuitEvent>>,
+    #[cfg(feature = "metrics")]
+    labels: tower_ai_core::meter::LabelCap,
+}
 
 impl Emitter {
     pub(crate) fn new<L: Listener>(l: L) -> Self {
-        Emitter(Arc::new(l))
+        Emitter(Arc::new(Sinks {
+            listener: Box::new(l),
+            live: std::sync::OnceLock::new(),
+            #[cfg(feature = "metrics")]
+            labels: tower_ai_core::meter::LabelCap::new(),
+        }))
     }
 
     pub(crate) fn emit(&self, event: &CircuitEvent) {
-        let l = &self.0;
+        let l = &self.0.listener;
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.on_event(event))).is_err() {
             tracing::error!("circuit breaker listener panicked; event dropped");
         }
+        if let (CircuitEvent::StateChanged { .. }, Some(tx)) = (event, self.0.live.get()) {
+            // No receiver left is no error: the next subscriber starts from now.
+            let _ = tx.send(event.clone());
+        }
+    }
+
+    /// A new receiver of the state changes from now on.
+    pub(crate) fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CircuitEvent> {
+        self.0
+            .live
+            .get_or_init(|| tokio::sync::broadcast::channel(SUBSCRIBER_CAPACITY).0)
+            .subscribe()
+    }
+
+    /// The layer's cap on key label values (feature `metrics`).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn labels(&self) -> &tower_ai_core::meter::LabelCap {
+        &self.0.labels
     }
 }
 

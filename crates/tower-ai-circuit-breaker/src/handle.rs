@@ -70,10 +70,42 @@ impl<K> CircuitBreakerHandle<K> {
         self.registry.get(key).map(|c| c.metrics(Instant::now()))
     }
 
-    /// The metrics of every tracked key.
+    /// The metrics of every tracked key: a snapshot of every key's state, label, open
+    /// deadline and counts, for a health endpoint.
     pub fn all_metrics(&self) -> Vec<Metrics> {
         let now = Instant::now();
         self.registry.all().iter().map(|c| c.metrics(now)).collect()
+    }
+
+    /// Every state change of this layer's breakers from now on
+    /// ([`CircuitEvent::StateChanged`]; rejections are not sent), to as many subscribers
+    /// as ask, each with its own receiver, at run time (the builder's
+    /// [`listener`](crate::CircuitBreakerBuilder::listener) is fixed when the layer is
+    /// built).
+    ///
+    /// A `tokio::sync::broadcast` channel of [`SUBSCRIBER_CAPACITY`](crate::SUBSCRIBER_CAPACITY)
+    /// events, made by the first subscription (a layer nobody subscribes to pays one
+    /// atomic load per state change): a receiver that falls further behind misses the
+    /// oldest events and reads `RecvError::Lagged(n)` once, then goes on. Sending never
+    /// waits for a receiver.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use tower_ai_circuit_breaker::{CircuitBreakerLayer, CircuitEvent, CircuitState};
+    /// use tower_ai_core::keys::Key;
+    ///
+    /// let layer = CircuitBreakerLayer::new();
+    /// let handle = layer.handle();
+    /// let mut events = handle.subscribe();
+    /// handle.force_open(Key::of("api.openai.com/gpt-4o"));
+    /// match events.recv().await.unwrap() {
+    ///     CircuitEvent::StateChanged { to, .. } => assert_eq!(to, CircuitState::ForcedOpen),
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// # }
+    /// ```
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::CircuitEvent> {
+        self.registry.emitter.subscribe()
     }
 
     /// How many keys are tracked.

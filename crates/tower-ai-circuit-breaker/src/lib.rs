@@ -148,6 +148,8 @@ mod event;
 pub mod future;
 mod handle;
 mod layer;
+#[cfg(feature = "metrics")]
+mod meter;
 mod registry;
 mod service;
 mod window;
@@ -158,7 +160,15 @@ pub use config::{
     CircuitBreakerConfig, CircuitBreakerConfigBuilder, ConfigError, FailurePolicy, SlowCalls,
     Window, MAX_DURATION, MAX_KEYS, MAX_WINDOW_CALLS,
 };
-pub use event::{CircuitEvent, CircuitState, Listener, TransitionReason};
+pub use event::{CircuitEvent, CircuitState, Listener, TransitionReason, SUBSCRIBER_CAPACITY};
 pub use handle::CircuitBreakerHandle;
 pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer};
 pub use service::CircuitBreaker;
+
+/// Describes CircuitBreaker's metrics (units and help text) to the installed `metrics`
+/// recorder; call it once after installing the recorder. Feature `metrics`; the metrics
+/// are listed in the README ("Metrics").
+#[cfg(feature = "metrics")]
+pub fn describe_metrics() {
+    meter::describe();
+}

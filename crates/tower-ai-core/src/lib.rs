@@ -49,6 +49,8 @@ pub mod keys;
 mod kind;
 mod layer;
 mod meta;
+#[cfg(feature = "metrics")]
+pub mod meter;
 mod provider;
 mod ratelimit;
 pub mod respond;

@@ -437,6 +437,9 @@ pub(crate) struct Chain<ReqB, ResB> {
     pub(crate) return_last: bool,
     pub(crate) long_wait_moves_on: bool,
     pub(crate) idempotency_header: Option<HeaderName>,
+    /// Each route's `tower_ai.fallback.served` key.
+    #[cfg(feature = "metrics")]
+    pub(crate) served_keys: Box<[::metrics::Key]>,
 }
 
 impl<ReqB, ResB> Chain<ReqB, ResB> {
@@ -705,6 +708,8 @@ impl<ReqB, ResB> FallbackChainBuilder<ReqB, ResB> {
         }
         Ok(FallbackChain {
             inner: Arc::new(Chain {
+                #[cfg(feature = "metrics")]
+                served_keys: crate::meter::served_keys(routes.iter().map(|r| &*r.name)),
                 routes,
                 triggers: self.triggers,
                 max_attempts,

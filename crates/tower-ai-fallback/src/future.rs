@@ -269,6 +269,8 @@ where
             }
             if route.skip.as_ref().is_some_and(|skip| skip(&req)) {
                 tracing::debug!(route = &*route.name, "route skipped (circuit open)");
+                #[cfg(feature = "metrics")]
+                crate::meter::fallback("skipped");
                 self.failures.push(RouteFailure {
                     route: route.name.to_string(),
                     classification: Classification::failure(
@@ -288,6 +290,8 @@ where
             }
             if !self.take_attempt(j) {
                 tracing::debug!(route = &*route.name, "attempt budget spent");
+                #[cfg(feature = "metrics")]
+                crate::meter::fallback("attempt_budget");
                 if self.original.is_none() {
                     first = Some(req);
                 }
@@ -409,6 +413,13 @@ where
             next = next.map(|n| &*chain.routes[n].name),
             "route failed"
         );
+        #[cfg(feature = "metrics")]
+        crate::meter::fallback(
+            failure
+                .classification
+                .kind
+                .map_or("unknown", ErrorKind::as_str),
+        );
         self.failures.push(RouteFailure {
             route: route.name.to_string(),
             classification: failure.classification,
@@ -421,6 +432,8 @@ where
     }
 
     fn exhausted(&mut self) -> StepOf<S, ReqB, ResB> {
+        #[cfg(feature = "metrics")]
+        crate::meter::exhausted();
         if let Some(last) = self.last.take() {
             return Step::Ready(*last);
         }
@@ -430,6 +443,8 @@ where
 
     /// Marks a response with what served it (the first route's only on request).
     fn mark(&self, mut res: Response<ResB>, j: usize) -> Response<ResB> {
+        #[cfg(feature = "metrics")]
+        crate::meter::served(self.chain.served_keys.get(j));
         if j == 0 && !self.chain.mark_primary {
             return res;
         }

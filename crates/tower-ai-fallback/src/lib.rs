@@ -168,6 +168,8 @@ mod config;
 mod fallback;
 pub mod future;
 mod layer;
+#[cfg(feature = "metrics")]
+mod meter;
 mod rewrite;
 mod service;
 
@@ -180,3 +182,11 @@ pub use layer::ModelFallbackLayer;
 pub use rewrite::rewrite_model;
 pub use service::ModelFallback;
 pub use tower_ai_core::AttemptBudget;
+
+/// Describes ModelFallback's metrics (units and help text) to the installed `metrics` recorder;
+/// call it once after installing the recorder. Feature `metrics`; the metrics are listed
+/// in the README ("Metrics").
+#[cfg(feature = "metrics")]
+pub fn describe_metrics() {
+    meter::describe();
+}

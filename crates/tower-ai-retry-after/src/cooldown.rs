@@ -98,6 +98,9 @@ pub(crate) struct Cooldowns {
     waiters: Arc<AtomicUsize>,
     shards: Box<[RwLock<Map>]>,
     tuning: Tuning,
+    /// When the `keys_cooling` gauge was last counted (0: never).
+    #[cfg(feature = "metrics")]
+    gauge_at: AtomicU64,
 }
 
 impl Cooldowns {
@@ -108,6 +111,8 @@ impl Cooldowns {
             waiters: Arc::default(),
             shards: (0..SHARDS).map(|_| RwLock::new(Map::default())).collect(),
             tuning,
+            #[cfg(feature = "metrics")]
+            gauge_at: AtomicU64::new(0),
         }
     }
 
@@ -363,6 +368,52 @@ impl Cooldowns {
         shard.insert(key, e.clone());
         self.entries.fetch_add(1, Relaxed);
         e
+    }
+
+    /// Every key whose cooldown has not ended at `now`: its key, the end, and the
+    /// requests waiting for it. Reads every shard.
+    pub(crate) fn cooling(&self, now: Instant) -> Vec<(Key, Instant, usize)> {
+        let n = self.nanos(now);
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.read().unwrap_or_else(|p| p.into_inner());
+            out.extend(shard.iter().filter_map(|(k, e)| {
+                let until = e.until.load(Relaxed);
+                (until > n).then(|| (*k, self.instant(until), e.waiters.load(Relaxed)))
+            }));
+        }
+        out
+    }
+
+    /// How many keys' cooldowns have not ended at `now`.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn cooling_count(&self, now: Instant) -> usize {
+        let n = self.nanos(now);
+        self.shards
+            .iter()
+            .map(|s| {
+                let s = s.read().unwrap_or_else(|p| p.into_inner());
+                s.values().filter(|e| e.until.load(Relaxed) > n).count()
+            })
+            .sum()
+    }
+
+    /// Refreshes the `keys_cooling` gauge, at most once a second (a storm of 429s
+    /// counts the map once a second, not once an answer).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn refresh_gauge(&self, now: Instant) {
+        let n = self.nanos(now);
+        let last = self.gauge_at.load(Relaxed);
+        if last != 0 && n.saturating_sub(last) < 1_000_000_000 {
+            return;
+        }
+        if self
+            .gauge_at
+            .compare_exchange(last, n, Relaxed, Relaxed)
+            .is_ok()
+        {
+            crate::meter::keys_cooling(self.cooling_count(now));
+        }
     }
 
     /// Removes keys idle for longer than the idle time, with no cooldown.

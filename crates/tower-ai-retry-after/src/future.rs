@@ -239,6 +239,11 @@ fn learn<K, ResB>(
         cooldown_ms = until.saturating_duration_since(now).as_millis() as u64,
         "retry_after_aware learned a cooldown"
     );
+    #[cfg(feature = "metrics")]
+    {
+        crate::meter::learned();
+        shared.cooldowns.refresh_gauge(now);
+    }
     match (extended, label, &shared.config.store) {
         (true, Some(label), Some(store)) if until > now => store.publish(label, until - now),
         _ => None,
@@ -321,6 +326,8 @@ where
                                     || "unknown".to_owned(),
                                     |r| cap_label(shared.key_fn.label(r)),
                                 );
+                                #[cfg(feature = "metrics")]
+                                crate::meter::refused("gave_up_waiting");
                                 this.state.set(State::Rejected);
                                 *this.slot = None;
                                 return Poll::Ready(Err(Box::new(AiError::CoolingDown {
@@ -390,6 +397,8 @@ where
                                     || "unknown".to_owned(),
                                     |r| cap_label(shared.key_fn.label(r)),
                                 );
+                                #[cfg(feature = "metrics")]
+                                crate::meter::refused("gave_up_waiting");
                                 this.state.set(State::Rejected);
                                 *this.slot = None;
                                 return Poll::Ready(Err(Box::new(AiError::CoolingDown {

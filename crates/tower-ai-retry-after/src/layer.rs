@@ -115,6 +115,30 @@ impl<K> RetryAfterAwareLayer<K> {
         }
     }
 
+    /// A snapshot of every key cooling down now (its cooldown has not ended), for a
+    /// health endpoint: the key (a hash: derive a request's with the key function, e.g.
+    /// `HostModel.key(&req)`), when the cooldown ends, and how many requests wait for it.
+    /// Reads every shard (at most `max_keys` entries): for monitoring, not for every
+    /// request. With the `metrics` feature it also sets the
+    /// `tower_ai.retry_after.keys_cooling` gauge.
+    pub fn cooling(&self) -> Vec<CoolingKey> {
+        let now = tokio::time::Instant::now();
+        let keys: Vec<CoolingKey> = self
+            .shared
+            .cooldowns
+            .cooling(now)
+            .into_iter()
+            .map(|(key, until, waiters)| CoolingKey {
+                key,
+                until,
+                waiters,
+            })
+            .collect();
+        #[cfg(feature = "metrics")]
+        crate::meter::keys_cooling(keys.len());
+        keys
+    }
+
     /// Drops the state of keys idle for longer than the idle time (also done when the
     /// map is full).
     pub fn evict_idle(&self) {
@@ -122,6 +146,18 @@ impl<K> RetryAfterAwareLayer<K> {
             .cooldowns
             .evict_idle(tokio::time::Instant::now());
     }
+}
+
+/// A key cooling down (see [`RetryAfterAwareLayer::cooling`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CoolingKey {
+    /// The key (a salted hash; never a secret).
+    pub key: tower_ai_core::keys::Key,
+    /// When its cooldown ends.
+    pub until: tokio::time::Instant,
+    /// Requests waiting for it.
+    pub waiters: usize,
 }
 
 /// What a [`RetryAfterAwareLayer`] holds (see [`RetryAfterAwareLayer::stats`]).

@@ -139,6 +139,8 @@ mod config;
 mod cooldown;
 pub mod future;
 mod layer;
+#[cfg(feature = "metrics")]
+mod meter;
 mod service;
 pub mod store;
 
@@ -146,5 +148,13 @@ pub use config::{
     ConfigError, CooldownConfig, CooldownConfigBuilder, OnCooldown, DEFAULT_MAX_WAITERS,
     DEFAULT_MAX_WAITERS_PER_KEY,
 };
-pub use layer::{GateStats, RetryAfterAwareLayer};
+pub use layer::{CoolingKey, GateStats, RetryAfterAwareLayer};
 pub use service::RetryAfterAware;
+
+/// Describes RetryAfterAware's metrics (units and help text) to the installed `metrics` recorder;
+/// call it once after installing the recorder. Feature `metrics`; the metrics are listed
+/// in the README ("Metrics").
+#[cfg(feature = "metrics")]
+pub fn describe_metrics() {
+    meter::describe();
+}

@@ -223,6 +223,18 @@ impl<S, K> RetryAfterAware<S, K> {
                 past_deadline,
                 "retry_after_aware refused: cooling down"
             );
+            #[cfg(feature = "metrics")]
+            crate::meter::refused(if !refuse {
+                "waiters_full"
+            } else if past_deadline {
+                "past_deadline"
+            } else if AttemptBudget::of(&req).is_some_and(AttemptBudget::has_fallback) {
+                "fallback_available"
+            } else if let OnCooldown::FailFast = shared.config.on_cooldown {
+                "fail_fast"
+            } else {
+                "wait_too_long"
+            });
             return ResponseFuture::rejected(AiError::CoolingDown {
                 key: cap_label(shared.key_fn.label(&req)),
                 until,
@@ -237,6 +249,8 @@ impl<S, K> RetryAfterAware<S, K> {
             wait_ms = wake.saturating_duration_since(now).as_millis() as u64,
             "retry_after_aware waiting for cooldown"
         );
+        #[cfg(feature = "metrics")]
+        crate::meter::waits(wake.saturating_duration_since(now));
         // The ready inner service stays here, ready for the next call: a waiting
         // request holds no permit; it gets readiness again with `Oneshot`.
         ResponseFuture::waiting(

@@ -425,6 +425,8 @@ fn decide<B, ResB>(
             let c = Classification::of(&res);
             if c.is_success() {
                 tracing::debug!(parent: span, attempt, http.response.status_code = res.status().as_u16(), "ai_retry attempt succeeded");
+                #[cfg(feature = "metrics")]
+                crate::meter::ended("success", attempt);
                 return Step::Done(Ok(res));
             }
             let kind = c.kind.map_or("unknown", ErrorKind::as_str);
@@ -439,11 +441,15 @@ fn decide<B, ResB>(
                 Plan::Retry(wait, source) => {
                     tracing::debug!(parent: span, attempt, http.response.status_code = status, error.type = kind,
                         wait_ms = wait.as_millis() as u64, wait.source = source.as_str(), "ai_retry retrying");
+                    #[cfg(feature = "metrics")]
+                    crate::meter::retry(kind, source.as_str(), wait);
                     Step::Wait(wait)
                 }
                 Plan::Stop(reason) => {
                     tracing::debug!(parent: span, attempt, http.response.status_code = status, error.type = kind,
                         stop = reason.as_str(), "ai_retry stopped");
+                    #[cfg(feature = "metrics")]
+                    crate::meter::ended(reason.as_str(), attempt);
                     let mut c = c.into_owned();
                     finish_response(res, &mut c, reason, ctx)
                 }
@@ -461,10 +467,14 @@ fn decide<B, ResB>(
                 Plan::Retry(wait, source) => {
                     tracing::debug!(parent: span, attempt, error.type = kind.as_str(),
                         wait_ms = wait.as_millis() as u64, wait.source = source.as_str(), "ai_retry retrying after error");
+                    #[cfg(feature = "metrics")]
+                    crate::meter::retry(kind.as_str(), source.as_str(), wait);
                     Step::Wait(wait)
                 }
                 Plan::Stop(reason) => {
                     tracing::debug!(parent: span, attempt, error.type = kind.as_str(), stop = reason.as_str(), "ai_retry stopped on error");
+                    #[cfg(feature = "metrics")]
+                    crate::meter::ended(reason.as_str(), attempt);
                     Step::Done(Err(err))
                 }
             }

@@ -142,6 +142,8 @@ mod config;
 pub mod future;
 mod key;
 mod layer;
+#[cfg(feature = "metrics")]
+mod meter;
 mod service;
 
 pub use backoff::{Backoff, Jitter};
@@ -150,3 +152,11 @@ pub use config::{AiRetryConfig, AiRetryConfigBuilder, ConfigError, OnExhausted};
 pub use future::{RetryStop, StopReason};
 pub use layer::AiRetryLayer;
 pub use service::AiRetry;
+
+/// Describes AiRetry's metrics (units and help text) to the installed `metrics` recorder;
+/// call it once after installing the recorder. Feature `metrics`; the metrics are listed
+/// in the README ("Metrics").
+#[cfg(feature = "metrics")]
+pub fn describe_metrics() {
+    meter::describe();
+}

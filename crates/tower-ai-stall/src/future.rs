@@ -213,6 +213,8 @@ where
                         stall.after_ms = after.as_millis() as u64,
                         "no response head in time"
                     );
+                    #[cfg(feature = "metrics")]
+                    crate::meter::stalled(phase);
                     return Poll::Ready(Err(Box::new(AiError::Stalled {
                         phase,
                         after,

@@ -140,6 +140,8 @@ mod body;
 mod config;
 pub mod future;
 mod layer;
+#[cfg(feature = "metrics")]
+mod meter;
 mod service;
 mod stall;
 
@@ -152,3 +154,11 @@ pub use layer::StallDetectorLayer;
 pub use service::StallDetector;
 pub use stall::{StreamEnd, StreamOutcome, StreamSummary};
 pub use tower_ai_core::StallPhase;
+
+/// Describes StallDetector's metrics (units and help text) to the installed `metrics` recorder;
+/// call it once after installing the recorder. Feature `metrics`; the metrics are listed
+/// in the README ("Metrics").
+#[cfg(feature = "metrics")]
+pub fn describe_metrics() {
+    meter::describe();
+}

@@ -528,6 +528,8 @@ impl Tracker {
             bytes_received = self.bytes,
             "stream stalled"
         );
+        #[cfg(feature = "metrics")]
+        crate::meter::stalled(phase);
         self.finish(StreamEnd::Stalled(phase));
         AiError::Stalled {
             phase,
@@ -618,6 +620,14 @@ impl Tracker {
         let Some(sse) = &self.sse else {
             return;
         };
+        #[cfg(feature = "metrics")]
+        match end {
+            StreamEnd::ProviderError(kind) => {
+                crate::meter::stream_error(kind.map_or("unknown", |k| k.as_str()));
+            }
+            StreamEnd::Truncated => crate::meter::truncated("no_terminal_event"),
+            _ => {}
+        }
         let summary = StreamSummary {
             end,
             finish_reason: sse.scanner.finish_reason(),
@@ -635,6 +645,8 @@ impl Tracker {
 
 /// The warning for an answer cut at the output-token limit, streamed or not.
 fn warn_truncated(system: Provider, summary: &StreamSummary) {
+    #[cfg(feature = "metrics")]
+    crate::meter::truncated("max_tokens");
     tracing::warn!(
         gen_ai.system = system.as_str(),
         gen_ai.response.finish_reasons = "length",

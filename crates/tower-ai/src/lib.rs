@@ -132,6 +132,27 @@ pub use tower_ai_redis as redis;
 #[cfg(feature = "sim")]
 pub use tower_ai_sim as sim;
 
+/// Describes the metrics of every enabled layer (units and help text) to the installed
+/// `metrics` recorder: call it once, after installing the recorder. Feature `metrics`;
+/// the metrics are listed in the README ("Metrics"), and
+/// [`core::meter::WAIT_BUCKETS`] are the bucket boundaries recommended for their
+/// histograms.
+#[cfg(feature = "metrics")]
+pub fn describe_metrics() {
+    #[cfg(feature = "retry")]
+    tower_ai_retry::describe_metrics();
+    #[cfg(feature = "retry-after")]
+    tower_ai_retry_after::describe_metrics();
+    #[cfg(feature = "circuit-breaker")]
+    tower_ai_circuit_breaker::describe_metrics();
+    #[cfg(feature = "budget")]
+    tower_ai_budget::describe_metrics();
+    #[cfg(feature = "fallback")]
+    tower_ai_fallback::describe_metrics();
+    #[cfg(feature = "stall")]
+    tower_ai_stall::describe_metrics();
+}
+
 /// Everything a stack needs, in one `use tower_ai::prelude::*;`.
 pub mod prelude {
     pub use crate::ServiceBuilderExt;
