@@ -232,7 +232,7 @@ impl FastConfig {
             None => max,
         };
         FastConfig {
-            enabled: !l.counts_tokens(),
+            enabled: !l.counts_tokens() && l.store.is_none(),
             sync_from_headers: l.sync_from_headers,
             in_flight_max: l
                 .max_concurrent

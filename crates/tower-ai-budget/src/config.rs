@@ -9,6 +9,7 @@ use tower_ai_core::keys::Global;
 
 use crate::event::BudgetListener;
 use crate::layer::TokenBudgetLayer;
+use crate::store::{BudgetStore, StoreLimits, Stored};
 
 /// Output tokens reserved for a request that names no `max_tokens`: 1024. The reservation is
 /// corrected to the actual usage once the response says it.
@@ -247,6 +248,8 @@ pub(crate) struct Limits {
     pub(crate) max_waiters_per_key: usize,
     pub(crate) max_waiters: usize,
     pub(crate) max_event: usize,
+    /// The shared store that decides instead of the in-process state, if any.
+    pub(crate) store: Option<Stored>,
 }
 
 impl Limits {
@@ -307,6 +310,7 @@ pub struct TokenBudgetBuilder<K = Global, L = ()> {
     max_waiters_per_key: usize,
     max_waiters: usize,
     max_event: usize,
+    store: Option<Arc<dyn BudgetStore>>,
     key_fn: K,
     listener: L,
 }
@@ -320,6 +324,7 @@ impl<K, L> fmt::Debug for TokenBudgetBuilder<K, L> {
             .field("spend_per_hour", &self.spend_per_hour)
             .field("spend_per_day", &self.spend_per_day)
             .field("when_full", &self.when_full)
+            .field("store", &self.store.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -342,6 +347,7 @@ impl Default for TokenBudgetBuilder {
             max_waiters_per_key: DEFAULT_MAX_WAITERS_PER_KEY,
             max_waiters: DEFAULT_MAX_WAITERS,
             max_event: tower_ai_core::sse::DEFAULT_MAX_EVENT,
+            store: None,
             key_fn: Global,
             listener: (),
         }
@@ -478,6 +484,21 @@ impl<K, L> TokenBudgetBuilder<K, L> {
         self
     }
 
+    /// Keeps the budget's state in a shared store instead of this process (e.g.
+    /// `tower-ai-redis`'s `RedisBudget`, so several replicas share one set of limits). The
+    /// store decides every admission (and its own fall-back when its backend is down);
+    /// the layer still estimates each request and reads its usage from the response, and
+    /// tells the store what the request cost when its body ends. Without a store (the
+    /// default) the in-process state decides, on the same paths as before.
+    ///
+    /// With a store, a refused request in wait mode is asked about again when the store
+    /// says it may fit (there is no queue across replicas), and
+    /// [`sync_from_headers`](Self::sync_from_headers) and soft-limit events are not applied.
+    pub fn store(mut self, store: impl BudgetStore) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
     /// The key function: [`Global`] (the default: one budget for everything through the
     /// layer), [`ApiKeyHash`](tower_ai_core::keys::ApiKeyHash) (one per API key),
     /// [`HostModel`](tower_ai_core::keys::HostModel) (one per provider and model), or a
@@ -499,6 +520,7 @@ impl<K, L> TokenBudgetBuilder<K, L> {
             max_waiters_per_key: self.max_waiters_per_key,
             max_waiters: self.max_waiters,
             max_event: self.max_event,
+            store: self.store,
             key_fn,
             listener: self.listener,
         }
@@ -523,6 +545,7 @@ impl<K, L> TokenBudgetBuilder<K, L> {
             max_waiters_per_key: self.max_waiters_per_key,
             max_waiters: self.max_waiters,
             max_event: self.max_event,
+            store: self.store,
             key_fn: self.key_fn,
             listener,
         }
@@ -648,6 +671,20 @@ impl<K, L> TokenBudgetBuilder<K, L> {
             max_waiters_per_key: self.max_waiters_per_key,
             max_waiters: self.max_waiters,
             max_event: self.max_event,
+            store: self.store.clone().map(|store| Stored {
+                store,
+                limits: StoreLimits {
+                    requests_per_minute: self.requests_per_minute,
+                    tokens_per_minute: self.tokens_per_minute,
+                    max_concurrent: self.max_concurrent,
+                    spend_per_hour,
+                    spend_per_day,
+                    max_wait: match self.when_full {
+                        WhenFull::Wait { max_wait } => Some(max_wait),
+                        WhenFull::Reject => None,
+                    },
+                },
+            }),
         })
     }
 }

@@ -19,7 +19,9 @@ use tower_service::Service;
 
 use crate::body::{BodyHold, BudgetBody, Reader};
 use crate::budget::{Budget, Cost, Decision, Finish, Hold, KeyFast, Reservation};
+use crate::config::NanoPrice;
 use crate::event::{emit, BudgetEvent, BudgetListener};
+use crate::store::{Spent, StoreAdmit, StoreDecision, StoreLease, StoreRequest};
 
 /// A place in flight, given back (one atomic step) when dropped.
 pub(crate) struct Permit(Arc<KeyFast>);
@@ -43,15 +45,23 @@ impl fmt::Debug for Permit {
     }
 }
 
-/// Tokens and money reserved (and maybe a place in flight), settled under the lock: by
-/// [`finish`](Self::finish) with the usage the response reported, or when dropped (the
-/// reservation kept; refunded if the call failed).
+/// Tokens and money reserved (and maybe a place in flight), settled under the lock (or
+/// by the budget's store): by [`finish`](Self::finish) with the usage the response
+/// reported, or when dropped (the reservation kept; refunded if the call failed).
 pub(crate) struct Reserved {
     budget: Arc<Budget>,
-    reservation: Reservation,
+    held: Held,
     refund: bool,
     /// Settled already (by `finish`).
     settled: bool,
+}
+
+/// Where a reservation is held.
+enum Held {
+    /// In this process, under the budget's lock.
+    Local(Reservation),
+    /// In the budget's store, priced for the settlement.
+    Store(Option<StoreLease>, NanoPrice),
 }
 
 impl Reserved {
@@ -68,7 +78,15 @@ impl Reserved {
         }
         let end = if self.refund { Finish::Refund } else { end };
         self.settled = true;
-        self.budget.finish(self.reservation, end);
+        match &mut self.held {
+            Held::Local(reservation) => self.budget.finish(*reservation, end),
+            Held::Store(lease, price) => {
+                if let (Some(lease), Some(stored)) = (lease.take(), &self.budget.limits.store) {
+                    let spent = spent(&lease, price, end);
+                    stored.store.settle(&stored.limits, lease, spent);
+                }
+            }
+        }
     }
 
     /// The largest JSON body copied to read its usage.
@@ -82,6 +100,19 @@ impl Reserved {
     }
 }
 
+/// What a request held in a store cost, as `end` says (the in-process budget's rules).
+fn spent(lease: &StoreLease, price: &NanoPrice, end: Finish) -> Spent {
+    match end {
+        Finish::Keep => Spent::new(lease.tokens, lease.spend),
+        Finish::Refund => Spent::new(0, 0),
+        Finish::Used(u) => Spent::new(u.total(), price.cost(u.input_tokens, u.output_tokens)),
+        Finish::AtLeast(u) => Spent::new(
+            u.total().max(lease.tokens),
+            price.cost(u.input_tokens, u.output_tokens).max(lease.spend),
+        ),
+    }
+}
+
 impl Drop for Reserved {
     fn drop(&mut self) {
         if !self.settled {
@@ -90,15 +121,19 @@ impl Drop for Reserved {
             } else {
                 Finish::Keep
             };
-            self.budget.finish(self.reservation, end);
+            self.settle(end);
         }
     }
 }
 
 impl fmt::Debug for Reserved {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let held: &dyn fmt::Debug = match &self.held {
+            Held::Local(r) => r,
+            Held::Store(lease, _) => lease,
+        };
         f.debug_struct("Reserved")
-            .field("reservation", &self.reservation)
+            .field("held", held)
             .field("refund", &self.refund)
             .finish()
     }
@@ -119,11 +154,21 @@ impl Guard {
             Hold::Permit(fast) => Some(Guard::Permit(Permit(fast))),
             Hold::Reserved(reservation) => Some(Guard::Reserved(Reserved {
                 budget: budget.clone(),
-                reservation,
+                held: Held::Local(reservation),
                 refund: false,
                 settled: false,
             })),
         }
+    }
+
+    /// The guard of a request admitted by the budget's store.
+    pub(crate) fn stored(budget: &Arc<Budget>, lease: StoreLease, price: NanoPrice) -> Self {
+        Guard::Reserved(Reserved {
+            budget: budget.clone(),
+            held: Held::Store(Some(lease), price),
+            refund: false,
+            settled: false,
+        })
     }
 }
 
@@ -273,6 +318,164 @@ impl<S, ReqB> Drop for WaitState<S, ReqB> {
     }
 }
 
+/// A request decided by the budget's store: waiting for its round trip, or (in wait
+/// mode) for the time the store said it may fit. Boxed, like [`WaitState`].
+pub(crate) struct StoreWait<S, ReqB> {
+    req: Option<Request<ReqB>>,
+    svc: Option<S>,
+    budget: Arc<Budget>,
+    listener: Arc<dyn BudgetListener>,
+    key: Key,
+    label: String,
+    cost: Cost,
+    started: Instant,
+    /// When a waiting caller gives up (`None`: reject mode).
+    deadline: Option<Instant>,
+    pending: Option<Pin<Box<dyn Future<Output = StoreDecision> + Send>>>,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+/// When a request the store refused for `retry_after` asks again, if it waits: not after
+/// its deadline, and at least 1 ms on (a store that cannot tell, such as a concurrency
+/// limit, says zero).
+pub(crate) fn retry_at(
+    now: Instant,
+    deadline: Option<Instant>,
+    retry_after: Option<std::time::Duration>,
+) -> Option<Instant> {
+    let at = now + retry_after?.max(std::time::Duration::from_millis(1));
+    (at <= deadline?).then_some(at)
+}
+
+impl<S, ReqB> StoreWait<S, ReqB> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        req: Request<ReqB>,
+        svc: S,
+        budget: Arc<Budget>,
+        listener: Arc<dyn BudgetListener>,
+        key: Key,
+        label: String,
+        cost: Cost,
+        started: Instant,
+        deadline: Option<Instant>,
+        next: Result<Pin<Box<dyn Future<Output = StoreDecision> + Send>>, Instant>,
+    ) -> Self {
+        let (pending, sleep) = match next {
+            Ok(fut) => (Some(fut), None),
+            Err(at) => (None, Some(Box::pin(tokio::time::sleep_until(at)))),
+        };
+        StoreWait {
+            req: Some(req),
+            svc: Some(svc),
+            budget,
+            listener,
+            key,
+            label,
+            cost,
+            started,
+            deadline,
+            pending,
+            sleep,
+        }
+    }
+
+    fn reject(
+        &mut self,
+        limit: tower_ai_core::BudgetLimit,
+        retry_after: Option<std::time::Duration>,
+    ) -> BoxError {
+        emit(
+            &*self.listener,
+            BudgetEvent::Rejected {
+                key: self.key,
+                limit,
+                retry_after,
+            },
+        );
+        Box::new(AiError::BudgetExceeded {
+            key: std::mem::take(&mut self.label),
+            limit,
+            retry_after,
+        })
+    }
+
+    /// Waits for the store's verdict (and, refused in wait mode, asks again when it may
+    /// fit): the guard, the service and the request to send, or the refusal.
+    #[allow(clippy::type_complexity)]
+    fn poll_admit(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(Option<Guard>, S, Request<ReqB>), BoxError>> {
+        loop {
+            if let Some(sleep) = self.sleep.as_mut() {
+                ready!(sleep.as_mut().poll(cx));
+                self.sleep = None;
+                let Some(stored) = &self.budget.limits.store else {
+                    return Poll::Ready(Err(after_completion()));
+                };
+                let label = &self.label;
+                let name = || label.clone();
+                let request = StoreRequest::new(self.key, self.cost.tokens, self.cost.spend, &name);
+                match stored.store.admit(&stored.limits, &request) {
+                    StoreAdmit::Ready(d) => {
+                        if let Some(done) = self.decided(d) {
+                            return Poll::Ready(done);
+                        }
+                    }
+                    StoreAdmit::Pending(fut) => self.pending = Some(fut),
+                }
+                continue;
+            }
+            let Some(pending) = self.pending.as_mut() else {
+                return Poll::Ready(Err(after_completion()));
+            };
+            let decision = ready!(pending.as_mut().poll(cx));
+            self.pending = None;
+            if let Some(done) = self.decided(decision) {
+                return Poll::Ready(done);
+            }
+        }
+    }
+
+    /// Acts on a verdict: `Some` when the wait is over, `None` when it goes on (a sleep
+    /// set until the request may fit).
+    #[allow(clippy::type_complexity)]
+    fn decided(
+        &mut self,
+        decision: StoreDecision,
+    ) -> Option<Result<(Option<Guard>, S, Request<ReqB>), BoxError>> {
+        match decision {
+            StoreDecision::Admitted(lease) => {
+                let now = Instant::now();
+                if now > self.started {
+                    emit(
+                        &*self.listener,
+                        BudgetEvent::Admitted {
+                            key: self.key,
+                            waited: now.saturating_duration_since(self.started),
+                        },
+                    );
+                }
+                let guard = Guard::stored(&self.budget, lease, self.cost.price);
+                Some(match (self.svc.take(), self.req.take()) {
+                    (Some(svc), Some(req)) => Ok((Some(guard), svc, req)),
+                    _ => Err(after_completion()),
+                })
+            }
+            StoreDecision::Refused { limit, retry_after } => {
+                match retry_at(Instant::now(), self.deadline, retry_after) {
+                    Some(at) => {
+                        self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+                        None
+                    }
+                    None => Some(Err(self.reject(limit, retry_after))),
+                }
+            }
+        }
+    }
+}
+
 pin_project! {
     /// The response future of [`TokenBudget`](crate::TokenBudget): the inner call when the
     /// request fit at once; otherwise a wait for the budget (on a `tokio` timer, no lock
@@ -313,6 +516,8 @@ pin_project! {
         // Sent at once, with a reservation to settle or headers to read.
         Called { #[pin] fut: S::Future, guard: Option<Guard>, reading: Reading },
         Waiting { wait: Box<WaitState<S, ReqB>>, reading: Reading },
+        // Waiting for the budget's store.
+        StoreWaiting { wait: Box<StoreWait<S, ReqB>>, reading: Reading },
         Sending { fut: Pin<Box<Oneshot<S, Request<ReqB>>>>, guard: Option<Guard>, reading: Reading },
         Rejected { err: Option<Box<AiError>> },
     }
@@ -370,6 +575,17 @@ where
         }
     }
 
+    pub(crate) fn store_waiting(wait: StoreWait<S, ReqB>, reading: Reading) -> Self {
+        ResponseFuture {
+            state: State::Slow {
+                slow: Slow::StoreWaiting {
+                    wait: Box::new(wait),
+                    reading,
+                },
+            },
+        }
+    }
+
     pub(crate) fn rejected(err: AiError) -> Self {
         ResponseFuture {
             state: State::Slow {
@@ -394,6 +610,9 @@ where
             State::Slow {
                 slow: Slow::Waiting { .. },
             } => "Waiting".to_owned(),
+            State::Slow {
+                slow: Slow::StoreWaiting { .. },
+            } => "StoreWaiting".to_owned(),
             State::Slow {
                 slow: Slow::Sending { guard, .. },
             } => format!("Sending {{ guard: {guard:?} }}"),
@@ -482,6 +701,22 @@ where
                 }))
             }
             SlowProj::Waiting { wait, reading } => {
+                let (guard, svc, req) = match ready!(wait.poll_admit(cx)) {
+                    Ok(admitted) => admitted,
+                    Err(e) => {
+                        state.set(Slow::Rejected { err: None });
+                        return Poll::Ready(Err(e));
+                    }
+                };
+                let reading = (reading.0, reading.1.take());
+                state.set(Slow::Sending {
+                    fut: Box::pin(Oneshot::new(svc, req)),
+                    guard,
+                    reading,
+                });
+                continue;
+            }
+            SlowProj::StoreWaiting { wait, reading } => {
                 let (guard, svc, req) = match ready!(wait.poll_admit(cx)) {
                     Ok(admitted) => admitted,
                     Err(e) => {

@@ -244,6 +244,7 @@ mod layer;
 #[cfg(feature = "metrics")]
 mod meter;
 mod service;
+pub mod store;
 mod window;
 
 pub use body::BudgetBody;
@@ -256,6 +257,9 @@ pub use config::{
 pub use event::{BudgetEvent, BudgetListener};
 pub use layer::TokenBudgetLayer;
 pub use service::TokenBudget;
+pub use store::{
+    BudgetStore, Spent, StoreAdmit, StoreDecision, StoreLease, StoreLimits, StoreRequest,
+};
 
 /// Describes TokenBudget's metrics (units and help text) to the installed `metrics` recorder;
 /// call it once after installing the recorder. Feature `metrics`; the metrics are listed

@@ -16,7 +16,8 @@ use crate::budget::{
 };
 use crate::config::WhenFull;
 use crate::event::{emit, BudgetEvent, BudgetListener};
-use crate::future::{Guard, Permit, ResponseFuture, WaitState};
+use crate::future::{retry_at, Guard, Permit, ResponseFuture, StoreWait, WaitState};
+use crate::store::{StoreAdmit, StoreDecision, StoreRequest};
 
 /// Holds each request to a token budget before it reaches the provider: see the
 /// [crate docs](crate).
@@ -171,7 +172,10 @@ impl<S, K, L> TokenBudget<S, K, L> {
         L: BudgetListener,
         ReqB: ReplayBody,
     {
-        let cost = if !self.budget.limits.counts_spend() {
+        let cost = if !self.budget.limits.counts_tokens() {
+            // Only with a store: a budget of requests and concurrency has nothing to estimate.
+            Ok(Cost::default())
+        } else if !self.budget.limits.counts_spend() {
             match req.extensions().get::<RequestMeta>() {
                 Some(meta) => self.budget.cost_of(Some(meta), PriceBy::Model),
                 // Parsed once and stored: the key function's `model_of`, the layers below
@@ -209,7 +213,85 @@ impl<S, K, L> TokenBudget<S, K, L> {
         } else {
             StreamDialect::of(Provider::of(&req), path)
         };
+        if self.budget.limits.store.is_some() {
+            let dialect = self.budget.limits.counts_tokens().then_some(dialect);
+            return self.stored(req, key, cost, dialect);
+        }
         self.locked(req, key, cost, Some(dialect))
+    }
+
+    /// A budget kept in a store: the store decides (at once, or after a round trip).
+    #[inline(never)]
+    fn stored<ReqB>(
+        &mut self,
+        req: Request<ReqB>,
+        key: Key,
+        cost: Result<Cost, BudgetLimit>,
+        dialect: Option<StreamDialect>,
+    ) -> ResponseFuture<S, ReqB>
+    where
+        S: Service<Request<ReqB>> + Clone,
+        K: KeyFn<ReqB>,
+        L: BudgetListener,
+    {
+        let cost = match cost {
+            Ok(c) => c,
+            Err(limit) => return self.reject(&req, key, limit, None),
+        };
+        let Some(stored) = &self.budget.limits.store else {
+            return self.locked(req, key, Ok(cost), dialect);
+        };
+        let now = Instant::now();
+        let deadline = match self.budget.limits.when_full {
+            WhenFull::Wait { max_wait } => {
+                let own = now + max_wait;
+                Some(Deadline::of(&req).map_or(own, |d| own.min(d.instant())))
+            }
+            WhenFull::Reject => None,
+        };
+        let admit = {
+            let key_fn = &*self.key_fn;
+            let r = &req;
+            let name = move || cap_label(key_fn.label(r));
+            let request = StoreRequest::new(key, cost.tokens, cost.spend, &name);
+            stored.store.admit(&stored.limits, &request)
+        };
+        let next = match admit {
+            StoreAdmit::Ready(StoreDecision::Admitted(lease)) => {
+                let guard = Guard::stored(&self.budget, lease, cost.price);
+                return ResponseFuture::called(self.inner.call(req), Some(guard), (dialect, None));
+            }
+            StoreAdmit::Ready(StoreDecision::Refused { limit, retry_after }) => {
+                match retry_at(now, deadline, retry_after) {
+                    None => return self.reject(&req, key, limit, retry_after),
+                    Some(at) => {
+                        emit(&*self.listener, BudgetEvent::Waiting { key, limit });
+                        Err(at)
+                    }
+                }
+            }
+            StoreAdmit::Pending(fut) => Ok(fut),
+        };
+        let label = cap_label(self.key_fn.label(&req));
+        let listener: Arc<dyn BudgetListener> = self.listener.clone();
+        // As in the in-process wait: sent later through a clone that gets ready only once
+        // admitted.
+        let svc = self.inner.clone();
+        ResponseFuture::store_waiting(
+            StoreWait::new(
+                req,
+                svc,
+                self.budget.clone(),
+                listener,
+                key,
+                label,
+                cost,
+                now,
+                deadline,
+                next,
+            ),
+            (dialect, None),
+        )
     }
 
     /// The locked path: reads the clock, decides, and admits, queues or refuses.
