@@ -33,3 +33,7 @@ pub use store::{RedisStore, RedisStoreBuilder, StoreError, ToRedisArgsDyn};
 // Cooldowns and breaker state (RetryAfterAware, CircuitBreaker).
 mod cooldown;
 pub use cooldown::RedisCooldowns;
+
+// TokenBudget's shared state.
+mod budget;
+pub use budget::{Mode as BudgetMode, RedisBudget, RedisBudgetBuilder};

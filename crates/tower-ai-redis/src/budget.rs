@@ -1,0 +1,613 @@
+//! [`RedisBudget`]: TokenBudget's limits shared by every replica through Redis.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use redis::Script;
+use tokio::time::Instant;
+use tower_ai_budget::{
+    BudgetStore, Spent, StoreAdmit, StoreDecision, StoreLease, StoreLimits, StoreRequest,
+};
+use tower_ai_core::keys::Key;
+use tower_ai_core::BudgetLimit;
+
+use crate::store::RedisStore;
+
+mod lease;
+mod local;
+
+use lease::Leases;
+use local::Local;
+
+const ADMIT: &str = include_str!("scripts/budget_admit.lua");
+const SETTLE: &str = include_str!("scripts/budget_settle.lua");
+
+/// The most keys whose denial is remembered (the oldest are forgotten past it).
+const MAX_DENIALS: usize = 10_000;
+
+/// How [`RedisBudget`] shares the limits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum Mode {
+    /// One round trip per admission and one per settlement: atomic decisions in Redis,
+    /// never more than the limit plus the burst in any window.
+    Strict,
+    /// For high-rate keys: each replica takes a chunk of the requests and tokens limits
+    /// (`fraction` of each, e.g. `0.01`) atomically from Redis, spends it from local
+    /// atomics, and gives back what it has not used; a round trip only per chunk.
+    /// Concurrency and spend caps stay strict.
+    Leased {
+        /// The chunk, as a fraction of each limit (at least one unit).
+        fraction: f64,
+    },
+}
+
+/// Settings of a [`RedisBudget`]; see [`RedisBudget::builder`].
+#[derive(Debug, Clone)]
+pub struct RedisBudgetBuilder {
+    store: RedisStore,
+    mode: Mode,
+    tag: String,
+    minute: Duration,
+    hour: Duration,
+    day: Duration,
+    request_burst: u64,
+    token_burst: u64,
+    fail_closed: u8,
+    hold: Duration,
+}
+
+/// TokenBudget's state in Redis, so the limits hold across every replica (give it to
+/// [`TokenBudgetBuilder::store`](tower_ai_budget::TokenBudgetBuilder::store)).
+///
+/// - **Requests and tokens per minute** are decided by GCRA (the generic cell rate
+///   algorithm) on Redis's clock: each request or token moves the key's theoretical
+///   arrival time on by `minute / limit`, so the key never admits more than its limit plus
+///   its burst in any minute (a request larger than the burst needs the key idle enough
+///   to take it: the bound is the limit plus the larger of the burst and the request). A
+///   request's token estimate is reserved before the call; when the response's usage is
+///   known the difference is refunded or charged, as the in-process layer reconciles.
+/// - **Spend per hour and per day** are calendar windows (the hour and the day of Redis's
+///   clock, UTC) counted in integer micro-units of the currency.
+/// - **Concurrency** is an expiring semaphore: a sorted set whose members expire after
+///   [`hold`](RedisBudgetBuilder::hold), so the places of a replica that crashed come back.
+/// - **Denials are cached** until the time Redis gave: a refused key costs no round trip
+///   until then (for a request at least as large as the one refused).
+/// - **Redis down or slow** (no answer within the store's response timeout): each replica
+///   decides in-process at the limit divided by [`RedisStore::replicas`], with the same
+///   algorithms, and goes back to Redis by itself when it answers again. A limit named in
+///   [`fail_closed`](RedisBudgetBuilder::fail_closed) refuses instead.
+///
+/// Keys in Redis are named by the key function's label, the same in every replica:
+/// `Global` (`global`) and `HostModel` (`host/model`) are; `ApiKeyHash`'s label is a hash
+/// seeded per process, so replicas would not share it: use a key function whose label is
+/// stable (a tenant id, say) for per-key limits across replicas.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_ai_budget::TokenBudgetLayer;
+/// use tower_ai_core::BudgetLimit;
+/// use tower_ai_redis::{RedisBudget, RedisStore};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::open("redis://127.0.0.1:6379/")?;
+/// let budget = TokenBudgetLayer::builder()
+///     .requests_per_minute(500)
+///     .tokens_per_minute(30_000)
+///     .spend_per_day(50.0)
+///     .prices(tower_ai_budget::PriceTable::new().model("gpt-4o", 2.50, 10.00))
+///     .store(
+///         RedisBudget::builder(store)
+///             .burst(10, 2_000)
+///             .fail_closed(BudgetLimit::SpendPerDay) // a hard cap, even while Redis is down
+///             .build(),
+///     )
+///     .build()?;
+/// # let _ = budget; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisBudget {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: RedisStore,
+    config: RedisBudgetBuilder,
+    admit: Script,
+    settle: Script,
+    /// Members of the concurrency semaphore: this replica's id and a sequence number.
+    seq: AtomicU64,
+    epoch: Instant,
+    denials: Mutex<HashMap<Key, Denial>>,
+    /// The in-process fall-back (limits ÷ replicas).
+    local: Local,
+    leases: Leases,
+}
+
+/// A refusal remembered until `until`.
+#[derive(Debug, Clone, Copy)]
+struct Denial {
+    until: Instant,
+    limit: BudgetLimit,
+    tokens: u64,
+    spend: u64,
+}
+
+impl fmt::Debug for RedisBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBudget")
+            .field("mode", &self.inner.config.mode)
+            .field("store", &self.inner.store)
+            .finish_non_exhaustive()
+    }
+}
+
+fn bit(limit: BudgetLimit) -> u8 {
+    match limit {
+        BudgetLimit::RequestsPerMinute => 1,
+        BudgetLimit::TokensPerMinute => 2,
+        BudgetLimit::Concurrency => 4,
+        BudgetLimit::SpendPerHour => 8,
+        BudgetLimit::SpendPerDay => 16,
+        _ => 0,
+    }
+}
+
+fn limit_of(code: i64) -> BudgetLimit {
+    match code {
+        1 => BudgetLimit::RequestsPerMinute,
+        2 => BudgetLimit::TokensPerMinute,
+        3 => BudgetLimit::Concurrency,
+        4 => BudgetLimit::SpendPerHour,
+        _ => BudgetLimit::SpendPerDay,
+    }
+}
+
+/// Nano-units (the budget's) to micro-units (Redis's), rounded up for a cost.
+pub(crate) fn micro_up(nanos: u64) -> u64 {
+    nanos.div_ceil(1000)
+}
+
+fn duration_us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl RedisBudgetBuilder {
+    /// Strict (the default) or leased.
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Leased mode with chunks of `fraction` of each limit (e.g. `0.01`): see
+    /// [`Mode::Leased`].
+    pub fn leased(self, fraction: f64) -> Self {
+        let fraction = if fraction.is_finite() && fraction > 0.0 {
+            fraction.min(1.0)
+        } else {
+            0.01
+        };
+        self.mode(Mode::Leased { fraction })
+    }
+
+    /// The Redis Cluster hash tag of this budget's keys (default `budget`): every key of
+    /// one decision carries it, so each script touches one slot. Use the provider account.
+    pub fn hash_tag(mut self, tag: impl Into<String>) -> Self {
+        self.tag = tag.into();
+        self
+    }
+
+    /// How many requests and tokens a key may take at once beyond the steady pace
+    /// (default 0 and 0: strictly paced). In any window the key admits at most the limit
+    /// plus the burst (plus the request itself when it is larger than the burst).
+    pub fn burst(mut self, requests: u64, tokens: u64) -> Self {
+        self.request_burst = requests;
+        self.token_burst = tokens;
+        self
+    }
+
+    /// The length of the "minute" of the requests and tokens limits (default 60 s), so a
+    /// test can use a short one. At least 1 ms.
+    pub fn minute(mut self, length: Duration) -> Self {
+        self.minute = length.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The lengths of the spend caps' "hour" and "day" (default 1 h and 24 h), for tests.
+    /// At least 1 ms each.
+    pub fn spend_windows(mut self, hour: Duration, day: Duration) -> Self {
+        self.hour = hour.max(Duration::from_millis(1));
+        self.day = day.max(Duration::from_millis(1));
+        self
+    }
+
+    /// While Redis is unreachable, refuse requests under `limit` (e.g. a hard spend cap)
+    /// instead of deciding in-process at the limit ÷ replicas. Call once per limit.
+    pub fn fail_closed(mut self, limit: BudgetLimit) -> Self {
+        self.fail_closed |= bit(limit);
+        self
+    }
+
+    /// How long a request holds its place in the concurrency semaphore at most (default
+    /// 10 min): a place is given back when the response ends, or after this if its replica
+    /// died. Set it above the longest response you serve.
+    pub fn hold(mut self, hold: Duration) -> Self {
+        self.hold = hold.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The budget store.
+    pub fn build(self) -> RedisBudget {
+        RedisBudget {
+            inner: Arc::new(Inner {
+                store: self.store.clone(),
+                admit: Script::new(ADMIT),
+                settle: Script::new(SETTLE),
+                seq: AtomicU64::new(0),
+                epoch: Instant::now(),
+                denials: Mutex::new(HashMap::new()),
+                local: Local::default(),
+                leases: Leases::default(),
+                config: self,
+            }),
+        }
+    }
+}
+
+/// Where a lease was made: `state[0] & 3`.
+const FROM_REDIS: u64 = 0;
+const FROM_LOCAL: u64 = 1;
+const FROM_LEASE: u64 = 2;
+
+impl RedisBudget {
+    /// Settings for a budget on `store`.
+    pub fn builder(store: RedisStore) -> RedisBudgetBuilder {
+        RedisBudgetBuilder {
+            store,
+            mode: Mode::Strict,
+            tag: "budget".to_owned(),
+            minute: Duration::from_secs(60),
+            hour: Duration::from_secs(3600),
+            day: Duration::from_secs(86_400),
+            request_burst: 0,
+            token_burst: 0,
+            fail_closed: 0,
+            hold: Duration::from_secs(600),
+        }
+    }
+
+    /// A strict budget on `store` with the default settings.
+    pub fn strict(store: RedisStore) -> Self {
+        Self::builder(store).build()
+    }
+
+    /// The store this budget talks through.
+    pub fn store(&self) -> &RedisStore {
+        &self.inner.store
+    }
+
+    /// The Redis keys of `name`'s state, in the order the scripts take them.
+    pub fn keys_of(&self, name: &str) -> [String; 5] {
+        let s = &self.inner.store;
+        let tag = &self.inner.config.tag;
+        [
+            s.key("budget:rpm", tag, name),
+            s.key("budget:tpm", tag, name),
+            s.key("budget:hour", tag, name),
+            s.key("budget:day", tag, name),
+            s.key("budget:conc", tag, name),
+        ]
+    }
+
+    /// A refusal remembered for `request`'s key, if one still holds for a request of its
+    /// size.
+    fn cached_denial(&self, request: &StoreRequest<'_>, now: Instant) -> Option<StoreDecision> {
+        let denials = lock(&self.inner.denials);
+        let d = denials.get(&request.key)?;
+        if now >= d.until {
+            return None;
+        }
+        let applies = match d.limit {
+            BudgetLimit::RequestsPerMinute => true,
+            BudgetLimit::TokensPerMinute => request.tokens >= d.tokens,
+            BudgetLimit::SpendPerHour | BudgetLimit::SpendPerDay => request.spend >= d.spend,
+            _ => false,
+        };
+        applies.then(|| StoreDecision::Refused {
+            limit: d.limit,
+            retry_after: Some(d.until - now),
+        })
+    }
+
+    fn remember_denial(&self, key: Key, denial: Denial) {
+        let mut denials = lock(&self.inner.denials);
+        if denials.len() >= MAX_DENIALS && !denials.contains_key(&key) {
+            let now = Instant::now();
+            denials.retain(|_, d| d.until > now);
+            if denials.len() >= MAX_DENIALS {
+                return;
+            }
+        }
+        denials.insert(key, denial);
+    }
+
+    fn member(&self, seq: u64) -> String {
+        format!("{}:{seq}", self.inner.store.instance_id())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The arguments of one admission, owned by its round trip.
+struct Ask {
+    key: Key,
+    name: String,
+    tokens: u64,
+    spend: u64,
+    limits: StoreLimits,
+}
+
+impl RedisBudget {
+    /// The strict round trip: the script's verdict, or the fall-back when Redis cannot be
+    /// asked.
+    async fn ask(self, ask: Ask) -> StoreDecision {
+        let inner = &self.inner;
+        let c = &inner.config;
+        let l = &ask.limits;
+        let keys = self.keys_of(&ask.name);
+        let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
+        let member = if l.max_concurrent.is_some() {
+            self.member(seq)
+        } else {
+            String::new()
+        };
+        let spend = micro_up(ask.spend);
+        let args: [&dyn crate::ToRedisArgsDyn; 14] = [
+            &duration_us(c.minute),
+            &l.requests_per_minute.unwrap_or(0),
+            &c.request_burst,
+            &l.tokens_per_minute.unwrap_or(0),
+            &c.token_burst,
+            &ask.tokens,
+            &l.spend_per_hour.map_or(0, |n| n / 1000),
+            &l.spend_per_day.map_or(0, |n| n / 1000),
+            &spend,
+            &duration_ms(c.hour),
+            &duration_ms(c.day),
+            &l.max_concurrent.unwrap_or(0),
+            &member.as_str(),
+            &duration_ms(c.hold),
+        ];
+        let key_refs: [&str; 5] = [&keys[0], &keys[1], &keys[2], &keys[3], &keys[4]];
+        let started = Instant::now();
+        match inner
+            .store
+            .run::<Vec<i64>>(&inner.admit, &key_refs, &args)
+            .await
+        {
+            Ok(v) if v.first() == Some(&1) => StoreDecision::Admitted(StoreLease {
+                key: ask.key,
+                tokens: ask.tokens,
+                spend: ask.spend,
+                name: ask.name,
+                state: [
+                    seq << 2 | FROM_REDIS,
+                    v.get(1).copied().unwrap_or(0) as u64,
+                    v.get(2).copied().unwrap_or(0) as u64,
+                ],
+            }),
+            Ok(v) => {
+                let limit = limit_of(v.get(1).copied().unwrap_or(1));
+                let retry_ms = v.get(2).copied().unwrap_or(0);
+                let retry_after = (retry_ms >= 0).then(|| Duration::from_millis(retry_ms as u64));
+                if let Some(after) = retry_after.filter(|d| !d.is_zero()) {
+                    self.remember_denial(
+                        ask.key,
+                        Denial {
+                            until: started + after,
+                            limit,
+                            tokens: ask.tokens,
+                            spend: ask.spend,
+                        },
+                    );
+                }
+                StoreDecision::Refused { limit, retry_after }
+            }
+            Err(e) => {
+                if !e.is_outage() {
+                    tracing::warn!(target: "tower_ai::redis", error = %e, "budget script failed: deciding in-process");
+                }
+                self.fallback(&ask)
+            }
+        }
+    }
+
+    /// Decides in-process at the limits ÷ replicas (or refuses, for a fail-closed limit).
+    fn fallback(&self, ask: &Ask) -> StoreDecision {
+        let inner = &self.inner;
+        let l = &ask.limits;
+        let closed = inner.config.fail_closed;
+        let set = [
+            (
+                BudgetLimit::RequestsPerMinute,
+                l.requests_per_minute.is_some(),
+            ),
+            (BudgetLimit::TokensPerMinute, l.tokens_per_minute.is_some()),
+            (BudgetLimit::Concurrency, l.max_concurrent.is_some()),
+            (BudgetLimit::SpendPerHour, l.spend_per_hour.is_some()),
+            (BudgetLimit::SpendPerDay, l.spend_per_day.is_some()),
+        ];
+        if let Some((limit, _)) = set.iter().find(|(b, on)| *on && closed & bit(*b) != 0) {
+            return StoreDecision::Refused {
+                limit: *limit,
+                retry_after: Some(Duration::from_millis(500)),
+            };
+        }
+        let n = u64::from(inner.store.replicas().max(1));
+        let now = Instant::now();
+        match inner.local.admit(
+            ask.key,
+            &inner.config,
+            l,
+            n,
+            ask.tokens,
+            ask.spend,
+            now.saturating_duration_since(inner.epoch),
+        ) {
+            Ok(()) => StoreDecision::Admitted(StoreLease {
+                key: ask.key,
+                tokens: ask.tokens,
+                spend: ask.spend,
+                name: String::new(),
+                state: [FROM_LOCAL, 0, 0],
+            }),
+            Err((limit, retry_after)) => StoreDecision::Refused { limit, retry_after },
+        }
+    }
+}
+
+impl BudgetStore for RedisBudget {
+    fn admit(&self, limits: &StoreLimits, request: &StoreRequest<'_>) -> StoreAdmit {
+        // Larger than a whole limit: never, and no round trip to say so.
+        let never = |limit| {
+            StoreAdmit::Ready(StoreDecision::Refused {
+                limit,
+                retry_after: None,
+            })
+        };
+        if limits.tokens_per_minute.is_some_and(|n| request.tokens > n) {
+            return never(BudgetLimit::TokensPerMinute);
+        }
+        let spend = micro_up(request.spend);
+        if limits.spend_per_hour.is_some_and(|n| spend > n / 1000) {
+            return never(BudgetLimit::SpendPerHour);
+        }
+        if limits.spend_per_day.is_some_and(|n| spend > n / 1000) {
+            return never(BudgetLimit::SpendPerDay);
+        }
+        let now = Instant::now();
+        if let Some(refused) = self.cached_denial(request, now) {
+            return StoreAdmit::Ready(refused);
+        }
+        if let (Mode::Leased { fraction }, true) = (self.inner.config.mode, lease::applies(limits))
+        {
+            if let Some(d) = self.inner.leases.try_take(
+                request.key,
+                limits,
+                request.tokens,
+                now.saturating_duration_since(self.inner.epoch),
+            ) {
+                return StoreAdmit::Ready(d);
+            }
+            // No chunk left (or a limit that stays strict): a round trip.
+            let this = self.clone();
+            let ask = Ask {
+                key: request.key,
+                name: request.label(),
+                tokens: request.tokens,
+                spend: request.spend,
+                limits: *limits,
+            };
+            return StoreAdmit::Pending(Box::pin(this.refill(ask, fraction)));
+        }
+        let this = self.clone();
+        let ask = Ask {
+            key: request.key,
+            name: request.label(),
+            tokens: request.tokens,
+            spend: request.spend,
+            limits: *limits,
+        };
+        StoreAdmit::Pending(Box::pin(this.ask(ask)))
+    }
+
+    fn settle(&self, limits: &StoreLimits, lease: StoreLease, spent: Spent) {
+        let inner = &self.inner;
+        match lease.state[0] & 3 {
+            FROM_LOCAL => {
+                inner.local.settle(
+                    lease.key,
+                    limits,
+                    u64::from(inner.store.replicas().max(1)),
+                    &inner.config,
+                    lease.tokens,
+                    lease.spend,
+                    spent,
+                    Instant::now().saturating_duration_since(inner.epoch),
+                );
+                return;
+            }
+            FROM_LEASE => {
+                // Spent from a chunk (leased mode holds no concurrency or spend in
+                // Redis): settled in the chunk.
+                inner.leases.settle(&lease, spent);
+                return;
+            }
+            _ => {}
+        }
+        self.settle_in_redis(limits, lease, spent);
+    }
+}
+
+impl RedisBudget {
+    /// Sends the settlement of a request admitted by Redis, in the background.
+    fn settle_in_redis(&self, limits: &StoreLimits, lease: StoreLease, spent: Spent) {
+        let token_delta = if limits.tokens_per_minute.is_none() {
+            0
+        } else {
+            i128::from(spent.tokens) - i128::from(lease.tokens)
+        };
+        let spend_delta = if limits.spend_per_hour.is_none() && limits.spend_per_day.is_none() {
+            0
+        } else {
+            i128::from(micro_up(spent.spend)) - i128::from(micro_up(lease.spend))
+        };
+        let member = if limits.max_concurrent.is_some() {
+            self.member(lease.state[0] >> 2)
+        } else {
+            String::new()
+        };
+        if token_delta == 0 && spend_delta == 0 && member.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to send it from (a body dropped at shutdown): the place expires
+            // with its hold, the reservation stays counted.
+            return;
+        };
+        let this = self.clone();
+        let tpm = limits.tokens_per_minute.unwrap_or(0);
+        let (hour, day) = (lease.state[1], lease.state[2]);
+        runtime.spawn(async move {
+            let inner = &this.inner;
+            let keys = this.keys_of(&lease.name);
+            let key_refs: [&str; 5] = [&keys[0], &keys[1], &keys[2], &keys[3], &keys[4]];
+            let token_delta = token_delta.clamp(i64::MIN.into(), i64::MAX.into()) as i64;
+            let spend_delta = spend_delta.clamp(i64::MIN.into(), i64::MAX.into()) as i64;
+            let args: [&dyn crate::ToRedisArgsDyn; 7] = [
+                &duration_us(inner.config.minute),
+                &tpm,
+                &token_delta,
+                &spend_delta,
+                &hour,
+                &day,
+                &member.as_str(),
+            ];
+            // On an outage the settlement is lost: a place in flight expires with its
+            // hold, and the reservation stays counted (the safe side).
+            let _ = inner
+                .store
+                .run::<i64>(&inner.settle, &key_refs, &args)
+                .await;
+        });
+    }
+}

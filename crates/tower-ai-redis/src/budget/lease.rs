@@ -1,0 +1,273 @@
+//! Leased mode: each replica takes a chunk of a window's requests and tokens from Redis,
+//! spends it locally, and gives back what it has left when it takes the next one (or on
+//! [`RedisBudget::give_back`](super::RedisBudget::give_back)).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::Script;
+use tokio::time::Instant;
+use tower_ai_budget::{Spent, StoreDecision, StoreLease, StoreLimits};
+use tower_ai_core::keys::Key;
+
+use super::{duration_ms, limit_of, lock, Ask, Denial, RedisBudget, FROM_LEASE};
+
+/// Keys whose chunks are held at most (a key past it takes a round trip per request).
+const MAX_KEYS: usize = 10_000;
+
+pub(super) const LEASE: &str = include_str!("../scripts/budget_lease.lua");
+
+#[derive(Debug, Default)]
+pub(super) struct Leases {
+    chunks: Mutex<HashMap<Key, Chunk>>,
+}
+
+/// What this replica holds of one key's window.
+#[derive(Debug, Clone)]
+struct Chunk {
+    /// Redis's window index.
+    index: u64,
+    /// When the window ends, on this process's clock (since the budget's epoch).
+    ends: Duration,
+    requests: u64,
+    /// Tokens left; negative when usage came in over the estimates (a debt the next
+    /// chunk pays).
+    tokens: i64,
+    /// The key's shared name, to give the chunk back.
+    name: String,
+}
+
+/// Whether leased mode decides these limits (concurrency and spend caps stay strict).
+pub(super) fn applies(l: &StoreLimits) -> bool {
+    l.max_concurrent.is_none()
+        && l.spend_per_hour.is_none()
+        && l.spend_per_day.is_none()
+        && (l.requests_per_minute.is_some() || l.tokens_per_minute.is_some())
+}
+
+fn i64_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Leases {
+    /// Spends a request from the key's chunk, if it holds enough of this window.
+    pub(super) fn try_take(
+        &self,
+        key: Key,
+        l: &StoreLimits,
+        tokens: u64,
+        now: Duration,
+    ) -> Option<StoreDecision> {
+        let mut chunks = lock(&self.chunks);
+        let c = chunks.get_mut(&key)?;
+        if now >= c.ends {
+            return None;
+        }
+        let rpm = l.requests_per_minute.is_some();
+        let tpm = l.tokens_per_minute.is_some();
+        if (rpm && c.requests == 0) || (tpm && c.tokens < i64_of(tokens)) {
+            return None;
+        }
+        if rpm {
+            c.requests -= 1;
+        }
+        if tpm {
+            c.tokens -= i64_of(tokens);
+        }
+        Some(StoreDecision::Admitted(StoreLease {
+            key,
+            tokens,
+            spend: 0,
+            name: String::new(),
+            state: [FROM_LEASE, 0, c.index],
+        }))
+    }
+
+    /// Corrects the chunk of the request's window with its usage (a refund goes back into
+    /// the chunk, a charge comes out of it); a window already over is left alone.
+    pub(super) fn settle(&self, lease: &StoreLease, spent: Spent) {
+        let delta = i64_of(lease.tokens).saturating_sub(i64_of(spent.tokens));
+        if delta == 0 {
+            return;
+        }
+        let mut chunks = lock(&self.chunks);
+        if let Some(c) = chunks.get_mut(&lease.key) {
+            if c.index == lease.state[2] {
+                c.tokens = c.tokens.saturating_add(delta);
+            }
+        }
+    }
+}
+
+impl RedisBudget {
+    /// Takes a new chunk for `ask` (giving back what is left of the key's old one in the
+    /// same window) and spends the request from it; falls back in-process when Redis
+    /// cannot be asked.
+    pub(super) async fn refill(self, ask: Ask, fraction: f64) -> StoreDecision {
+        let inner = &self.inner;
+        let l = &ask.limits;
+        let chunk_of = |limit: Option<u64>| {
+            limit.map_or(0, |n| ((n as f64 * fraction).ceil() as u64).clamp(1, n))
+        };
+        let (back_index, back_requests, back_tokens) = {
+            let mut chunks = lock(&inner.leases.chunks);
+            match chunks.get_mut(&ask.key) {
+                Some(c) => {
+                    let back = (c.index, c.requests, c.tokens.max(0) as u64);
+                    c.requests = 0;
+                    c.tokens = c.tokens.min(0);
+                    back
+                }
+                None => (u64::MAX, 0, 0),
+            }
+        };
+        let keys = [
+            inner
+                .store
+                .key("budget:lease:rpm", &inner.config.tag, &ask.name),
+            inner
+                .store
+                .key("budget:lease:tpm", &inner.config.tag, &ask.name),
+        ];
+        // A debt from usage over the estimates is paid from the new chunk.
+        let debt = {
+            let chunks = lock(&inner.leases.chunks);
+            chunks
+                .get(&ask.key)
+                .map_or(0, |c| (-c.tokens).max(0) as u64)
+        };
+        let need = ask.tokens.saturating_add(debt);
+        let token_chunk = chunk_of(l.tokens_per_minute).max(need);
+        let args: [&dyn crate::ToRedisArgsDyn; 9] = [
+            &duration_ms(inner.config.minute),
+            &l.requests_per_minute.unwrap_or(0),
+            &chunk_of(l.requests_per_minute),
+            &l.tokens_per_minute.unwrap_or(0),
+            &token_chunk,
+            &if l.tokens_per_minute.is_some() {
+                need
+            } else {
+                0
+            },
+            &back_index,
+            &back_requests,
+            &back_tokens,
+        ];
+        let started = Instant::now();
+        let result = inner
+            .store
+            .run::<Vec<i64>>(lease_script(), &[&keys[0], &keys[1]], &args)
+            .await;
+        let v = match result {
+            Ok(v) => v,
+            Err(e) => {
+                if !e.is_outage() {
+                    tracing::warn!(target: "tower_ai::redis", error = %e, "lease script failed: deciding in-process");
+                }
+                return self.fallback(&ask);
+            }
+        };
+        let get = |i: usize| v.get(i).copied().unwrap_or(0);
+        if get(0) != 1 {
+            let limit = limit_of(get(1));
+            let retry_after = (get(2) >= 0).then(|| Duration::from_millis(get(2) as u64));
+            if let Some(after) = retry_after.filter(|d| !d.is_zero()) {
+                self.remember_denial(
+                    ask.key,
+                    Denial {
+                        until: started + after,
+                        limit,
+                        tokens: ask.tokens,
+                        spend: ask.spend,
+                    },
+                );
+            }
+            return StoreDecision::Refused { limit, retry_after };
+        }
+        let index = get(1) as u64;
+        let ends = started.saturating_duration_since(inner.epoch)
+            + Duration::from_millis(get(4).max(0) as u64);
+        let requests =
+            (get(2).max(0) as u64).saturating_sub(u64::from(l.requests_per_minute.is_some()));
+        let tokens = get(3).max(0).saturating_sub(i64_of(need));
+        let mut chunks = lock(&inner.leases.chunks);
+        if chunks.len() < MAX_KEYS || chunks.contains_key(&ask.key) {
+            let c = chunks.entry(ask.key).or_insert_with(|| Chunk {
+                index,
+                ends,
+                requests: 0,
+                tokens: 0,
+                name: ask.name.clone(),
+            });
+            if c.index != index {
+                c.requests = 0;
+                c.tokens = 0;
+            } else {
+                // The debt was paid from this chunk.
+                c.tokens = c.tokens.max(0);
+            }
+            c.index = index;
+            c.ends = ends;
+            // Two refills at once: both chunks are this replica's.
+            c.requests += requests;
+            c.tokens += tokens;
+        } else {
+            chunks.retain(|_, c| c.ends > ends.saturating_sub(Duration::from_secs(1)));
+        }
+        inner.seq.fetch_add(1, Ordering::Relaxed);
+        StoreDecision::Admitted(StoreLease {
+            key: ask.key,
+            tokens: ask.tokens,
+            spend: 0,
+            name: String::new(),
+            state: [FROM_LEASE, 0, index],
+        })
+    }
+
+    /// Gives back to Redis what this replica holds of every key's chunk in the current
+    /// window (call it before a replica stops, so its chunks are not lost for the rest of
+    /// their windows). Best effort: on an outage the chunks are lost with their windows.
+    pub async fn give_back(&self) {
+        let inner = &self.inner;
+        let held: Vec<(String, u64, u64, u64)> = {
+            let mut chunks = lock(&inner.leases.chunks);
+            chunks
+                .drain()
+                .map(|(_, c)| (c.name, c.index, c.requests, c.tokens.max(0) as u64))
+                .collect()
+        };
+        for (name, index, requests, tokens) in held {
+            let keys = [
+                inner
+                    .store
+                    .key("budget:lease:rpm", &inner.config.tag, &name),
+                inner
+                    .store
+                    .key("budget:lease:tpm", &inner.config.tag, &name),
+            ];
+            // Nothing taken: limits 0, so only the give-back runs.
+            let args: [&dyn crate::ToRedisArgsDyn; 9] = [
+                &duration_ms(inner.config.minute),
+                &0u64,
+                &0u64,
+                &0u64,
+                &0u64,
+                &0u64,
+                &index,
+                &requests,
+                &tokens,
+            ];
+            let _ = inner
+                .store
+                .run::<Vec<i64>>(lease_script(), &[&keys[0], &keys[1]], &args)
+                .await;
+        }
+    }
+}
+
+fn lease_script() -> &'static Script {
+    static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| Script::new(LEASE))
+}

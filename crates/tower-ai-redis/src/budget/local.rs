@@ -1,0 +1,262 @@
+//! The in-process fall-back of [`RedisBudget`](super::RedisBudget) while Redis cannot be
+//! asked: the same algorithms as the scripts, on this process's clock, at each limit
+//! divided by the number of replicas.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tower_ai_budget::{Spent, StoreLimits};
+use tower_ai_core::keys::Key;
+use tower_ai_core::BudgetLimit;
+
+use super::{lock, micro_up, RedisBudgetBuilder};
+
+/// Keys held at most; past it, keys with nothing to lose are forgotten, and a new key
+/// that still finds no room shares the overflow state.
+const MAX_KEYS: usize = 10_000;
+
+#[derive(Debug, Default)]
+pub(super) struct Local {
+    keys: Mutex<Keys>,
+}
+
+#[derive(Debug, Default)]
+struct Keys {
+    map: HashMap<Key, State>,
+    overflow: State,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct State {
+    /// GCRA arrival times, microseconds since the budget's epoch.
+    rpm_tat: f64,
+    tpm_tat: f64,
+    /// Calendar windows of this process's clock: (index, micro-units used).
+    hour: (u64, u64),
+    day: (u64, u64),
+    in_flight: u32,
+}
+
+impl State {
+    fn idle(&self, now: f64) -> bool {
+        self.in_flight == 0 && self.rpm_tat <= now && self.tpm_tat <= now
+    }
+}
+
+/// One GCRA step (see `budget_admit.lua`): the new arrival time, or the refusal
+/// (`None`: never fits).
+pub(crate) fn gcra(
+    tat: f64,
+    now: f64,
+    window_us: f64,
+    limit: u64,
+    burst: u64,
+    cost: u64,
+) -> Result<f64, Option<Duration>> {
+    if limit == 0 || cost == 0 {
+        return Ok(tat);
+    }
+    if cost > limit {
+        return Err(None);
+    }
+    let t = window_us / limit as f64;
+    let new_tat = tat.max(now) + cost as f64 * t;
+    let room = burst.max(cost) as f64 * t;
+    if new_tat - now > room {
+        let wait_us = (new_tat - now - room).ceil();
+        return Err(Some(Duration::from_micros(wait_us as u64)));
+    }
+    Ok(new_tat)
+}
+
+fn share(limit: u64, n: u64) -> u64 {
+    (limit / n.max(1)).max(1)
+}
+
+impl Local {
+    /// Admits a request at the limits ÷ `n`, or says which limit refused it and when it
+    /// may fit.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn admit(
+        &self,
+        key: Key,
+        c: &RedisBudgetBuilder,
+        l: &StoreLimits,
+        n: u64,
+        tokens: u64,
+        spend_nanos: u64,
+        since_epoch: Duration,
+    ) -> Result<(), (BudgetLimit, Option<Duration>)> {
+        let now = since_epoch.as_micros() as f64;
+        let now_ms = since_epoch.as_millis() as u64;
+        let window = c.minute.as_micros() as f64;
+        let mut keys = lock(&self.keys);
+        let keys = &mut *keys;
+        if keys.map.len() >= MAX_KEYS && !keys.map.contains_key(&key) {
+            keys.map.retain(|_, s| !s.idle(now));
+        }
+        let st = if keys.map.len() < MAX_KEYS || keys.map.contains_key(&key) {
+            keys.map.entry(key).or_default()
+        } else {
+            &mut keys.overflow
+        };
+        let rpm = match l.requests_per_minute {
+            Some(limit) => gcra(
+                st.rpm_tat,
+                now,
+                window,
+                share(limit, n),
+                c.request_burst / n,
+                1,
+            )
+            .map_err(|e| (BudgetLimit::RequestsPerMinute, e))?,
+            None => st.rpm_tat,
+        };
+        let tpm = match l.tokens_per_minute {
+            Some(limit) => gcra(
+                st.tpm_tat,
+                now,
+                window,
+                share(limit, n),
+                c.token_burst / n,
+                tokens,
+            )
+            .map_err(|e| (BudgetLimit::TokensPerMinute, e))?,
+            None => st.tpm_tat,
+        };
+        if let Some(max) = l.max_concurrent {
+            if u64::from(st.in_flight) >= share(u64::from(max), n) {
+                return Err((BudgetLimit::Concurrency, Some(Duration::ZERO)));
+            }
+        }
+        let cost = micro_up(spend_nanos);
+        let hour_ms = c.hour.as_millis().max(1) as u64;
+        let day_ms = c.day.as_millis().max(1) as u64;
+        let windows = [
+            (
+                l.spend_per_hour,
+                hour_ms,
+                st.hour,
+                BudgetLimit::SpendPerHour,
+            ),
+            (l.spend_per_day, day_ms, st.day, BudgetLimit::SpendPerDay),
+        ];
+        let mut used = [st.hour, st.day];
+        for (i, (cap, length, (index, spent), limit)) in windows.into_iter().enumerate() {
+            let Some(cap) = cap else { continue };
+            let cap = share(cap / 1000, n);
+            let now_index = now_ms / length;
+            let spent = if index == now_index { spent } else { 0 };
+            if cost > cap {
+                return Err((limit, None));
+            }
+            if spent + cost > cap {
+                let left = (now_index + 1) * length - now_ms;
+                return Err((limit, Some(Duration::from_millis(left))));
+            }
+            used[i] = (now_index, spent + cost);
+        }
+        st.rpm_tat = rpm;
+        st.tpm_tat = tpm;
+        st.hour = used[0];
+        st.day = used[1];
+        if l.max_concurrent.is_some() {
+            st.in_flight += 1;
+        }
+        Ok(())
+    }
+
+    /// Settles a request this fall-back admitted.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn settle(
+        &self,
+        key: Key,
+        l: &StoreLimits,
+        n: u64,
+        c: &RedisBudgetBuilder,
+        tokens: u64,
+        spend_nanos: u64,
+        spent: Spent,
+        since_epoch: Duration,
+    ) {
+        let now = since_epoch.as_micros() as f64;
+        let mut keys = lock(&self.keys);
+        let keys = &mut *keys;
+        let st = match keys.map.get_mut(&key) {
+            Some(st) => st,
+            None => &mut keys.overflow,
+        };
+        if let Some(limit) = l.tokens_per_minute {
+            let t = c.minute.as_micros() as f64 / share(limit, n) as f64;
+            let delta = spent.tokens as f64 - tokens as f64;
+            if delta > 0.0 {
+                st.tpm_tat = st.tpm_tat.max(now) + delta * t;
+            } else {
+                st.tpm_tat += delta * t;
+            }
+        }
+        let delta = micro_up(spent.spend) as i128 - micro_up(spend_nanos) as i128;
+        for w in [&mut st.hour, &mut st.day] {
+            w.1 = (w.1 as i128 + delta).max(0) as u64;
+        }
+        if l.max_concurrent.is_some() {
+            st.in_flight = st.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: f64 = 60_000_000.0;
+
+    #[test]
+    fn gcra_admits_the_burst_then_paces_at_the_limit() {
+        // 60 a minute (one a second), burst 3: 3 at once, then one a second.
+        let mut tat = 0.0;
+        let mut admitted = 0;
+        for _ in 0..10 {
+            if let Ok(t) = gcra(tat, 0.0, W, 60, 3, 1) {
+                tat = t;
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 3);
+        assert_eq!(
+            gcra(tat, 0.0, W, 60, 3, 1),
+            Err(Some(Duration::from_secs(1)))
+        );
+        assert!(gcra(tat, 1_000_000.0, W, 60, 3, 1).is_ok());
+        // Over any minute: at most limit + burst.
+        let (mut tat, mut n) = (0.0, 0);
+        for ms in 0..60_000u64 {
+            if let Ok(t) = gcra(tat, ms as f64 * 1000.0, W, 60, 3, 1) {
+                tat = t;
+                n += 1;
+            }
+        }
+        assert!(n <= 63, "{n}");
+        assert!(n >= 62, "{n}");
+    }
+
+    #[test]
+    fn gcra_takes_a_request_as_large_as_the_limit_when_idle_and_never_a_larger_one() {
+        assert!(gcra(0.0, 0.0, W, 1000, 0, 1000).is_ok());
+        assert_eq!(gcra(0.0, 0.0, W, 1000, 0, 1001), Err(None));
+        // After it, a request larger than the burst waits for the key to be idle again,
+        // as the in-process sliding window waits for the first one to leave it.
+        let tat = gcra(0.0, 0.0, W, 1000, 0, 1000).unwrap();
+        assert_eq!(
+            gcra(tat, 0.0, W, 1000, 0, 500),
+            Err(Some(Duration::from_secs(60)))
+        );
+        // With a burst of 500, half a minute after it.
+        assert_eq!(
+            gcra(tat, 0.0, W, 1000, 500, 500),
+            Err(Some(Duration::from_secs(60)))
+        );
+        assert!(gcra(tat, 60_000_000.0, W, 1000, 500, 500).is_ok());
+    }
+}

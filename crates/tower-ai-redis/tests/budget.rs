@@ -1,0 +1,362 @@
+//! RedisBudget's scripts against a real `redis-server` (started by the test; skipped
+//! locally without one, a failure in CI): the arithmetic of each limit, the denial cache,
+//! the fall-back while Redis is down, fail-closed limits and leased chunks. Real time, in
+//! short windows.
+
+use std::time::{Duration, Instant};
+
+use tower_ai_budget::{
+    BudgetStore, Spent, StoreAdmit, StoreDecision, StoreLease, StoreLimits, StoreRequest,
+};
+use tower_ai_core::keys::Key;
+use tower_ai_core::BudgetLimit;
+use tower_ai_redis::testing::RedisServer;
+use tower_ai_redis::{RedisBudget, RedisStore};
+
+const MS: Duration = Duration::from_millis(1);
+
+fn limits(f: impl FnOnce(&mut StoreLimits)) -> StoreLimits {
+    let mut l = StoreLimits::default();
+    f(&mut l);
+    l
+}
+
+/// Asks the budget; `true` in the answer when it needed a round trip.
+async fn ask(
+    b: &RedisBudget,
+    l: &StoreLimits,
+    name: &str,
+    tokens: u64,
+    spend: u64,
+) -> (StoreDecision, bool) {
+    let label = || name.to_owned();
+    let request = StoreRequest::new(Key::of(name), tokens, spend, &label);
+    match b.admit(l, &request) {
+        StoreAdmit::Ready(d) => (d, false),
+        StoreAdmit::Pending(f) => (f.await, true),
+    }
+}
+
+fn admitted(d: StoreDecision) -> StoreLease {
+    match d {
+        StoreDecision::Admitted(lease) => lease,
+        other => panic!("expected admitted, got {other:?}"),
+    }
+}
+
+fn refused(d: StoreDecision) -> (BudgetLimit, Option<Duration>) {
+    match d {
+        StoreDecision::Refused { limit, retry_after } => (limit, retry_after),
+        other => panic!("expected refused, got {other:?}"),
+    }
+}
+
+/// Waits until the background settlement has reached Redis.
+async fn settled() {
+    tokio::time::sleep(20 * MS).await;
+}
+
+#[tokio::test]
+async fn requests_per_minute_admit_the_burst_then_the_pace_and_cache_the_denial() {
+    let Some(server) = RedisServer::start_or_skip("rpm gcra") else {
+        return;
+    };
+    // 10 per 2 s window (one per 200 ms), burst 3.
+    let b = RedisBudget::builder(server.store())
+        .minute(Duration::from_secs(2))
+        .burst(3, 0)
+        .build();
+    let l = limits(|l| l.requests_per_minute = Some(10));
+    let mut ok = 0;
+    for _ in 0..3 {
+        admitted(ask(&b, &l, "k", 0, 0).await.0);
+        ok += 1;
+    }
+    let (d, trip) = ask(&b, &l, "k", 0, 0).await;
+    assert!(trip);
+    let (limit, retry) = refused(d);
+    assert_eq!(limit, BudgetLimit::RequestsPerMinute);
+    let retry = retry.unwrap();
+    assert!(retry > Duration::ZERO && retry <= 200 * MS, "{retry:?}");
+    // Known now: refused again without a round trip.
+    let (d, trip) = ask(&b, &l, "k", 0, 0).await;
+    assert!(!trip, "a cached denial costs no round trip");
+    refused(d);
+    // Over the next window: the pace, so at most limit + burst in any 2 s.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        if let StoreDecision::Admitted(_) = ask(&b, &l, "k", 0, 0).await.0 {
+            ok += 1;
+        }
+        tokio::time::sleep(5 * MS).await;
+    }
+    assert!(ok <= 10 + 3, "{ok} in one window");
+    assert!(ok >= 11, "{ok}: the pace admits one per 200 ms");
+    // Another key is not held back.
+    admitted(ask(&b, &l, "other", 0, 0).await.0);
+}
+
+#[tokio::test]
+async fn tokens_are_reserved_then_refunded_or_charged_at_settlement() {
+    let Some(server) = RedisServer::start_or_skip("tpm gcra") else {
+        return;
+    };
+    let b = RedisBudget::builder(server.store())
+        .minute(Duration::from_secs(60))
+        .burst(0, 1000)
+        .build();
+    let l = limits(|l| l.tokens_per_minute = Some(1000));
+    let first = admitted(ask(&b, &l, "t", 600, 0).await.0);
+    let (limit, retry) = refused(ask(&b, &l, "t", 600, 0).await.0);
+    assert_eq!(limit, BudgetLimit::TokensPerMinute);
+    // 200 tokens over the room of 1000, at 60 ms a token: 12 s.
+    let retry = retry.unwrap();
+    assert!(
+        retry > Duration::from_millis(11_900) && retry <= Duration::from_secs(12),
+        "{retry:?}"
+    );
+    // A smaller request is not held by the cached denial of the larger one.
+    admitted(ask(&b, &l, "t", 100, 0).await.0);
+    // The first used 100 of its 600: 500 refunded, and 600 fits again (700 of 1000).
+    b.settle(&l, first, Spent::new(100, 0));
+    settled().await;
+    let b2 = RedisBudget::builder(server.store())
+        .minute(Duration::from_secs(60))
+        .burst(0, 1000)
+        .build();
+    let second = admitted(ask(&b2, &l, "t", 250, 0).await.0);
+    // A request that used more than it reserved is charged the difference: 250 + 100.
+    b2.settle(&l, second, Spent::new(350, 0));
+    settled().await;
+    // Used: 100 + 100 + 350 = 550 of 1000.
+    admitted(ask(&b2, &l, "t", 400, 0).await.0);
+    let (limit, _) = refused(ask(&b2, &l, "t", 100, 0).await.0);
+    assert_eq!(limit, BudgetLimit::TokensPerMinute, "950 of 1000 used");
+    // Larger than the whole limit: never.
+    assert_eq!(
+        refused(ask(&b2, &l, "t", 1001, 0).await.0),
+        (BudgetLimit::TokensPerMinute, None)
+    );
+}
+
+#[tokio::test]
+async fn spend_is_counted_in_calendar_windows_of_micro_units() {
+    let Some(server) = RedisServer::start_or_skip("spend windows") else {
+        return;
+    };
+    let b = RedisBudget::builder(server.store()).build();
+    // $0.001 an hour = 1,000,000 nano-units = 1,000 micro-units.
+    let l = limits(|l| l.spend_per_hour = Some(1_000_000));
+    let first = admitted(ask(&b, &l, "s", 0, 600_000).await.0);
+    let (limit, retry) = refused(ask(&b, &l, "s", 0, 400_001).await.0);
+    assert_eq!(limit, BudgetLimit::SpendPerHour);
+    // The rest of the calendar hour on Redis's clock.
+    let retry = retry.unwrap();
+    assert!(
+        retry <= Duration::from_secs(3600) && retry > Duration::ZERO,
+        "{retry:?}"
+    );
+    b.settle(&l, first, Spent::new(0, 100_000));
+    settled().await;
+    // 100 used: 900 more fit (the cached denial was for a larger request).
+    let b = RedisBudget::builder(server.store()).build();
+    admitted(ask(&b, &l, "s", 0, 900_000).await.0);
+    assert_eq!(
+        refused(ask(&b, &l, "s", 0, 1_000).await.0).0,
+        BudgetLimit::SpendPerHour
+    );
+    assert_eq!(
+        refused(ask(&b, &l, "s", 0, 1_000_001).await.0),
+        (BudgetLimit::SpendPerHour, None)
+    );
+
+    // A short "hour" for the window's end: the cap comes back with the next window.
+    let b = RedisBudget::builder(server.store())
+        .spend_windows(Duration::from_millis(300), Duration::from_secs(86_400))
+        .build();
+    admitted(ask(&b, &l, "w", 0, 1_000_000).await.0);
+    let (_, retry) = refused(ask(&b, &l, "w", 0, 1_000).await.0);
+    tokio::time::sleep(retry.unwrap() + 5 * MS).await;
+    admitted(ask(&b, &l, "w", 0, 1_000).await.0);
+}
+
+#[tokio::test]
+async fn concurrency_is_an_expiring_semaphore() {
+    let Some(server) = RedisServer::start_or_skip("semaphore") else {
+        return;
+    };
+    let b = RedisBudget::builder(server.store())
+        .hold(Duration::from_millis(300))
+        .build();
+    let l = limits(|l| l.max_concurrent = Some(2));
+    let one = admitted(ask(&b, &l, "c", 0, 0).await.0);
+    let _two = admitted(ask(&b, &l, "c", 0, 0).await.0);
+    assert_eq!(
+        refused(ask(&b, &l, "c", 0, 0).await.0).0,
+        BudgetLimit::Concurrency
+    );
+    // Concurrency denials are not cached: a settlement frees a place at once.
+    b.settle(&l, one, Spent::default());
+    settled().await;
+    let _three = admitted(ask(&b, &l, "c", 0, 0).await.0);
+    assert_eq!(
+        refused(ask(&b, &l, "c", 0, 0).await.0).0,
+        BudgetLimit::Concurrency
+    );
+    // Never settled (their replica died): the places come back after the hold.
+    tokio::time::sleep(Duration::from_millis(320)).await;
+    admitted(ask(&b, &l, "c", 0, 0).await.0);
+    admitted(ask(&b, &l, "c", 0, 0).await.0);
+}
+
+#[tokio::test]
+async fn with_redis_down_each_replica_decides_at_its_share_and_fail_closed_limits_refuse() {
+    let Some(mut server) = RedisServer::start_or_skip("fall-back") else {
+        return;
+    };
+    let store = RedisStore::builder().replicas(4).build(server.client());
+    let b = RedisBudget::builder(store.clone())
+        .minute(Duration::from_secs(60))
+        .build();
+    let l = limits(|l| l.requests_per_minute = Some(40));
+    admitted(ask(&b, &l, "f", 0, 0).await.0);
+    server.kill();
+    // 40 a minute over 4 replicas: 10 here, burst 0: one at once, then one per 6 s.
+    let started = Instant::now();
+    admitted(ask(&b, &l, "f", 0, 0).await.0);
+    assert!(
+        started.elapsed() < 25 * MS,
+        "the fall-back took {:?}",
+        started.elapsed()
+    );
+    assert!(store.is_degraded());
+    let (limit, retry) = refused(ask(&b, &l, "f", 0, 0).await.0);
+    assert_eq!(limit, BudgetLimit::RequestsPerMinute);
+    assert!(retry.unwrap() > Duration::from_secs(5), "{retry:?}");
+
+    // A fail-closed cap refuses while Redis is down.
+    let closed = RedisBudget::builder(store.clone())
+        .fail_closed(BudgetLimit::SpendPerDay)
+        .build();
+    let l = limits(|l| l.spend_per_day = Some(1_000_000_000));
+    let started = Instant::now();
+    assert_eq!(
+        refused(ask(&closed, &l, "d", 0, 1_000).await.0).0,
+        BudgetLimit::SpendPerDay
+    );
+    assert!(started.elapsed() < 25 * MS, "{:?}", started.elapsed());
+
+    // Back: shared again, without a new budget or store.
+    server.restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        tokio::time::sleep(50 * MS).await;
+        if let StoreDecision::Admitted(_) = ask(&closed, &l, "d", 0, 1_000).await.0 {
+            if !store.is_degraded() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "redis not used again");
+    }
+}
+
+#[tokio::test]
+async fn leased_chunks_are_spent_locally_and_never_exceed_the_window() {
+    let Some(server) = RedisServer::start_or_skip("leases") else {
+        return;
+    };
+    // Two replicas, 100 a 60 s window in chunks of 10.
+    let a = RedisBudget::builder(server.store())
+        .minute(Duration::from_secs(60))
+        .leased(0.1)
+        .build();
+    let b = RedisBudget::builder(server.store())
+        .minute(Duration::from_secs(60))
+        .leased(0.1)
+        .build();
+    let l = limits(|l| l.requests_per_minute = Some(100));
+    let (d, trip) = ask(&a, &l, "L", 0, 0).await;
+    admitted(d);
+    assert!(trip, "the first request takes a chunk");
+    for _ in 0..9 {
+        let (d, trip) = ask(&a, &l, "L", 0, 0).await;
+        admitted(d);
+        assert!(!trip, "spent from the chunk");
+    }
+    assert!(
+        ask(&a, &l, "L", 0, 0).await.1,
+        "the chunk is spent: another one"
+    );
+    let mut total = 11;
+    for i in 0..200 {
+        let replica = if i % 2 == 0 { &a } else { &b };
+        if let StoreDecision::Admitted(_) = ask(replica, &l, "L", 0, 0).await.0 {
+            total += 1;
+        }
+    }
+    assert!(total <= 100, "{total} admitted in one window of 100");
+    assert!(
+        total >= 100 - 2 * 10,
+        "{total}: at most one chunk per replica unused"
+    );
+    // The window's count in Redis never passes the limit.
+    let mut conn = server
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*lease:rpm*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for k in keys {
+        let used: u64 = redis::cmd("GET")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(used <= 100, "{k}: {used}");
+    }
+}
+
+#[tokio::test]
+async fn leased_tokens_are_reconciled_in_the_chunk_and_given_back() {
+    let Some(server) = RedisServer::start_or_skip("lease tokens") else {
+        return;
+    };
+    let a = RedisBudget::builder(server.store())
+        .minute(Duration::from_secs(60))
+        .leased(0.1)
+        .build();
+    let l = limits(|l| l.tokens_per_minute = Some(10_000));
+    // A chunk of 1,000 tokens: 5 requests of 200.
+    let first = admitted(ask(&a, &l, "T", 200, 0).await.0);
+    for _ in 0..4 {
+        assert!(!ask(&a, &l, "T", 200, 0).await.1);
+    }
+    assert!(ask(&a, &l, "T", 200, 0).await.1, "chunk spent");
+    // The first used 50: 150 back into the chunk, so 150 more without a round trip.
+    a.settle(&l, first, Spent::new(50, 0));
+    let (d, trip) = ask(&a, &l, "T", 150, 0).await;
+    admitted(d);
+    assert!(!trip);
+    a.give_back().await;
+    let mut conn = server
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*lease:tpm*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let used: u64 = redis::cmd("GET")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Two chunks of 1,000 taken, 1,000 + 200 + 150 - 150 refund... what is left given back.
+    assert!(used < 2_000, "{used}: the unused part came back");
+}
