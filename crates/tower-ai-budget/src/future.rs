@@ -83,6 +83,8 @@ impl Reserved {
             Held::Store(lease, price) => {
                 if let (Some(lease), Some(stored)) = (lease.take(), &self.budget.limits.store) {
                     let spent = spent(&lease, price, end);
+                    #[cfg(feature = "metrics")]
+                    crate::meter::settled(lease.tokens, spent.tokens, spent.spend);
                     stored.store.settle(&stored.limits, lease, spent);
                 }
             }
@@ -333,6 +335,8 @@ pub(crate) struct StoreWait<S, ReqB> {
     deadline: Option<Instant>,
     pending: Option<Pin<Box<dyn Future<Output = StoreDecision> + Send>>>,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// Refused once and waiting (reported as a wait).
+    waited: bool,
 }
 
 /// When a request the store refused for `retry_after` asks again, if it waits: not after
@@ -361,9 +365,9 @@ impl<S, ReqB> StoreWait<S, ReqB> {
         deadline: Option<Instant>,
         next: Result<Pin<Box<dyn Future<Output = StoreDecision> + Send>>, Instant>,
     ) -> Self {
-        let (pending, sleep) = match next {
-            Ok(fut) => (Some(fut), None),
-            Err(at) => (None, Some(Box::pin(tokio::time::sleep_until(at)))),
+        let (pending, sleep, waited) = match next {
+            Ok(fut) => (Some(fut), None, false),
+            Err(at) => (None, Some(Box::pin(tokio::time::sleep_until(at))), true),
         };
         StoreWait {
             req: Some(req),
@@ -377,6 +381,7 @@ impl<S, ReqB> StoreWait<S, ReqB> {
             deadline,
             pending,
             sleep,
+            waited,
         }
     }
 
@@ -448,7 +453,11 @@ impl<S, ReqB> StoreWait<S, ReqB> {
         match decision {
             StoreDecision::Admitted(lease) => {
                 let now = Instant::now();
-                if now > self.started {
+                if !self.waited {
+                    // Only a round trip: admitted at once, as far as the caller can tell.
+                    #[cfg(feature = "metrics")]
+                    crate::meter::admitted(None);
+                } else {
                     emit(
                         &*self.listener,
                         BudgetEvent::Admitted {
@@ -466,6 +475,16 @@ impl<S, ReqB> StoreWait<S, ReqB> {
             StoreDecision::Refused { limit, retry_after } => {
                 match retry_at(Instant::now(), self.deadline, retry_after) {
                     Some(at) => {
+                        if !self.waited {
+                            self.waited = true;
+                            emit(
+                                &*self.listener,
+                                BudgetEvent::Waiting {
+                                    key: self.key,
+                                    limit,
+                                },
+                            );
+                        }
                         self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
                         None
                     }

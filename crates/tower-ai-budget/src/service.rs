@@ -258,6 +258,8 @@ impl<S, K, L> TokenBudget<S, K, L> {
         };
         let next = match admit {
             StoreAdmit::Ready(StoreDecision::Admitted(lease)) => {
+                #[cfg(feature = "metrics")]
+                crate::meter::admitted(None);
                 let guard = Guard::stored(&self.budget, lease, cost.price);
                 return ResponseFuture::called(self.inner.call(req), Some(guard), (dialect, None));
             }
