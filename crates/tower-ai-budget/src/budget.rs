@@ -325,6 +325,53 @@ pub(crate) struct Soft {
     pub(crate) max: u64,
 }
 
+/// How long a request waits for the budget, and what its caller's deadline says.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Patience {
+    /// When it stops waiting: the earlier of `max_wait` from its call and `serve_by`.
+    pub(crate) give_up: Instant,
+    /// Its [`Deadline`](tower_ai_core::Deadline) less the expected service time, if it
+    /// carries one: the last start that can still be answered in time.
+    pub(crate) serve_by: Option<Instant>,
+    /// Its `Deadline`, if it carries one.
+    pub(crate) deadline: Option<Instant>,
+}
+
+impl Patience {
+    /// The patience of a request called at `now`: `max_wait`, its deadline and the
+    /// expected service time.
+    pub(crate) fn new(
+        now: Instant,
+        max_wait: Duration,
+        deadline: Option<Instant>,
+        expected_service: Duration,
+    ) -> Self {
+        let own = now.checked_add(max_wait).unwrap_or(now);
+        let serve_by = deadline.map(|d| d.checked_sub(expected_service).unwrap_or(now).max(now));
+        Patience {
+            give_up: serve_by.map_or(own, |s| own.min(s)),
+            serve_by,
+            deadline,
+        }
+    }
+
+    /// The `retry_after` of a refusal, for a request that would fit at `at` (`None`: not
+    /// known). When it would fit too late for its caller's deadline, the wait runs at
+    /// least to that deadline: no retry before it could be answered in time, so a retry
+    /// layer that honours deadlines (AiRetry) stops instead of waiting for a slot it
+    /// cannot use. Later than when capacity comes by at most the expected service time.
+    pub(crate) fn retry_after(&self, at: Option<Instant>, now: Instant) -> Duration {
+        let Some(at) = at else {
+            return Duration::ZERO;
+        };
+        let at = match (self.serve_by, self.deadline) {
+            (Some(s), Some(d)) if at >= s => at.max(d),
+            _ => at,
+        };
+        at.saturating_duration_since(now)
+    }
+}
+
 /// The verdict on a request.
 #[derive(Debug)]
 pub(crate) enum Decision {
@@ -397,6 +444,30 @@ struct KeyState {
 struct Ticket {
     id: u64,
     waker: Option<Waker>,
+    /// What it will take of the token and money windows (for the predicted start of
+    /// those behind it).
+    tokens: u64,
+    spend: u64,
+}
+
+impl Ticket {
+    fn new(id: u64, waker: Option<&Waker>, cost: &Cost) -> Self {
+        Ticket {
+            id,
+            waker: waker.cloned(),
+            tokens: cost.tokens,
+            spend: cost.spend,
+        }
+    }
+
+    /// What it takes of `limit`.
+    fn amount(&self, limit: BudgetLimit) -> u64 {
+        match limit {
+            BudgetLimit::RequestsPerMinute => 1,
+            BudgetLimit::TokensPerMinute => self.tokens,
+            _ => self.spend,
+        }
+    }
 }
 
 /// Bits of [`KeyState::kinds`].
@@ -674,8 +745,8 @@ impl Budget {
 
     /// Decides on a request on the locked path: see [`Decision`]. `ticket` is the
     /// caller's place in the queue once it has one; `waker` is woken when it may fit;
-    /// `deadline` is when a waiting caller gives up (`None` in reject mode); `cache`, if
-    /// given, is pointed at the key's fast-path state.
+    /// `patience` says when a waiting caller gives up (`None` in reject mode); `cache`,
+    /// if given, is pointed at the key's fast-path state.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn try_admit(
         &self,
@@ -684,7 +755,7 @@ impl Budget {
         now: Instant,
         ticket: Option<u64>,
         waker: Option<&Waker>,
-        deadline: Option<Instant>,
+        patience: Option<Patience>,
         cache: Option<&mut Cached>,
     ) -> Decision {
         let secs = self.secs(now);
@@ -721,6 +792,9 @@ impl Budget {
             }
             let queued_before = st.queue.len();
             let room = st.queue.len() < l.max_waiters_per_key && keys.waiters < l.max_waiters;
+            // A new request behind others is refused at once when its predicted start
+            // is after it gives up.
+            let late = patience.map(|p| p.give_up.saturating_duration_since(self.epoch));
             let decision = decide(
                 st,
                 l,
@@ -729,6 +803,7 @@ impl Budget {
                 ticket,
                 waker,
                 room,
+                late,
                 &mut keys.next_ticket,
                 &mut to_wake,
             );
@@ -764,15 +839,22 @@ impl Budget {
                     limit,
                     retry_after: Some(Duration::ZERO),
                 },
+                Verdict::Late { limit, at } => Decision::Reject {
+                    limit,
+                    retry_after: Some(patience.map_or(Duration::ZERO, |p| {
+                        p.retry_after(Some(self.instant(at)), now)
+                    })),
+                },
                 Verdict::Blocked { limit, at } => {
                     let until = at.map(|s| self.instant(s));
                     let retry_after = Some(until.map_or(Duration::ZERO, |u| u - now));
-                    match (l.when_full, deadline) {
+                    match (l.when_full, patience) {
                         (WhenFull::Reject, _) | (_, None) => {
                             Decision::Reject { limit, retry_after }
                         }
-                        (WhenFull::Wait { .. }, Some(deadline)) => {
-                            if until.is_some_and(|u| u > deadline) {
+                        (WhenFull::Wait { .. }, Some(patience)) => {
+                            let retry_after = Some(patience.retry_after(until, now));
+                            if until.is_some_and(|u| u > patience.give_up) {
                                 // It cannot fit before its deadline: no point waiting.
                                 if let Some(id) = ticket {
                                     st.queue.retain(|t| t.id != id);
@@ -792,10 +874,11 @@ impl Budget {
                                     }
                                     None => {
                                         keys.next_ticket += 1;
-                                        st.queue.push_back(Ticket {
-                                            id: keys.next_ticket,
-                                            waker: waker.cloned(),
-                                        });
+                                        st.queue.push_back(Ticket::new(
+                                            keys.next_ticket,
+                                            waker,
+                                            cost,
+                                        ));
                                         keys.next_ticket
                                     }
                                 };
@@ -1048,6 +1131,12 @@ enum Verdict {
     Full {
         limit: BudgetLimit,
     },
+    /// It would queue, but it would reach the head and fit only at second `at`, after it
+    /// gives up.
+    Late {
+        limit: BudgetLimit,
+        at: u64,
+    },
     Blocked {
         limit: BudgetLimit,
         at: Option<u64>,
@@ -1064,6 +1153,7 @@ fn decide(
     ticket: Option<u64>,
     waker: Option<&Waker>,
     room: bool,
+    late: Option<Duration>,
     next_ticket: &mut u64,
     to_wake: &mut Option<Waker>,
 ) -> Verdict {
@@ -1101,11 +1191,17 @@ fn decide(
                 }
             }
             None => {
+                if let Some(late) = late {
+                    if let Some((limit, at)) = predicted_start(st, cost, secs) {
+                        // At its give-up time exactly is too late: the timer that ends
+                        // its wait may fire before the one that admits those ahead of it.
+                        if Duration::from_secs(at) >= late {
+                            return Verdict::Late { limit, at };
+                        }
+                    }
+                }
                 *next_ticket += 1;
-                st.queue.push_back(Ticket {
-                    id: *next_ticket,
-                    waker: waker.cloned(),
-                });
+                st.queue.push_back(Ticket::new(*next_ticket, waker, cost));
                 *next_ticket
             }
         };
@@ -1173,6 +1269,38 @@ fn decide(
         *to_wake = st.head_waker();
     }
     Verdict::Admit(soft)
+}
+
+/// When a new request would start behind the key's queue, as the windows tell it: the
+/// latest of each window's [`Window::start_of`] for the queue's costs then its own, and
+/// the window that decides it. `None` when no window is short (a concurrency limit alone
+/// tells no time). Amortised over a call that queues: O(queue + slots) per window.
+fn predicted_start(st: &KeyState, cost: &Cost, secs: u64) -> Option<(BudgetLimit, u64)> {
+    let queue = &st.queue;
+    let kinds = st.kinds;
+    let mut it = st.windows.iter();
+    let mut latest: Option<(BudgetLimit, u64)> = None;
+    for (bit, limit) in [
+        (RPM, BudgetLimit::RequestsPerMinute),
+        (TPM, BudgetLimit::TokensPerMinute),
+        (HOUR_SPEND, BudgetLimit::SpendPerHour),
+        (DAY_SPEND, BudgetLimit::SpendPerDay),
+    ] {
+        if kinds & (1 << bit) == 0 {
+            continue;
+        }
+        let Some(w) = it.next() else { break };
+        let amounts = queue
+            .iter()
+            .map(|t| t.amount(limit))
+            .chain(std::iter::once(amount(limit, cost)));
+        // `None`: it can never fit, which `decide` refuses before this.
+        let at = w.start_of(amounts, secs).unwrap_or(u64::MAX);
+        if at > secs && latest.is_none_or(|(_, t)| at > t) {
+            latest = Some((limit, at));
+        }
+    }
+    latest
 }
 
 /// The key's state, created when missing, and the key it is held under: `key`, or the

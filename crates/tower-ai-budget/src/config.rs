@@ -250,6 +250,7 @@ pub(crate) struct Limits {
     pub(crate) max_event: usize,
     /// The shared store that decides instead of the in-process state, if any.
     pub(crate) store: Option<Stored>,
+    pub(crate) expected_service: Duration,
 }
 
 impl Limits {
@@ -311,6 +312,7 @@ pub struct TokenBudgetBuilder<K = Global, L = ()> {
     max_waiters: usize,
     max_event: usize,
     store: Option<Arc<dyn BudgetStore>>,
+    expected_service: Duration,
     key_fn: K,
     listener: L,
 }
@@ -348,6 +350,7 @@ impl Default for TokenBudgetBuilder {
             max_waiters: DEFAULT_MAX_WAITERS,
             max_event: tower_ai_core::sse::DEFAULT_MAX_EVENT,
             store: None,
+            expected_service: Duration::ZERO,
             key_fn: Global,
             listener: (),
         }
@@ -403,6 +406,20 @@ impl<K, L> TokenBudgetBuilder<K, L> {
     /// Wait up to `max_wait` for a request to fit (the default, with 10 s).
     pub fn wait(self, max_wait: Duration) -> Self {
         self.when_full(WhenFull::Wait { max_wait })
+    }
+
+    /// How long a request takes once sent, for a request that carries a
+    /// [`Deadline`](tower_ai_core::Deadline) (default zero). In wait mode such a request
+    /// waits only while it can still be *answered* by its deadline: it is refused at once
+    /// when its predicted start (when the budget will have room for it and for everyone
+    /// queued before it) is later than `deadline - expected_service`, and a waiter gives
+    /// up then. Set it to the latency most answers take (a p99), so that no capacity goes
+    /// to answers that arrive after their caller gave up; see
+    /// [Queue discipline](crate#queue-discipline). Requests without a deadline are not
+    /// affected (they wait up to `max_wait`).
+    pub fn expected_service(mut self, d: Duration) -> Self {
+        self.expected_service = d;
+        self
     }
 
     /// Refuse at once a request that does not fit.
@@ -521,6 +538,7 @@ impl<K, L> TokenBudgetBuilder<K, L> {
             max_waiters: self.max_waiters,
             max_event: self.max_event,
             store: self.store,
+            expected_service: self.expected_service,
             key_fn,
             listener: self.listener,
         }
@@ -546,6 +564,7 @@ impl<K, L> TokenBudgetBuilder<K, L> {
             max_waiters: self.max_waiters,
             max_event: self.max_event,
             store: self.store,
+            expected_service: self.expected_service,
             key_fn: self.key_fn,
             listener,
         }
@@ -685,6 +704,8 @@ impl<K, L> TokenBudgetBuilder<K, L> {
                     },
                 },
             }),
+            // An absurd value is clamped (a day is longer than any call), never refused.
+            expected_service: self.expected_service.min(MAX_WAIT_CEILING),
         })
     }
 }

@@ -18,7 +18,7 @@ use tower_ai_core::{AiError, BoxError, RateLimitInfo};
 use tower_service::Service;
 
 use crate::body::{BodyHold, BudgetBody, Reader};
-use crate::budget::{Budget, Cost, Decision, Finish, Hold, KeyFast, Reservation};
+use crate::budget::{Budget, Cost, Decision, Finish, Hold, KeyFast, Patience, Reservation};
 use crate::config::NanoPrice;
 use crate::event::{emit, BudgetEvent, BudgetListener};
 use crate::store::{Spent, StoreAdmit, StoreDecision, StoreLease, StoreRequest};
@@ -187,7 +187,7 @@ pub(crate) struct WaitState<S, ReqB> {
     ticket: u64,
     ticket_active: bool,
     started: Instant,
-    deadline: Instant,
+    patience: Patience,
     sleep: Pin<Box<Sleep>>,
 }
 
@@ -203,7 +203,7 @@ impl<S, ReqB> WaitState<S, ReqB> {
         cost: Cost,
         ticket: u64,
         started: Instant,
-        deadline: Instant,
+        patience: Patience,
     ) -> Self {
         WaitState {
             req: Some(req),
@@ -216,8 +216,8 @@ impl<S, ReqB> WaitState<S, ReqB> {
             ticket,
             ticket_active: true,
             started,
-            deadline,
-            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            patience,
+            sleep: Box::pin(tokio::time::sleep_until(patience.give_up)),
         }
     }
 
@@ -256,7 +256,7 @@ impl<S, ReqB> WaitState<S, ReqB> {
                 now,
                 Some(self.ticket),
                 Some(cx.waker()),
-                Some(self.deadline),
+                Some(self.patience),
                 None,
             );
             match decision {
@@ -292,15 +292,14 @@ impl<S, ReqB> WaitState<S, ReqB> {
                     return Poll::Ready(Err(self.reject(limit, retry_after)));
                 }
                 Decision::Wait { limit, until, .. } => {
-                    if now >= self.deadline {
+                    let give_up = self.patience.give_up;
+                    if now >= give_up {
                         self.ticket_active = false;
                         self.budget.cancel(self.key, self.ticket);
-                        let retry_after = Some(until.map_or(std::time::Duration::ZERO, |u| {
-                            u.saturating_duration_since(now)
-                        }));
+                        let retry_after = Some(self.patience.retry_after(until, now));
                         return Poll::Ready(Err(self.reject(limit, retry_after)));
                     }
-                    let at = until.map_or(self.deadline, |u| u.min(self.deadline));
+                    let at = until.map_or(give_up, |u| u.min(give_up));
                     if self.sleep.deadline() != at {
                         self.sleep.as_mut().reset(at);
                     }

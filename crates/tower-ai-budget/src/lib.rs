@@ -158,10 +158,12 @@
 //!   future on a `tokio` timer (no lock held), woken when capacity frees up (a window slot
 //!   expires, a reservation is corrected down, a permit is released). Waiters are served in
 //!   FIFO order per key, so a large request is never starved by small ones (the price:
-//!   small requests behind a large one wait for it). A request the budget can already tell
-//!   will not fit within `max_wait`, or before the request's
-//!   [`Deadline`](tower_ai_core::Deadline) when that comes first (a waiter also gives up
-//!   at it), is refused at once with its `retry_after`, and so is one that finds its key's
+//!   small requests behind a large one wait for it). A request whose predicted start
+//!   (see [Queue discipline](#queue-discipline)) is past `max_wait`, or past the request's
+//!   [`Deadline`](tower_ai_core::Deadline) less the
+//!   [`expected_service`](TokenBudgetBuilder::expected_service) time when that comes
+//!   first (a waiter also gives up then), is refused at once with its `retry_after`, and
+//!   so is one that finds its key's
 //!   queue at [`max_waiters_per_key`](TokenBudgetBuilder::max_waiters_per_key) (256) or all
 //!   queues at [`max_waiters`](TokenBudgetBuilder::max_waiters) (4 096): a waiter holds its
 //!   request, so waiters are bounded. A waiter holds no readiness of the inner service
@@ -173,6 +175,62 @@
 //! - A request larger than a whole limit (tokens over the TPM limit, cost over a spend cap)
 //!   is refused at once in both modes with `retry_after: None`, as OpenAI does with
 //!   "Request too large".
+//!
+//! # Queue discipline
+//!
+//! Under overload the queue decides which callers get the provider's capacity. The aim is
+//! goodput: every slot of the limit goes to an answer its caller still waits for, and a
+//! caller who will not be served in time learns it at once (with when capacity would
+//! come) instead of at its deadline. TokenBudget does it by **admission by predicted
+//! wait** in front of a **FIFO queue**:
+//!
+//! - A request that does not fit is given its *predicted start*: the time from which the
+//!   limit has room for everyone queued before it (their tokens and money as well as
+//!   their number) and then for it, if those ahead are admitted as soon as they fit.
+//!   For a request limit it is the queue position spread over the window's slots as they
+//!   come back (a queue longer than the limit over several windows); a concurrency limit
+//!   alone tells no time.
+//! - If that start is later than when the request gives up (`max_wait`, or its
+//!   `Deadline` less the expected service time), it is refused now with `BudgetExceeded
+//!   { retry_after }`: when capacity would come for it, and, when it comes too late for
+//!   its caller's deadline, no earlier than that deadline, so that a retry layer that
+//!   honours deadlines (AiRetry) stops instead of waiting for a slot nobody can use.
+//! - Otherwise it waits; the head of the queue is admitted the moment it fits and wakes
+//!   the next. FIFO makes the prediction hold: nobody who arrives later can overtake a
+//!   waiter, so its start only moves earlier (when someone ahead leaves), and a waiter
+//!   that was admitted to the queue is served in time.
+//!
+//! The alternatives studied: **CoDel** (as in Facebook's server queues: drop when the
+//! queue's minimum sojourn stays above a target) and **adaptive LIFO** (serve the newest
+//! first once the queue is congested) exist because a generic server does not know how
+//! long its callers wait nor when its capacity comes back; both learn it from sojourn
+//! times and shed load after requests have waited. A budget knows both: the caller's
+//! deadline is in the request and the windows say exactly when each slot frees. Deciding
+//! at admission refuses a request in microseconds instead of after it waited, and LIFO
+//! would break the prediction (every newcomer would push the earlier waiters back past
+//! their deadlines). Earliest-deadline-first would serve more short-deadline callers when
+//! deadlines are mixed, at the same goodput, but moves waiters back after they were
+//! promised a start; it is not done.
+//!
+//! `cargo bench --bench scenarios` (tables 2, 2b and 2c of `benches/RESULTS.md`; 60
+//! requests a minute allowed, 5 minutes, every caller's timeout in its request), with
+//! [`expected_service`](TokenBudgetBuilder::expected_service) 2 s and a 300 s `max_wait`
+//! (so that the caller's deadline decides):
+//!
+//! | offered | caller deadline | goodput | 429s | answers after the deadline | refusals within 10 ms | p99 latency served |
+//! |---|---|---:|---:|---:|---:|---:|
+//! | 2× | 60 s | 100.0% (360 of 360) | 0 | 0 | 240 of 240 | 58.7 s |
+//! | 10× | 60 s | 100.0% (360 of 360) | 0 | 0 | 2,640 of 2,640 | 59.0 s |
+//! | 2× | 10 s or 120 s | 93.3% (336 of 360) | 0 | 0 | 264 of 264 | 8.1 s / 40.5 s |
+//!
+//! The same runs with the default 10 s `max_wait` (the caller's deadline is further
+//! away): 93.6%, 96.9% and 86.1% of capacity, and refusals up to 49.5 s, 59.9 s and
+//! 47.5 s after the request (AiRetry waits out a `retry_after` that ends before the
+//! deadline, then is refused again); tower-resilience's rate limiter with a 60 s
+//! timeout: 98.3%, 92.8% and 85.5%, with 246, 2,666 and 241 callers left without an
+//! answer at their deadline. In the mixed run FIFO gives the slots to the 120 s callers
+//! queued first (all 300 served) and serves 36 of the 300 10 s callers; the others learn
+//! it at once.
 //!
 //! # Bad input
 //!

@@ -1,6 +1,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
@@ -12,7 +13,7 @@ use tower_service::Service;
 
 use crate::body::BudgetBody;
 use crate::budget::{
-    azure_deployment, Budget, Cached, Cost, Decision, FastConfig, KeyFast, PriceBy,
+    azure_deployment, Budget, Cached, Cost, Decision, FastConfig, KeyFast, Patience, PriceBy,
 };
 use crate::config::WhenFull;
 use crate::event::{emit, BudgetEvent, BudgetListener};
@@ -242,11 +243,18 @@ impl<S, K, L> TokenBudget<S, K, L> {
             return self.locked(req, key, Ok(cost), dialect);
         };
         let now = Instant::now();
+        // As in-process: a waiter gives up at `max_wait`, or when it could no longer be
+        // answered by its deadline (less the expected service time).
         let deadline = match self.budget.limits.when_full {
-            WhenFull::Wait { max_wait } => {
-                let own = now + max_wait;
-                Some(Deadline::of(&req).map_or(own, |d| own.min(d.instant())))
-            }
+            WhenFull::Wait { max_wait } => Some(
+                Patience::new(
+                    now,
+                    max_wait,
+                    Deadline::of(&req).map(Deadline::instant),
+                    self.budget.limits.expected_service,
+                )
+                .give_up,
+            ),
             WhenFull::Reject => None,
         };
         let admit = {
@@ -316,21 +324,24 @@ impl<S, K, L> TokenBudget<S, K, L> {
         };
         let limits = &*self.budget.limits;
         let now = Instant::now();
-        // A waiter gives up at `max_wait`, or at the request's own deadline if that comes
-        // first: a request that cannot fit before it is refused at once (one extensions
+        // A waiter gives up at `max_wait`, or when it could no longer be answered by the
+        // request's own deadline (less the expected service time) if that comes first: a
+        // request predicted not to start before then is refused at once (one extensions
         // lookup, in wait mode only).
-        let deadline = match limits.when_full {
-            WhenFull::Wait { max_wait } => {
-                let own = now + max_wait;
-                Some(Deadline::of(&req).map_or(own, |d| own.min(d.instant())))
-            }
+        let patience = match limits.when_full {
+            WhenFull::Wait { max_wait } => Some(Patience::new(
+                now,
+                max_wait,
+                Deadline::of(&req).map(Deadline::instant),
+                limits.expected_service,
+            )),
             WhenFull::Reject => None,
         };
         let observe = limits.sync_from_headers.then(|| (self.budget.clone(), key));
         let cache = self.fast.enabled.then_some(&mut self.cache);
         match self
             .budget
-            .try_admit(key, &cost, now, None, None, deadline, cache)
+            .try_admit(key, &cost, now, None, None, patience, cache)
         {
             Decision::Admitted { hold, soft } => {
                 #[cfg(feature = "metrics")]
@@ -374,7 +385,12 @@ impl<S, K, L> TokenBudget<S, K, L> {
                         cost,
                         ticket,
                         now,
-                        deadline.unwrap_or(now),
+                        patience.unwrap_or(Patience::new(
+                            now,
+                            Duration::ZERO,
+                            None,
+                            Duration::ZERO,
+                        )),
                     ),
                     (dialect, observe),
                 )

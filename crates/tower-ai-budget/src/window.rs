@@ -155,6 +155,50 @@ impl Window {
         // Every slot has left by then.
         Some((self.head + len).saturating_mul(self.slot_secs))
     }
+
+    /// The second (since the epoch) from which the last of `amounts` fits, if they are
+    /// admitted in order, each as soon as it fits, and nothing else is added: the
+    /// predicted start of a request behind a FIFO queue (`amounts`: the queue's costs,
+    /// then its own). What is admitted in the meantime fills the window in turn and
+    /// leaves it a window's length later, so a queue longer than the limit is predicted
+    /// over several windows. `None` when an amount never fits. Call after
+    /// [`advance`](Self::advance); O(slots + amounts).
+    pub(crate) fn start_of(
+        &self,
+        amounts: impl IntoIterator<Item = u64>,
+        now_secs: u64,
+    ) -> Option<u64> {
+        let len = self.slots.len() as u64;
+        // What leaves the window, and when (in seconds), in order of leaving: the slots
+        // held now, oldest first, then what the prediction admits.
+        let oldest = self.head.saturating_sub(len - 1);
+        let mut leaving: std::collections::VecDeque<(u64, u64)> = (oldest..=self.head)
+            .filter_map(|i| {
+                let a = self.slots.get((i % len) as usize);
+                (a > 0).then(|| ((i + len).saturating_mul(self.slot_secs), a))
+            })
+            .collect();
+        let mut free = self.limit.saturating_sub(self.total);
+        let mut at = now_secs;
+        for c in amounts {
+            if self.never_fits(c) {
+                return None;
+            }
+            while free < c {
+                let (t, a) = leaving.pop_front()?;
+                at = at.max(t);
+                free = free.saturating_add(a);
+            }
+            free -= c;
+            let leaves = (self.index(at) + len).saturating_mul(self.slot_secs);
+            match leaving.back_mut() {
+                // Admitted in the same slot: they leave together.
+                Some((t, a)) if *t == leaves => *a = a.saturating_add(c),
+                _ => leaving.push_back((leaves, c)),
+            }
+        }
+        Some(at)
+    }
 }
 
 /// The slots of a window: 4 bytes each when its limit fits in 32 bits.
@@ -293,6 +337,37 @@ mod tests {
             Window::new(u64::from(u32::MAX) + 1, 1, 60).heap_bytes(),
             61 * 8
         );
+    }
+
+    #[test]
+    fn a_queue_is_predicted_over_as_many_windows_as_it_takes() {
+        // 2 a second for 30 s fill a limit of 60; then each slot's 2 leave 61 s later.
+        let mut w = Window::new(60, 1, 60);
+        for s in 0..30 {
+            w.advance(s);
+            w.add(2);
+        }
+        w.advance(40);
+        assert_eq!(w.start_of([1], 40), w.fits_at(1, 40));
+        assert_eq!(w.start_of([1], 40), Some(61));
+        assert_eq!(w.start_of([1, 1], 40), Some(61));
+        assert_eq!(w.start_of([1; 3], 40), Some(62));
+        // The 60th queued goes when slot 29 leaves (90); the 61st when what the 1st took
+        // at 61 leaves, a window later (122).
+        assert_eq!(w.start_of([1; 60], 40), Some(90));
+        assert_eq!(w.start_of([1; 61], 40), Some(122));
+        assert_eq!(w.start_of([1; 121], 40), Some(183));
+        // An empty window: a limit's worth goes now, the next a window later.
+        w.advance(100);
+        assert_eq!(w.start_of([1; 60], 100), Some(100));
+        assert_eq!(w.start_of([1; 61], 100), Some(161));
+        // Unequal amounts, and one that can never fit.
+        let mut t = Window::new(100, 1, 60);
+        t.add(90);
+        assert_eq!(t.start_of([10, 50], 0), Some(61));
+        assert_eq!(t.start_of([10, 50, 60], 0), Some(122));
+        assert_eq!(t.start_of([10, 101], 0), None);
+        assert_eq!(t.start_of([], 0), Some(0));
     }
 
     #[test]

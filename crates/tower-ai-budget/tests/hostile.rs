@@ -181,9 +181,11 @@ async fn a_map_full_of_busy_keys_stays_bounded_under_new_keys() {
 /// request past it is refused at once, and a cancelled waiter frees its place.
 #[tokio::test(start_paused = true)]
 async fn waiters_per_key_are_capped_and_cancelled_ones_free_their_place() {
+    // A day's wait: the 256th waiter's turn (256 minutes away) comes within it, so none
+    // is refused for its predicted wait.
     let layer = TokenBudgetLayer::builder()
         .requests_per_minute(1)
-        .wait(Duration::from_secs(120))
+        .wait(Duration::from_secs(24 * 3600))
         .build()
         .unwrap();
     let svc = layer.layer(ok_provider());
@@ -212,7 +214,7 @@ async fn waiters_in_all_are_capped() {
     let layer = TokenBudgetLayer::builder()
         .key_fn(tenant_key)
         .requests_per_minute(1)
-        .wait(Duration::from_secs(120))
+        .wait(Duration::from_secs(300))
         .max_waiters_per_key(2)
         .max_waiters(5)
         .build()
