@@ -14,8 +14,12 @@
 //!
 //! Scenarios:
 //! 1. the storm of the chaos demo (`tower_ai_workspace::storm`, seed 7);
-//! 2. overload: 60 requests/min allowed, 120 offered for 5 minutes: goodput as a share of
-//!    the provider's capacity (its limit × the minutes the run touched);
+//! 2. overload: 60 requests/min allowed, 2× (120/min) and 10× (600/min) offered for 5
+//!    minutes with a 60 s caller deadline, and 2× with mixed deadlines (every other caller
+//!    10 s, the others 120 s; each request says its caller's timeout in
+//!    `x-stainless-timeout`): goodput (answers the caller still waited for) as a share of
+//!    the provider's capacity (its limit × the minutes the run touched), 429s, answers
+//!    after the deadline, how fast refusals come;
 //! 3. outage: the only model answers 503 for the whole run, 1 request/s for 60 s: retry
 //!    amplification (upstream calls per request offered);
 //! 4. fail-over: the main model is down for the whole run, its sibling is fine: time from
@@ -236,12 +240,19 @@ struct Summary {
     /// Storm: served share and calls per request of bare, naive, tower-resilience without
     /// its breaker, tower-ai.
     storm: Vec<(f64, f64)>,
-    /// Overload: goodput of the same four (tower-ai: the budget that waits ≤ 10 s), the
-    /// 429s bare collected, and tower-ai's goodput with a 60 s wait.
+    /// Overload at 2×: goodput of the same four (tower-ai: the budget that waits to the
+    /// caller's deadline less the expected service time), the 429s bare collected and
+    /// tower-ai's, and tower-ai's goodput with the default 10 s wait.
     overload: Vec<f64>,
     overload_bare_429s: u64,
     overload_ai_429s: u64,
-    overload_wait_60: f64,
+    overload_default: f64,
+    /// Overload at 10×: goodput, and the slowest refusal and the callers left without an
+    /// answer at their deadline, of the same four.
+    overload_10x: Vec<f64>,
+    overload_10x_refusals: Vec<(Option<Duration>, u64)>,
+    /// The 429s bare and naive retry collected at 10×.
+    overload_10x_429s: (u64, u64),
     /// Outage: calls per request of the same four.
     outage: Vec<f64>,
     /// Fail-over: tower-ai's time to the first answer from the sibling (None: never).
@@ -297,24 +308,51 @@ impl Summary {
         row(
             "overload (2× the RPM limit): share of capacity served in time",
             self.overload.iter().enumerate().map(|(i, g)| {
-                let cell = format!("{:.0}%", 100.0 * g);
-                if i == 0 {
-                    format!("{cell} §")
-                } else {
-                    cell
+                let cell = format!("{:.1}%", 100.0 * g);
+                match i {
+                    0 => format!("{cell} §"),
+                    3 => format!("**{cell}**"),
+                    _ => cell,
                 }
             }),
+        );
+        row(
+            "overload (10×): share of capacity served in time",
+            bold_last(
+                self.overload_10x
+                    .iter()
+                    .map(|g| format!("{:.1}%", 100.0 * g))
+                    .collect(),
+            ),
+        );
+        row(
+            "overload (10×): slowest refusal; callers left without an answer",
+            self.overload_10x_refusals
+                .iter()
+                .enumerate()
+                .map(|(i, (r, hung))| {
+                    let r = r.map_or("none".into(), secs);
+                    let cell = format!("{r}; {hung}");
+                    if i == 3 {
+                        format!("**{cell}**")
+                    } else {
+                        cell
+                    }
+                }),
         );
         outln!();
         outln!(
             "‡ tower-resilience's breaker keeps time with `std::time::Instant`, which a paused clock\n\
              does not move; the full table shows both variants. § bare gets there by collecting {}\n\
-             429s. Under overload tower-ai's budget holds requests ({} 429s) and serves them in order,\n\
-             but those that wait longer than the caller's deadline are lost: that is why\n\
-             TokenBudget's default wait is 10 s, not the 60 s it began with ({:.0}% of capacity).",
+             429s. Under overload tower-ai's budget holds requests ({} 429s) in order while they can\n\
+             still be answered by their caller's deadline (sent in `x-stainless-timeout`) and refuses\n\
+             the others at once; with its default 10 s wait it serves {:.1}% of capacity. At 10×\n\
+             bare and naive retry collect {} and {} 429s.",
             self.overload_bare_429s,
             self.overload_ai_429s,
-            100.0 * self.overload_wait_60
+            100.0 * self.overload_default,
+            self.overload_10x_429s.0,
+            self.overload_10x_429s.1
         );
     }
 }
@@ -395,96 +433,319 @@ async fn the_storm(summary: &mut Summary) {
 // ---------------------------------------------------------------------------------------
 // 2. overload
 
-async fn overload(summary: &mut Summary) {
-    const RPM: u64 = 60;
+/// One request of an overload run: when it is offered and how long its caller waits.
+#[derive(Clone, Copy)]
+struct Offered {
+    at: Duration,
+    deadline: Duration,
+}
+
+/// How one request of an overload run ended, from its caller's side.
+#[derive(Clone, Copy)]
+struct Ended {
+    verdict: Verdict,
+    /// From the request to its answer or error (its deadline when it timed out).
+    elapsed: Duration,
+    deadline: Duration,
+}
+
+/// Offers each request at its time through `client`; every caller gives up at its own
+/// deadline, which its request says in `x-stainless-timeout` (as the official OpenAI Node
+/// SDK sends its timeout; clients that do not read it ignore it).
+async fn run_offered(client: &Client, offered: &[Offered]) -> Vec<Ended> {
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut ended = Vec::with_capacity(offered.len());
+    for (i, o) in (0u32..).zip(offered) {
+        tokio::time::sleep_until(start + o.at).await;
+        let mut req = storm::request(i, false);
+        req.headers_mut().insert(
+            "x-stainless-timeout",
+            http::HeaderValue::from(o.deadline.as_secs()),
+        );
+        let fut = client(req);
+        let deadline = o.deadline;
+        tasks.spawn(async move {
+            let t0 = Instant::now();
+            match tokio::time::timeout(deadline, fut).await {
+                Ok((verdict, _)) => Ended {
+                    verdict,
+                    elapsed: t0.elapsed(),
+                    deadline,
+                },
+                Err(_) => Ended {
+                    verdict: Verdict::TimedOut,
+                    elapsed: deadline,
+                    deadline,
+                },
+            }
+        });
+        while let Some(done) = tasks.try_join_next() {
+            ended.push(done.expect("a request task panicked"));
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        ended.push(done.expect("a request task panicked"));
+    }
+    ended
+}
+
+/// The `p`-th percentile of `d` (sorted here).
+fn percentile(mut d: Vec<Duration>, p: f64) -> Option<Duration> {
+    d.sort();
+    d.get(((d.len() as f64 * p).ceil() as usize).saturating_sub(1))
+        .copied()
+}
+
+/// One column of an overload table.
+struct OverloadRun {
+    ended: Vec<Ended>,
+    /// The provider's capacity over the run: its limit × the minutes the run touched.
+    capacity: u64,
+    upstream: u64,
+    rate_limited: u64,
+    answered: u64,
+}
+
+impl OverloadRun {
+    fn served(&self) -> u64 {
+        self.count(|e| e.verdict == Verdict::Served)
+    }
+    fn count(&self, f: impl Fn(&Ended) -> bool) -> u64 {
+        self.ended.iter().filter(|e| f(e)).count() as u64
+    }
+    fn goodput(&self) -> f64 {
+        self.served() as f64 / self.capacity.max(1) as f64
+    }
+    fn refusals(&self) -> Vec<Duration> {
+        self.ended
+            .iter()
+            .filter(|e| e.verdict == Verdict::Failed)
+            .map(|e| e.elapsed)
+            .collect()
+    }
+    fn served_latency(&self, deadline: Option<Duration>) -> Vec<Duration> {
+        self.ended
+            .iter()
+            .filter(|e| e.verdict == Verdict::Served && deadline.is_none_or(|d| e.deadline == d))
+            .map(|e| e.elapsed)
+            .collect()
+    }
+}
+
+/// The overload columns: the baselines, and tower-ai's budget with its default wait (10 s,
+/// or less when the caller's deadline comes first) and waiting up to the caller's deadline
+/// less an expected service time of 2 s (the simulator answers in 0.4–1.2 s).
+fn overload_columns(rpm: u64) -> Vec<Column> {
+    let mut columns = baselines(Some(rpm as usize));
+    columns.push((
+        "tower-ai (budget waits ≤ 10 s)",
+        Box::new(move |s| {
+            tower_ai_client(
+                ai_stack()
+                    .budget(budget(rpm, Duration::from_secs(10)))
+                    .layer(s.primary.service()),
+            )
+        }),
+    ));
+    columns.push((
+        "tower-ai (budget waits to the deadline − 2 s)",
+        Box::new(move |s| {
+            let budget = TokenBudgetLayer::builder()
+                .requests_per_minute(rpm)
+                .wait(Duration::from_secs(300))
+                .expected_service(Duration::from_secs(2))
+                .build()
+                .expect("a valid budget");
+            tower_ai_client(ai_stack().budget(budget).layer(s.primary.service()))
+        }),
+    ));
+    columns
+}
+
+/// Runs every overload column against a fresh simulator limited to `rpm`.
+async fn overload_runs(columns: &[Column], rpm: u64, offered: &[Offered]) -> Vec<OverloadRun> {
     let config = StormConfig {
-        requests: 600,
-        interval: Duration::from_millis(500),
+        requests: offered.len() as u32,
         stream_share: 0.0,
         ..StormConfig::default()
     };
-    let mut columns = baselines(Some(RPM as usize));
-    columns.push((
-        "tower-ai (budget waits ≤ 60 s)",
-        Box::new(|s| {
-            tower_ai_client(
-                ai_stack()
-                    .budget(budget(RPM, Duration::from_secs(60)))
-                    .layer(s.primary.service()),
-            )
-        }),
-    ));
-    columns.push((
-        "tower-ai (budget waits ≤ 10 s)",
-        Box::new(|s| {
-            tower_ai_client(
-                ai_stack()
-                    .budget(budget(RPM, Duration::from_secs(10)))
-                    .layer(s.primary.service()),
-            )
-        }),
-    ));
-    let runs = run_all(&columns, || {
-        storm_with(scenario(config.seed, |b| b.rpm_limit(RPM)), config)
-    })
-    .await;
-    let rows: Vec<(Report, u64, u64)> = runs
-        .into_iter()
-        .map(|(r, s)| {
-            let calls = s.primary.calls();
-            let last = calls.iter().map(|c| c.at).max().unwrap_or_default();
-            let capacity = RPM * (last.as_secs() / 60 + 1);
-            let answered = calls.iter().filter(|c| c.status == 200).count() as u64;
-            (r, capacity, answered)
-        })
-        .collect();
-    let goodput: Vec<f64> = rows
-        .iter()
-        .map(|(r, c, _)| f64::from(r.served) / *c as f64)
-        .collect();
-    summary.overload = pick(&goodput, 5);
-    summary.overload_wait_60 = goodput[4];
-    summary.overload_bare_429s = rows[0].0.rate_limited;
-    summary.overload_ai_429s = rows[5].0.rate_limited;
-    header(
-        "2. Overload: 60 requests/min allowed, 120/min offered for 5 min (600 requests, 60 s user deadline)",
-        &columns,
-    );
+    let mut runs = Vec::new();
+    for (_, make) in columns {
+        let s = storm_with(scenario(config.seed, |b| b.rpm_limit(rpm)), config);
+        let ended = run_offered(&make(&s), offered).await;
+        let calls = s.primary.calls();
+        let last = calls.iter().map(|c| c.at).max().unwrap_or_default();
+        runs.push(OverloadRun {
+            ended,
+            capacity: rpm * (last.as_secs() / 60 + 1),
+            upstream: calls.len() as u64,
+            rate_limited: calls.iter().filter(|c| c.status == 429).count() as u64,
+            answered: calls.iter().filter(|c| c.status == 200).count() as u64,
+        });
+    }
+    runs
+}
+
+/// The rows every overload table has.
+fn overload_rows(runs: &[OverloadRun]) {
     row(
-        "served",
-        rows.iter()
-            .map(|(r, ..)| format!("{} ({:.0}%)", r.served, 100.0 * r.served_share())),
+        "served in time",
+        runs.iter().map(|r| {
+            format!(
+                "{} ({:.0}%)",
+                r.served(),
+                100.0 * r.served() as f64 / r.ended.len().max(1) as f64
+            )
+        }),
     );
     row(
         "provider capacity (limit × minutes touched)",
-        rows.iter().map(|(_, c, _)| c.to_string()),
+        runs.iter().map(|r| r.capacity.to_string()),
     );
     row(
-        "**goodput: served / capacity**",
-        rows.iter()
-            .map(|(r, c, _)| format!("**{:.0}%**", 100.0 * f64::from(r.served) / *c as f64)),
+        "**goodput: served in time / capacity**",
+        runs.iter()
+            .map(|r| format!("**{:.1}%**", 100.0 * r.goodput())),
     );
     row(
         "upstream calls",
-        rows.iter().map(|(r, ..)| r.upstream_calls.to_string()),
+        runs.iter().map(|r| r.upstream.to_string()),
     );
     row(
         "429s received",
-        rows.iter().map(|(r, ..)| r.rate_limited.to_string()),
+        runs.iter().map(|r| r.rate_limited.to_string()),
     );
     row(
-        "wasted calls (errors)",
-        rows.iter().map(|(r, ..)| r.wasted.to_string()),
+        "answers nobody waited for (200s after the caller's deadline)",
+        runs.iter()
+            .map(|r| r.answered.saturating_sub(r.served()).to_string()),
     );
     row(
-        "answers nobody waited for (200s after the user's deadline)",
-        rows.iter()
-            .map(|(r, _, a)| a.saturating_sub(u64::from(r.served)).to_string()),
+        "refused (an error before the deadline)",
+        runs.iter().map(|r| r.refusals().len().to_string()),
     );
+    row(
+        "refusals within 10 ms / slowest refusal",
+        runs.iter().map(|r| {
+            let refusals = r.refusals();
+            let fast = refusals
+                .iter()
+                .filter(|d| **d <= Duration::from_millis(10))
+                .count();
+            match refusals.iter().max() {
+                Some(max) => format!("{fast} / {}", secs(*max)),
+                None => "—".into(),
+            }
+        }),
+    );
+    row(
+        "no answer by the deadline (the caller gave up)",
+        runs.iter()
+            .map(|r| r.count(|e| e.verdict == Verdict::TimedOut).to_string()),
+    );
+}
+
+async fn overload(summary: &mut Summary) {
+    const RPM: u64 = 60;
+    let every = |n: u32, interval: Duration, deadline: &dyn Fn(u32) -> Duration| {
+        (0..n)
+            .map(|i| Offered {
+                at: interval * i,
+                deadline: deadline(i),
+            })
+            .collect::<Vec<_>>()
+    };
+    let columns = overload_columns(RPM);
+    let deadline = Duration::from_secs(60);
+
+    // 2×: 120 a minute for 5 minutes.
+    let offered = every(600, Duration::from_millis(500), &|_| deadline);
+    let runs = overload_runs(&columns, RPM, &offered).await;
+    let goodput: Vec<f64> = runs.iter().map(OverloadRun::goodput).collect();
+    summary.overload = pick(&goodput, 5);
+    summary.overload_bare_429s = runs[0].rate_limited;
+    summary.overload_ai_429s = runs[5].rate_limited;
+    summary.overload_default = goodput[4];
+    header(
+        "2. Overload at 2×: 60 requests/min allowed, 120/min offered for 5 min (600 requests, 60 s caller deadline)",
+        &columns,
+    );
+    overload_rows(&runs);
     row(
         "p50 / p99 latency (served)",
-        rows.iter()
-            .map(|(r, ..)| format!("{} / {}", secs(r.p50), secs(r.p99))),
+        runs.iter().map(|r| {
+            let l = r.served_latency(None);
+            match (percentile(l.clone(), 0.5), percentile(l, 0.99)) {
+                (Some(a), Some(b)) => format!("{} / {}", secs(a), secs(b)),
+                _ => "—".into(),
+            }
+        }),
+    );
+
+    // 10×: 600 a minute for 5 minutes.
+    let offered = every(3000, Duration::from_millis(100), &|_| deadline);
+    let runs = overload_runs(&columns, RPM, &offered).await;
+    let goodput: Vec<f64> = runs.iter().map(OverloadRun::goodput).collect();
+    summary.overload_10x = pick(&goodput, 5);
+    let refusals: Vec<(Option<Duration>, u64)> = runs
+        .iter()
+        .map(|r| {
+            (
+                r.refusals().into_iter().max(),
+                r.count(|e| e.verdict == Verdict::TimedOut),
+            )
+        })
+        .collect();
+    summary.overload_10x_refusals = pick(&refusals, 5);
+    summary.overload_10x_429s = (runs[0].rate_limited, runs[1].rate_limited);
+    header(
+        "2b. Overload at 10×: 60 requests/min allowed, 600/min offered for 5 min (3,000 requests, 60 s caller deadline)",
+        &columns,
+    );
+    overload_rows(&runs);
+    row(
+        "p50 / p99 latency (served)",
+        runs.iter().map(|r| {
+            let l = r.served_latency(None);
+            match (percentile(l.clone(), 0.5), percentile(l, 0.99)) {
+                (Some(a), Some(b)) => format!("{} / {}", secs(a), secs(b)),
+                _ => "—".into(),
+            }
+        }),
+    );
+
+    // Mixed deadlines at 2×: every other caller waits 10 s, the others 120 s.
+    let (short, long) = (Duration::from_secs(10), Duration::from_secs(120));
+    let offered = every(600, Duration::from_millis(500), &|i| {
+        if i % 2 == 0 {
+            short
+        } else {
+            long
+        }
+    });
+    let runs = overload_runs(&columns, RPM, &offered).await;
+    header(
+        "2c. Mixed deadlines at 2×: 60 requests/min allowed, 120/min offered for 5 min; every other caller waits 10 s, the others 120 s",
+        &columns,
+    );
+    overload_rows(&runs);
+    row(
+        "served in time: 10 s / 120 s callers",
+        runs.iter().map(|r| {
+            format!(
+                "{} / {}",
+                r.count(|e| e.verdict == Verdict::Served && e.deadline == short),
+                r.count(|e| e.verdict == Verdict::Served && e.deadline == long)
+            )
+        }),
+    );
+    row(
+        "p99 latency (served): 10 s / 120 s callers",
+        runs.iter().map(|r| {
+            let p = |d| percentile(r.served_latency(Some(d)), 0.99).map_or("—".into(), secs);
+            format!("{} / {}", p(short), p(long))
+        }),
     );
 }
 
