@@ -27,6 +27,15 @@
 //! reason and the upstream's request id. Any OpenAI SDK works against it (`examples/axum_gateway_sdk_test.py`
 //! checks the official Python one, `.ci/sdk-test.sh` runs that check).
 //!
+//! Two more endpoints, for operators (unauthenticated: serve them on a private interface or
+//! put them behind your own auth):
+//! - `GET /metrics`: every layer's metrics in Prometheus' text format
+//!   (`metrics-exporter-prometheus`; names and labels in the README, "Metrics"), with the
+//!   recommended bucket boundaries for the wait histograms;
+//! - `GET /health`: the upstream circuit breakers' state per key and the keys cooling down
+//!   after a provider's 429, as JSON; `"status"` is `"degraded"` while any breaker is not
+//!   closed or any key cools down.
+//!
 //! By default the upstream is the tower-ai simulator on a loopback port; set
 //! `OPENAI_BASE_URL` and `OPENAI_API_KEY` for another upstream (`http://` only: this example
 //! is built without TLS; add a TLS connector such as `hyper-rustls` for a public provider).
@@ -59,19 +68,23 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request as AxumRequest, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::{json, Value};
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
+use tower_ai::circuit_breaker::{CircuitBreakerHandle, CircuitState};
 use tower_ai::core::check_model;
 use tower_ai::core::keys::ApiKeyHash;
+use tower_ai::core::meter::WAIT_BUCKETS;
 use tower_ai::fallback::{FallbackChain, Route, Served};
 use tower_ai::prelude::*;
+use tower_ai::retry_after::RetryAfterAwareLayer;
 use tower_ai::sim::{Fault, Latency, ModelSpec, Scenario, Simulator, StreamFault};
 use tower_ai::{ErrorDialect, ErrorReply};
 
@@ -103,6 +116,14 @@ type Gateway = BoxCloneSyncService<Request<AiBody>, Response, BoxError>;
 struct App {
     gateway: Gateway,
     keys: Arc<ClientKeys>,
+    health: Health,
+}
+
+/// What `/health` reads: the upstream stack's breakers and cooldown gate.
+#[derive(Clone)]
+struct Health {
+    breakers: CircuitBreakerHandle,
+    cooldowns: RetryAfterAwareLayer,
 }
 
 /// The API keys the gateway's clients may use.
@@ -153,7 +174,7 @@ fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
 fn upstream_stack(
     client: Client<HttpConnector, AiBody>,
     stall_idle: Option<Duration>,
-) -> Result<BoxCloneSyncService<Request<AiBody>, Response, BoxError>, BoxError> {
+) -> Result<(Gateway, Health), BoxError> {
     let chain = FallbackChain::builder()
         .route(Route::primary("primary"))
         .route(Route::model("gpt-4o-mini"))
@@ -165,18 +186,25 @@ fn upstream_stack(
     // holding back every client is right. A proxy that forwards each client's own key
     // would key its cooldowns per tenant instead:
     // `.retry_after(RetryAfterAwareLayer::new().key_fn(ApiKeyHostModel))`.
+    // The gate's state is shared by its clones: one goes into the stack, one to /health.
+    let cooldowns = RetryAfterAwareLayer::new();
     let mut stack = AiStack::new()
+        .retry_after(cooldowns.clone())
         // The gateway's provider account: stay inside its limits.
         .budget(TokenBudgetLayer::new(1_000, 1_000_000))
         .fallback(ModelFallbackLayer::new(chain));
     if let Some(idle) = stall_idle {
         stack = stack.stall(StallDetectorLayer::builder().idle(idle).build()?);
     }
+    let health = Health {
+        breakers: stack.breaker_handle(),
+        cooldowns,
+    };
     let svc = ServiceBuilder::new()
         .map_response(|res: http::Response<_>| res.map(Body::new))
         .ai_stack(stack)
         .service(client);
-    Ok(BoxCloneSyncService::new(svc))
+    Ok((BoxCloneSyncService::new(svc), health))
 }
 
 /// The gateway: a budget per client API key, then the request re-addressed to the upstream
@@ -186,7 +214,7 @@ fn gateway(
     upstream_key: &str,
     client: Client<HttpConnector, AiBody>,
     stall_idle: Option<Duration>,
-) -> Result<Gateway, BoxError> {
+) -> Result<(Gateway, Health), BoxError> {
     let per_client = TokenBudgetLayer::builder()
         .key_fn(ApiKeyHash)
         .requests_per_minute(CLIENT_RPM)
@@ -194,6 +222,7 @@ fn gateway(
         .tokens_per_minute(200_000)
         .reject() // answer 429 at once; the client's SDK knows how to wait
         .build()?;
+    let (upstream, health) = upstream_stack(client, stall_idle)?;
     let uri: Uri = format!("{upstream_base}/chat/completions").parse()?;
     let auth = HeaderValue::from_str(&format!("Bearer {upstream_key}"))?;
     let svc = ServiceBuilder::new()
@@ -205,8 +234,83 @@ fn gateway(
                 .insert(header::AUTHORIZATION, auth.clone());
             req
         })
-        .service(upstream_stack(client, stall_idle)?);
-    Ok(BoxCloneSyncService::new(svc))
+        .service(upstream);
+    Ok((BoxCloneSyncService::new(svc), health))
+}
+
+/// `GET /metrics`: the layers' metrics in Prometheus' text exposition format.
+async fn metrics(State(prometheus): State<PrometheusHandle>) -> Response {
+    // Without the exporter's HTTP listener nothing drains the histograms in the
+    // background: do it before each scrape.
+    prometheus.run_upkeep();
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        prometheus.render(),
+    )
+        .into_response()
+}
+
+/// `GET /health`: the upstream breakers' state per key and the keys cooling down.
+async fn health(State(app): State<App>) -> Response {
+    let now = tokio::time::Instant::now();
+    let ms = |t: tokio::time::Instant| t.saturating_duration_since(now).as_millis() as u64;
+    let breakers: Vec<Value> = app
+        .health
+        .breakers
+        .all_metrics()
+        .into_iter()
+        .map(|m| {
+            json!({
+                "key": &*m.label,
+                "state": m.state.as_str(),
+                "open_for_ms": m.open_until.map(ms),
+                "times_opened": m.times_opened,
+                "rejected": m.rejected,
+            })
+        })
+        .collect();
+    let cooling: Vec<Value> = app
+        .health
+        .cooldowns
+        .cooling()
+        .into_iter()
+        .map(|c| {
+            json!({
+                "key": format!("{:016x}", c.key.as_u64()),
+                "for_ms": ms(c.until),
+                "waiters": c.waiters,
+            })
+        })
+        .collect();
+    let degraded = !cooling.is_empty()
+        || app
+            .health
+            .breakers
+            .all_metrics()
+            .iter()
+            .any(|m| m.state != CircuitState::Closed);
+    Json(json!({
+        "status": if degraded { "degraded" } else { "ok" },
+        "circuit_breakers": breakers,
+        "cooldowns": cooling,
+    }))
+    .into_response()
+}
+
+/// The Prometheus recorder, installed for the whole process: every layer records into it.
+fn install_metrics() -> Result<PrometheusHandle, BoxError> {
+    let prometheus = PrometheusBuilder::new()
+        // `_total` on counters and the unit on names (`..._wait_seconds`), as Prometheus
+        // recommends.
+        .with_recommended_naming(true)
+        .set_buckets_for_metric(Matcher::Prefix("tower_ai.".to_owned()), WAIT_BUCKETS)?
+        .install_recorder()?;
+    // Help text and units, for the metrics recorded from now on.
+    tower_ai::describe_metrics();
+    Ok(prometheus)
 }
 
 async fn chat_completions(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
@@ -436,13 +540,21 @@ async fn main() -> Result<(), BoxError> {
         .pool_idle_timeout(UPSTREAM_IDLE)
         .pool_timer(TokioTimer::new())
         .build_http::<AiBody>();
+    let prometheus = install_metrics()?;
+    let (gateway, health_state) = gateway(&upstream, &upstream_key, client.clone(), stall_idle)?;
     let app = App {
-        gateway: gateway(&upstream, &upstream_key, client.clone(), stall_idle)?,
+        gateway,
         keys: Arc::new(ClientKeys::from_env()?),
+        health: health_state,
     };
+    let ops = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(prometheus);
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/health", get(health))
         .with_state(app)
+        .merge(ops)
         .layer(middleware::from_fn(openai_errors));
     let listener =
         tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port.unwrap_or(0))))
@@ -640,5 +752,40 @@ async fn self_test(base: &str, client: Client<HttpConnector, AiBody>) -> Result<
         serde_json::from_slice::<Value>(&bytes)?["error"]["code"],
         "unknown_url"
     );
+
+    // The operators' endpoints: the calls above in the metrics, the breakers in /health.
+    let root = base.trim_end_matches("/v1");
+    let get = |path: &str| {
+        let req = Request::get(format!("{root}{path}")).body(AiBody::from(""));
+        let client = client.clone();
+        async move {
+            let res = client.request(req?).await?;
+            let status = res.status();
+            let bytes = res.into_body().collect().await?.to_bytes();
+            Ok::<_, BoxError>((status, String::from_utf8_lossy(&bytes).into_owned()))
+        }
+    };
+    let (status, text) = get("/metrics").await?;
+    assert_eq!(status, StatusCode::OK);
+    for series in [
+        // down-model's answer, from the fallback route
+        r#"tower_ai_fallback_served_total{route="gpt-4o-mini"} 1"#,
+        // bob's request over his concurrency limit
+        r#"tower_ai_budget_refused_total{limit="concurrency"} 1"#,
+        // down-model's 503s, retried after a backoff before the fallback
+        r#"tower_ai_retry_retries_total{error_type="overloaded",wait_source="backoff"} 2"#,
+    ] {
+        assert!(text.contains(series), "no `{series}` in /metrics:\n{text}");
+    }
+    println!(
+        "/metrics: {} series",
+        text.lines().filter(|l| !l.starts_with('#')).count()
+    );
+    let (status, text) = get("/health").await?;
+    assert_eq!(status, StatusCode::OK);
+    let health: Value = serde_json::from_str(&text)?;
+    let breakers = health["circuit_breakers"].as_array().map_or(0, Vec::len);
+    println!("/health: {}, {breakers} breaker(s)", health["status"]);
+    assert!(breakers > 0, "{health}");
     Ok(())
 }
