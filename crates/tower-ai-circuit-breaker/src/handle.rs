@@ -78,7 +78,7 @@ impl<K> CircuitBreakerHandle<K> {
     }
 
     /// Every state change of this layer's breakers from now on
-    /// ([`CircuitEvent::StateChanged`]; rejections are not sent), to as many subscribers
+    /// ([`CircuitEvent::StateChanged`](crate::CircuitEvent::StateChanged); rejections are not sent), to as many subscribers
     /// as ask, each with its own receiver, at run time (the builder's
     /// [`listener`](crate::CircuitBreakerBuilder::listener) is fixed when the layer is
     /// built).
