@@ -18,6 +18,7 @@ use crate::clock;
 use crate::config::{CircuitBreakerConfig, Window};
 use crate::event::{CircuitEvent, CircuitState, Emitter, TransitionReason};
 use crate::registry::Lane;
+use crate::store::{BreakerSink, SharedState};
 use crate::window::{stripe_count, Bad, Calls, Stats};
 
 const CLOSED: u64 = 0;
@@ -118,6 +119,13 @@ struct Inner {
     successes: u32,
     reopens: u32,
     opened: u64,
+    /// With a shared store: a probe permit has been asked for and not answered yet.
+    asking: bool,
+    /// With a shared store: the probe permits the store granted this replica (half-open
+    /// admits probes up to this many instead of `half_open_probes`).
+    granted: u32,
+    /// With a shared store that could not answer: probing on in-process permits.
+    local_probes: bool,
 }
 
 /// A state change to announce once the lock is released.
@@ -155,6 +163,8 @@ pub(crate) struct Core {
     rejected: AtomicU64,
     calls: Calls,
     inner: Mutex<Inner>,
+    /// Where the shared store answers (`None`: no store, the default).
+    sink: Option<BreakerSink>,
 }
 
 impl Core {
@@ -165,6 +175,7 @@ impl Core {
         epoch: Instant,
         emitter: Emitter,
         now: Instant,
+        sink: Option<BreakerSink>,
     ) -> Core {
         let bucket_nanos = match cfg.window {
             Window::Time { length, buckets } => u64::try_from((length / buckets).as_nanos())
@@ -196,7 +207,11 @@ impl Core {
                 successes: 0,
                 reopens: 0,
                 opened: 0,
+                asking: false,
+                granted: 0,
+                local_probes: false,
             }),
+            sink,
             cfg,
         };
         core.touch(now);
@@ -373,12 +388,43 @@ impl Core {
                 let mut g = self.lock();
                 let mut w = self.state.load(Ordering::Acquire);
                 let mut change = None;
+                // With a shared store, probes need the store's permits (unless it could
+                // not answer): an ended open duration asks for one, and refuses until it
+                // comes (a half-open breaker refuses, not queues, calls beyond its
+                // permits).
+                let shared = self.sink.is_some() && !g.local_probes;
+                let mut ask = false;
                 if w & 7 == OPEN && self.nanos(now) >= self.open_until.load(Ordering::Acquire) {
-                    change = Some(self.half_open_locked(&mut g, now));
-                    w = self.state.load(Ordering::Acquire);
+                    if shared {
+                        ask = !g.asking;
+                    } else {
+                        change = Some(self.half_open_locked(&mut g, now));
+                        w = self.state.load(Ordering::Acquire);
+                    }
+                }
+                let permits = if shared {
+                    g.granted
+                } else {
+                    self.cfg.half_open_probes
+                };
+                if shared
+                    && w & 7 == HALF_OPEN
+                    && g.in_flight >= g.granted
+                    && g.granted < self.cfg.half_open_probes
+                {
+                    ask = !g.asking;
+                }
+                if ask {
+                    g.asking = true;
                 }
                 let d = match w & 7 {
-                    HALF_OPEN if g.in_flight < self.cfg.half_open_probes => {
+                    // Open, its duration ended, waiting for the store's permit.
+                    OPEN if shared => Admit::Reject {
+                        until: self
+                            .instant(self.open_until.load(Ordering::Acquire))
+                            .max(now),
+                    },
+                    HALF_OPEN if g.in_flight < permits => {
                         g.in_flight += 1;
                         Admit::Pass {
                             word: w,
@@ -402,6 +448,9 @@ impl Core {
                 drop(g);
                 if let Some(c) = change {
                     self.announce(c);
+                }
+                if ask {
+                    self.ask_probe();
                 }
                 d
             }
@@ -579,20 +628,169 @@ impl Core {
             return; // forced or reset meanwhile: permits were reset with it
         }
         g.in_flight = g.in_flight.saturating_sub(1);
+        // On a permit of the shared store, the store counts the successes of every
+        // replica and closes (its answer closes this breaker); a failure opens here and
+        // is shared as any opening is.
+        let shared = self.sink.is_some() && !g.local_probes;
+        if shared {
+            g.granted = g.granted.saturating_sub(1);
+        }
+        let mut report = None;
         let change = match (verdict, slow) {
-            (Verdict::Ignored, _) => None,
+            (Verdict::Ignored, _) => {
+                report = Some(false);
+                None
+            }
             (Verdict::Failure, _) | (Verdict::Success, true) => {
                 Some(self.open_locked(&mut g, now, TransitionReason::ProbeFailed))
             }
             (Verdict::Success, false) => {
                 g.successes += 1;
-                (g.successes >= self.cfg.half_open_successes)
-                    .then(|| self.close_locked(&mut g, now, TransitionReason::ProbesSucceeded))
+                if shared {
+                    report = Some(true);
+                    None
+                } else {
+                    (g.successes >= self.cfg.half_open_successes)
+                        .then(|| self.close_locked(&mut g, now, TransitionReason::ProbesSucceeded))
+                }
             }
         };
         drop(g);
         if let Some(c) = change {
             self.announce(c);
+        }
+        if let (true, Some(success)) = (shared, report) {
+            self.report_probe(success);
+        }
+    }
+
+    /// Asks the shared store for a probe permit (its answer comes through the sink).
+    #[cold]
+    fn ask_probe(&self) {
+        if let (Some(store), Some(sink)) = (&self.cfg.store, &self.sink) {
+            store.probe(self.key, &self.label, self.cfg.half_open_probes, sink);
+        }
+    }
+
+    /// Tells the shared store how a probe on its permit ended.
+    #[cold]
+    fn report_probe(&self, success: bool) {
+        if let (Some(store), Some(sink)) = (&self.cfg.store, &self.sink) {
+            store.probe_done(
+                self.key,
+                &self.label,
+                success,
+                self.cfg.half_open_successes,
+                sink,
+            );
+        }
+    }
+
+    /// Applies what the shared store says of this key (an answer, or a state it read).
+    pub(crate) fn apply_shared(&self, state: SharedState, now: Instant) {
+        let mut g = self.lock();
+        let w = self.state.load(Ordering::Acquire);
+        let code = w & 7;
+        if matches!(code, FORCED_OPEN | FORCED_CLOSED) {
+            g.asking = false;
+            return; // the handle's word wins over the replicas'
+        }
+        let mut give_back = false;
+        let change = match state {
+            SharedState::Granted => {
+                g.asking = false;
+                match code {
+                    OPEN if self.nanos(now) >= self.open_until.load(Ordering::Acquire) => {
+                        let c = self.half_open_locked(&mut g, now);
+                        g.granted = 1;
+                        Some(c)
+                    }
+                    HALF_OPEN if !g.local_probes => {
+                        g.granted += 1;
+                        None
+                    }
+                    _ => {
+                        give_back = true;
+                        None
+                    }
+                }
+            }
+            SharedState::Busy(retry) => {
+                g.asking = false;
+                if code == OPEN {
+                    // Other replicas hold every permit: look again later.
+                    let at = now.checked_add(retry).unwrap_or(now);
+                    self.open_until.fetch_max(self.nanos(at), Ordering::AcqRel);
+                }
+                None
+            }
+            SharedState::Open(left) => {
+                g.asking = false;
+                let until = now.checked_add(left).unwrap_or(now);
+                match code {
+                    OPEN => {
+                        self.open_until
+                            .fetch_max(self.nanos(until), Ordering::AcqRel);
+                        None
+                    }
+                    _ if left.is_zero() => None,
+                    _ => Some(self.open_shared_locked(&mut g, now, until)),
+                }
+            }
+            SharedState::Closed => {
+                g.asking = false;
+                match code {
+                    OPEN | HALF_OPEN => {
+                        Some(self.close_locked(&mut g, now, TransitionReason::Shared))
+                    }
+                    _ => None,
+                }
+            }
+            SharedState::HalfOpen => None,
+            SharedState::Unavailable => {
+                g.asking = false;
+                match code {
+                    // Decided in-process: probe on this replica's own permits.
+                    OPEN if self.nanos(now) >= self.open_until.load(Ordering::Acquire) => {
+                        let c = self.half_open_locked(&mut g, now);
+                        g.local_probes = true;
+                        Some(c)
+                    }
+                    HALF_OPEN => {
+                        g.local_probes = true;
+                        (g.successes >= self.cfg.half_open_successes).then(|| {
+                            self.close_locked(&mut g, now, TransitionReason::ProbesSucceeded)
+                        })
+                    }
+                    _ => None,
+                }
+            }
+        };
+        drop(g);
+        if let Some(c) = change {
+            self.announce(c);
+        }
+        if give_back {
+            self.report_probe(false);
+        }
+    }
+
+    /// Opens until `until` because another replica's breaker opened (not shared again).
+    fn open_shared_locked(&self, g: &mut Inner, now: Instant, until: Instant) -> Change {
+        self.open_until.store(self.nanos(until), Ordering::Release);
+        self.reset_window(g);
+        g.in_flight = 0;
+        g.successes = 0;
+        g.granted = 0;
+        g.local_probes = false;
+        g.opened += 1;
+        let (from, to) = self.set_state(OPEN);
+        Change {
+            from,
+            to,
+            reason: TransitionReason::Shared,
+            at: now,
+            until: Some(until),
         }
     }
 
@@ -601,6 +799,11 @@ impl Core {
         let mut g = self.lock();
         if self.state.load(Ordering::Acquire) == word {
             g.in_flight = g.in_flight.saturating_sub(1);
+            if self.sink.is_some() && !g.local_probes {
+                g.granted = g.granted.saturating_sub(1);
+                drop(g);
+                self.report_probe(false);
+            }
         }
     }
 
@@ -635,6 +838,8 @@ impl Core {
         self.reset_window(g);
         g.in_flight = 0;
         g.successes = 0;
+        g.granted = 0;
+        g.local_probes = false;
         g.opened += 1;
         let (from, to) = self.set_state(OPEN);
         Change {
@@ -649,6 +854,8 @@ impl Core {
     fn half_open_locked(&self, g: &mut Inner, now: Instant) -> Change {
         g.in_flight = 0;
         g.successes = 0;
+        g.granted = 0;
+        g.local_probes = false;
         let (from, to) = self.set_state(HALF_OPEN);
         Change {
             from,
@@ -664,6 +871,8 @@ impl Core {
         g.reopens = 0;
         g.in_flight = 0;
         g.successes = 0;
+        g.granted = 0;
+        g.local_probes = false;
         let (from, to) = self.set_state(CLOSED);
         Change {
             from,
@@ -716,6 +925,19 @@ impl Core {
         }
         #[cfg(feature = "metrics")]
         crate::meter::transition(self, c.from, c.to, !self.evicted.load(Ordering::Relaxed));
+        // An opening decided here is shared (one decided elsewhere is already).
+        if let (CircuitState::Open, Some(until), Some(store), Some(sink)) =
+            (c.to, c.until, &self.cfg.store, &self.sink)
+        {
+            if c.reason != TransitionReason::Shared {
+                store.opened(
+                    self.key,
+                    &self.label,
+                    until.saturating_duration_since(c.at),
+                    sink,
+                );
+            }
+        }
         self.emitter.emit(&CircuitEvent::StateChanged {
             key: self.key,
             label: self.label.clone(),
@@ -807,6 +1029,7 @@ mod tests {
             now,
             emitter,
             now,
+            None,
         ));
         (c.lane(0), seen)
     }

@@ -102,6 +102,8 @@ pub struct CircuitBreakerConfig {
     pub(crate) failure: FailurePolicy,
     pub(crate) max_keys: usize,
     pub(crate) idle_timeout: Duration,
+    /// The shared state, if any (`None`: in-process only, the default).
+    pub(crate) store: Option<std::sync::Arc<dyn crate::store::BreakerStore>>,
 }
 
 impl Default for CircuitBreakerConfig {
@@ -120,6 +122,7 @@ impl Default for CircuitBreakerConfig {
             failure: FailurePolicy::default(),
             max_keys: 1024,
             idle_timeout: Duration::from_secs(600),
+            store: None,
         }
     }
 }
@@ -317,6 +320,17 @@ impl CircuitBreakerConfigBuilder {
     /// Forget a key unused for this long (default 10 minutes).
     pub fn idle_timeout(mut self, d: Duration) -> Self {
         self.config.idle_timeout = d;
+        self
+    }
+
+    /// Shares the breakers' state with other replicas through `store` (e.g.
+    /// tower-ai-redis's `RedisBreakers`): a breaker opened here opens in every replica,
+    /// and half-open probes across the replicas stay within
+    /// [`half_open_probes`](Self::half_open_probes). The failure window stays per
+    /// replica. Without it (the default) the state is in-process and the call path is
+    /// unchanged. See [`crate::store`].
+    pub fn store(mut self, store: impl crate::store::BreakerStore) -> Self {
+        self.config.store = Some(std::sync::Arc::new(store));
         self
     }
 

@@ -71,6 +71,9 @@ pub enum TransitionReason {
     Forced,
     /// The handle reset it.
     Reset,
+    /// Another replica decided it, through the layer's shared
+    /// [store](crate::store::BreakerStore): opened there, or closed by probes there.
+    Shared,
 }
 
 /// Something a breaker did, as a [`Listener`] sees it.

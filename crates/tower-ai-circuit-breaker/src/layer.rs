@@ -41,7 +41,7 @@ impl CircuitBreakerLayer {
     /// A layer with `config`, keyed by provider host + model, without a listener.
     pub fn from_config(config: CircuitBreakerConfig) -> Self {
         CircuitBreakerLayer {
-            registry: Arc::new(Registry::new(config, Emitter::new(()))),
+            registry: Registry::new(config, Emitter::new(())),
             key_fn: Arc::new(HostModel),
             _listener: PhantomData,
         }
@@ -149,6 +149,12 @@ impl<K, L> CircuitBreakerBuilder<K, L> {
         idle_timeout(d: Duration);
     }
 
+    /// See [`CircuitBreakerConfigBuilder::store`].
+    pub fn store(mut self, store: impl crate::store::BreakerStore) -> Self {
+        self.config = self.config.store(store);
+        self
+    }
+
     /// See [`CircuitBreakerConfigBuilder::failure_kinds`].
     pub fn failure_kinds(self, kinds: impl IntoIterator<Item = ErrorKind>) -> Self {
         self.failure_policy(FailurePolicy::kinds(kinds))
@@ -184,7 +190,7 @@ impl<K, L> CircuitBreakerBuilder<K, L> {
     {
         let config = self.config.build()?;
         Ok(CircuitBreakerLayer {
-            registry: Arc::new(Registry::new(config, Emitter::new(self.listener))),
+            registry: Registry::new(config, Emitter::new(self.listener)),
             key_fn: Arc::new(self.key_fn),
             _listener: PhantomData,
         })

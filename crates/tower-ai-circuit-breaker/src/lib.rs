@@ -94,6 +94,14 @@
 //! the breaker in the stack) turns stalls, cut streams and in-stream `error` events into
 //! `AiError`s; without it, only transport errors fail a stream.
 //!
+//! # Several replicas
+//!
+//! With [`CircuitBreakerBuilder::store`], the breakers' state is shared by every replica
+//! of a service (tower-ai-redis's `RedisBreakers` keeps it in Redis): a breaker opened by
+//! one replica opens in all, and the half-open probes of all replicas stay within
+//! `half_open_probes`. The failure window stays per replica, and the closed state's call
+//! path is unchanged. Without a store (the default) nothing changes. See [`store`].
+//!
 //! # Place in the stack
 //!
 //! `ModelFallback → AiRetry → CircuitBreaker → TokenBudget → RetryAfterAware →
@@ -152,6 +160,7 @@ mod layer;
 mod meter;
 mod registry;
 mod service;
+pub mod store;
 mod window;
 
 pub use body::BreakerBody;

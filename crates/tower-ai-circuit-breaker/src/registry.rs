@@ -23,6 +23,7 @@ use crate::breaker::Core;
 use crate::clock;
 use crate::config::CircuitBreakerConfig;
 use crate::event::Emitter;
+use crate::store::BreakerSink;
 use crate::window::thread_stripe;
 
 /// A thread stripe's way to a breaker, made by [`Core::lane`].
@@ -80,6 +81,8 @@ pub(crate) struct Registry {
     epoch: Instant,
     shards: Box<[Shard]>,
     per_shard: usize,
+    /// Where a shared store's answers go (only with a store).
+    sink: Option<BreakerSink>,
 }
 
 struct Slot {
@@ -98,17 +101,18 @@ fn slot_of(layer: u64, key: Key) -> usize {
 }
 
 impl Registry {
-    pub(crate) fn new(cfg: CircuitBreakerConfig, emitter: Emitter) -> Registry {
+    pub(crate) fn new(cfg: CircuitBreakerConfig, emitter: Emitter) -> Arc<Registry> {
         static UID: AtomicU64 = AtomicU64::new(1);
         let per_shard = cfg.max_keys.div_ceil(SHARDS).max(1);
-        Registry {
+        Arc::new_cyclic(|me| Registry {
             uid: UID.fetch_add(1, Ordering::Relaxed),
+            sink: cfg.store.is_some().then(|| BreakerSink::new(me.clone())),
             cfg: Arc::new(cfg),
             emitter,
             epoch: clock::now(),
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             per_shard,
-        }
+        })
     }
 
     fn shard(&self, key: Key) -> &Shard {
@@ -214,9 +218,16 @@ impl Registry {
             self.epoch,
             self.emitter.clone(),
             now,
+            self.sink.clone(),
         ));
         let entry = map.entry(key).or_insert(Entry { core });
-        Some(f(entry))
+        let r = f(entry);
+        drop(map);
+        if let (Some(store), Some(sink), Some(core)) = (&self.cfg.store, &self.sink, self.get(key))
+        {
+            store.track(key, &core.label, sink);
+        }
+        Some(r)
     }
 
     /// The breaker of `key`, if it is tracked.
@@ -274,7 +285,7 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn reg(max: usize) -> Registry {
+    fn reg(max: usize) -> Arc<Registry> {
         let cfg = CircuitBreakerConfig::builder()
             .max_keys(max)
             .idle_timeout(Duration::from_secs(60))

@@ -31,7 +31,9 @@ pub mod testing;
 pub use store::{RedisStore, RedisStoreBuilder, StoreError, ToRedisArgsDyn};
 
 // Cooldowns and breaker state (RetryAfterAware, CircuitBreaker).
+mod breaker;
 mod cooldown;
+pub use breaker::RedisBreakers;
 pub use cooldown::RedisCooldowns;
 
 // TokenBudget's shared state.
