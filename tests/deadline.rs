@@ -93,3 +93,44 @@ async fn a_callers_timeout_header_or_deadline_shortens_it() {
     let (waited, _, _) = hang(AiStack::seeded(1).deadline(5 * MIN), request()).await;
     assert_eq!(waited, 5 * MIN);
 }
+
+/// ModelFallback near the deadline: a route whose budget cannot admit the request before
+/// its caller's deadline refuses at once (TokenBudget's predicted start), AiRetry does not
+/// wait with a fallback route behind it, and the next route serves: no wait on a route
+/// that would pass the deadline.
+#[tokio::test(start_paused = true)]
+async fn under_fallback_a_budget_wait_past_the_deadline_moves_on_to_the_next_route() {
+    let sim = Simulator::new(
+        Scenario::builder()
+            .model(ModelSpec::new("gpt-4o"))
+            .model(ModelSpec::new("gpt-4o-mini"))
+            .latency(Latency::fixed(Duration::from_secs(1)))
+            .build()
+            .unwrap(),
+    );
+    // One request a minute per model (HostModel: the routes do not share a window).
+    let budget = TokenBudgetLayer::builder()
+        .key_fn(tower_ai_core::keys::HostModel)
+        .requests_per_minute(1)
+        .wait(5 * MIN)
+        .build()
+        .unwrap();
+    let svc = AiStack::seeded(1)
+        .budget(budget)
+        .fallback(ModelFallbackLayer::models(["gpt-4o-mini"]).unwrap())
+        .layer(sim.service());
+    // gpt-4o's minute is used.
+    assert_eq!(svc.clone().oneshot(request()).await.unwrap().status(), 200);
+
+    // 10 s left: gpt-4o's next slot is a minute away, so the request goes to gpt-4o-mini
+    // at once instead of waiting.
+    let mut req = request();
+    req.headers_mut()
+        .insert("x-stainless-timeout", "10".parse().unwrap());
+    let t0 = Instant::now();
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(t0.elapsed(), Duration::from_secs(1), "one call's latency");
+    let models: Vec<_> = sim.calls().into_iter().filter_map(|c| c.model).collect();
+    assert_eq!(models, ["gpt-4o", "gpt-4o-mini"]);
+}

@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
@@ -437,6 +438,7 @@ pub(crate) struct Chain<ReqB, ResB> {
     pub(crate) return_last: bool,
     pub(crate) long_wait_moves_on: bool,
     pub(crate) idempotency_header: Option<HeaderName>,
+    pub(crate) min_route_time: Duration,
     /// Each route's `tower_ai.fallback.served` key.
     #[cfg(feature = "metrics")]
     pub(crate) served_keys: Box<[::metrics::Key]>,
@@ -531,6 +533,7 @@ pub struct FallbackChainBuilder<ReqB, ResB> {
     return_last: bool,
     long_wait_moves_on: bool,
     idempotency_header: Option<HeaderName>,
+    min_route_time: Duration,
 }
 
 impl<ReqB, ResB> fmt::Debug for FallbackChainBuilder<ReqB, ResB> {
@@ -561,6 +564,7 @@ impl<ReqB, ResB> FallbackChainBuilder<ReqB, ResB> {
             return_last: false,
             long_wait_moves_on: true,
             idempotency_header: Some(HeaderName::from_static("idempotency-key")),
+            min_route_time: Duration::ZERO,
         }
     }
 
@@ -613,6 +617,32 @@ impl<ReqB, ResB> FallbackChainBuilder<ReqB, ResB> {
     /// Default false.
     pub fn return_last(mut self, yes: bool) -> Self {
         self.return_last = yes;
+        self
+    }
+
+    /// The least time a route needs to answer: a later route that calls a provider is not
+    /// started when the request's [`Deadline`](tower_ai_core::Deadline) leaves less than
+    /// this (default zero: not once the deadline has passed). Such a route is skipped, as
+    /// every call route after it, with a [`RouteFailure`](crate::RouteFailure) of kind
+    /// `Timeout`; a degraded route after them still answers (it makes no call). The first
+    /// route always goes: the caller sent the request. A request without a `Deadline` is
+    /// not affected.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ai_core::AiBody;
+    /// use tower_ai_fallback::{FallbackChain, Route};
+    ///
+    /// let chain = FallbackChain::<AiBody, AiBody>::builder()
+    ///     .route(Route::primary("gpt-4o"))
+    ///     .route(Route::model("gpt-4o-mini"))
+    ///     .min_route_time(Duration::from_secs(2)) // the p99 of an answer
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = chain;
+    /// ```
+    pub fn min_route_time(mut self, d: Duration) -> Self {
+        self.min_route_time = d;
         self
     }
 
@@ -719,6 +749,7 @@ impl<ReqB, ResB> FallbackChainBuilder<ReqB, ResB> {
                 return_last: self.return_last,
                 long_wait_moves_on: self.long_wait_moves_on,
                 idempotency_header: self.idempotency_header,
+                min_route_time: self.min_route_time,
             }),
         })
     }

@@ -14,7 +14,7 @@ use pin_project_lite::pin_project;
 use tower::util::Oneshot;
 use tower_ai_core::{
     model_of, model_path_span, redacted_chain, try_clone_request, AiError, AttemptBudget, BoxError,
-    Classification, ErrorKind, Provider, ReplayBody, RouteFailure,
+    Classification, Deadline, ErrorKind, Provider, ReplayBody, RouteFailure,
 };
 use tower_service::Service;
 
@@ -238,6 +238,22 @@ where
                 let res = make(req);
                 return Step::Ready(Ok(self.mark(res, j)));
             }
+            if j > 0 && self.too_late(&chain) {
+                // No call route can answer in time: only a degraded one may still serve.
+                tracing::debug!(
+                    route = &*route.name,
+                    "route not started: the deadline is too near"
+                );
+                #[cfg(feature = "metrics")]
+                crate::meter::fallback("deadline");
+                self.failures.push(RouteFailure {
+                    route: route.name.to_string(),
+                    classification: Classification::failure(ErrorKind::Timeout, self.provider()),
+                    message: "not started: the request's deadline leaves less than the chain's min_route_time".to_owned(),
+                });
+                candidate = degraded_after(&chain.routes, j);
+                continue;
+            }
             let mut req = match first.take() {
                 Some(req) => req,
                 None => match self.original.as_ref().and_then(try_clone_request) {
@@ -328,6 +344,16 @@ where
                 Target::Degraded(_) => unreachable!("handled above"),
             });
         }
+    }
+
+    /// Whether the request's deadline leaves less than the chain's `min_route_time` (read
+    /// only when a later route would start).
+    fn too_late(&self, chain: &Chain<ReqB, ResB>) -> bool {
+        let Some(deadline) = self.original.as_ref().and_then(Deadline::of) else {
+            return false;
+        };
+        let left = deadline.remaining();
+        left.is_zero() || left < chain.min_route_time
     }
 
     fn take_attempt(&mut self, j: usize) -> bool {

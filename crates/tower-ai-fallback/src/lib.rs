@@ -36,6 +36,13 @@
 //!   and `AiError::CoolingDown` from a layer below (nothing was sent, no time spent). A
 //!   route's [`skip_if`](Route::skip_if) predicate (a breaker handle) skips it without a
 //!   call.
+//! - **Near the deadline** (the request's [`Deadline`](tower_ai_core::Deadline)): a later
+//!   route that calls a provider is not started once the deadline leaves less than
+//!   [`min_route_time`](FallbackChainBuilder::min_route_time) (default: once it has
+//!   passed); a degraded route still answers. Waits below that would pass the deadline
+//!   are refused at once by the layers that would wait (TokenBudget by its predicted
+//!   start, RetryAfterAware by the cooldown's end, AiRetry by its next wait), so the
+//!   chain moves on instead of waiting.
 //! - **One attempt budget** per request across the chain, retries included
 //!   ([`AttemptBudget`], in the extensions of each request sent, for AiRetry to draw from).
 //! - **Reports what served**: [`Served`] in the response extensions (and optionally a

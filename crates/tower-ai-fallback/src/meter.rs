@@ -9,7 +9,8 @@ use tower_ai_core::meter::{self, KeyTable, OTHER};
 const SERVED: &str = "tower_ai.fallback.served";
 
 /// Values of `trigger`: the failure's error type, `skipped` (the route's skip predicate,
-/// an open circuit), or `attempt_budget` (no attempt left for the route).
+/// an open circuit), `attempt_budget` (no attempt left for the route), or `deadline` (the
+/// request's deadline too near to start the route).
 const TRIGGERS: &[&str] = &[
     "rate_limited",
     "quota_exhausted",
@@ -28,6 +29,7 @@ const TRIGGERS: &[&str] = &[
     "unknown",
     "skipped",
     "attempt_budget",
+    "deadline",
     OTHER,
 ];
 
