@@ -129,6 +129,8 @@ want '^tower_ai_stall_stalls_total\{phase="idle"\} 1$'
 want '^tower_ai_budget_refused_total\{limit="concurrency"\} 1$'
 # the breaker of the default model is tracked and closed
 want '^tower_ai_circuit_breaker_state\{key="127\.0\.0\.1(:[0-9]+)?/gpt-4o",state="closed"\} 1$'
+# the gateway counts the keys cooling at each scrape: none (a quota error teaches no cooldown)
+want '^tower_ai_retry_after_keys_cooling 0$'
 want '^# TYPE tower_ai_budget_queue_wait_seconds histogram$|^# TYPE tower_ai_retry_wait_seconds histogram$'
 
 echo "==> GET /health"

@@ -239,7 +239,11 @@ fn gateway(
 }
 
 /// `GET /metrics`: the layers' metrics in Prometheus' text exposition format.
-async fn metrics(State(prometheus): State<PrometheusHandle>) -> Response {
+async fn metrics(
+    State((prometheus, cooldowns)): State<(PrometheusHandle, RetryAfterAwareLayer)>,
+) -> Response {
+    // Cooldowns end with nothing to record it: count the keys still cooling now.
+    cooldowns.cooling();
     // Without the exporter's HTTP listener nothing drains the histograms in the
     // background: do it before each scrape.
     prometheus.run_upkeep();
@@ -542,14 +546,14 @@ async fn main() -> Result<(), BoxError> {
         .build_http::<AiBody>();
     let prometheus = install_metrics()?;
     let (gateway, health_state) = gateway(&upstream, &upstream_key, client.clone(), stall_idle)?;
+    let ops = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state((prometheus, health_state.cooldowns.clone()));
     let app = App {
         gateway,
         keys: Arc::new(ClientKeys::from_env()?),
         health: health_state,
     };
-    let ops = Router::new()
-        .route("/metrics", get(metrics))
-        .with_state(prometheus);
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/health", get(health))
