@@ -135,3 +135,30 @@ async fn the_predicted_start_counts_the_tokens_of_those_queued_before() {
     assert_eq!(retry_after, Some(122 * S));
     drop(big);
 }
+
+/// The budget key as a per-request override: with the key function wrapped in
+/// `WithOverride`, a request's `BudgetKey` decides the budget it is counted under.
+#[tokio::test(start_paused = true)]
+async fn a_requests_budget_key_overrides_the_key_function() {
+    use tower_ai_core::keys::{Global, Key};
+    use tower_ai_core::overrides::{BudgetKey, WithOverride};
+    let layer = TokenBudgetLayer::builder()
+        .key_fn(WithOverride(Global))
+        .requests_per_minute(1)
+        .reject()
+        .build()
+        .unwrap();
+    let svc = layer.layer(ok_provider());
+    let keyed = |k: &str| {
+        let mut req = chat(10, None);
+        req.extensions_mut().insert(BudgetKey(Key::of(k)));
+        req
+    };
+    send(&svc, keyed("tenant-a")).await.unwrap();
+    send(&svc, keyed("tenant-b")).await.unwrap();
+    send(&svc, chat(10, None)).await.unwrap();
+    let err = send(&svc, keyed("tenant-a")).await.unwrap_err();
+    assert_eq!(exceeded(&err).0, BudgetLimit::RequestsPerMinute);
+    let err = send(&svc, chat(10, None)).await.unwrap_err();
+    assert_eq!(exceeded(&err).0, BudgetLimit::RequestsPerMinute);
+}

@@ -51,6 +51,7 @@ mod layer;
 mod meta;
 #[cfg(feature = "metrics")]
 pub mod meter;
+pub mod overrides;
 mod provider;
 mod ratelimit;
 pub mod respond;

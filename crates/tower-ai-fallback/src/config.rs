@@ -623,7 +623,7 @@ impl<ReqB, ResB> FallbackChainBuilder<ReqB, ResB> {
     /// The least time a route needs to answer: a later route that calls a provider is not
     /// started when the request's [`Deadline`](tower_ai_core::Deadline) leaves less than
     /// this (default zero: not once the deadline has passed). Such a route is skipped, as
-    /// every call route after it, with a [`RouteFailure`](crate::RouteFailure) of kind
+    /// every call route after it, with a [`RouteFailure`](tower_ai_core::RouteFailure) of kind
     /// `Timeout`; a degraded route after them still answers (it makes no call). The first
     /// route always goes: the caller sent the request. A request without a `Deadline` is
     /// not affected.

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use http::header::Entry;
 use http::{HeaderValue, Method, Request, Response};
 use tokio::time::Instant;
+use tower_ai_core::overrides::RetryLimits;
 use tower_ai_core::{check_model, try_clone_request, BoxError, ReplayBody};
 use tower_service::Service;
 
@@ -209,6 +210,17 @@ where
             let config = self.local.config.clone();
             return ResponseFuture::refused(Box::new(e), self.inner.clone(), config, span);
         }
+        // A request's own attempt limit (one extensions lookup): a config of its own, made
+        // only for such a request.
+        let config = match RetryLimits::of(&req).and_then(|l| l.max_attempts) {
+            Some(n) => {
+                let mut c = cfg.clone();
+                c.max_attempts = n.clamp(1, 100);
+                Arc::new(c)
+            }
+            None => self.local.config.clone(),
+        };
+        let cfg = &*config;
         // The copy for a retry is taken first, without the two headers: it costs two
         // entries less to clone and to drop, and a retry puts them in (the same key,
         // the next attempt number). A map already at http's maximum size gets neither
@@ -245,7 +257,7 @@ where
             inner,
             retained,
             key,
-            self.local.config.clone(),
+            config,
             start,
             fastrand::Rng::with_seed(self.rng.u64(..)),
             span,

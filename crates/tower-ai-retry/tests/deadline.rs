@@ -197,3 +197,33 @@ async fn the_stop_event_says_it_was_the_deadline_and_on_exhausted_error_applies(
         Some(AiError::RetriesExhausted { attempts: 2, .. })
     ));
 }
+
+/// A per-request [`RetryLimits`](tower_ai_core::overrides::RetryLimits) replaces the
+/// layer's most attempts for that request only (within 1..=100).
+#[tokio::test(start_paused = true)]
+async fn a_requests_retry_limits_override_the_layers() {
+    use tower_ai_core::overrides::RetryLimits;
+    let with = |n: u32| {
+        let mut req = request(None);
+        req.extensions_mut()
+            .insert(RetryLimits::new().max_attempts(n));
+        req
+    };
+    // The layer's 5 attempts; 1 (no retry) and 2 for requests that say so.
+    let (seen, _) = run(layer(), request(None), |_| Ok(resp(502, &[]))).await;
+    assert_eq!(seen.len(), 5);
+    let (seen, res) = run(layer(), with(1), |_| Ok(resp(502, &[]))).await;
+    assert_eq!(seen, [Duration::ZERO]);
+    assert_eq!(
+        res.unwrap().stop.map(|s| s.reason),
+        Some(StopReason::MaxAttempts)
+    );
+    let (seen, _) = run(layer(), with(2), |_| Ok(resp(502, &[]))).await;
+    assert_eq!(seen, [Duration::ZERO, S]);
+    // More than the layer's, up to its ceiling of 100: 7 attempts.
+    let (seen, _) = run(layer(), with(7), |_| Ok(resp(502, &[]))).await;
+    assert_eq!(seen.len(), 7);
+    // Zero is taken as 1.
+    let (seen, _) = run(layer(), with(0), |_| Ok(resp(502, &[]))).await;
+    assert_eq!(seen.len(), 1);
+}

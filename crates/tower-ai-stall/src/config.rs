@@ -3,6 +3,8 @@
 use std::num::NonZeroU64;
 use std::time::Duration;
 
+use tower_ai_core::overrides::StallDeadlines;
+
 use tower_ai_core::StallPhase;
 
 use crate::layer::StallDetectorLayer;
@@ -109,6 +111,25 @@ pub struct StallConfig {
 
 /// A deadline in nanoseconds, `None` when off.
 type Deadline = Option<NonZeroU64>;
+
+impl StallConfig {
+    /// This configuration with a request's [`StallDeadlines`] override applied: each
+    /// deadline it sets replaces the layer's (a zero one is ignored).
+    pub(crate) fn overridden(mut self, o: &StallDeadlines) -> StallConfig {
+        let set = |slot: &mut Deadline, d: Option<Duration>| {
+            if let Ok(Some(v)) = store(d) {
+                *slot = Some(v);
+            }
+        };
+        set(&mut self.head, o.head);
+        set(&mut self.unary_head, o.head);
+        set(&mut self.first_byte, o.first_byte);
+        set(&mut self.first_content, o.first_content);
+        set(&mut self.idle, o.idle);
+        set(&mut self.total, o.total);
+        self
+    }
+}
 
 /// Stores `d`; zero is reported back as `Err(())`. Durations over 584 years saturate.
 fn store(d: Option<Duration>) -> Result<Deadline, ()> {

@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{header, Request, Response};
 use http_body::Body;
+use tower_ai_core::overrides::StallDeadlines;
 use tower_ai_core::stream::StreamDialect;
 use tower_ai_core::{top_level_bool, AiBody, BoxError, Deadline, Provider, RequestMeta};
 use tower_service::Service;
@@ -157,10 +158,15 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let route = Route::of(&req, &self.config);
+        // The request's own deadlines, if it carries any (one extensions lookup).
+        let config = match StallDeadlines::of(&req) {
+            Some(o) => self.config.overridden(o),
+            None => self.config,
+        };
+        let route = Route::of(&req, &config);
         // One extensions lookup; no clock read.
         let deadline = Deadline::of(&req).map(Deadline::instant);
-        ResponseFuture::new(self.inner.call(req), self.config, route, deadline)
+        ResponseFuture::new(self.inner.call(req), config, route, deadline)
     }
 }
 

@@ -114,3 +114,42 @@ async fn a_deadline_already_past_fails_the_wait_at_once() {
     let err = assert_ready_err!(fut.poll());
     assert_eq!(stalled(&err).0, StallPhase::Total);
 }
+
+/// A per-request [`StallDeadlines`](tower_ai_core::overrides::StallDeadlines) replaces the
+/// layer's deadlines for that request only: a long answer gets a longer total.
+#[tokio::test(start_paused = true)]
+async fn a_requests_stall_deadlines_override_the_layers() {
+    use tower_ai_core::overrides::StallDeadlines;
+    let layer = StallDetectorLayer::new();
+    const MIN: Duration = Duration::from_secs(60);
+
+    // The layer's 20-minute total.
+    let (mut svc, mut handle) = service(layer);
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(unary(OPENAI)));
+    assert_pending!(fut.poll());
+    let _pending = handle.next_request().await.unwrap();
+    advance(20 * MIN).await;
+    assert_eq!(
+        stalled(&assert_ready_err!(fut.poll())),
+        (StallPhase::Total, 20 * MIN)
+    );
+
+    // 40 minutes for this request (a long answer; a zero idle is ignored): still waiting
+    // at 20 minutes, cut at 40.
+    let (mut svc, mut handle) = service(layer);
+    assert_ready_ok!(svc.poll_ready());
+    let mut req = unary(OPENAI);
+    req.extensions_mut()
+        .insert(StallDeadlines::new().total(40 * MIN).idle(Duration::ZERO));
+    let mut fut = task::spawn(svc.call(req));
+    assert_pending!(fut.poll());
+    let _pending = handle.next_request().await.unwrap();
+    advance(20 * MIN).await;
+    assert_pending!(fut.poll());
+    advance(20 * MIN).await;
+    assert_eq!(
+        stalled(&assert_ready_err!(fut.poll())),
+        (StallPhase::Total, 40 * MIN)
+    );
+}

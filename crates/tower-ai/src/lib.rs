@@ -44,6 +44,13 @@
 //! # }
 //! ```
 //!
+//! # Per-request overrides
+//!
+//! What a caller knows better than a layer's configuration goes in the request's
+//! extensions: its [`Deadline`], StallDetector's deadlines for a long answer, AiRetry's
+//! most attempts, the budget key. The types and which layer reads each are listed in one
+//! place, [`overrides`].
+//!
 //! # Errors
 //!
 //! Every service returns `BoxError`, as tower's own middleware do. A provider's error
@@ -83,6 +90,8 @@ pub use stack::AiStack;
 
 /// The shared vocabulary: classification, rate-limit parsing, bodies, errors, SSE.
 pub use tower_ai_core as core;
+/// Per-request overrides through the request's extensions (the one list of them).
+pub use tower_ai_core::overrides;
 pub use tower_ai_core::{
     error_response, AiBody, AiError, BoxError, Classification, ClassifyConfig, ClassifyLayer,
     Deadline, DeadlineLayer, ErrorDialect, ErrorKind, ErrorReply, Provider, RequestMeta, Usage,
