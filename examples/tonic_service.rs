@@ -53,10 +53,10 @@ use tonic_prost::ProstCodec;
 use tonic_types::StatusExt as _;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_ai::circuit_breaker::BreakerBody;
 use tower_ai::core::keys::Key;
 use tower_ai::prelude::*;
 use tower_ai::sim::{ModelSpec, Scenario, Simulator};
+use tower_ai::telemetry::TelemetryBody;
 use tower_ai::{ErrorReply, Usage};
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -98,7 +98,7 @@ fn stack(client: Client<HttpConnector, AiBody>) -> Result<Ai, BoxError> {
         .reject()
         .build()?;
     let svc = ServiceBuilder::new()
-        .map_response(|res: Response<_>| res.map(|b: BreakerBody<_>| b.boxed_unsync()))
+        .map_response(|res: Response<_>| res.map(|b: TelemetryBody<_>| b.boxed_unsync()))
         .ai_stack(AiStack::new().budget(per_tenant))
         .service(client);
     Ok(BoxCloneSyncService::new(svc))

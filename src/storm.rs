@@ -497,8 +497,10 @@ pub fn naive(
 }
 
 /// The response body of the tower-ai stack over the simulator.
-pub type StackBody = tower_ai::circuit_breaker::BreakerBody<
-    tower_ai::budget::BudgetBody<tower_ai::stall::StallBody<ClassifiedBody<SimBody>>>,
+pub type StackBody = tower_ai::telemetry::TelemetryBody<
+    tower_ai::circuit_breaker::BreakerBody<
+        tower_ai::budget::BudgetBody<tower_ai::stall::StallBody<ClassifiedBody<SimBody>>>,
+    >,
 >;
 
 /// The tower-ai stack: [`AiStack`] with a requests-per-minute budget at the primary
@@ -535,7 +537,11 @@ pub fn tower_ai_service(
     };
     // The same stack on both providers: seeded, with those deadlines.
     let stack = || AiStack::seeded(seed).stall(stall());
-    let backup = stack().budget(budget(1000)).layer(storm.backup.service());
+    // The backup's stack is inside the primary's GenAI span: no span of its own.
+    let backup = stack()
+        .no_telemetry()
+        .budget(budget(1000))
+        .layer(storm.backup.service());
     let chain = FallbackChain::builder()
         .route(Route::primary("primary"))
         .route(Route::model(SECONDARY_MODEL))

@@ -22,6 +22,8 @@
 //! - [`AiError`]: the one error type, with every layer's refusal as a variant.
 //! - [`Deadline`] and [`DeadlineLayer`]: the instant a request must be answered by,
 //!   which every layer that waits honours.
+//! - [`TelemetryLayer`]: one OpenTelemetry GenAI client span per logical call, and (with
+//!   the `metrics` feature) the GenAI client metrics; see [`telemetry`].
 //! - [`AttemptBudget`]: one cap on upstream calls per logical request, shared by
 //!   ModelFallback and AiRetry through the request's extensions.
 //!
@@ -58,6 +60,7 @@ pub mod respond;
 mod service;
 pub mod sse;
 pub mod stream;
+pub mod telemetry;
 
 pub use attempt::AttemptBudget;
 pub use body::{try_clone_request, AiBody, ClassifiedBody, ReplayBody};
@@ -77,3 +80,4 @@ pub use provider::Provider;
 pub use ratelimit::{response_clock, Bucket, RateLimitInfo, RequestedWait, WaitSource};
 pub use respond::{error_response, ErrorDialect, ErrorReply};
 pub use service::Classify;
+pub use telemetry::{Telemetry, TelemetryLayer};

@@ -107,6 +107,20 @@ impl Provider {
             Provider::Generic => "generic",
         }
     }
+
+    /// The provider's name in the OpenTelemetry GenAI semantic conventions
+    /// (`gen_ai.provider.name`): `openai`, `anthropic`, `gcp.gemini` (the
+    /// `generativelanguage.googleapis.com` API), `azure.ai.openai`, and `_OTHER` for a
+    /// provider tower-ai does not recognise.
+    pub const fn gen_ai_name(self) -> &'static str {
+        match self {
+            Provider::OpenAi => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::Gemini => "gcp.gemini",
+            Provider::AzureOpenAi => "azure.ai.openai",
+            Provider::Generic => "_OTHER",
+        }
+    }
 }
 
 impl std::fmt::Display for Provider {

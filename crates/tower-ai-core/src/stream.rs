@@ -133,6 +133,19 @@ impl FinishReason {
         }
     }
 
+    /// A short lowercase name, the same for every dialect: `stop`, `length`,
+    /// `content_filter`, `tool_call` (the names of the OpenTelemetry GenAI output
+    /// messages' finish reasons) or `other`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ContentFilter => "content_filter",
+            FinishReason::ToolUse => "tool_call",
+            FinishReason::Other => "other",
+        }
+    }
+
     /// Whether the answer was cut short by a limit.
     pub fn is_truncation(self) -> bool {
         self == FinishReason::Length
@@ -271,6 +284,31 @@ impl StreamScanner {
         let mut seen = Seen::default();
         let state = &mut self.state;
         self.parser.feed(chunk, |item| state.item(item, &mut seen));
+        self.state.facts(seen)
+    }
+
+    /// [`feed`](StreamScanner::feed), with `inspect` called first with each complete
+    /// event (its name and data, as [`SseItem::Event`] gives them): for a reader that
+    /// wants more of an event than the scanner keeps (the response id and model, say),
+    /// without parsing the stream twice. `feed` itself inspects nothing.
+    ///
+    /// ```
+    /// use tower_ai_core::stream::{StreamDialect, StreamScanner};
+    /// let mut scanner = StreamScanner::new(StreamDialect::Anthropic);
+    /// let mut names = Vec::new();
+    /// scanner.feed_with(b"event: ping\ndata: {}\n\n", |event, _data| names.push(event.to_owned()));
+    /// assert_eq!(names, ["ping"]);
+    /// ```
+    #[inline]
+    pub fn feed_with(&mut self, chunk: &[u8], mut inspect: impl FnMut(&str, &[u8])) -> ChunkFacts {
+        let mut seen = Seen::default();
+        let state = &mut self.state;
+        self.parser.feed(chunk, |item| {
+            if let SseItem::Event { event, data } = &item {
+                inspect(event, data);
+            }
+            state.item(item, &mut seen)
+        });
         self.state.facts(seen)
     }
 
@@ -863,6 +901,57 @@ fn each_key<'a>(json: &'a [u8], mut f: impl FnMut(Key<'a>)) {
             f(Key { json, close, colon });
         }
     }
+}
+
+/// The id and the model a JSON answer or stream event names: its top-level `id` and
+/// `model` (OpenAI Chat and Responses, Anthropic, and every OpenAI Chat chunk), Gemini's
+/// `responseId` and `modelVersion`, else those of the object under a top-level `message`
+/// (Anthropic's `message_start` event) or `response` (OpenAI Responses' `response.created`).
+/// Strings only; `(None, None)` when the JSON names neither.
+///
+/// ```
+/// use tower_ai_core::stream::response_identity;
+/// let start = br#"{"type":"message_start","message":{"id":"msg_01","type":"message","model":"claude-sonnet-4-5"}}"#;
+/// let (id, model) = response_identity(start);
+/// assert_eq!((id.as_deref(), model.as_deref()), (Some("msg_01"), Some("claude-sonnet-4-5")));
+/// let gemini = br#"{"candidates":[],"modelVersion":"gemini-2.5-flash","responseId":"abc"}"#;
+/// assert_eq!(response_identity(gemini).1.as_deref(), Some("gemini-2.5-flash"));
+/// ```
+pub fn response_identity(
+    json: &[u8],
+) -> (
+    Option<std::borrow::Cow<'_, str>>,
+    Option<std::borrow::Cow<'_, str>>,
+) {
+    fn of(
+        obj: &[u8],
+    ) -> (
+        Option<std::borrow::Cow<'_, str>>,
+        Option<std::borrow::Cow<'_, str>>,
+    ) {
+        let string = |a: &[u8], b: &[u8]| {
+            member(obj, a)
+                .or_else(|| member(obj, b))
+                .and_then(|r| json_string(obj, r.start))
+        };
+        (
+            string(b"id", b"responseId"),
+            string(b"model", b"modelVersion"),
+        )
+    }
+    let (id, model) = of(json);
+    if id.is_some() || model.is_some() {
+        return (id, model);
+    }
+    for key in [&b"message"[..], b"response"] {
+        if let Some(r) = member(json, key) {
+            let found = of(&json[r]);
+            if found.0.is_some() || found.1.is_some() {
+                return found;
+            }
+        }
+    }
+    (None, None)
 }
 
 /// The string at `json[at..]` when it is a short one without escapes (a finish reason).

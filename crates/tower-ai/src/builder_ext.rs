@@ -34,10 +34,11 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
         feature = "circuit-breaker",
         feature = "stall"
     ))]
-    fn ai_stack<F, B, CB, RA>(
+    #[allow(clippy::type_complexity)] // AiStack's five layer types, as AiStack spells them
+    fn ai_stack<F, B, CB, RA, T>(
         self,
-        stack: crate::AiStack<F, B, CB, RA>,
-    ) -> ServiceBuilder<Stack<crate::AiStack<F, B, CB, RA>, L>>;
+        stack: crate::AiStack<F, B, CB, RA, T>,
+    ) -> ServiceBuilder<Stack<crate::AiStack<F, B, CB, RA, T>, L>>;
 
     /// Adds an [`AiRetryLayer`](tower_ai_retry::AiRetryLayer).
     #[cfg(feature = "retry")]
@@ -93,10 +94,11 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         feature = "circuit-breaker",
         feature = "stall"
     ))]
-    fn ai_stack<F, B, CB, RA>(
+    #[allow(clippy::type_complexity)] // AiStack's five layer types, as AiStack spells them
+    fn ai_stack<F, B, CB, RA, T>(
         self,
-        stack: crate::AiStack<F, B, CB, RA>,
-    ) -> ServiceBuilder<Stack<crate::AiStack<F, B, CB, RA>, L>> {
+        stack: crate::AiStack<F, B, CB, RA, T>,
+    ) -> ServiceBuilder<Stack<crate::AiStack<F, B, CB, RA, T>, L>> {
         self.layer(stack)
     }
 

@@ -18,6 +18,7 @@
 //! | [`ModelFallbackLayer`] | which model or provider serves the request | `tower-ai-fallback` (`fallback`) |
 //! | [`StallDetectorLayer`] | whether a streamed answer is still alive | `tower-ai-stall` (`stall`) |
 //! | [`ClassifyLayer`] | what each response *is*, read once for all the layers above | `tower-ai-core` |
+//! | [`TelemetryLayer`] | nothing: one OpenTelemetry GenAI client span per logical call, and the GenAI client metrics (`metrics` feature) | `tower-ai-core` |
 //!
 //! [`AiStack`] puts them in the recommended order in one call; [`ServiceBuilderExt`] adds
 //! them one by one by name. The `sim` feature re-exports the simulated provider
@@ -94,8 +95,13 @@ pub use tower_ai_core as core;
 pub use tower_ai_core::overrides;
 pub use tower_ai_core::{
     error_response, AiBody, AiError, BoxError, Classification, ClassifyConfig, ClassifyLayer,
-    Deadline, DeadlineLayer, ErrorDialect, ErrorKind, ErrorReply, Provider, RequestMeta, Usage,
+    Deadline, DeadlineLayer, ErrorDialect, ErrorKind, ErrorReply, Provider, RequestMeta,
+    TelemetryLayer, Usage,
 };
+
+/// One OpenTelemetry GenAI client span per logical call, and (with the `metrics` feature)
+/// the GenAI client metrics: see [`TelemetryLayer`].
+pub use tower_ai_core::telemetry;
 
 /// AiRetry: backoff with jitter, only for what is worth retrying, inside a retry budget.
 #[cfg(feature = "retry")]
@@ -167,7 +173,7 @@ pub mod prelude {
     pub use crate::ServiceBuilderExt;
     pub use tower_ai_core::{
         AiBody, AiError, BoxError, Classification, ClassifyLayer, Deadline, DeadlineLayer,
-        ErrorKind, Provider,
+        ErrorKind, Provider, TelemetryLayer,
     };
 
     #[cfg(all(

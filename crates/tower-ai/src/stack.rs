@@ -3,7 +3,7 @@
 use std::time::Duration;
 use tower_ai_circuit_breaker::{CircuitBreakerHandle, CircuitBreakerLayer};
 
-use tower_ai_core::{Classify, ClassifyConfig, ClassifyLayer, SetDeadline};
+use tower_ai_core::{Classify, ClassifyConfig, ClassifyLayer, SetDeadline, TelemetryLayer};
 use tower_ai_retry::{AiRetry, AiRetryLayer};
 use tower_ai_retry_after::RetryAfterAwareLayer;
 use tower_ai_stall::{StallDetector, StallDetectorLayer};
@@ -12,10 +12,11 @@ use tower_layer::{Identity, Layer};
 /// The whole tower-ai stack in the recommended order, as one [`Layer`]:
 ///
 /// ```text
-/// Deadline → ModelFallback → AiRetry → CircuitBreaker → TokenBudget → RetryAfterAware → StallDetector → Classify → client
+/// Telemetry → Deadline → ModelFallback → AiRetry → CircuitBreaker → TokenBudget → RetryAfterAware → StallDetector → Classify → client
 /// ```
 ///
-/// Fallback sees a route's final verdict; retry repeats one route; the breaker fails fast
+/// Telemetry's span covers the logical call (every attempt, wait and fallback below it is
+/// its child, see [`TelemetryLayer`]); fallback sees a route's final verdict; retry repeats one route; the breaker fails fast
 /// before a doomed call is budgeted; the budget and the cooldown gate hold requests that
 /// would be rejected anyway; the stall detector and the classifier sit next to the wire.
 ///
@@ -79,8 +80,14 @@ use tower_layer::{Identity, Layer};
 /// # }
 /// ```
 #[derive(Debug, Clone)]
-pub struct AiStack<F = Identity, B = Identity, CB = CircuitBreakerLayer, RA = RetryAfterAwareLayer>
-{
+pub struct AiStack<
+    F = Identity,
+    B = Identity,
+    CB = CircuitBreakerLayer,
+    RA = RetryAfterAwareLayer,
+    T = TelemetryLayer,
+> {
+    telemetry: T,
     deadline: Option<Duration>,
     fallback: F,
     retry: AiRetryLayer,
@@ -98,6 +105,7 @@ impl AiStack {
     /// The stack with its defaults (see the type's docs).
     pub fn new() -> Self {
         AiStack {
+            telemetry: TelemetryLayer::new(),
             deadline: Some(AiStack::DEFAULT_DEADLINE),
             fallback: Identity::new(),
             retry: AiRetryLayer::new(3),
@@ -142,7 +150,7 @@ impl Default for AiStack {
     }
 }
 
-impl<F, B, CB, RA> AiStack<F, B, CB, RA> {
+impl<F, B, CB, RA, T> AiStack<F, B, CB, RA, T> {
     /// Gives every call at most `timeout` end to end (instead of
     /// [`AiStack::DEFAULT_DEADLINE`]); a caller's shorter deadline still wins. See
     /// [`DeadlineLayer`](tower_ai_core::DeadlineLayer).
@@ -157,6 +165,34 @@ impl<F, B, CB, RA> AiStack<F, B, CB, RA> {
     pub fn no_deadline(mut self) -> Self {
         self.deadline = None;
         self
+    }
+
+    /// Uses `telemetry` (another answer-body bound) instead of the default
+    /// [`TelemetryLayer`].
+    pub fn telemetry(self, telemetry: TelemetryLayer) -> AiStack<F, B, CB, RA, TelemetryLayer> {
+        self.with_telemetry(telemetry)
+    }
+
+    /// Leaves the [`TelemetryLayer`] out: no GenAI span or metric for the calls through
+    /// this stack. For a stack inside another one's span (an `AiStack` serving as a
+    /// fallback route of another `AiStack`, whose span already covers the call), and for
+    /// a response body of the same type as the stack's without telemetry.
+    pub fn no_telemetry(self) -> AiStack<F, B, CB, RA, Identity> {
+        self.with_telemetry(Identity::new())
+    }
+
+    fn with_telemetry<T2>(self, telemetry: T2) -> AiStack<F, B, CB, RA, T2> {
+        AiStack {
+            telemetry,
+            deadline: self.deadline,
+            fallback: self.fallback,
+            retry: self.retry,
+            breaker: self.breaker,
+            budget: self.budget,
+            cooldown: self.cooldown,
+            stall: self.stall,
+            classify: self.classify,
+        }
     }
 
     /// Uses `retry` instead of the default AiRetry.
@@ -179,8 +215,9 @@ impl<F, B, CB, RA> AiStack<F, B, CB, RA> {
 
     /// Uses `breaker` (any key function, any listener) instead of the default
     /// per-model CircuitBreaker.
-    pub fn circuit_breaker<CB2>(self, breaker: CB2) -> AiStack<F, B, CB2, RA> {
+    pub fn circuit_breaker<CB2>(self, breaker: CB2) -> AiStack<F, B, CB2, RA, T> {
         AiStack {
+            telemetry: self.telemetry,
             deadline: self.deadline,
             fallback: self.fallback,
             retry: self.retry,
@@ -194,8 +231,9 @@ impl<F, B, CB, RA> AiStack<F, B, CB, RA> {
 
     /// Uses `cooldown` (another key function, fail-fast) instead of the default
     /// per-model RetryAfterAware gate.
-    pub fn retry_after<RA2>(self, cooldown: RA2) -> AiStack<F, B, CB, RA2> {
+    pub fn retry_after<RA2>(self, cooldown: RA2) -> AiStack<F, B, CB, RA2, T> {
         AiStack {
+            telemetry: self.telemetry,
             deadline: self.deadline,
             fallback: self.fallback,
             retry: self.retry,
@@ -208,8 +246,9 @@ impl<F, B, CB, RA> AiStack<F, B, CB, RA> {
     }
 
     /// Adds a budget (a `TokenBudgetLayer`) between the breaker and the cooldown gate.
-    pub fn budget<B2>(self, budget: B2) -> AiStack<F, B2, CB, RA> {
+    pub fn budget<B2>(self, budget: B2) -> AiStack<F, B2, CB, RA, T> {
         AiStack {
+            telemetry: self.telemetry,
             deadline: self.deadline,
             fallback: self.fallback,
             retry: self.retry,
@@ -222,8 +261,9 @@ impl<F, B, CB, RA> AiStack<F, B, CB, RA> {
     }
 
     /// Adds a fallback chain (a `ModelFallbackLayer`) outside everything else.
-    pub fn fallback<F2>(self, fallback: F2) -> AiStack<F2, B, CB, RA> {
+    pub fn fallback<F2>(self, fallback: F2) -> AiStack<F2, B, CB, RA, T> {
         AiStack {
+            telemetry: self.telemetry,
             deadline: self.deadline,
             fallback,
             retry: self.retry,
@@ -236,7 +276,7 @@ impl<F, B, CB, RA> AiStack<F, B, CB, RA> {
     }
 }
 
-impl<F, B, K, L, RA> AiStack<F, B, CircuitBreakerLayer<K, L>, RA> {
+impl<F, B, K, L, RA, T> AiStack<F, B, CircuitBreakerLayer<K, L>, RA, T> {
     /// A handle on the circuit breaker's state: read each key's state and metrics, force
     /// a circuit open or closed (and give ModelFallback a `skip_if` that avoids open
     /// routes without calling them).
@@ -245,14 +285,15 @@ impl<F, B, K, L, RA> AiStack<F, B, CircuitBreakerLayer<K, L>, RA> {
     }
 }
 
-impl<S, F, B, CB, RA> Layer<S> for AiStack<F, B, CB, RA>
+impl<S, F, B, CB, RA, T> Layer<S> for AiStack<F, B, CB, RA, T>
 where
     RA: Layer<StallDetector<Classify<S>>>,
     B: Layer<RA::Service>,
     CB: Layer<B::Service>,
     F: Layer<AiRetry<CB::Service>>,
+    T: Layer<SetDeadline<F::Service>>,
 {
-    type Service = SetDeadline<F::Service>;
+    type Service = T::Service;
 
     fn layer(&self, client: S) -> Self::Service {
         let s = self.classify.layer(client);
@@ -262,9 +303,10 @@ where
         let s = self.breaker.layer(s);
         let s = self.retry.layer(s);
         let s = self.fallback.layer(s);
-        match self.deadline {
+        let s = match self.deadline {
             Some(timeout) => SetDeadline::new(s, timeout),
             None => SetDeadline::off(s),
-        }
+        };
+        self.telemetry.layer(s)
     }
 }
