@@ -306,12 +306,17 @@ async fn health(State(app): State<App>) -> Response {
 
 /// The Prometheus recorder, installed for the whole process: every layer records into it.
 fn install_metrics() -> Result<PrometheusHandle, BoxError> {
-    let prometheus = PrometheusBuilder::new()
+    let mut prometheus = PrometheusBuilder::new()
         // `_total` on counters and the unit on names (`..._wait_seconds`), as Prometheus
         // recommends.
         .with_recommended_naming(true)
-        .set_buckets_for_metric(Matcher::Prefix("tower_ai.".to_owned()), WAIT_BUCKETS)?
-        .install_recorder()?;
+        .set_buckets_for_metric(Matcher::Prefix("tower_ai.".to_owned()), WAIT_BUCKETS)?;
+    // The GenAI client histograms (`gen_ai.client.*`) with the buckets the OpenTelemetry
+    // GenAI conventions recommend.
+    for (name, buckets) in tower_ai::telemetry::BUCKETS {
+        prometheus = prometheus.set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)?;
+    }
+    let prometheus = prometheus.install_recorder()?;
     // Help text and units, for the metrics recorded from now on.
     tower_ai::describe_metrics();
     Ok(prometheus)

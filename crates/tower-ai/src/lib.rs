@@ -151,9 +151,12 @@ pub use tower_ai_sim as sim;
 /// `metrics` recorder: call it once, after installing the recorder. Feature `metrics`;
 /// the metrics are listed in the README ("Metrics"), and
 /// [`core::meter::WAIT_BUCKETS`] are the bucket boundaries recommended for their
-/// histograms.
+/// histograms. It also turns on the GenAI client metrics of [`TelemetryLayer`]
+/// (`telemetry::describe_metrics`), whose recommended buckets are
+/// [`telemetry::BUCKETS`].
 #[cfg(feature = "metrics")]
 pub fn describe_metrics() {
+    tower_ai_core::telemetry::describe_metrics();
     #[cfg(feature = "retry")]
     tower_ai_retry::describe_metrics();
     #[cfg(feature = "retry-after")]
