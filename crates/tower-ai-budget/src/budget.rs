@@ -30,7 +30,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::Waker;
 use std::time::Duration;
@@ -40,7 +40,7 @@ use tower_ai_core::keys::{Key, KeyMap};
 use tower_ai_core::{BudgetLimit, RateLimitInfo, RequestMeta, Usage};
 
 use crate::config::{Limits, NanoPrice, PriceOf, WhenFull};
-use crate::window::Window;
+use crate::window::{Spec, Window, WindowMut};
 
 /// Seconds per slot and slots per window (see `window.rs` for the accuracy this gives).
 const MINUTE: (u64, usize) = (1, 60);
@@ -75,17 +75,19 @@ fn in_flight(word: u64) -> u32 {
     (word & IN_FLIGHT_MASK) as u32
 }
 
-/// What one key shares with the fast path: one atomic word, its own cache line.
+/// What one key shares with the fast path: one atomic word (24 bytes in all).
 ///
-/// Without a concurrency limit the permits live in `solo` instead, taken by one atomic
-/// subtraction (no compare-and-swap loop to retry under contention): a value at or below
-/// zero means none is left.
-#[repr(align(64))]
+/// Without a concurrency limit (*split* mode: nothing is in flight to count) the word is
+/// the permits alone, as a signed count taken by one atomic subtraction (no
+/// compare-and-swap loop to retry under contention): a value at or below zero means none
+/// is left. Whether a budget is split is the same for all its keys (`in_flight_max` is
+/// `None`), so the word does not say it.
+///
+/// It is not padded to a cache line of its own: that took 128 bytes per key, every key,
+/// to spare two hot keys on two threads the chance of sharing a line; the contention that
+/// is sure to happen, many threads on one key, is on this one word either way.
 pub(crate) struct KeyFast {
     word: AtomicU64,
-    solo: AtomicI64,
-    /// Whether the permits are in `solo` (no concurrency limit).
-    split: bool,
     key: Key,
     budget: Weak<Budget>,
 }
@@ -95,9 +97,7 @@ impl fmt::Debug for KeyFast {
         let w = self.word.load(Ordering::Relaxed);
         f.debug_struct("KeyFast")
             .field("key", &self.key)
-            .field("in_flight", &in_flight(w))
-            .field("permits", &self.permits_left())
-            .field("waiters", &(w & WAITERS != 0))
+            .field("word", &format_args!("{w:#x}"))
             .finish()
     }
 }
@@ -108,8 +108,9 @@ impl KeyFast {
     /// `false`: no permit, or too many in flight; take the locked path.
     #[inline]
     pub(crate) fn try_acquire(&self, in_flight_max: Option<u32>) -> bool {
-        if self.split {
-            return self.solo.fetch_sub(1, Ordering::AcqRel) > 0;
+        if in_flight_max.is_none() {
+            // Split: the word is the permits alone.
+            return (self.word.fetch_sub(1, Ordering::AcqRel) as i64) > 0;
         }
         let mut cur = self.word.load(Ordering::Relaxed);
         loop {
@@ -172,32 +173,37 @@ impl KeyFast {
         }
     }
 
-    fn in_flight(&self) -> u32 {
-        in_flight(self.word.load(Ordering::Acquire))
+    fn in_flight(&self, split: bool) -> u32 {
+        if split {
+            0
+        } else {
+            in_flight(self.word.load(Ordering::Acquire))
+        }
     }
 
     /// The fast permits not taken yet.
-    fn permits_left(&self) -> u64 {
-        if self.split {
-            self.solo.load(Ordering::Acquire).max(0) as u64
+    fn permits_left(&self, split: bool) -> u64 {
+        let w = self.word.load(Ordering::Acquire);
+        if split {
+            (w as i64).max(0) as u64
         } else {
-            permits(self.word.load(Ordering::Acquire))
+            permits(w)
         }
     }
 
     /// Takes the permits not taken yet back; how many there were.
-    fn take_permits(&self) -> u64 {
-        if self.split {
-            self.solo.swap(0, Ordering::AcqRel).max(0) as u64
+    fn take_permits(&self, split: bool) -> u64 {
+        if split {
+            (self.word.swap(0, Ordering::AcqRel) as i64).max(0) as u64
         } else {
             permits(self.word.fetch_and(!PERMIT_MASK, Ordering::AcqRel))
         }
     }
 
     /// Gives `n` permits (there are none).
-    fn give_permits(&self, n: u64) {
-        if self.split {
-            self.solo.store(n as i64, Ordering::Release);
+    fn give_permits(&self, split: bool, n: u64) {
+        if split {
+            self.word.store(n, Ordering::Release);
         } else {
             self.word.fetch_add(n << 32, Ordering::AcqRel);
         }
@@ -401,6 +407,8 @@ pub(crate) struct Budget {
     epoch: Instant,
     /// Seconds after a key's last touch by which all of its windows have emptied.
     horizon: u64,
+    /// The shape of each window a key holds, in the order of [`KeyState::windows`].
+    specs: Box<[Spec]>,
     me: Weak<Budget>,
     keys: Mutex<Keys>,
 }
@@ -417,27 +425,148 @@ struct Keys {
     waiters: usize,
     /// Requests sent to the overflow key since the budget was made.
     overflowed: u64,
+    /// The reservations of every key not yet finished.
+    reserved: Reservations,
 }
 
+/// Reservations not yet finished, of all keys together (`None`: a free slot, listed in
+/// `free`): the table is as large as the most requests held at once, and an idle key
+/// keeps none of it.
+#[derive(Debug, Default)]
+struct Reservations {
+    slots: Vec<Option<(Key, Reserve)>>,
+    free: Vec<u32>,
+    held: usize,
+}
+
+impl Reservations {
+    /// Keeps a reservation; its slot.
+    fn reserve(&mut self, key: Key, r: Reserve) -> u32 {
+        self.held += 1;
+        match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some((key, r));
+                slot
+            }
+            None => {
+                self.slots.push(Some((key, r)));
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Takes `key`'s reservation in `slot` back out.
+    fn take(&mut self, key: Key, slot: u32) -> Option<Reserve> {
+        let entry = self.slots.get_mut(slot as usize)?;
+        if !entry.is_some_and(|(k, _)| k == key) {
+            return None;
+        }
+        let (_, r) = entry.take()?;
+        self.held = self.held.saturating_sub(1);
+        if self.held == 0 {
+            // Keep the memory for the next ones, unless a burst left a lot of it.
+            self.slots.clear();
+            self.free.clear();
+            if self.slots.capacity() > 1024 {
+                self.slots.shrink_to(64);
+                self.free.shrink_to(64);
+            }
+        } else {
+            self.free.push(slot);
+        }
+        Some(r)
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<Option<(Key, Reserve)>>()
+            + self.free.capacity() * std::mem::size_of::<u32>()
+    }
+}
+
+/// A key's state: 56 bytes, its windows (24 bytes each while few of their slots hold
+/// anything) and, when the fast path is used, its [`KeyFast`].
 #[derive(Debug)]
 struct KeyState {
     /// The windows the budget limits, in the order requests, tokens, spend per hour,
-    /// spend per day (those of `kinds`), out of line: an idle key's entry stays small.
+    /// spend per day (those of `kinds`, the budget's `specs` in the same order), out of
+    /// line: an idle key's entry stays small.
     windows: Box<[Window]>,
+    /// In-flight count, fast permits and the waiters flag: only when the budget has a
+    /// fast path or a concurrency limit (see [`Budget::keeps_fast`]).
+    fast: Option<Arc<KeyFast>>,
+    /// Requests waiting, nothing on the heap while nobody waits.
+    queue: Queue,
+    last_secs: u64,
+    /// Fast permits granted since the last flush (at most [`PERMIT_MAX`]).
+    granted: u32,
+    /// Reservations not yet finished (in [`Keys::reserved`]): a key holding any is never
+    /// evicted.
+    held: u32,
     /// Which windows `windows` holds: bit [`RPM`], [`TPM`], [`HOUR_SPEND`], [`DAY_SPEND`].
     kinds: u8,
-    /// In-flight count, fast permits and the waiters flag.
-    fast: Arc<KeyFast>,
-    /// Fast permits granted since the last flush.
-    granted: u64,
-    /// Reservations not yet finished (`None`: a free slot, listed in `free`): a key
-    /// holding any is never evicted.
-    reserved: Vec<Option<Reserve>>,
-    free: Vec<u32>,
-    held: u32,
-    queue: VecDeque<Ticket>,
+    /// Whether the fast word holds the permits alone (no concurrency limit).
+    split: bool,
     blocked_on: BudgetLimit,
-    last_secs: u64,
+}
+
+/// A key's queue of waiters: nothing on the heap while nobody waits (made by the first
+/// waiter, let go when the last one leaves).
+// Boxed on purpose: 8 bytes in every key's entry instead of a `VecDeque`'s 32.
+#[allow(clippy::box_collection)]
+#[derive(Debug, Default)]
+struct Queue(Option<Box<VecDeque<Ticket>>>);
+
+impl Queue {
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|q| q.is_empty())
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.len())
+    }
+
+    fn capacity(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.capacity())
+    }
+
+    fn front(&self) -> Option<&Ticket> {
+        self.0.as_ref()?.front()
+    }
+
+    fn front_mut(&mut self) -> Option<&mut Ticket> {
+        self.0.as_mut()?.front_mut()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Ticket> {
+        self.0.iter().flat_map(|q| q.iter())
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Ticket> {
+        self.0.iter_mut().flat_map(|q| q.iter_mut())
+    }
+
+    fn push_back(&mut self, t: Ticket) {
+        self.0.get_or_insert_default().push_back(t);
+    }
+
+    fn pop_front(&mut self) -> Option<Ticket> {
+        let t = self.0.as_mut()?.pop_front();
+        self.let_go_if_empty();
+        t
+    }
+
+    fn retain(&mut self, f: impl FnMut(&Ticket) -> bool) {
+        if let Some(q) = &mut self.0 {
+            q.retain(f);
+        }
+        self.let_go_if_empty();
+    }
+
+    fn let_go_if_empty(&mut self) {
+        if self.0.as_ref().is_some_and(|q| q.is_empty()) {
+            self.0 = None;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -476,53 +605,58 @@ const TPM: u8 = 1;
 const HOUR_SPEND: u8 = 2;
 const DAY_SPEND: u8 = 3;
 
+/// The limits of `l` that have a window, in the order of [`KeyState::windows`], with
+/// their bit and shape.
+fn configured(l: &Limits) -> impl Iterator<Item = (u8, u64, (u64, usize))> {
+    [
+        (RPM, l.requests_per_minute, MINUTE),
+        (TPM, l.tokens_per_minute, MINUTE),
+        (HOUR_SPEND, l.spend_per_hour, HOUR),
+        (DAY_SPEND, l.spend_per_day, DAY),
+    ]
+    .into_iter()
+    .filter_map(|(bit, limit, shape)| limit.map(|limit| (bit, limit, shape)))
+}
+
 impl KeyState {
-    fn new(l: &Limits, key: Key, budget: &Weak<Budget>, secs: u64) -> Self {
-        let configured = [
-            (l.requests_per_minute, MINUTE),
-            (l.tokens_per_minute, MINUTE),
-            (l.spend_per_hour, HOUR),
-            (l.spend_per_day, DAY),
-        ];
+    fn new(l: &Limits, specs: &[Spec], key: Key, budget: &Weak<Budget>, secs: u64) -> Self {
         let mut kinds = 0;
-        for (bit, (limit, _)) in configured.iter().enumerate() {
-            if limit.is_some() {
+        let windows = configured(l)
+            .map(|(bit, _, _)| {
                 kinds |= 1 << bit;
-            }
-        }
-        KeyState {
-            windows: configured
-                .into_iter()
-                .filter_map(|(limit, (slot, n))| {
-                    limit.map(|limit| {
-                        let mut w = Window::new(limit, slot, n);
-                        w.advance(secs);
-                        w
-                    })
+                Window::new()
+            })
+            .collect();
+        let mut st = KeyState {
+            windows,
+            fast: Budget::keeps_fast(l).then(|| {
+                Arc::new(KeyFast {
+                    word: AtomicU64::new(0),
+                    key,
+                    budget: budget.clone(),
                 })
-                .collect(),
-            kinds,
-            fast: Arc::new(KeyFast {
-                word: AtomicU64::new(0),
-                solo: AtomicI64::new(0),
-                // The fast path's admission decides it (see `FastConfig::in_flight_max`).
-                split: l.max_concurrent.is_none(),
-                key,
-                budget: budget.clone(),
             }),
-            granted: 0,
-            reserved: Vec::new(),
-            free: Vec::new(),
-            held: 0,
-            queue: VecDeque::new(),
-            blocked_on: BudgetLimit::RequestsPerMinute,
+            queue: Queue::default(),
             last_secs: secs,
-        }
+            granted: 0,
+            held: 0,
+            kinds,
+            // The fast path's admission decides it (see `FastConfig::in_flight_max`).
+            split: l.max_concurrent.is_none(),
+            blocked_on: BudgetLimit::RequestsPerMinute,
+        };
+        // A new key's windows start at its first second (no slot before it is counted).
+        st.advance(specs, secs);
+        st
     }
 
-    fn windows(&mut self) -> [(Option<&mut Window>, BudgetLimit); 4] {
+    fn windows<'a>(&'a mut self, specs: &'a [Spec]) -> [(Option<WindowMut<'a>>, BudgetLimit); 4] {
         let kinds = self.kinds;
-        let mut it = self.windows.iter_mut();
+        let mut it = self
+            .windows
+            .iter_mut()
+            .zip(specs)
+            .map(|(window, spec)| WindowMut { spec, window });
         let mut next = |bit: u8| {
             if kinds & (1 << bit) != 0 {
                 it.next()
@@ -548,35 +682,45 @@ impl KeyState {
         self.windows.get(self.index(bit)?)
     }
 
-    fn window_mut(&mut self, bit: u8) -> Option<&mut Window> {
+    fn window_mut<'a>(&'a mut self, specs: &'a [Spec], bit: u8) -> Option<WindowMut<'a>> {
         let i = self.index(bit)?;
-        self.windows.get_mut(i)
+        Some(WindowMut {
+            spec: specs.get(i)?,
+            window: self.windows.get_mut(i)?,
+        })
     }
 
     /// Moves every window to `secs`.
-    fn advance(&mut self, secs: u64) {
-        for (w, _) in self.windows() {
-            if let Some(w) = w {
-                w.advance(secs);
-            }
+    fn advance(&mut self, specs: &[Spec], secs: u64) {
+        for (w, spec) in self.windows.iter_mut().zip(specs) {
+            w.advance(spec, secs);
         }
+    }
+
+    fn permits_left(&self) -> u64 {
+        self.fast.as_ref().map_or(0, |f| f.permits_left(self.split))
+    }
+
+    fn in_flight(&self) -> u32 {
+        self.fast.as_ref().map_or(0, |f| f.in_flight(self.split))
     }
 
     /// Fast permits used since the last grant (not yet in the window).
     fn pending(&self) -> u64 {
-        self.granted.saturating_sub(self.fast.permits_left())
+        u64::from(self.granted).saturating_sub(self.permits_left())
     }
 
     /// Takes back the permits not used and counts the used ones in the window's current
     /// slot (call after [`advance`](Self::advance)). Afterwards the fast path has no permit
     /// until [`grant`](Self::grant).
-    fn flush(&mut self) -> u64 {
+    fn flush(&mut self, specs: &[Spec]) -> u64 {
         if self.granted == 0 {
             return 0;
         }
-        let used = self.granted.saturating_sub(self.fast.take_permits());
+        let left = self.fast.as_ref().map_or(0, |f| f.take_permits(self.split));
+        let used = u64::from(self.granted).saturating_sub(left);
         self.granted = 0;
-        if let Some(w) = self.window_mut(RPM) {
+        if let Some(mut w) = self.window_mut(specs, RPM) {
             w.add(used);
         }
         used
@@ -592,57 +736,29 @@ impl KeyState {
             Some(w) => fast.batch.min(fast.rpm_line.saturating_sub(w.used())),
             None => fast.batch,
         };
-        if n > 0 {
-            self.granted = n;
-            self.fast.give_permits(n);
+        let n = n.min(PERMIT_MAX);
+        if let (Some(f), true) = (&self.fast, n > 0) {
+            self.granted = n as u32;
+            f.give_permits(self.split, n);
         }
     }
 
-    /// Sets the waiters flag to whether the queue holds anyone.
+    /// Sets the waiters flag to whether the queue holds anyone (only a concurrency limit
+    /// reads it: in split mode the word is the permits alone).
     fn sync_waiters(&self) {
-        let set = self.fast.word.load(Ordering::Acquire) & WAITERS != 0;
+        let Some(fast) = self.fast.as_ref().filter(|_| !self.split) else {
+            return;
+        };
+        let set = fast.word.load(Ordering::Acquire) & WAITERS != 0;
         if self.queue.is_empty() && set {
-            self.fast.word.fetch_and(!WAITERS, Ordering::AcqRel);
+            fast.word.fetch_and(!WAITERS, Ordering::AcqRel);
         } else if !self.queue.is_empty() && !set {
-            self.fast.word.fetch_or(WAITERS, Ordering::AcqRel);
+            fast.word.fetch_or(WAITERS, Ordering::AcqRel);
         }
-    }
-
-    /// Keeps a reservation; its slot.
-    fn reserve(&mut self, r: Reserve) -> u32 {
-        self.held += 1;
-        match self.free.pop() {
-            Some(slot) => {
-                self.reserved[slot as usize] = Some(r);
-                slot
-            }
-            None => {
-                self.reserved.push(Some(r));
-                (self.reserved.len() - 1) as u32
-            }
-        }
-    }
-
-    /// Takes a reservation back out.
-    fn unreserve(&mut self, slot: u32) -> Option<Reserve> {
-        let r = self.reserved.get_mut(slot as usize)?.take()?;
-        self.held = self.held.saturating_sub(1);
-        if self.held == 0 {
-            // Keep the memory for the next ones, unless a burst left a lot of it.
-            self.reserved.clear();
-            self.free.clear();
-            if self.reserved.capacity() > 1024 {
-                self.reserved.shrink_to(64);
-                self.free.shrink_to(64);
-            }
-        } else {
-            self.free.push(slot);
-        }
-        Some(r)
     }
 
     fn removable(&self) -> bool {
-        self.held == 0 && self.fast.in_flight() == 0 && self.queue.is_empty()
+        self.held == 0 && self.in_flight() == 0 && self.queue.is_empty()
     }
 
     /// Whether every window is empty (after [`advance`](Self::advance) and
@@ -678,11 +794,20 @@ impl Budget {
         Arc::new_cyclic(|me| Budget {
             fast: FastConfig::of(&limits),
             horizon: horizon(&limits),
+            specs: configured(&limits)
+                .map(|(_, limit, (slot, n))| Spec::new(limit, slot, n))
+                .collect(),
             limits,
             epoch: Instant::now(),
             me: me.clone(),
             keys: Mutex::new(Keys::default()),
         })
+    }
+
+    /// Whether keys need a [`KeyFast`]: for the fast path's permits, or to count requests
+    /// in flight.
+    fn keeps_fast(l: &Limits) -> bool {
+        FastConfig::of(l).enabled || l.max_concurrent.is_some()
     }
 
     fn lock(&self) -> MutexGuard<'_, Keys> {
@@ -740,7 +865,7 @@ impl Budget {
 
     /// The fast-path state of `key`, if the key is held (no clock read).
     pub(crate) fn fast_of(&self, key: Key) -> Option<Arc<KeyFast>> {
-        self.lock().map.get(&key).map(|st| st.fast.clone())
+        self.lock().map.get(&key).and_then(|st| st.fast.clone())
     }
 
     /// Decides on a request on the locked path: see [`Decision`]. `ticket` is the
@@ -770,24 +895,28 @@ impl Budget {
                 &mut keys.overflowed,
                 key,
                 l,
+                &self.specs,
                 &self.me,
                 secs,
                 self.horizon,
             );
             let key = key_held;
             st.touch(key, secs, &mut keys.touched);
-            st.advance(secs);
-            st.flush();
+            st.advance(&self.specs, secs);
+            st.flush(&self.specs);
             if let Some(cache) = cache {
-                if key_held != key {
+                match &st.fast {
                     // Sent to the overflow key: not cached, so the key gets its own state
                     // as soon as there is room.
-                    *cache = None;
-                } else if !cache
-                    .as_ref()
-                    .is_some_and(|(k, f)| *k == key && Arc::ptr_eq(f, &st.fast))
-                {
-                    *cache = Some((key, st.fast.clone()));
+                    _ if key_held != key => *cache = None,
+                    Some(fast)
+                        if !cache
+                            .as_ref()
+                            .is_some_and(|(k, f)| *k == key && Arc::ptr_eq(f, fast)) =>
+                    {
+                        *cache = Some((key, fast.clone()));
+                    }
+                    _ => {}
                 }
             }
             let queued_before = st.queue.len();
@@ -798,6 +927,7 @@ impl Budget {
             let decision = decide(
                 st,
                 l,
+                &self.specs,
                 cost,
                 secs,
                 ticket,
@@ -809,19 +939,23 @@ impl Budget {
             );
             let decision = match decision {
                 Verdict::Admit(soft) => Decision::Admitted {
-                    hold: if l.counts_tokens() {
-                        let slot = st.reserve(Reserve {
-                            secs,
-                            tokens: cost.tokens,
-                            spend: cost.spend,
-                            price: cost.price,
-                            concurrency: l.max_concurrent.is_some(),
-                        });
-                        Hold::Reserved(Reservation { key, slot })
-                    } else if l.max_concurrent.is_some() {
-                        Hold::Permit(st.fast.clone())
-                    } else {
-                        Hold::Nothing
+                    hold: match &st.fast {
+                        _ if l.counts_tokens() => {
+                            st.held += 1;
+                            let slot = keys.reserved.reserve(
+                                key,
+                                Reserve {
+                                    secs,
+                                    tokens: cost.tokens,
+                                    spend: cost.spend,
+                                    price: cost.price,
+                                    concurrency: l.max_concurrent.is_some(),
+                                },
+                            );
+                            Hold::Reserved(Reservation { key, slot })
+                        }
+                        Some(fast) if l.max_concurrent.is_some() => Hold::Permit(fast.clone()),
+                        _ => Hold::Nothing,
                     },
                     soft,
                 },
@@ -953,12 +1087,14 @@ impl Budget {
         let settled;
         let to_wake = {
             let mut keys = self.lock();
+            let keys = &mut *keys;
             let Some(st) = keys.map.get_mut(&reservation.key) else {
                 return;
             };
-            let Some(r) = st.unreserve(reservation.slot) else {
+            let Some(r) = keys.reserved.take(reservation.key, reservation.slot) else {
                 return;
             };
+            st.held = st.held.saturating_sub(1);
             let (tokens, spend) = match finish {
                 Finish::Keep => (r.tokens, r.spend),
                 Finish::Refund => (0, 0),
@@ -968,15 +1104,17 @@ impl Budget {
                     r.price.cost(u.input_tokens, u.output_tokens).max(r.spend),
                 ),
             };
-            for (w, limit) in st.windows() {
+            for (w, limit) in st.windows(&self.specs) {
                 match (w, limit) {
                     (None, _) | (_, BudgetLimit::RequestsPerMinute) => {}
-                    (Some(w), BudgetLimit::TokensPerMinute) => w.correct(r.secs, r.tokens, tokens),
-                    (Some(w), _) => w.correct(r.secs, r.spend, spend),
+                    (Some(mut w), BudgetLimit::TokensPerMinute) => {
+                        w.correct(r.secs, r.tokens, tokens)
+                    }
+                    (Some(mut w), _) => w.correct(r.secs, r.spend, spend),
                 }
             }
-            if r.concurrency {
-                st.fast.word.fetch_sub(1, Ordering::AcqRel);
+            if let (true, Some(fast)) = (r.concurrency, &st.fast) {
+                fast.word.fetch_sub(1, Ordering::AcqRel);
             }
             #[cfg(feature = "metrics")]
             {
@@ -1001,15 +1139,15 @@ impl Budget {
             return;
         };
         st.touch(key, secs, &mut keys.touched);
-        st.advance(secs);
-        st.flush();
-        for (w, limit) in st.windows() {
+        st.advance(&self.specs, secs);
+        st.flush(&self.specs);
+        for (w, limit) in st.windows(&self.specs) {
             let remaining = match limit {
                 BudgetLimit::RequestsPerMinute => info.requests.remaining,
                 BudgetLimit::TokensPerMinute => info.tokens.remaining,
                 _ => None,
             };
-            if let (Some(w), Some(remaining)) = (w, remaining) {
+            if let (Some(mut w), Some(remaining)) = (w, remaining) {
                 w.raise_to(w.limit().saturating_sub(remaining));
             }
         }
@@ -1040,9 +1178,11 @@ impl Budget {
                     .map(|w| size_of::<Window>() + w.heap_bytes())
                     .sum();
                 windows
-                    + fast
-                    + st.reserved.capacity() * size_of::<Option<Reserve>>()
-                    + st.free.capacity() * size_of::<u32>()
+                    + st.fast.as_ref().map_or(0, |_| fast)
+                    + st.queue
+                        .0
+                        .as_ref()
+                        .map_or(0, |_| size_of::<VecDeque<Ticket>>())
                     + st.queue.capacity() * size_of::<Ticket>()
             })
             .sum();
@@ -1050,7 +1190,10 @@ impl Budget {
             keys: keys.map.len(),
             waiters: keys.waiters,
             overflowed: keys.overflowed,
-            approx_bytes: table + per_key + keys.touched.capacity() * size_of::<(Key, u64)>(),
+            approx_bytes: table
+                + per_key
+                + keys.reserved.heap_bytes()
+                + keys.touched.capacity() * size_of::<(Key, u64)>(),
         }
     }
 
@@ -1058,7 +1201,7 @@ impl Budget {
     pub(crate) fn key_state(&self, key: Key) -> Option<KeySnapshot> {
         let keys = self.lock();
         let st = keys.map.get(&key)?;
-        let in_flight = st.fast.in_flight();
+        let in_flight = st.in_flight();
         Some(KeySnapshot {
             in_flight,
             // Without tokens or money, what a request holds is its place in flight.
@@ -1148,6 +1291,7 @@ enum Verdict {
 fn decide(
     st: &mut KeyState,
     l: &Limits,
+    specs: &[Spec],
     cost: &Cost,
     secs: u64,
     ticket: Option<u64>,
@@ -1158,7 +1302,7 @@ fn decide(
     to_wake: &mut Option<Waker>,
 ) -> Verdict {
     // A request larger than a whole limit never fits: refuse it first, queue or not.
-    let never = st.windows().into_iter().find_map(|(w, limit)| {
+    let never = st.windows(specs).into_iter().find_map(|(w, limit)| {
         w.filter(|w| w.never_fits(amount(limit, cost)))
             .map(|_| limit)
     });
@@ -1192,7 +1336,7 @@ fn decide(
             }
             None => {
                 if let Some(late) = late {
-                    if let Some((limit, at)) = predicted_start(st, cost, secs) {
+                    if let Some((limit, at)) = predicted_start(st, specs, cost, secs) {
                         // At its give-up time exactly is too late: the timer that ends
                         // its wait may fire before the one that admits those ahead of it.
                         if Duration::from_secs(at) >= late {
@@ -1211,7 +1355,7 @@ fn decide(
         };
     }
     let mut blocked: Option<(BudgetLimit, Option<u64>)> = None;
-    for (w, limit) in st.windows() {
+    for (w, limit) in st.windows(specs) {
         if let Some(w) = w {
             let c = amount(limit, cost);
             if !w.fits(c) {
@@ -1224,7 +1368,8 @@ fn decide(
     }
     let mut in_flight = None;
     if let (Some(max), None) = (l.max_concurrent, blocked) {
-        match st.fast.acquire_or_mark(max) {
+        // A concurrency limit always gives keys their fast state (`Budget::keeps_fast`).
+        match st.fast.as_ref().and_then(|f| f.acquire_or_mark(max)) {
             Some(n) => in_flight = Some(n),
             None => blocked = Some((BudgetLimit::Concurrency, None)),
         }
@@ -1234,8 +1379,8 @@ fn decide(
     }
     let mut soft = None;
     let threshold = l.soft_limit;
-    for (w, limit) in st.windows() {
-        if let Some(w) = w {
+    for (w, limit) in st.windows(specs) {
+        if let Some(mut w) = w {
             let before = w.used();
             w.add(amount(limit, cost));
             if let (Some(f), None) = (threshold, soft) {
@@ -1275,10 +1420,15 @@ fn decide(
 /// latest of each window's [`Window::start_of`] for the queue's costs then its own, and
 /// the window that decides it. `None` when no window is short (a concurrency limit alone
 /// tells no time). Amortised over a call that queues: O(queue + slots) per window.
-fn predicted_start(st: &KeyState, cost: &Cost, secs: u64) -> Option<(BudgetLimit, u64)> {
+fn predicted_start(
+    st: &KeyState,
+    specs: &[Spec],
+    cost: &Cost,
+    secs: u64,
+) -> Option<(BudgetLimit, u64)> {
     let queue = &st.queue;
     let kinds = st.kinds;
-    let mut it = st.windows.iter();
+    let mut it = st.windows.iter().zip(specs);
     let mut latest: Option<(BudgetLimit, u64)> = None;
     for (bit, limit) in [
         (RPM, BudgetLimit::RequestsPerMinute),
@@ -1289,13 +1439,13 @@ fn predicted_start(st: &KeyState, cost: &Cost, secs: u64) -> Option<(BudgetLimit
         if kinds & (1 << bit) == 0 {
             continue;
         }
-        let Some(w) = it.next() else { break };
+        let Some((w, spec)) = it.next() else { break };
         let amounts = queue
             .iter()
             .map(|t| t.amount(limit))
             .chain(std::iter::once(amount(limit, cost)));
         // `None`: it can never fit, which `decide` refuses before this.
-        let at = w.start_of(amounts, secs).unwrap_or(u64::MAX);
+        let at = w.start_of(spec, amounts, secs).unwrap_or(u64::MAX);
         if at > secs && latest.is_none_or(|(_, t)| at > t) {
             latest = Some((limit, at));
         }
@@ -1312,6 +1462,7 @@ fn entry<'a>(
     overflowed: &mut u64,
     key: Key,
     l: &Limits,
+    specs: &[Spec],
     budget: &Weak<Budget>,
     secs: u64,
     horizon: u64,
@@ -1319,9 +1470,9 @@ fn entry<'a>(
     let mut key = key;
     // Keep memory to the keys that hold something: a few expired keys go with every
     // locked call (one look at the front when none has expired).
-    evict_expired(map, touched, secs, horizon, 4);
+    evict_expired(map, touched, specs, secs, horizon, 4);
     if map.len() >= l.max_keys && !map.contains_key(&key) {
-        evict_expired(map, touched, secs, horizon, usize::MAX);
+        evict_expired(map, touched, specs, secs, horizon, usize::MAX);
         let overflow = overflow_key();
         if map.len() >= l.max_keys && key != overflow {
             key = overflow;
@@ -1344,7 +1495,7 @@ fn entry<'a>(
     }
     let st = map.entry(key).or_insert_with(|| {
         touched.push_back((key, secs));
-        Box::new(KeyState::new(l, key, budget, secs))
+        Box::new(KeyState::new(l, specs, key, budget, secs))
     });
     (key, st)
 }
@@ -1359,6 +1510,7 @@ fn entry<'a>(
 fn evict_expired(
     map: &mut KeyMap<Box<KeyState>>,
     touched: &mut VecDeque<(Key, u64)>,
+    specs: &[Spec],
     secs: u64,
     horizon: u64,
     steps: usize,
@@ -1379,9 +1531,9 @@ fn evict_expired(
         if st.last_secs != s {
             continue; // stale: the key was touched again later
         }
-        st.advance(secs);
+        st.advance(specs, secs);
         // Fast permits used since the last update count now: the key stays.
-        let used = st.flush();
+        let used = st.flush(specs);
         if used == 0 && st.removable() && st.is_empty() {
             map.remove(&k);
             evicted += 1;
@@ -1587,6 +1739,6 @@ mod tests {
         assert!(b.key_state(k).is_none());
         assert!(b.key_state(Key::of("third")).is_some());
         assert!(!fast.try_acquire(max));
-        assert_eq!(fast.permits_left(), 0);
+        assert_eq!(fast.permits_left(false), 0);
     }
 }

@@ -66,9 +66,10 @@
 //! one-minute slots, days over 96 fifteen-minute slots. A window never admits more than
 //! its limit in *any* interval of its length, whatever the alignment (so it also holds a
 //! provider's fixed windows); it may refuse up to one slot (1/60 of a minute or an hour,
-//! 1/96 of a day) earlier than an exact sliding log. Memory per key is fixed by the limits
-//! configured (at most ~2.5 KB, plus about 60 bytes per request in flight with tokens or
-//! money reserved; see [Keys](#keys)); all time is `tokio::time`.
+//! 1/96 of a day) earlier than an exact sliding log. Memory per key is bounded by the
+//! limits configured (about 200 bytes for a key that sent a request or two, at most ~2.5 KB
+//! for a key busy in every slot of every window, plus about 60 bytes per request in flight
+//! with tokens or money reserved; see [Keys](#keys)); all time is `tokio::time`.
 //!
 //! A budget with no token or money limit admits most requests without its lock or the
 //! clock (see [Performance](#performance)): while a key's minute window is below its limit
@@ -106,15 +107,18 @@
 //! filled the map. Eviction looks at the least recently touched keys only: amortised
 //! O(1) per call, however many keys are held.
 //!
-//! Memory: each key holds its windows (a slot per second of a minute limit, per minute of
-//! the hourly cap, per 15 minutes of the daily cap, 61 or 97 slots; 4 bytes a slot when
-//! the limit fits in 32 bits, else 8), a 128-byte fast-path state (its own cache line, so
-//! keys admitted on different threads do not contend), its entry (about 180 bytes) and
-//! its share of the map and of the eviction order. Measured per idle key at 10 000 keys
-//! (`tests/memory.rs`): 310 bytes with a concurrency limit alone, 610 with requests per
-//! minute, 1 102 with requests and tokens per minute, 2 478 with both spend caps too
-//! (whose limits in nano-units need 8-byte slots). [`TokenBudgetLayer::stats`] adds it up
-//! at run time.
+//! Memory: each key holds a 56-byte entry, its windows and, when the budget has a fast
+//! path or a concurrency limit, a 40-byte fast-path state, besides its share of the map
+//! and of the eviction order. A window is 24 bytes while at most two of its slots hold
+//! anything (a key that sent a request or two, the usual idle key); a key busy in more
+//! slots than that moves to the full ring of slots (a slot per second of a minute limit,
+//! per minute of the hourly cap, per 15 minutes of the daily cap, 61 or 97 slots; 4 bytes
+//! a slot when the limit fits in 32 bits, else 8), and back once a whole window has passed
+//! without it; both forms decide alike. Reservations not yet settled are kept in one table
+//! for the whole budget, as large as the most held at once. Measured per idle key at
+//! 10 000 keys (`tests/memory.rs`): 150 bytes with a concurrency limit alone, 174 with
+//! requests per minute, 158 with requests and tokens per minute, 206 with both spend caps
+//! too. [`TokenBudgetLayer::stats`] adds it up at run time.
 //!
 //! # Reserve, then reconcile
 //!
@@ -262,7 +266,7 @@
 //!
 //! With token or money limits, the admit path takes one `std::sync::Mutex` for a few dozen
 //! instructions (look the key up, move the windows to now, compare, add) and allocates
-//! nothing once the key exists (a key's table of reservations keeps its room); settling
+//! nothing once the key exists (the budget's table of reservations keeps its room); settling
 //! takes it once more when the body ends. A waiting request boxes its state (the future of
 //! the common case stays small). A JSON response's usage is read by a scan that builds no
 //! JSON value (falling back to `Usage::from_json` for shapes it does not know), so
