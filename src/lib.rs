@@ -3,4 +3,5 @@
 //! README's code as a doctest so it cannot drift.
 #![doc = include_str!("../README.md")]
 
+pub mod replicas;
 pub mod storm;

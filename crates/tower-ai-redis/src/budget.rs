@@ -79,7 +79,10 @@ pub struct RedisBudgetBuilder {
 /// - **Redis down or slow** (no answer within the store's response timeout): each replica
 ///   decides in-process at the limit divided by [`RedisStore::replicas`], with the same
 ///   algorithms, and goes back to Redis by itself when it answers again. A limit named in
-///   [`fail_closed`](RedisBudgetBuilder::fail_closed) refuses instead.
+///   [`fail_closed`](RedisBudgetBuilder::fail_closed) refuses instead. While only some
+///   replicas find Redis slow (a loaded machine past the store's response timeout), their
+///   shares are on top of what the others still count in Redis: up to the limit ÷ N more
+///   per such replica. Give the store a response timeout that a loaded Redis meets.
 ///
 /// Keys in Redis are named by the key function's label, the same in every replica:
 /// `Global` (`global`) and `HostModel` (`host/model`) are; `ApiKeyHash`'s label is a hash

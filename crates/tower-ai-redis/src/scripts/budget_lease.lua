@@ -4,7 +4,7 @@
 --
 -- Windows are fixed: index floor(now / window), so the chunks handed out in one window
 -- never add up to more than the limit, and a chunk not spent by the window's end is lost
--- with it (at most one per replica).
+-- with it (at most one per replica, smaller near the end: see `shrink`).
 --
 -- KEYS[1] requests base key, KEYS[2] tokens base key (':' .. index appended)
 -- ARGV[1] window in ms
@@ -36,8 +36,13 @@ if tonumber(ARGV[7]) == index then
   end
 end
 
+-- In the last tenth of a window, chunks shrink with the time left (to at least what the
+-- request needs), so what replicas hold unspent when the window ends stays small.
+local shrink = math.min(1, 10 * left / window)
+
 local function take(key, limit, chunk, need)
   if limit <= 0 then return 0, 0 end
+  chunk = math.ceil(chunk * shrink)
   if need > limit then return nil, -1 end
   local used = tonumber(redis.call('GET', key) or '0') or 0
   local room = limit - used
