@@ -108,6 +108,16 @@ impl<K> CircuitBreakerHandle<K> {
         self.registry.emitter.subscribe()
     }
 
+    /// `true` while the layer's shared [store](crate::store::BreakerStore) cannot be
+    /// reached and the breakers decide in-process (always `false` without a store).
+    pub fn is_degraded(&self) -> bool {
+        self.registry
+            .cfg
+            .store
+            .as_deref()
+            .is_some_and(|s| s.is_degraded())
+    }
+
     /// How many keys are tracked.
     pub fn key_count(&self) -> usize {
         self.registry.len()

@@ -446,6 +446,8 @@ async fn redis_down_falls_back_to_in_process_breakers_and_sharing_resumes() {
         "{slowest_refusal:?}"
     );
     assert!(stores.iter().any(RedisStore::is_degraded));
+    // Readable from the layer's handle too.
+    assert!(replicas.iter().any(|r| r.handle.is_degraded()));
 
     server.restart().unwrap();
     // Shared again without restarting the replicas: the store finds Redis by itself.

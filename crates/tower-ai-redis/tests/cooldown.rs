@@ -375,4 +375,11 @@ async fn client_pause_falls_back_instead_of_hanging() {
     assert!(first < Duration::from_millis(60), "{first:?}");
     assert!(next < Duration::from_millis(10), "{next:?}");
     assert!(store.is_degraded());
+    // Readable from the layer too.
+    let gate = RetryAfterAwareLayer::builder()
+        .store(RedisCooldowns::strict(store.clone()))
+        .build()
+        .unwrap();
+    assert!(gate.is_degraded());
+    assert!(!RetryAfterAwareLayer::new().is_degraded());
 }

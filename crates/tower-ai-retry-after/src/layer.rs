@@ -139,6 +139,16 @@ impl<K> RetryAfterAwareLayer<K> {
         keys
     }
 
+    /// `true` while the layer's shared [store](crate::store::CooldownStore) cannot be
+    /// reached and cooldowns are decided in-process (always `false` without a store).
+    pub fn is_degraded(&self) -> bool {
+        self.shared
+            .config
+            .store
+            .as_deref()
+            .is_some_and(|s| s.is_degraded())
+    }
+
     /// Drops the state of keys idle for longer than the idle time (also done when the
     /// map is full).
     pub fn evict_idle(&self) {
