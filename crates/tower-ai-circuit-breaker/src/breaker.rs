@@ -126,6 +126,9 @@ struct Inner {
     granted: u32,
     /// With a shared store that could not answer: probing on in-process permits.
     local_probes: bool,
+    /// With a shared store: no permit is asked before this time (nanoseconds since the
+    /// epoch), after the store said every permit was out.
+    next_ask: u64,
 }
 
 /// A state change to announce once the lock is released.
@@ -210,6 +213,7 @@ impl Core {
                 asking: false,
                 granted: 0,
                 local_probes: false,
+                next_ask: 0,
             }),
             sink,
             cfg,
@@ -393,12 +397,15 @@ impl Core {
                 // comes (a half-open breaker refuses, not queues, calls beyond its
                 // permits).
                 let shared = self.sink.is_some() && !g.local_probes;
+                let can_ask = !g.asking && self.nanos(now) >= g.next_ask;
                 let mut ask = false;
                 if w & 7 == OPEN && self.nanos(now) >= self.open_until.load(Ordering::Acquire) {
                     if shared {
-                        ask = !g.asking;
+                        ask = can_ask;
                     } else {
                         change = Some(self.half_open_locked(&mut g, now));
+                        // With a store, probing without it (it could not be reached).
+                        g.local_probes = self.sink.is_some();
                         w = self.state.load(Ordering::Acquire);
                     }
                 }
@@ -412,7 +419,7 @@ impl Core {
                     && g.in_flight >= g.granted
                     && g.granted < self.cfg.half_open_probes
                 {
-                    ask = !g.asking;
+                    ask = can_ask;
                 }
                 if ask {
                     g.asking = true;
@@ -717,9 +724,10 @@ impl Core {
             }
             SharedState::Busy(retry) => {
                 g.asking = false;
+                // Other replicas hold every permit: look again later, not at every call.
+                let at = now.checked_add(retry).unwrap_or(now);
+                g.next_ask = self.nanos(at);
                 if code == OPEN {
-                    // Other replicas hold every permit: look again later.
-                    let at = now.checked_add(retry).unwrap_or(now);
                     self.open_until.fetch_max(self.nanos(at), Ordering::AcqRel);
                 }
                 None
@@ -756,6 +764,12 @@ impl Core {
                         g.local_probes = true;
                         Some(c)
                     }
+                    // The opening could not be shared: the store does not know it, so it
+                    // would answer "closed" at its end; this replica probes on its own.
+                    OPEN => {
+                        g.local_probes = true;
+                        None
+                    }
                     HALF_OPEN => {
                         g.local_probes = true;
                         (g.successes >= self.cfg.half_open_successes).then(|| {
@@ -783,6 +797,7 @@ impl Core {
         g.successes = 0;
         g.granted = 0;
         g.local_probes = false;
+        g.next_ask = 0;
         g.opened += 1;
         let (from, to) = self.set_state(OPEN);
         Change {
@@ -840,6 +855,7 @@ impl Core {
         g.successes = 0;
         g.granted = 0;
         g.local_probes = false;
+        g.next_ask = 0;
         g.opened += 1;
         let (from, to) = self.set_state(OPEN);
         Change {
@@ -856,6 +872,7 @@ impl Core {
         g.successes = 0;
         g.granted = 0;
         g.local_probes = false;
+        g.next_ask = 0;
         let (from, to) = self.set_state(HALF_OPEN);
         Change {
             from,
@@ -873,6 +890,7 @@ impl Core {
         g.successes = 0;
         g.granted = 0;
         g.local_probes = false;
+        g.next_ask = 0;
         let (from, to) = self.set_state(CLOSED);
         Change {
             from,

@@ -98,7 +98,10 @@ impl BreakerSink {
 pub trait BreakerStore: fmt::Debug + Send + Sync + 'static {
     /// This replica's breaker for `key` opened (its window tripped, or a probe failed):
     /// the shared state opens for `open_for` (extending, never shortening, an open
-    /// state). May answer [`SharedState::Open`] with what the store then holds.
+    /// state). Answers [`Open`](SharedState::Open) with what the store then holds, or
+    /// [`Unavailable`](SharedState::Unavailable) when the opening could not be shared
+    /// (the breaker then probes on its own permits when it ends: the store, which does
+    /// not know of it, would call the key closed).
     fn opened(&self, key: Key, label: &str, open_for: Duration, sink: &BreakerSink);
 
     /// This replica's open duration for `key` ended: take one probe permit, if fewer than

@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tower::ServiceExt;
 use tower_ai_circuit_breaker::store::{BreakerSink, BreakerStore, SharedState};
 use tower_ai_circuit_breaker::{CircuitBreakerLayer, CircuitState, TransitionReason};
 use tower_ai_core::keys::Key;
 
-use support::{rig, Got, Rig, FAIL, OK};
+use support::{rig, Do, Got, Rig, FAIL, OK};
 
 #[derive(Debug, Clone, Copy)]
 enum St {
@@ -25,6 +26,7 @@ struct State {
     states: HashMap<String, St>,
     tracked: HashMap<String, Vec<(Key, BreakerSink)>>,
     most_permits: u32,
+    probes_asked: u32,
     down: bool,
 }
 
@@ -35,7 +37,7 @@ impl Memory {
     /// Answers with `f`'s state, after the lock is let go.
     fn answer(&self, key: Key, sink: &BreakerSink, f: impl FnOnce(&mut State) -> SharedState) {
         let state = {
-            let mut s = self.0.lock().unwrap();
+            let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
             if s.down {
                 SharedState::Unavailable
             } else {
@@ -47,10 +49,12 @@ impl Memory {
 }
 
 impl BreakerStore for Memory {
-    fn opened(&self, _key: Key, label: &str, open_for: Duration, _sink: &BreakerSink) {
+    fn opened(&self, key: Key, label: &str, open_for: Duration, sink: &BreakerSink) {
         let targets = {
-            let mut s = self.0.lock().unwrap();
+            let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
             if s.down {
+                drop(s);
+                sink.apply(key, SharedState::Unavailable);
                 return;
             }
             let until = Instant::now() + open_for;
@@ -69,6 +73,7 @@ impl BreakerStore for Memory {
 
     fn probe(&self, key: Key, label: &str, max: u32, sink: &BreakerSink) {
         self.answer(key, sink, |s| {
+            s.probes_asked += 1;
             let now = Instant::now();
             let st = match s.states.get(label).copied() {
                 None => return SharedState::Closed,
@@ -170,7 +175,14 @@ async fn an_opening_is_shared_and_one_probe_across_replicas_closes_both() {
     assert_eq!(b.call("m", OK).await, Got::Open);
     assert_eq!(b.state("m"), CircuitState::Closed);
     assert_eq!(b.call("m", OK).await, Got::Status(200));
-    assert_eq!(store.0.lock().unwrap().most_permits, 1);
+    assert_eq!(
+        store
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .most_permits,
+        1
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -178,11 +190,88 @@ async fn a_store_that_is_down_is_decided_around() {
     let store = Memory::default();
     let a = replica(&store);
     assert_eq!(a.call("m", FAIL).await, Got::Status(500));
-    store.0.lock().unwrap().down = true;
+    store.0.lock().unwrap_or_else(|e| e.into_inner()).down = true;
     tokio::time::advance(Duration::from_secs(10)).await;
     // The permit cannot be asked: half-open on the replica's own permits.
     assert_eq!(a.call("m", OK).await, Got::Open);
     assert_eq!(a.state("m"), CircuitState::HalfOpen);
     assert_eq!(a.call("m", OK).await, Got::Status(200));
     assert_eq!(a.state("m"), CircuitState::Closed);
+}
+
+fn replica_with(store: &Memory, probes: u32) -> Rig {
+    rig(CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .open_duration(Duration::from_secs(10))
+        .half_open_probes(probes)
+        .half_open_successes(1)
+        .store(store.clone()))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_answer_is_not_asked_again_at_every_call() {
+    let store = Memory::default();
+    let (a, b) = (replica_with(&store, 2), replica_with(&store, 2));
+    assert_eq!(b.call("m", OK).await, Got::Status(200));
+    assert_eq!(a.call("m", FAIL).await, Got::Status(500));
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // One permit each, each probe in flight for 1 s.
+    let slow = Do::Late(200, 1_000);
+    assert_eq!(a.call("m", OK).await, Got::Open);
+    let mut pa = tokio_test::task::spawn(a.svc.clone().oneshot(support::req("m", slow)));
+    assert!(pa.poll().is_pending());
+    assert_eq!(b.call("m", OK).await, Got::Open);
+    let mut pb = tokio_test::task::spawn(b.svc.clone().oneshot(support::req("m", slow)));
+    assert!(pb.poll().is_pending());
+    assert_eq!(
+        store
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .probes_asked,
+        2
+    );
+    // b wants a second permit: told both are out, it does not ask again before 50 ms.
+    for _ in 0..5 {
+        assert_eq!(b.call("m", OK).await, Got::Open);
+    }
+    assert_eq!(
+        store
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .probes_asked,
+        3
+    );
+    assert_eq!(
+        store
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .most_permits,
+        2
+    );
+    drop((pa, pb));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_opening_the_store_never_knew_is_probed_in_process() {
+    let store = Memory::default();
+    let a = replica(&store);
+    store.0.lock().unwrap_or_else(|e| e.into_inner()).down = true;
+    assert_eq!(a.call("m", FAIL).await, Got::Status(500));
+    store.0.lock().unwrap_or_else(|e| e.into_inner()).down = false;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // The store, which never heard of the opening, would say "closed": the breaker
+    // probes on its own instead of closing without a probe.
+    assert_eq!(a.call("m", FAIL).await, Got::Status(500));
+    assert_eq!(a.state("m"), CircuitState::Open);
+    assert_eq!(
+        store
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .probes_asked,
+        0
+    );
 }

@@ -441,17 +441,11 @@ impl BreakerStore for RedisBreakers {
     fn opened(&self, key: Key, label: &str, open_for: Duration, sink: &BreakerSink) {
         let this = self.clone();
         let label = label.to_owned();
-        // The answer is what Redis holds (perhaps a later end): an outage answers
-        // nothing (the breaker is open here already).
-        let sink = sink.clone();
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        runtime.spawn(async move {
-            match this.open(&label, open_for).await {
-                Ok(left) => sink.apply(key, SharedState::Open(left)),
-                Err(e) => script_failed(&e),
-            }
+        // The answer is what Redis holds (perhaps a later end); when the opening could
+        // not be shared, the breaker is told so (it then probes on its own permits, as
+        // Redis would call the key closed).
+        self.spawn_answer(key, sink, async move {
+            this.open(&label, open_for).await.map(SharedState::Open)
         });
     }
 
