@@ -348,6 +348,21 @@ where
     }
 }
 
+/// The provider's request id of a response, as its headers carry it: `x-request-id`
+/// (OpenAI, Azure OpenAI) or `request-id` (Anthropic), at most 256 bytes of it.
+///
+/// ```
+/// let mut headers = http::HeaderMap::new();
+/// headers.insert("request-id", "req_011CSHoEeqs5C35K2UUqR7Fy".parse().unwrap());
+/// assert_eq!(tower_ai_core::telemetry::request_id(&headers), Some("req_011CSHoEeqs5C35K2UUqR7Fy"));
+/// ```
+pub fn request_id(headers: &HeaderMap) -> Option<&str> {
+    let id = headers
+        .get("x-request-id")
+        .or_else(|| headers.get("request-id"))?;
+    id.to_str().ok().map(|id| bounded(id, MAX_ID_LEN))
+}
+
 /// Whether a subscriber listens to `span`. A span a subscriber disabled is; so is one
 /// made while the thread's subscriber is the no-op one although a subscriber elsewhere
 /// (another thread's scoped default) gave its callsite an `always` interest.

@@ -424,7 +424,8 @@ fn decide<B, ResB>(
             // success without reading a header or allocating.
             let c = Classification::of(&res);
             if c.is_success() {
-                tracing::debug!(parent: span, attempt, http.response.status_code = res.status().as_u16(), "ai_retry attempt succeeded");
+                tracing::debug!(parent: span, attempt, http.response.status_code = res.status().as_u16(),
+                    request_id = tower_ai_core::telemetry::request_id(res.headers()), "ai_retry attempt succeeded");
                 #[cfg(feature = "metrics")]
                 crate::meter::ended("success", attempt);
                 return Step::Done(Ok(res));
@@ -440,6 +441,7 @@ fn decide<B, ResB>(
             match plan {
                 Plan::Retry(wait, source) => {
                     tracing::debug!(parent: span, attempt, http.response.status_code = status, error.type = kind,
+                        request_id = tower_ai_core::telemetry::request_id(res.headers()),
                         wait_ms = wait.as_millis() as u64, wait.source = source.as_str(), "ai_retry retrying");
                     #[cfg(feature = "metrics")]
                     crate::meter::retry(kind, source.as_str(), wait);
@@ -447,6 +449,7 @@ fn decide<B, ResB>(
                 }
                 Plan::Stop(reason) => {
                     tracing::debug!(parent: span, attempt, http.response.status_code = status, error.type = kind,
+                        request_id = tower_ai_core::telemetry::request_id(res.headers()),
                         stop = reason.as_str(), "ai_retry stopped");
                     #[cfg(feature = "metrics")]
                     crate::meter::ended(reason.as_str(), attempt);

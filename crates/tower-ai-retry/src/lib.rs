@@ -98,7 +98,9 @@
 //! One `ai_retry` span per logical call (`attempts` recorded at the end); one event per
 //! attempt with `attempt`, `http.response.status_code`, `error.type`, and for retries
 //! `wait_ms` and `wait.source` (`retry-after`, `retry-after-ms`, `retry-info`, …,
-//! `until` for a layer's refusal, `backoff`). Headers are never logged.
+//! `until` for a layer's refusal, `backoff`), and for an attempt that got an answer the
+//! provider's `request_id` (its `x-request-id` or `request-id` header, see
+//! [`tower_ai_core::telemetry::request_id`]). No other header is logged.
 //!
 //! # Cost
 //!

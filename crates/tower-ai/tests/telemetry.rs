@@ -273,6 +273,14 @@ async fn a_retried_call_is_one_span_with_its_attempts_inside() {
         "{:?}",
         retried.attributes
     );
+    assert!(
+        retried
+            .attributes
+            .iter()
+            .any(|kv| kv.key.as_str() == "request_id" && kv.value.as_str().starts_with("req_sim")),
+        "each attempt's answer names its request id: {:?}",
+        retried.attributes
+    );
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
