@@ -76,8 +76,9 @@ enum Mode {
 ///   response out only once Redis holds it, so every replica is held from then on.
 /// - **Leased** ([`leased`](Self::leased)): no round trip per request; each replica reads
 ///   every running cooldown (one round trip for them all) every
-///   [`refresh`](Self::refresh) period (default 500 ms, at most 1 s) and checks requests
-///   against that copy. Publishing is as in strict mode.
+///   [`refresh`](Self::refresh) period (default 500 ms, at most 1 s), from when it is
+///   made in a Tokio runtime (else from its first request), and checks requests against
+///   that copy. Publishing is as in strict mode.
 ///
 /// Why a per-replica refresher rather than pub/sub for leased mode: a subscription needs a
 /// connection of its own per replica and loses every message sent while it reconnects,
@@ -162,6 +163,15 @@ impl RedisCooldowns {
         )
     }
 
+    /// Leased mode: starts reading the running cooldowns now (made within a Tokio
+    /// runtime), rather than at the first request.
+    fn start(self) -> Self {
+        if let Mode::Leased { refresh } = self.inner.mode {
+            self.start_refresher(refresh);
+        }
+        self
+    }
+
     /// The refresh period of leased mode, kept within 10 ms..=1 s (no effect in strict
     /// mode).
     pub fn refresh(self, period: Duration) -> Self {
@@ -181,6 +191,10 @@ impl RedisCooldowns {
     }
 
     fn with_mode(store: RedisStore, mode: Mode, tag: &str) -> Self {
+        Self::made(store, mode, tag).start()
+    }
+
+    fn made(store: RedisStore, mode: Mode, tag: &str) -> Self {
         RedisCooldowns {
             inner: Arc::new(Inner {
                 index: store.key("cooldown-index", tag, ""),

@@ -111,12 +111,12 @@ where
         };
         match admit {
             Admit::Go { seq } => {
-                if let (Some(label), Some(k)) = (&label, key) {
+                if let (Some(name), Some(k)) = (&label, key) {
                     if let Some(store) = shared.config.store.as_deref().filter(|s| s.consult()) {
-                        match store.check(label) {
+                        match store.check(name) {
                             Check::Now(SharedCooldown::Cooling(d)) => {
                                 shared.cooldowns.learn_shared(k, now, now + d);
-                                return self.hold(req, key, now, label_of(label));
+                                return self.hold(req, key, now, label);
                             }
                             Check::Later(check) => {
                                 return ResponseFuture::checking(
@@ -128,7 +128,7 @@ where
                                     now,
                                     fastrand::Rng::with_seed(self.rng.u64(..)),
                                     self.shared.clone(),
-                                    label_of(label),
+                                    label,
                                 );
                             }
                             _ => {}
@@ -148,10 +148,6 @@ where
 #[cold]
 fn shared_label<K: KeyFn<B>, B>(shared: &Shared<K>, req: &Request<B>) -> Box<str> {
     cap_label(shared.key_fn.label(req)).into_boxed_str()
-}
-
-fn label_of(label: &str) -> Option<Box<str>> {
-    Some(label.into())
 }
 
 impl<S, K> RetryAfterAware<S, K> {
