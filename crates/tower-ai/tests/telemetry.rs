@@ -284,6 +284,41 @@ async fn a_retried_call_is_one_span_with_its_attempts_inside() {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_fallback_is_inside_the_span_and_names_the_serving_model() {
+    let otel = Otel::install();
+    let sim = sim(Scenario::builder()
+        .model(ModelSpec::new("gpt-4o-mini").completion_tokens(5))
+        .outage("gpt-4o", Duration::ZERO, Duration::from_secs(600)));
+    let ai = AiStack::seeded(1)
+        .fallback(ModelFallbackLayer::models(["gpt-4o-mini"]).unwrap())
+        .layer(sim.service());
+    let res = ai.oneshot(chat("gpt-4o", false)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    let models: Vec<_> = sim.calls().into_iter().filter_map(|c| c.model).collect();
+    assert_eq!(models.last().map(String::as_str), Some("gpt-4o-mini"));
+
+    let span = otel.gen_ai_span();
+    assert_eq!(span.name, "chat gpt-4o", "named by the model asked for");
+    assert_eq!(str_attr(&span, "gen_ai.request.model"), "gpt-4o");
+    assert_eq!(str_attr(&span, "gen_ai.response.model"), "gpt-4o-mini");
+    assert_eq!(int_attr(&span, "gen_ai.usage.output_tokens"), 5);
+    assert_eq!(attr(&span, "error.type"), None);
+    // ModelFallback's event is the span's own; each route's AiRetry span is its child.
+    assert!(
+        span.events.iter().any(|e| e.name == "route failed"),
+        "{:?}",
+        span.events
+    );
+    let spans = otel.spans();
+    let retries: Vec<_> = spans.iter().filter(|s| s.name == "ai_retry").collect();
+    assert_eq!(retries.len(), 2, "one AiRetry span per route");
+    assert!(retries
+        .iter()
+        .all(|r| r.parent_span_id == span.span_context.span_id()));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn an_error_response_sets_error_type_and_the_request_id() {
     let otel = Otel::install();
     let sim = sim(Scenario::builder().quota_exhausted_for("gpt-4o"));
