@@ -16,7 +16,9 @@
 //! It answers like OpenAI's own server: every non-2xx (its own 401, 404, 405, 413 and the
 //! stack's refusals, mapped by [`ErrorReply`]) is an OpenAI error body with a stable
 //! `code`; a budget or cooldown refusal is a 429 with `retry-after`, so the official SDKs
-//! wait and retry by themselves; a provider's quota error reaches the caller as it is
+//! wait and retry by themselves; the client's own timeout (the SDKs' `x-stainless-timeout`
+//! / `x-stainless-read-timeout`, `grpc-timeout`) is the request's deadline, so what cannot
+//! be done before it is refused at once rather than held past it; a provider's quota error reaches the caller as it is
 //! (never as a fallback model's answer on the same account); `x-tower-ai-route` and
 //! `x-tower-ai-model` name the route and model that served an answer.
 //!
@@ -349,6 +351,13 @@ async fn chat_completions(State(app): State<App>, headers: HeaderMap, body: Byte
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    // The client's own timeout (the official OpenAI SDKs send it: x-stainless-timeout,
+    // x-stainless-read-timeout; gRPC-style clients grpc-timeout) is the request's deadline:
+    // every layer then refuses at once what it cannot do before the client gives up (a
+    // 429 with retry-after the SDK can act on) instead of holding it past its timeout.
+    if let Some(timeout) = Deadline::header_timeout(&headers) {
+        Deadline::set(&mut req, Deadline::after(timeout));
+    }
     // An absurd model name (a 1 MiB one, say) is a 400 before it reaches the budget or
     // any per-model state (AiRetry would refuse it too, further in).
     if let Err(err) = check_model(&req) {

@@ -17,7 +17,9 @@ header). Checks, with the SDK's default retries unless said otherwise:
 - unknown keys get 401; a 1 MiB model name gets a 400; 1,000 requests under fresh keys do
   not buy a key past its own limit;
 - a stream the upstream stops feeding is cut (the SDK raises instead of returning a
-  truncated answer).
+  truncated answer);
+- with `timeout=5` while the gateway's upstream budget is full, a 429 with retry-after at
+  once, not a client-side timeout.
 """
 
 import asyncio
@@ -280,6 +282,40 @@ def stalled_stream(base_url: str) -> None:
         raise AssertionError("a stalled stream ended as if complete")
 
 
+def upstream_budget_full(base_url: str) -> None:
+    """A caller with `timeout=5` while the gateway's upstream token budget is full: a 429
+    with retry-after within its timeout, not a client-side timeout. The SDK sends its
+    timeout (`x-stainless-read-timeout: 5`); the gateway's stack reads it as the request's
+    deadline, and its upstream budget, which cannot admit the request before it, refuses
+    at once. Run last: the streams that fill the budget keep their reservations."""
+    # Five clients (each within its own 200k tokens a minute) open long streams that
+    # reserve 190k tokens each: 950k of the upstream account's 1M.
+    fillers = []
+    for key in ["sk-alice", "sk-bob", "sk-carol", "sk-sdk-noisy", "sk-sdk-burst"]:
+        filler = openai.OpenAI(base_url=base_url, api_key=key, timeout=30, max_retries=0)
+        stream = filler.chat.completions.create(
+            model="slow-model", messages=MESSAGES, stream=True, max_tokens=190_000
+        )
+        next(iter(stream))  # admitted upstream: its reservation is held
+        fillers.append(stream)
+    client = openai.OpenAI(base_url=base_url, api_key="sk-sdk-test", timeout=5, max_retries=0)
+    start = time.monotonic()
+    try:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=60_000)
+    except openai.RateLimitError as err:
+        elapsed = time.monotonic() - start
+        retry_after = err.response.headers.get("retry-after")
+        code = err.body.get("code") if isinstance(err.body, dict) else None
+        print(f"upstream budget full: 429 {code} after {elapsed:.3f} s, retry-after {retry_after}")
+        assert retry_after and int(retry_after) >= 5, retry_after
+        assert elapsed < 1, f"the refusal took {elapsed:.3f} s"
+    else:
+        raise AssertionError("the upstream budget had room")
+    finally:
+        for stream in fillers:
+            stream.close()
+
+
 def main(base_url: str) -> None:
     basics(base_url)
     quota_and_fallback(base_url)
@@ -287,6 +323,7 @@ def main(base_url: str) -> None:
     hostile_clients(base_url)
     asyncio.run(burst(base_url))
     stalled_stream(base_url)
+    upstream_budget_full(base_url)
     print("openai SDK test passed")
 
 

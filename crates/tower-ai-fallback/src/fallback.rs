@@ -2,11 +2,13 @@
 //! Plain functions over the chain, unit-tested without Tower.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::Response;
+use tokio::time::Instant;
 use tower_ai_core::{
     redact_secrets, redacted_chain, AiError, BoxError, Classification, ErrorKind, Provider,
-    RequestedWait,
+    RequestedWait, WaitSource,
 };
 
 use crate::config::{Action, Chain, Route};
@@ -83,10 +85,30 @@ pub(crate) fn judge_error<ReqB, ResB>(
         classification,
         message: message.clone(),
     };
+    // A layer below that refused without calling says when it would let the request
+    // through: kept as the failure's wait, so that a reply to the caller (ErrorReply's
+    // `AllRoutesFailed`) can say `retry-after`.
+    let not_before = |mut c: Classification, wait: Duration| {
+        c.wait = RequestedWait::new(wait, WaitSource::RetryAfter, wait);
+        c
+    };
     match AiError::find(&**err) {
         // A layer below refused without calling: move on without spending time.
-        Some(e @ (AiError::CircuitOpen { .. } | AiError::CoolingDown { .. })) => {
-            failure(Action::Next, Classification::failure(e.kind(), provider))
+        Some(e @ (AiError::CircuitOpen { until, .. } | AiError::CoolingDown { until, .. })) => {
+            let wait = until.saturating_duration_since(Instant::now());
+            failure(
+                Action::Next,
+                not_before(Classification::failure(e.kind(), provider), wait),
+            )
+        }
+        Some(e @ AiError::BudgetExceeded { retry_after, .. }) => {
+            let kind = e.kind();
+            let c = Classification::failure(kind, provider);
+            let c = match retry_after {
+                Some(d) => not_before(c, *d),
+                None => c,
+            };
+            failure(chain.action(kind), c)
         }
         Some(AiError::RetriesExhausted { last, wait, .. }) => {
             let kind = last.kind.unwrap_or(ErrorKind::Unknown);
@@ -254,6 +276,42 @@ mod tests {
             Action::Next,
             "a long wait moves on whatever the kind"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_keeps_when_it_would_let_the_request_through() {
+        let c = chain();
+        let budget: BoxError = Box::new(AiError::BudgetExceeded {
+            key: "k".into(),
+            limit: tower_ai_core::BudgetLimit::TokensPerMinute,
+            retry_after: Some(Duration::from_secs(61)),
+        });
+        let f = judge_error(&c.inner, &budget, Provider::OpenAi);
+        assert_eq!(f.action, Action::Next);
+        assert_eq!(f.classification.kind, Some(ErrorKind::RateLimited));
+        assert_eq!(
+            f.classification.wait.map(|w| w.delay),
+            Some(Duration::from_secs(61))
+        );
+        let cooling: BoxError = Box::new(AiError::CoolingDown {
+            key: "k".into(),
+            until: tokio::time::Instant::now() + Duration::from_secs(30),
+        });
+        let f = judge_error(&c.inner, &cooling, Provider::OpenAi);
+        assert_eq!(
+            f.classification.wait.map(|w| w.delay),
+            Some(Duration::from_secs(30))
+        );
+        // What a gateway answers when every route was refused so: a 429 with retry-after.
+        let reply = tower_ai_core::ErrorReply::from_error(&AiError::AllRoutesFailed {
+            failures: vec![tower_ai_core::RouteFailure {
+                route: "primary".into(),
+                classification: judge_error(&c.inner, &budget, Provider::OpenAi).classification,
+                message: String::new(),
+            }],
+        });
+        assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(reply.retry_after, Some(Duration::from_secs(61)));
     }
 
     #[test]
