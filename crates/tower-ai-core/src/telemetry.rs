@@ -837,7 +837,7 @@ where
         match frame {
             Some(Ok(frame)) => {
                 let end = this.inner.is_end_stream();
-                if let Some(data) = frame.data_ref() {
+                if let Some(data) = frame.data_ref().filter(|d| !d.as_ref().is_empty()) {
                     call.data(data.as_ref(), end);
                 }
                 if end {

@@ -12,7 +12,7 @@ use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData
 use tower::{Layer, Service, ServiceExt};
 use tower_ai::prelude::*;
 use tower_ai::telemetry;
-use tower_ai_sim::{Fault, Latency, ModelSpec, Scenario, Simulator};
+use tower_ai_sim::{Fault, Latency, ModelSpec, Scenario, Simulator, StreamFault};
 use tracing_subscriber::layer::SubscriberExt;
 
 /// A `tracing` subscriber exporting every span to an in-memory OpenTelemetry exporter,
@@ -218,6 +218,44 @@ async fn an_anthropic_stream_span_ends_with_the_stream() {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_gemini_stream_names_its_response_and_provider() {
+    let otel = Otel::install();
+    let sim =
+        sim(Scenario::builder().model(ModelSpec::new("gemini-2.5-flash").completion_tokens(7)));
+    let ai = AiStack::seeded(1).layer(sim.service());
+    let req = Request::post(
+        "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+    )
+    .body(AiBody::from(
+        r#"{"contents":[{"role":"user","parts":[{"text":"Hello"}]}]}"#,
+    ))
+    .unwrap();
+    let res = ai.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+
+    let span = otel.gen_ai_span();
+    assert_eq!(span.name, "generate_content gemini-2.5-flash");
+    assert_eq!(str_attr(&span, "gen_ai.operation.name"), "generate_content");
+    assert_eq!(str_attr(&span, "gen_ai.provider.name"), "gcp.gemini");
+    assert_eq!(str_attr(&span, "gen_ai.response.model"), "gemini-2.5-flash");
+    assert!(!str_attr(&span, "gen_ai.response.id").is_empty());
+    assert_eq!(
+        attr(&span, "gen_ai.request.stream"),
+        Some(&Value::Bool(true))
+    );
+    assert_eq!(int_attr(&span, "gen_ai.usage.output_tokens"), 7);
+    assert_eq!(
+        str_attr(&span, "gen_ai.response.finish_reasons"),
+        r#"["stop"]"#
+    );
+    assert!(matches!(
+        attr(&span, "gen_ai.response.time_to_first_chunk"),
+        Some(Value::F64(_))
+    ));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_retried_call_is_one_span_with_its_attempts_inside() {
     let otel = Otel::install();
     // The first request (t = 0) gets a 429 asking for 2 s; the retry at 2 s gets a 200.
@@ -342,6 +380,38 @@ async fn an_error_response_sets_error_type_and_the_request_id() {
         request_id
     );
     assert_eq!(attr(&span, "gen_ai.usage.input_tokens"), None);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_stream_that_fails_half_way_ends_its_span_with_the_error() {
+    for (fault, expected) in [
+        (
+            StreamFault::CutAfterTokens {
+                tokens: 3,
+                probability: 1.0,
+            },
+            "truncated",
+        ),
+        (
+            StreamFault::ErrorEventAfterTokens {
+                tokens: 3,
+                probability: 1.0,
+            },
+            "overloaded",
+        ),
+    ] {
+        let otel = Otel::install();
+        let sim = sim(Scenario::builder().stream_fault(fault));
+        let ai = AiStack::seeded(1).layer(sim.service());
+        let res = ai.oneshot(anthropic_stream()).await.unwrap();
+        assert_eq!(res.status(), 200);
+        let err = res.into_body().collect().await.unwrap_err();
+        let span = otel.gen_ai_span();
+        assert_eq!(str_attr(&span, "error.type"), expected, "{err}");
+        assert!(matches!(span.status, Status::Error { .. }));
+        assert_eq!(int_attr(&span, "http.response.status_code"), 200);
+        assert!(str_attr(&span, "gen_ai.response.id").starts_with("msg_"));
+    }
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
