@@ -123,6 +123,9 @@ struct Inner {
     settle: Script,
     /// Members of the concurrency semaphore: this replica's id and a sequence number.
     seq: AtomicU64,
+    /// Admissions sent to Redis, and those decided in-process because it could not answer.
+    round_trips: AtomicU64,
+    fallbacks: AtomicU64,
     epoch: Instant,
     denials: Mutex<HashMap<Key, Denial>>,
     /// The in-process fall-back (limits ÷ replicas).
@@ -254,6 +257,8 @@ impl RedisBudgetBuilder {
                 admit: Script::new(ADMIT),
                 settle: Script::new(SETTLE),
                 seq: AtomicU64::new(0),
+                round_trips: AtomicU64::new(0),
+                fallbacks: AtomicU64::new(0),
                 epoch: Instant::now(),
                 denials: Mutex::new(HashMap::new()),
                 local: Local::default(),
@@ -294,6 +299,17 @@ impl RedisBudget {
     /// The store this budget talks through.
     pub fn store(&self) -> &RedisStore {
         &self.inner.store
+    }
+
+    /// Admissions (and lease refills) sent to Redis so far.
+    pub fn round_trips(&self) -> u64 {
+        self.inner.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Admissions decided in-process (or refused, fail-closed) because Redis could not
+    /// answer in time.
+    pub fn fallbacks(&self) -> u64 {
+        self.inner.fallbacks.load(Ordering::Relaxed)
     }
 
     /// The Redis keys of `name`'s state, in the order the scripts take them.
@@ -392,6 +408,7 @@ impl RedisBudget {
         ];
         let key_refs: [&str; 5] = [&keys[0], &keys[1], &keys[2], &keys[3], &keys[4]];
         let started = Instant::now();
+        inner.round_trips.fetch_add(1, Ordering::Relaxed);
         match inner
             .store
             .run::<Vec<i64>>(&inner.admit, &key_refs, &args)
@@ -437,6 +454,7 @@ impl RedisBudget {
     /// Decides in-process at the limits ÷ replicas (or refuses, for a fail-closed limit).
     fn fallback(&self, ask: &Ask) -> StoreDecision {
         let inner = &self.inner;
+        inner.fallbacks.fetch_add(1, Ordering::Relaxed);
         let l = &ask.limits;
         let closed = inner.config.fail_closed;
         let set = [

@@ -156,6 +156,7 @@ impl RedisBudget {
             &back_tokens,
         ];
         let started = Instant::now();
+        inner.round_trips.fetch_add(1, Ordering::Relaxed);
         let result = inner
             .store
             .run::<Vec<i64>>(lease_script(), &[&keys[0], &keys[1]], &args)
