@@ -25,14 +25,16 @@ use crate::store::{Check, SharedCooldown, StoreFuture};
 
 pin_project! {
     #[project = StateProj]
-    enum State<F, O> {
+    enum State<F, O, R> {
         Called { #[pin] fut: F },
         Waiting { #[pin] sleep: Sleep },
         // Asking the shared state (a store's round trip) before sending.
         Checking { check: StoreFuture<SharedCooldown> },
         Sending { #[pin] fut: O },
         // Sharing the cooldown a response taught before handing the response out.
-        Publishing { publish: StoreFuture<()> },
+        // (The response waits in the state, not in a field of its own: most states are
+        // larger than a response, so the future does not grow for it.)
+        Publishing { publish: StoreFuture<()>, held: Option<R> },
         Rejected,
     }
 }
@@ -46,7 +48,7 @@ pin_project! {
         S: Service<Request<B>>,
     {
         #[pin]
-        state: State<S::Future, Oneshot<S, Request<B>>>,
+        state: State<S::Future, Oneshot<S, Request<B>>, S::Response>,
         req: Option<Request<B>>,
         service: Option<S>,
         // A waiting request's place among the waiters (given back when it stops waiting).
@@ -60,8 +62,6 @@ pin_project! {
         shared: Option<Arc<Shared<K>>>,
         // The key's label in the shared state (only with a store).
         label: Option<Box<str>>,
-        // The response, while its cooldown is being published.
-        held: Option<S::Response>,
     }
 }
 
@@ -109,7 +109,6 @@ where
             err: None,
             shared: Some(shared),
             label,
-            held: None,
         }
     }
 
@@ -140,7 +139,6 @@ where
             err: None,
             shared: Some(shared),
             label,
-            held: None,
         }
     }
 
@@ -159,7 +157,6 @@ where
             err: Some(err),
             shared: None,
             label: None,
-            held: None,
         }
     }
 
@@ -188,7 +185,6 @@ where
             err: None,
             shared: Some(shared),
             label,
-            held: None,
         }
     }
 }
@@ -281,13 +277,12 @@ where
             let result = match this.state.as_mut().project() {
                 StateProj::Called { fut } => ready!(fut.poll(cx)).map_err(Into::into),
                 StateProj::Sending { fut } => ready!(fut.poll(cx)).map_err(Into::into),
-                StateProj::Publishing { publish } => {
+                StateProj::Publishing { publish, held } => {
                     ready!(publish.as_mut().poll(cx));
+                    let held = held.take();
                     this.state.set(State::Rejected);
                     return Poll::Ready(
-                        this.held
-                            .take()
-                            .ok_or_else(|| "retry_after_aware: polled after completion".into()),
+                        held.ok_or_else(|| "retry_after_aware: polled after completion".into()),
                     );
                 }
                 StateProj::Rejected => {
@@ -428,8 +423,10 @@ where
                 ) {
                     // Every replica holds the key once this resolves (bounded by the
                     // store's timeout): only then does the caller get the answer.
-                    *this.held = result.ok();
-                    this.state.set(State::Publishing { publish });
+                    this.state.set(State::Publishing {
+                        publish,
+                        held: result.ok(),
+                    });
                     continue;
                 }
             }
