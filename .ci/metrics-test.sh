@@ -4,7 +4,8 @@
 # sends a scripted mix of calls with curl (answers, a stream, a fallback, a quota error, a
 # stalled stream, a client over its concurrency limit), scrapes /metrics, validates it with
 # `promtool check metrics` (Debian's `prometheus` package; installed if missing), checks a
-# few series by name and value, reads /health, and stops the gateway.
+# few series by name and value, reads /health, and stops the gateway. METRICS_TEST_KEEP=FILE
+# keeps the scrape in FILE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,7 @@ cleanup() {
     for _ in $(seq 50); do kill -0 "$gateway_pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$gateway_pid" 2>/dev/null || true
   fi
-  rm -rf "$tmp"
+  [[ -n "${METRICS_TEST_KEEP:-}" ]] && cp "$tmp/metrics" "$METRICS_TEST_KEEP" 2>/dev/null; rm -rf "$tmp"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -132,6 +133,8 @@ want '^tower_ai_circuit_breaker_state\{key="127\.0\.0\.1(:[0-9]+)?/gpt-4o",state
 # the gateway counts the keys cooling at each scrape: none (a quota error teaches no cooldown)
 want '^tower_ai_retry_after_keys_cooling 0$'
 want '^# TYPE tower_ai_budget_queue_wait_seconds histogram$|^# TYPE tower_ai_retry_wait_seconds histogram$'
+# the GenAI client metrics beside the layers' (the telemetry layer of the upstream stack)
+want '^# TYPE gen_ai_client_operation_duration_seconds histogram$'
 
 echo "==> GET /health"
 curl -sS --fail --max-time 10 -o "$tmp/health" "$root/health"
