@@ -155,6 +155,7 @@ async fn a_429_then_200_records_one_retry_waiting_on_retry_after() {
         ),
         1
     );
+    assert_eq!(counter(&all, "tower_ai.retry.attempts", &[]), 2);
     // RetryAfterAware learned the provider's wait from the 429.
     assert_eq!(counter(&all, "tower_ai.retry_after.cooldowns", &[]), 1);
     // Nothing else retried, nothing was refused.
