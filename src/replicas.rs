@@ -16,7 +16,8 @@ use http::Request;
 use tokio::time::Instant;
 use tower::ServiceExt;
 use tower_ai::budget::{
-    BudgetStore, Spent, StoreAdmit, StoreLease, StoreLimits, StoreRequest, TokenBudgetLayer,
+    BudgetStore, PriceTable, Spent, StoreAdmit, StoreLease, StoreLimits, StoreRequest,
+    TokenBudgetLayer,
 };
 use tower_ai::core::{AiBody, AiError, BoxError};
 use tower_ai_redis::testing::RedisServer;
@@ -80,7 +81,12 @@ pub struct Run {
     /// The stores' response timeout: past it a replica decides in-process (at its share
     /// of the limit) while the others still share Redis's count.
     pub response_timeout: Duration,
+    /// A spend cap per hour (USD) on top of the limits, at [`PRICE`].
+    pub spend_per_hour: Option<f64>,
 }
+
+/// The price of the runs' model, USD per million input and output tokens.
+pub const PRICE: (f64, f64) = (10.0, 30.0);
 
 impl Run {
     /// 4 replicas sharing 100 requests and 3,000 tokens a 1 s window, offered `load` times
@@ -97,6 +103,7 @@ impl Run {
             burst: (5, 150),
             faults: Vec::new(),
             response_timeout: RedisStore::DEFAULT_RESPONSE_TIMEOUT,
+            spend_per_hour: None,
         }
     }
 }
@@ -134,6 +141,8 @@ pub struct Report {
     pub max_admission: Duration,
     /// Shared-state replicas that ended degraded.
     pub degraded_at_end: usize,
+    /// What the provider's answers cost at [`PRICE`], USD.
+    pub spend: f64,
 }
 
 /// Counts what the shared budget is told each request used.
@@ -210,10 +219,15 @@ pub async fn run(run: &Run, mut server: Option<&mut RedisServer>) -> Report {
     let mut stores = Vec::new();
     let mut replicas = Vec::new();
     for _ in 0..run.replicas {
-        let builder = TokenBudgetLayer::builder()
+        let mut builder = TokenBudgetLayer::builder()
             .requests_per_minute(run.requests)
             .tokens_per_minute(run.tokens)
             .reject();
+        if let Some(cap) = run.spend_per_hour {
+            builder = builder
+                .spend_per_hour(cap)
+                .prices(PriceTable::new().model("gpt-4o", PRICE.0, PRICE.1));
+        }
         let layer = match (run.sharing, server.as_deref()) {
             (Sharing::InProcess, _) | (_, None) => builder.build(),
             (sharing, Some(server)) => {
@@ -336,6 +350,8 @@ pub async fn run(run: &Run, mut server: Option<&mut RedisServer>) -> Report {
         settled_tokens: settled.load(Ordering::Relaxed),
         max_admission,
         degraded_at_end: stores.iter().filter(|s| s.is_degraded()).count(),
+        spend: (stats.prompt_tokens as f64 * PRICE.0 + stats.completion_tokens as f64 * PRICE.1)
+            / 1e6,
     }
 }
 

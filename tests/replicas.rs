@@ -159,3 +159,32 @@ async fn script_flush_mid_run_reloads_the_scripts() {
     check_strict(&r, cfg.burst.0);
     assert!(r.goodput >= 0.98, "goodput {:.3}: {r:?}", r.goodput);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_across_four_replicas_never_passes_the_cap() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut server) = RedisServer::start_or_skip("replicas, spend cap") else {
+        return;
+    };
+    // $0.05 an hour; a request reserves $0.0016 (10 input + 50 output tokens) and costs
+    // $0.0007 (10 + 20): the cap holds ~71 answers, 5 times fewer than the rate limits.
+    let mut cfg = Run::new(Sharing::Strict, 2.0);
+    cfg.duration = Duration::from_secs(2);
+    cfg.spend_per_hour = Some(0.05);
+    cfg.response_timeout = Duration::from_millis(250);
+    let r = run(&cfg, Some(&mut server)).await;
+    print!("{}", table(std::slice::from_ref(&r)));
+    println!("spent ${:.4} of $0.05", r.spend);
+    assert_eq!(r.failed, 0, "{r:?}");
+    assert!(r.spend <= 0.05 + 1e-9, "spent ${}: {r:?}", r.spend);
+    // Refunds of the unused output let the cap be spent, not just reserved.
+    assert!(r.spend >= 0.05 - 2.0 * 0.0016, "spent ${}: {r:?}", r.spend);
+    assert_eq!(r.settled_tokens, r.provider_tokens, "{r:?}");
+
+    // Without Redis each replica holds the whole cap: 4 times it can be spent.
+    let mut cfg = Run::new(Sharing::InProcess, 2.0);
+    cfg.spend_per_hour = Some(0.05);
+    let r = run(&cfg, None).await;
+    println!("in-process: spent ${:.4} of $0.05", r.spend);
+    assert!(r.spend > 0.05, "spent ${}: {r:?}", r.spend);
+}

@@ -360,3 +360,44 @@ async fn leased_tokens_are_reconciled_in_the_chunk_and_given_back() {
     // Two chunks of 1,000 taken, 1,000 + 200 + 150 - 150 refund... what is left given back.
     assert!(used < 2_000, "{used}: the unused part came back");
 }
+
+#[tokio::test]
+async fn a_paused_redis_costs_one_timeout_then_the_fall_back_decides() {
+    let Some(server) = RedisServer::start_or_skip("client pause") else {
+        return;
+    };
+    let store = RedisStore::builder().replicas(2).build(server.client());
+    let b = RedisBudget::builder(store.clone())
+        .minute(Duration::from_secs(60))
+        .burst(5, 0)
+        .build();
+    let l = limits(|l| l.requests_per_minute = Some(100));
+    admitted(ask(&b, &l, "p", 0, 0).await.0);
+    let mut admin = server
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2000)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // The first call waits for the response timeout, then decides in-process; the next
+    // ones do not wait at all while Redis is skipped.
+    let started = Instant::now();
+    admitted(ask(&b, &l, "p", 0, 0).await.0);
+    assert!(started.elapsed() < 25 * MS, "{:?}", started.elapsed());
+    let started = Instant::now();
+    admitted(ask(&b, &l, "p", 0, 0).await.0);
+    assert!(started.elapsed() < 5 * MS, "{:?}", started.elapsed());
+    assert!(store.is_degraded());
+    assert_eq!(b.fallbacks(), 2);
+    // At its share: 100 / 2 replicas, burst 5 / 2 = 2: the two above took it.
+    assert_eq!(
+        refused(ask(&b, &l, "p", 0, 0).await.0).0,
+        BudgetLimit::RequestsPerMinute
+    );
+}
