@@ -54,8 +54,9 @@ pub struct RedisBudgetBuilder {
     minute: Duration,
     hour: Duration,
     day: Duration,
-    request_burst: u64,
-    token_burst: u64,
+    /// `None`: a sixtieth of the limit (see [`burst`](Self::burst)).
+    request_burst: Option<u64>,
+    token_burst: Option<u64>,
     fail_closed: u8,
     hold: Duration,
 }
@@ -210,13 +211,25 @@ impl RedisBudgetBuilder {
         self
     }
 
-    /// How many requests and tokens a key may take at once beyond the steady pace
-    /// (default 0 and 0: strictly paced). In any window the key admits at most the limit
-    /// plus the burst (plus the request itself when it is larger than the burst).
+    /// How many requests and tokens a key may take at once beyond the steady pace of
+    /// `minute / limit` apart. In any window the key admits at most the limit plus the
+    /// burst (plus the request itself when it is larger than the burst). Default: a
+    /// sixtieth of each limit (a second's worth of a per-minute limit), so requests that
+    /// come together are not paced one by one; `burst(0, 0)` paces strictly.
     pub fn burst(mut self, requests: u64, tokens: u64) -> Self {
-        self.request_burst = requests;
-        self.token_burst = tokens;
+        self.request_burst = Some(requests);
+        self.token_burst = Some(tokens);
         self
+    }
+
+    /// The bursts for `l`: as set, or a sixtieth of each limit.
+    pub(crate) fn bursts(&self, l: &StoreLimits) -> (u64, u64) {
+        (
+            self.request_burst
+                .unwrap_or_else(|| l.requests_per_minute.map_or(0, |n| n / 60)),
+            self.token_burst
+                .unwrap_or_else(|| l.tokens_per_minute.map_or(0, |n| n / 60)),
+        )
     }
 
     /// The length of the "minute" of the requests and tokens limits (default 60 s), so a
@@ -284,8 +297,8 @@ impl RedisBudget {
             minute: Duration::from_secs(60),
             hour: Duration::from_secs(3600),
             day: Duration::from_secs(86_400),
-            request_burst: 0,
-            token_burst: 0,
+            request_burst: None,
+            token_burst: None,
             fail_closed: 0,
             hold: Duration::from_secs(600),
         }
@@ -390,12 +403,13 @@ impl RedisBudget {
             String::new()
         };
         let spend = micro_up(ask.spend);
+        let (request_burst, token_burst) = c.bursts(l);
         let args: [&dyn crate::ToRedisArgsDyn; 14] = [
             &duration_us(c.minute),
             &l.requests_per_minute.unwrap_or(0),
-            &c.request_burst,
+            &request_burst,
             &l.tokens_per_minute.unwrap_or(0),
-            &c.token_burst,
+            &token_burst,
             &ask.tokens,
             &l.spend_per_hour.map_or(0, |n| n / 1000),
             &l.spend_per_day.map_or(0, |n| n / 1000),

@@ -51,6 +51,20 @@ fn refused(d: StoreDecision) -> (BudgetLimit, Option<Duration>) {
     }
 }
 
+/// Waits for the start of a window of `window` on Redis's clock (leased chunks shrink in
+/// a window's last tenth).
+async fn window_start(server: &RedisServer, window: Duration) {
+    let mut conn = server
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let w = window.as_micros() as u64;
+    let now = secs * 1_000_000 + micros;
+    tokio::time::sleep(Duration::from_micros(w - now % w + 1_000)).await;
+}
+
 /// Waits until the background settlement has reached Redis.
 async fn settled() {
     tokio::time::sleep(20 * MS).await;
@@ -265,16 +279,18 @@ async fn leased_chunks_are_spent_locally_and_never_exceed_the_window() {
     let Some(server) = RedisServer::start_or_skip("leases") else {
         return;
     };
-    // Two replicas, 100 a 60 s window in chunks of 10.
+    // Two replicas, 100 a 2 s window in chunks of 10.
+    let window = Duration::from_secs(2);
     let a = RedisBudget::builder(server.store())
-        .minute(Duration::from_secs(60))
+        .minute(window)
         .leased(0.1)
         .build();
     let b = RedisBudget::builder(server.store())
-        .minute(Duration::from_secs(60))
+        .minute(window)
         .leased(0.1)
         .build();
     let l = limits(|l| l.requests_per_minute = Some(100));
+    window_start(&server, window).await;
     let (d, trip) = ask(&a, &l, "L", 0, 0).await;
     admitted(d);
     assert!(trip, "the first request takes a chunk");
@@ -325,11 +341,13 @@ async fn leased_tokens_are_reconciled_in_the_chunk_and_given_back() {
     let Some(server) = RedisServer::start_or_skip("lease tokens") else {
         return;
     };
+    let window = Duration::from_secs(2);
     let a = RedisBudget::builder(server.store())
-        .minute(Duration::from_secs(60))
+        .minute(window)
         .leased(0.1)
         .build();
     let l = limits(|l| l.tokens_per_minute = Some(10_000));
+    window_start(&server, window).await;
     // A chunk of 1,000 tokens: 5 requests of 200.
     let first = admitted(ask(&a, &l, "T", 200, 0).await.0);
     for _ in 0..4 {

@@ -91,6 +91,7 @@ impl Local {
         let now = since_epoch.as_micros() as f64;
         let now_ms = since_epoch.as_millis() as u64;
         let window = c.minute.as_micros() as f64;
+        let (request_burst, token_burst) = c.bursts(l);
         let mut keys = lock(&self.keys);
         let keys = &mut *keys;
         if keys.map.len() >= MAX_KEYS && !keys.map.contains_key(&key) {
@@ -107,7 +108,7 @@ impl Local {
                 now,
                 window,
                 share(limit, n),
-                c.request_burst / n,
+                request_burst / n,
                 1,
             )
             .map_err(|e| (BudgetLimit::RequestsPerMinute, e))?,
@@ -119,7 +120,7 @@ impl Local {
                 now,
                 window,
                 share(limit, n),
-                c.token_burst / n,
+                token_burst / n,
                 tokens,
             )
             .map_err(|e| (BudgetLimit::TokensPerMinute, e))?,
