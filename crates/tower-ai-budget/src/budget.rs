@@ -483,7 +483,7 @@ impl Reservations {
     }
 }
 
-/// A key's state: 56 bytes, its windows (24 bytes each while few of their slots hold
+/// A key's state: 56 bytes, its windows (16 bytes each while few of their slots hold
 /// anything) and, when the fast path is used, its [`KeyFast`].
 #[derive(Debug)]
 struct KeyState {

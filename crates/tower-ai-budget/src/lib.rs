@@ -109,15 +109,15 @@
 //!
 //! Memory: each key holds a 56-byte entry, its windows and, when the budget has a fast
 //! path or a concurrency limit, a 40-byte fast-path state, besides its share of the map
-//! and of the eviction order. A window is 24 bytes while at most two of its slots hold
+//! and of the eviction order. A window is 16 bytes while at most two of its slots hold
 //! anything (a key that sent a request or two, the usual idle key); a key busy in more
 //! slots than that moves to the full ring of slots (a slot per second of a minute limit,
 //! per minute of the hourly cap, per 15 minutes of the daily cap, 61 or 97 slots; 4 bytes
 //! a slot when the limit fits in 32 bits, else 8), and back once a whole window has passed
 //! without it; both forms decide alike. Reservations not yet settled are kept in one table
 //! for the whole budget, as large as the most held at once. Measured per idle key at
-//! 10 000 keys (`tests/memory.rs`): 150 bytes with a concurrency limit alone, 174 with
-//! requests per minute, 158 with requests and tokens per minute, 206 with both spend caps
+//! 10 000 keys (`tests/memory.rs`): 150 bytes with a concurrency limit alone, 166 with
+//! requests per minute, 142 with requests and tokens per minute, 174 with both spend caps
 //! too. [`TokenBudgetLayer::stats`] adds it up at run time.
 //!
 //! # Reserve, then reconcile

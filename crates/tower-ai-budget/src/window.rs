@@ -9,8 +9,8 @@
 //! up to `1/n` of its length earlier than an exact sliding log would (1 s of a minute, 1 min
 //! of an hour, 15 min of a day).
 //!
-//! Memory: a window is 24 bytes in its key's state while at most [`SPARSE`] of its slots
-//! hold anything (each as an absolute slot index and a 32-bit count), which is every key
+//! Memory: a window is 16 bytes in its key's state while at most [`SPARSE`] of its slots
+//! hold anything (each as a 32-bit count and its age in slots), which is every key
 //! that sent a request or two; a key busy in more slots than that moves to the full ring
 //! of `n + 1` integers on the heap (4 bytes each when the limit fits in 32 bits, else 8),
 //! and back once a whole window has passed without it. Both forms hold the same numbers
@@ -23,6 +23,8 @@
 //! remembers its slot and can be corrected later, while that slot is still in the window.
 //! What is the same for every key (the limit, the slot length, the number of slots) is in
 //! a [`Spec`], kept once per budget.
+
+use std::num::NonZeroU8;
 
 /// What every key's window of one limit shares: its limit and shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,18 +61,76 @@ impl Spec {
 /// Slots a window holds inline before it moves to the full ring.
 pub(crate) const SPARSE: usize = 2;
 
-/// One slot of a sparse window: `count == 0` is a free entry.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Entry {
-    idx: u32,
-    count: u32,
+/// The inline form: at most [`SPARSE`] slots, each as its count and its age (how many
+/// slots it is behind `head`, + 1, so that the byte is never zero and the whole window
+/// fits in 16 bytes). An entry whose count is 0 is free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Inline {
+    /// Absolute index of the newest slot.
+    head: u32,
+    counts: [u32; SPARSE],
+    ages: [NonZeroU8; SPARSE],
+}
+
+/// The longest window the inline form holds (an age is a byte); the budget's are 61 and
+/// 97 slots.
+const INLINE_MAX_LEN: u64 = 254;
+
+impl Inline {
+    fn new(head: u32) -> Self {
+        Inline {
+            head,
+            counts: [0; SPARSE],
+            ages: [NonZeroU8::MIN; SPARSE],
+        }
+    }
+
+    /// The absolute index of entry `i`.
+    fn idx(&self, i: usize) -> u64 {
+        u64::from(self.head).saturating_sub(u64::from(self.ages[i].get() - 1))
+    }
+
+    fn used(&self) -> u64 {
+        self.counts.iter().map(|&c| u64::from(c)).sum()
+    }
+
+    /// The entry holding slot `idx`.
+    fn find(&self, idx: u64) -> Option<usize> {
+        (0..SPARSE).find(|&i| self.counts[i] > 0 && self.idx(i) == idx)
+    }
+
+    fn free(&self) -> Option<usize> {
+        (0..SPARSE).find(|&i| self.counts[i] == 0)
+    }
+
+    /// Puts `count` in entry `i` for slot `idx` (at most [`INLINE_MAX_LEN`] behind the
+    /// head: the caller checked it is in the window).
+    fn put(&mut self, i: usize, idx: u64, count: u32) {
+        let age = u64::from(self.head).saturating_sub(idx);
+        let age = u8::try_from(age.saturating_add(1))
+            .ok()
+            .and_then(NonZeroU8::new)
+            .unwrap_or(NonZeroU8::MAX);
+        self.counts[i] = count;
+        self.ages[i] = age;
+    }
+
+    /// The slots holding anything, oldest first: (absolute index, amount).
+    fn held(&self) -> impl Iterator<Item = (u64, u64)> {
+        let mut held = [(0u64, 0u64); SPARSE];
+        for (i, h) in held.iter_mut().enumerate() {
+            *h = (self.idx(i), u64::from(self.counts[i]));
+        }
+        held.sort_unstable_by_key(|&(idx, _)| idx);
+        held.into_iter().filter(|&(_, c)| c > 0)
+    }
 }
 
 /// A sliding sum over slots (see the module's documentation). All arithmetic saturates.
 #[derive(Debug, Clone)]
 pub(crate) enum Window {
-    /// At most [`SPARSE`] slots hold anything; `head` is the absolute index of the newest.
-    Sparse { head: u32, slots: [Entry; SPARSE] },
+    /// At most [`SPARSE`] slots hold anything.
+    Sparse(Inline),
     /// The full ring.
     Dense(Box<Ring>),
 }
@@ -94,10 +154,7 @@ pub(crate) struct WindowMut<'a> {
 
 impl Default for Window {
     fn default() -> Self {
-        Window::Sparse {
-            head: 0,
-            slots: [Entry::default(); SPARSE],
-        }
+        Window::Sparse(Inline::new(0))
     }
 }
 
@@ -110,7 +167,7 @@ impl Window {
     /// The bytes it takes on the heap (none while sparse).
     pub(crate) fn heap_bytes(&self) -> usize {
         match self {
-            Window::Sparse { .. } => 0,
+            Window::Sparse(_) => 0,
             Window::Dense(r) => {
                 std::mem::size_of::<Ring>()
                     + match &r.slots {
@@ -130,7 +187,7 @@ impl Window {
     /// What the window holds now (after [`advance`](Self::advance)).
     pub(crate) fn used(&self) -> u64 {
         match self {
-            Window::Sparse { slots, .. } => slots.iter().map(|e| u64::from(e.count)).sum(),
+            Window::Sparse(s) => s.used(),
             Window::Dense(r) => r.total,
         }
     }
@@ -138,7 +195,7 @@ impl Window {
     /// The absolute index of the newest slot.
     fn head(&self) -> u64 {
         match self {
-            Window::Sparse { head, .. } => u64::from(*head),
+            Window::Sparse(s) => u64::from(s.head),
             Window::Dense(r) => r.head,
         }
     }
@@ -147,11 +204,11 @@ impl Window {
     #[cold]
     #[inline(never)]
     fn densify(&mut self, spec: &Spec) -> Option<&mut Ring> {
-        if let Window::Sparse { head, slots } = *self {
+        if let Window::Sparse(s) = *self {
             let len = spec.len;
             let n = usize::try_from(len).unwrap_or(usize::MAX);
             let mut ring = Ring {
-                head: u64::from(head),
+                head: u64::from(s.head),
                 total: 0,
                 slots: if u32::try_from(spec.limit).is_ok() {
                     Slots::Narrow(vec![0; n].into_boxed_slice())
@@ -159,16 +216,15 @@ impl Window {
                     Slots::Wide(vec![0; n].into_boxed_slice())
                 },
             };
-            for e in slots.iter().filter(|e| e.count > 0) {
-                ring.slots
-                    .set((u64::from(e.idx) % len) as usize, u64::from(e.count));
-                ring.total += u64::from(e.count);
+            for (idx, count) in s.held() {
+                ring.slots.set((idx % len) as usize, count);
+                ring.total += count;
             }
             *self = Window::Dense(Box::new(ring));
         }
         match self {
             Window::Dense(r) => Some(r),
-            Window::Sparse { .. } => None,
+            Window::Sparse(_) => None,
         }
     }
 
@@ -177,23 +233,30 @@ impl Window {
         let idx = spec.index(secs);
         let len = spec.len;
         match self {
-            Window::Sparse { head, slots } => {
-                if idx <= u64::from(*head) {
+            Window::Sparse(s) => {
+                let head = u64::from(s.head);
+                if idx <= head {
                     return;
                 }
-                let Ok(new_head) = u32::try_from(idx) else {
-                    // Past what a sparse index holds: the ring's are 64-bit.
+                let (Ok(new_head), true) = (u32::try_from(idx), len <= INLINE_MAX_LEN) else {
+                    // Past what the inline form holds: the ring's indices are 64-bit.
                     if let Some(r) = self.densify(spec) {
                         r.advance(len, idx);
                     }
                     return;
                 };
-                for e in slots.iter_mut() {
-                    if e.count > 0 && idx - u64::from(e.idx) >= len {
-                        *e = Entry::default();
+                let step = idx - head;
+                for i in 0..SPARSE {
+                    let age = u64::from(s.ages[i].get() - 1).saturating_add(step);
+                    if age >= len {
+                        s.counts[i] = 0;
+                        s.ages[i] = NonZeroU8::MIN;
+                    } else {
+                        // `age < len <= INLINE_MAX_LEN`: fits.
+                        s.ages[i] = NonZeroU8::new(age as u8 + 1).unwrap_or(NonZeroU8::MAX);
                     }
                 }
-                *head = new_head;
+                s.head = new_head;
             }
             Window::Dense(r) => {
                 if idx <= r.head {
@@ -202,10 +265,7 @@ impl Window {
                 if idx - r.head >= len {
                     // A whole window passed: nothing is left, back to the inline form.
                     if let Ok(head) = u32::try_from(idx) {
-                        *self = Window::Sparse {
-                            head,
-                            slots: [Entry::default(); SPARSE],
-                        };
+                        *self = Window::Sparse(Inline::new(head));
                         return;
                     }
                 }
@@ -221,21 +281,21 @@ impl Window {
 
     /// Adds `cost` to the current slot.
     pub(crate) fn add(&mut self, spec: &Spec, cost: u64) {
-        if let Window::Sparse { head, slots } = self {
+        if let Window::Sparse(s) = self {
             if cost == 0 {
                 return;
             }
-            let head = *head;
-            if let Some(e) = slots.iter_mut().find(|e| e.count > 0 && e.idx == head) {
-                if let Ok(c) = u32::try_from(u64::from(e.count).saturating_add(cost)) {
-                    e.count = c;
+            let head = u64::from(s.head);
+            if spec.len <= INLINE_MAX_LEN {
+                if let Some(i) = s.find(head) {
+                    if let Ok(c) = u32::try_from(u64::from(s.counts[i]).saturating_add(cost)) {
+                        s.counts[i] = c;
+                        return;
+                    }
+                } else if let (Some(i), Ok(count)) = (s.free(), u32::try_from(cost)) {
+                    s.put(i, head, count);
                     return;
                 }
-            } else if let (Some(e), Ok(count)) =
-                (slots.iter_mut().find(|e| e.count == 0), u32::try_from(cost))
-            {
-                *e = Entry { idx: head, count };
-                return;
             }
         }
         if let Some(r) = self.densify(spec) {
@@ -251,22 +311,20 @@ impl Window {
         if idx > head || head - idx >= spec.len {
             return;
         }
-        if let Window::Sparse { slots, .. } = self {
-            // `idx <= head`, which fits in 32 bits.
-            let idx = idx as u32;
-            let at = slots.iter().position(|e| e.count > 0 && e.idx == idx);
-            let old = at.map_or(0, |i| u64::from(slots[i].count));
+        if let Window::Sparse(s) = self {
+            let at = s.find(idx);
+            let old = at.map_or(0, |i| u64::from(s.counts[i]));
             let new = old.saturating_sub(reserved).saturating_add(actual);
-            let free = at.or_else(|| slots.iter().position(|e| e.count == 0));
-            match (free, u32::try_from(new)) {
+            match (at.or_else(|| s.free()), u32::try_from(new)) {
                 (_, Ok(0)) => {
                     if let Some(i) = at {
-                        slots[i] = Entry::default();
+                        s.counts[i] = 0;
                     }
                     return;
                 }
+                // `head - idx < len <= INLINE_MAX_LEN` (the inline form is never longer).
                 (Some(i), Ok(count)) => {
-                    slots[i] = Entry { idx, count };
+                    s.put(i, idx, count);
                     return;
                 }
                 _ => {}
@@ -299,18 +357,16 @@ impl Window {
         let leaves = |i: u64| Some(i.saturating_add(len).saturating_mul(spec.slot_secs));
         let mut total = self.used();
         match self {
-            Window::Sparse { head, slots } => {
+            Window::Sparse(s) => {
                 // Oldest slot first: slot `i` leaves the window when the head reaches
                 // `i + len`. Slots holding nothing change nothing.
-                let mut held: [Entry; SPARSE] = *slots;
-                held.sort_unstable_by_key(|e| e.idx);
-                for e in held.iter().filter(|e| e.count > 0) {
-                    total = total.saturating_sub(u64::from(e.count));
+                for (idx, count) in s.held() {
+                    total = total.saturating_sub(count);
                     if total.saturating_add(cost) <= spec.limit {
-                        return leaves(u64::from(e.idx));
+                        return leaves(idx);
                     }
                 }
-                leaves(u64::from(*head))
+                leaves(u64::from(s.head))
             }
             Window::Dense(r) => {
                 let oldest = r.head.saturating_sub(len - 1);
@@ -331,14 +387,7 @@ impl Window {
     /// The slots holding anything, oldest first: (absolute index, amount).
     fn held(&self, spec: &Spec) -> std::collections::VecDeque<(u64, u64)> {
         match self {
-            Window::Sparse { slots, .. } => {
-                let mut held: [Entry; SPARSE] = *slots;
-                held.sort_unstable_by_key(|e| e.idx);
-                held.iter()
-                    .filter(|e| e.count > 0)
-                    .map(|e| (u64::from(e.idx), u64::from(e.count)))
-                    .collect()
-            }
+            Window::Sparse(s) => s.held().collect(),
             Window::Dense(r) => {
                 let len = spec.len;
                 let oldest = r.head.saturating_sub(len - 1);
@@ -644,7 +693,7 @@ mod tests {
 
     #[test]
     fn a_window_is_small_while_few_slots_hold_anything() {
-        assert_eq!(std::mem::size_of::<Window>(), 24);
+        assert_eq!(std::mem::size_of::<Window>(), 16);
         let mut w = W::new(1000, 1, 60);
         let mut w = w.w();
         w.advance(3);
