@@ -114,7 +114,9 @@ struct Inner {
     /// Each is also owned while the key is in its registry ([`Core::detach`] lets go of
     /// them, a lane owning its breaker).
     lanes: Vec<(Weak<Lane>, Option<Arc<Lane>>)>,
-    bad: Bad,
+    /// The window's failures and slow calls: made by the first one, let go when the
+    /// window has none left (a breaker that only ever succeeded keeps none).
+    bad: Option<Box<Bad>>,
     in_flight: u32,
     successes: u32,
     reopens: u32,
@@ -205,7 +207,7 @@ impl Core {
             calls: Calls::new(cfg.window, stripe_count()),
             inner: Mutex::new(Inner {
                 lanes: Vec::new(),
-                bad: Bad::new(cfg.window),
+                bad: None,
                 in_flight: 0,
                 successes: 0,
                 reopens: 0,
@@ -246,6 +248,10 @@ impl Core {
             stripe,
             calls: AtomicU64::new(0),
         });
+        if g.lanes.capacity() == 0 {
+            // Most keys are called from one thread: room for one lane, not four.
+            g.lanes.reserve_exact(1);
+        }
         g.lanes.push((Arc::downgrade(&lane), Some(lane.clone())));
         lane
     }
@@ -583,7 +589,10 @@ impl Core {
                 Window::Count { .. } => self.total(&g, tick),
                 Window::Time { .. } => tick,
             };
-            g.bad.add(at, failure, slow);
+            let window = self.cfg.window;
+            g.bad
+                .get_or_insert_with(|| Box::new(Bad::new(window)))
+                .add(at, failure, slow);
         }
         let consecutive = if failure {
             self.consecutive
@@ -594,7 +603,7 @@ impl Core {
             0
         };
         let calls = self.total(&g, tick);
-        let st = g.bad.stats(calls, tick);
+        let st = self.window_stats(&mut g, calls, tick);
         let cfg = &self.cfg;
         let rate = |n: u64| n as f64 / st.calls as f64;
         let reason = if cfg.consecutive_failures.is_some_and(|k| consecutive >= k) {
@@ -829,10 +838,30 @@ impl Core {
         (code_state(w), code_state(next))
     }
 
+    /// What the window holds, given its call total; lets go of the bad calls' record
+    /// once none is left in the window.
+    fn window_stats(&self, g: &mut Inner, calls: u64, tick: u64) -> Stats {
+        let Some(bad) = g.bad.as_mut() else {
+            return Stats {
+                calls: match self.cfg.window {
+                    Window::Count { calls: size } => calls.min(u64::from(size)),
+                    Window::Time { .. } => calls,
+                },
+                failures: 0,
+                slow: 0,
+            };
+        };
+        let st = bad.stats(calls, tick);
+        if st.failures == 0 && st.slow == 0 && bad.is_empty() {
+            g.bad = None;
+        }
+        st
+    }
+
     fn reset_window(&self, g: &mut Inner) {
         self.calls
             .reset(|| Self::live_lanes(g).for_each(|l| l.calls.store(0, Ordering::Relaxed)));
-        g.bad.reset();
+        g.bad = None;
         self.consecutive.store(0, Ordering::Relaxed);
         self.armed.store(false, Ordering::Relaxed);
     }
@@ -1002,7 +1031,7 @@ impl Core {
         let mut g = self.lock();
         let tick = self.tick(self.nanos(now));
         let calls = self.total(&g, tick);
-        let st = g.bad.stats(calls, tick);
+        let st = self.window_stats(&mut g, calls, tick);
         let st = match self.state.load(Ordering::Acquire) & 7 {
             CLOSED => st,
             _ => Stats::default(),
@@ -1061,6 +1090,36 @@ mod tests {
             Admit::Untracked => true,
             Admit::Reject { .. } => false,
         }
+    }
+
+    #[test]
+    fn the_record_of_bad_calls_is_kept_only_while_the_window_holds_one() {
+        let t0 = Instant::now();
+        let cfg = CircuitBreakerConfig::builder()
+            .count_window(4)
+            .minimum_calls(4)
+            .failure_rate(0.5)
+            .build()
+            .unwrap();
+        let (lane, _) = core(cfg, t0);
+        let c = &lane.core;
+        let bad = || c.lock().bad.is_some();
+        assert!(call(&lane, t0, Verdict::Success));
+        assert!(!bad(), "successes alone record no bad call");
+        assert_eq!(c.lock().lanes.capacity(), 1, "one lane, room for one");
+        assert!(call(&lane, t0, Verdict::Failure));
+        assert!(bad());
+        for _ in 0..3 {
+            assert!(call(&lane, t0, Verdict::Success));
+        }
+        assert!(bad(), "the failure is one of the last 4 calls");
+        let m = c.metrics(t0);
+        assert_eq!((m.calls, m.failures), (4, 1));
+        assert!(call(&lane, t0, Verdict::Success));
+        let m = c.metrics(t0);
+        assert_eq!((m.calls, m.failures), (4, 0), "the failure left the window");
+        assert!(!bad(), "and its record went with it");
+        assert_eq!(c.state(), CircuitState::Closed);
     }
 
     #[test]

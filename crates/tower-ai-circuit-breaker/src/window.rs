@@ -299,10 +299,21 @@ impl Bad {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn reset(&mut self) {
         match self {
             Bad::Count { calls, .. } => calls.clear(),
             Bad::Time { ring, .. } => ring.iter_mut().for_each(|b| *b = (0, 0, 0)),
+        }
+    }
+
+    /// Whether it records no bad call at all (after [`stats`](Self::stats), which drops
+    /// those that left a count window). A time window's record is kept until the window
+    /// is reset: its buckets are told apart by tick only when read.
+    pub(crate) fn is_empty(&self) -> bool {
+        match self {
+            Bad::Count { calls, .. } => calls.is_empty(),
+            Bad::Time { .. } => false,
         }
     }
 }
