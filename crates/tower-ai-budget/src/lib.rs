@@ -253,6 +253,15 @@
 //! [`RateLimitInfo`](tower_ai_core::RateLimitInfo) from every response and never believes
 //! more of a minute limit remains than the provider says (it only tightens).
 //!
+//! # Several replicas
+//!
+//! The state lives in the layer, so N replicas of a service each hold the whole limit.
+//! [`store`](TokenBudgetBuilder::store) moves it to a shared [`BudgetStore`] (the
+//! `tower-ai-redis` crate's `RedisBudget`, feature `redis` of `tower-ai`): the store
+//! decides each admission, the layer still estimates each request and reads its usage, and
+//! the store is told what the request cost when its body ends (the same rules as the table
+//! above). Without a store nothing on any path changes.
+//!
 //! # Performance
 //!
 //! Without token or money limits (requests per minute and concurrency), a request is
