@@ -88,7 +88,13 @@ pub struct RedisBudgetBuilder {
 /// Keys in Redis are named by the key function's label, the same in every replica:
 /// `Global` (`global`) and `HostModel` (`host/model`) are; `ApiKeyHash`'s label is a hash
 /// seeded per process, so replicas would not share it: use a key function whose label is
-/// stable (a tenant id, say) for per-key limits across replicas.
+/// stable (a tenant id, say) for per-key limits across replicas. Two budgets with
+/// different limits whose keys have the same label must not share a name in Redis: give
+/// each its own [`hash_tag`](RedisBudgetBuilder::hash_tag).
+///
+/// In leased mode a replica's chunks sit behind one short lock per call (no round trip);
+/// concurrency limits and spend caps stay strict (a budget with either is decided as in
+/// strict mode).
 ///
 /// ```no_run
 /// use std::time::Duration;
