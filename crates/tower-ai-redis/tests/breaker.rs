@@ -7,6 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod support;
+use support::NO_HANG;
+
 use http::Request;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_ai_circuit_breaker::store::SharedState;
@@ -441,10 +444,7 @@ async fn redis_down_falls_back_to_in_process_breakers_and_sharing_resumes() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     println!("down: slowest refusal {slowest_refusal:?}");
-    assert!(
-        slowest_refusal < Duration::from_millis(25),
-        "{slowest_refusal:?}"
-    );
+    assert!(slowest_refusal < NO_HANG, "{slowest_refusal:?}");
     assert!(stores.iter().any(RedisStore::is_degraded));
     // Readable from the layer's handle too.
     assert!(replicas.iter().any(|r| r.handle.is_degraded()));
@@ -574,5 +574,5 @@ async fn client_pause_falls_back_instead_of_hanging() {
     );
     // No call waits on Redis (the store's I/O is off the call path): the calls take the
     // provider's 5 ms, plus the scheduling of a machine running the other tests.
-    assert!(slowest < Duration::from_millis(50), "{slowest:?}");
+    assert!(slowest < NO_HANG, "{slowest:?}");
 }
