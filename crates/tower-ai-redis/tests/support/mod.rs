@@ -7,4 +7,4 @@ use std::time::Duration;
 /// on a machine busy with the rest of the suite. The fall-back itself takes the store's
 /// 20 ms response timeout at most; the tests print what they measured.
 #[allow(dead_code)]
-pub const NO_HANG: Duration = Duration::from_millis(500);
+pub(crate) const NO_HANG: Duration = Duration::from_millis(500);
