@@ -51,36 +51,59 @@ impl fmt::Debug for Permit {
 pub(crate) struct Reserved {
     budget: Arc<Budget>,
     held: Held,
-    refund: bool,
-    /// Settled already (by `finish`).
-    settled: bool,
 }
 
-/// Where a reservation is held.
+/// Where a reservation is held, with its flags: `refund` (the call failed) and `settled`
+/// (by `finish` already). The flags live in the variants, beside the enum's tag, so a
+/// local reservation takes no more room than before there was a store.
 enum Held {
     /// In this process, under the budget's lock.
-    Local(Reservation),
-    /// In the budget's store, priced for the settlement.
-    Store(Option<StoreLease>, NanoPrice),
+    Local {
+        reservation: Reservation,
+        refund: bool,
+        settled: bool,
+    },
+    /// In the budget's store, priced for the settlement. Boxed: a lease is larger than a
+    /// local reservation, and every response future and body would grow by the difference.
+    Store {
+        lease: Box<(Option<StoreLease>, NanoPrice)>,
+        refund: bool,
+        settled: bool,
+    },
+}
+
+impl Held {
+    fn flags(&mut self) -> (&mut bool, &mut bool) {
+        match self {
+            Held::Local {
+                refund, settled, ..
+            }
+            | Held::Store {
+                refund, settled, ..
+            } => (refund, settled),
+        }
+    }
 }
 
 impl Reserved {
     /// The call failed: give back the tokens and money.
     pub(crate) fn refund(&mut self) {
-        self.refund = true;
+        *self.held.flags().0 = true;
     }
 
     /// Settles the reservation as `end` says (a refund stands); once: later calls and the
     /// drop do nothing.
     pub(crate) fn settle(&mut self, end: Finish) {
-        if self.settled {
+        let (refund, settled) = self.held.flags();
+        if *settled {
             return;
         }
-        let end = if self.refund { Finish::Refund } else { end };
-        self.settled = true;
+        let end = if *refund { Finish::Refund } else { end };
+        *settled = true;
         match &mut self.held {
-            Held::Local(reservation) => self.budget.finish(*reservation, end),
-            Held::Store(lease, price) => {
+            Held::Local { reservation, .. } => self.budget.finish(*reservation, end),
+            Held::Store { lease: held, .. } => {
+                let (lease, price) = &mut **held;
                 if let (Some(lease), Some(stored)) = (lease.take(), &self.budget.limits.store) {
                     let spent = spent(&lease, price, end);
                     #[cfg(feature = "metrics")]
@@ -117,8 +140,9 @@ fn spent(lease: &StoreLease, price: &NanoPrice, end: Finish) -> Spent {
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        if !self.settled {
-            let end = if self.refund {
+        let (refund, settled) = self.held.flags();
+        if !*settled {
+            let end = if *refund {
                 Finish::Refund
             } else {
                 Finish::Keep
@@ -130,13 +154,17 @@ impl Drop for Reserved {
 
 impl fmt::Debug for Reserved {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let held: &dyn fmt::Debug = match &self.held {
-            Held::Local(r) => r,
-            Held::Store(lease, _) => lease,
+        let (held, refund): (&dyn fmt::Debug, bool) = match &self.held {
+            Held::Local {
+                reservation,
+                refund,
+                ..
+            } => (reservation, *refund),
+            Held::Store { lease, refund, .. } => (&lease.0, *refund),
         };
         f.debug_struct("Reserved")
             .field("held", held)
-            .field("refund", &self.refund)
+            .field("refund", &refund)
             .finish()
     }
 }
@@ -156,9 +184,11 @@ impl Guard {
             Hold::Permit(fast) => Some(Guard::Permit(Permit(fast))),
             Hold::Reserved(reservation) => Some(Guard::Reserved(Reserved {
                 budget: budget.clone(),
-                held: Held::Local(reservation),
-                refund: false,
-                settled: false,
+                held: Held::Local {
+                    reservation,
+                    refund: false,
+                    settled: false,
+                },
             })),
         }
     }
@@ -167,9 +197,11 @@ impl Guard {
     pub(crate) fn stored(budget: &Arc<Budget>, lease: StoreLease, price: NanoPrice) -> Self {
         Guard::Reserved(Reserved {
             budget: budget.clone(),
-            held: Held::Store(Some(lease), price),
-            refund: false,
-            settled: false,
+            held: Held::Store {
+                lease: Box::new((Some(lease), price)),
+                refund: false,
+                settled: false,
+            },
         })
     }
 }
