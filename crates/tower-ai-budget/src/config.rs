@@ -509,7 +509,8 @@ impl<K, L> TokenBudgetBuilder<K, L> {
     /// default) the in-process state decides, on the same paths as before.
     ///
     /// With a store, a refused request in wait mode is asked about again when the store
-    /// says it may fit (there is no queue across replicas), and
+    /// says it may fit (every 10 ms for a concurrency limit, whose time no replica knows;
+    /// there is no queue across replicas), and
     /// [`sync_from_headers`](Self::sync_from_headers) and soft-limit events are not applied.
     pub fn store(mut self, store: impl BudgetStore) -> Self {
         self.store = Some(Arc::new(store));

@@ -371,14 +371,20 @@ pub(crate) struct StoreWait<S, ReqB> {
 }
 
 /// When a request the store refused for `retry_after` asks again, if it waits: not after
-/// its deadline, and at least 1 ms on (a store that cannot tell, such as a concurrency
-/// limit, says zero).
+/// its deadline, at least 1 ms on, and 10 ms on when the store cannot tell (a concurrency
+/// limit says zero: a place comes back when some response ends, anywhere).
 pub(crate) fn retry_at(
     now: Instant,
     deadline: Option<Instant>,
     retry_after: Option<std::time::Duration>,
 ) -> Option<Instant> {
-    let at = now + retry_after?.max(std::time::Duration::from_millis(1));
+    let after = retry_after?;
+    let after = if after.is_zero() {
+        std::time::Duration::from_millis(10)
+    } else {
+        after.max(std::time::Duration::from_millis(1))
+    };
+    let at = now + after;
     (at <= deadline?).then_some(at)
 }
 

@@ -199,3 +199,29 @@ async fn in_wait_mode_a_refused_request_asks_again_when_the_store_says() {
         (BudgetLimit::RequestsPerMinute, Some(60 * S))
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_with_no_known_time_is_asked_again_every_10_ms() {
+    let store = Arc::new(Counting {
+        retry: Some(Duration::ZERO),
+        ..Default::default()
+    });
+    let svc = TokenBudgetLayer::builder()
+        .max_concurrent(1)
+        .wait(S)
+        .store(store.clone())
+        .build()
+        .unwrap()
+        .layer(ok(1, 1));
+    let mut waiting = task::spawn(send(&svc, chat(10, None)));
+    assert_pending!(waiting.poll());
+    for _ in 0..95 {
+        advance(Duration::from_millis(1)).await;
+        assert_pending!(waiting.poll());
+    }
+    // Polled every millisecond, asked at 0 and then every 10 ms: 10 times in 95 ms.
+    assert_eq!(store.asked.lock().unwrap().len(), 10);
+    *store.allow.lock().unwrap() = 1;
+    advance(Duration::from_millis(10)).await;
+    assert_ready!(waiting.poll()).unwrap();
+}
