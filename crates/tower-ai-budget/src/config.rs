@@ -16,10 +16,15 @@ use crate::store::{BudgetStore, StoreLimits, Stored};
 pub const DEFAULT_OUTPUT_TOKENS: u64 = 1024;
 /// Default longest wait for a request that does not fit yet: 10 s.
 ///
-/// Shorter than the time most callers will wait for an answer: a queue longer than that
-/// spends the provider's capacity on requests whose callers have already given up (the
-/// overload scenario in `benches/scenarios.rs` served 38 % of capacity to callers in time
-/// with 60 s, 94 % with 10 s). Raise it for batch work that has no caller waiting.
+/// Shorter than the time most callers will wait for an answer, for requests that do not
+/// say their [`Deadline`](tower_ai_core::Deadline): a queue longer than that spends the
+/// provider's capacity on requests whose callers have already given up (the overload
+/// scenario in `benches/scenarios.rs`, before requests carried their caller's deadline,
+/// served 38 % of capacity to callers in time with 60 s, 94 % with 10 s). When requests
+/// carry their deadline, a `max_wait` as long as the longest deadline and an
+/// [`expected_service`](TokenBudgetBuilder::expected_service) serve 100 % there (see
+/// [Queue discipline](crate#queue-discipline)). Raise it for batch work that has no caller
+/// waiting.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(10);
 /// Default most keys held (besides the overflow key): 10 000.
 pub const DEFAULT_MAX_KEYS: usize = 10_000;
