@@ -18,14 +18,73 @@ use crate::meta::{model_of, RequestMeta};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key(u64);
 
-/// The per-process seeded hasher. foldhash's quality variant: several times faster than
-/// std's SipHash on short keys (a key is derived on every call of every per-key layer),
-/// and still seeded at random per process, so keys cannot be predicted from outside.
+/// The seeded hasher of every [`Key`]. foldhash's quality variant: several times faster than
+/// std's SipHash on short keys (a key is derived on every call of every per-key layer).
+/// Seeded at random per process unless [`set_seed`] gave a seed first, so keys cannot be
+/// predicted from outside.
 #[inline]
-fn seed() -> &'static foldhash::quality::RandomState {
-    static SEED: OnceLock<foldhash::quality::RandomState> = OnceLock::new();
-    SEED.get_or_init(Default::default)
+fn seed() -> &'static foldhash::quality::SeedableRandomState {
+    SEED.get_or_init(foldhash::quality::SeedableRandomState::random)
 }
+
+static SEED: OnceLock<foldhash::quality::SeedableRandomState> = OnceLock::new();
+
+/// Seeds every [`Key`] of this process with a secret of the application's, instead of a
+/// random seed: replicas given the same secret derive the same keys and the same labels
+/// for the same request.
+///
+/// Needed only when state is shared between processes and keyed by a hash of something
+/// secret, such as [`ApiKeyHash`] or [`ApiKeyHostModel`] with a store shared through Redis:
+/// with a random seed per process, each replica would name a tenant's state differently.
+/// Keys made from the provider host and model name ([`HostModel`], the default) agree
+/// across replicas either way, since their labels are readable. Keep the secret secret:
+/// who knows it can predict keys, and aim a flood of requests at one key of a per-key map.
+///
+/// Call it once, before the first request (before any layer derives a key). Fails, and
+/// changes nothing, if the keys of this process are already seeded.
+///
+/// ```
+/// use tower_ai_core::keys::{set_seed, ApiKeyHash, KeyFn};
+/// # fn secret_from_config() -> u64 { 0x5eed }
+/// set_seed(secret_from_config()).expect("seeded before any key was made");
+/// let req = http::Request::post("https://api.openai.com/v1/chat/completions")
+///     .header("authorization", "Bearer sk-a")
+///     .body("")
+///     .unwrap();
+/// // The same label on every replica seeded with the same secret.
+/// let label = ApiKeyHash.label(&req);
+/// assert!(label.starts_with("api-key#") && !label.contains("sk-a"));
+/// ```
+pub fn set_seed(secret: u64) -> Result<(), SeedAlreadySet> {
+    let mut fresh = false;
+    SEED.get_or_init(|| {
+        fresh = true;
+        // One leak per process at most: `get_or_init` runs this once.
+        let shared: &'static foldhash::SharedSeed =
+            Box::leak(Box::new(foldhash::SharedSeed::from_u64(secret)));
+        foldhash::quality::SeedableRandomState::with_seed(secret, shared)
+    });
+    if fresh {
+        Ok(())
+    } else {
+        Err(SeedAlreadySet)
+    }
+}
+
+/// [`set_seed`] was called after this process's keys were seeded (by an earlier
+/// `set_seed`, or at random by the first key made).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeedAlreadySet;
+
+impl std::fmt::Display for SeedAlreadySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "the keys of this process are already seeded; call set_seed before the first request",
+        )
+    }
+}
+
+impl std::error::Error for SeedAlreadySet {}
 
 impl Key {
     /// The key of any hashable value.

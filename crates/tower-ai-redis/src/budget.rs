@@ -87,8 +87,9 @@ pub struct RedisBudgetBuilder {
 ///
 /// Keys in Redis are named by the key function's label, the same in every replica:
 /// `Global` (`global`) and `HostModel` (`host/model`) are; `ApiKeyHash`'s label is a hash
-/// seeded per process, so replicas would not share it: use a key function whose label is
-/// stable (a tenant id, say) for per-key limits across replicas. Two budgets with
+/// seeded at random per process, so replicas share it only when every one is given the
+/// same seed ([`tower_ai_core::keys::set_seed`], at startup), or use a key function whose
+/// label is stable (a tenant id, say). Two budgets with
 /// different limits whose keys have the same label must not share a name in Redis: give
 /// each its own [`hash_tag`](RedisBudgetBuilder::hash_tag).
 ///

@@ -50,7 +50,9 @@ impl fmt::Debug for Check {
 /// Keys are named by their **label** (the key function's, e.g. `api.openai.com/gpt-4o`
 /// for [`HostModel`](tower_ai_core::keys::HostModel)): a [`Key`](tower_ai_core::keys::Key)
 /// is a hash seeded per process, so it is not the same in two replicas. A key function
-/// whose label is not stable across processes shares nothing.
+/// whose label is not stable across processes shares nothing: `ApiKeyHash` and
+/// `ApiKeyHostModel` are stable only when every replica is given the same seed with
+/// [`set_seed`](tower_ai_core::keys::set_seed).
 ///
 /// The layer still keeps every cooldown in-process: a cooldown learned from the store is
 /// kept until its end, so a key known to be cooling costs no round trip. The store is
