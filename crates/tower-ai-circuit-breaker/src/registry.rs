@@ -16,10 +16,9 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use tokio::time::Instant;
 use tower_ai_core::keys::{Key, KeyMap};
 
-use crate::breaker::Core;
+use crate::breaker::{Core, Shared};
 use crate::clock;
 use crate::config::CircuitBreakerConfig;
 use crate::event::Emitter;
@@ -78,11 +77,12 @@ pub(crate) struct Registry {
     uid: u64,
     pub(crate) cfg: Arc<CircuitBreakerConfig>,
     pub(crate) emitter: Emitter,
-    epoch: Instant,
     shards: Box<[Shard]>,
     per_shard: usize,
     /// Where a shared store's answers go (only with a store).
     sink: Option<BreakerSink>,
+    /// What every breaker of the layer shares.
+    shared: Arc<Shared>,
 }
 
 struct Slot {
@@ -104,14 +104,19 @@ impl Registry {
     pub(crate) fn new(cfg: CircuitBreakerConfig, emitter: Emitter) -> Arc<Registry> {
         static UID: AtomicU64 = AtomicU64::new(1);
         let per_shard = cfg.max_keys.div_ceil(SHARDS).max(1);
-        Arc::new_cyclic(|me| Registry {
-            uid: UID.fetch_add(1, Ordering::Relaxed),
-            sink: cfg.store.is_some().then(|| BreakerSink::new(me.clone())),
-            cfg: Arc::new(cfg),
-            emitter,
-            epoch: clock::now(),
-            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-            per_shard,
+        Arc::new_cyclic(|me| {
+            let sink = cfg.store.is_some().then(|| BreakerSink::new(me.clone()));
+            let cfg = Arc::new(cfg);
+            let epoch = clock::now();
+            Registry {
+                uid: UID.fetch_add(1, Ordering::Relaxed),
+                shared: Shared::new(cfg.clone(), epoch, emitter.clone(), sink.clone()),
+                sink,
+                cfg,
+                emitter,
+                shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+                per_shard,
+            }
         })
     }
 
@@ -211,15 +216,7 @@ impl Registry {
                 }
             }
         }
-        let core = Arc::new(Core::new(
-            key,
-            Arc::from(label()),
-            self.cfg.clone(),
-            self.epoch,
-            self.emitter.clone(),
-            now,
-            self.sink.clone(),
-        ));
+        let core = Arc::new(Core::new(key, Arc::from(label()), self.shared.clone(), now));
         let entry = map.entry(key).or_insert(Entry { core });
         let r = f(entry);
         drop(map);
