@@ -13,8 +13,10 @@
 //! if the shared budgets let more than the limit (and their burst) through or the
 //! in-process ones did not. Takes about 40 s.
 
+use std::time::Duration;
 use tower_ai_redis::testing::RedisServer;
-use tower_ai_workspace::replicas::{run, table, Run, Sharing};
+
+use tower_ai_workspace::replicas::{run, table, Fault, Run, Sharing};
 
 #[tokio::main]
 async fn main() {
@@ -34,6 +36,17 @@ async fn main() {
             reports.push(run(&cfg, server).await);
         }
     }
+    // Redis killed 1 s into a strict run and started again 1.5 s later, with the default
+    // 20 ms response timeout: no request fails, each waits for the fall-back at most that.
+    eprintln!("running: Strict, 2x the limit, Redis killed at 1 s and restarted at 2.5 s");
+    let mut cfg = Run::new(Sharing::Strict, 2.0);
+    cfg.faults = vec![
+        (Duration::from_millis(1_000), Fault::Kill),
+        (Duration::from_millis(2_500), Fault::Restart),
+    ];
+    let mut faulted = run(&cfg, Some(&mut server)).await;
+    faulted.name = format!("{}, Redis killed and restarted", faulted.name);
+    reports.push(faulted);
     println!(
         "4 replicas, one provider limit of 100 requests and 3,000 tokens a 1 s window, 3 s a run:\n"
     );
@@ -43,8 +56,9 @@ async fn main() {
     let shared_ok = reports[2..]
         .iter()
         .all(|r| r.failed == 0 && r.max_per_window <= r.limit + 5 + 1);
+    let fall_back_ok = reports[6].max_admission <= Duration::from_millis(25);
     let overshoot = reports[1].max_per_window >= 3 * reports[1].limit;
-    if !shared_ok || !overshoot {
+    if !shared_ok || !overshoot || !fall_back_ok {
         eprintln!("not as expected: {reports:#?}");
         std::process::exit(1);
     }

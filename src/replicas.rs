@@ -383,7 +383,7 @@ async fn apply(server: &mut RedisServer, fault: Fault) {
 /// The reports as a Markdown table.
 pub fn table(reports: &[Report]) -> String {
     let mut out = String::from(
-        "| replicas share | offered | admitted | provider 429s | most in one window (limit) | goodput | tokens settled / provider's |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "| replicas share | offered | admitted | provider 429s | most in one window (limit) | goodput | tokens settled / provider's | slowest admission |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in reports {
         let tokens = if r.settled_tokens == 0 {
@@ -392,7 +392,7 @@ pub fn table(reports: &[Report]) -> String {
             format!("{} / {}", r.settled_tokens, r.provider_tokens)
         };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} ({}) | {:.1}% | {} |\n",
+            "| {} | {} | {} | {} | {} ({}) | {:.1}% | {} | {:.1} ms |\n",
             r.name,
             r.offered,
             r.admitted,
@@ -401,6 +401,7 @@ pub fn table(reports: &[Report]) -> String {
             r.limit,
             100.0 * r.goodput,
             tokens,
+            r.max_admission.as_secs_f64() * 1e3,
         ));
     }
     out

@@ -129,6 +129,7 @@ impl RedisStoreBuilder {
                 down_until_ms: AtomicU64::new(0),
                 degraded: AtomicBool::new(false),
                 answered: AtomicBool::new(false),
+                skipped: AtomicU64::new(0),
                 replicas: AtomicU32::new(configured.unwrap_or(1)),
                 heartbeat: OnceLock::new(),
                 config: self,
@@ -166,6 +167,8 @@ struct Inner {
     degraded: AtomicBool,
     /// Redis has answered at least once (the first call gets the connect timeout).
     answered: AtomicBool,
+    /// Calls answered `Unavailable` without a round trip.
+    skipped: AtomicU64,
     replicas: AtomicU32,
     heartbeat: OnceLock<tokio::task::JoinHandle<()>>,
     config: RedisStoreBuilder,
@@ -227,6 +230,12 @@ impl RedisStore {
     pub fn replicas(&self) -> u32 {
         self.start_heartbeat();
         self.inner.replicas.load(Ordering::Relaxed).max(1)
+    }
+
+    /// How many calls the store's breaker answered [`StoreError::Unavailable`] without a
+    /// round trip, while Redis was known to be down.
+    pub fn skipped(&self) -> u64 {
+        self.inner.skipped.load(Ordering::Relaxed)
     }
 
     /// This replica's id in Redis (host name, process id and a random part).
@@ -304,6 +313,7 @@ impl RedisStore {
         let now = self.now_ms();
         let until = inner.down_until_ms.load(Ordering::Acquire);
         if now < until {
+            inner.skipped.fetch_add(1, Ordering::Relaxed);
             return Err(StoreError::Unavailable {
                 retry_in: Duration::from_millis(until - now),
             });
@@ -317,6 +327,7 @@ impl RedisStore {
                 .compare_exchange(until, probe_until, Ordering::AcqRel, Ordering::Acquire)
                 .is_err()
             {
+                inner.skipped.fetch_add(1, Ordering::Relaxed);
                 return Err(StoreError::Unavailable {
                     retry_in: inner.config.response_timeout,
                 });

@@ -111,10 +111,19 @@ impl RedisServer {
         self.port
     }
 
-    /// A [`RedisStore`] on this server with the default settings.
+    /// A [`RedisStore`] on this server for tests that are not about Redis being slow: its
+    /// response timeout is [`TEST_RESPONSE_TIMEOUT`](Self::TEST_RESPONSE_TIMEOUT), not the
+    /// default 20 ms, so a test machine busy with other tests does not turn a slow answer
+    /// into an outage. A test of outages builds its store with the settings it tests
+    /// (`RedisStore::builder()…build(server.client())`).
     pub fn store(&self) -> RedisStore {
-        self.try_store().expect("a store for a local server")
+        RedisStore::builder()
+            .response_timeout(Self::TEST_RESPONSE_TIMEOUT)
+            .build(self.client())
     }
+
+    /// The response timeout of [`store`](Self::store)'s stores: 1 s.
+    pub const TEST_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 
     /// A [`RedisStore`] on this server with the default settings.
     pub fn try_store(&self) -> Result<RedisStore, StoreError> {

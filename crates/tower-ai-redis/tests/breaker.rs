@@ -533,7 +533,8 @@ async fn client_pause_falls_back_instead_of_hanging() {
     let in_flight = Arc::new(InFlight::default());
     let r = replica(
         &sim,
-        breakers(&server),
+        // The default settings: the 20 ms response timeout is what this test is about.
+        RedisBreakers::new(server.try_store().unwrap()).refresh(Duration::from_millis(50)),
         &in_flight,
         Duration::from_millis(400),
         1,

@@ -348,7 +348,8 @@ async fn client_pause_falls_back_instead_of_hanging() {
         return;
     };
     let sim = provider(Duration::from_secs(1), Duration::ZERO);
-    let store = server.store();
+    // The default settings: the 20 ms response timeout is what this test is about.
+    let store = server.try_store().unwrap();
     let r = replica(&sim, RedisCooldowns::strict(store.clone()), true);
     assert_eq!(status(&r, "claude-sonnet").await.unwrap(), 200);
     let mut admin = server

@@ -101,7 +101,8 @@ async fn a_paused_server_costs_one_timeout_not_a_hang() {
     let Some(server) = RedisServer::start_or_skip("client pause") else {
         return;
     };
-    let store = server.store();
+    // The default settings: the 20 ms response timeout is what this test is about.
+    let store = server.try_store().unwrap();
     let script = Script::new(INCR);
     let key = store.key("test", "acct", "n");
     store.run::<i64>(&script, &[&key], &[&1]).await.unwrap();
