@@ -65,7 +65,7 @@ pub(crate) fn rejected(state: CircuitState) {
 /// Describes the metrics to the installed recorder (units and help text).
 pub(crate) fn describe() {
     use ::metrics::{describe_counter, describe_gauge, Unit};
-    describe_gauge!(STATE, Unit::Count, "CircuitBreaker keys in each state, by key (1 or 0 for a named key; the count of keys folded into key=\"other\")");
+    describe_gauge!(STATE, Unit::Count, "CircuitBreaker keys in each state, by key (1 or 0 for a named key; the count of keys folded into key=\"_OTHER\")");
     describe_counter!(
         TRANSITIONS,
         Unit::Count,

@@ -26,8 +26,9 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, SharedStri
 pub const MAX_KEY_LABELS: usize = 64;
 
 /// The label value of every key past [`MAX_KEY_LABELS`], and of a value outside a
-/// [`KeyTable`]'s set.
-pub const OTHER: &str = "other";
+/// [`KeyTable`]'s set: `_OTHER`, as OpenTelemetry's semantic conventions spell a value
+/// outside a known set (the GenAI metrics' caps use it too).
+pub const OTHER: &str = "_OTHER";
 
 /// Bucket boundaries, in seconds, the README recommends for the layers' wait histograms
 /// (`tower_ai.*.wait`): 5 ms to 10 minutes, since a provider's `Retry-After` or a budget's

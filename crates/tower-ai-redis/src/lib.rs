@@ -21,6 +21,10 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Every key of one decision carries the same Redis Cluster hash tag, so each script touches
+//! one slot; the store itself connects to one server (a primary, or a proxy in front of a
+//! cluster): a cluster connection is not built yet.
+//!
 //! The scripts are plain Lua 5.1 with no module and no command newer than Redis 7, so they
 //! run on Redis 7 and later and on Valkey.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
