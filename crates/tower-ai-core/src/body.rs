@@ -17,6 +17,8 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::attempt::AttemptBudget;
+use crate::deadline::Deadline;
 use crate::error::BoxError;
 
 /// A request body that can be sent again, and whose bytes can be read without consuming it.
@@ -235,14 +237,145 @@ impl ReplayBody for () {
 /// Clones a request whose body is a [`ReplayBody`]: method, URI, version, headers,
 /// extensions and body. `None` when the body cannot be replayed.
 pub fn try_clone_request<B: ReplayBody>(req: &http::Request<B>) -> Option<http::Request<B>> {
+    let mut out = clone_head_and_body(req)?;
+    *out.extensions_mut() = req.extensions().clone();
+    Some(out)
+}
+
+/// Method, URI, version, headers and body of `req`, with no extensions.
+fn clone_head_and_body<B: ReplayBody>(req: &http::Request<B>) -> Option<http::Request<B>> {
     let body = req.body().try_clone()?;
     let mut out = http::Request::new(body);
     *out.method_mut() = req.method().clone();
     *out.uri_mut() = req.uri().clone();
     *out.version_mut() = req.version();
     *out.headers_mut() = req.headers().clone();
-    *out.extensions_mut() = req.extensions().clone();
     Some(out)
+}
+
+/// A copy of a request kept to be sent again (AiRetry's next attempt, ModelFallback's next
+/// route): what [`try_clone_request`] makes, for less on the usual request.
+///
+/// When the request's only extensions are a [`Deadline`] and an [`AttemptBudget`] (or
+/// one of them: what the stack's own layers put in), the copy keeps them beside itself
+/// instead of in an extensions map of its own (cloning a map costs three allocations: the
+/// map, its table and each value), and [`replay`](RetainedRequest::replay) puts them back
+/// into every request it makes. Any other extension and the copy is a plain
+/// [`try_clone_request`]. Either way, a replayed request carries exactly the extensions
+/// the original did.
+///
+/// ```
+/// use std::time::Duration;
+/// use http::Request;
+/// use tower_ai_core::{AttemptBudget, Deadline, RetainedRequest};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let mut req = Request::post("/v1/chat/completions").body(r#"{"model":"gpt-4o"}"#).unwrap();
+/// let deadline = Deadline::after(Duration::from_secs(60));
+/// Deadline::set(&mut req, deadline);
+/// let kept = RetainedRequest::copy(&req).unwrap();
+/// assert_eq!(kept.deadline(), Some(deadline));
+/// let again = kept.replay().unwrap();
+/// assert_eq!(Deadline::of(&again), Some(deadline));
+/// assert_eq!(again.body(), req.body());
+/// assert!(AttemptBudget::of(&again).is_none());
+/// # }
+/// ```
+pub struct RetainedRequest<B> {
+    /// The copy. Without extensions when the original's were at most the two fields
+    /// below (kept there); else with all of them, and the fields are `None`.
+    req: http::Request<B>,
+    deadline: Option<Deadline>,
+    budget: Option<AttemptBudget>,
+}
+
+impl<B: ReplayBody> RetainedRequest<B> {
+    /// A copy of `req`, or `None` when its body cannot be replayed.
+    pub fn copy(req: &http::Request<B>) -> Option<Self> {
+        let ext = req.extensions();
+        let deadline = ext.get::<Deadline>().copied();
+        let budget = ext.get::<AttemptBudget>().cloned();
+        if ext.len() == usize::from(deadline.is_some()) + usize::from(budget.is_some()) {
+            Some(RetainedRequest {
+                req: clone_head_and_body(req)?,
+                deadline,
+                budget,
+            })
+        } else {
+            Some(RetainedRequest {
+                req: try_clone_request(req)?,
+                deadline: None,
+                budget: None,
+            })
+        }
+    }
+
+    /// A request to send: a copy of the original, extensions included. `None` when the
+    /// body will not replay.
+    pub fn replay(&self) -> Option<http::Request<B>> {
+        let mut out = clone_head_and_body(&self.req)?;
+        if self.req.extensions().is_empty() {
+            self.restore(&mut out);
+        } else {
+            *out.extensions_mut() = self.req.extensions().clone();
+        }
+        Some(out)
+    }
+
+    /// The original request itself, extensions included (for the last time it is sent).
+    pub fn into_request(self) -> http::Request<B> {
+        // Both `None` when `req` has its own extensions.
+        let mut out = self.req;
+        if let Some(d) = self.deadline {
+            out.extensions_mut().insert(d);
+        }
+        if let Some(b) = self.budget {
+            out.extensions_mut().insert(b);
+        }
+        out
+    }
+
+    fn restore(&self, out: &mut http::Request<B>) {
+        if let Some(d) = self.deadline {
+            out.extensions_mut().insert(d);
+        }
+        if let Some(b) = &self.budget {
+            out.extensions_mut().insert(b.clone());
+        }
+    }
+}
+
+impl<B> RetainedRequest<B> {
+    /// The copy's method, URI, version, headers and body. Its extensions may lack the
+    /// [`Deadline`] and the [`AttemptBudget`]: read those with
+    /// [`deadline`](RetainedRequest::deadline) and
+    /// [`attempt_budget`](RetainedRequest::attempt_budget).
+    pub fn head_and_body(&self) -> &http::Request<B> {
+        &self.req
+    }
+
+    /// The original request's [`Deadline`], if it carried one.
+    pub fn deadline(&self) -> Option<Deadline> {
+        self.deadline.or_else(|| Deadline::of(&self.req))
+    }
+
+    /// The original request's [`AttemptBudget`], if it carried one.
+    pub fn attempt_budget(&self) -> Option<&AttemptBudget> {
+        self.budget
+            .as_ref()
+            .or_else(|| AttemptBudget::of(&self.req))
+    }
+}
+
+impl<B> fmt::Debug for RetainedRequest<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetainedRequest")
+            .field("method", self.req.method())
+            .field("uri", self.req.uri())
+            .field("deadline", &self.deadline())
+            .finish_non_exhaustive()
+    }
 }
 
 pin_project! {
@@ -435,5 +568,58 @@ mod tests {
         assert_eq!(c.headers()["x-a"], "1");
         assert_eq!(c.extensions().get::<u32>(), Some(&7));
         assert_eq!(c.body().bytes(), Some(&b"{}"[..]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retained_request_replays_every_extension() {
+        let mut req = http::Request::post("http://h/v1/chat/completions")
+            .header("x-a", "1")
+            .body(AiBody::from("{}"))
+            .unwrap();
+        let check = |r: &http::Request<AiBody>| {
+            assert_eq!(r.method(), http::Method::POST);
+            assert_eq!(r.uri(), "http://h/v1/chat/completions");
+            assert_eq!(r.headers()["x-a"], "1");
+            assert_eq!(r.body().bytes(), Some(&b"{}"[..]));
+        };
+        // No extensions: none kept, none put back.
+        let kept = RetainedRequest::copy(&req).unwrap();
+        assert_eq!(kept.deadline(), None);
+        assert!(kept.attempt_budget().is_none());
+        let again = kept.replay().unwrap();
+        check(&again);
+        assert!(again.extensions().is_empty());
+
+        // The stack's own two: kept beside the copy, put back into every request.
+        let deadline = Deadline::after(std::time::Duration::from_secs(60));
+        Deadline::set(&mut req, deadline);
+        let budget = AttemptBudget::new(3);
+        req.extensions_mut().insert(budget.clone());
+        let kept = RetainedRequest::copy(&req).unwrap();
+        assert!(kept.head_and_body().extensions().is_empty());
+        assert_eq!(kept.deadline(), Some(deadline));
+        assert!(kept.attempt_budget().unwrap().try_acquire());
+        assert_eq!(budget.remaining(), 2, "the same budget, not a copy");
+        for r in [kept.replay().unwrap(), kept.into_request()] {
+            check(&r);
+            assert_eq!(r.extensions().len(), 2);
+            assert_eq!(Deadline::of(&r), Some(deadline));
+            assert!(AttemptBudget::of(&r).unwrap().try_acquire());
+        }
+        assert_eq!(budget.remaining(), 0);
+
+        // Any other extension: the whole map is copied.
+        req.extensions_mut().insert(7u32);
+        let kept = RetainedRequest::copy(&req).unwrap();
+        assert_eq!(kept.head_and_body().extensions().get::<u32>(), Some(&7));
+        assert_eq!(kept.deadline(), Some(deadline));
+        assert!(kept.attempt_budget().is_some());
+        for r in [kept.replay().unwrap(), kept.into_request()] {
+            check(&r);
+            assert_eq!(r.extensions().len(), 3);
+            assert_eq!(r.extensions().get::<u32>(), Some(&7));
+            assert_eq!(Deadline::of(&r), Some(deadline));
+            assert!(AttemptBudget::of(&r).is_some());
+        }
     }
 }

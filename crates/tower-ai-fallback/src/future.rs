@@ -13,8 +13,8 @@ use http::{Request, Response, Uri};
 use pin_project_lite::pin_project;
 use tower::util::Oneshot;
 use tower_ai_core::{
-    model_of, model_path_span, redacted_chain, try_clone_request, AiError, AttemptBudget, BoxError,
-    Classification, Deadline, ErrorKind, Provider, ReplayBody, RouteFailure,
+    model_of, model_path_span, redacted_chain, AiError, AttemptBudget, BoxError, Classification,
+    ErrorKind, Provider, ReplayBody, RetainedRequest, RouteFailure,
 };
 use tower_service::Service;
 
@@ -126,7 +126,7 @@ struct Ctx<S, ReqB, ResB> {
     /// mutated). `None` for a single-route chain or a body that cannot be replayed: no
     /// fallback. (The caller's request itself only lives through `start`: the first
     /// route sends it.)
-    original: Option<Request<ReqB>>,
+    original: Option<RetainedRequest<ReqB>>,
     budget: Budget,
     /// The route being tried.
     index: usize,
@@ -160,7 +160,7 @@ where
         // The copy for later routes is taken before the budget goes in, so that it does
         // not clone the budget's extension on the happy path.
         let original = if chain.routes.len() > 1 {
-            try_clone_request(&req)
+            RetainedRequest::copy(&req)
         } else {
             None
         };
@@ -209,7 +209,7 @@ where
     fn provider(&self) -> Provider {
         self.original
             .as_ref()
-            .map_or(Provider::Generic, Provider::of)
+            .map_or(Provider::Generic, |r| Provider::of(r.head_and_body()))
     }
 
     /// Tries `candidate`, then (when it is skipped or cannot be sent) the next route that
@@ -231,7 +231,8 @@ where
             self.index = j;
             let route = &chain.routes[j];
             if let Target::Degraded(make) = &route.target {
-                let Some(req) = self.original.as_ref().or(first.as_ref()) else {
+                let replayed = self.original.as_ref().and_then(RetainedRequest::replay);
+                let Some(req) = replayed.as_ref().or(first.as_ref()) else {
                     return self.exhausted();
                 };
                 tracing::debug!(route = &*route.name, "serving a degraded answer");
@@ -256,7 +257,7 @@ where
             }
             let mut req = match first.take() {
                 Some(req) => req,
-                None => match self.original.as_ref().and_then(try_clone_request) {
+                None => match self.original.as_ref().and_then(RetainedRequest::replay) {
                     Some(req) => req,
                     None => return self.exhausted(),
                 },
@@ -349,7 +350,7 @@ where
     /// Whether the request's deadline leaves less than the chain's `min_route_time` (read
     /// only when a later route would start).
     fn too_late(&self, chain: &Chain<ReqB, ResB>) -> bool {
-        let Some(deadline) = self.original.as_ref().and_then(Deadline::of) else {
+        let Some(deadline) = self.original.as_ref().and_then(RetainedRequest::deadline) else {
             return false;
         };
         let left = deadline.remaining();

@@ -12,8 +12,8 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::util::Oneshot;
 use tower_ai_core::{
-    try_clone_request, AiError, AttemptBudget, BoxError, Classification, Deadline, ErrorKind,
-    ReplayBody, RequestedWait,
+    AiError, AttemptBudget, BoxError, Classification, ErrorKind, ReplayBody, RequestedWait,
+    RetainedRequest,
 };
 use tower_service::Service;
 
@@ -103,7 +103,7 @@ pin_project! {
         state: State<S::Future, Oneshot<S, Request<B>>>,
         service: S,
         // The request as the caller gave it (without the two headers), kept to send again.
-        retained: Option<Request<B>>,
+        retained: Option<RetainedRequest<B>>,
         // The idempotency key this layer added to the first attempt, for the others.
         key: Option<Key>,
         attempts: u32,
@@ -143,7 +143,7 @@ where
     pub(crate) fn new(
         fut: S::Future,
         service: S,
-        retained: Option<Request<B>>,
+        retained: Option<RetainedRequest<B>>,
         key: Option<Key>,
         config: Arc<AiRetryConfig>,
         start: Option<Instant>,
@@ -223,7 +223,7 @@ enum Plan {
 }
 
 struct Ctx<'a, B> {
-    retained: &'a Option<Request<B>>,
+    retained: &'a Option<RetainedRequest<B>>,
     attempts: u32,
     start: Option<Instant>,
     prev_backoff: &'a mut Option<Duration>,
@@ -240,7 +240,7 @@ impl<B> Ctx<'_, B> {
         let Some(retained) = self.retained else {
             return Plan::Stop(StopReason::NotReplayable);
         };
-        let attempts = AttemptBudget::of(retained);
+        let attempts = retained.attempt_budget();
         if matches!(asked, Asked::Until(_)) && attempts.is_some_and(AttemptBudget::has_fallback) {
             // A refusal from below with a fallback route behind us: move on, don't wait.
             return Plan::Stop(StopReason::FallbackAvailable);
@@ -275,7 +275,7 @@ impl<B> Ctx<'_, B> {
         }
         // The attempt after the wait needs time too: a wait ending at the deadline is
         // as useless as one ending after it.
-        if let Some(deadline) = Deadline::of(retained) {
+        if let Some(deadline) = retained.deadline() {
             if now
                 .checked_add(wait)
                 .is_none_or(|end| end >= deadline.instant())
@@ -365,12 +365,12 @@ where
                     // Keep a copy while another retry is possible; the last attempt
                     // takes the retained request itself.
                     let mut req = if *this.attempts < this.config.max_attempts {
-                        this.retained.as_ref().and_then(try_clone_request)
+                        this.retained.as_ref().and_then(RetainedRequest::replay)
                     } else {
                         None
                     };
                     if req.is_none() {
-                        req = this.retained.take();
+                        req = this.retained.take().map(RetainedRequest::into_request);
                     }
                     let Some(mut req) = req else {
                         // Unreachable: a retry is only planned with a retained request.

@@ -9,7 +9,7 @@ use http::header::Entry;
 use http::{HeaderValue, Method, Request, Response};
 use tokio::time::Instant;
 use tower_ai_core::overrides::RetryLimits;
-use tower_ai_core::{check_model, try_clone_request, BoxError, ReplayBody};
+use tower_ai_core::{check_model, BoxError, ReplayBody, RetainedRequest};
 use tower_service::Service;
 
 use crate::config::AiRetryConfig;
@@ -226,7 +226,7 @@ where
         // the next attempt number). A map already at http's maximum size gets neither
         // (`try_*`: no panic on a caller's request).
         let retained = if cfg.max_attempts > 1 {
-            try_clone_request(&req)
+            RetainedRequest::copy(&req)
         } else {
             None
         };
