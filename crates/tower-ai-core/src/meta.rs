@@ -66,6 +66,20 @@ impl RequestMeta {
     pub fn parse(path: &str, body: &[u8]) -> RequestMeta {
         let path_model = model_from_path(path);
         let path_stream = path.contains(":streamGenerateContent");
+        if let Some(s) = scan_request(body) {
+            return RequestMeta {
+                model: s.model.map(Arc::from).or_else(|| path_model.map(Arc::from)),
+                stream: path_stream || s.stream,
+                max_output_tokens: s.max_output_tokens,
+                input_tokens_estimate: estimate(s.text),
+                json: true,
+            };
+        }
+        RequestMeta::parse_tree(path_model, path_stream, body)
+    }
+
+    /// [`parse`](RequestMeta::parse) by serde: every body the scan leaves undecided.
+    fn parse_tree(path_model: Option<&str>, path_stream: bool, body: &[u8]) -> RequestMeta {
         let Ok(p) = serde_json::from_slice::<Peek<'_>>(body) else {
             return RequestMeta {
                 model: path_model.map(Arc::from),
@@ -127,6 +141,239 @@ impl RequestMeta {
     }
 }
 
+/// What [`scan_request`] reads of a request body.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Scanned<'a> {
+    model: Option<&'a str>,
+    stream: bool,
+    max_output_tokens: Option<u64>,
+    /// The summed length of every string value in the prompt fields.
+    text: u64,
+}
+
+/// The top-level keys [`Peek`] reads, in its order (a bit each, to refuse a repeat as
+/// serde does). `generationConfig` is left to serde.
+const PEEK_KEYS: [&[u8]; 14] = [
+    b"model",
+    b"stream",
+    b"max_tokens",
+    b"max_completion_tokens",
+    b"max_output_tokens",
+    b"generationConfig",
+    b"messages",
+    b"contents",
+    b"system",
+    b"systemInstruction",
+    b"input",
+    b"instructions",
+    b"prompt",
+    b"tools",
+];
+
+/// [`RequestMeta::parse`]'s reading of a JSON body by one forward scan, without building a
+/// value and without allocating. It answers only for a body in a strict subset of JSON
+/// that serde reads the same way: valid UTF-8, no backslash anywhere (so every string's
+/// bytes are its text), no control character in a string, numbers without an exponent
+/// and of at most 18 digits on each side of the point, at most 64 levels deep, no repeated
+/// key that [`Peek`] reads, no `generationConfig`, a non-negative integer or anything but a
+/// number for the maximum output. Anything else (including every body serde refuses)
+/// is `None`, and serde decides.
+fn scan_request(body: &[u8]) -> Option<Scanned<'_>> {
+    if memchr::memchr(b'\\', body).is_some() {
+        return None;
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    let mut p = Scan { b: body, i: 0 };
+    let mut out = Scanned::default();
+    let mut max: [Option<u64>; 3] = [None; 3];
+    let mut seen = 0u16;
+    p.ws();
+    p.eat(b'{')?;
+    p.ws();
+    if p.peek() == Some(b'}') {
+        p.i += 1;
+    } else {
+        loop {
+            p.ws();
+            let key = p.string()?;
+            p.ws();
+            p.eat(b':')?;
+            p.ws();
+            let field = PEEK_KEYS.iter().position(|k| *k == &body[key.clone()]);
+            if let Some(f) = field {
+                if seen & (1 << f) != 0 {
+                    return None;
+                }
+                seen |= 1 << f;
+            }
+            let start = p.i;
+            match field {
+                Some(0) => match p.peek()? {
+                    b'"' => out.model = Some(&text[p.string()?]),
+                    b'n' => p.literal(b"null")?,
+                    _ => return None,
+                },
+                Some(1) => {
+                    p.value(0, &mut 0)?;
+                    out.stream = &body[start..p.i] == b"true";
+                }
+                Some(f @ 2..=4) => {
+                    if p.peek()? == b'-' {
+                        return None;
+                    }
+                    p.value(0, &mut 0)?;
+                    let v = &body[start..p.i];
+                    if v.first().is_some_and(u8::is_ascii_digit) {
+                        // A number of the scan's grammar: an integer when it has no point.
+                        max[f - 2] = match v.iter().all(u8::is_ascii_digit) {
+                            true => Some(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'))),
+                            false => None,
+                        };
+                    }
+                }
+                Some(5) => return None,
+                Some(_) => {
+                    let mut n = 0u64;
+                    p.value(0, &mut n)?;
+                    out.text = out.text.saturating_add(n);
+                }
+                None => p.value(0, &mut 0)?,
+            }
+            p.ws();
+            match p.next()? {
+                b',' => continue,
+                b'}' => break,
+                _ => return None,
+            }
+        }
+    }
+    p.ws();
+    if p.i != body.len() {
+        return None;
+    }
+    out.max_output_tokens = max.into_iter().flatten().next();
+    Some(out)
+}
+
+/// The cursor of [`scan_request`].
+struct Scan<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl Scan<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let c = self.peek()?;
+        self.i += 1;
+        Some(c)
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.next()? == c).then_some(())
+    }
+
+    fn ws(&mut self) {
+        self.i = skip_ws(self.b, self.i);
+    }
+
+    fn literal(&mut self, lit: &[u8]) -> Option<()> {
+        let end = self.i.checked_add(lit.len())?;
+        (self.b.get(self.i..end)? == lit).then(|| self.i = end)
+    }
+
+    /// A string at the cursor (the body has no backslash): the span of its contents.
+    fn string(&mut self) -> Option<std::ops::Range<usize>> {
+        if self.peek()? != b'"' {
+            return None;
+        }
+        let start = self.i + 1;
+        let end = start + memchr::memchr(b'"', self.b.get(start..)?)?;
+        if self.b[start..end].iter().any(|&c| c < 0x20) {
+            return None;
+        }
+        self.i = end + 1;
+        Some(start..end)
+    }
+
+    /// `-?(0|[1-9][0-9]*)(.[0-9]+)?`, at most 18 digits each side; no exponent.
+    fn number(&mut self) -> Option<()> {
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        let digits = |s: &mut Self| {
+            let start = s.i;
+            while s.peek().is_some_and(|c| c.is_ascii_digit()) {
+                s.i += 1;
+            }
+            s.i - start
+        };
+        let first = self.peek()?;
+        let n = digits(self);
+        if n == 0 || n > 18 || (first == b'0' && n > 1) {
+            return None;
+        }
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            let n = digits(self);
+            if n == 0 || n > 18 {
+                return None;
+            }
+        }
+        match self.peek() {
+            Some(b'e' | b'E') => None,
+            _ => Some(()),
+        }
+    }
+
+    /// Skips a value, adding the length of every string in it (keys not counted) to `text`.
+    fn value(&mut self, depth: u32, text: &mut u64) -> Option<()> {
+        match self.peek()? {
+            b'"' => {
+                let r = self.string()?;
+                *text = text.saturating_add(r.len() as u64);
+                Some(())
+            }
+            open @ (b'{' | b'[') => {
+                if depth >= 64 {
+                    return None;
+                }
+                let close = if open == b'{' { b'}' } else { b']' };
+                self.i += 1;
+                self.ws();
+                if self.peek() == Some(close) {
+                    self.i += 1;
+                    return Some(());
+                }
+                loop {
+                    self.ws();
+                    if open == b'{' {
+                        self.string()?;
+                        self.ws();
+                        self.eat(b':')?;
+                        self.ws();
+                    }
+                    self.value(depth + 1, text)?;
+                    self.ws();
+                    match self.next()? {
+                        b',' => {}
+                        c if c == close => return Some(()),
+                        _ => return None,
+                    }
+                }
+            }
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => None,
+        }
+    }
+}
+
 fn estimate(bytes: u64) -> u64 {
     bytes.div_ceil(4).max(1)
 }
@@ -150,7 +397,9 @@ fn model_from_path(path: &str) -> Option<&str> {
 /// assert_eq!(model_path_span("/v1/chat/completions"), None);
 /// ```
 pub fn model_path_span(path: &str) -> Option<std::ops::Range<usize>> {
-    if let Some(i) = path.find("/models/") {
+    // memchr's searcher: `str::find` builds a two-way searcher on every call (~340
+    // instructions for a short path).
+    if let Some(i) = memchr::memmem::find(path.as_bytes(), b"/models/") {
         let start = i + "/models/".len();
         let rest = &path[start..];
         let end = rest.find(':').unwrap_or(rest.len());
@@ -687,6 +936,138 @@ mod tests {
         assert_eq!(scan_usage(b"[1]"), None);
         assert_eq!(
             scan_usage(b"{\"usage\":{\"prompt_tokens\":3}} trailing"),
+            None
+        );
+    }
+
+    /// JSON-like text: valid documents of every shape the scan reads, with the edges
+    /// where serde refuses or reads otherwise (escapes, control characters, exponents,
+    /// leading zeros, repeated keys, trailing commas, cut literals).
+    fn json_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let leaf = proptest::sample::select(vec![
+            r#""gpt-4o""#,
+            r#""""#,
+            "\"h\u{e9}llo w\u{f6}rld\"",
+            r#""a\nb""#,
+            "\"a\u{1}b\"",
+            "0",
+            "64",
+            "-1",
+            "-0",
+            "1.5",
+            "64.0",
+            "1e3",
+            "01",
+            "18446744073709551616",
+            "123456789012345678",
+            "true",
+            "false",
+            "null",
+            "tru",
+        ])
+        .prop_map(str::to_owned);
+        let key = proptest::sample::select(vec![
+            "model",
+            "stream",
+            "max_tokens",
+            "max_completion_tokens",
+            "max_output_tokens",
+            "generationConfig",
+            "maxOutputTokens",
+            "messages",
+            "contents",
+            "system",
+            "systemInstruction",
+            "input",
+            "instructions",
+            "prompt",
+            "tools",
+            "role",
+            "content",
+        ]);
+        let ws = proptest::sample::select(vec!["", "", " ", "\n\t", "\u{c}"]);
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                (
+                    proptest::collection::vec(inner.clone(), 0..5),
+                    ws.clone(),
+                    any::<bool>()
+                )
+                    .prop_map(|(v, w, trailing)| {
+                        let comma = if trailing && !v.is_empty() { "," } else { "" };
+                        format!("[{w}{}{comma}]", v.join(&format!(",{w}")))
+                    }),
+                (
+                    proptest::collection::vec((key.clone(), inner), 0..6),
+                    ws.clone(),
+                    any::<bool>()
+                )
+                    .prop_map(|(v, w, trailing)| {
+                        let comma = if trailing && !v.is_empty() { "," } else { "" };
+                        let members: Vec<String> = v
+                            .iter()
+                            .map(|(k, x)| format!("\"{k}\"{w}:{w}{x}"))
+                            .collect();
+                        format!("{w}{{{}{comma}}}{w}", members.join(","))
+                    }),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #[test]
+        fn the_scan_reads_requests_as_serde_does(
+            doc in json_text(),
+            cut in proptest::option::weighted(0.1, 0usize..400),
+            path in proptest::sample::select(vec![
+                "/v1/chat/completions",
+                "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+            ]),
+        ) {
+            let mut body = doc.into_bytes();
+            if let Some(c) = cut {
+                body.truncate(c);
+            }
+            let tree = RequestMeta::parse_tree(
+                model_from_path(path),
+                path.contains(":streamGenerateContent"),
+                &body,
+            );
+            proptest::prop_assert_eq!(RequestMeta::parse(path, &body), tree);
+        }
+    }
+
+    #[test]
+    fn the_scan_answers_for_the_usual_requests() {
+        for body in [
+            &br#"{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":64}"#[..],
+            br#"{"model":"claude-sonnet-4","stream":true,"max_tokens":1000,"system":[{"type":"text","text":"Be brief."}],"messages":[{"role":"user","content":"Hi"}],"temperature":0.7}"#,
+            br#"{ "model": "gpt-4o-mini", "input": "Hi", "tools": [], "max_output_tokens": 12 }"#,
+        ] {
+            let s = scan_request(body).expect("read by the scan");
+            assert_eq!(
+                RequestMeta::parse("/v1/x", body),
+                RequestMeta::parse_tree(None, false, body)
+            );
+            assert!(s.model.is_some() && s.max_output_tokens.is_some() && s.text > 0);
+        }
+        let s = scan_request(br#"{"model":"m","max_tokens":7.0,"max_completion_tokens":5,"messages":["ab",{"x":"cde"}],"stream":false}"#).unwrap();
+        assert_eq!(
+            s,
+            Scanned {
+                model: Some("m"),
+                stream: false,
+                max_output_tokens: Some(5),
+                text: 5
+            }
+        );
+        // Left to serde: an escape, a repeated key, Gemini's generationConfig.
+        assert_eq!(scan_request(br#"{"model":"a\"b"}"#), None);
+        assert_eq!(scan_request(br#"{"model":"a","model":"b"}"#), None);
+        assert_eq!(
+            scan_request(br#"{"generationConfig":{"maxOutputTokens":5}}"#),
             None
         );
     }
