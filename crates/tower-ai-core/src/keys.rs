@@ -160,8 +160,7 @@ where
 
 /// The request's host: the URI's, or the `Host` header's (without the port).
 pub fn host_of<B>(req: &Request<B>) -> &str {
-    req.uri()
-        .host()
+    crate::provider::uri_host(req.uri())
         .or_else(|| {
             let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
             Some(h.rsplit_once(':').map_or(h, |(host, _)| host))

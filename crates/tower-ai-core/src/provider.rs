@@ -41,8 +41,7 @@ impl Provider {
     /// OpenAI's dialect) and then provider-specific headers (`anthropic-version`,
     /// `x-goog-api-key`, `api-key`). Cheap: no allocation.
     pub fn detect(uri: &Uri, headers: &HeaderMap) -> Provider {
-        let host = uri
-            .host()
+        let host = uri_host(uri)
             .or_else(|| {
                 headers
                     .get(http::header::HOST)
@@ -134,8 +133,45 @@ fn ends_with_ignore_case(s: &str, suffix: &str) -> bool {
         && s.as_bytes()[s.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
 }
 
+/// [`Uri::host`], by one pass over the authority's bytes: http's `Authority::host` splits
+/// the authority twice with `str`'s searchers, ~400 instructions for `api.openai.com`,
+/// paid by every layer that keys on the host.
+pub(crate) fn uri_host(uri: &Uri) -> Option<&str> {
+    let auth = uri.authority()?.as_str();
+    let start = auth.bytes().rposition(|c| c == b'@').map_or(0, |i| i + 1);
+    let host_port = &auth[start..];
+    if host_port.as_bytes().first() == Some(&b'[') {
+        let end = host_port.bytes().position(|c| c == b']');
+        return Some(end.map_or(host_port, |e| &host_port[..=e]));
+    }
+    let end = host_port
+        .bytes()
+        .position(|c| c == b':')
+        .unwrap_or(host_port.len());
+    Some(&host_port[..end])
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_host_is_http_s() {
+        for uri in [
+            "https://api.openai.com/v1/chat/completions",
+            "http://localhost:8080/v1/messages",
+            "http://user:pw@example.com:99/x",
+            "http://a@b@c.example/x",
+            "http://[::1]:8080/v1",
+            "http://[fe80::1%25eth0]/v1",
+            "http://user@[::1]/v1",
+            "/v1/chat/completions",
+            "*",
+            "example.com:443",
+        ] {
+            let uri: Uri = uri.parse().unwrap();
+            assert_eq!(super::uri_host(&uri), uri.host(), "{uri}");
+        }
+    }
+
     use super::*;
 
     fn detect(uri: &str) -> Provider {
