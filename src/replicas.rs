@@ -370,12 +370,7 @@ async fn apply(server: &mut RedisServer, fault: Fault) {
             let _ = server.restart();
         }
         Fault::ScriptFlush => {
-            if let Ok(mut conn) = server.client().get_multiplexed_async_connection().await {
-                let _ = redis::cmd("SCRIPT")
-                    .arg("FLUSH")
-                    .query_async::<()>(&mut conn)
-                    .await;
-            }
+            let _ = server.script_flush().await;
         }
     }
 }

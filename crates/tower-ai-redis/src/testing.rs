@@ -135,6 +135,29 @@ impl RedisServer {
         redis::Client::open(self.url()).expect("a client for a local server")
     }
 
+    /// `CLIENT PAUSE {pause} ALL`: the server answers no client for `pause`, as a stalled
+    /// server would (its connections stay open).
+    pub async fn pause_clients(&self, pause: Duration) -> redis::RedisResult<()> {
+        self.admin(
+            redis::cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(pause.as_millis() as u64)
+                .arg("ALL"),
+        )
+        .await
+    }
+
+    /// `SCRIPT FLUSH`: the server forgets every script loaded, as after a restart.
+    pub async fn script_flush(&self) -> redis::RedisResult<()> {
+        self.admin(redis::cmd("SCRIPT").arg("FLUSH")).await
+    }
+
+    /// One command on a connection of its own.
+    async fn admin(&self, cmd: &redis::Cmd) -> redis::RedisResult<()> {
+        let mut conn = self.client().get_multiplexed_async_connection().await?;
+        cmd.query_async(&mut conn).await
+    }
+
     /// Kills the server (as a crash would: no shutdown, nothing saved).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -501,16 +501,7 @@ async fn script_flush_reloads_the_scripts() {
     assert_eq!(call(&replicas[1]).await.unwrap(), 529);
     // Loaded by a first use, then flushed.
     breakers(&server).open_breakers().await.unwrap();
-    let mut admin = server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let _: () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    server.script_flush().await.unwrap();
     assert_eq!(call(&replicas[0]).await.unwrap(), 529);
     assert_eq!(call(&replicas[0]).await.unwrap(), 529);
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -542,18 +533,7 @@ async fn client_pause_falls_back_instead_of_hanging() {
     assert_eq!(call(&r).await.unwrap(), 529);
     assert_eq!(call(&r).await.unwrap(), 529);
     assert_eq!(state(&r), CircuitState::Open);
-    let mut admin = server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(2000)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    server.pause_clients(Duration::from_secs(2)).await.unwrap();
     // The open period ends during the pause: the permit request times out (20 ms), the
     // breaker probes in-process and closes, while Redis is still paused; no call waits.
     let paused = Instant::now();

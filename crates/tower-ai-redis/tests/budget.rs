@@ -426,18 +426,7 @@ async fn a_paused_redis_costs_one_timeout_then_the_fall_back_decides() {
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
     let before = b.fallbacks();
-    let mut admin = server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(2000)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    server.pause_clients(Duration::from_secs(2)).await.unwrap();
     // The first call waits for the response timeout, then decides in-process; the next
     // ones do not wait at all while Redis is skipped.
     let started = Instant::now();

@@ -326,16 +326,7 @@ async fn script_flush_reloads_the_scripts() {
     for r in &replicas {
         assert_eq!(status(r, "claude-haiku").await.unwrap(), 200);
     }
-    let mut admin = server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let _: () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    server.script_flush().await.unwrap();
     assert_eq!(status(&replicas[0], "claude-sonnet").await.unwrap(), 429);
     let res = status(&replicas[1], "claude-sonnet").await;
     assert!(cooling_down(&res), "{res:?}");
@@ -352,18 +343,7 @@ async fn client_pause_falls_back_instead_of_hanging() {
     let store = server.try_store().unwrap();
     let r = replica(&sim, RedisCooldowns::strict(store.clone()), true);
     assert_eq!(status(&r, "claude-sonnet").await.unwrap(), 200);
-    let mut admin = server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(2000)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    server.pause_clients(Duration::from_secs(2)).await.unwrap();
     let started = Instant::now();
     assert_eq!(status(&r, "claude-sonnet").await.unwrap(), 200);
     let first = started.elapsed();

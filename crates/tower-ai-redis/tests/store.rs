@@ -21,17 +21,7 @@ async fn a_script_runs_and_is_loaded_again_after_script_flush() {
     let script = Script::new(INCR);
     let key = store.key("test", "acct", "n");
     assert_eq!(store.run::<i64>(&script, &[&key], &[&2]).await.unwrap(), 2);
-    let _: () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(
-            &mut server
-                .client()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    server.script_flush().await.unwrap();
     assert_eq!(store.run::<i64>(&script, &[&key], &[&3]).await.unwrap(), 5);
     assert!(!store.is_degraded());
 }
@@ -106,18 +96,7 @@ async fn a_paused_server_costs_one_timeout_not_a_hang() {
     let script = Script::new(INCR);
     let key = store.key("test", "acct", "n");
     store.run::<i64>(&script, &[&key], &[&1]).await.unwrap();
-    let mut admin = server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(2000)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    server.pause_clients(Duration::from_secs(2)).await.unwrap();
     let started = Instant::now();
     let err = store.run::<i64>(&script, &[&key], &[&1]).await.unwrap_err();
     assert!(matches!(err, StoreError::Timeout(_)), "{err:?}");
