@@ -125,6 +125,21 @@ const WORKLOADS: &[Workload] = &[
         Some("tower_resilience"),
         "AiStack with budget and fallback",
     ),
+    // With the `metrics` feature (the workspace's default): the same stacks with a
+    // Prometheus recorder installed and `describe_metrics()` called, so every metric of
+    // every layer and the GenAI client metrics are recorded.
+    #[cfg(feature = "metrics")]
+    call(
+        "ai_stack_default_rec",
+        Some("ai_stack_default"),
+        "AiStack::new(), metrics recorded (Prometheus recorder)",
+    ),
+    #[cfg(feature = "metrics")]
+    call(
+        "ai_stack_full_rec",
+        Some("ai_stack_full"),
+        "AiStack full, metrics recorded (Prometheus recorder)",
+    ),
     stream("stream_bare", None, "1,003-event OpenAI stream, bare body"),
     stream(
         "stream_stall",
@@ -312,6 +327,16 @@ fn drive(only: Option<&str>, save: bool, fail_on_regression: bool) {
 // ---------------------------------------------------------------------------------------
 // The workloads, run by `--run NAME COUNT` (under valgrind).
 
+/// Installs a Prometheus recorder (what the gateway example serves on `/metrics`) and turns
+/// on every metric of the layers and of the telemetry.
+#[cfg(feature = "metrics")]
+fn record_metrics() {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .expect("the only recorder of this process");
+    tower_ai::describe_metrics();
+}
+
 fn run(name: &str, n: u64) {
     // The runtime's timer is there for the layers that create one; nothing waits.
     let rt = common::runtime();
@@ -352,6 +377,16 @@ fn run(name: &str, n: u64) {
         "tower_resilience" => calls(common::tower_resilience(), n),
         "ai_stack_default" => calls(common::ai_stack_default(), n),
         "ai_stack_full" => calls(common::ai_stack_full(), n),
+        #[cfg(feature = "metrics")]
+        "ai_stack_default_rec" => {
+            record_metrics();
+            calls(common::ai_stack_default(), n)
+        }
+        #[cfg(feature = "metrics")]
+        "ai_stack_full_rec" => {
+            record_metrics();
+            calls(common::ai_stack_full(), n)
+        }
         "stream_bare" => streams(&rt, Sse::openai(), OPENAI_STREAM, n),
         "stream_stall" => streams(
             &rt,
