@@ -427,7 +427,7 @@ fn decide<B, ResB>(
                 tracing::debug!(parent: span, attempt, http.response.status_code = res.status().as_u16(),
                     request_id = tower_ai_core::telemetry::request_id(res.headers()), "ai_retry attempt succeeded");
                 #[cfg(feature = "metrics")]
-                crate::meter::ended("success", attempt);
+                crate::meter::succeeded(attempt);
                 return Step::Done(Ok(res));
             }
             let kind = c.kind.map_or("unknown", ErrorKind::as_str);

@@ -51,6 +51,15 @@ static RETRIES: KeyTable<2> = KeyTable::new(
 /// `tower_ai.retry.wait`: the wait before each retry, in seconds.
 static WAIT: KeyTable<1> = KeyTable::new("tower_ai.retry.wait", [("wait_source", WAIT_SOURCES)]);
 
+/// A call succeeded after `attempts` attempts: [`ended`] with `success`, by index (the
+/// path every successful call takes: no label compared).
+pub(crate) fn succeeded(attempts: u32) {
+    CALLS
+        .counter_at([0, usize::from(attempts > 1)])
+        .increment(1);
+    ATTEMPTS.counter_at([]).increment(u64::from(attempts));
+}
+
 /// A call ended after `attempts` attempts with `outcome`.
 pub(crate) fn ended(outcome: &str, attempts: u32) {
     CALLS
