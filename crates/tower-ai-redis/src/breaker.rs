@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use redis::Script;
@@ -11,6 +11,7 @@ use tower_ai_circuit_breaker::store::{BreakerSink, BreakerStore, SharedState};
 use tower_ai_core::keys::Key;
 
 use crate::cooldown::{script_failed, RUNNING};
+use crate::periodic::Periodic;
 use crate::{RedisStore, StoreError};
 
 /// Opens a breaker: `KEYS[1]` (a hash: `st`, `until`, `succ`) becomes `open` until
@@ -149,15 +150,7 @@ struct Inner {
     /// The probe permits this replica holds, by label.
     permits: Mutex<HashMap<Box<str>, Vec<u64>>>,
     next_permit: AtomicU64,
-    refresher: OnceLock<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Some(task) = self.refresher.get() {
-            task.abort();
-        }
-    }
+    refresher: Periodic,
 }
 
 impl fmt::Debug for RedisBreakers {
@@ -227,7 +220,7 @@ impl RedisBreakers {
                 tracked: Mutex::default(),
                 permits: Mutex::default(),
                 next_permit: AtomicU64::new(0),
-                refresher: OnceLock::new(),
+                refresher: Periodic::new(),
             }),
         }
     }
@@ -395,25 +388,11 @@ impl RedisBreakers {
 
     fn start_refresher(&self) {
         let inner = &self.inner;
-        if inner.refresher.get().is_some() {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let weak = Arc::downgrade(inner);
-        let period = inner.refresh;
-        let _ = inner.refresher.get_or_init(|| {
-            runtime.spawn(async move {
-                let mut tick = tokio::time::interval(period);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    let Some(inner) = weak.upgrade() else { return };
-                    RedisBreakers { inner }.refresh_tracked().await;
-                }
-            })
-        });
+        inner
+            .refresher
+            .start(inner, inner.refresh, |inner| async move {
+                RedisBreakers { inner }.refresh_tracked().await;
+            });
     }
 
     /// Runs `work` in the runtime and hands its answer to `sink` (without a runtime, or on

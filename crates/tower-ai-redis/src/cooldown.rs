@@ -3,13 +3,14 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, OnceLock, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
 
 use redis::Script;
 use tokio::time::Instant;
 use tower_ai_retry_after::store::{Check, CooldownStore, SharedCooldown, StoreFuture};
 
+use crate::periodic::Periodic;
 use crate::{RedisStore, StoreError};
 
 /// Extends a cooldown: `KEYS[1]` holds the absolute end (milliseconds on Redis's clock)
@@ -117,15 +118,7 @@ struct Inner {
     copy: RwLock<HashMap<Box<str>, Instant>>,
     /// Leased: the copy holds at least one cooldown.
     active: AtomicBool,
-    refresher: OnceLock<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Some(task) = self.refresher.get() {
-            task.abort();
-        }
-    }
+    refresher: Periodic,
 }
 
 impl fmt::Debug for RedisCooldowns {
@@ -203,7 +196,7 @@ impl RedisCooldowns {
                 tag: tag.to_owned(),
                 copy: RwLock::default(),
                 active: AtomicBool::new(false),
-                refresher: OnceLock::new(),
+                refresher: Periodic::new(),
             }),
         }
     }
@@ -294,23 +287,8 @@ impl RedisCooldowns {
     /// Leased mode: starts the refresher on first use (in the runtime of the first call).
     fn start_refresher(&self, refresh: Duration) {
         let inner = &self.inner;
-        if inner.refresher.get().is_some() {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let weak = Arc::downgrade(inner);
-        let _ = inner.refresher.get_or_init(|| {
-            runtime.spawn(async move {
-                let mut tick = tokio::time::interval(refresh);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    let Some(inner) = weak.upgrade() else { return };
-                    RedisCooldowns { inner }.refresh_copy().await;
-                }
-            })
+        inner.refresher.start(inner, refresh, |inner| async move {
+            RedisCooldowns { inner }.refresh_copy().await;
         });
     }
 }

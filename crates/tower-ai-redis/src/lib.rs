@@ -29,6 +29,7 @@
 //! run on Redis 7 and later and on Valkey.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod periodic;
 mod store;
 pub mod testing;
 

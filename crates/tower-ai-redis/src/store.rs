@@ -3,12 +3,14 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script, ToRedisArgs};
 use tokio::time::Instant;
+
+use crate::periodic::Periodic;
 
 /// Why a call to Redis did not give an answer.
 ///
@@ -131,7 +133,7 @@ impl RedisStoreBuilder {
                 answered: AtomicBool::new(false),
                 skipped: AtomicU64::new(0),
                 replicas: AtomicU32::new(configured.unwrap_or(1)),
-                heartbeat: OnceLock::new(),
+                heartbeat: Periodic::new(),
                 config: self,
             }),
         }
@@ -170,16 +172,8 @@ struct Inner {
     /// Calls answered `Unavailable` without a round trip.
     skipped: AtomicU64,
     replicas: AtomicU32,
-    heartbeat: OnceLock<tokio::task::JoinHandle<()>>,
+    heartbeat: Periodic,
     config: RedisStoreBuilder,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Some(task) = self.heartbeat.get() {
-            task.abort();
-        }
-    }
 }
 
 impl fmt::Debug for RedisStore {
@@ -391,39 +385,25 @@ impl RedisStore {
     /// configured replica count, there is nothing to start).
     fn start_heartbeat(&self) {
         let inner = &self.inner;
-        if inner.config.replicas.is_some() || inner.heartbeat.get().is_some() {
+        if inner.config.replicas.is_some() {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        static STARTING: Mutex<()> = Mutex::new(());
-        let _guard = STARTING.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.heartbeat.get().is_some() {
-            return;
-        }
-        let weak = Arc::downgrade(inner);
         let period = inner.config.heartbeat;
-        let task = runtime.spawn(async move {
-            let script = Script::new(HEARTBEAT);
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
+        inner
+            .heartbeat
+            .start(inner, period, move |inner| async move {
+                static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(HEARTBEAT));
                 let store = RedisStore { inner };
                 let key = store.key("replicas", "replicas", "alive");
                 let ttl = (period * 3).as_millis() as u64;
                 // On an outage (logged once by the store) the last count stays.
                 if let Ok(n) = store
-                    .run::<u32>(&script, &[&key], &[&store.inner.id.as_str(), &ttl])
+                    .run::<u32>(&SCRIPT, &[&key], &[&store.inner.id.as_str(), &ttl])
                     .await
                 {
                     store.inner.replicas.store(n.max(1), Ordering::Relaxed);
                 }
-            }
-        });
-        let _ = inner.heartbeat.set(task);
+            });
     }
 }
 
