@@ -10,11 +10,12 @@
 //! # }
 //! ```
 
-use std::io;
+use std::io::{self, BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use crate::{RedisStore, StoreError};
 
@@ -28,7 +29,7 @@ pub struct RedisServer {
 
 impl RedisServer {
     /// Starts `redis-server` on a free loopback port (`--save "" --appendonly no`) and waits
-    /// until it answers `PING`.
+    /// until it logs that it accepts connections.
     ///
     /// When no `redis-server` can be found: returns `None` after printing why, so a local
     /// test run without Redis skips the test; but panics when the environment variable
@@ -70,34 +71,23 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> io::Result<()> {
-        let child = Command::new(&self.binary)
+        let mut child = Command::new(&self.binary)
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
+        let ready = child.stdout.take().map(ready_signal);
         self.child = Some(child);
-        self.wait_ready(Duration::from_secs(10))
-    }
-
-    fn wait_ready(&mut self, within: Duration) -> io::Result<()> {
-        let start = Instant::now();
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    self.child = None;
-                    return Err(io::Error::other(format!("redis-server exited: {status}")));
-                }
+        match ready.map(|r| r.recv_timeout(Duration::from_secs(10))) {
+            Some(Ok(())) => Ok(()),
+            _ => {
+                // Exited (a port taken, say) or not ready in time.
+                self.kill();
+                Err(io::Error::other("redis-server did not get ready"))
             }
-            if ping(self.port) {
-                return Ok(());
-            }
-            if start.elapsed() > within {
-                return Err(io::Error::other("redis-server did not answer PING"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -169,15 +159,9 @@ impl RedisServer {
     /// Starts the server again on the same port, empty, after [`kill`](Self::kill).
     pub fn restart(&mut self) -> io::Result<()> {
         self.kill();
-        let start = Instant::now();
-        // The port may linger for a moment after the kill.
-        loop {
-            match self.spawn() {
-                Ok(()) => return Ok(()),
-                Err(e) if start.elapsed() > Duration::from_secs(10) => return Err(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
+        // The killed server's socket is closed with it, and redis-server binds with
+        // SO_REUSEADDR: the port is free at once; a second try covers a port taken since.
+        self.spawn().or_else(|_| self.spawn())
     }
 }
 
@@ -191,16 +175,18 @@ fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// `PING` by hand, so readiness does not depend on the client's reconnect logic.
-fn ping(port: u16) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"PING\r\n").is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 7];
-    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+/// A signal sent once the server logs that it accepts connections (its stdout is read to
+/// its end by a thread of its own, so the server never blocks on a full pipe); dropped
+/// without a signal when the server exits first.
+fn ready_signal(stdout: std::process::ChildStdout) -> mpsc::Receiver<()> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if line.contains("Ready to accept connections") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx
 }
