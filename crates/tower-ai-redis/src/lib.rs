@@ -21,9 +21,12 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Every key of one decision carries the same Redis Cluster hash tag, so each script touches
-//! one slot; the store itself connects to one server (a primary, or a proxy in front of a
-//! cluster): a cluster connection is not built yet.
+//! Every key of one decision carries the same Redis Cluster hash tag (each layer's
+//! `hash_tag` / `tag`, e.g. the provider account), so each script touches one slot. A
+//! store connects to one server (a primary, or a proxy in front of a cluster) or, with the
+//! feature `cluster`, to a Redis Cluster (`RedisStore::cluster`,
+//! `RedisStoreBuilder::build_cluster`): each script goes to the node of its tag's slot,
+//! so layers (or tenants) given different tags spread over the cluster's nodes.
 //!
 //! The scripts are plain Lua 5.1 with no module and no command newer than Redis 7, so they
 //! run on Redis 7 and later and on Valkey.

@@ -1,13 +1,14 @@
 //! [`RedisStore`]: one Redis connection shared by every layer of a replica, with a short
-//! admission timeout, a small breaker on Redis itself and the replica count.
+//! admission timeout, a small breaker on Redis itself and the replica count. The
+//! connection is to one server, or (feature `cluster`) to a Redis Cluster.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{FromRedisValue, Script, ToRedisArgs};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Script, ToRedisArgs, Value};
 use tokio::time::Instant;
 
 use crate::periodic::Periodic;
@@ -71,9 +72,11 @@ impl Default for RedisStoreBuilder {
 
 impl RedisStoreBuilder {
     /// The prefix of every key the store writes (default `tower-ai`), so several
-    /// applications can share one Redis.
+    /// applications can share one Redis. A `{` or `}` in it is written `_`: the first
+    /// `{…}` of a key is its Redis Cluster hash tag, which must be the layer's tag (see
+    /// [`RedisStore::key`]).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.prefix = prefix.into().replace(['{', '}'], "_");
         self
     }
 
@@ -120,11 +123,35 @@ impl RedisStoreBuilder {
             .set_connection_timeout(Some(self.connect_timeout))
             .set_number_of_retries(1)
             .set_max_delay(self.retry_after_outage);
+        self.with_target(Target::Single { client, config })
+    }
+
+    /// The store, talking to the Redis Cluster of `client` (feature `cluster`): each
+    /// script goes to the primary that holds its keys' slot (every key of one call carries
+    /// the same hash tag, see [`RedisStore::key`]); redis-rs's cluster client follows
+    /// `MOVED` and `ASK` and refreshes its map of the slots by itself.
+    ///
+    /// No I/O happens here: the connections are made on first use, and a replica starts
+    /// even while the cluster is down. The store's response and connect timeouts apply to
+    /// each node's connection; the client's own retries (redirections, reconnections) all
+    /// happen within the store's response timeout, after which the call decides without
+    /// Redis as on one server. The outage breaker, the degraded flag and the heartbeat are
+    /// the store's, as on one server: while one node is down, the calls it would answer
+    /// are decided in-process, and so, for [`retry_after_outage`](Self::retry_after_outage)
+    /// after each such failure, are the calls of the other nodes' keys.
+    #[cfg(feature = "cluster")]
+    pub fn build_cluster(self, client: redis::cluster::ClusterClient) -> RedisStore {
+        let config = redis::cluster::ClusterConfig::new()
+            .set_response_timeout(self.response_timeout)
+            .set_connection_timeout(self.connect_timeout);
+        self.with_target(Target::Cluster { client, config })
+    }
+
+    fn with_target(self, target: Target) -> RedisStore {
         let configured = self.replicas;
         RedisStore {
             inner: Arc::new(Inner {
-                client,
-                manager_config: config,
+                target,
                 conn: OnceLock::new(),
                 id: instance_id(),
                 epoch: Instant::now(),
@@ -158,10 +185,9 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    client: redis::Client,
-    manager_config: ConnectionManagerConfig,
+    target: Target,
     /// Made on first use, inside the runtime (redis-rs spawns its reconnect task there).
-    conn: OnceLock<ConnectionManager>,
+    conn: OnceLock<Conn>,
     id: String,
     epoch: Instant,
     /// Milliseconds since `epoch` before which Redis is skipped (0: not skipped).
@@ -214,6 +240,38 @@ impl RedisStore {
         Ok(Self::builder().build(client))
     }
 
+    /// A store with the default settings on the Redis Cluster that `nodes` belong to (URLs
+    /// such as `redis://10.0.0.1:6379/`; one reachable node is enough to learn the others).
+    /// No I/O happens here. For other settings of the store, or of the cluster client
+    /// (TLS, credentials), see [`RedisStoreBuilder::build_cluster`].
+    ///
+    /// The client is redis-rs's with [`CLUSTER_RETRIES`](Self::CLUSTER_RETRIES) retries
+    /// (its default, 16, with waits between them, outlasts any response timeout a store
+    /// uses).
+    ///
+    /// ```no_run
+    /// use tower_ai_redis::RedisStore;
+    ///
+    /// # fn main() -> Result<(), tower_ai_redis::StoreError> {
+    /// let store = RedisStore::cluster(["redis://10.0.0.1:6379/", "redis://10.0.0.2:6379/"])?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    #[cfg(feature = "cluster")]
+    pub fn cluster<T: redis::IntoConnectionInfo>(
+        nodes: impl IntoIterator<Item = T>,
+    ) -> Result<Self, StoreError> {
+        let client = redis::cluster::ClusterClient::builder(nodes)
+            .retries(Self::CLUSTER_RETRIES)
+            .build()
+            .map_err(|e| StoreError::Connection(e.to_string()))?;
+        Ok(Self::builder().build_cluster(client))
+    }
+
+    /// The retries of [`cluster`](Self::cluster)'s client: enough to follow a redirection
+    /// (`MOVED`, `ASK`) after the cluster moved a slot, and to reconnect once.
+    #[cfg(feature = "cluster")]
+    pub const CLUSTER_RETRIES: u32 = 2;
+
     /// `true` while Redis is unreachable (the last call failed, or is being skipped).
     pub fn is_degraded(&self) -> bool {
         self.inner.degraded.load(Ordering::Relaxed)
@@ -238,7 +296,10 @@ impl RedisStore {
     }
 
     /// A key of this store: `{prefix}:{kind}:{{tag}}:{key}`. `tag` is the Redis Cluster hash
-    /// tag: every key of one decision must carry the same one (e.g. the provider account).
+    /// tag: every key of one decision must carry the same one (e.g. the provider account),
+    /// so that one script touches one slot. A `{` or `}` in `tag` is written `_`, and an
+    /// empty tag is `_` (Redis hashes a key with an empty `{}` whole, which would put the
+    /// keys of one decision in different slots).
     pub fn key(&self, kind: &str, tag: &str, key: &str) -> String {
         let prefix = &self.inner.config.prefix;
         let mut k = String::with_capacity(prefix.len() + kind.len() + tag.len() + key.len() + 6);
@@ -252,6 +313,9 @@ impl RedisStore {
             tag.chars()
                 .map(|c| if c == '}' || c == '{' { '_' } else { c }),
         );
+        if tag.is_empty() {
+            k.push('_');
+        }
         k.push_str("}:");
         k.push_str(key);
         k
@@ -284,17 +348,13 @@ impl RedisStore {
             .await
     }
 
-    fn connection(&self) -> Result<ConnectionManager, StoreError> {
+    fn connection(&self) -> Result<Conn, StoreError> {
         let inner = &self.inner;
         if let Some(conn) = inner.conn.get() {
             return Ok(conn.clone());
         }
-        let conn = ConnectionManager::new_lazy_with_config(
-            inner.client.clone(),
-            inner.manager_config.clone(),
-        )
-        .map_err(|e| StoreError::Connection(e.to_string()))?;
-        // Two first calls at once: one manager wins, the other is dropped unused.
+        let conn = inner.target.connect()?;
+        // Two first calls at once: one connection wins, the other is dropped unused.
         Ok(inner.conn.get_or_init(|| conn).clone())
     }
 
@@ -407,6 +467,77 @@ impl RedisStore {
     }
 }
 
+/// What a store connects to: one server, or a cluster.
+enum Target {
+    Single {
+        client: redis::Client,
+        config: ConnectionManagerConfig,
+    },
+    #[cfg(feature = "cluster")]
+    Cluster {
+        client: redis::cluster::ClusterClient,
+        config: redis::cluster::ClusterConfig,
+    },
+}
+
+impl Target {
+    /// A connection made lazily: no I/O until its first command (redis-rs spawns its
+    /// reconnecting task in the current runtime).
+    fn connect(&self) -> Result<Conn, StoreError> {
+        match self {
+            Target::Single { client, config } => {
+                ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                    .map(Conn::Single)
+                    .map_err(|e| StoreError::Connection(e.to_string()))
+            }
+            #[cfg(feature = "cluster")]
+            Target::Cluster { client, config } => Ok(Conn::Cluster(
+                client.get_pending_async_connection_with_config(config.clone()),
+            )),
+        }
+    }
+}
+
+/// The connection of a store: a clone per call (both kinds are handles to one multiplexed
+/// connection and its task).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// An argument of [`RedisStore::run`]: anything redis-rs can send (numbers, strings).
 pub trait ToRedisArgsDyn: Sync {
     /// Adds `self` to the invocation's arguments.
@@ -419,7 +550,12 @@ impl<T: ToRedisArgs + Sync> ToRedisArgsDyn for T {
     }
 }
 
+/// Redis could not be asked, as opposed to an answer that was an error. On a cluster: no
+/// connection to the node of a slot, the cluster down, a slot moving (`TRYAGAIN`, or a
+/// redirection still unfollowed when the client's retries ran out) or a primary that a
+/// failover turned into a replica (`READONLY`).
 fn is_outage(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
     e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
@@ -427,10 +563,16 @@ fn is_outage(e: &redis::RedisError) -> bool {
         || e.is_unrecoverable_error()
         || matches!(
             e.kind(),
-            redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
-                | redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain)
-                | redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown)
-                | redis::ErrorKind::Server(redis::ServerErrorKind::MasterDown)
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::Moved
+                        | ServerErrorKind::Ask
+                        | ServerErrorKind::ReadOnly
+                )
         )
 }
 
@@ -439,7 +581,7 @@ fn instance_id() -> String {
     format!("{}:{}:{:016x}", host, std::process::id(), fastrand_u64())
 }
 
-fn fastrand_u64() -> u64 {
+pub(crate) fn fastrand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // std's RandomState is seeded per process from the OS: enough to tell replicas apart.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -450,4 +592,59 @@ fn fastrand_u64() -> u64 {
             .unwrap_or(0),
     );
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The part of `key` Redis Cluster hashes: the first `{…}` with something between the
+    /// braces, else the whole key (the cluster specification's "hash tags").
+    fn hashed(key: &str) -> &str {
+        let Some(open) = key.find('{') else {
+            return key;
+        };
+        match key[open + 1..].find('}') {
+            Some(0) | None => key,
+            Some(len) => &key[open + 1..open + 1 + len],
+        }
+    }
+
+    #[test]
+    fn the_keys_of_one_tag_hash_alike_whatever_the_prefix_tag_and_label() {
+        let client = redis::Client::open("redis://127.0.0.1:1/").unwrap();
+        for prefix in ["tower-ai", "a{b", "{app}", "x}y{", ""] {
+            let store = RedisStore::builder().prefix(prefix).build(client.clone());
+            for tag in ["budget", "", "a}b", "{x}", "tenant{1", "}"] {
+                let mut keys: Vec<String> = [
+                    "budget:rpm",
+                    "budget:conc",
+                    "budget:lease:tpm",
+                    "breaker",
+                    "breaker-index",
+                    "cooldown",
+                ]
+                .iter()
+                .flat_map(|kind| {
+                    [
+                        store.key(kind, tag, "api.openai.com/gpt-4o"),
+                        store.key(kind, tag, "{other}/m"),
+                        store.key(kind, tag, ""),
+                    ]
+                })
+                .collect();
+                // The scripts' derived keys (a spend window's `base:index`).
+                keys.push(format!("{}:{}", keys[0], 493_921));
+                let first = hashed(&keys[0]);
+                assert_ne!(
+                    first, keys[0],
+                    "{prefix:?} {tag:?}: no hash tag in {}",
+                    keys[0]
+                );
+                for k in &keys {
+                    assert_eq!(hashed(k), first, "{prefix:?} {tag:?}: {k} vs {}", keys[0]);
+                }
+            }
+        }
+    }
 }

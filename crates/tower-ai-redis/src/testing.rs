@@ -1,5 +1,6 @@
 //! A throwaway `redis-server` for tests and examples: started on a free loopback port with
-//! no persistence, stopped when dropped.
+//! no persistence, stopped when dropped; and (feature `cluster`) a throwaway Redis Cluster
+//! of three of them, `RedisCluster`.
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -10,6 +11,7 @@
 //! # }
 //! ```
 
+use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -19,12 +21,22 @@ use std::time::Duration;
 
 use crate::{RedisStore, StoreError};
 
+#[cfg(feature = "cluster")]
+mod cluster;
+#[cfg(feature = "cluster")]
+pub use cluster::RedisCluster;
+
 /// A `redis-server` process of this test's own, killed when dropped.
 #[derive(Debug)]
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     binary: PathBuf,
+    /// Arguments after the port and the persistence settings (a cluster node's).
+    extra: Vec<OsString>,
+    /// A signal per log line of [`EVENTS`]: the first is "ready"; a cluster node's next
+    /// is its cluster's state turning ok.
+    events: Option<mpsc::Receiver<()>>,
 }
 
 impl RedisServer {
@@ -35,20 +47,16 @@ impl RedisServer {
     /// test run without Redis skips the test; but panics when the environment variable
     /// `CI` is `true`, so CI cannot pass without having run it.
     pub fn start_or_skip(test: &str) -> Option<Self> {
-        match Self::start() {
-            Ok(server) => Some(server),
-            Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
-                panic!("{test}: redis-server is needed in CI and could not start: {e}")
-            }
-            Err(e) => {
-                eprintln!("skipping {test}: redis-server could not start ({e}); install Debian's redis-server to run it");
-                None
-            }
-        }
+        or_skip(test, Self::start())
     }
 
     /// Starts `redis-server` (from `$REDIS_SERVER`, or `redis-server` on the `PATH`).
     pub fn start() -> io::Result<Self> {
+        Self::start_with(|_| Ok(Vec::new()))
+    }
+
+    /// Starts a server with the extra arguments `extra(port)` gives.
+    fn start_with(extra: impl Fn(u16) -> io::Result<Vec<OsString>>) -> io::Result<Self> {
         let binary = std::env::var_os("REDIS_SERVER")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("redis-server"));
@@ -61,6 +69,8 @@ impl RedisServer {
                 child: None,
                 port,
                 binary: binary.clone(),
+                extra: extra(port)?,
+                events: None,
             };
             match server.spawn() {
                 Ok(()) => return Ok(server),
@@ -75,20 +85,30 @@ impl RedisServer {
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
-        let ready = child.stdout.take().map(ready_signal);
+        let events = child.stdout.take().map(log_events);
         self.child = Some(child);
-        match ready.map(|r| r.recv_timeout(Duration::from_secs(10))) {
-            Some(Ok(())) => Ok(()),
-            _ => {
+        self.events = events;
+        match self.next_event(Duration::from_secs(10)) {
+            true => Ok(()),
+            false => {
                 // Exited (a port taken, say) or not ready in time.
                 self.kill();
                 Err(io::Error::other("redis-server did not get ready"))
             }
         }
+    }
+
+    /// Waits up to `wait` for the server's next log line of [`EVENTS`]; `false` when it
+    /// did not come (or the server exited).
+    fn next_event(&self, wait: Duration) -> bool {
+        self.events
+            .as_ref()
+            .is_some_and(|e| e.recv_timeout(wait).is_ok())
     }
 
     /// The server's URL, `redis://127.0.0.1:{port}/`.
@@ -142,6 +162,25 @@ impl RedisServer {
         self.admin(redis::cmd("SCRIPT").arg("FLUSH")).await
     }
 
+    /// One command on a blocking connection of its own (the harness's set-up).
+    #[cfg(feature = "cluster")]
+    fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> io::Result<T> {
+        const WAIT: Duration = Duration::from_secs(5);
+        let mut conn = self
+            .client()
+            .get_connection_with_timeout(WAIT)
+            .map_err(io::Error::other)?;
+        conn.set_read_timeout(Some(WAIT))
+            .map_err(io::Error::other)?;
+        cmd.query(&mut conn).map_err(io::Error::other)
+    }
+
+    /// [`query`](Self::query) for a command answered `OK`.
+    #[cfg(feature = "cluster")]
+    fn command(&self, cmd: &redis::Cmd) -> io::Result<()> {
+        self.query(cmd)
+    }
+
     /// One command on a connection of its own.
     async fn admin(&self, cmd: &redis::Cmd) -> redis::RedisResult<()> {
         let mut conn = self.client().get_multiplexed_async_connection().await?;
@@ -175,18 +214,36 @@ fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A signal sent once the server logs that it accepts connections (its stdout is read to
-/// its end by a thread of its own, so the server never blocks on a full pipe); dropped
-/// without a signal when the server exits first.
-fn ready_signal(stdout: std::process::ChildStdout) -> mpsc::Receiver<()> {
+/// The log lines a server's [`log_events`] signal: it accepts connections; (a cluster
+/// node) every slot of its cluster is served.
+const EVENTS: [&str; 2] = ["Ready to accept connections", "Cluster state changed: ok"];
+
+/// A signal sent for each log line of [`EVENTS`] (the server's stdout is read to its end by
+/// a thread of its own, so the server never blocks on a full pipe); the channel closes when
+/// the server exits.
+fn log_events(stdout: std::process::ChildStdout) -> mpsc::Receiver<()> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { return };
-            if line.contains("Ready to accept connections") {
+            if EVENTS.iter().any(|e| line.contains(e)) {
                 let _ = tx.send(());
             }
         }
     });
     rx
+}
+
+/// `Some` when started; `None` after printing why not, or a panic when `CI` is `true`.
+fn or_skip<T>(test: &str, started: io::Result<T>) -> Option<T> {
+    match started {
+        Ok(server) => Some(server),
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{test}: redis-server is needed in CI and could not start: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping {test}: redis-server could not start ({e}); install Debian's redis-server to run it");
+            None
+        }
+    }
 }

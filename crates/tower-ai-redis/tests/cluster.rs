@@ -1,0 +1,397 @@
+//! The stores on a real Redis Cluster of three primaries (started by the test; skipped
+//! locally without `redis-server`, a failure in CI): every script's keys in one slot (a
+//! script whose keys were not would be refused `CROSSSLOT`), tenants' keys on different
+//! nodes, limits, cooldowns and breakers shared by four replicas, and a node killed.
+//! Real time, in short windows.
+#![cfg(feature = "cluster")]
+
+use std::time::{Duration, Instant};
+
+mod support;
+use support::NO_HANG;
+
+use tower_ai_budget::{BudgetStore, Spent, StoreAdmit, StoreDecision, StoreLimits, StoreRequest};
+use tower_ai_circuit_breaker::store::SharedState;
+use tower_ai_core::keys::Key;
+use tower_ai_redis::testing::{RedisCluster, RedisServer};
+use tower_ai_redis::{RedisBreakers, RedisBudget, RedisCooldowns, RedisStore};
+use tower_ai_retry_after::store::{Check, CooldownStore, SharedCooldown};
+
+const MS: Duration = Duration::from_millis(1);
+
+fn limits(f: impl FnOnce(&mut StoreLimits)) -> StoreLimits {
+    let mut l = StoreLimits::default();
+    f(&mut l);
+    l
+}
+
+/// Asks the budget for one request of `name`.
+async fn ask(b: &RedisBudget, l: &StoreLimits, name: &str, tokens: u64) -> StoreDecision {
+    let label = || name.to_owned();
+    let request = StoreRequest::new(Key::of(name), tokens, 0, &label);
+    match b.admit(l, &request) {
+        StoreAdmit::Ready(d) => d,
+        StoreAdmit::Pending(f) => f.await,
+    }
+}
+
+fn is_admitted(d: &StoreDecision) -> bool {
+    matches!(d, StoreDecision::Admitted(_))
+}
+
+/// Two hash tags whose keys the cluster puts on two different nodes: `(tag, node)` each.
+fn tenants_on_two_nodes(cluster: &RedisCluster, store: &RedisStore) -> [(String, usize); 2] {
+    let mut first: Option<(String, usize)> = None;
+    for i in 0..64 {
+        let tag = format!("tenant-{i}");
+        let node = cluster
+            .node_of(&store.key("budget:rpm", &tag, "k"))
+            .unwrap();
+        match &first {
+            None => first = Some((tag, node)),
+            Some((_, n)) if *n != node => return [first.unwrap(), (tag, node)],
+            Some(_) => {}
+        }
+    }
+    panic!("64 tags in one node's slots");
+}
+
+/// Whether node `node` holds `key` (asked of that node alone: the key must be in its slots).
+async fn holds(cluster: &RedisCluster, node: usize, key: &str) -> bool {
+    let mut conn = cluster
+        .node(node)
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async::<u32>(&mut conn)
+        .await
+        .unwrap()
+        == 1
+}
+
+/// A store that waits for the cluster long enough for a loaded machine (see
+/// `RedisServer::store`), with a fast heartbeat.
+fn patient(cluster: &RedisCluster) -> RedisStore {
+    RedisStore::builder()
+        .response_timeout(Duration::from_millis(500))
+        .connect_timeout(Duration::from_secs(2))
+        .heartbeat(Duration::from_millis(50))
+        .build_cluster(cluster.client())
+}
+
+#[tokio::test]
+async fn every_script_runs_on_the_cluster_and_tenants_land_on_different_nodes() {
+    let Some(cluster) = RedisCluster::start_or_skip("cluster scripts") else {
+        return;
+    };
+    let store = patient(&cluster);
+    let [(ta, na), (tb, nb)] = tenants_on_two_nodes(&cluster, &store);
+    assert_ne!(na, nb);
+
+    // Strict budgets, every limit on, so that the admission and settlement scripts touch
+    // all five keys of a decision (and the spend windows' derived keys).
+    let l = limits(|l| {
+        l.requests_per_minute = Some(1_000);
+        l.tokens_per_minute = Some(100_000);
+        l.max_concurrent = Some(10);
+        l.spend_per_hour = Some(1_000_000_000);
+        l.spend_per_day = Some(10_000_000_000);
+    });
+    for (tag, node) in [(&ta, na), (&tb, nb)] {
+        let b = RedisBudget::builder(store.clone()).hash_tag(tag).build();
+        let label = || "k".to_owned();
+        let request = StoreRequest::new(Key::of("k"), 100, 5_000_000, &label);
+        let decision = match b.admit(&l, &request) {
+            StoreAdmit::Ready(d) => d,
+            StoreAdmit::Pending(f) => f.await,
+        };
+        let StoreDecision::Admitted(lease) = decision else {
+            panic!("{tag}: {decision:?}");
+        };
+        b.settle(&l, lease, Spent::new(80, 4_000_000));
+        tokio::time::sleep(100 * MS).await;
+        assert_eq!(b.fallbacks(), 0, "{tag}: decided in Redis");
+        assert!(!store.is_degraded());
+        // Sharded: each tenant's keys on the node of its tag's slot.
+        let keys = b.keys_of("k");
+        assert!(holds(&cluster, node, &keys[0]).await, "{}", keys[0]);
+        assert!(holds(&cluster, node, &keys[1]).await, "{}", keys[1]);
+    }
+
+    // Leased: the lease script (two keys).
+    let leased = RedisBudget::builder(store.clone())
+        .hash_tag(&ta)
+        .leased(0.1)
+        .build();
+    let l = limits(|l| l.requests_per_minute = Some(100));
+    assert!(is_admitted(&ask(&leased, &l, "L", 0).await));
+    assert_eq!(leased.fallbacks(), 0);
+    assert!(leased.round_trips() >= 1);
+
+    // Cooldowns: extend (cooldown and index), remaining, running.
+    let cooldowns = RedisCooldowns::strict(store.clone()).tag(&tb);
+    let held = cooldowns
+        .extend("h/m", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(held > Duration::from_secs(4), "{held:?}");
+    assert!(cooldowns.remaining("h/m").await.unwrap() > Duration::from_secs(4));
+    assert_eq!(cooldowns.running().await.unwrap().len(), 1);
+
+    // Breakers: open (state, probes, index), probe permits, the open ones.
+    let breakers = RedisBreakers::new(store.clone()).tag(&ta);
+    breakers.open("h/m", 50 * MS).await.unwrap();
+    assert_eq!(breakers.open_breakers().await.unwrap().len(), 1);
+    tokio::time::sleep(60 * MS).await;
+    assert_eq!(
+        breakers.take_permit("h/m", 1).await.unwrap(),
+        SharedState::Granted
+    );
+    assert_eq!(
+        breakers.return_permit("h/m", true, 1).await.unwrap(),
+        SharedState::Closed
+    );
+
+    // The heartbeat: four stores (four replicas) counted on the cluster.
+    let mut stores: Vec<RedisStore> = (0..3).map(|_| patient(&cluster)).collect();
+    stores.push(store.clone());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // (Each store's heartbeat starts at its first `replicas()`.)
+    loop {
+        let counts: Vec<u32> = stores.iter().map(RedisStore::replicas).collect();
+        if counts.iter().all(|&n| n == 4) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas: {counts:?}");
+        tokio::time::sleep(20 * MS).await;
+    }
+    assert!(!store.is_degraded());
+}
+
+#[tokio::test]
+async fn budget_limits_hold_across_four_replicas_on_a_cluster() {
+    let Some(cluster) = RedisCluster::start_or_skip("cluster budget") else {
+        return;
+    };
+    // Four replicas, each with its own cluster connection: 10 per 2 s window (one per
+    // 200 ms), burst 3, shared.
+    let replicas: Vec<RedisBudget> = (0..4)
+        .map(|_| {
+            RedisBudget::builder(patient(&cluster))
+                .hash_tag("account-1")
+                .minute(Duration::from_secs(2))
+                .burst(3, 0)
+                .build()
+        })
+        .collect();
+    let l = limits(|l| l.requests_per_minute = Some(10));
+    let mut ok = 0;
+    let start = Instant::now();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(2) {
+        if is_admitted(&ask(&replicas[i % 4], &l, "shared", 0).await) {
+            ok += 1;
+        }
+        i += 1;
+        tokio::time::sleep(5 * MS).await;
+    }
+    for (n, r) in replicas.iter().enumerate() {
+        assert_eq!(r.fallbacks(), 0, "replica {n} decided in-process");
+    }
+    // In-process, four replicas would have admitted 4 × (10 + 3) in the window.
+    assert!(ok <= 10 + 3, "{ok} admitted in one window of 10 + burst 3");
+    assert!(ok >= 11, "{ok}: the pace admits one per 200 ms");
+    println!("{i} asked by 4 replicas in 2 s, {ok} admitted (limit 10, burst 3)");
+}
+
+#[tokio::test]
+async fn a_cooldown_seen_by_one_replica_holds_the_three_others() {
+    let Some(cluster) = RedisCluster::start_or_skip("cluster cooldown") else {
+        return;
+    };
+    let replicas: Vec<RedisCooldowns> = (0..4)
+        .map(|_| RedisCooldowns::strict(patient(&cluster)).tag("account-1"))
+        .collect();
+    let leased = RedisCooldowns::leased(patient(&cluster))
+        .tag("account-1")
+        .refresh(50 * MS);
+    for r in &replicas {
+        assert_eq!(
+            r.remaining("api.openai.com/gpt-4o").await.unwrap(),
+            Duration::ZERO
+        );
+    }
+    // Replica 0 meets a 429 with retry-after: 5.
+    if let Some(publish) = replicas[0].publish("api.openai.com/gpt-4o", Duration::from_secs(5)) {
+        publish.await;
+    }
+    for (n, r) in replicas.iter().enumerate().skip(1) {
+        let Check::Later(check) = r.check("api.openai.com/gpt-4o") else {
+            panic!("strict mode asks Redis");
+        };
+        match check.await {
+            SharedCooldown::Cooling(left) => {
+                assert!(left > Duration::from_secs(4), "replica {n}: {left:?}")
+            }
+            other => panic!("replica {n}: {other:?}"),
+        }
+        let Check::Later(other) = r.check("api.openai.com/gpt-4o-mini") else {
+            panic!("strict mode asks Redis");
+        };
+        assert_eq!(
+            other.await,
+            SharedCooldown::Clear,
+            "another model is not held"
+        );
+    }
+    // A leased replica within its refresh period.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        if let Check::Now(SharedCooldown::Cooling(_)) = leased.check("api.openai.com/gpt-4o") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the leased copy never held it");
+        tokio::time::sleep(10 * MS).await;
+    }
+    assert!(replicas.iter().all(|r| !r.is_degraded()));
+}
+
+#[tokio::test]
+async fn a_breaker_opened_by_one_replica_is_open_for_all_and_probes_are_shared() {
+    let Some(cluster) = RedisCluster::start_or_skip("cluster breakers") else {
+        return;
+    };
+    let replicas: Vec<RedisBreakers> = (0..4)
+        .map(|_| RedisBreakers::new(patient(&cluster)).tag("account-1"))
+        .collect();
+    replicas[0].open("h/m", 300 * MS).await.unwrap();
+    for (n, r) in replicas.iter().enumerate().skip(1) {
+        assert!(
+            matches!(r.take_permit("h/m", 2).await.unwrap(), SharedState::Open(d) if d > 200 * MS),
+            "replica {n}"
+        );
+        let open = r.open_breakers().await.unwrap();
+        assert_eq!(open.len(), 1, "replica {n}");
+        assert_eq!(open[0].0, "h/m");
+    }
+    tokio::time::sleep(320 * MS).await;
+    // Half-open: two probe permits among the four replicas.
+    let mut granted = 0;
+    for r in &replicas {
+        if r.take_permit("h/m", 2).await.unwrap() == SharedState::Granted {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 2, "probes across all replicas");
+}
+
+#[tokio::test]
+async fn a_node_killed_falls_back_in_process_without_failing_calls() {
+    let Some(mut cluster) = RedisCluster::start_or_skip("cluster node killed") else {
+        return;
+    };
+    // The default 20 ms response timeout: the fall-back is what this test is about.
+    let store = RedisStore::builder()
+        .replicas(4)
+        .connect_timeout(Duration::from_secs(2))
+        .build_cluster(cluster.client());
+    let [(ta, na), (tb, _)] = tenants_on_two_nodes(&cluster, &store);
+    let a = RedisBudget::builder(store.clone()).hash_tag(&ta).build();
+    let b = RedisBudget::builder(store.clone()).hash_tag(&tb).build();
+    let l = limits(|l| l.requests_per_minute = Some(60_000));
+    // Both answered by the cluster first.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = a.fallbacks() + b.fallbacks();
+        assert!(is_admitted(&ask(&a, &l, "k", 0).await));
+        assert!(is_admitted(&ask(&b, &l, "k", 0).await));
+        if a.fallbacks() + b.fallbacks() == before && !store.is_degraded() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cluster never answered");
+        tokio::time::sleep(600 * MS).await;
+    }
+
+    cluster.kill(na);
+    let mut slowest = Duration::ZERO;
+    let mut calls = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(1) {
+        for budget in [&a, &b] {
+            let t = Instant::now();
+            let d = ask(budget, &l, "k", 0).await;
+            slowest = slowest.max(t.elapsed());
+            assert!(is_admitted(&d), "call {calls}: {d:?}");
+            calls += 1;
+        }
+        tokio::time::sleep(10 * MS).await;
+    }
+    println!(
+        "node {na} killed: {calls} calls, 0 failed, slowest {slowest:?}, {} decided in-process",
+        a.fallbacks() + b.fallbacks()
+    );
+    assert!(slowest < NO_HANG, "a call waited {slowest:?}");
+    assert!(
+        a.fallbacks() > 0,
+        "tenant A's node is gone: decided in-process"
+    );
+
+    // The node back (same identity and slots): shared again, without a new store.
+    cluster.restart(na).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        tokio::time::sleep(100 * MS).await;
+        let before = a.fallbacks();
+        assert!(is_admitted(&ask(&a, &l, "k", 0).await));
+        if a.fallbacks() == before && !store.is_degraded() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted node not used again"
+        );
+    }
+}
+
+/// The median and 99th percentile of `times`.
+fn percentiles(mut times: Vec<Duration>) -> (Duration, Duration) {
+    times.sort();
+    (times[times.len() / 2], times[times.len() * 99 / 100])
+}
+
+#[tokio::test]
+async fn a_round_trip_to_the_cluster_costs_about_what_one_to_a_server_does() {
+    let Some(cluster) = RedisCluster::start_or_skip("cluster round trip") else {
+        return;
+    };
+    let Some(server) = RedisServer::start_or_skip("cluster round trip") else {
+        return;
+    };
+    let on_cluster = RedisCooldowns::strict(patient(&cluster));
+    let on_server = RedisCooldowns::strict(server.store());
+    // Connected and the script loaded on both.
+    on_cluster.remaining("h/m").await.unwrap();
+    on_server.remaining("h/m").await.unwrap();
+    // Interleaved, so that the machine's load falls on both alike.
+    let (mut cluster_times, mut server_times) = (Vec::new(), Vec::new());
+    for _ in 0..2_000 {
+        let t = Instant::now();
+        on_cluster.remaining("h/m").await.unwrap();
+        cluster_times.push(t.elapsed());
+        let t = Instant::now();
+        on_server.remaining("h/m").await.unwrap();
+        server_times.push(t.elapsed());
+    }
+    let (c50, c99) = percentiles(cluster_times);
+    let (s50, s99) = percentiles(server_times);
+    println!(
+        "a script's round trip (2,000 each, interleaved): cluster p50 {c50:?} p99 {c99:?}; \
+         one server p50 {s50:?} p99 {s99:?}"
+    );
+    // The cluster client routes in-process and keeps one connection per node: no extra
+    // round trip per call (one would double the median).
+    assert!(c50 < s50 * 2, "cluster p50 {c50:?} vs one server {s50:?}");
+}
