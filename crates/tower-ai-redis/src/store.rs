@@ -135,10 +135,13 @@ impl RedisStoreBuilder {
     /// even while the cluster is down. The store's response and connect timeouts apply to
     /// each node's connection; the client's own retries (redirections, reconnections) all
     /// happen within the store's response timeout, after which the call decides without
-    /// Redis as on one server. The outage breaker, the degraded flag and the heartbeat are
-    /// the store's, as on one server: while one node is down, the calls it would answer
-    /// are decided in-process, and so, for [`retry_after_outage`](Self::retry_after_outage)
-    /// after each such failure, are the calls of the other nodes' keys.
+    /// Redis as on one server.
+    ///
+    /// The store's breaker on Redis is kept per hash tag (in [`RedisStore::SHARDS`]
+    /// buckets): while one node is down, the calls of the tags it serves are decided
+    /// in-process without a round trip, and the calls of the other nodes' tags go on to
+    /// them. One warning is logged per tag's outage; [`RedisStore::is_degraded`] is `true`
+    /// while any is.
     #[cfg(feature = "cluster")]
     pub fn build_cluster(self, client: redis::cluster::ClusterClient) -> RedisStore {
         let config = redis::cluster::ClusterConfig::new()
@@ -149,14 +152,23 @@ impl RedisStoreBuilder {
 
     fn with_target(self, target: Target) -> RedisStore {
         let configured = self.replicas;
+        #[cfg(feature = "cluster")]
+        let shards = match target {
+            Target::Single { .. } => Box::default(),
+            Target::Cluster { .. } => (0..RedisStore::SHARDS)
+                .map(|_| Breaker::default())
+                .collect(),
+        };
         RedisStore {
             inner: Arc::new(Inner {
                 target,
                 conn: OnceLock::new(),
                 id: instance_id(),
                 epoch: Instant::now(),
-                down_until_ms: AtomicU64::new(0),
-                degraded: AtomicBool::new(false),
+                breaker: Breaker::default(),
+                #[cfg(feature = "cluster")]
+                shards,
+                degraded: AtomicU32::new(0),
                 answered: AtomicBool::new(false),
                 skipped: AtomicU64::new(0),
                 replicas: AtomicU32::new(configured.unwrap_or(1)),
@@ -176,7 +188,8 @@ impl RedisStoreBuilder {
 ///   Redis for [`retry_after_outage`](RedisStoreBuilder::retry_after_outage), so calls do not
 ///   each pay the timeout, then lets one call try again. [`is_degraded`](Self::is_degraded)
 ///   tells whether the last call failed; one warning is logged per outage and one note when
-///   Redis is back.
+///   Redis is back. On a cluster (feature `cluster`) this breaker is kept per hash tag, so a
+///   node down holds back only the calls of the tags it serves.
 /// - **Replicas:** [`replicas`](Self::replicas) is the number of replicas sharing the limits,
 ///   configured or counted by a heartbeat, used to divide a limit while Redis is down.
 #[derive(Clone)]
@@ -190,9 +203,14 @@ struct Inner {
     conn: OnceLock<Conn>,
     id: String,
     epoch: Instant,
-    /// Milliseconds since `epoch` before which Redis is skipped (0: not skipped).
-    down_until_ms: AtomicU64,
-    degraded: AtomicBool,
+    /// The breaker on Redis: of the whole store on one server; on a cluster, of the
+    /// commands without a key.
+    breaker: Breaker,
+    /// On a cluster: the breakers of the hash tags' buckets.
+    #[cfg(feature = "cluster")]
+    shards: Box<[Breaker]>,
+    /// How many breakers are in an outage.
+    degraded: AtomicU32,
     /// Redis has answered at least once (the first call gets the connect timeout).
     answered: AtomicBool,
     /// Calls answered `Unavailable` without a round trip.
@@ -267,14 +285,20 @@ impl RedisStore {
         Ok(Self::builder().build_cluster(client))
     }
 
+    /// On a cluster, the number of buckets the store's breaker on Redis is kept in, by hash
+    /// tag (see [`RedisStoreBuilder::build_cluster`]).
+    #[cfg(feature = "cluster")]
+    pub const SHARDS: usize = 64;
+
     /// The retries of [`cluster`](Self::cluster)'s client: enough to follow a redirection
     /// (`MOVED`, `ASK`) after the cluster moved a slot, and to reconnect once.
     #[cfg(feature = "cluster")]
     pub const CLUSTER_RETRIES: u32 = 2;
 
-    /// `true` while Redis is unreachable (the last call failed, or is being skipped).
+    /// `true` while Redis is unreachable (the last call failed, or is being skipped); on a
+    /// cluster, while the node of any hash tag is.
     pub fn is_degraded(&self) -> bool {
-        self.inner.degraded.load(Ordering::Relaxed)
+        self.inner.degraded.load(Ordering::Relaxed) != 0
     }
 
     /// The number of replicas sharing the limits: configured, or the last count of the
@@ -337,15 +361,34 @@ impl RedisStore {
             arg.push_to(&mut invocation);
         }
         let mut conn = self.connection()?;
-        self.guarded(async move { invocation.invoke_async::<T>(&mut conn).await })
-            .await
+        let breaker = self.breaker_of(keys.first().copied());
+        self.guarded(breaker, async move {
+            invocation.invoke_async::<T>(&mut conn).await
+        })
+        .await
     }
 
     /// Runs one command within the response timeout and through the store's breaker.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
         let mut conn = self.connection()?;
-        self.guarded(async move { cmd.query_async::<T>(&mut conn).await })
-            .await
+        self.guarded((&self.inner.breaker, None), async move {
+            cmd.query_async::<T>(&mut conn).await
+        })
+        .await
+    }
+
+    /// The breaker of a call whose first key is `key`, with the key's hash tag on a
+    /// cluster (one breaker for the whole store on one server).
+    fn breaker_of<'a>(&'a self, key: Option<&'a str>) -> (&'a Breaker, Option<&'a str>) {
+        #[cfg(feature = "cluster")]
+        if !self.inner.shards.is_empty() {
+            if let Some(tag) = key.and_then(hash_tag) {
+                let shards = &self.inner.shards;
+                return (&shards[bucket(tag, shards.len())], Some(tag));
+            }
+        }
+        let _ = key;
+        (&self.inner.breaker, None)
     }
 
     fn connection(&self) -> Result<Conn, StoreError> {
@@ -360,12 +403,13 @@ impl RedisStore {
 
     async fn guarded<T>(
         &self,
+        (breaker, tag): (&Breaker, Option<&str>),
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
         self.start_heartbeat();
         let inner = &self.inner;
         let now = self.now_ms();
-        let until = inner.down_until_ms.load(Ordering::Acquire);
+        let until = breaker.down_until_ms.load(Ordering::Acquire);
         if now < until {
             inner.skipped.fetch_add(1, Ordering::Relaxed);
             return Err(StoreError::Unavailable {
@@ -376,7 +420,7 @@ impl RedisStore {
             // Redis was down: one call tries it again, the others keep skipping it until this
             // one has an answer (or its timeout has passed).
             let probe_until = now + inner.config.response_timeout.as_millis() as u64 + 1;
-            if inner
+            if breaker
                 .down_until_ms
                 .compare_exchange(until, probe_until, Ordering::AcqRel, Ordering::Acquire)
                 .is_err()
@@ -404,35 +448,44 @@ impl RedisStore {
             Ok(Err(e)) => Err(StoreError::Script(e.to_string())),
         };
         match &result {
-            Err(e) if e.is_outage() => self.mark_down(e),
-            _ => self.mark_up(),
+            Err(e) if e.is_outage() => self.mark_down(breaker, tag, e),
+            _ => self.mark_up(breaker, tag),
         }
         result
     }
 
-    fn mark_down(&self, error: &StoreError) {
+    fn mark_down(&self, breaker: &Breaker, tag: Option<&str>, error: &StoreError) {
         let inner = &self.inner;
         let until = self.now_ms() + inner.config.retry_after_outage.as_millis() as u64;
-        inner.down_until_ms.store(until.max(1), Ordering::Release);
-        if !inner.degraded.swap(true, Ordering::AcqRel) {
+        breaker.down_until_ms.store(until.max(1), Ordering::Release);
+        if !breaker.degraded.swap(true, Ordering::AcqRel) {
+            inner.degraded.fetch_add(1, Ordering::AcqRel);
             tracing::warn!(
                 target: "tower_ai::redis",
                 error = %error,
+                hash_tag = tag,
                 "redis unreachable: limits are decided in-process until it is back"
             );
         }
     }
 
-    fn mark_up(&self) {
+    fn mark_up(&self, breaker: &Breaker, tag: Option<&str>) {
         let inner = &self.inner;
         if !inner.answered.load(Ordering::Relaxed) {
             inner.answered.store(true, Ordering::Relaxed);
         }
-        if inner.down_until_ms.load(Ordering::Relaxed) != 0 {
-            inner.down_until_ms.store(0, Ordering::Release);
+        if breaker.down_until_ms.load(Ordering::Relaxed) != 0 {
+            breaker.down_until_ms.store(0, Ordering::Release);
         }
-        if inner.degraded.swap(false, Ordering::AcqRel) {
-            tracing::info!(target: "tower_ai::redis", "redis reachable again: limits shared");
+        if breaker.degraded.load(Ordering::Relaxed)
+            && breaker.degraded.swap(false, Ordering::AcqRel)
+        {
+            inner.degraded.fetch_sub(1, Ordering::AcqRel);
+            tracing::info!(
+                target: "tower_ai::redis",
+                hash_tag = tag,
+                "redis reachable again: limits shared"
+            );
         }
     }
 
@@ -465,6 +518,36 @@ impl RedisStore {
                 }
             });
     }
+}
+
+/// A breaker on Redis: after a failure, calls skip Redis until `down_until_ms`, then one
+/// tries it again.
+#[derive(Default)]
+struct Breaker {
+    /// Milliseconds since the store's epoch before which Redis is skipped (0: not
+    /// skipped).
+    down_until_ms: AtomicU64,
+    /// In an outage (counted in the store's `degraded`).
+    degraded: AtomicBool,
+}
+
+/// The hash tag of `key`, as Redis Cluster reads it: what is between the first `{` and
+/// the first `}` after it, when that is not empty.
+#[cfg(feature = "cluster")]
+fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')? + 1;
+    let len = key[open..].find('}')?;
+    (len > 0).then(|| &key[open..open + len])
+}
+
+/// The bucket of `tag` among `n` (FNV-1a: a few instructions a byte; tags are short).
+#[cfg(feature = "cluster")]
+fn bucket(tag: &str, n: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in tag.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % n as u64) as usize
 }
 
 /// What a store connects to: one server, or a cluster.
@@ -643,6 +726,9 @@ mod tests {
                 );
                 for k in &keys {
                     assert_eq!(hashed(k), first, "{prefix:?} {tag:?}: {k} vs {}", keys[0]);
+                    // The store's breaker on a cluster reads the tag the same way.
+                    #[cfg(feature = "cluster")]
+                    assert_eq!(hash_tag(k), Some(first));
                 }
             }
         }
