@@ -404,3 +404,134 @@ async fn a_round_trip_to_the_cluster_costs_about_what_one_to_a_server_does() {
     // round trip per call (one would double the median).
     assert!(c50 < s50 * 2, "cluster p50 {c50:?} vs one server {s50:?}");
 }
+
+#[tokio::test]
+async fn script_flush_on_every_node_reloads_the_scripts() {
+    let Some(cluster) = RedisCluster::start_or_skip("cluster script flush") else {
+        return;
+    };
+    let store = patient(&cluster);
+    let [(ta, _), (tb, _)] = tenants_on_two_nodes(&cluster, &store);
+    let budgets = [ta, tb].map(|tag| RedisBudget::builder(store.clone()).hash_tag(tag).build());
+    let l = limits(|l| l.requests_per_minute = Some(60_000));
+    for b in &budgets {
+        assert!(is_admitted(&ask(b, &l, "k", 0).await));
+    }
+    for i in 0..3 {
+        cluster.node(i).script_flush().await.unwrap();
+        assert!(!admit_loaded(&cluster, i).await);
+    }
+    for b in &budgets {
+        let before = b.round_trips();
+        assert!(is_admitted(&ask(b, &l, "k", 0).await));
+        assert_eq!(b.round_trips(), before + 1);
+        assert_eq!(b.fallbacks(), 0, "answered by Redis after the flush");
+    }
+    for i in 0..3 {
+        assert!(admit_loaded(&cluster, i).await, "node {i}: loaded again");
+    }
+    assert!(!store.is_degraded());
+}
+
+/// redis-rs loads a script on every primary after a `NOSCRIPT`: with one of them down, the
+/// others still get it.
+#[tokio::test]
+async fn a_flushed_node_gets_its_scripts_again_while_another_node_is_down() {
+    let Some(mut cluster) = RedisCluster::start_or_skip("cluster script flush, node down") else {
+        return;
+    };
+    let store = patient(&cluster);
+    let [(ta, na), (tb, nb)] = tenants_on_two_nodes(&cluster, &store);
+    let budgets = [ta, tb].map(|tag| RedisBudget::builder(store.clone()).hash_tag(tag).build());
+    let l = limits(|l| l.requests_per_minute = Some(60_000));
+    for b in &budgets {
+        assert!(is_admitted(&ask(b, &l, "k", 0).await));
+    }
+    cluster.kill(na);
+    cluster.node(nb).script_flush().await.unwrap();
+    assert!(!admit_loaded(&cluster, nb).await);
+    let b = &budgets[1];
+    let before = (b.round_trips(), b.fallbacks());
+    for _ in 0..3 {
+        assert!(is_admitted(&ask(b, &l, "k", 0).await));
+    }
+    assert_eq!(
+        (b.round_trips(), b.fallbacks()),
+        (before.0 + 3, before.1),
+        "tenant B answered by its node"
+    );
+    assert!(admit_loaded(&cluster, nb).await, "loaded again");
+}
+
+/// Whether node `node` has the budget's admission script (`SCRIPT EXISTS`).
+async fn admit_loaded(cluster: &RedisCluster, node: usize) -> bool {
+    let sha = redis::Script::new(include_str!("../src/scripts/budget_admit.lua"))
+        .get_hash()
+        .to_owned();
+    let mut conn = cluster
+        .node(node)
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let exists: Vec<u8> = redis::cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg(sha)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    exists == [1]
+}
+
+#[tokio::test]
+async fn a_paused_node_falls_back_for_its_tags_instead_of_hanging() {
+    let Some(cluster) = RedisCluster::start_or_skip("cluster client pause") else {
+        return;
+    };
+    // The default 20 ms response timeout: the fall-back is what this test is about.
+    let store = RedisStore::builder()
+        .replicas(4)
+        .connect_timeout(Duration::from_secs(2))
+        .build_cluster(cluster.client());
+    let [(ta, na), (tb, _)] = tenants_on_two_nodes(&cluster, &store);
+    let a = RedisBudget::builder(store.clone()).hash_tag(&ta).build();
+    let b = RedisBudget::builder(store.clone()).hash_tag(&tb).build();
+    let l = limits(|l| l.requests_per_minute = Some(60_000));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = a.fallbacks() + b.fallbacks();
+        assert!(is_admitted(&ask(&a, &l, "k", 0).await));
+        assert!(is_admitted(&ask(&b, &l, "k", 0).await));
+        if a.fallbacks() + b.fallbacks() == before && !store.is_degraded() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cluster never answered");
+        tokio::time::sleep(600 * MS).await;
+    }
+    cluster
+        .node(na)
+        .pause_clients(Duration::from_secs(2))
+        .await
+        .unwrap();
+    let (a_before, b_before) = (a.fallbacks(), b.fallbacks());
+    let mut slowest = Duration::ZERO;
+    let start = Instant::now();
+    let mut calls = 0;
+    while start.elapsed() < Duration::from_secs(1) {
+        for budget in [&a, &b] {
+            let t = Instant::now();
+            assert!(is_admitted(&ask(budget, &l, "k", 0).await));
+            slowest = slowest.max(t.elapsed());
+            calls += 1;
+        }
+        tokio::time::sleep(10 * MS).await;
+    }
+    let (a_local, b_local) = (a.fallbacks() - a_before, b.fallbacks() - b_before);
+    println!(
+        "node {na} paused: {calls} calls, slowest {slowest:?}; in-process: {a_local} of tenant \
+         A's, {b_local} of tenant B's"
+    );
+    assert!(slowest < NO_HANG, "a call waited {slowest:?}");
+    assert!(a_local > 0);
+    assert!(b_local * 4 < calls / 2, "{b_local} of B's {}", calls / 2);
+}
