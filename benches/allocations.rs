@@ -117,6 +117,10 @@ fn main() {
     println!("|---|---:|---:|");
     let sizes = [
         ("bare service", sizes(&Bare)),
+        ("Classify alone", sizes(&classify())),
+        ("StallDetector alone", sizes(&stall_detector())),
+        ("RetryAfterAware alone", sizes(&retry_after())),
+        ("CircuitBreaker alone", sizes(&circuit_breaker())),
         ("AiRetry alone", sizes(&ai_retry())),
         ("ModelFallback alone (2 routes)", sizes(&model_fallback())),
         ("TokenBudget alone", sizes(&token_budget())),

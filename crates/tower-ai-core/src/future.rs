@@ -31,14 +31,22 @@ pin_project! {
     #[project = StateProj]
     enum State<F, B> {
         Calling { #[pin] fut: F },
-        Reading {
-            parts: Option<Parts>,
-            body: Option<Pin<Box<B>>>,
-            buf: BytesMut,
-            #[pin]
-            deadline: Sleep,
-        },
+        // Boxed: only error responses get here, and a response head, a buffer and a
+        // timer inline would make every call's future several hundred bytes larger.
+        Reading { reading: Pin<Box<Reading<B>>> },
         Done,
+    }
+}
+
+pin_project! {
+    /// What the future holds while it reads an error body.
+    #[project = ReadingProj]
+    struct Reading<B> {
+        parts: Option<Parts>,
+        body: Option<Pin<Box<B>>>,
+        buf: BytesMut,
+        #[pin]
+        deadline: Sleep,
     }
 }
 
@@ -88,18 +96,21 @@ where
                     }
                     let (parts, body) = res.into_parts();
                     this.state.set(State::Reading {
-                        parts: Some(parts),
-                        body: Some(Box::pin(body)),
-                        buf: BytesMut::new(),
-                        deadline: tokio::time::sleep(this.config.error_body_timeout),
+                        reading: Box::pin(Reading {
+                            parts: Some(parts),
+                            body: Some(Box::pin(body)),
+                            buf: BytesMut::new(),
+                            deadline: tokio::time::sleep(this.config.error_body_timeout),
+                        }),
                     });
                 }
-                StateProj::Reading {
-                    parts,
-                    body,
-                    buf,
-                    deadline,
-                } => {
+                StateProj::Reading { reading } => {
+                    let ReadingProj {
+                        parts,
+                        body,
+                        buf,
+                        mut deadline,
+                    } = reading.as_mut().project();
                     let max = this.config.max_error_body;
                     let mut tail = None;
                     let mut trailers: Option<HeaderMap> = None;
@@ -132,7 +143,7 @@ where
                                 break;
                             }
                             Poll::Pending => {
-                                if deadline.poll(cx).is_pending() {
+                                if deadline.as_mut().poll(cx).is_pending() {
                                     return Poll::Pending;
                                 }
                                 // Too slow: classify what arrived, hand on the rest.

@@ -37,8 +37,9 @@ pin_project! {
         #[pin]
         state: State<F, B>,
         // Created the first time the call makes us wait, then reset from phase to phase.
-        #[pin]
-        sleep: Option<Sleep>,
+        // Boxed: an answer ready at once never makes one, and inline it would make every
+        // call's future (and every future above it) larger by a timer's size.
+        sleep: Option<Pin<Box<Sleep>>>,
         config: StallConfig,
         route: Route,
         // Taken the first time the call makes us wait (no clock read otherwise).
@@ -116,19 +117,12 @@ fn is_json_answer<B>(res: &Response<B>) -> bool {
 
 /// Polls the one timer of the future at `at`, creating it the first time it is needed
 /// (a response that is ready at once never creates one).
-fn poll_sleep(mut sleep: Pin<&mut Option<Sleep>>, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
-    match sleep.as_mut().as_pin_mut() {
-        Some(s) => {
-            if s.deadline() != at {
-                s.reset(at);
-            }
-        }
-        None => sleep.set(Some(tokio::time::sleep_until(at))),
+fn poll_sleep(sleep: &mut Option<Pin<Box<Sleep>>>, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+    let s = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+    if s.deadline() != at {
+        s.as_mut().reset(at);
     }
-    match sleep.as_pin_mut() {
-        Some(s) => s.poll(cx),
-        None => Poll::Pending,
-    }
+    s.as_mut().poll(cx)
 }
 
 impl<F, B, E> Future for ResponseFuture<F, B>
@@ -204,7 +198,7 @@ where
                     ) else {
                         return Poll::Pending;
                     };
-                    ready!(poll_sleep(this.sleep.as_mut(), at, cx));
+                    ready!(poll_sleep(this.sleep, at, cx));
                     this.state.set(State::Done);
                     tracing::warn!(
                         gen_ai.system = this.route.system.as_str(),
@@ -266,7 +260,7 @@ where
                             let Some(at) = t.deadline() else {
                                 return Poll::Pending;
                             };
-                            ready!(poll_sleep(this.sleep.as_mut(), at, cx));
+                            ready!(poll_sleep(this.sleep, at, cx));
                             match t.check(Instant::now()) {
                                 Check::Wait(_) => continue,
                                 Check::Disarmed => return Poll::Pending,
