@@ -42,6 +42,27 @@
 //! `OPENAI_BASE_URL` and `OPENAI_API_KEY` for another upstream (`http://` only: this example
 //! is built without TLS; add a TLS connector such as `hyper-rustls` for a public provider).
 //!
+//! **Several replicas** (opt-in): with `TOWER_AI_REDIS_URL` set (e.g.
+//! `redis://127.0.0.1:6379/`), the upstream TokenBudget, RetryAfterAware and CircuitBreaker
+//! and the per-client budgets keep their state in Redis (`tower-ai-redis`), so replicas of
+//! the gateway behind a load balancer share one account limit, one cooldown per model, one
+//! breaker per model, and one budget per client key, instead of each holding its own.
+//! Every replica must then be given the same `TOWER_AI_KEY_SEED` (a secret, 16 hex digits:
+//! `openssl rand -hex 8`): client budgets are keyed by a seeded hash of the client's key, and
+//! replicas seeded alike name a client alike. More settings, all optional:
+//! `TOWER_AI_REDIS_MODE` (`strict`, the default: a round trip to admit and one to settle;
+//! `leased`: each replica takes 5% chunks of the account's limits and reads the cooldowns
+//! every 500 ms), `TOWER_AI_REDIS_TIMEOUT_MS` (how long an admission waits for Redis before
+//! deciding in-process at the limit ÷ replicas; default 20). The account's limits:
+//! `GATEWAY_UPSTREAM_RPM` and `GATEWAY_UPSTREAM_TPM` (default 1,000 and 1,000,000),
+//! `GATEWAY_UPSTREAM_BURST` (`requests,tokens` beyond the steady pace; Redis mode, default a
+//! sixtieth of each limit) and `GATEWAY_UPSTREAM_MINUTE_MS` (the length of the limits'
+//! "minute" in Redis mode, for tests; default 60,000); each client key's:
+//! `GATEWAY_CLIENT_RPM` and `GATEWAY_CLIENT_CONCURRENT` (default 300 and 4).
+//! `cargo run --example replicas -- --gateways target/debug/examples/axum_gateway` (or
+//! `.ci/replicas-test.sh`) runs four replicas of this gateway against one simulated
+//! account, with and without Redis.
+//!
 //! Run with:
 //!
 //! ```text
@@ -80,20 +101,29 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::{json, Value};
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_ai::circuit_breaker::{CircuitBreakerHandle, CircuitState};
+use tower_ai::circuit_breaker::{CircuitBreakerHandle, CircuitBreakerLayer, CircuitState};
 use tower_ai::core::check_model;
-use tower_ai::core::keys::ApiKeyHash;
+use tower_ai::core::keys::{self, ApiKeyHash, Global};
 use tower_ai::core::meter::WAIT_BUCKETS;
 use tower_ai::fallback::{FallbackChain, Route, Served};
 use tower_ai::prelude::*;
+use tower_ai::redis::{RedisBreakers, RedisBudget, RedisCooldowns, RedisStore};
 use tower_ai::retry_after::RetryAfterAwareLayer;
 use tower_ai::sim::{Fault, Latency, ModelSpec, Scenario, Simulator, StreamFault};
 use tower_ai::{ErrorDialect, ErrorReply};
 
-/// Requests per minute each client API key may send through the gateway.
+/// Requests per minute each client API key may send through the gateway
+/// (`GATEWAY_CLIENT_RPM`).
 const CLIENT_RPM: u64 = 300;
-/// Requests (streams included, until they end) each client API key may have in flight.
+/// Requests (streams included, until they end) each client API key may have in flight
+/// (`GATEWAY_CLIENT_CONCURRENT`).
 const CLIENT_CONCURRENT: u32 = 4;
+/// Tokens per minute each client API key may use.
+const CLIENT_TPM: u64 = 200_000;
+/// The upstream account's requests and tokens per minute (`GATEWAY_UPSTREAM_RPM`,
+/// `GATEWAY_UPSTREAM_TPM`).
+const UPSTREAM_RPM: u64 = 1_000;
+const UPSTREAM_TPM: u64 = 1_000_000;
 /// How long an idle upstream connection is kept in the pool.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(90);
 /// The demo client keys, when none are configured.
@@ -161,6 +191,98 @@ impl ClientKeys {
     }
 }
 
+/// The gateway's limits and where their state lives, from the environment (see the header).
+struct Config {
+    upstream_rpm: u64,
+    upstream_tpm: u64,
+    client_rpm: u64,
+    client_concurrent: u32,
+    /// `Some` in Redis mode.
+    shared: Option<Shared>,
+}
+
+/// Redis mode: the store every replica's layers share, and how.
+struct Shared {
+    store: RedisStore,
+    leased: bool,
+    minute: Duration,
+    burst: Option<(u64, u64)>,
+}
+
+/// `name` as a number, or `default` when it is not set.
+fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Result<T, BoxError> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| format!("{name}: not a number: {v:?}").into()),
+        Err(_) => Ok(default),
+    }
+}
+
+impl Config {
+    /// Reads the settings; in Redis mode also seeds this process's keys, before any key is
+    /// made (so call it first).
+    fn from_env() -> Result<Self, BoxError> {
+        let shared = match std::env::var("TOWER_AI_REDIS_URL") {
+            Err(_) => None,
+            Ok(url) => {
+                // Client budgets are keyed by a seeded hash of the client's API key: the
+                // replicas must hash alike to share them.
+                let seed = std::env::var("TOWER_AI_KEY_SEED").map_err(|_| {
+                    "TOWER_AI_REDIS_URL needs TOWER_AI_KEY_SEED, the same secret on every replica (16 hex digits: openssl rand -hex 8)"
+                })?;
+                let seed = u64::from_str_radix(seed.trim(), 16)
+                    .map_err(|_| "TOWER_AI_KEY_SEED: 16 hex digits (openssl rand -hex 8)")?;
+                keys::set_seed(seed).map_err(|e| format!("TOWER_AI_KEY_SEED: {e}"))?;
+                let leased = match std::env::var("TOWER_AI_REDIS_MODE").as_deref() {
+                    Err(_) | Ok("strict") => false,
+                    Ok("leased") => true,
+                    Ok(other) => {
+                        return Err(
+                            format!("TOWER_AI_REDIS_MODE: strict or leased, not {other:?}").into(),
+                        )
+                    }
+                };
+                let timeout = env_num(
+                    "TOWER_AI_REDIS_TIMEOUT_MS",
+                    RedisStore::DEFAULT_RESPONSE_TIMEOUT.as_millis() as u64,
+                )?;
+                // No I/O yet: the connection is made on first use, and the gateway starts
+                // (deciding in-process) while Redis is down. The URL is not logged: it may
+                // hold a password.
+                let client = ::redis::Client::open(url.as_str())
+                    .map_err(|e| format!("TOWER_AI_REDIS_URL: not a Redis URL ({:?})", e.kind()))?;
+                let store = RedisStore::builder()
+                    .response_timeout(Duration::from_millis(timeout))
+                    .build(client);
+                let burst = match std::env::var("GATEWAY_UPSTREAM_BURST") {
+                    Err(_) => None,
+                    Ok(v) => {
+                        let parsed = v.split_once(',').and_then(|(r, t)| {
+                            Some((r.trim().parse().ok()?, t.trim().parse().ok()?))
+                        });
+                        Some(parsed.ok_or("GATEWAY_UPSTREAM_BURST: requests,tokens")?)
+                    }
+                };
+                Some(Shared {
+                    store,
+                    leased,
+                    minute: Duration::from_millis(env_num("GATEWAY_UPSTREAM_MINUTE_MS", 60_000)?),
+                    burst,
+                })
+            }
+        };
+        Ok(Config {
+            upstream_rpm: env_num("GATEWAY_UPSTREAM_RPM", UPSTREAM_RPM)?.max(1),
+            upstream_tpm: env_num("GATEWAY_UPSTREAM_TPM", UPSTREAM_TPM)?.max(1),
+            client_rpm: env_num("GATEWAY_CLIENT_RPM", CLIENT_RPM)?.max(1),
+            client_concurrent: env_num("GATEWAY_CLIENT_CONCURRENT", CLIENT_CONCURRENT)?.max(1),
+            shared,
+        })
+    }
+}
+
 /// The token of an `Authorization: Bearer <token>` header; the scheme is matched without
 /// regard to case (RFC 9110 §11.1).
 fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
@@ -176,6 +298,7 @@ fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
 fn upstream_stack(
     client: Client<HttpConnector, AiBody>,
     stall_idle: Option<Duration>,
+    config: &Config,
 ) -> Result<(Gateway, Health), BoxError> {
     let chain = FallbackChain::builder()
         .route(Route::primary("primary"))
@@ -189,11 +312,58 @@ fn upstream_stack(
     // would key its cooldowns per tenant instead:
     // `.retry_after(RetryAfterAwareLayer::new().key_fn(ApiKeyHostModel))`.
     // The gate's state is shared by its clones: one goes into the stack, one to /health.
-    let cooldowns = RetryAfterAwareLayer::new();
+    // In Redis mode, the cooldowns and the breakers' state are every replica's: a 429 or an
+    // open circuit met by one replica holds the others too.
+    let (cooldowns, breaker) = match &config.shared {
+        None => (RetryAfterAwareLayer::new(), CircuitBreakerLayer::new()),
+        Some(shared) => {
+            let cooldowns = if shared.leased {
+                RedisCooldowns::leased(shared.store.clone())
+            } else {
+                RedisCooldowns::strict(shared.store.clone())
+            };
+            (
+                RetryAfterAwareLayer::builder().store(cooldowns).build()?,
+                CircuitBreakerLayer::builder()
+                    .store(RedisBreakers::new(shared.store.clone()))
+                    .build()?,
+            )
+        }
+    };
+    // The gateway's provider account: stay inside its limits. One budget for the account
+    // (`Global`), not one per model (`HostModel`): the fallback route's gpt-4o-mini goes
+    // out on the same account, so a request the primary route could not afford must not
+    // find a fresh budget on the fallback's model. (A provider whose limits are per model,
+    // as OpenAI's are, would rather key by `HostModel` with each model's own limit.) In
+    // Redis mode the key is `global` under the hash tag `upstream`: one limit for every
+    // replica.
+    let budget = TokenBudgetLayer::builder()
+        .key_fn(Global)
+        .requests_per_minute(config.upstream_rpm)
+        .tokens_per_minute(config.upstream_tpm);
+    let budget = match &config.shared {
+        None => budget.build()?,
+        Some(shared) => {
+            let mut store = RedisBudget::builder(shared.store.clone())
+                .hash_tag("upstream")
+                .minute(shared.minute);
+            if let Some((requests, tokens)) = shared.burst {
+                store = store.burst(requests, tokens);
+            }
+            if shared.leased {
+                store = store.leased(0.05);
+            }
+            // Refused at once, with a retry-after the client's SDK waits for, rather than
+            // held: a replica's waiting queue is its own (there is no queue across
+            // replicas), and its waiters would each ask Redis again at the time it gives,
+            // all together. Without Redis the budget queues, first come first served.
+            budget.reject().store(store.build()).build()?
+        }
+    };
     let mut stack = AiStack::new()
+        .circuit_breaker(breaker)
         .retry_after(cooldowns.clone())
-        // The gateway's provider account: stay inside its limits.
-        .budget(TokenBudgetLayer::new(1_000, 1_000_000))
+        .budget(budget)
         .fallback(ModelFallbackLayer::new(chain));
     if let Some(idle) = stall_idle {
         stack = stack.stall(StallDetectorLayer::builder().idle(idle).build()?);
@@ -216,15 +386,33 @@ fn gateway(
     upstream_key: &str,
     client: Client<HttpConnector, AiBody>,
     stall_idle: Option<Duration>,
+    config: &Config,
 ) -> Result<(Gateway, Health), BoxError> {
+    // Answer 429 at once: the client's SDK knows how to wait.
     let per_client = TokenBudgetLayer::builder()
         .key_fn(ApiKeyHash)
-        .requests_per_minute(CLIENT_RPM)
-        .max_concurrent(CLIENT_CONCURRENT)
-        .tokens_per_minute(200_000)
-        .reject() // answer 429 at once; the client's SDK knows how to wait
-        .build()?;
-    let (upstream, health) = upstream_stack(client, stall_idle)?;
+        .requests_per_minute(config.client_rpm)
+        .max_concurrent(config.client_concurrent)
+        .tokens_per_minute(CLIENT_TPM)
+        .reject();
+    // In Redis mode a client's budget is shared by every replica (its key's label is the
+    // same on each, seeded alike), under its own hash tag: its limits are not the account's.
+    // Decided strictly: a budget with a concurrency limit is, in either mode. Its burst is
+    // a whole minute's limits, as the in-process budget allows at once (Redis's default, a
+    // sixtieth, would pace a client's few concurrent requests: each reserves its
+    // `max_tokens`, 1,024 when it names none).
+    let per_client = match &config.shared {
+        None => per_client.build()?,
+        Some(shared) => per_client
+            .store(
+                RedisBudget::builder(shared.store.clone())
+                    .hash_tag("clients")
+                    .burst(config.client_rpm, CLIENT_TPM)
+                    .build(),
+            )
+            .build()?,
+    };
+    let (upstream, health) = upstream_stack(client, stall_idle, config)?;
     let uri: Uri = format!("{upstream_base}/chat/completions").parse()?;
     let auth = HeaderValue::from_str(&format!("Bearer {upstream_key}"))?;
     let svc = ServiceBuilder::new()
@@ -528,6 +716,8 @@ async fn main() -> Result<(), BoxError> {
         .with_max_level(tracing::Level::WARN)
         .with_writer(std::io::stderr)
         .init();
+    // First: in Redis mode it seeds the keys, which must happen before any key is made.
+    let config = Config::from_env()?;
 
     // The upstream: a simulated provider on loopback, unless a real one is configured.
     let (upstream, upstream_key, _sim_server) = match std::env::var("OPENAI_BASE_URL") {
@@ -559,7 +749,13 @@ async fn main() -> Result<(), BoxError> {
         .pool_timer(TokioTimer::new())
         .build_http::<AiBody>();
     let prometheus = install_metrics()?;
-    let (gateway, health_state) = gateway(&upstream, &upstream_key, client.clone(), stall_idle)?;
+    let (gateway, health_state) = gateway(
+        &upstream,
+        &upstream_key,
+        client.clone(),
+        stall_idle,
+        &config,
+    )?;
     let ops = Router::new()
         .route("/metrics", get(metrics))
         .with_state((prometheus, health_state.cooldowns.clone()));
