@@ -43,7 +43,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full};
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 use tower_ai_redis::testing::RedisServer;
@@ -227,6 +227,10 @@ struct Report {
     per_window: Vec<u64>,
     /// Why requests failed (a status, or what went wrong), and how many.
     failures: std::collections::BTreeMap<String, u64>,
+    /// Tokens the gateways' budgets settled (each answer's usage counted by the client's
+    /// budget and the account's), and tokens the provider counted for its answers.
+    settled_tokens: u64,
+    provider_tokens: u64,
     /// Times a gateway found Redis slower than its response timeout and decided in-process
     /// (at the limit ÷ 4) until it answered again.
     redis_outages: u64,
@@ -241,6 +245,37 @@ struct Outcomes {
     failed: u64,
     slowest: Duration,
     failures: std::collections::BTreeMap<String, u64>,
+}
+
+/// The tokens the gateways' budgets settled so far, from their /metrics (the series of
+/// both budgets of a gateway, the client's and the account's: each settles every answer's
+/// usage).
+async fn settled(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    gateways: &[Gateway],
+) -> Result<u64, String> {
+    let mut total = 0;
+    for g in gateways {
+        let url = format!("{}/metrics", g.base.trim_end_matches("/v1"));
+        let req = Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let text = match tokio::time::timeout(HANG, client.request(req)).await {
+            Ok(Ok(res)) => res
+                .into_body()
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .map_err(|e| e.to_string())?,
+            _ => return Err(format!("no /metrics from {}", g.base)),
+        };
+        total += text
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"tower_ai_budget_tokens_total{stage="settled"} "#))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
 }
 
 /// A chat request to `url` from the client with `key`.
@@ -381,6 +416,7 @@ async fn run(
         tokio::time::sleep(to_next_window(server, shared_window()).await).await;
     }
     sim.clear_calls();
+    let settled_before = settled(&client, &gateways).await?;
     // The simulator's window the load starts in (it started on a boundary of Redis's clock,
     // the load starts on a later one).
     let w_us = window.as_micros().max(1);
@@ -447,6 +483,9 @@ async fn run(
         });
     }
     while tasks.join_next().await.is_some() {}
+    let settled_tokens = settled(&client, &gateways)
+        .await?
+        .saturating_sub(settled_before);
     drop(gateways);
     sim_server.shutdown_with_grace(Duration::from_secs(1)).await;
 
@@ -488,6 +527,8 @@ async fn run(
         per_window: per_window.values().copied().collect(),
         failures,
         redis_outages: outages.load(Ordering::Relaxed),
+        settled_tokens,
+        provider_tokens: stats.prompt_tokens + stats.completion_tokens,
     })
 }
 
@@ -528,6 +569,14 @@ fn check(sharing: Sharing, load: f64, r: &Report) -> (Vec<String>, Vec<String>) 
         format!(
             "{} + {} + {} answered of {}",
             r.ok, r.refused, r.late, r.offered
+        ),
+    );
+    // Every token the provider counted was settled by both budgets of a gateway.
+    want(
+        r.settled_tokens == 2 * r.provider_tokens,
+        format!(
+            "{} tokens settled by the gateways' two budgets, the provider counted {}",
+            r.settled_tokens, r.provider_tokens
         ),
     );
     want(
@@ -596,11 +645,11 @@ fn check(sharing: Sharing, load: f64, r: &Report) -> (Vec<String>, Vec<String>) 
 
 fn table(reports: &[Report]) -> String {
     let mut out = String::from(
-        "| 4 gateway processes share | offered | answered 200 | 429 | 504 | failed | provider calls | provider 429s | most in one window (limit) | per window | goodput | slowest answer | Redis timeouts |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| 4 gateway processes share | offered | answered 200 | 429 | 504 | failed | provider calls | provider 429s | most in one window (limit) | per window | goodput | tokens settled ÷ 2 / provider's | slowest answer | Redis timeouts |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in reports {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {:.1}% | {:.0} ms | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {:.1}% | {} / {} | {:.0} ms | {} |\n",
             r.name,
             r.offered,
             r.ok,
@@ -617,6 +666,8 @@ fn table(reports: &[Report]) -> String {
                 .collect::<Vec<_>>()
                 .join(", "),
             100.0 * r.goodput,
+            r.settled_tokens / 2,
+            r.provider_tokens,
             r.slowest.as_secs_f64() * 1e3,
             r.redis_outages,
         ));
