@@ -19,7 +19,7 @@ use crate::config::{CircuitBreakerConfig, Window};
 use crate::event::{CircuitEvent, CircuitState, Emitter, TransitionReason};
 use crate::registry::Lane;
 use crate::store::{BreakerSink, SharedState};
-use crate::window::{stripe_count, Bad, Calls, Stats};
+use crate::window::{Bad, Ring, Stats, StripeCalls};
 
 const CLOSED: u64 = 0;
 const OPEN: u64 = 1;
@@ -107,30 +107,117 @@ impl Metrics {
     }
 }
 
+/// What a breaker keeps under its lock. Idle and closed with no bad call in its window,
+/// a key holds only this struct's three words: its lanes and the rest are made when
+/// needed and let go when no longer.
 #[derive(Debug)]
 struct Inner {
-    /// The lanes of the thread stripes that called this key, one per stripe, made on the
-    /// stripe's first call ([`Core::lane`]): a count window's calls are their counters.
-    /// Each is also owned while the key is in its registry ([`Core::detach`] lets go of
-    /// them, a lane owning its breaker).
-    lanes: Vec<(Weak<Lane>, Option<Arc<Lane>>)>,
+    /// The lanes of the thread stripes calling this key, at most one per stripe
+    /// ([`Core::lane`]); `None` (no allocation) once every lane was let go.
+    /// Boxed: one word in every key's breaker, where a `Vec` would take three.
+    #[allow(clippy::box_collection)]
+    lanes: Option<Box<Vec<LaneRef>>>,
+    /// A count window's calls since its reset counted by lanes since let go.
+    left: u64,
+    /// Everything else, made by the first bad call, opening, refusal or forced state,
+    /// and let go once it holds nothing ([`Core::tidy`]).
+    more: Option<Box<More>>,
+}
+
+/// A breaker's reference to one of its lanes.
+#[derive(Debug)]
+enum LaneRef {
+    /// Held while the key is in its registry: let go (its counts moved into the
+    /// breaker) once nothing else holds it ([`Core::release`]).
+    Owned(Arc<Lane>),
+    /// The registry forgot the key while a call or a service still held this lane: its
+    /// counts are read while it lives.
+    Detached(Weak<Lane>),
+}
+
+/// The part of a breaker's locked state an idle closed key does without.
+#[derive(Debug, Default)]
+struct More {
     /// The window's failures and slow calls: made by the first one, let go when the
     /// window has none left (a breaker that only ever succeeded keeps none).
-    bad: Option<Box<Bad>>,
+    bad: Option<Bad>,
+    /// A time window's calls counted by lanes since let go.
+    ring: Ring,
+    /// Calls refused.
+    rejected: u64,
+    /// Times opened.
+    opened: u64,
+    /// When an open breaker starts probing (nanoseconds since the epoch).
+    open_until: u64,
     in_flight: u32,
     successes: u32,
     reopens: u32,
-    opened: u64,
-    /// With a shared store: a probe permit has been asked for and not answered yet.
-    asking: bool,
     /// With a shared store: the probe permits the store granted this replica (half-open
     /// admits probes up to this many instead of `half_open_probes`).
     granted: u32,
-    /// With a shared store that could not answer: probing on in-process permits.
-    local_probes: bool,
     /// With a shared store: no permit is asked before this time (nanoseconds since the
     /// epoch), after the store said every permit was out.
     next_ask: u64,
+    /// With a shared store: a probe permit has been asked for and not answered yet.
+    asking: bool,
+    /// With a shared store that could not answer: probing on in-process permits.
+    local_probes: bool,
+}
+
+impl More {
+    /// Whether it holds nothing a fresh one would not.
+    fn is_blank(&self) -> bool {
+        self.bad.is_none()
+            && self.ring.is_empty()
+            && self.rejected == 0
+            && self.opened == 0
+            && self.open_until == 0
+            && self.in_flight == 0
+            && self.successes == 0
+            && self.reopens == 0
+            && self.granted == 0
+            && self.next_ask == 0
+            && !self.asking
+            && !self.local_probes
+    }
+
+    /// Forgets the probes of the last half-open state.
+    fn reset_probes(&mut self) {
+        self.in_flight = 0;
+        self.successes = 0;
+        self.granted = 0;
+        self.local_probes = false;
+        self.next_ask = 0;
+    }
+}
+
+impl Inner {
+    /// The rest of the locked state, made if needed.
+    fn more(&mut self) -> &mut More {
+        self.more.get_or_insert_with(Box::default)
+    }
+
+    /// The rest of the locked state as it reads (a blank one if there is none).
+    fn peek(&self) -> &More {
+        static BLANK: std::sync::OnceLock<More> = std::sync::OnceLock::new();
+        self.more
+            .as_deref()
+            .unwrap_or_else(|| BLANK.get_or_init(More::default))
+    }
+
+    /// Lets go of the rest of the locked state once it holds nothing.
+    fn tidy(&mut self) {
+        if self.more.as_ref().is_some_and(|m| m.is_blank()) {
+            self.more = None;
+        }
+    }
+
+    /// Forgets the probes of the last half-open state.
+    fn reset_probes(&mut self) {
+        if let Some(m) = &mut self.more {
+            m.reset_probes();
+        }
+    }
 }
 
 /// A state change to announce once the lock is released.
@@ -153,6 +240,8 @@ pub(crate) struct Shared {
     /// Where the shared store answers (`None`: no store, the default).
     sink: Option<BreakerSink>,
     bucket_nanos: u64,
+    /// A time window's buckets (0: a count window).
+    buckets: u64,
 }
 
 impl Shared {
@@ -162,11 +251,14 @@ impl Shared {
         emitter: Emitter,
         sink: Option<BreakerSink>,
     ) -> Arc<Shared> {
-        let bucket_nanos = match cfg.window {
-            Window::Time { length, buckets } => u64::try_from((length / buckets).as_nanos())
-                .unwrap_or(u64::MAX)
-                .max(1),
-            Window::Count { .. } => u64::MAX,
+        let (bucket_nanos, buckets) = match cfg.window {
+            Window::Time { length, buckets } => (
+                u64::try_from((length / buckets).as_nanos())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+                u64::from(buckets),
+            ),
+            Window::Count { .. } => (u64::MAX, 0),
         };
         Arc::new(Shared {
             cfg,
@@ -174,6 +266,7 @@ impl Shared {
             emitter,
             sink,
             bucket_nanos,
+            buckets,
         })
     }
 }
@@ -189,16 +282,14 @@ pub(crate) struct Core {
     /// `cfg.consecutive_failures.is_some()`, likewise.
     counts_consecutive: bool,
     state: AtomicU64,
-    open_until: AtomicU64,
     armed: AtomicBool,
     consecutive: AtomicU32,
-    last_used: AtomicU64,
+    /// Seconds since the epoch at the last use, + 1 (saturating: 136 years).
+    last_used: AtomicU32,
     /// Set by closed-state successes (which read no clock); turned into `last_used` by
     /// the registry's sweep.
     used: AtomicBool,
     pub(crate) evicted: AtomicBool,
-    rejected: AtomicU64,
-    calls: Calls,
     inner: Mutex<Inner>,
 }
 
@@ -211,25 +302,15 @@ impl Core {
             times_calls: cfg.slow.is_some(),
             counts_consecutive: cfg.consecutive_failures.is_some(),
             state: AtomicU64::new(CLOSED),
-            open_until: AtomicU64::new(0),
             armed: AtomicBool::new(false),
             consecutive: AtomicU32::new(0),
-            last_used: AtomicU64::new(0),
+            last_used: AtomicU32::new(0),
             used: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
-            rejected: AtomicU64::new(0),
-            calls: Calls::new(cfg.window, stripe_count()),
             inner: Mutex::new(Inner {
-                lanes: Vec::new(),
-                bad: None,
-                in_flight: 0,
-                successes: 0,
-                reopens: 0,
-                opened: 0,
-                asking: false,
-                granted: 0,
-                local_probes: false,
-                next_ask: 0,
+                lanes: None,
+                left: 0,
+                more: None,
             }),
             shared,
         };
@@ -245,28 +326,62 @@ impl Core {
         &self.shared.emitter
     }
 
-    /// Thread stripe `stripe`'s lane to this breaker, made on the stripe's first call
-    /// (the registry's lookup, off the hot path) and kept until [`detach`](Self::detach).
+    /// Thread stripe `stripe`'s lane to this breaker: the one it holds, else made (the
+    /// registry's lookup, off the hot path). Held until nothing else holds it
+    /// ([`release`](Self::release)) or [`detach`](Self::detach).
     pub(crate) fn lane(self: &Arc<Self>, stripe: usize) -> Arc<Lane> {
         let mut g = self.lock();
-        if let Some(l) = g
-            .lanes
-            .iter()
-            .find_map(|(_, l)| l.as_ref().filter(|l| l.stripe == stripe))
-        {
-            return l.clone();
+        let found = g.lanes.iter().flat_map(|v| v.iter()).find_map(|r| match r {
+            LaneRef::Owned(l) if l.stripe == stripe => Some(l.clone()),
+            _ => None,
+        });
+        if let Some(l) = found {
+            return l;
         }
         let lane = Arc::new(Lane {
             core: self.clone(),
             stripe,
-            calls: AtomicU64::new(0),
+            calls: StripeCalls::new(self.shared.cfg.window),
         });
-        if g.lanes.capacity() == 0 {
+        g.lanes
             // Most keys are called from one thread: room for one lane, not four.
-            g.lanes.reserve_exact(1);
-        }
-        g.lanes.push((Arc::downgrade(&lane), Some(lane.clone())));
+            .get_or_insert_with(|| Box::new(Vec::with_capacity(1)))
+            .push(LaneRef::Owned(lane.clone()));
         lane
+    }
+
+    /// Drops `lane`, a reference to one of this breaker's lanes, and lets go of every
+    /// lane the breaker alone holds now (moving its counts into the breaker), so that a
+    /// key nobody calls holds no lane.
+    pub(crate) fn release(&self, lane: Arc<Lane>) {
+        let mut g = self.lock();
+        drop(lane); // under the lock: no lane of ours can be cloned meanwhile
+        self.release_locked(&mut g);
+    }
+
+    /// Lets go of the lanes only the breaker holds (under its lock: nothing else can
+    /// clone them, so a lane found unique stays so, and no call adds to it any more).
+    fn release_locked(&self, g: &mut Inner) {
+        let Inner { lanes, left, more } = g;
+        let Some(list) = lanes else { return };
+        let mut dummy = Ring::default();
+        list.retain_mut(|r| {
+            let LaneRef::Owned(l) = r else { return true };
+            // Unique: no weak reference is ever made to an owned lane (detach makes them).
+            let Some(lane) = Arc::get_mut(l) else {
+                return true;
+            };
+            let ring = match &mut lane.calls {
+                StripeCalls::Count(_) => &mut dummy,
+                StripeCalls::Time { .. } => &mut more.get_or_insert_with(Box::default).ring,
+            };
+            lane.calls.drain_into(left, ring);
+            false
+        });
+        if list.is_empty() {
+            *lanes = None;
+        }
+        g.tidy();
     }
 
     /// Lets go of the lanes: the registry forgot this key. Lanes a call or a service
@@ -274,28 +389,51 @@ impl Core {
     pub(crate) fn detach(&self) {
         #[cfg(feature = "metrics")]
         crate::meter::forgotten(self, self.state());
-        let kept: Vec<_> = self
-            .lock()
+        let mut g = self.lock();
+        self.release_locked(&mut g);
+        // The rest are held by calls or services, which go on counting into them.
+        let kept: Vec<_> = g
             .lanes
             .iter_mut()
-            .filter_map(|(_, l)| l.take())
+            .flat_map(|v| v.iter_mut())
+            .filter_map(|r| match r {
+                LaneRef::Owned(l) => {
+                    let weak = LaneRef::Detached(Arc::downgrade(l));
+                    match std::mem::replace(r, weak) {
+                        LaneRef::Owned(l) => Some(l),
+                        LaneRef::Detached(_) => None,
+                    }
+                }
+                LaneRef::Detached(_) => None,
+            })
             .collect();
+        drop(g);
         drop(kept); // after the lock: a lane's drop may drop a breaker
     }
 
-    /// The lanes alive (a lane outlives its registry entry only while a call or a
-    /// service holds it).
-    fn live_lanes(g: &Inner) -> impl Iterator<Item = Arc<Lane>> + '_ {
-        g.lanes.iter().filter_map(|(l, _)| l.upgrade())
+    /// Applies `f` to every lane alive (a detached lane outlives its registry entry only
+    /// while a call or a service holds it).
+    fn each_lane(g: &Inner, mut f: impl FnMut(&Lane)) {
+        for r in g.lanes.iter().flat_map(|v| v.iter()) {
+            match r {
+                LaneRef::Owned(l) => f(l),
+                LaneRef::Detached(w) => {
+                    if let Some(l) = w.upgrade() {
+                        f(&l);
+                    }
+                }
+            }
+        }
     }
 
-    /// Calls in the window at `tick`.
-    fn total(&self, g: &Inner, tick: u64) -> u64 {
-        self.calls.total(tick, || {
-            Self::live_lanes(g)
-                .map(|l| l.calls.load(Ordering::Relaxed))
-                .sum()
-        })
+    /// Calls in the window at `tick`: the lanes' and what lanes let go left.
+    fn total(&self, g: &mut Inner, tick: u64) -> u64 {
+        let mut n = match &mut g.more {
+            Some(m) if self.shared.buckets > 0 => m.ring.total(self.shared.buckets, tick),
+            _ => g.left,
+        };
+        Self::each_lane(g, |l| n += l.calls.total(tick));
+        n
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -326,7 +464,7 @@ impl Core {
     /// Marks the key as used at `now` (seconds granularity: written once a second at most).
     #[inline]
     fn touch(&self, now: Instant) {
-        let s = self.nanos(now) / 1_000_000_000 + 1;
+        let s = u32::try_from(self.nanos(now) / 1_000_000_000 + 1).unwrap_or(u32::MAX);
         if self.last_used.load(Ordering::Relaxed) != s {
             self.last_used.store(s, Ordering::Relaxed);
         }
@@ -342,7 +480,7 @@ impl Core {
 
     /// Seconds since the epoch at the last use, + 1.
     pub(crate) fn last_used(&self) -> u64 {
-        self.last_used.load(Ordering::Relaxed)
+        u64::from(self.last_used.load(Ordering::Relaxed))
     }
 
     /// How long the key has gone unused, as of `now`. A use seen only through the
@@ -402,59 +540,57 @@ impl Core {
 
     #[cold]
     fn admit_slow(&self, now: Instant) -> Admit {
-        let w = self.state.load(Ordering::Acquire);
+        let mut g = self.lock();
+        let mut w = self.state.load(Ordering::Acquire);
+        let mut change = None;
+        let mut ask = false;
+        let open_until = g.peek().open_until;
         let decision = match w & 7 {
             FORCED_OPEN => Admit::Reject {
                 until: now + FORCED_UNTIL,
             },
-            OPEN if self.nanos(now) < self.open_until.load(Ordering::Acquire) => Admit::Reject {
-                until: self.instant(self.open_until.load(Ordering::Acquire)),
+            OPEN if self.nanos(now) < open_until => Admit::Reject {
+                until: self.instant(open_until),
             },
             _ => {
-                let mut g = self.lock();
-                let mut w = self.state.load(Ordering::Acquire);
-                let mut change = None;
                 // With a shared store, probes need the store's permits (unless it could
                 // not answer): an ended open duration asks for one, and refuses until it
                 // comes (a half-open breaker refuses, not queues, calls beyond its
                 // permits).
-                let shared = self.shared.sink.is_some() && !g.local_probes;
-                let can_ask = !g.asking && self.nanos(now) >= g.next_ask;
-                let mut ask = false;
-                if w & 7 == OPEN && self.nanos(now) >= self.open_until.load(Ordering::Acquire) {
+                let shared = self.shared.sink.is_some() && !g.peek().local_probes;
+                let can_ask = !g.peek().asking && self.nanos(now) >= g.peek().next_ask;
+                if w & 7 == OPEN {
                     if shared {
                         ask = can_ask;
                     } else {
                         change = Some(self.half_open_locked(&mut g, now));
                         // With a store, probing without it (it could not be reached).
-                        g.local_probes = self.shared.sink.is_some();
+                        g.more().local_probes = self.shared.sink.is_some();
                         w = self.state.load(Ordering::Acquire);
                     }
                 }
                 let permits = if shared {
-                    g.granted
+                    g.peek().granted
                 } else {
                     self.shared.cfg.half_open_probes
                 };
                 if shared
                     && w & 7 == HALF_OPEN
-                    && g.in_flight >= g.granted
-                    && g.granted < self.shared.cfg.half_open_probes
+                    && g.peek().in_flight >= g.peek().granted
+                    && g.peek().granted < self.shared.cfg.half_open_probes
                 {
                     ask = can_ask;
                 }
                 if ask {
-                    g.asking = true;
+                    g.more().asking = true;
                 }
-                let d = match w & 7 {
+                match w & 7 {
                     // Open, its duration ended, waiting for the store's permit.
                     OPEN if shared => Admit::Reject {
-                        until: self
-                            .instant(self.open_until.load(Ordering::Acquire))
-                            .max(now),
+                        until: self.instant(open_until).max(now),
                     },
-                    HALF_OPEN if g.in_flight < permits => {
-                        g.in_flight += 1;
+                    HALF_OPEN if g.peek().in_flight < permits => {
+                        g.more().in_flight += 1;
                         Admit::Pass {
                             word: w,
                             probe: true,
@@ -466,27 +602,29 @@ impl Core {
                     },
                     FORCED_CLOSED => Admit::Untracked,
                     OPEN => Admit::Reject {
-                        until: self.instant(self.open_until.load(Ordering::Acquire)),
+                        until: self.instant(open_until),
                     },
                     FORCED_OPEN => Admit::Reject {
                         until: now + FORCED_UNTIL,
                     },
                     // Half-open with every probe out: a permit frees when one completes.
                     _ => Admit::Reject { until: now },
-                };
-                drop(g);
-                if let Some(c) = change {
-                    self.announce(c);
                 }
-                if ask {
-                    self.ask_probe();
-                }
-                d
             }
         };
+        if let Admit::Reject { .. } = decision {
+            g.more().rejected += 1;
+        }
+        g.tidy();
+        drop(g);
+        if let Some(c) = change {
+            self.announce(c);
+        }
+        if ask {
+            self.ask_probe();
+        }
         self.touch(now);
         if let Admit::Reject { until } = decision {
-            self.rejected.fetch_add(1, Ordering::Relaxed);
             #[cfg(feature = "metrics")]
             crate::meter::rejected(code_state(self.state.load(Ordering::Relaxed)));
             self.shared.emitter.emit(&CircuitEvent::Rejected {
@@ -505,7 +643,7 @@ impl Core {
     /// [`record`](Self::record) with `Verdict::Success`.
     #[inline(always)]
     pub(crate) fn record_success(&self, lane: &Lane, word: u64) {
-        let Calls::Count = &self.calls else {
+        let StripeCalls::Count(own) = &lane.calls else {
             return self.record(lane, word, false, Verdict::Success, false, None);
         };
         self.mark_used();
@@ -515,7 +653,7 @@ impl Core {
         if self.counts_consecutive && self.consecutive.load(Ordering::Relaxed) != 0 {
             self.consecutive.store(0, Ordering::Relaxed);
         }
-        lane.calls.fetch_add(1, Ordering::Relaxed);
+        own.fetch_add(1, Ordering::Relaxed);
         if self.armed.load(Ordering::Relaxed) {
             self.record_armed_success(lane, word);
         }
@@ -571,7 +709,7 @@ impl Core {
             {
                 self.consecutive.store(0, Ordering::Relaxed);
             }
-            added = self.calls.try_add(&lane.calls, lane.stripe, tick);
+            added = lane.calls.try_add(tick);
             if added && !self.armed.load(Ordering::Relaxed) {
                 return; // the common case: a success cannot raise a rate
             }
@@ -598,16 +736,17 @@ impl Core {
             return;
         }
         if !added {
-            self.calls.add_locked(&lane.calls, lane.stripe, tick);
+            lane.calls.add_locked(tick);
         }
         if failure || slow {
             let at = match self.shared.cfg.window {
-                Window::Count { .. } => self.total(&g, tick),
+                Window::Count { .. } => self.total(&mut g, tick),
                 Window::Time { .. } => tick,
             };
             let window = self.shared.cfg.window;
-            g.bad
-                .get_or_insert_with(|| Box::new(Bad::new(window)))
+            g.more()
+                .bad
+                .get_or_insert_with(|| Bad::new(window))
                 .add(at, failure, slow);
         }
         let consecutive = if failure {
@@ -618,7 +757,7 @@ impl Core {
             self.consecutive.store(0, Ordering::Relaxed);
             0
         };
-        let calls = self.total(&g, tick);
+        let calls = self.total(&mut g, tick);
         let st = self.window_stats(&mut g, calls, tick);
         let cfg = &self.shared.cfg;
         let rate = |n: u64| n as f64 / st.calls as f64;
@@ -659,13 +798,13 @@ impl Core {
         if self.state.load(Ordering::Acquire) != word {
             return; // forced or reset meanwhile: permits were reset with it
         }
-        g.in_flight = g.in_flight.saturating_sub(1);
+        g.more().in_flight = g.more().in_flight.saturating_sub(1);
         // On a permit of the shared store, the store counts the successes of every
         // replica and closes (its answer closes this breaker); a failure opens here and
         // is shared as any opening is.
-        let shared = self.shared.sink.is_some() && !g.local_probes;
+        let shared = self.shared.sink.is_some() && !g.more().local_probes;
         if shared {
-            g.granted = g.granted.saturating_sub(1);
+            g.more().granted = g.more().granted.saturating_sub(1);
         }
         let mut report = None;
         let change = match (verdict, slow) {
@@ -677,12 +816,12 @@ impl Core {
                 Some(self.open_locked(&mut g, now, TransitionReason::ProbeFailed))
             }
             (Verdict::Success, false) => {
-                g.successes += 1;
+                g.more().successes += 1;
                 if shared {
                     report = Some(true);
                     None
                 } else {
-                    (g.successes >= self.shared.cfg.half_open_successes)
+                    (g.more().successes >= self.shared.cfg.half_open_successes)
                         .then(|| self.close_locked(&mut g, now, TransitionReason::ProbesSucceeded))
                 }
             }
@@ -729,21 +868,23 @@ impl Core {
         let w = self.state.load(Ordering::Acquire);
         let code = w & 7;
         if matches!(code, FORCED_OPEN | FORCED_CLOSED) {
-            g.asking = false;
+            if let Some(m) = &mut g.more {
+                m.asking = false;
+            }
             return; // the handle's word wins over the replicas'
         }
         let mut give_back = false;
         let change = match state {
             SharedState::Granted => {
-                g.asking = false;
+                g.more().asking = false;
                 match code {
-                    OPEN if self.nanos(now) >= self.open_until.load(Ordering::Acquire) => {
+                    OPEN if self.nanos(now) >= g.peek().open_until => {
                         let c = self.half_open_locked(&mut g, now);
-                        g.granted = 1;
+                        g.more().granted = 1;
                         Some(c)
                     }
-                    HALF_OPEN if !g.local_probes => {
-                        g.granted += 1;
+                    HALF_OPEN if !g.peek().local_probes => {
+                        g.more().granted += 1;
                         None
                     }
                     _ => {
@@ -753,22 +894,23 @@ impl Core {
                 }
             }
             SharedState::Busy(retry) => {
-                g.asking = false;
+                g.more().asking = false;
                 // Other replicas hold every permit: look again later, not at every call.
                 let at = now.checked_add(retry).unwrap_or(now);
-                g.next_ask = self.nanos(at);
+                g.more().next_ask = self.nanos(at);
                 if code == OPEN {
-                    self.open_until.fetch_max(self.nanos(at), Ordering::AcqRel);
+                    let m = g.more();
+                    m.open_until = m.open_until.max(self.nanos(at));
                 }
                 None
             }
             SharedState::Open(left) => {
-                g.asking = false;
+                g.more().asking = false;
                 let until = now.checked_add(left).unwrap_or(now);
                 match code {
                     OPEN => {
-                        self.open_until
-                            .fetch_max(self.nanos(until), Ordering::AcqRel);
+                        let m = g.more();
+                        m.open_until = m.open_until.max(self.nanos(until));
                         None
                     }
                     _ if left.is_zero() => None,
@@ -776,7 +918,7 @@ impl Core {
                 }
             }
             SharedState::Closed => {
-                g.asking = false;
+                g.more().asking = false;
                 match code {
                     OPEN | HALF_OPEN => {
                         Some(self.close_locked(&mut g, now, TransitionReason::Shared))
@@ -786,23 +928,23 @@ impl Core {
             }
             SharedState::HalfOpen => None,
             SharedState::Unavailable => {
-                g.asking = false;
+                g.more().asking = false;
                 match code {
                     // Decided in-process: probe on this replica's own permits.
-                    OPEN if self.nanos(now) >= self.open_until.load(Ordering::Acquire) => {
+                    OPEN if self.nanos(now) >= g.peek().open_until => {
                         let c = self.half_open_locked(&mut g, now);
-                        g.local_probes = true;
+                        g.more().local_probes = true;
                         Some(c)
                     }
                     // The opening could not be shared: the store does not know it, so it
                     // would answer "closed" at its end; this replica probes on its own.
                     OPEN => {
-                        g.local_probes = true;
+                        g.more().local_probes = true;
                         None
                     }
                     HALF_OPEN => {
-                        g.local_probes = true;
-                        (g.successes >= self.shared.cfg.half_open_successes).then(|| {
+                        g.more().local_probes = true;
+                        (g.more().successes >= self.shared.cfg.half_open_successes).then(|| {
                             self.close_locked(&mut g, now, TransitionReason::ProbesSucceeded)
                         })
                     }
@@ -810,6 +952,7 @@ impl Core {
                 }
             }
         };
+        g.tidy();
         drop(g);
         if let Some(c) = change {
             self.announce(c);
@@ -821,14 +964,10 @@ impl Core {
 
     /// Opens until `until` because another replica's breaker opened (not shared again).
     fn open_shared_locked(&self, g: &mut Inner, now: Instant, until: Instant) -> Change {
-        self.open_until.store(self.nanos(until), Ordering::Release);
+        g.more().open_until = self.nanos(until);
         self.reset_window(g);
-        g.in_flight = 0;
-        g.successes = 0;
-        g.granted = 0;
-        g.local_probes = false;
-        g.next_ask = 0;
-        g.opened += 1;
+        g.reset_probes();
+        g.more().opened += 1;
         let (from, to) = self.set_state(OPEN);
         Change {
             from,
@@ -843,9 +982,9 @@ impl Core {
     pub(crate) fn release_probe(&self, word: u64) {
         let mut g = self.lock();
         if self.state.load(Ordering::Acquire) == word {
-            g.in_flight = g.in_flight.saturating_sub(1);
-            if self.shared.sink.is_some() && !g.local_probes {
-                g.granted = g.granted.saturating_sub(1);
+            g.more().in_flight = g.more().in_flight.saturating_sub(1);
+            if self.shared.sink.is_some() && !g.more().local_probes {
+                g.more().granted = g.more().granted.saturating_sub(1);
                 drop(g);
                 self.report_probe(false);
             }
@@ -862,7 +1001,7 @@ impl Core {
     /// What the window holds, given its call total; lets go of the bad calls' record
     /// once none is left in the window.
     fn window_stats(&self, g: &mut Inner, calls: u64, tick: u64) -> Stats {
-        let Some(bad) = g.bad.as_mut() else {
+        let Some(bad) = g.more.as_mut().and_then(|m| m.bad.as_mut()) else {
             return Stats {
                 calls: match self.shared.cfg.window {
                     Window::Count { calls: size } => calls.min(u64::from(size)),
@@ -873,40 +1012,42 @@ impl Core {
             };
         };
         let st = bad.stats(calls, tick);
-        if st.failures == 0 && st.slow == 0 && bad.is_empty() {
-            g.bad = None;
+        if bad.is_empty(tick) {
+            g.more().bad = None;
+            g.tidy();
         }
         st
     }
 
     fn reset_window(&self, g: &mut Inner) {
-        self.calls
-            .reset(|| Self::live_lanes(g).for_each(|l| l.calls.store(0, Ordering::Relaxed)));
-        g.bad = None;
+        Self::each_lane(g, |l| l.calls.reset());
+        g.left = 0;
+        if let Some(m) = &mut g.more {
+            m.bad = None;
+            m.ring = Ring::default();
+        }
         self.consecutive.store(0, Ordering::Relaxed);
         self.armed.store(false, Ordering::Relaxed);
     }
 
     fn open_locked(&self, g: &mut Inner, now: Instant, reason: TransitionReason) -> Change {
         let from_half_open = self.state.load(Ordering::Acquire) & 7 == HALF_OPEN;
-        g.reopens = if from_half_open {
-            g.reopens.saturating_add(1)
+        let m = g.more();
+        m.reopens = if from_half_open {
+            m.reopens.saturating_add(1)
         } else {
             0
         };
+        let reopens = m.reopens;
         // At most 7 days (the config's bound), so the sum fits any clock; checked all
         // the same, so no configuration can make a trip panic.
         let until = now
-            .checked_add(self.shared.cfg.open_duration_after(g.reopens))
+            .checked_add(self.shared.cfg.open_duration_after(reopens))
             .unwrap_or(now);
-        self.open_until.store(self.nanos(until), Ordering::Release);
+        g.more().open_until = self.nanos(until);
         self.reset_window(g);
-        g.in_flight = 0;
-        g.successes = 0;
-        g.granted = 0;
-        g.local_probes = false;
-        g.next_ask = 0;
-        g.opened += 1;
+        g.reset_probes();
+        g.more().opened += 1;
         let (from, to) = self.set_state(OPEN);
         Change {
             from,
@@ -918,11 +1059,7 @@ impl Core {
     }
 
     fn half_open_locked(&self, g: &mut Inner, now: Instant) -> Change {
-        g.in_flight = 0;
-        g.successes = 0;
-        g.granted = 0;
-        g.local_probes = false;
-        g.next_ask = 0;
+        g.reset_probes();
         let (from, to) = self.set_state(HALF_OPEN);
         Change {
             from,
@@ -935,12 +1072,11 @@ impl Core {
 
     fn close_locked(&self, g: &mut Inner, now: Instant, reason: TransitionReason) -> Change {
         self.reset_window(g);
-        g.reopens = 0;
-        g.in_flight = 0;
-        g.successes = 0;
-        g.granted = 0;
-        g.local_probes = false;
-        g.next_ask = 0;
+        g.reset_probes();
+        if let Some(m) = &mut g.more {
+            m.reopens = 0;
+        }
+        g.tidy();
         let (from, to) = self.set_state(CLOSED);
         Change {
             from,
@@ -956,7 +1092,9 @@ impl Core {
         let mut g = self.lock();
         let change = match to {
             CircuitState::ForcedOpen | CircuitState::Open => {
-                g.in_flight = 0;
+                if let Some(m) = &mut g.more {
+                    m.in_flight = 0;
+                }
                 let (from, to) = self.set_state(FORCED_OPEN);
                 Change {
                     from,
@@ -968,7 +1106,10 @@ impl Core {
             }
             CircuitState::ForcedClosed => {
                 self.reset_window(&mut g);
-                g.in_flight = 0;
+                if let Some(m) = &mut g.more {
+                    m.in_flight = 0;
+                }
+                g.tidy();
                 let (from, to) = self.set_state(FORCED_CLOSED);
                 Change {
                     from,
@@ -1035,15 +1176,16 @@ impl Core {
         match w & 7 {
             CLOSED | FORCED_CLOSED => true,
             FORCED_OPEN => false,
-            OPEN => self.nanos(now) >= self.open_until.load(Ordering::Acquire),
-            _ => self.lock().in_flight < self.shared.cfg.half_open_probes,
+            OPEN => self.nanos(now) >= self.lock().peek().open_until,
+            _ => self.lock().peek().in_flight < self.shared.cfg.half_open_probes,
         }
     }
 
     /// When an open breaker starts probing.
+    #[cfg(test)]
     pub(crate) fn open_until(&self) -> Option<Instant> {
         match self.state.load(Ordering::Acquire) & 7 {
-            OPEN => Some(self.instant(self.open_until.load(Ordering::Acquire))),
+            OPEN => Some(self.instant(self.lock().peek().open_until)),
             _ => None,
         }
     }
@@ -1051,7 +1193,7 @@ impl Core {
     pub(crate) fn metrics(&self, now: Instant) -> Metrics {
         let mut g = self.lock();
         let tick = self.tick(self.nanos(now));
-        let calls = self.total(&g, tick);
+        let calls = self.total(&mut g, tick);
         let st = self.window_stats(&mut g, calls, tick);
         let st = match self.state.load(Ordering::Acquire) & 7 {
             CLOSED => st,
@@ -1065,10 +1207,13 @@ impl Core {
             failures: st.failures,
             slow_calls: st.slow,
             consecutive_failures: self.consecutive.load(Ordering::Relaxed),
-            open_until: self.open_until(),
-            probes_in_flight: g.in_flight,
-            times_opened: g.opened,
-            rejected: self.rejected.load(Ordering::Relaxed),
+            open_until: match self.state.load(Ordering::Acquire) & 7 {
+                OPEN => Some(self.instant(g.peek().open_until)),
+                _ => None,
+            },
+            probes_in_flight: g.peek().in_flight,
+            times_opened: g.peek().opened,
+            rejected: g.peek().rejected,
         }
     }
 }
@@ -1121,10 +1266,15 @@ mod tests {
             .unwrap();
         let (lane, _) = core(cfg, t0);
         let c = &lane.core;
-        let bad = || c.lock().bad.is_some();
+        let bad = || c.lock().peek().bad.is_some();
         assert!(call(&lane, t0, Verdict::Success));
         assert!(!bad(), "successes alone record no bad call");
-        assert_eq!(c.lock().lanes.capacity(), 1, "one lane, room for one");
+        assert_eq!(
+            c.lock().lanes.as_ref().map(|v| v.capacity()),
+            Some(1),
+            "one lane, room for one"
+        );
+        assert!(c.lock().more.is_none(), "nothing else");
         assert!(call(&lane, t0, Verdict::Failure));
         assert!(bad());
         for _ in 0..3 {
@@ -1138,6 +1288,93 @@ mod tests {
         assert_eq!((m.calls, m.failures), (4, 0), "the failure left the window");
         assert!(!bad(), "and its record went with it");
         assert_eq!(c.state(), CircuitState::Closed);
+    }
+
+    /// What an idle key's breaker is: eleven words (an idle closed key keeps no lane,
+    /// no record of bad calls and no probing state; 168 bytes when it kept them all).
+    #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+    #[test]
+    fn a_breaker_is_eleven_words() {
+        assert_eq!(std::mem::size_of::<Core>(), 88);
+    }
+
+    #[test]
+    fn a_lane_only_its_breaker_holds_is_let_go_with_its_counts() {
+        let t0 = Instant::now();
+        let cfg = CircuitBreakerConfig::builder()
+            .count_window(4)
+            .minimum_calls(4)
+            .failure_rate(0.5)
+            .build()
+            .unwrap();
+        let (lane, _) = core(cfg, t0);
+        let c = lane.core.clone();
+        let other = c.lane(1);
+        for v in [Verdict::Success, Verdict::Failure] {
+            assert!(call(&lane, t0, v));
+        }
+        assert!(call(&other, t0, Verdict::Success));
+        let held = other.clone();
+        c.release(other);
+        assert_eq!(
+            c.lock().lanes.as_ref().unwrap().len(),
+            2,
+            "stripe 1's is held"
+        );
+        c.release(held);
+        c.release(lane);
+        assert!(c.lock().lanes.is_none(), "no lane left");
+        let m = c.metrics(t0);
+        assert_eq!((m.calls, m.failures), (3, 1), "their calls are");
+        // The window goes on from there: S F S, then S F through a new lane.
+        let lane = c.lane(0);
+        assert!(call(&lane, t0, Verdict::Success));
+        assert_eq!(c.state(), CircuitState::Closed, "1 failure in 4");
+        assert!(call(&lane, t0, Verdict::Failure));
+        assert_eq!(c.state(), CircuitState::Open, "F S S F: 2 in 4");
+    }
+
+    #[test]
+    fn a_time_lane_let_go_leaves_its_buckets_until_they_leave_the_window() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let cfg = || {
+            CircuitBreakerConfig::builder()
+                .time_window(Duration::from_secs(10), 10)
+                .minimum_calls(4)
+                .failure_rate(0.5)
+                .build()
+                .unwrap()
+        };
+        // S F S in seconds 0, 1, 2, through a lane then let go.
+        let let_go = |lane: Arc<Lane>| {
+            for (i, v) in [Verdict::Success, Verdict::Failure, Verdict::Success]
+                .into_iter()
+                .enumerate()
+            {
+                assert!(call(&lane, t0 + s * i as u32, v));
+            }
+            let c = lane.core.clone();
+            c.release(lane);
+            assert!(c.lock().lanes.is_none());
+            c
+        };
+        let c = let_go(core(cfg(), t0).0);
+        assert_eq!(c.metrics(t0 + s * 9).calls, 3);
+        assert_eq!(c.metrics(t0 + s * 10).calls, 2, "second 0 left");
+        let lane = c.lane(0);
+        assert!(call(&lane, t0 + s * 10, Verdict::Success));
+        assert_eq!(c.state(), CircuitState::Closed, "F S S: 3 calls");
+        assert!(call(&lane, t0 + s * 10, Verdict::Failure));
+        assert_eq!(c.state(), CircuitState::Open, "F S S F: 2 of 4");
+
+        let c = let_go(core(cfg(), t0).0);
+        assert!(c.lock().more.is_some(), "the ring and the failure");
+        assert_eq!(c.metrics(t0 + s * 12).calls, 0);
+        assert!(
+            c.lock().more.is_none(),
+            "both left the window, and were let go"
+        );
     }
 
     #[test]

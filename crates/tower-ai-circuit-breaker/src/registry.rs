@@ -11,6 +11,13 @@
 //! lane's); otherwise lanes are found through a small per-thread cache (16 direct-mapped
 //! slots keyed by layer and key); a miss takes the shard's `RwLock` for reading, and only
 //! a new key takes it for writing.
+//!
+//! A lane lives while something other than its breaker holds it: when a thread's cache
+//! slot or a service's last lane moves to another key and only the breaker is left
+//! holding the lane, the breaker lets it go and keeps its counts ([`let_go`]). An idle
+//! key holds its breaker, its label and its slot in the map (~180 bytes), not a
+//! 256-byte padded lane per stripe that ever called it; a key that comes back makes a
+//! lane again (an allocation, on the miss path only).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,17 +30,38 @@ use crate::clock;
 use crate::config::CircuitBreakerConfig;
 use crate::event::Emitter;
 use crate::store::BreakerSink;
-use crate::window::thread_stripe;
+use crate::window::{thread_stripe, StripeCalls};
 
-/// A thread stripe's way to a breaker, made by [`Core::lane`].
+/// A thread stripe's way to a breaker, made by [`Core::lane`] and let go by [`let_go`]
+/// once nothing but its breaker holds it.
 #[repr(align(128))]
 #[derive(Debug)]
 pub(crate) struct Lane {
     pub(crate) core: Arc<Core>,
     pub(crate) stripe: usize,
-    /// The stripe's calls in a count window since its last reset (the breaker sums its
-    /// lanes); unused by a time window.
-    pub(crate) calls: AtomicU64,
+    /// The stripe's share of the window (the breaker sums its lanes).
+    pub(crate) calls: StripeCalls,
+}
+
+/// Drops a reference to `lane` kept for later calls (a thread's cache slot, a service's
+/// last lane) that now points elsewhere. If only the breaker still holds the lane, the
+/// breaker lets go of it: a key nobody calls holds no lane. (A lane whose last other
+/// holder was a call is let go by the next `let_go` or lookup of its key, or when the
+/// key is forgotten.)
+#[inline]
+pub(crate) fn let_go(lane: Arc<Lane>) {
+    // Held elsewhere too (a call, a clone of the service, another slot): no use looking.
+    // Only a hint; the breaker decides under its lock.
+    if Arc::strong_count(&lane) <= 2 {
+        let_go_slow(lane);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn let_go_slow(lane: Arc<Lane>) {
+    let core = lane.core.clone();
+    core.release(lane);
 }
 
 impl Lane {
@@ -157,15 +185,20 @@ impl Registry {
         let lane = self
             .lookup(key, stripe)
             .or_else(|| self.insert(key, label, |e| e.lane(stripe)))?;
-        let _ = CACHE.try_with(|c| {
-            if let Ok(mut c) = c.try_borrow_mut() {
-                c[i] = Some(Slot {
+        let old = CACHE
+            .try_with(|c| {
+                let mut c = c.try_borrow_mut().ok()?;
+                c[i].replace(Slot {
                     layer: self.uid,
                     key,
                     lane: lane.clone(),
-                });
-            }
-        });
+                })
+            })
+            .ok()
+            .flatten();
+        if let Some(old) = old {
+            let_go(old.lane);
+        }
         Some(lane)
     }
 

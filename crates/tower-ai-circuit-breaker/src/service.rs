@@ -123,7 +123,9 @@ impl<S, K> CircuitBreaker<S, K> {
                 else {
                     return Ok(None);
                 };
-                self.last = Some((key, lane.clone()));
+                if let Some((_, old)) = self.last.replace((key, lane.clone())) {
+                    crate::registry::let_go(old);
+                }
                 lane
             }
         };

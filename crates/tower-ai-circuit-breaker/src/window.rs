@@ -6,9 +6,16 @@
 //! calls are rare while closed (many of them open the breaker), so they take the breaker's
 //! lock, are recorded exactly, and trigger an evaluation that sums the stripes.
 //!
+//! A stripe's counters ([`StripeCalls`]) live in its lane to the key, which exists only
+//! while something other than the breaker holds it (a thread's cache, a service, a call):
+//! when the breaker alone holds it, the lane is let go and its counts move into the
+//! breaker (a count window's into one number, a time window's into a [`Ring`] kept until
+//! its buckets age out). An idle key holds no counter line.
+//!
 //! - Count window (last N calls): each stripe counts its calls since the window's reset;
-//!   the window's total is their sum. A bad call is recorded with its position (the total
-//!   just after it), and is in the window while `total - position < N`.
+//!   the window's total is their sum and what lanes let go left. A bad call is recorded
+//!   with its position (the total just after it), and is in the window while
+//!   `total - position < N`.
 //! - Time window (buckets of `length / buckets`): each stripe has one counter per bucket,
 //!   tagged with the bucket's tick; a bucket is reused (zeroed, then re-tagged) under the
 //!   breaker's lock when a new tick reaches it. Bad calls live in a ring of the same ticks.
@@ -74,64 +81,52 @@ const PER_LINE: usize = 8;
 #[derive(Debug, Default)]
 pub(crate) struct BucketLine([Bucket; PER_LINE]);
 
-/// Call counts, striped per thread.
+/// One thread stripe's share of one breaker's window, held by the stripe's lane (which
+/// is made on the stripe's first call to the key and let go once nothing but the
+/// breaker holds it: [`Core::lane`](crate::breaker::Core::lane)). Only that stripe's
+/// threads add to it, on the lane's own cache lines.
 #[derive(Debug)]
-pub(crate) enum Calls {
-    /// A count window: each thread stripe's lane counts its own calls (`own` in the
-    /// methods below, the lane's counter), on the lane's own cache lines, and the
-    /// breaker sums the lanes; nothing is held here, so a key a single thread calls
-    /// holds one counter, not one per stripe.
-    Count,
-    /// Boxed: a count window's breaker (the default) does not carry its size.
-    Time(Box<TimeCalls>),
+pub(crate) enum StripeCalls {
+    /// A count window: the stripe's calls since the window's reset (the breaker sums
+    /// its lanes and what lanes let go left it).
+    Count(AtomicU64),
+    /// A time window: the stripe's buckets, each tagged with its tick.
+    Time {
+        lines: Box<[BucketLine]>,
+        buckets: u64,
+    },
 }
 
-/// A time window's buckets, per stripe.
-#[derive(Debug)]
-pub(crate) struct TimeCalls {
-    lines: Box<[BucketLine]>,
-    lines_per_stripe: usize,
-    buckets: u64,
-}
-
-impl Calls {
-    pub(crate) fn new(window: Window, stripes: usize) -> Calls {
+impl StripeCalls {
+    pub(crate) fn new(window: Window) -> StripeCalls {
         match window {
-            Window::Count { .. } => Calls::Count,
-            Window::Time { buckets, .. } => {
-                let per = (buckets as usize).div_ceil(PER_LINE);
-                Calls::Time(Box::new(TimeCalls {
-                    lines: (0..stripes * per).map(|_| BucketLine::default()).collect(),
-                    lines_per_stripe: per,
-                    buckets: u64::from(buckets),
-                }))
-            }
+            Window::Count { .. } => StripeCalls::Count(AtomicU64::new(0)),
+            Window::Time { buckets, .. } => StripeCalls::Time {
+                lines: (0..(buckets as usize).div_ceil(PER_LINE))
+                    .map(|_| BucketLine::default())
+                    .collect(),
+                buckets: u64::from(buckets),
+            },
         }
     }
 
     #[inline]
-    fn bucket(lines: &[BucketLine], per: usize, buckets: u64, stripe: usize, tick: u64) -> &Bucket {
+    fn bucket(lines: &[BucketLine], buckets: u64, tick: u64) -> &Bucket {
         let j = (tick % buckets) as usize;
-        &lines[stripe * per + j / PER_LINE].0[j % PER_LINE]
+        &lines[j / PER_LINE].0[j % PER_LINE]
     }
 
-    /// Adds one call to `stripe` (whose count-window counter is `own`) at `tick` without
-    /// a lock. False when the bucket belongs to an older tick and must be reused first
-    /// ([`add_locked`](Self::add_locked)).
+    /// Adds one call at `tick` without a lock. False when the bucket belongs to an older
+    /// tick and must be reused first ([`add_locked`](Self::add_locked)).
     #[inline]
-    pub(crate) fn try_add(&self, own: &AtomicU64, stripe: usize, tick: u64) -> bool {
+    pub(crate) fn try_add(&self, tick: u64) -> bool {
         match self {
-            Calls::Count => {
+            StripeCalls::Count(own) => {
                 own.fetch_add(1, Ordering::Relaxed);
                 true
             }
-            Calls::Time(t) => {
-                let TimeCalls {
-                    lines,
-                    lines_per_stripe,
-                    buckets,
-                } = &**t;
-                let b = Self::bucket(lines, *lines_per_stripe, *buckets, stripe, tick);
+            StripeCalls::Time { lines, buckets } => {
+                let b = Self::bucket(lines, *buckets, tick);
                 if b.tick.load(Ordering::Acquire) == tick + 1 {
                     b.calls.fetch_add(1, Ordering::Relaxed);
                     true
@@ -144,19 +139,14 @@ impl Calls {
 
     /// Adds one call, reusing the bucket if needed. Caller holds the breaker's lock (the
     /// only place buckets are re-tagged). Returns whether a bucket was reused.
-    pub(crate) fn add_locked(&self, own: &AtomicU64, stripe: usize, tick: u64) -> bool {
+    pub(crate) fn add_locked(&self, tick: u64) -> bool {
         match self {
-            Calls::Count => {
-                self.try_add(own, stripe, tick);
+            StripeCalls::Count(_) => {
+                self.try_add(tick);
                 false
             }
-            Calls::Time(t) => {
-                let TimeCalls {
-                    lines,
-                    lines_per_stripe,
-                    buckets,
-                } = &**t;
-                let b = Self::bucket(lines, *lines_per_stripe, *buckets, stripe, tick);
+            StripeCalls::Time { lines, buckets } => {
+                let b = Self::bucket(lines, *buckets, tick);
                 let seen = b.tick.load(Ordering::Acquire);
                 let rotated = seen != tick + 1;
                 if rotated {
@@ -177,13 +167,11 @@ impl Calls {
         }
     }
 
-    /// Calls in the window at `tick` (for a count window: every call since the reset,
-    /// the sum of the lanes' counters, `lanes`).
-    pub(crate) fn total(&self, tick: u64, lanes: impl FnOnce() -> u64) -> u64 {
+    /// The stripe's calls in the window at `tick` (a count window: since the reset).
+    pub(crate) fn total(&self, tick: u64) -> u64 {
         match self {
-            Calls::Count => lanes(),
-            Calls::Time(t) => {
-                let TimeCalls { lines, buckets, .. } = &**t;
+            StripeCalls::Count(own) => own.load(Ordering::Relaxed),
+            StripeCalls::Time { lines, buckets } => {
                 let lo = (tick + 1).saturating_sub(*buckets); // oldest tick + 1 - 1
                 lines
                     .iter()
@@ -198,15 +186,75 @@ impl Calls {
         }
     }
 
-    /// Empties the window (`lanes` zeroes a count window's lane counters).
-    pub(crate) fn reset(&self, lanes: impl FnOnce()) {
+    /// Empties the stripe's share.
+    pub(crate) fn reset(&self) {
         match self {
-            Calls::Count => lanes(),
-            Calls::Time(t) => t.lines.iter().flat_map(|l| l.0.iter()).for_each(|b| {
-                b.tick.store(0, Ordering::Relaxed);
-                b.calls.store(0, Ordering::Relaxed);
-            }),
+            StripeCalls::Count(own) => own.store(0, Ordering::Relaxed),
+            StripeCalls::Time { lines, .. } => {
+                lines.iter().flat_map(|l| l.0.iter()).for_each(|b| {
+                    b.tick.store(0, Ordering::Relaxed);
+                    b.calls.store(0, Ordering::Relaxed);
+                })
+            }
         }
+    }
+
+    /// Moves what the stripe counted into `count` (a count window) or `ring` (a time
+    /// window): its lane is being let go, and no other thread holds it.
+    pub(crate) fn drain_into(&mut self, count: &mut u64, ring: &mut Ring) {
+        use std::mem::take;
+        match self {
+            StripeCalls::Count(own) => *count += take(own.get_mut()),
+            StripeCalls::Time { lines, buckets } => {
+                for b in lines.iter_mut().flat_map(|l| l.0.iter_mut()) {
+                    let (t, c) = (take(b.tick.get_mut()), take(b.calls.get_mut()));
+                    if t != 0 && c != 0 {
+                        ring.add(*buckets, t, c);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A time window's calls counted by lanes that were let go: (tick + 1, calls) per
+/// bucket, made by the first such bucket and let go once every bucket it holds is older
+/// than the window.
+#[derive(Debug, Default)]
+pub(crate) struct Ring(Option<Box<[(u64, u64)]>>);
+
+impl Ring {
+    fn add(&mut self, buckets: u64, tick1: u64, calls: u64) {
+        let ring = self
+            .0
+            .get_or_insert_with(|| vec![(0, 0); buckets as usize].into_boxed_slice());
+        let slot = &mut ring[((tick1 - 1) % buckets) as usize];
+        if slot.0 == tick1 {
+            slot.1 += calls;
+        } else if slot.0 < tick1 {
+            // The slot's older tick is out of any window that holds this one.
+            *slot = (tick1, calls);
+        }
+    }
+
+    /// Calls in a window of `buckets` at `tick`; lets go of the ring once every bucket
+    /// it holds is older than the window (ticks only grow: none comes back).
+    pub(crate) fn total(&mut self, buckets: u64, tick: u64) -> u64 {
+        let Some(ring) = &self.0 else { return 0 };
+        let lo = (tick + 1).saturating_sub(buckets);
+        if ring.iter().all(|b| b.0 <= lo) {
+            self.0 = None;
+            return 0;
+        }
+        ring.iter()
+            .filter(|b| b.0 > lo && b.0 <= tick + 1)
+            .map(|b| b.1)
+            .sum()
+    }
+
+    /// Whether it holds nothing.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_none()
     }
 }
 
@@ -307,13 +355,16 @@ impl Bad {
         }
     }
 
-    /// Whether it records no bad call at all (after [`stats`](Self::stats), which drops
-    /// those that left a count window). A time window's record is kept until the window
-    /// is reset: its buckets are told apart by tick only when read.
-    pub(crate) fn is_empty(&self) -> bool {
+    /// Whether it records no bad call the window at `tick` holds or will hold (after
+    /// [`stats`](Self::stats), which drops those that left a count window): a time
+    /// window's buckets older than the window never come back into it.
+    pub(crate) fn is_empty(&self, tick: u64) -> bool {
         match self {
             Bad::Count { calls, .. } => calls.is_empty(),
-            Bad::Time { .. } => false,
+            Bad::Time { buckets, ring } => {
+                let lo = (tick + 1).saturating_sub(*buckets);
+                ring.iter().all(|b| b.0 <= lo)
+            }
         }
     }
 }
@@ -326,20 +377,27 @@ mod tests {
     #[test]
     fn count_window_keeps_the_last_n_calls() {
         let w = Window::Count { calls: 4 };
-        let calls = Calls::new(w, 2);
-        let lanes = [AtomicU64::new(0), AtomicU64::new(0)];
-        let total = || lanes.iter().map(|l| l.load(Ordering::Relaxed)).sum::<u64>();
+        let mut lanes = [StripeCalls::new(w), StripeCalls::new(w)];
+        let mut left = 0;
+        let total =
+            |lanes: &[StripeCalls], left: u64| left + lanes.iter().map(|l| l.total(0)).sum::<u64>();
         let mut bad = Bad::new(w);
-        // F S S F S S : with N = 4 the first failure leaves after the 5th call.
+        // F S S F S S : with N = 4 the first failure leaves after the 5th call; the
+        // second lane is let go after the 4th, its calls still counted.
         for (i, fail) in [true, false, false, true, false, false]
             .into_iter()
             .enumerate()
         {
-            calls.add_locked(&lanes[i % 2], i % 2, 0);
-            if fail {
-                bad.add(calls.total(0, total), true, false);
+            lanes[i % 2].add_locked(0);
+            if i == 3 {
+                lanes[1].drain_into(&mut left, &mut Ring::default());
+                assert_eq!(lanes[1].total(0), 0);
+                assert_eq!(left, 2);
             }
-            let st = bad.stats(calls.total(0, total), 0);
+            if fail {
+                bad.add(total(&lanes, left), true, false);
+            }
+            let st = bad.stats(total(&lanes, left), 0);
             let want = match i {
                 0..=2 => 1,
                 3 => 2,
@@ -348,9 +406,9 @@ mod tests {
             assert_eq!(st.failures, want, "after call {i}");
             assert_eq!(st.calls, (i as u64 + 1).min(4));
         }
-        calls.reset(|| lanes.iter().for_each(|l| l.store(0, Ordering::Relaxed)));
+        lanes.iter().for_each(StripeCalls::reset);
         bad.reset();
-        assert_eq!(bad.stats(calls.total(0, total), 0), Stats::default());
+        assert_eq!(bad.stats(total(&lanes, 0), 0), Stats::default());
     }
 
     #[test]
@@ -359,35 +417,59 @@ mod tests {
             length: Duration::from_secs(10),
             buckets: 10,
         };
-        let calls = Calls::new(w, 4);
+        let (a, b) = (StripeCalls::new(w), StripeCalls::new(w));
         let mut bad = Bad::new(w);
-        let own = AtomicU64::new(0); // a count window's counter: a time window leaves it be
-        assert!(
-            !calls.try_add(&own, 1, 3),
-            "a fresh bucket must be tagged first"
-        );
-        assert!(calls.add_locked(&own, 1, 3));
-        assert!(calls.try_add(&own, 1, 3));
-        assert!(calls.add_locked(&own, 2, 3));
+        assert!(!a.try_add(3), "a fresh bucket must be tagged first");
+        assert!(a.add_locked(3));
+        assert!(a.try_add(3));
+        assert!(b.add_locked(3));
         bad.add(3, true, false);
-        assert_eq!(calls.total(3, || 0), 3);
+        let total = |t| a.total(t) + b.total(t);
+        assert_eq!(total(3), 3);
         assert_eq!(
-            bad.stats(calls.total(12, || 0), 12),
+            bad.stats(total(12), 12),
             Stats {
                 calls: 3,
                 failures: 1,
                 slow: 0
             }
         );
+        assert!(!bad.is_empty(12));
         // tick 13: bucket 3 left the window (ticks 4..=13 remain).
-        assert_eq!(calls.total(13, || 0), 0);
+        assert_eq!(total(13), 0);
         assert_eq!(bad.stats(0, 13).failures, 0);
+        assert!(bad.is_empty(13));
         // reusing bucket slot 3 for tick 13 zeroes it.
-        assert!(calls.add_locked(&own, 1, 13));
-        assert_eq!(calls.total(13, || 0), 1);
+        assert!(a.add_locked(13));
+        assert_eq!(total(13), 1);
         // a late call for an older tick lands in the current bucket.
-        assert!(!calls.add_locked(&own, 1, 3));
-        assert_eq!(calls.total(13, || 0), 2);
+        assert!(!a.add_locked(3));
+        assert_eq!(total(13), 2);
+    }
+
+    #[test]
+    fn a_time_lane_let_go_leaves_its_buckets_until_they_age_out() {
+        let w = Window::Time {
+            length: Duration::from_secs(10),
+            buckets: 10,
+        };
+        let mut a = StripeCalls::new(w);
+        let b = StripeCalls::new(w);
+        for t in [2, 3, 3, 11] {
+            a.add_locked(t);
+        }
+        b.add_locked(3);
+        let mut ring = Ring::default();
+        let mut count = 0;
+        a.drain_into(&mut count, &mut ring);
+        assert_eq!((count, a.total(11)), (0, 0));
+        // slot 1 holds tick 11 (tick 1 never came); ticks 2..=11 are in the window.
+        assert_eq!(ring.total(10, 11) + b.total(11), 5);
+        assert_eq!(ring.total(10, 12) + b.total(12), 4, "tick 2 left");
+        assert_eq!(ring.total(10, 13), 1, "tick 3 left");
+        assert!(!ring.is_empty());
+        assert_eq!(ring.total(10, 21), 0, "tick 11 left");
+        assert!(ring.is_empty(), "and the ring with it");
     }
 
     #[test]

@@ -116,3 +116,58 @@ async fn half_open_admits_exactly_the_configured_probes() {
         assert_eq!(handle.state(key), CircuitState::Closed, "round {round}");
     }
 }
+
+/// Threads move from key to key (more keys than a thread's cache of lanes holds, and a
+/// call of the last key still in flight), so each key's lanes are let go and made again
+/// all the time: every call is counted all the same.
+#[test]
+fn no_call_is_lost_while_lanes_come_and_go() {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+    use tower::Service;
+
+    const THREADS: usize = 4;
+    const KEYS: usize = 40;
+    const ROUNDS: usize = 100;
+    let layer = CircuitBreakerLayer::builder()
+        .count_window(1_000_000)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let svc = layer.layer(service_fn(|_: Request<String>| async {
+        Ok::<_, std::io::Error>(Response::new(String::new()))
+    }));
+    let model = |k: usize| -> Request<String> {
+        Request::post("https://api.openai.com/v1/chat/completions")
+            .body(format!(r#"{{"model":"m{k}"}}"#))
+            .unwrap()
+    };
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let mut svc = svc.clone();
+            s.spawn(move || {
+                let mut cx = Context::from_waker(Waker::noop());
+                let mut pending: Option<Pin<Box<dyn Future<Output = _>>>> = None;
+                for r in 0..ROUNDS {
+                    for k in 0..KEYS {
+                        assert!(svc.poll_ready(&mut cx).is_ready());
+                        let fut = Box::pin(svc.call(model((k * 7 + t + r) % KEYS)));
+                        // The previous call ends after this one started.
+                        if let Some(mut p) = pending.replace(fut) {
+                            assert!(matches!(p.as_mut().poll(&mut cx), Poll::Ready(Ok(_))));
+                        }
+                    }
+                }
+                if let Some(mut p) = pending {
+                    assert!(matches!(p.as_mut().poll(&mut cx), Poll::Ready(Ok(_))));
+                }
+            });
+        }
+    });
+    for k in 0..KEYS {
+        let m = handle.metrics(handle.key_of(&model(k)).unwrap()).unwrap();
+        assert_eq!(m.calls, (THREADS * ROUNDS) as u64, "m{k}");
+        assert_eq!(m.state, CircuitState::Closed);
+    }
+}

@@ -1,6 +1,8 @@
 //! Property test: random outcomes and time steps, the breaker against a simple reference
 //! model of the same rules (evaluated after every recorded call, windows kept as plain
-//! lists).
+//! lists). Calls to other keys in between (`Op::Churn`) move the thread's cache past the
+//! key's lane, so the breaker lets the lane go and makes a new one: its window must read
+//! the same (calls, failures and slow calls compared after every step).
 
 mod support;
 
@@ -77,12 +79,15 @@ enum Op {
     /// 0 = 200, 1 = 500, 2 = 429; taking `ms`.
     Call(u8, u64),
     Advance(u64),
+    /// One successful call to each of this many other keys.
+    Churn(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0u8..3, prop_oneof![Just(0u64), Just(400), Just(1_500)]).prop_map(|(o, ms)| Op::Call(o, ms)),
         1 => (1u64..4_000).prop_map(Op::Advance),
+        1 => (1u8..40).prop_map(Op::Churn),
     ]
 }
 
@@ -181,6 +186,27 @@ impl Model {
         }
     }
 
+    /// (calls, failures, slow calls) in the window at `now`.
+    fn window(&self, now: Duration) -> (u64, u64, u64) {
+        let window: Vec<_> = match self.p.count {
+            Some(n) => self.calls.iter().rev().take(n as usize).collect(),
+            None => {
+                let bucket =
+                    (Duration::from_millis(self.p.time_len_ms) / self.p.buckets).as_nanos();
+                let tick = now.as_nanos() / bucket;
+                self.calls
+                    .iter()
+                    .filter(|c| c.0.as_nanos() / bucket + u128::from(self.p.buckets) > tick)
+                    .collect()
+            }
+        };
+        (
+            window.len() as u64,
+            window.iter().filter(|c| c.1).count() as u64,
+            window.iter().filter(|c| c.2).count() as u64,
+        )
+    }
+
     fn public_state(&self) -> CircuitState {
         match self.state {
             MState::Closed => CircuitState::Closed,
@@ -220,6 +246,11 @@ async fn run(p: Params, ops: Vec<Op>) -> Result<(), TestCaseError> {
     for (i, op) in ops.into_iter().enumerate() {
         match op {
             Op::Advance(ms) => tokio::time::advance(Duration::from_millis(ms)).await,
+            Op::Churn(n) => {
+                for k in 0..n {
+                    prop_assert_eq!(r.call(&format!("other-{k}"), OK).await, Got::Status(200));
+                }
+            }
             Op::Call(outcome, ms) => {
                 let start = Instant::now() - t0;
                 let admitted = m.admit(start);
@@ -245,8 +276,18 @@ async fn run(p: Params, ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
         }
         prop_assert_eq!(r.state("m"), m.public_state(), "after op {}: {:?}", i, op);
+        let key = r.handle.key_of(&req("m", OK)).unwrap();
+        if let (MState::Closed, Some(got)) = (m.state, r.handle.metrics(key)) {
+            let want = m.window(Instant::now() - t0);
+            prop_assert_eq!(
+                (got.calls, got.failures, got.slow_calls),
+                want,
+                "window after op {}: {:?}",
+                i,
+                op
+            );
+        }
         if let MState::Open { until } = m.state {
-            let key = r.handle.key_of(&req("m", OK)).unwrap();
             prop_assert_eq!(r.handle.metrics(key).unwrap().open_until, Some(t0 + until));
         }
     }
