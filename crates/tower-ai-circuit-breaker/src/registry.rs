@@ -107,6 +107,8 @@ pub(crate) struct Registry {
     pub(crate) emitter: Emitter,
     shards: Box<[Shard]>,
     per_shard: usize,
+    /// The capacity of a shard's table sized for `per_shard` keys.
+    table: usize,
     /// Where a shared store's answers go (only with a store).
     sink: Option<BreakerSink>,
     /// What every breaker of the layer shares.
@@ -144,6 +146,8 @@ impl Registry {
                 emitter,
                 shards: (0..SHARDS).map(|_| Shard::default()).collect(),
                 per_shard,
+                table: KeyMap::<()>::with_capacity_and_hasher(per_shard, Default::default())
+                    .capacity(),
             }
         })
     }
@@ -252,6 +256,13 @@ impl Registry {
         let core = Arc::new(Core::new(key, Arc::from(label()), self.shared.clone(), now));
         let entry = map.entry(key).or_insert(Entry { core });
         let r = f(entry);
+        // A full shard that forgets a key for each new one fills its table with deleted
+        // slots, and the table then doubles (a table more than half full grows rather
+        // than rehashes in place): twice the bytes per key, for nothing. Rehashed into
+        // the table its bound needs instead (64 keys moved every few dozen new keys).
+        if map.capacity() > self.table {
+            map.shrink_to(self.per_shard);
+        }
         drop(map);
         if let (Some(store), Some(sink), Some(core)) = (&self.cfg.store, &self.sink, self.get(key))
         {
