@@ -64,18 +64,25 @@ impl RequestMeta {
     /// Parses a request body, with the request path for Gemini's and Azure's model. Never
     /// fails: see the type's docs for what a non-JSON body gives.
     pub fn parse(path: &str, body: &[u8]) -> RequestMeta {
-        let path_model = model_from_path(path);
-        let path_stream = path.contains(":streamGenerateContent");
+        // Only Gemini's paths have a `:`; `str::contains` would build a searcher each time.
+        let path_stream = memchr::memchr(b':', path.as_bytes()).is_some_and(|i| {
+            memchr::memmem::find(&path.as_bytes()[i..], b":streamGenerateContent").is_some()
+        });
         if let Some(s) = scan_request(body) {
+            // The path is read for a model only when the body names none.
+            let model = match s.model {
+                Some(m) => Some(shared_model(m)),
+                None => model_from_path(path).map(shared_model),
+            };
             return RequestMeta {
-                model: s.model.map(Arc::from).or_else(|| path_model.map(Arc::from)),
+                model,
                 stream: path_stream || s.stream,
                 max_output_tokens: s.max_output_tokens,
                 input_tokens_estimate: estimate(s.text),
                 json: true,
             };
         }
-        RequestMeta::parse_tree(path_model, path_stream, body)
+        RequestMeta::parse_tree(model_from_path(path), path_stream, body)
     }
 
     /// [`parse`](RequestMeta::parse) by serde: every body the scan leaves undecided.
@@ -153,6 +160,7 @@ struct Scanned<'a> {
 
 /// The top-level keys [`Peek`] reads, in its order (a bit each, to refuse a repeat as
 /// serde does). `generationConfig` is left to serde.
+#[cfg_attr(not(test), allow(dead_code))]
 const PEEK_KEYS: [&[u8]; 14] = [
     b"model",
     b"stream",
@@ -169,6 +177,60 @@ const PEEK_KEYS: [&[u8]; 14] = [
     b"prompt",
     b"tools",
 ];
+
+/// The index of `key` in [`PEEK_KEYS`] (a `match` compiles to a switch on the length and a
+/// comparison or two, where a search of the list compares with every key).
+#[inline]
+fn peek_key(key: &[u8]) -> Option<usize> {
+    Some(match key {
+        b"model" => 0,
+        b"stream" => 1,
+        b"max_tokens" => 2,
+        b"max_completion_tokens" => 3,
+        b"max_output_tokens" => 4,
+        b"generationConfig" => 5,
+        b"messages" => 6,
+        b"contents" => 7,
+        b"system" => 8,
+        b"systemInstruction" => 9,
+        b"input" => 10,
+        b"instructions" => 11,
+        b"prompt" => 12,
+        b"tools" => 13,
+        _ => return None,
+    })
+}
+
+/// A model name as the [`RequestMeta`] of many requests shares it: the calling thread keeps
+/// the last few names it saw (each at most [`MAX_MODEL_LEN`](crate::keys::MAX_MODEL_LEN)
+/// bytes), so a request for one of them costs a comparison and a reference count instead
+/// of an allocation. The count is the thread's own copy's: two threads never write one.
+fn shared_model(model: &str) -> Arc<str> {
+    use std::cell::RefCell;
+    const KEPT: usize = 4;
+    thread_local! {
+        static MODELS: RefCell<([Option<Arc<str>>; KEPT], usize)> =
+            const { RefCell::new(([const { None }; KEPT], 0)) };
+    }
+    if model.len() > crate::keys::MAX_MODEL_LEN {
+        return Arc::from(model);
+    }
+    MODELS
+        .try_with(|m| {
+            let mut m = m.try_borrow_mut().ok()?;
+            let (kept, next) = &mut *m;
+            if let Some(hit) = kept.iter().flatten().find(|k| ***k == *model) {
+                return Some(hit.clone());
+            }
+            let fresh: Arc<str> = Arc::from(model);
+            kept[*next % KEPT] = Some(fresh.clone());
+            *next = next.wrapping_add(1);
+            Some(fresh)
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Arc::from(model))
+}
 
 /// [`RequestMeta::parse`]'s reading of a JSON body by one forward scan, without building a
 /// value and without allocating. It answers only for a body in a strict subset of JSON
@@ -199,7 +261,7 @@ fn scan_request(body: &[u8]) -> Option<Scanned<'_>> {
             p.ws();
             p.eat(b':')?;
             p.ws();
-            let field = PEEK_KEYS.iter().position(|k| *k == &body[key.clone()]);
+            let field = peek_key(&body[key.clone()]);
             if let Some(f) = field {
                 if seen & (1 << f) != 0 {
                     return None;
@@ -276,6 +338,7 @@ impl Scan<'_> {
         (self.next()? == c).then_some(())
     }
 
+    #[inline]
     fn ws(&mut self) {
         self.i = skip_ws(self.b, self.i);
     }
@@ -286,14 +349,31 @@ impl Scan<'_> {
     }
 
     /// A string at the cursor (the body has no backslash): the span of its contents.
+    #[inline]
     fn string(&mut self) -> Option<std::ops::Range<usize>> {
         if self.peek()? != b'"' {
             return None;
         }
         let start = self.i + 1;
-        let end = start + memchr::memchr(b'"', self.b.get(start..)?)?;
-        if self.b[start..end].iter().any(|&c| c < 0x20) {
-            return None;
+        // Keys and short values end within a few bytes: a loop; a long text (a prompt)
+        // is searched by memchr and checked for control characters in one vectorised pass.
+        let mut end = start;
+        let short = self.b.len().min(start + 24);
+        loop {
+            if end == short {
+                let rest = self.b.get(end..)?;
+                let n = memchr::memchr(b'"', rest)?;
+                if rest[..n].iter().fold(false, |bad, &c| bad | (c < 0x20)) {
+                    return None;
+                }
+                end += n;
+                break;
+            }
+            match self.b[end] {
+                b'"' => break,
+                c if c < 0x20 => return None,
+                _ => end += 1,
+            }
         }
         self.i = end + 1;
         Some(start..end)
@@ -569,6 +649,7 @@ fn top_level_value_at(json: &[u8], key: &[u8]) -> Option<usize> {
     }
 }
 
+#[inline]
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
     while matches!(b.get(i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
         i += 1;
@@ -881,6 +962,29 @@ fn scan_usage(body: &[u8]) -> Option<Usage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peek_keys_are_matched_in_their_order() {
+        for (i, k) in PEEK_KEYS.iter().enumerate() {
+            assert_eq!(peek_key(k), Some(i));
+        }
+        assert_eq!(peek_key(b"models"), None);
+        assert_eq!(peek_key(b""), None);
+    }
+
+    #[test]
+    fn a_model_name_is_shared_by_the_requests_of_a_thread() {
+        let a = RequestMeta::parse("/v1/chat/completions", br#"{"model":"shared-model-test"}"#);
+        let b = RequestMeta::parse("/v1/chat/completions", br#"{"model":"shared-model-test"}"#);
+        assert!(Arc::ptr_eq(
+            a.model.as_ref().unwrap(),
+            b.model.as_ref().unwrap()
+        ));
+        let long = "m".repeat(crate::keys::MAX_MODEL_LEN + 1);
+        let body = format!(r#"{{"model":"{long}"}}"#);
+        let c = RequestMeta::parse("/x", body.as_bytes());
+        assert_eq!(c.model.as_deref(), Some(&*long));
+    }
 
     #[test]
     fn usage_scan_agrees_with_the_full_parse() {
