@@ -19,7 +19,7 @@ use crate::config::{CircuitBreakerConfig, Window};
 use crate::event::{CircuitEvent, CircuitState, Emitter, TransitionReason};
 use crate::registry::Lane;
 use crate::store::{BreakerSink, SharedState};
-use crate::window::{Bad, Ring, Stats, StripeCalls};
+use crate::window::{self, Bad, Ring, Stats, StripeCalls};
 
 const CLOSED: u64 = 0;
 const OPEN: u64 = 1;
@@ -117,7 +117,9 @@ struct Inner {
     /// Boxed: one word in every key's breaker, where a `Vec` would take three.
     #[allow(clippy::box_collection)]
     lanes: Option<Box<Vec<LaneRef>>>,
-    /// A count window's calls since its reset counted by lanes since let go.
+    /// What lanes since let go counted: a count window's calls since its reset; a time
+    /// window's calls if they fall in one bucket ([`window::inline_add`]; more go to
+    /// `more`'s ring).
     left: u64,
     /// Everything else, made by the first bad call, opening, refusal or forced state,
     /// and let go once it holds nothing ([`Core::tidy`]).
@@ -217,6 +219,28 @@ impl Inner {
         if let Some(m) = &mut self.more {
             m.reset_probes();
         }
+    }
+}
+
+/// Keeps a time window's bucket (`tick1`: its tick + 1) of a lane let go: in `inline`
+/// while it is the window's only one, else in the ring of `more`.
+fn keep_bucket(
+    inline: &mut u64,
+    more: &mut Option<Box<More>>,
+    buckets: u64,
+    tick1: u64,
+    calls: u64,
+) {
+    if let Some(m) = more.as_deref_mut().filter(|m| !m.ring.is_empty()) {
+        return m.ring.add(buckets, tick1, calls);
+    }
+    if let Err((t0, c0)) = window::inline_add(inline, buckets, tick1, calls) {
+        let ring = &mut more.get_or_insert_with(Box::default).ring;
+        if t0 != 0 {
+            ring.add(buckets, t0, c0);
+        }
+        ring.add(buckets, tick1, calls);
+        *inline = 0;
     }
 }
 
@@ -362,20 +386,21 @@ impl Core {
     /// Lets go of the lanes only the breaker holds (under its lock: nothing else can
     /// clone them, so a lane found unique stays so, and no call adds to it any more).
     fn release_locked(&self, g: &mut Inner) {
+        let buckets = self.shared.buckets;
         let Inner { lanes, left, more } = g;
         let Some(list) = lanes else { return };
-        let mut dummy = Ring::default();
         list.retain_mut(|r| {
             let LaneRef::Owned(l) = r else { return true };
             // Unique: no weak reference is ever made to an owned lane (detach makes them).
             let Some(lane) = Arc::get_mut(l) else {
                 return true;
             };
-            let ring = match &mut lane.calls {
-                StripeCalls::Count(_) => &mut dummy,
-                StripeCalls::Time { .. } => &mut more.get_or_insert_with(Box::default).ring,
-            };
-            lane.calls.drain_into(left, ring);
+            match lane.calls {
+                StripeCalls::Count(_) => lane.calls.drain(left, |_, _| {}),
+                StripeCalls::Time { .. } => lane
+                    .calls
+                    .drain(&mut 0, |t, c| keep_bucket(left, more, buckets, t, c)),
+            }
             false
         });
         if list.is_empty() {
@@ -428,9 +453,13 @@ impl Core {
 
     /// Calls in the window at `tick`: the lanes' and what lanes let go left.
     fn total(&self, g: &mut Inner, tick: u64) -> u64 {
-        let mut n = match &mut g.more {
-            Some(m) if self.shared.buckets > 0 => m.ring.total(self.shared.buckets, tick),
-            _ => g.left,
+        let buckets = self.shared.buckets;
+        let mut n = if buckets > 0 {
+            let ring = g.more.as_mut().map_or(0, |m| m.ring.total(buckets, tick));
+            g.tidy();
+            ring + window::inline_total(&mut g.left, buckets, tick)
+        } else {
+            g.left
         };
         Self::each_lane(g, |l| n += l.calls.total(tick));
         n

@@ -9,8 +9,9 @@
 //! A stripe's counters ([`StripeCalls`]) live in its lane to the key, which exists only
 //! while something other than the breaker holds it (a thread's cache, a service, a call):
 //! when the breaker alone holds it, the lane is let go and its counts move into the
-//! breaker (a count window's into one number, a time window's into a [`Ring`] kept until
-//! its buckets age out). An idle key holds no counter line.
+//! breaker (a count window's into one number, a time window's into one word while they
+//! fall in one bucket, [`inline_add`], else into a [`Ring`] kept until its buckets age
+//! out). An idle key holds no counter line.
 //!
 //! - Count window (last N calls): each stripe counts its calls since the window's reset;
 //!   the window's total is their sum and what lanes let go left. A bad call is recorded
@@ -199,17 +200,18 @@ impl StripeCalls {
         }
     }
 
-    /// Moves what the stripe counted into `count` (a count window) or `ring` (a time
-    /// window): its lane is being let go, and no other thread holds it.
-    pub(crate) fn drain_into(&mut self, count: &mut u64, ring: &mut Ring) {
+    /// Empties the stripe's share into `count` (a count window) or `bucket` (a time
+    /// window: called with each bucket's tick + 1 and calls): its lane is being let go,
+    /// and no other thread holds it.
+    pub(crate) fn drain(&mut self, count: &mut u64, mut bucket: impl FnMut(u64, u64)) {
         use std::mem::take;
         match self {
             StripeCalls::Count(own) => *count += take(own.get_mut()),
-            StripeCalls::Time { lines, buckets } => {
+            StripeCalls::Time { lines, .. } => {
                 for b in lines.iter_mut().flat_map(|l| l.0.iter_mut()) {
                     let (t, c) = (take(b.tick.get_mut()), take(b.calls.get_mut()));
                     if t != 0 && c != 0 {
-                        ring.add(*buckets, t, c);
+                        bucket(t, c);
                     }
                 }
             }
@@ -217,14 +219,72 @@ impl StripeCalls {
     }
 }
 
-/// A time window's calls counted by lanes that were let go: (tick + 1, calls) per
-/// bucket, made by the first such bucket and let go once every bucket it holds is older
-/// than the window.
+/// The bits of an inline bucket's calls ([`inline_add`]).
+const INLINE_CALL_BITS: u32 = 24;
+const INLINE_CALLS: u64 = (1 << INLINE_CALL_BITS) - 1;
+
+/// Keeps a time window's bucket of lanes let go (`tick1`: its tick + 1) in one word,
+/// `inline`: the tick + 1 in the upper 40 bits, the calls in the lower 24 (0: none), as
+/// long as the window holds no other bucket kept so (an idle key that was called within
+/// one bucket keeps no ring). `Err` with the bucket kept so far (its tick + 1 and calls,
+/// or zeros) when both must go to a [`Ring`] instead.
+pub(crate) fn inline_add(
+    inline: &mut u64,
+    buckets: u64,
+    tick1: u64,
+    calls: u64,
+) -> Result<(), (u64, u64)> {
+    let fits = |t: u64, c: u64| t >> (64 - INLINE_CALL_BITS) == 0 && c <= INLINE_CALLS;
+    let pack = |t: u64, c: u64| (t << INLINE_CALL_BITS) | c;
+    if *inline == 0 {
+        return if fits(tick1, calls) {
+            *inline = pack(tick1, calls);
+            Ok(())
+        } else {
+            Err((0, 0))
+        };
+    }
+    let (t0, c0) = (*inline >> INLINE_CALL_BITS, *inline & INLINE_CALLS);
+    if t0 == tick1 && fits(tick1, c0 + calls) {
+        *inline = pack(tick1, c0 + calls);
+        Ok(())
+    } else if t0.saturating_add(buckets) <= tick1 && fits(tick1, calls) {
+        // The kept bucket is out of any window that holds this one.
+        *inline = pack(tick1, calls);
+        Ok(())
+    } else if tick1.saturating_add(buckets) <= t0 {
+        // This one is out of any window that holds the kept one (a ring drops it too).
+        Ok(())
+    } else {
+        Err((t0, c0))
+    }
+}
+
+/// The calls of the bucket kept in `inline` ([`inline_add`]) in a window of `buckets`
+/// at `tick`; forgets it once it is older than the window.
+pub(crate) fn inline_total(inline: &mut u64, buckets: u64, tick: u64) -> u64 {
+    if *inline == 0 {
+        return 0;
+    }
+    let (t, c) = (*inline >> INLINE_CALL_BITS, *inline & INLINE_CALLS);
+    if t <= (tick + 1).saturating_sub(buckets) {
+        *inline = 0;
+        0
+    } else if t <= tick + 1 {
+        c
+    } else {
+        0
+    }
+}
+
+/// A time window's calls counted by lanes that were let go, once they fall in more than
+/// one bucket of the window ([`inline_add`]): (tick + 1, calls) per bucket, let go once
+/// every bucket it holds is older than the window.
 #[derive(Debug, Default)]
 pub(crate) struct Ring(Option<Box<[(u64, u64)]>>);
 
 impl Ring {
-    fn add(&mut self, buckets: u64, tick1: u64, calls: u64) {
+    pub(crate) fn add(&mut self, buckets: u64, tick1: u64, calls: u64) {
         let ring = self
             .0
             .get_or_insert_with(|| vec![(0, 0); buckets as usize].into_boxed_slice());
@@ -390,7 +450,7 @@ mod tests {
         {
             lanes[i % 2].add_locked(0);
             if i == 3 {
-                lanes[1].drain_into(&mut left, &mut Ring::default());
+                lanes[1].drain(&mut left, |_, _| {});
                 assert_eq!(lanes[1].total(0), 0);
                 assert_eq!(left, 2);
             }
@@ -461,7 +521,7 @@ mod tests {
         b.add_locked(3);
         let mut ring = Ring::default();
         let mut count = 0;
-        a.drain_into(&mut count, &mut ring);
+        a.drain(&mut count, |t, c| ring.add(10, t, c));
         assert_eq!((count, a.total(11)), (0, 0));
         // slot 1 holds tick 11 (tick 1 never came); ticks 2..=11 are in the window.
         assert_eq!(ring.total(10, 11) + b.total(11), 5);
@@ -470,6 +530,42 @@ mod tests {
         assert!(!ring.is_empty());
         assert_eq!(ring.total(10, 21), 0, "tick 11 left");
         assert!(ring.is_empty(), "and the ring with it");
+    }
+
+    #[test]
+    fn one_bucket_is_kept_inline_until_a_second_of_the_window_comes() {
+        let mut k = 0;
+        assert_eq!(inline_add(&mut k, 10, 4, 2), Ok(()));
+        assert_eq!(inline_add(&mut k, 10, 4, 3), Ok(()));
+        assert_eq!(inline_total(&mut k, 10, 3), 5);
+        assert_eq!(inline_total(&mut k, 10, 2), 0, "a later bucket");
+        assert_eq!(inline_add(&mut k, 10, 20, 1), Ok(()), "the kept one left");
+        assert_eq!(inline_total(&mut k, 10, 19), 1);
+        assert_eq!(
+            inline_add(&mut k, 10, 5, 9),
+            Ok(()),
+            "older than the window: dropped"
+        );
+        assert_eq!(inline_total(&mut k, 10, 19), 1);
+        assert_eq!(
+            inline_add(&mut k, 10, 15, 1),
+            Err((20, 1)),
+            "two in one window"
+        );
+        assert_eq!(
+            inline_add(&mut k, 10, 20, INLINE_CALLS),
+            Err((20, 1)),
+            "too many"
+        );
+        let mut big = 0;
+        assert_eq!(
+            inline_add(&mut big, 10, 1 << 40, 1),
+            Err((0, 0)),
+            "too late"
+        );
+        assert_eq!(inline_total(&mut k, 10, 28), 1);
+        assert_eq!(inline_total(&mut k, 10, 29), 0, "tick 19 left");
+        assert_eq!(k, 0, "and was forgotten");
     }
 
     #[test]
