@@ -33,8 +33,10 @@
 //! # Cost
 //!
 //! Nothing is read or allocated for a call no `tracing` subscriber wants the span of (the
-//! span's `INFO` level and `tower_ai` target decide, as for any span), unless the GenAI
-//! metrics are on: then the call costs one allocation, two clock reads, and a read of the
+//! span's `INFO` level and `tower_ai` target decide, as for any span); while no subscriber
+//! enables `INFO` at all and no `log` logger takes `INFO` records, not even the span is
+//! made (two loads decide, and the inner future is handed on as it is). With the GenAI
+//! metrics on, any call costs one allocation, two clock reads, and a read of the
 //! answer on the way (a bounded copy of a JSON answer of up to
 //! [`TelemetryLayer::max_answer_body`] bytes, or a scan of each chunk of a stream that
 //! keeps nothing), like TokenBudget's.
@@ -302,7 +304,36 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    #[inline]
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if !metrics_on() && !span_wanted() {
+            // Nobody listens: the inner future as it is, with no span made or dropped.
+            return ResponseFuture {
+                inner: self.inner.call(req),
+                call: None,
+            };
+        }
+        self.observed(req)
+    }
+}
+
+/// Whether a call's span could be wanted: a subscriber anywhere enables `INFO` (the
+/// maximum level of every subscriber, kept by `tracing`), or a `log` logger takes `INFO`
+/// records (`tracing`'s `log` fallback, when no subscriber was ever set). Two loads.
+#[inline]
+fn span_wanted() -> bool {
+    tracing::level_enabled!(tracing::Level::INFO) || log::max_level() >= log::LevelFilter::Info
+}
+
+impl<S> Telemetry<S> {
+    /// A call that a subscriber, a logger or the metrics may want: its span and its
+    /// `Call`.
+    #[inline(never)]
+    fn observed<B, ResB>(&mut self, mut req: Request<B>) -> ResponseFuture<S::Future>
+    where
+        S: Service<Request<B>, Response = Response<ResB>>,
+        B: ReplayBody,
+    {
         let span = tracing::info_span!(
             target: "tower_ai",
             "gen_ai.client",
