@@ -675,11 +675,11 @@ fn table(reports: &[Report]) -> String {
     out
 }
 
-/// Runs `bin` (no arguments: its self-test) against `server`; a hang past 2 minutes is a
-/// failure.
-fn self_test(bin: &Path, server: &RedisServer) -> Result<(), String> {
+/// Runs `bin` (no arguments: its self-test) with its state in Redis at `redis_url`; a hang
+/// past 2 minutes is a failure.
+fn self_test(bin: &Path, redis_url: &str) -> Result<(), String> {
     let mut child = Command::new(bin)
-        .env("TOWER_AI_REDIS_URL", server.url())
+        .env("TOWER_AI_REDIS_URL", redis_url)
         .env("TOWER_AI_KEY_SEED", "5eed0f4e11a7e5a1")
         .env_remove("OPENAI_BASE_URL")
         .env_remove("GATEWAY_CLIENT_KEYS")
@@ -724,13 +724,49 @@ async fn main() {
             std::process::exit(1);
         }
     };
+    // Ctrl-C or SIGTERM (`timeout` in CI) drops the runs, so their gateways are stopped,
+    // and then the server: nothing is left running.
+    let code = tokio::select! {
+        code = measure(&bin, &server) => code,
+        () = stop_signal() => {
+            eprintln!("stopped by a signal");
+            130
+        }
+    };
+    drop(server);
+    std::process::exit(code);
+}
+
+/// Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => drop(s.recv().await),
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+/// Every run, its table, and the exit code: 1 when a run is not as expected.
+async fn measure(bin: &Path, server: &RedisServer) -> i32 {
     let mut reports = Vec::new();
     let mut problems = Vec::new();
     let mut known_issues = Vec::new();
     // The gateway's own self-test (answers, a stream, the fallback, a client at its
     // concurrency limit, its refusals, /metrics, /health), in Redis mode.
     eprintln!("running: the gateway's self-test with its state in Redis");
-    if let Err(e) = self_test(&bin, &server) {
+    let (test_bin, url) = (bin.to_owned(), server.url());
+    let tested = tokio::task::spawn_blocking(move || self_test(&test_bin, &url))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    if let Err(e) = tested {
         problems.push(format!("the gateway's self-test in Redis mode: {e}"));
     }
     // REPLICAS_ONLY=strict (or in-process, leased) runs one sharing only.
@@ -744,7 +780,7 @@ async fn main() {
         }
         for load in [2.0, 10.0] {
             eprintln!("running: {sharing:?}, {load}x the limit");
-            match run(&bin, sharing, load, &server).await {
+            match run(bin, sharing, load, server).await {
                 Ok(r) => {
                     let (bad, known) = check(sharing, load, &r);
                     problems.extend(bad);
@@ -770,6 +806,7 @@ async fn main() {
             eprintln!("  {p}");
         }
         eprintln!("{reports:#?}");
-        std::process::exit(1);
+        return 1;
     }
+    0
 }
