@@ -253,28 +253,22 @@ impl<S, ReqB> WaitState<S, ReqB> {
         }
     }
 
-    fn reject(
+    /// Waits until the request is admitted (the guard, the service and the request to
+    /// send) or refused.
+    fn refuse(
         &mut self,
         limit: tower_ai_core::BudgetLimit,
         retry_after: Option<std::time::Duration>,
     ) -> BoxError {
-        emit(
+        reject(
             &*self.listener,
-            BudgetEvent::Rejected {
-                key: self.key,
-                limit,
-                retry_after,
-            },
-        );
-        Box::new(AiError::BudgetExceeded {
-            key: std::mem::take(&mut self.label),
+            self.key,
+            &mut self.label,
             limit,
             retry_after,
-        })
+        )
     }
 
-    /// Waits until the request is admitted (the guard, the service and the request to
-    /// send) or refused.
     #[allow(clippy::type_complexity)]
     fn poll_admit(
         &mut self,
@@ -321,7 +315,7 @@ impl<S, ReqB> WaitState<S, ReqB> {
                 Decision::Reject { limit, retry_after } => {
                     // The budget already took the ticket out of the queue.
                     self.ticket_active = false;
-                    return Poll::Ready(Err(self.reject(limit, retry_after)));
+                    return Poll::Ready(Err(self.refuse(limit, retry_after)));
                 }
                 Decision::Wait { limit, until, .. } => {
                     let give_up = self.patience.give_up;
@@ -329,7 +323,7 @@ impl<S, ReqB> WaitState<S, ReqB> {
                         self.ticket_active = false;
                         self.budget.cancel(self.key, self.ticket);
                         let retry_after = Some(self.patience.retry_after(until, now));
-                        return Poll::Ready(Err(self.reject(limit, retry_after)));
+                        return Poll::Ready(Err(self.refuse(limit, retry_after)));
                     }
                     let at = until.map_or(give_up, |u| u.min(give_up));
                     if self.sleep.deadline() != at {
@@ -368,6 +362,30 @@ pub(crate) struct StoreWait<S, ReqB> {
     sleep: Option<Pin<Box<Sleep>>>,
     /// Refused once and waiting (reported as a wait).
     waited: bool,
+}
+
+/// Tells `listener` of a refusal and makes its error (the label is taken: a refused
+/// future is done with it). The in-process and the store waits refuse alike.
+fn reject(
+    listener: &dyn BudgetListener,
+    key: Key,
+    label: &mut String,
+    limit: tower_ai_core::BudgetLimit,
+    retry_after: Option<std::time::Duration>,
+) -> BoxError {
+    emit(
+        listener,
+        BudgetEvent::Rejected {
+            key,
+            limit,
+            retry_after,
+        },
+    );
+    Box::new(AiError::BudgetExceeded {
+        key: std::mem::take(label),
+        limit,
+        retry_after,
+    })
 }
 
 /// When a request the store refused for `retry_after` asks again, if it waits: not after
@@ -420,26 +438,6 @@ impl<S, ReqB> StoreWait<S, ReqB> {
             sleep,
             waited,
         }
-    }
-
-    fn reject(
-        &mut self,
-        limit: tower_ai_core::BudgetLimit,
-        retry_after: Option<std::time::Duration>,
-    ) -> BoxError {
-        emit(
-            &*self.listener,
-            BudgetEvent::Rejected {
-                key: self.key,
-                limit,
-                retry_after,
-            },
-        );
-        Box::new(AiError::BudgetExceeded {
-            key: std::mem::take(&mut self.label),
-            limit,
-            retry_after,
-        })
     }
 
     /// Waits for the store's verdict (and, refused in wait mode, asks again when it may
@@ -525,7 +523,13 @@ impl<S, ReqB> StoreWait<S, ReqB> {
                         self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
                         None
                     }
-                    None => Some(Err(self.reject(limit, retry_after))),
+                    None => Some(Err(reject(
+                        &*self.listener,
+                        self.key,
+                        &mut self.label,
+                        limit,
+                        retry_after,
+                    ))),
                 }
             }
         }
