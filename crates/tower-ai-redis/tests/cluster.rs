@@ -267,17 +267,20 @@ async fn a_breaker_opened_by_one_replica_is_open_for_all_and_probes_are_shared()
     let replicas: Vec<RedisBreakers> = (0..4)
         .map(|_| RedisBreakers::new(patient(&cluster)).tag("account-1"))
         .collect();
-    replicas[0].open("h/m", 300 * MS).await.unwrap();
+    replicas[0]
+        .open("h/m", Duration::from_secs(1))
+        .await
+        .unwrap();
     for (n, r) in replicas.iter().enumerate().skip(1) {
         assert!(
-            matches!(r.take_permit("h/m", 2).await.unwrap(), SharedState::Open(d) if d > 200 * MS),
+            matches!(r.take_permit("h/m", 2).await.unwrap(), SharedState::Open(d) if d > 500 * MS),
             "replica {n}"
         );
         let open = r.open_breakers().await.unwrap();
         assert_eq!(open.len(), 1, "replica {n}");
         assert_eq!(open[0].0, "h/m");
     }
-    tokio::time::sleep(320 * MS).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     // Half-open: two probe permits among the four replicas.
     let mut granted = 0;
     for r in &replicas {
@@ -293,10 +296,13 @@ async fn a_node_killed_falls_back_in_process_without_failing_calls() {
     let Some(mut cluster) = RedisCluster::start_or_skip("cluster node killed") else {
         return;
     };
-    // The default 20 ms response timeout: the fall-back is what this test is about.
+    // The default 20 ms response timeout: the fall-back is what this test is about. A
+    // tag's breaker skips its node for 100 ms after a failure (default 500 ms), so that an
+    // answer a loaded machine gives late holds tenant B back for a tenth of the run only.
     let store = RedisStore::builder()
         .replicas(4)
         .connect_timeout(Duration::from_secs(2))
+        .retry_after_outage(100 * MS)
         .build_cluster(cluster.client());
     let [(ta, na), (tb, _)] = tenants_on_two_nodes(&cluster, &store);
     let a = RedisBudget::builder(store.clone()).hash_tag(&ta).build();
@@ -371,22 +377,69 @@ fn percentiles(mut times: Vec<Duration>) -> (Duration, Duration) {
     (times[times.len() / 2], times[times.len() * 99 / 100])
 }
 
+/// The commands each node has run since its statistics were reset, by name
+/// (`INFO commandstats`: `cmdstat_evalsha:calls=500,…`).
+async fn commands(cluster: &RedisCluster, node: usize) -> Vec<(String, u64)> {
+    let mut conn = cluster
+        .node(node)
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+            let calls = rest.split(',').next()?.parse().ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
 #[tokio::test]
-async fn a_round_trip_to_the_cluster_costs_about_what_one_to_a_server_does() {
+async fn a_call_on_the_cluster_is_one_command_on_the_node_of_its_tag() {
     let Some(cluster) = RedisCluster::start_or_skip("cluster round trip") else {
         return;
     };
     let Some(server) = RedisServer::start_or_skip("cluster round trip") else {
         return;
     };
-    let on_cluster = RedisCooldowns::strict(patient(&cluster));
+    // No heartbeat (a configured replica count): the calls below are all there is.
+    let on_cluster = RedisCooldowns::strict(
+        RedisStore::builder()
+            .response_timeout(Duration::from_millis(500))
+            .replicas(4)
+            .build_cluster(cluster.client()),
+    )
+    .tag("account-1");
     let on_server = RedisCooldowns::strict(server.store());
     // Connected and the script loaded on both.
     on_cluster.remaining("h/m").await.unwrap();
     on_server.remaining("h/m").await.unwrap();
+    let home = cluster
+        .node_of(&on_cluster.store().key("cooldown", "account-1", "h/m"))
+        .unwrap();
+    for i in 0..3 {
+        let mut conn = cluster
+            .node(i)
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
     // Interleaved, so that the machine's load falls on both alike.
+    const CALLS: u64 = 2_000;
     let (mut cluster_times, mut server_times) = (Vec::new(), Vec::new());
-    for _ in 0..2_000 {
+    for _ in 0..CALLS {
         let t = Instant::now();
         on_cluster.remaining("h/m").await.unwrap();
         cluster_times.push(t.elapsed());
@@ -396,13 +449,29 @@ async fn a_round_trip_to_the_cluster_costs_about_what_one_to_a_server_does() {
     }
     let (c50, c99) = percentiles(cluster_times);
     let (s50, s99) = percentiles(server_times);
+    // Shown, not asserted (timing depends on the machine's load): a release build on an
+    // idle machine gives about 17 us on the cluster and 15 us on one server.
     println!(
-        "a script's round trip (2,000 each, interleaved): cluster p50 {c50:?} p99 {c99:?}; \
+        "a script's round trip ({CALLS} each, interleaved): cluster p50 {c50:?} p99 {c99:?}; \
          one server p50 {s50:?} p99 {s99:?}"
     );
-    // The cluster client routes in-process and keeps one connection per node: no extra
-    // round trip per call (one would double the median).
-    assert!(c50 < s50 * 2, "cluster p50 {c50:?} vs one server {s50:?}");
+    // Each call was one EVALSHA, on the node of its tag, and nothing else ran: no slot map
+    // fetched, no script loaded, no redirection followed.
+    for node in 0..3 {
+        let mut ran: Vec<(String, u64)> = commands(&cluster, node)
+            .await
+            .into_iter()
+            .filter(|(name, _)| name != "info" && name != "config|resetstat")
+            .collect();
+        ran.sort();
+        // (The script's own PTTL is counted too.)
+        let expected = if node == home {
+            vec![("evalsha".to_owned(), CALLS), ("pttl".to_owned(), CALLS)]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(ran, expected, "node {node} (the tag's: {home})");
+    }
 }
 
 #[tokio::test]
@@ -488,10 +557,13 @@ async fn a_paused_node_falls_back_for_its_tags_instead_of_hanging() {
     let Some(cluster) = RedisCluster::start_or_skip("cluster client pause") else {
         return;
     };
-    // The default 20 ms response timeout: the fall-back is what this test is about.
+    // The default 20 ms response timeout: the fall-back is what this test is about. A
+    // tag's breaker skips its node for 100 ms after a failure (default 500 ms), so that an
+    // answer a loaded machine gives late holds tenant B back for a tenth of the run only.
     let store = RedisStore::builder()
         .replicas(4)
         .connect_timeout(Duration::from_secs(2))
+        .retry_after_outage(100 * MS)
         .build_cluster(cluster.client());
     let [(ta, na), (tb, _)] = tenants_on_two_nodes(&cluster, &store);
     let a = RedisBudget::builder(store.clone()).hash_tag(&ta).build();
