@@ -1,16 +1,17 @@
 //! TokenBudget's admission + settlement per call, in-process and through Redis: the
 //! in-memory provider of `overhead.rs` behind a budget of requests and tokens per minute
-//! (limits never reached), with its state in this process, in a strict `RedisBudget`
-//! (one round trip to admit, one to settle, over loopback to a `redis-server` the bench
-//! starts) and in a leased one (chunks of 1% of each limit, spent locally). The shared
-//! budgets get a burst of a second's worth of the limit, as a service taking concurrent
-//! calls would (with none, calls less than `minute / limit` apart are paced).
+//! (limits never reached), with its state in this process, in a strict `RedisBudget` (one
+//! round trip per call over loopback to a `redis-server` the bench starts: each admission
+//! carries the previous call's settlement) and in a leased one (chunks of 1% of each
+//! limit, spent locally). The shared budgets get a burst of a second's worth of the limit,
+//! as a service taking concurrent calls would (with none, calls less than `minute / limit`
+//! apart are paced).
 //!
 //! A call is `ready`, `call`, and reading the response body to its end, so the budget
 //! settles the reservation with the usage (15 tokens for 80 reserved: a refund, which in
-//! strict mode is a round trip sent in the background, and counted here because the
-//! bench's one-thread runtime runs it between calls). First each variant's per-call
-//! latencies over 20,000 calls (p50, p99, p99.9, printed), then criterion's estimates.
+//! strict mode is queued and carried to Redis by the next call's admission script). First
+//! each variant's per-call latencies over 20,000 calls (p50, p99, p99.9, printed), then
+//! criterion's estimates.
 //!
 //! ```text
 //! cargo bench --bench redis_budget -- --warm-up-time 1 --measurement-time 3
@@ -141,9 +142,10 @@ fn main() {
     }
     for (name, b) in &shared {
         println!(
-            "{name}: {} round trips, {} calls decided in-process (Redis did not answer in time)",
+            "{name}: {} round trips, {} calls decided in-process (Redis did not answer in time), {} settlements given up",
             b.round_trips(),
-            b.fallbacks()
+            b.fallbacks(),
+            b.settlements_dropped()
         );
     }
 

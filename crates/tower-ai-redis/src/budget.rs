@@ -18,12 +18,18 @@ use crate::store::RedisStore;
 
 mod lease;
 mod local;
+mod settle;
 
 use lease::Leases;
 use local::Local;
+use settle::{Ages, Fate, KeyNames, Pending, Settlements, MAX_CARRIED};
 
-const ADMIT: &str = include_str!("scripts/budget_admit.lua");
-const SETTLE: &str = include_str!("scripts/budget_settle.lua");
+/// The admission script: the settle function, then the admission (which applies the
+/// settlements it carries first).
+const ADMIT: &str = concat!(
+    include_str!("scripts/budget_settle.lua"),
+    include_str!("scripts/budget_admit.lua")
+);
 
 /// The most keys whose denial is remembered (the oldest are forgotten past it).
 const MAX_DENIALS: usize = 10_000;
@@ -32,8 +38,11 @@ const MAX_DENIALS: usize = 10_000;
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub enum Mode {
-    /// One round trip per admission and one per settlement: atomic decisions in Redis,
-    /// never more than the limit plus the burst in any window.
+    /// One round trip per admission: atomic decisions in Redis, never more than the limit
+    /// plus the burst in any window. A settlement is queued and carried to Redis by the
+    /// replica's next admission (applied first, in the same script), or sent on its own
+    /// after [`settle_delay`](RedisBudgetBuilder::settle_delay) when no admission comes;
+    /// until it lands the request's reservation stays counted.
     Strict,
     /// For high-rate keys: each replica takes a chunk of the requests and tokens limits
     /// (`fraction` of each, e.g. `0.01`) atomically from Redis, spends it from local
@@ -59,6 +68,7 @@ pub struct RedisBudgetBuilder {
     token_burst: Option<u64>,
     fail_closed: u8,
     hold: Duration,
+    settle_delay: Duration,
 }
 
 /// TokenBudget's state in Redis, so the limits hold across every replica (give it to
@@ -75,6 +85,13 @@ pub struct RedisBudgetBuilder {
 ///   clock, UTC) counted in integer micro-units of the currency.
 /// - **Concurrency** is an expiring semaphore: a sorted set whose members expire after
 ///   [`hold`](RedisBudgetBuilder::hold), so the places of a replica that crashed come back.
+/// - **Settlements** (strict mode) cost no round trip of their own while requests keep
+///   coming: each is queued and carried by this replica's next admission, in the same
+///   script, applied before that admission is decided; without one within
+///   [`settle_delay`](RedisBudgetBuilder::settle_delay) (2 ms) the queue is sent on its
+///   own. Until a settlement lands its reservation and its place stay counted, so the
+///   limits hold. While Redis cannot take them they wait, at most 10,000 (see
+///   [`settlements_dropped`](RedisBudget::settlements_dropped) for what is given up).
 /// - **Denials are cached** until the time Redis gave: a refused key costs no round trip
 ///   until then (for a request at least as large as the one refused).
 /// - **Redis down or slow** (no answer within the store's response timeout): each replica
@@ -128,7 +145,8 @@ struct Inner {
     store: RedisStore,
     config: RedisBudgetBuilder,
     admit: Script,
-    settle: Script,
+    /// Settlements waiting for the next admission (or the flusher) to carry them.
+    settlements: Settlements,
     /// Members of the concurrency semaphore: this replica's id and a sequence number.
     seq: AtomicU64,
     /// Admissions sent to Redis, and those decided in-process because it could not answer.
@@ -269,13 +287,35 @@ impl RedisBudgetBuilder {
         self
     }
 
+    /// How long a strict settlement waits for this replica's next admission to carry it
+    /// before it is sent on its own (default 2 ms). Every settlement waiting then goes in
+    /// one script: a replica pays at most one round trip per admission and one per delay.
+    /// Until a settlement lands its reservation stays counted (the safe side), so a longer
+    /// delay only gives other replicas a refund or a free place later.
+    pub fn settle_delay(mut self, delay: Duration) -> Self {
+        self.settle_delay = delay;
+        self
+    }
+
     /// The budget store.
     pub fn build(self) -> RedisBudget {
         RedisBudget {
             inner: Arc::new(Inner {
                 store: self.store.clone(),
                 admit: Script::new(ADMIT),
-                settle: Script::new(SETTLE),
+                settlements: Settlements::new(
+                    KeyNames {
+                        store: self.store.clone(),
+                        tag: self.tag.clone(),
+                    },
+                    Ages {
+                        minute: self.minute,
+                        hold: self.hold,
+                        day: self.day.max(self.hour),
+                    },
+                    duration_us(self.minute),
+                    self.settle_delay,
+                ),
                 seq: AtomicU64::new(0),
                 round_trips: AtomicU64::new(0),
                 fallbacks: AtomicU64::new(0),
@@ -308,6 +348,7 @@ impl RedisBudget {
             token_burst: None,
             fail_closed: 0,
             hold: Duration::from_secs(600),
+            settle_delay: Duration::from_millis(2),
         }
     }
 
@@ -330,6 +371,29 @@ impl RedisBudget {
     /// answer in time.
     pub fn fallbacks(&self) -> u64 {
         self.inner.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Strict settlements not applied yet: queued for an admission or the flusher to carry
+    /// them to Redis, or sent and not answered yet (their reservations stay counted until
+    /// then).
+    pub fn settlements_pending(&self) -> usize {
+        self.inner.settlements.pending()
+    }
+
+    /// Strict settlements given up, whole or in part, so far: a refund sent when Redis did
+    /// not answer (it may have been applied: applying it twice would give back what was
+    /// used), a part older than its window, a settlement Redis refused, or the oldest when
+    /// the queue was full (10,000). A refund or a place given up stays counted (the safe
+    /// side); only a charge (usage over the estimate) given up counts less than was used.
+    /// Logged once per outage.
+    pub fn settlements_dropped(&self) -> u64 {
+        self.inner.settlements.dropped()
+    }
+
+    /// Sends every queued settlement now (e.g. at shutdown, or before reading Redis's
+    /// state); what Redis could not take stays queued, and the error says why.
+    pub async fn flush(&self) -> Result<(), crate::StoreError> {
+        self.inner.settlements.flush().await
     }
 
     /// The Redis keys of `name`'s state, in the order the scripts take them.
@@ -411,30 +475,41 @@ impl RedisBudget {
         };
         let spend = micro_up(ask.spend);
         let (request_burst, token_burst) = c.bursts(l);
-        let args: [&dyn crate::ToRedisArgsDyn; 14] = [
-            &duration_us(c.minute),
-            &l.requests_per_minute.unwrap_or(0),
-            &request_burst,
-            &l.tokens_per_minute.unwrap_or(0),
-            &token_burst,
-            &ask.tokens,
-            &l.spend_per_hour.map_or(0, |n| n / 1000),
-            &l.spend_per_day.map_or(0, |n| n / 1000),
-            &spend,
-            &duration_ms(c.hour),
-            &duration_ms(c.day),
-            &l.max_concurrent.unwrap_or(0),
-            &member.as_str(),
-            &duration_ms(c.hold),
-        ];
-        let key_refs: [&str; 5] = [&keys[0], &keys[1], &keys[2], &keys[3], &keys[4]];
+        let mut invocation = inner.admit.prepare_invoke();
+        for key in &keys {
+            invocation.key(key.as_str());
+        }
+        invocation
+            .arg(duration_us(c.minute))
+            .arg(l.requests_per_minute.unwrap_or(0))
+            .arg(request_burst)
+            .arg(l.tokens_per_minute.unwrap_or(0))
+            .arg(token_burst)
+            .arg(ask.tokens)
+            .arg(l.spend_per_hour.map_or(0, |n| n / 1000))
+            .arg(l.spend_per_day.map_or(0, |n| n / 1000))
+            .arg(spend)
+            .arg(duration_ms(c.hour))
+            .arg(duration_ms(c.day))
+            .arg(l.max_concurrent.unwrap_or(0))
+            .arg(member.as_str())
+            .arg(duration_ms(c.hold));
+        // This replica's settlements ride along, applied before the admission is decided.
+        inner.settlements.start();
+        let carried = inner.settlements.take(MAX_CARRIED);
+        invocation.arg(carried.len());
+        for p in &carried {
+            p.push_to(&mut invocation, inner.settlements.names());
+        }
         let started = Instant::now();
         inner.round_trips.fetch_add(1, Ordering::Relaxed);
-        match inner
+        let result = inner
             .store
-            .run::<Vec<i64>>(&inner.admit, &key_refs, &args)
-            .await
-        {
+            .run_prepared::<Vec<i64>>(&invocation, Some(&keys[0]))
+            .await;
+        drop(invocation);
+        inner.settlements.sent(carried, Fate::of(&result));
+        match result {
             Ok(v) if v.first() == Some(&1) => StoreDecision::Admitted(StoreLease {
                 key: ask.key,
                 tokens: ask.tokens,
@@ -601,7 +676,7 @@ impl BudgetStore for RedisBudget {
 }
 
 impl RedisBudget {
-    /// Sends the settlement of a request admitted by Redis, in the background.
+    /// Queues the settlement of a request admitted by Redis (see [`Mode::Strict`]).
     fn settle_in_redis(&self, limits: &StoreLimits, lease: StoreLease, spent: Spent) {
         let token_delta = if limits.tokens_per_minute.is_none() {
             0
@@ -621,35 +696,17 @@ impl RedisBudget {
         if token_delta == 0 && spend_delta == 0 && member.is_empty() {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime to send it from (a body dropped at shutdown): the place expires
-            // with its hold, the reservation stays counted.
-            return;
-        };
-        let this = self.clone();
-        let tpm = limits.tokens_per_minute.unwrap_or(0);
-        let (hour, day) = (lease.state[1], lease.state[2]);
-        runtime.spawn(async move {
-            let inner = &this.inner;
-            let keys = this.keys_of(&lease.name);
-            let key_refs: [&str; 5] = [&keys[0], &keys[1], &keys[2], &keys[3], &keys[4]];
-            let token_delta = token_delta.clamp(i64::MIN.into(), i64::MAX.into()) as i64;
-            let spend_delta = spend_delta.clamp(i64::MIN.into(), i64::MAX.into()) as i64;
-            let args: [&dyn crate::ToRedisArgsDyn; 7] = [
-                &duration_us(inner.config.minute),
-                &tpm,
-                &token_delta,
-                &spend_delta,
-                &hour,
-                &day,
-                &member.as_str(),
-            ];
-            // On an outage the settlement is lost: a place in flight expires with its
-            // hold, and the reservation stays counted (the safe side).
-            let _ = inner
-                .store
-                .run::<i64>(&inner.settle, &key_refs, &args)
-                .await;
+        // Queued: carried by this replica's next admission, or flushed after the delay.
+        // The reservation stays counted in Redis until then.
+        self.inner.settlements.push(Pending {
+            queued: Instant::now(),
+            name: lease.name,
+            tpm: limits.tokens_per_minute.unwrap_or(0),
+            tokens: token_delta.clamp(i64::MIN.into(), i64::MAX.into()) as i64,
+            spend: spend_delta.clamp(i64::MIN.into(), i64::MAX.into()) as i64,
+            hour: lease.state[1],
+            day: lease.state[2],
+            member,
         });
     }
 }

@@ -360,8 +360,18 @@ impl RedisStore {
         for arg in args {
             arg.push_to(&mut invocation);
         }
+        self.run_prepared(&invocation, keys.first().copied()).await
+    }
+
+    /// Runs a prepared invocation (keys and arguments already added), as [`run`](Self::run);
+    /// `first_key` is the invocation's first key (it picks the breaker on a cluster).
+    pub(crate) async fn run_prepared<T: FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+        first_key: Option<&str>,
+    ) -> Result<T, StoreError> {
         let mut conn = self.connection()?;
-        let breaker = self.breaker_of(keys.first().copied());
+        let breaker = self.breaker_of(first_key);
         self.guarded(breaker, async move {
             invocation.invoke_async::<T>(&mut conn).await
         })

@@ -534,9 +534,13 @@ async fn a_flushed_node_gets_its_scripts_again_while_another_node_is_down() {
 
 /// Whether node `node` has the budget's admission script (`SCRIPT EXISTS`).
 async fn admit_loaded(cluster: &RedisCluster, node: usize) -> bool {
-    let sha = redis::Script::new(include_str!("../src/scripts/budget_admit.lua"))
-        .get_hash()
-        .to_owned();
+    // The admission script is the settle function followed by the admission.
+    let sha = redis::Script::new(concat!(
+        include_str!("../src/scripts/budget_settle.lua"),
+        include_str!("../src/scripts/budget_admit.lua")
+    ))
+    .get_hash()
+    .to_owned();
     let mut conn = cluster
         .node(node)
         .client()

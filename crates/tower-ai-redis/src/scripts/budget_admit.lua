@@ -1,4 +1,6 @@
--- TokenBudget, strict mode: admits one request or refuses it, atomically, on Redis's clock.
+
+-- TokenBudget, strict mode: admits one request or refuses it, atomically, on Redis's clock,
+-- after applying the settlements it carries (settle_all, defined before this file).
 -- Plain Lua 5.1, no module, no command newer than Redis 7.
 --
 -- KEYS[1] requests (GCRA: the theoretical arrival time, in microseconds)
@@ -17,9 +19,12 @@
 -- ARGV[12] concurrency limit (0: none)
 -- ARGV[13] this request's member in the semaphore
 -- ARGV[14] how long a member holds its place, ms (a crashed replica's places come back)
+-- ARGV[15] number of settlements carried: their KEYS from KEYS[6], their ARGV from
+--          ARGV[16] (see settle_all)
 --
 -- Returns {1, hour index, day index} when admitted (everything counted), or
--- {0, limit, retry in ms} when refused (nothing counted): limit 1 requests, 2 tokens,
+-- {0, limit, retry in ms} when refused (nothing counted; the settlements are applied
+-- either way): limit 1 requests, 2 tokens,
 -- 3 concurrency, 4 spend per hour, 5 spend per day; retry -1 when it can never fit.
 --
 -- GCRA (the generic cell rate algorithm): each unit (a request, a token) moves the key's
@@ -31,6 +36,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now / 1000)
 local window = tonumber(ARGV[1])
+settle_all(now, window, 5, 15, tonumber(ARGV[15]))
 
 local function gcra(key, limit, burst, cost)
   if limit <= 0 or cost <= 0 then return true, nil, 0 end

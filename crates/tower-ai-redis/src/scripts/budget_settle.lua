@@ -1,48 +1,52 @@
--- TokenBudget, strict mode: settles one admitted request with what it really cost.
--- Plain Lua 5.1, no module, no command newer than Redis 7.
+-- TokenBudget, strict mode: settlements of requests admitted earlier, each replacing its
+-- reservation with what the request really cost. Plain Lua 5.1, no module, no command
+-- newer than Redis 7. This file defines settle_all; the admission script (which applies
+-- the settlements it carries before it decides) and the flush script follow it.
 --
--- KEYS as budget_admit.lua: 1 requests, 2 tokens, 3 spend per hour, 4 spend per day,
--- 5 concurrency.
--- ARGV[1] window in microseconds    ARGV[2] tokens per window (0: no limit)
--- ARGV[3] tokens used - tokens reserved (negative: a refund)
--- ARGV[4] spend used - spend reserved, micro-units
--- ARGV[5] hour index of the reservation   ARGV[6] day index of the reservation
--- ARGV[7] the request's member in the semaphore ('' for none)
+-- A replica queues its settlements and sends them with its next admission, or on their
+-- own after a short delay; until one lands its reservation stays counted, so a late
+-- refund only holds the key back longer.
+--
+-- Each settlement i (from 0) takes 4 KEYS from key_base + 4i + 1: tokens (GCRA), the
+-- bases of the spend per hour and per day windows, concurrency; and 6 ARGV from
+-- arg_base + 6i + 1: tokens per window (0: no limit), tokens used - tokens reserved
+-- (negative: a refund), spend used - spend reserved (micro-units), the hour and day
+-- indices of the reservation, the request's member in the semaphore ('' for none).
 --
 -- Tokens: the TAT moves by the difference: back for a refund (an arrival time already
 -- in the past stays there: an idle key cannot bank more than its room), on from now at
 -- the earliest for a charge. Spend: the difference lands in the calendar window where the
--- reservation was made, if it still exists. Returns 1.
+-- reservation was made, if it still exists.
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-
-local limit = tonumber(ARGV[2])
-local delta = tonumber(ARGV[3])
-if limit > 0 and delta ~= 0 then
-  local T = tonumber(ARGV[1]) / limit
-  local tat = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-  if delta > 0 and tat < now then tat = now end
-  tat = tat + delta * T
-  if tat > now then
-    redis.call('SET', KEYS[2], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
-  elseif delta < 0 then
-    redis.call('DEL', KEYS[2])
-  end
-end
-
-local cost = tonumber(ARGV[4])
-if cost ~= 0 then
-  for i, index in ipairs({ARGV[5], ARGV[6]}) do
-    local key = KEYS[2 + i] .. ':' .. index
-    if redis.call('EXISTS', key) == 1 then
-      local left = redis.call('INCRBY', key, cost)
-      if left < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+local function settle_all(now, window, key_base, arg_base, n)
+  for i = 0, n - 1 do
+    local k = key_base + i * 4
+    local a = arg_base + i * 6
+    local limit = tonumber(ARGV[a + 1])
+    local delta = tonumber(ARGV[a + 2])
+    if limit > 0 and delta ~= 0 then
+      local T = window / limit
+      local tat = tonumber(redis.call('GET', KEYS[k + 1]) or '0') or 0
+      if delta > 0 and tat < now then tat = now end
+      tat = tat + delta * T
+      if tat > now then
+        redis.call('SET', KEYS[k + 1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+      elseif delta < 0 then
+        redis.call('DEL', KEYS[k + 1])
+      end
+    end
+    local cost = tonumber(ARGV[a + 3])
+    if cost ~= 0 then
+      for j, index in ipairs({ARGV[a + 4], ARGV[a + 5]}) do
+        local key = KEYS[k + 1 + j] .. ':' .. index
+        if redis.call('EXISTS', key) == 1 then
+          local left = redis.call('INCRBY', key, cost)
+          if left < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+        end
+      end
+    end
+    if ARGV[a + 6] ~= '' then
+      redis.call('ZREM', KEYS[k + 4], ARGV[a + 6])
     end
   end
 end
-
-if ARGV[7] ~= '' then
-  redis.call('ZREM', KEYS[5], ARGV[7])
-end
-return 1
