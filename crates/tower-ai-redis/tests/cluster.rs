@@ -114,6 +114,9 @@ async fn every_script_runs_on_the_cluster_and_tenants_land_on_different_nodes() 
         b.settle(&l, lease, Spent::new(80, 4_000_000));
         tokio::time::sleep(100 * MS).await;
         assert_eq!(b.fallbacks(), 0, "{tag}: decided in Redis");
+        // The settlement was sent on its own (no admission followed) and landed.
+        assert_eq!(b.settlements_pending(), 0, "{tag}: settled");
+        assert_eq!(b.settlements_dropped(), 0, "{tag}: settled");
         assert!(!store.is_degraded());
         // Sharded: each tenant's keys on the node of its tag's slot.
         let keys = b.keys_of("k");
