@@ -82,6 +82,40 @@ async fn latencies(svc: &mut Svc) -> (Duration, Duration, Duration, Duration) {
     (at(0.5), at(0.99), at(0.999), mean)
 }
 
+/// CPU time of this thread so far (Linux: `/proc/thread-self/schedstat`; zero elsewhere).
+fn thread_cpu() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_nanos)
+}
+
+/// Redis's own counters: scripts run (`EVALSHA`), reads and writes of its event loop, CPU
+/// seconds (user + system).
+async fn server_counts(server: &RedisServer) -> [f64; 4] {
+    let Ok(mut conn) = server.client().get_multiplexed_async_connection().await else {
+        return [0.0; 4];
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("all")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    let field = |key: &str| -> f64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    [
+        field("cmdstat_evalsha:calls="),
+        field("total_reads_processed:"),
+        field("total_writes_processed:"),
+        field("used_cpu_user:") + field("used_cpu_sys:"),
+    ]
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -132,12 +166,33 @@ fn main() {
     println!("| variant | p50 | p99 | p99.9 | mean | mean / in-process |");
     println!("|---|---:|---:|---:|---:|---:|");
     let mut base = None;
+    let mut server_side = Vec::new();
     for (name, svc) in &mut variants {
+        let before = server.as_ref().map(|s| rt.block_on(server_counts(s)));
+        let cpu = thread_cpu();
         let (p50, p99, p999, mean) = rt.block_on(latencies(svc));
+        let cpu = thread_cpu().saturating_sub(cpu);
+        if let (Some(server), Some(before)) = (&server, before) {
+            let after = rt.block_on(server_counts(server));
+            server_side.push((*name, before, after, cpu));
+        }
         let base = *base.get_or_insert(mean);
         println!(
             "| {name} | {p50:.1?} | {p99:.1?} | {p999:.1?} | {mean:.1?} | {:.2} |",
             mean.as_secs_f64() / base.as_secs_f64()
+        );
+    }
+    // What Redis did per call: figures that do not depend on how busy the machine is.
+    let calls = (SAMPLES + 2_000) as f64;
+    for (name, before, after, cpu) in server_side.iter().filter(|(n, ..)| *n != "in_process") {
+        let per = |i: usize| (after[i] - before[i]) / calls;
+        println!(
+            "{name}, per call: in redis-server {:.2} scripts, {:.2} reads and {:.2} writes of its event loop, {:.1} us of CPU; in the bench's thread {:.1} us of CPU",
+            per(0),
+            per(1),
+            per(2),
+            per(3) * 1e6,
+            cpu.as_secs_f64() * 1e6 / calls
         );
     }
     for (name, b) in &shared {
