@@ -384,39 +384,36 @@ pin_project! {
     /// delivered whole: the bytes read, then the rest of the original body (with its
     /// trailers, or the read error met on the way).
     pub struct ClassifiedBody<B> {
-        prefix: Option<Bytes>,
-        tail: Option<Bytes>,
-        trailers: Option<HeaderMap>,
-        error: Option<BoxError>,
-        remainder: Option<Pin<Box<B>>>,
         #[pin]
         rest: Option<B>,
+        // Boxed: only an error body read ahead (or a body of bytes only) has these, and
+        // inline they would make every response, and each of its moves through the layers
+        // above, some 180 bytes larger.
+        read: Option<Box<ReadAhead<B>>>,
     }
+}
+
+/// What an error body read ahead is made of, in the order it is delivered.
+struct ReadAhead<B> {
+    prefix: Option<Bytes>,
+    tail: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+    error: Option<BoxError>,
+    remainder: Option<Pin<Box<B>>>,
 }
 
 impl<B> ClassifiedBody<B> {
     /// A body passed through untouched.
     pub fn passthrough(body: B) -> Self {
         ClassifiedBody {
-            prefix: None,
-            tail: None,
-            trailers: None,
-            error: None,
-            remainder: None,
             rest: Some(body),
+            read: None,
         }
     }
 
     /// A body made of bytes only, with no inner body (a degraded answer, a test response).
     pub fn full(bytes: Bytes) -> Self {
-        ClassifiedBody {
-            prefix: (!bytes.is_empty()).then_some(bytes),
-            tail: None,
-            trailers: None,
-            error: None,
-            remainder: None,
-            rest: None,
-        }
+        ClassifiedBody::buffered(bytes, None, None, None, None)
     }
 
     /// An error body read ahead: `prefix` (the bytes classified), then `tail` (the
@@ -430,25 +427,27 @@ impl<B> ClassifiedBody<B> {
         remainder: Option<Pin<Box<B>>>,
     ) -> Self {
         ClassifiedBody {
-            prefix: (!prefix.is_empty()).then_some(prefix),
-            tail: tail.filter(|t| !t.is_empty()),
-            trailers,
-            error,
-            remainder,
             rest: None,
+            read: Some(Box::new(ReadAhead {
+                prefix: (!prefix.is_empty()).then_some(prefix),
+                tail: tail.filter(|t| !t.is_empty()),
+                trailers,
+                error,
+                remainder,
+            })),
         }
     }
 
     /// The bytes read ahead of the rest, if any (an error body's first bytes).
     pub fn prefix(&self) -> Option<&Bytes> {
-        self.prefix.as_ref()
+        self.read.as_ref()?.prefix.as_ref()
     }
 }
 
 impl<B> fmt::Debug for ClassifiedBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClassifiedBody")
-            .field("prefix_len", &self.prefix.as_ref().map(Bytes::len))
+            .field("prefix_len", &self.prefix().map(Bytes::len))
             .field("passthrough", &self.rest.is_some())
             .finish()
     }
@@ -470,16 +469,19 @@ where
         if let Some(rest) = this.rest.as_pin_mut() {
             return rest.poll_frame(cx).map_err(Into::into);
         }
-        if let Some(p) = this.prefix.take().or_else(|| this.tail.take()) {
+        let Some(read) = this.read.as_deref_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Some(p) = read.prefix.take().or_else(|| read.tail.take()) {
             return Poll::Ready(Some(Ok(Frame::data(p))));
         }
-        if let Some(e) = this.error.take() {
+        if let Some(e) = read.error.take() {
             return Poll::Ready(Some(Err(e)));
         }
-        if let Some(t) = this.trailers.take() {
+        if let Some(t) = read.trailers.take() {
             return Poll::Ready(Some(Ok(Frame::trailers(t))));
         }
-        match this.remainder {
+        match &mut read.remainder {
             Some(r) => r.as_mut().poll_frame(cx).map_err(Into::into),
             None => Poll::Ready(None),
         }
@@ -489,20 +491,24 @@ where
         if let Some(r) = &self.rest {
             return r.is_end_stream();
         }
-        self.prefix.is_none()
-            && self.tail.is_none()
-            && self.error.is_none()
-            && self.trailers.is_none()
-            && self.remainder.as_ref().is_none_or(|r| r.is_end_stream())
+        let Some(read) = &self.read else { return true };
+        read.prefix.is_none()
+            && read.tail.is_none()
+            && read.error.is_none()
+            && read.trailers.is_none()
+            && read.remainder.as_ref().is_none_or(|r| r.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         if let Some(r) = &self.rest {
             return r.size_hint();
         }
-        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64)
-            + self.tail.as_ref().map_or(0, |p| p.len() as u64);
-        let mut hint = match &self.remainder {
+        let Some(read) = &self.read else {
+            return SizeHint::with_exact(0);
+        };
+        let extra = read.prefix.as_ref().map_or(0, |p| p.len() as u64)
+            + read.tail.as_ref().map_or(0, |p| p.len() as u64);
+        let mut hint = match &read.remainder {
             Some(r) => r.size_hint(),
             None => SizeHint::with_exact(0),
         };
