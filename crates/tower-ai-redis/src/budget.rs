@@ -494,9 +494,15 @@ impl RedisBudget {
             .arg(l.max_concurrent.unwrap_or(0))
             .arg(member.as_str())
             .arg(duration_ms(c.hold));
-        // This replica's settlements ride along, applied before the admission is decided.
+        // This replica's settlements ride along, applied before the admission is decided
+        // (not while Redis is in an outage: the flusher keeps trying them, and a fall-back
+        // admission stays cheap).
         inner.settlements.start();
-        let carried = inner.settlements.take(MAX_CARRIED);
+        let carried = if inner.store.is_down(Some(&keys[0])) {
+            Vec::new()
+        } else {
+            inner.settlements.take(MAX_CARRIED)
+        };
         invocation.arg(carried.len());
         for p in &carried {
             p.push_to(&mut invocation, inner.settlements.names());

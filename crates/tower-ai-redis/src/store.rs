@@ -387,6 +387,15 @@ impl RedisStore {
         .await
     }
 
+    /// `true` while the Redis that a call whose first key is `first_key` goes to is in an
+    /// outage (its calls fail or are skipped).
+    pub(crate) fn is_down(&self, first_key: Option<&str>) -> bool {
+        self.breaker_of(first_key)
+            .0
+            .degraded
+            .load(Ordering::Relaxed)
+    }
+
     /// The breaker of a call whose first key is `key`, with the key's hash tag on a
     /// cluster (one breaker for the whole store on one server).
     fn breaker_of<'a>(&'a self, key: Option<&'a str>) -> (&'a Breaker, Option<&'a str>) {
