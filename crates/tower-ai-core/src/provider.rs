@@ -83,11 +83,13 @@ impl Provider {
 
     fn from_host(host: &str) -> Option<Provider> {
         let host = host.trim_end_matches('.');
-        if host.eq_ignore_ascii_case("api.openai.com") {
+        // The usual (lowercase) spelling first: one comparison of bytes.
+        let is = |name: &str| host == name || host.eq_ignore_ascii_case(name);
+        if is("api.openai.com") {
             Some(Provider::OpenAi)
-        } else if host.eq_ignore_ascii_case("api.anthropic.com") {
+        } else if is("api.anthropic.com") {
             Some(Provider::Anthropic)
-        } else if host.eq_ignore_ascii_case("generativelanguage.googleapis.com") {
+        } else if is("generativelanguage.googleapis.com") {
             Some(Provider::Gemini)
         } else if ends_with_ignore_case(host, ".openai.azure.com") {
             Some(Provider::AzureOpenAi)
@@ -138,17 +140,22 @@ fn ends_with_ignore_case(s: &str, suffix: &str) -> bool {
 /// paid by every layer that keys on the host.
 pub(crate) fn uri_host(uri: &Uri) -> Option<&str> {
     let auth = uri.authority()?.as_str();
-    let start = auth.bytes().rposition(|c| c == b'@').map_or(0, |i| i + 1);
+    // One forward pass: the host starts after the last `@` and ends at the first `:`
+    // after that (or at an IPv6 literal's `]`).
+    let (mut start, mut colon) = (0, None);
+    for (i, &c) in auth.as_bytes().iter().enumerate() {
+        if c == b'@' {
+            (start, colon) = (i + 1, None);
+        } else if c == b':' && colon.is_none() {
+            colon = Some(i);
+        }
+    }
     let host_port = &auth[start..];
     if host_port.as_bytes().first() == Some(&b'[') {
         let end = host_port.bytes().position(|c| c == b']');
         return Some(end.map_or(host_port, |e| &host_port[..=e]));
     }
-    let end = host_port
-        .bytes()
-        .position(|c| c == b':')
-        .unwrap_or(host_port.len());
-    Some(&host_port[..end])
+    Some(&auth[start..colon.unwrap_or(auth.len())])
 }
 
 #[cfg(test)]
