@@ -13,9 +13,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use smallvec::SmallVec;
 
 use crate::attempt::AttemptBudget;
 use crate::deadline::Deadline;
@@ -253,16 +255,25 @@ fn clone_head_and_body<B: ReplayBody>(req: &http::Request<B>) -> Option<http::Re
     Some(out)
 }
 
+/// Headers a [`RetainedRequest`] keeps inline (a request with more keeps them all on
+/// the heap, in one allocation).
+const INLINE_HEADERS: usize = 6;
+
 /// A copy of a request kept to be sent again (AiRetry's next attempt, ModelFallback's next
 /// route): what [`try_clone_request`] makes, for less on the usual request.
+///
+/// The headers are kept as a list of `(name, value)` pairs, inline for a request of up to
+/// six of them (cloning a `HeaderMap` costs two allocations, its index and its entries;
+/// a list inline costs none, and a layer that keeps the copy in a box of its own pays for
+/// nothing more). [`replay`](RetainedRequest::replay) builds the header map again, in
+/// the same order.
 ///
 /// When the request's only extensions are a [`Deadline`] and an [`AttemptBudget`] (or
 /// one of them: what the stack's own layers put in), the copy keeps them beside itself
 /// instead of in an extensions map of its own (cloning a map costs three allocations: the
 /// map, its table and each value), and [`replay`](RetainedRequest::replay) puts them back
-/// into every request it makes. Any other extension and the copy is a plain
-/// [`try_clone_request`]. Either way, a replayed request carries exactly the extensions
-/// the original did.
+/// into every request it makes. Any other extension and the whole map is copied. Either
+/// way, a replayed request carries exactly the extensions the original did.
 ///
 /// ```
 /// use std::time::Duration;
@@ -283,9 +294,12 @@ fn clone_head_and_body<B: ReplayBody>(req: &http::Request<B>) -> Option<http::Re
 /// # }
 /// ```
 pub struct RetainedRequest<B> {
-    /// The copy. Without extensions when the original's were at most the two fields
-    /// below (kept there); else with all of them, and the fields are `None`.
+    /// Method, URI, version and body; an empty header map (which allocates nothing).
+    /// Without extensions when the original's were at most the two fields below (kept
+    /// there); else with all of them, and the fields are `None`.
     req: http::Request<B>,
+    /// Every `(name, value)` of the original, in its iteration order.
+    headers: SmallVec<[(HeaderName, HeaderValue); INLINE_HEADERS]>,
     deadline: Option<Deadline>,
     budget: Option<AttemptBudget>,
 }
@@ -293,28 +307,58 @@ pub struct RetainedRequest<B> {
 impl<B: ReplayBody> RetainedRequest<B> {
     /// A copy of `req`, or `None` when its body cannot be replayed.
     pub fn copy(req: &http::Request<B>) -> Option<Self> {
+        let mut slot = None;
+        RetainedRequest::copy_into(req, &mut slot);
+        slot
+    }
+
+    /// [`copy`](RetainedRequest::copy) made where it is kept (a layer's boxed state):
+    /// `slot` is set to the copy, or to `None` when the body cannot be replayed. The copy
+    /// is written in place, not moved there (it holds its headers inline). Returns whether
+    /// there is a copy.
+    pub fn copy_into(req: &http::Request<B>, slot: &mut Option<Self>) -> bool {
+        let Some(body) = req.body().try_clone() else {
+            *slot = None;
+            return false;
+        };
         let ext = req.extensions();
-        let deadline = ext.get::<Deadline>().copied();
-        let budget = ext.get::<AttemptBudget>().cloned();
-        if ext.len() == usize::from(deadline.is_some()) + usize::from(budget.is_some()) {
-            Some(RetainedRequest {
-                req: clone_head_and_body(req)?,
-                deadline,
-                budget,
-            })
-        } else {
-            Some(RetainedRequest {
-                req: try_clone_request(req)?,
-                deadline: None,
-                budget: None,
-            })
+        let mut deadline = ext.get::<Deadline>().copied();
+        let mut budget = ext.get::<AttemptBudget>().cloned();
+        let own_ext = ext.len() != usize::from(deadline.is_some()) + usize::from(budget.is_some());
+        if own_ext {
+            // Everything is in the copied map.
+            deadline = None;
+            budget = None;
         }
+        let kept = slot.insert(RetainedRequest {
+            req: http::Request::new(body),
+            headers: SmallVec::new(),
+            deadline,
+            budget,
+        });
+        *kept.req.method_mut() = req.method().clone();
+        *kept.req.uri_mut() = req.uri().clone();
+        *kept.req.version_mut() = req.version();
+        if own_ext {
+            *kept.req.extensions_mut() = ext.clone();
+        }
+        let headers = req.headers();
+        kept.headers.reserve(headers.len());
+        for (n, v) in headers {
+            kept.headers.push((n.clone(), v.clone()));
+        }
+        true
     }
 
     /// A request to send: a copy of the original, extensions included. `None` when the
     /// body will not replay.
     pub fn replay(&self) -> Option<http::Request<B>> {
-        let mut out = clone_head_and_body(&self.req)?;
+        let body = self.req.body().try_clone()?;
+        let mut out = http::Request::new(body);
+        *out.method_mut() = self.req.method().clone();
+        *out.uri_mut() = self.req.uri().clone();
+        *out.version_mut() = self.req.version();
+        *out.headers_mut() = self.header_map();
         if self.req.extensions().is_empty() {
             self.restore(&mut out);
         } else {
@@ -325,8 +369,10 @@ impl<B: ReplayBody> RetainedRequest<B> {
 
     /// The original request itself, extensions included (for the last time it is sent).
     pub fn into_request(self) -> http::Request<B> {
-        // Both `None` when `req` has its own extensions.
+        let headers = self.header_map();
         let mut out = self.req;
+        *out.headers_mut() = headers;
+        // Both `None` when `req` has its own extensions.
         if let Some(d) = self.deadline {
             out.extensions_mut().insert(d);
         }
@@ -347,12 +393,43 @@ impl<B: ReplayBody> RetainedRequest<B> {
 }
 
 impl<B> RetainedRequest<B> {
-    /// The copy's method, URI, version, headers and body. Its extensions may lack the
-    /// [`Deadline`] and the [`AttemptBudget`]: read those with
-    /// [`deadline`](RetainedRequest::deadline) and
-    /// [`attempt_budget`](RetainedRequest::attempt_budget).
-    pub fn head_and_body(&self) -> &http::Request<B> {
-        &self.req
+    /// The original's headers, as a map again (the same names and values, in the same
+    /// order).
+    fn header_map(&self) -> HeaderMap {
+        // The original held them all, so they fit: `try_*` only keeps a panic out of reach.
+        let mut map = HeaderMap::try_with_capacity(self.headers.len()).unwrap_or_default();
+        for (name, value) in &self.headers {
+            let _ = map.try_append(name.clone(), value.clone());
+        }
+        map
+    }
+
+    /// The copy's method.
+    pub fn method(&self) -> &http::Method {
+        self.req.method()
+    }
+
+    /// The copy's URI.
+    pub fn uri(&self) -> &http::Uri {
+        self.req.uri()
+    }
+
+    /// The copy's body.
+    pub fn body(&self) -> &B {
+        self.req.body()
+    }
+
+    /// The copy's headers, each value of each name in the original's iteration order.
+    pub fn headers(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.headers.iter().map(|(n, v)| (n, v))
+    }
+
+    /// The dialect the original request speaks ([`Provider::of`](crate::Provider::of)).
+    pub fn provider(&self) -> crate::Provider {
+        if let Some(p) = self.req.extensions().get::<crate::Provider>() {
+            return *p;
+        }
+        crate::Provider::detect(self.req.uri(), &self.header_map())
     }
 
     /// The original request's [`Deadline`], if it carried one.
@@ -576,6 +653,45 @@ mod tests {
         assert_eq!(c.body().bytes(), Some(&b"{}"[..]));
     }
 
+    #[test]
+    fn a_retained_request_keeps_every_header_in_order() {
+        // More headers than kept inline, repeated names, a custom name among standard ones.
+        for extra in [0, 10] {
+            let mut b = http::Request::post("http://h/v1/messages")
+                .header("x-a", "1")
+                .header("content-type", "application/json")
+                .header("x-a", "2");
+            for i in 0..extra {
+                b = b.header(format!("x-filler-{i}"), i.to_string());
+            }
+            let mut req = b.body(AiBody::from("{}")).unwrap();
+            req.headers_mut()
+                .insert("authorization", "Bearer k".parse().unwrap());
+            let want: Vec<_> = req
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            let kept = RetainedRequest::copy(&req).unwrap();
+            let seen: Vec<_> = kept
+                .headers()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            assert_eq!(seen, want);
+            for r in [kept.replay().unwrap(), kept.into_request()] {
+                assert_eq!(r.headers(), req.headers());
+                let got: Vec<_> = r
+                    .headers()
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect();
+                assert_eq!(got, want, "the same order");
+                assert_eq!(r.uri(), req.uri());
+                assert_eq!(r.version(), req.version());
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_retained_request_replays_every_extension() {
         let mut req = http::Request::post("http://h/v1/chat/completions")
@@ -602,7 +718,6 @@ mod tests {
         let budget = AttemptBudget::new(3);
         req.extensions_mut().insert(budget.clone());
         let kept = RetainedRequest::copy(&req).unwrap();
-        assert!(kept.head_and_body().extensions().is_empty());
         assert_eq!(kept.deadline(), Some(deadline));
         assert!(kept.attempt_budget().unwrap().try_acquire());
         assert_eq!(budget.remaining(), 2, "the same budget, not a copy");
@@ -617,7 +732,6 @@ mod tests {
         // Any other extension: the whole map is copied.
         req.extensions_mut().insert(7u32);
         let kept = RetainedRequest::copy(&req).unwrap();
-        assert_eq!(kept.head_and_body().extensions().get::<u32>(), Some(&7));
         assert_eq!(kept.deadline(), Some(deadline));
         assert!(kept.attempt_budget().is_some());
         for r in [kept.replay().unwrap(), kept.into_request()] {

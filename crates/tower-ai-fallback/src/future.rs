@@ -118,15 +118,10 @@ impl Drop for Adopted {
 /// Everything but the in-flight call.
 struct Ctx<S, ReqB, ResB> {
     chain: Arc<Chain<ReqB, ResB>>,
-    /// The wrapped service: ready and unused while `svc_ready`, else a used instance to
-    /// clone for later calls.
-    svc: S,
+    /// The wrapped service and the copy of the request, in one box: the future that the
+    /// layers above move holds a pointer to them, not them.
+    cold: Box<Cold<S, ReqB>>,
     svc_ready: bool,
-    /// A copy of the caller's request, kept whole for later routes (never sent, never
-    /// mutated). `None` for a single-route chain or a body that cannot be replayed: no
-    /// fallback. (The caller's request itself only lives through `start`: the first
-    /// route sends it.)
-    original: Option<RetainedRequest<ReqB>>,
     budget: Budget,
     /// The route being tried.
     index: usize,
@@ -135,6 +130,18 @@ struct Ctx<S, ReqB, ResB> {
     last: Option<Box<Res<ResB>>>,
     /// The model the current route sent (not read on the first route's happy path).
     sent_model: Option<Arc<str>>,
+}
+
+/// What the first route's call does not read again.
+struct Cold<S, ReqB> {
+    /// The wrapped service: ready and unused while `svc_ready`, else a used instance to
+    /// clone for later calls.
+    svc: S,
+    /// A copy of the caller's request, kept whole for later routes (never sent, never
+    /// mutated). `None` for a single-route chain or a body that cannot be replayed: no
+    /// fallback. (The caller's request itself only lives through `start`: the first
+    /// route sends it.)
+    original: Option<RetainedRequest<ReqB>>,
 }
 
 enum Step<F, O, X, R> {
@@ -159,11 +166,13 @@ where
     pub(crate) fn start(chain: Arc<Chain<ReqB, ResB>>, svc: S, mut req: Request<ReqB>) -> Self {
         // The copy for later routes is taken before the budget goes in, so that it does
         // not clone the budget's extension on the happy path.
-        let original = if chain.routes.len() > 1 {
-            RetainedRequest::copy(&req)
-        } else {
-            None
-        };
+        let mut cold = Box::new(Cold {
+            svc,
+            original: None,
+        });
+        if chain.routes.len() > 1 {
+            RetainedRequest::copy_into(&req, &mut cold.original);
+        }
         let budget = match (chain.max_attempts, req.extensions().get::<AttemptBudget>()) {
             // A fallback layer further out already caps this request: draw from its budget.
             // It paid for this call and reserved units for its later routes: ours go on top.
@@ -183,9 +192,8 @@ where
         };
         let mut ctx = Ctx {
             chain,
-            svc,
+            cold,
             svc_ready: true,
-            original,
             budget,
             index: 0,
             failures: Vec::new(),
@@ -207,9 +215,10 @@ where
     ReqB: ReplayBody + From<Bytes>,
 {
     fn provider(&self) -> Provider {
-        self.original
+        self.cold
+            .original
             .as_ref()
-            .map_or(Provider::Generic, |r| Provider::of(r.head_and_body()))
+            .map_or(Provider::Generic, RetainedRequest::provider)
     }
 
     /// Tries `candidate`, then (when it is skipped or cannot be sent) the next route that
@@ -231,7 +240,11 @@ where
             self.index = j;
             let route = &chain.routes[j];
             if let Target::Degraded(make) = &route.target {
-                let replayed = self.original.as_ref().and_then(RetainedRequest::replay);
+                let replayed = self
+                    .cold
+                    .original
+                    .as_ref()
+                    .and_then(RetainedRequest::replay);
                 let Some(req) = replayed.as_ref().or(first.as_ref()) else {
                     return self.exhausted();
                 };
@@ -257,7 +270,12 @@ where
             }
             let mut req = match first.take() {
                 Some(req) => req,
-                None => match self.original.as_ref().and_then(RetainedRequest::replay) {
+                None => match self
+                    .cold
+                    .original
+                    .as_ref()
+                    .and_then(RetainedRequest::replay)
+                {
                     Some(req) => req,
                     None => return self.exhausted(),
                 },
@@ -297,7 +315,7 @@ where
                     message: "skipped: the route's skip predicate (circuit open) is true"
                         .to_owned(),
                 });
-                if self.original.is_none() {
+                if self.cold.original.is_none() {
                     // The only copy of a body that cannot be replayed: keep it for the
                     // next route.
                     first = Some(req);
@@ -309,7 +327,7 @@ where
                 tracing::debug!(route = &*route.name, "attempt budget spent");
                 #[cfg(feature = "metrics")]
                 crate::meter::fallback("attempt_budget");
-                if self.original.is_none() {
+                if self.cold.original.is_none() {
                     first = Some(req);
                 }
                 candidate = degraded_after(&chain.routes, j);
@@ -326,16 +344,16 @@ where
                 Target::Inner if self.svc_ready => {
                     self.svc_ready = false;
                     State::Called {
-                        fut: self.svc.call(req),
+                        fut: self.cold.svc.call(req),
                     }
                 }
                 Target::Inner => State::Again {
-                    fut: Box::pin(Oneshot::new(self.svc.clone(), req)),
+                    fut: Box::pin(Oneshot::new(self.cold.svc.clone(), req)),
                 },
                 Target::Service { svc, .. } => {
                     if self.svc_ready {
                         // Release whatever the ready instance holds (a permit) now.
-                        self.svc = self.svc.clone();
+                        self.cold.svc = self.cold.svc.clone();
                         self.svc_ready = false;
                     }
                     State::Other {
@@ -350,7 +368,12 @@ where
     /// Whether the request's deadline leaves less than the chain's `min_route_time` (read
     /// only when a later route would start).
     fn too_late(&self, chain: &Chain<ReqB, ResB>) -> bool {
-        let Some(deadline) = self.original.as_ref().and_then(RetainedRequest::deadline) else {
+        let Some(deadline) = self
+            .cold
+            .original
+            .as_ref()
+            .and_then(RetainedRequest::deadline)
+        else {
             return false;
         };
         let left = deadline.remaining();
@@ -408,7 +431,7 @@ where
             },
             Err(e) => judge_error(&chain, e, self.provider()),
         };
-        if failure.action == Action::Stop || self.original.is_none() {
+        if failure.action == Action::Stop || self.cold.original.is_none() {
             return Step::Ready(result);
         }
         let window = route.context_window.unwrap_or(0);

@@ -94,26 +94,37 @@ pin_project! {
 pin_project! {
     /// The future of [`AiRetry`](crate::AiRetry): the first attempt, then for each retry
     /// a `Sleep` and a `Oneshot` on a clone of the inner service (which drives its
-    /// readiness first). No box, no allocation unless a retry happens.
+    /// readiness first). What only a retry needs (the service to call again, the copy of
+    /// the request, the key, the randomness) is in one box, made with the copy: the
+    /// future that every layer above moves holds the first attempt's future and little
+    /// else.
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<B>>,
     {
         #[pin]
         state: State<S::Future, Oneshot<S, Request<B>>>,
-        service: S,
-        // The request as the caller gave it (without the two headers), kept to send again.
-        retained: Option<RetainedRequest<B>>,
-        // The idempotency key this layer added to the first attempt, for the others.
-        key: Option<Key>,
+        // `None` when no retry is possible (`max_attempts` 1, or refused before a call).
+        cold: Option<Box<Cold<S, B>>>,
         attempts: u32,
-        // When the call began; read only when there is a deadline.
-        start: Option<Instant>,
-        prev_backoff: Option<Duration>,
-        rng: fastrand::Rng,
         config: Arc<AiRetryConfig>,
         span: tracing::Span,
     }
+}
+
+/// What only a retry reads, in one box made by `call` (the copy of the request is
+/// written into it in place).
+pub(crate) struct Cold<S, B> {
+    /// The instance that made the first call, cloned for each retry (set once called).
+    pub(crate) service: Option<S>,
+    /// The request as the caller gave it (without the two headers), kept to send again.
+    pub(crate) retained: Option<RetainedRequest<B>>,
+    /// The idempotency key this layer added to the first attempt, for the others.
+    pub(crate) key: Option<Key>,
+    /// When the call began; read only when there is a deadline.
+    pub(crate) start: Option<Instant>,
+    pub(crate) prev_backoff: Option<Duration>,
+    pub(crate) rng: fastrand::Rng,
 }
 
 impl<S, B> fmt::Debug for ResponseFuture<S, B>
@@ -138,53 +149,27 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
-    // Crate-private, one caller: a struct for the arguments would only rename them.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         fut: S::Future,
-        service: S,
-        retained: Option<RetainedRequest<B>>,
-        key: Option<Key>,
+        cold: Option<Box<Cold<S, B>>>,
         config: Arc<AiRetryConfig>,
-        start: Option<Instant>,
-        rng: fastrand::Rng,
         span: tracing::Span,
     ) -> Self {
         ResponseFuture {
             state: State::Called { fut },
-            service,
-            retained,
-            key,
+            cold,
             attempts: 1,
-            start,
-            prev_backoff: None,
-            rng,
             config,
             span,
         }
     }
-}
 
-impl<S, B> ResponseFuture<S, B>
-where
-    S: Service<Request<B>>,
-{
     /// A future that fails with `err` at once, without a call.
-    pub(crate) fn refused(
-        err: BoxError,
-        service: S,
-        config: Arc<AiRetryConfig>,
-        span: tracing::Span,
-    ) -> Self {
+    pub(crate) fn refused(err: BoxError, config: Arc<AiRetryConfig>, span: tracing::Span) -> Self {
         ResponseFuture {
             state: State::Refused { err: Some(err) },
-            service,
-            retained: None,
-            key: None,
+            cold: None,
             attempts: 0,
-            start: None,
-            prev_backoff: None,
-            rng: fastrand::Rng::with_seed(0),
             config,
             span,
         }
@@ -222,22 +207,22 @@ enum Plan {
     Stop(StopReason),
 }
 
-struct Ctx<'a, B> {
-    retained: &'a Option<RetainedRequest<B>>,
+struct Ctx<'a, S, B> {
+    cold: Option<&'a mut Cold<S, B>>,
     attempts: u32,
-    start: Option<Instant>,
-    prev_backoff: &'a mut Option<Duration>,
-    rng: &'a mut fastrand::Rng,
     config: &'a AiRetryConfig,
 }
 
-impl<B> Ctx<'_, B> {
+impl<S, B> Ctx<'_, S, B> {
     fn plan(&mut self, asked: Asked, now: Instant) -> Plan {
         let cfg = self.config;
         if self.attempts >= cfg.max_attempts {
             return Plan::Stop(StopReason::MaxAttempts);
         }
-        let Some(retained) = self.retained else {
+        let Some(cold) = self.cold.as_deref_mut() else {
+            return Plan::Stop(StopReason::NotReplayable);
+        };
+        let Some(retained) = &cold.retained else {
             return Plan::Stop(StopReason::NotReplayable);
         };
         let attempts = retained.attempt_budget();
@@ -264,11 +249,11 @@ impl<B> Ctx<'_, B> {
             Asked::Nothing => {
                 let d = cfg
                     .backoff
-                    .wait(self.attempts - 1, *self.prev_backoff, self.rng);
+                    .wait(self.attempts - 1, cold.prev_backoff, &mut cold.rng);
                 (d, Source::Backoff)
             }
         };
-        if let (Some(max), Some(start)) = (cfg.max_elapsed, self.start) {
+        if let (Some(max), Some(start)) = (cfg.max_elapsed, cold.start) {
             if now + wait >= start + max {
                 return Plan::Stop(StopReason::Deadline);
             }
@@ -299,7 +284,7 @@ impl<B> Ctx<'_, B> {
             }
         }
         if let Source::Backoff = source {
-            *self.prev_backoff = Some(wait);
+            cold.prev_backoff = Some(wait);
         }
         Plan::Retry(wait, source)
     }
@@ -362,38 +347,42 @@ where
                 StateProj::Waiting { sleep } => {
                     ready!(sleep.as_mut().poll(cx));
                     *this.attempts += 1;
+                    let Some(cold) = this.cold.as_deref_mut() else {
+                        // Unreachable: a retry is only planned with what it needs.
+                        return Poll::Ready(Err("ai_retry: no request to send again".into()));
+                    };
                     // Keep a copy while another retry is possible; the last attempt
                     // takes the retained request itself.
                     let mut req = if *this.attempts < this.config.max_attempts {
-                        this.retained.as_ref().and_then(RetainedRequest::replay)
+                        cold.retained.as_ref().and_then(RetainedRequest::replay)
                     } else {
                         None
                     };
                     if req.is_none() {
-                        req = this.retained.take().map(RetainedRequest::into_request);
+                        req = cold.retained.take().map(RetainedRequest::into_request);
                     }
                     let Some(mut req) = req else {
                         // Unreachable: a retry is only planned with a retained request.
                         return Poll::Ready(Err("ai_retry: no request to send again".into()));
                     };
                     let headers = req.headers_mut();
-                    if let (Some(name), Some(key)) = (&this.config.idempotency_header, *this.key) {
+                    if let (Some(name), Some(key)) = (&this.config.idempotency_header, cold.key) {
                         let _ = headers.try_insert(name, key.value());
                     }
                     if let Some(name) = &this.config.attempt_header {
                         let _ = headers.try_insert(name, attempt_value(*this.attempts - 1));
                     }
-                    let fut = Box::pin(Oneshot::new(this.service.clone(), req));
+                    let Some(service) = &cold.service else {
+                        return Poll::Ready(Err("ai_retry: no service to call again".into()));
+                    };
+                    let fut = Box::pin(Oneshot::new(service.clone(), req));
                     this.state.set(State::Retrying { fut });
                     continue;
                 }
             };
             let mut ctx = Ctx {
-                retained: this.retained,
+                cold: this.cold.as_deref_mut(),
                 attempts: *this.attempts,
-                start: *this.start,
-                prev_backoff: this.prev_backoff,
-                rng: this.rng,
                 config: this.config,
             };
             let step = decide(result, &mut ctx, this.span);
@@ -412,9 +401,9 @@ where
     }
 }
 
-fn decide<B, ResB>(
+fn decide<S, B, ResB>(
     result: Result<Response<ResB>, BoxError>,
-    ctx: &mut Ctx<'_, B>,
+    ctx: &mut Ctx<'_, S, B>,
     span: &tracing::Span,
 ) -> Step<Result<Response<ResB>, BoxError>> {
     let attempt = ctx.attempts;
@@ -486,11 +475,11 @@ fn decide<B, ResB>(
 }
 
 /// The caller's answer once retries end on a failure response.
-fn finish_response<B, ResB>(
+fn finish_response<S, B, ResB>(
     mut res: Response<ResB>,
     c: &mut Classification,
     reason: StopReason,
-    ctx: &Ctx<'_, B>,
+    ctx: &Ctx<'_, S, B>,
 ) -> Step<Result<Response<ResB>, BoxError>> {
     let mut too_long = None;
     if reason == StopReason::WaitTooLong {

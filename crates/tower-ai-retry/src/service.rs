@@ -13,7 +13,7 @@ use tower_ai_core::{check_model, BoxError, ReplayBody, RetainedRequest};
 use tower_service::Service;
 
 use crate::config::AiRetryConfig;
-use crate::future::ResponseFuture;
+use crate::future::{Cold, ResponseFuture};
 use crate::key::Key;
 use crate::layer::{AiRetryLayer, Shared};
 
@@ -208,7 +208,7 @@ where
             let fresh = self.inner.clone();
             drop(std::mem::replace(&mut self.inner, fresh));
             let config = self.local.config.clone();
-            return ResponseFuture::refused(Box::new(e), self.inner.clone(), config, span);
+            return ResponseFuture::refused(Box::new(e), config, span);
         }
         // A request's own attempt limit (one extensions lookup): a config of its own, made
         // only for such a request.
@@ -225,11 +225,19 @@ where
         // entries less to clone and to drop, and a retry puts them in (the same key,
         // the next attempt number). A map already at http's maximum size gets neither
         // (`try_*`: no panic on a caller's request).
-        let retained = if cfg.max_attempts > 1 {
-            RetainedRequest::copy(&req)
-        } else {
-            None
-        };
+        let mut cold = (cfg.max_attempts > 1).then(|| {
+            Box::new(Cold {
+                service: None,
+                retained: None,
+                key: None,
+                start: None,
+                prev_backoff: None,
+                rng: fastrand::Rng::with_seed(0),
+            })
+        });
+        if let Some(cold) = &mut cold {
+            RetainedRequest::copy_into(&req, &mut cold.retained);
+        }
         let mut key = None;
         if let Some(name) = &cfg.idempotency_header {
             if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -252,16 +260,17 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let fut = inner.call(req);
-        ResponseFuture::new(
-            fut,
-            inner,
-            retained,
-            key,
-            config,
-            start,
-            fastrand::Rng::with_seed(self.rng.u64(..)),
-            span,
-        )
+        // Drawn whether or not a retry is possible, so that a seeded layer's sequence does
+        // not depend on the configuration.
+        let rng = fastrand::Rng::with_seed(self.rng.u64(..));
+        // A retry calls a clone of this instance; without one possible, nothing is kept.
+        if let Some(cold) = &mut cold {
+            cold.service = Some(inner);
+            cold.key = key;
+            cold.start = start;
+            cold.rng = rng;
+        }
+        ResponseFuture::new(fut, cold, config, span)
     }
 }
 
