@@ -249,8 +249,9 @@ where
                     return self.exhausted();
                 };
                 tracing::debug!(route = &*route.name, "serving a degraded answer");
-                let res = make(req);
-                return Step::Ready(Ok(self.mark(res, j)));
+                let mut res = make(req);
+                self.mark(&mut res, j);
+                return Step::Ready(Ok(res));
             }
             if j > 0 && self.too_late(&chain) {
                 // No call route can answer in time: only a degraded one may still serve.
@@ -425,7 +426,10 @@ where
         let failure = match &result {
             Ok(res) => match judge_response(&chain, res) {
                 None => {
-                    return Step::Ready(result.map(|res| self.mark(res, j)));
+                    return Step::Ready(result.map(|mut res| {
+                        self.mark(&mut res, j);
+                        res
+                    }));
                 }
                 Some(f) => f,
             },
@@ -492,11 +496,11 @@ where
     }
 
     /// Marks a response with what served it (the first route's only on request).
-    fn mark(&self, mut res: Response<ResB>, j: usize) -> Response<ResB> {
+    fn mark(&self, res: &mut Response<ResB>, j: usize) {
         #[cfg(feature = "metrics")]
         crate::meter::served(self.chain.served_keys.get(j));
         if j == 0 && !self.chain.mark_primary {
-            return res;
+            return;
         }
         let route = &self.chain.routes[j];
         if let Some(mut served) = route.served.clone() {
@@ -508,7 +512,6 @@ where
         if let (Some(name), Some(value)) = (&self.chain.header, &route.header) {
             res.headers_mut().insert(name.clone(), value.clone());
         }
-        res
     }
 }
 
@@ -625,7 +628,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            let result = match this.state.as_mut().project() {
+            let mut result = match this.state.as_mut().project() {
                 StateProj::Called { fut } => ready!(fut.poll(cx)).map_err(Into::into),
                 StateProj::Again { fut } => ready!(fut.as_mut().poll(cx)).map_err(Into::into),
                 StateProj::Other { fut } => ready!(fut.as_mut().poll(cx)),
@@ -637,6 +640,16 @@ where
                 }
                 StateProj::Done => return Poll::Ready(Err(polled_after_completion())),
             };
+            // The happy path, decided where the response is: a success moves once, to
+            // the caller, instead of through `on_result` and a `Step`.
+            if let Ok(res) = &mut result {
+                if judge_response(&this.ctx.chain, res).is_none() {
+                    this.ctx.mark(res, this.ctx.index);
+                    this.ctx.finish();
+                    this.state.set(State::Done);
+                    return Poll::Ready(result);
+                }
+            }
             match this.ctx.on_result(result) {
                 Step::Ready(res) => {
                     this.ctx.finish();

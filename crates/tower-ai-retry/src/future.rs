@@ -380,6 +380,15 @@ where
                     continue;
                 }
             };
+            // The happy path, decided where the response is: a success moves once, to
+            // the caller, instead of through `decide` and a `Step`.
+            if let Ok(res) = &result {
+                if Classification::of(res).is_success() {
+                    succeeded(res, *this.attempts, this.span);
+                    this.span.record("attempts", *this.attempts);
+                    return Poll::Ready(result);
+                }
+            }
             let mut ctx = Ctx {
                 cold: this.cold.as_deref_mut(),
                 attempts: *this.attempts,
@@ -413,10 +422,7 @@ fn decide<S, B, ResB>(
             // success without reading a header or allocating.
             let c = Classification::of(&res);
             if c.is_success() {
-                tracing::debug!(parent: span, attempt, http.response.status_code = res.status().as_u16(),
-                    request_id = tower_ai_core::telemetry::request_id(res.headers()), "ai_retry attempt succeeded");
-                #[cfg(feature = "metrics")]
-                crate::meter::succeeded(attempt);
+                succeeded(&res, attempt, span);
                 return Step::Done(Ok(res));
             }
             let kind = c.kind.map_or("unknown", ErrorKind::as_str);
@@ -472,6 +478,14 @@ fn decide<S, B, ResB>(
             }
         }
     }
+}
+
+/// Records a successful attempt (`res` is its answer).
+fn succeeded<ResB>(res: &Response<ResB>, attempt: u32, span: &tracing::Span) {
+    tracing::debug!(parent: span, attempt, http.response.status_code = res.status().as_u16(),
+        request_id = tower_ai_core::telemetry::request_id(res.headers()), "ai_retry attempt succeeded");
+    #[cfg(feature = "metrics")]
+    crate::meter::succeeded(attempt);
 }
 
 /// The caller's answer once retries end on a failure response.

@@ -257,15 +257,15 @@ where
         // per batch of deposits.
         let start = cfg.max_elapsed.map(|_| Instant::now());
         self.local.deposit(start);
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let fut = inner.call(req);
+        // The instance `poll_ready` made ready makes the call; a retry calls a clone of it
+        // (made only when a retry is possible, straight into the box), which drives its
+        // own readiness first.
+        let fut = self.inner.call(req);
         // Drawn whether or not a retry is possible, so that a seeded layer's sequence does
         // not depend on the configuration.
         let rng = fastrand::Rng::with_seed(self.rng.u64(..));
-        // A retry calls a clone of this instance; without one possible, nothing is kept.
         if let Some(cold) = &mut cold {
-            cold.service = Some(inner);
+            cold.service = Some(self.inner.clone());
             cold.key = key;
             cold.start = start;
             cold.rng = rng;
