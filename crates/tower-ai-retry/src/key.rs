@@ -26,17 +26,19 @@ thread_local! {
     static SLAB_BUF: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
-/// Two hex digits per byte value.
-const HEX_PAIRS: [[u8; 2]; 256] = {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut t = [[0u8; 2]; 256];
-    let mut i = 0;
-    while i < 256 {
-        t[i] = [HEX[i >> 4], HEX[i & 0xf]];
-        i += 1;
-    }
-    t
-};
+/// Eight lowercase hex digits of four bytes, in memory order (each byte's high digit
+/// first), as the little-endian bytes of a `u64`: the nibbles spread one per byte, then
+/// `'0'` added to each and `'a' - '0' - 10` more to those above 9, all eight at once.
+const fn hex8(v: u32) -> u64 {
+    const LOW_NIBBLES: u64 = 0x0f0f_0f0f_0f0f_0f0f;
+    let mut t = v as u64;
+    t = (t | (t << 16)) & 0x0000_ffff_0000_ffff;
+    t = (t | (t << 8)) & 0x00ff_00ff_00ff_00ff;
+    // Byte 2i holds byte i of `v`: its high nibble there, its low one in byte 2i + 1.
+    let n = ((t >> 4) | (t << 8)) & LOW_NIBBLES;
+    let above_nine = ((n + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    n + 0x3030_3030_3030_3030 + above_nine * (b'a' - b'0' - 10) as u64
+}
 
 /// The 128 random bits of one call's key, kept by the call's future so that every
 /// attempt sends the same key.
@@ -51,10 +53,10 @@ impl Key {
 
     fn digits(self) -> [u8; KEY_LEN] {
         let mut buf = [0u8; KEY_LEN];
-        for (half, word) in buf.chunks_exact_mut(KEY_LEN / 2).zip(self.0) {
-            for (pair, byte) in half.chunks_exact_mut(2).zip(word.to_le_bytes()) {
-                pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
-            }
+        for (out, word) in buf.chunks_exact_mut(KEY_LEN / 2).zip(self.0) {
+            let (lo, hi) = (hex8(word as u32), hex8((word >> 32) as u32));
+            out[..8].copy_from_slice(&lo.to_le_bytes());
+            out[8..].copy_from_slice(&hi.to_le_bytes());
         }
         buf
     }
@@ -86,6 +88,29 @@ impl Key {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eight_digits_at_once_are_each_byte_in_hex() {
+        let table =
+            |v: u32| -> String { v.to_le_bytes().iter().map(|b| format!("{b:02x}")).collect() };
+        let mut rng = fastrand::Rng::with_seed(3);
+        let edges = [
+            0,
+            u32::MAX,
+            0x0909_0909,
+            0x0a0a_0a0a,
+            0x9f9f_9f9f,
+            0xa9a9_a9a9,
+            0x1234_5678,
+        ];
+        for v in edges.into_iter().chain((0..10_000).map(|_| rng.u32(..))) {
+            assert_eq!(
+                String::from_utf8(hex8(v).to_le_bytes().to_vec()).unwrap(),
+                table(v),
+                "{v:#x}"
+            );
+        }
+    }
 
     #[test]
     fn digits_are_the_bits_in_hex() {
