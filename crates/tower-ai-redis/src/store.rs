@@ -4,14 +4,14 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Script, ToRedisArgs, Value};
 use tokio::time::Instant;
 
-use crate::periodic::Periodic;
+use crate::periodic::{PerRuntime, Periodic};
 
 /// Why a call to Redis did not give an answer.
 ///
@@ -162,7 +162,7 @@ impl RedisStoreBuilder {
         RedisStore {
             inner: Arc::new(Inner {
                 target,
-                conn: OnceLock::new(),
+                conn: PerRuntime::new(true),
                 id: instance_id(),
                 epoch: Instant::now(),
                 breaker: Breaker::default(),
@@ -192,6 +192,11 @@ impl RedisStoreBuilder {
 ///   node down holds back only the calls of the tags it serves.
 /// - **Replicas:** [`replicas`](Self::replicas) is the number of replicas sharing the limits,
 ///   configured or counted by a heartbeat, used to divide a limit while Redis is down.
+/// - **Runtimes:** the connection's task, the heartbeat and the layers' background tasks run
+///   in the Tokio runtime of the store's first use, and serve calls from any runtime while it
+///   lives. Once it is gone (a `#[tokio::test]` ended, an application built a new runtime),
+///   the next call makes them again in its own runtime: a store kept in a `static` goes on
+///   from one runtime to the next, with no call failed.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
@@ -199,8 +204,9 @@ pub struct RedisStore {
 
 struct Inner {
     target: Target,
-    /// Made on first use, inside the runtime (redis-rs spawns its reconnect task there).
-    conn: OnceLock<Conn>,
+    /// Made on first use, inside the runtime (redis-rs spawns the connection's task there),
+    /// and made again in the current runtime when that one is gone (its task with it).
+    conn: PerRuntime<Conn>,
     id: String,
     epoch: Instant,
     /// The breaker on Redis: of the whole store on one server; on a cluster, of the
@@ -412,12 +418,16 @@ impl RedisStore {
 
     fn connection(&self) -> Result<Conn, StoreError> {
         let inner = &self.inner;
-        if let Some(conn) = inner.conn.get() {
-            return Ok(conn.clone());
-        }
-        let conn = inner.target.connect()?;
-        // Two first calls at once: one connection wins, the other is dropped unused.
-        Ok(inner.conn.get_or_init(|| conn).clone())
+        let conn = inner.conn.get_or_try_make(|runtime| {
+            let conn = inner.target.connect()?;
+            // A task of this runtime, ended with it: while it runs, so does the
+            // connection's (redis-rs gives no handle on its own).
+            let alive = runtime.spawn(std::future::pending());
+            // The first call on a new connection connects (and may load the script).
+            inner.answered.store(false, Ordering::Relaxed);
+            Ok::<_, StoreError>((conn, alive))
+        })?;
+        conn.ok_or_else(|| StoreError::Connection("no Tokio runtime".to_owned()))
     }
 
     async fn guarded<T>(

@@ -614,3 +614,36 @@ async fn a_paused_node_falls_back_for_its_tags_instead_of_hanging() {
     assert!(a_local > 0);
     assert!(b_local * 4 < calls / 2, "{b_local} of B's {}", calls / 2);
 }
+
+/// A cluster store kept across Tokio runtimes: the cluster connection's task ends with the
+/// runtime it was made in (redis-rs does not make it again: every call would fail "broken
+/// pipe"); the store makes a new connection in the next runtime, and no call fails.
+#[test]
+fn a_cluster_store_goes_on_in_the_next_runtime_when_its_first_is_gone() {
+    let Some(cluster) = RedisCluster::start_or_skip("cluster runtime change") else {
+        return;
+    };
+    let store = patient(&cluster);
+    let script = redis::Script::new("return redis.call('INCRBY', KEYS[1], ARGV[1])");
+    let key = store.key("test", "tenant-1", "n");
+    for (round, multi_thread) in [(0, false), (1, true), (2, false)] {
+        let mut builder = if multi_thread {
+            tokio::runtime::Builder::new_multi_thread()
+        } else {
+            tokio::runtime::Builder::new_current_thread()
+        };
+        let runtime = builder.enable_all().build().unwrap();
+        runtime.block_on(async {
+            for i in 1..=10 {
+                let n = store.run::<i64>(&script, &[&key], &[&1]).await;
+                assert_eq!(
+                    n.unwrap(),
+                    round * 10 + i,
+                    "round {round}: answered by Redis"
+                );
+            }
+        });
+    }
+    assert_eq!(store.skipped(), 0);
+    assert!(!store.is_degraded());
+}

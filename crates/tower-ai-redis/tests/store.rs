@@ -154,3 +154,94 @@ fn keys_share_one_hash_tag_and_a_tag_cannot_escape_it() {
     );
     assert_eq!(store.key("rpm", "a}b{", "m"), "tower-ai:rpm:{a_b_}:m");
 }
+
+/// Runs `f` to completion in a new runtime (a current-thread one, or a multi-thread one),
+/// which is dropped at the end with all its tasks.
+fn in_new_runtime<T>(multi_thread: bool, f: impl std::future::Future<Output = T>) -> T {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = builder.enable_all().build().unwrap();
+    runtime.block_on(f)
+}
+
+/// A store kept across Tokio runtimes (in a `static` shared by several `#[tokio::test]`s,
+/// or by an application that builds a new runtime) goes on talking to Redis from the next
+/// runtime once the one it first ran in is gone, and with it the connection's task, the
+/// heartbeat and a budget's flusher: every call answered by Redis, none failed or skipped.
+#[test]
+fn a_store_goes_on_in_the_next_runtime_when_its_first_is_gone() {
+    use tower_ai_budget::StoreRequest;
+    use tower_ai_budget::{BudgetStore, Spent, StoreAdmit, StoreDecision, StoreLimits};
+    use tower_ai_core::keys::Key;
+    use tower_ai_redis::RedisBudget;
+
+    let Some(server) = RedisServer::start_or_skip("runtime change") else {
+        return;
+    };
+    let build = || {
+        RedisStore::builder()
+            .heartbeat(Duration::from_millis(50))
+            .build(server.client())
+    };
+    let store = build();
+    let script = Script::new(INCR);
+    let key = store.key("test", "acct", "n");
+    let budget = RedisBudget::builder(store.clone()).build();
+    let mut l = StoreLimits::default();
+    l.requests_per_minute = Some(1_000);
+    l.tokens_per_minute = Some(1_000_000);
+    // Calls through the store, then an admission and its settlement (queued, and sent by
+    // the budget's flusher since no admission follows).
+    let calls = |first: i64| {
+        let (store, script, key, budget, l) = (&store, &script, &key, &budget, &l);
+        async move {
+            for i in 1..=10 {
+                let n = store.run::<i64>(script, &[key], &[&1]).await;
+                assert_eq!(n.unwrap(), first + i, "answered by Redis");
+            }
+            let label = || "m".to_owned();
+            let request = StoreRequest::new(Key::of("m"), 100, 0, &label);
+            let decision = match budget.admit(l, &request) {
+                StoreAdmit::Ready(d) => d,
+                StoreAdmit::Pending(f) => f.await,
+            };
+            let StoreDecision::Admitted(lease) = decision else {
+                panic!("{decision:?}");
+            };
+            budget.settle(l, lease, Spent::new(80, 0));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while budget.settlements_pending() != 0 {
+                assert!(Instant::now() < deadline, "the settlement was not flushed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    in_new_runtime(false, calls(0));
+    assert_eq!(store.replicas(), 1);
+
+    // The first runtime is gone. Another replica beats in the next one: this store counts
+    // it only if its own heartbeat runs again.
+    in_new_runtime(true, async {
+        calls(10).await;
+        let other = build();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // (Each store's heartbeat starts, or starts again, at its first `replicas()`.)
+        loop {
+            let counts = [store.replicas(), other.replicas()];
+            if counts == [2, 2] {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replicas: {counts:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    // And a third runtime, current-thread again.
+    in_new_runtime(false, calls(20));
+    assert_eq!(budget.fallbacks(), 0, "every admission decided in Redis");
+    assert_eq!(budget.settlements_dropped(), 0);
+    assert_eq!(store.skipped(), 0);
+    assert!(!store.is_degraded());
+}

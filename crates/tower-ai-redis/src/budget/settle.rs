@@ -31,15 +31,15 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::{Script, ScriptInvocation};
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::lock;
+use crate::periodic::PerRuntime;
 use crate::store::{RedisStore, StoreError};
 
 /// The most settlements a replica's budget keeps queued (about 100 bytes and a name each).
@@ -174,7 +174,9 @@ impl Fate {
 /// A budget's queue of settlements and its flusher.
 pub(super) struct Settlements {
     shared: Arc<Shared>,
-    flusher: OnceLock<JoinHandle<()>>,
+    /// The flusher, in the runtime it was started in (started again in the current one
+    /// when that runtime is gone).
+    flusher: PerRuntime<()>,
 }
 
 struct Shared {
@@ -219,7 +221,8 @@ impl Settlements {
                 delay,
                 flush: Script::new(FLUSH),
             }),
-            flusher: OnceLock::new(),
+            // Not aborted with the budget: it sends what is left, then ends.
+            flusher: PerRuntime::new(false),
         }
     }
 
@@ -269,18 +272,14 @@ impl Settlements {
         self.shared.flush_all().await
     }
 
-    /// Starts the flusher in the current runtime, once (without a runtime, a later call
-    /// starts it; meanwhile admissions carry the queue).
+    /// Starts the flusher in the current runtime unless it runs (without a runtime, a later
+    /// call starts it; meanwhile admissions carry the queue). A flusher whose runtime is
+    /// gone is started again in the current one.
     pub(super) fn start(&self) {
-        if self.flusher.get().is_some() {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let shared = Arc::clone(&self.shared);
-        self.flusher
-            .get_or_init(|| runtime.spawn(async move { shared.run().await }));
+        self.flusher.spawn_unless_running(|| {
+            let shared = Arc::clone(&self.shared);
+            async move { shared.run().await }
+        });
     }
 }
 
