@@ -17,8 +17,10 @@ use tower_service::Service;
 /// Set it yourself ([`Deadline::set`]), or let a [`DeadlineLayer`] set it from its own
 /// duration and from what the caller sent (`grpc-timeout`, the OpenAI SDKs' timeout
 /// headers). The layers below read it and never wait past it: StallDetector's total
-/// deadline is the earlier of its own and this one, AiRetry starts no wait or attempt
-/// that would end after it.
+/// deadline is the earlier of its own and this one, and it does not send a request whose
+/// deadline has passed (both fail with [`AiError::DeadlineExceeded`](crate::AiError::DeadlineExceeded),
+/// which a circuit breaker does not count); AiRetry starts no wait or attempt that would
+/// end after it.
 ///
 /// A request carries at most one deadline; [`Deadline::set`] keeps the earlier of the
 /// one already there and the new one, so a layer can only shorten a caller's deadline.

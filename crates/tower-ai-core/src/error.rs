@@ -143,6 +143,25 @@ pub enum AiError {
         /// Body bytes received before the stall.
         bytes_received: u64,
     },
+    /// The request's [`Deadline`](crate::Deadline) passed: its caller has given up. Either
+    /// it was not sent (`sent: false`: the deadline had passed, or left nothing, when it
+    /// reached StallDetector, so the provider never saw it), or its call was cut at that
+    /// instant (`sent: true`), waiting for the answer or reading it. Kind
+    /// [`ErrorKind::DeadlineExceeded`]: not retried, no fallback, and not counted by a
+    /// circuit breaker, since the time may have gone in waits above the call (a budget's,
+    /// a cooldown's, a retry's) and says nothing about the provider. StallDetector's own
+    /// deadlines (head, idle, total) give [`AiError::Stalled`], which does count.
+    #[error("the request's deadline passed {}", if *sent {
+        format!("waiting for the answer ({bytes_received} bytes received)")
+    } else {
+        "before it was sent".to_owned()
+    })]
+    DeadlineExceeded {
+        /// Whether the request had been handed to the provider.
+        sent: bool,
+        /// Body bytes received before the cut.
+        bytes_received: u64,
+    },
     /// A stream ended without its dialect's terminal marker: the answer is incomplete.
     #[error("stream ended without its terminal event ({bytes_received} bytes received)")]
     Truncated {
@@ -198,6 +217,7 @@ impl AiError {
                 _ => ErrorKind::RateLimited,
             },
             AiError::Stalled { .. } | AiError::Truncated { .. } => ErrorKind::Stalled,
+            AiError::DeadlineExceeded { .. } => ErrorKind::DeadlineExceeded,
             AiError::RetriesExhausted { last, .. } => last.kind.unwrap_or(ErrorKind::Unknown),
             AiError::AllRoutesFailed { failures } => failures
                 .last()

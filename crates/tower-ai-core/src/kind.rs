@@ -41,6 +41,13 @@ pub enum ErrorKind {
     NotFound,
     /// Any other client error (400, 422, …).
     BadRequest,
+    /// The caller's end-to-end [`Deadline`](crate::Deadline) passed: the request was not
+    /// sent, or its call was cut at that instant (see
+    /// [`AiError::DeadlineExceeded`](crate::AiError::DeadlineExceeded)). The caller has
+    /// given up, so nothing is retried or sent to another route; and it says nothing about
+    /// the provider (the time may have gone in waits above it), so it does not count
+    /// against a circuit breaker.
+    DeadlineExceeded,
     /// Nothing more precise is known.
     Unknown,
 }
@@ -109,6 +116,7 @@ impl ErrorKind {
             ErrorKind::Forbidden => "forbidden",
             ErrorKind::NotFound => "not_found",
             ErrorKind::BadRequest => "bad_request",
+            ErrorKind::DeadlineExceeded => "deadline_exceeded",
             ErrorKind::Unknown => "unknown",
         }
     }
@@ -219,9 +227,12 @@ mod tests {
             BadRequest,
             Unauthorized,
             NotFound,
+            DeadlineExceeded,
         ] {
             assert!(!k.is_breaker_failure(), "{k}");
         }
+        // The caller gave up: nothing to retry, no other route to try.
+        assert!(!DeadlineExceeded.is_retryable() && !DeadlineExceeded.is_fallback_trigger());
         for k in [Overloaded, ServerError, Timeout, Connection, Stalled] {
             assert!(k.is_breaker_failure(), "{k}");
         }

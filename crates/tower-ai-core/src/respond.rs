@@ -19,6 +19,7 @@
 //! | `CoolingDown` | 429 | `cooling_down` | until the cooldown ends | `RESOURCE_EXHAUSTED` + `RetryInfo` |
 //! | `CircuitOpen` | 503 | `circuit_open` | until the breaker half-opens | `UNAVAILABLE` + `RetryInfo` |
 //! | `Stalled` | 504 | `stalled` | — | `DEADLINE_EXCEEDED` |
+//! | `DeadlineExceeded` (the caller's deadline) | 504 | `deadline_exceeded` | — | `DEADLINE_EXCEEDED` |
 //! | `Transport` (timeout) | 504 | `upstream_timeout` | — | `DEADLINE_EXCEEDED` |
 //! | `Transport` (connection, other) | 502 | `upstream_unreachable` / `upstream_error` | — | `UNAVAILABLE` |
 //! | `Truncated` | 502 | `truncated` | — | `UNAVAILABLE` |
@@ -325,6 +326,7 @@ fn kind_code(kind: ErrorKind) -> &'static str {
         ErrorKind::Forbidden => "upstream_forbidden",
         ErrorKind::NotFound => "model_not_found",
         ErrorKind::BadRequest => "invalid_request",
+        ErrorKind::DeadlineExceeded => "deadline_exceeded",
         _ => "upstream_error",
     }
 }
@@ -334,7 +336,9 @@ fn kind_code(kind: ErrorKind) -> &'static str {
 fn kind_status(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::RateLimited | ErrorKind::QuotaExhausted => StatusCode::TOO_MANY_REQUESTS,
-        ErrorKind::Timeout | ErrorKind::Stalled => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Timeout | ErrorKind::Stalled | ErrorKind::DeadlineExceeded => {
+            StatusCode::GATEWAY_TIMEOUT
+        }
         ErrorKind::ContextLengthExceeded | ErrorKind::ContentFiltered | ErrorKind::BadRequest => {
             StatusCode::BAD_REQUEST
         }
@@ -476,6 +480,11 @@ impl AiError {
                 "stalled",
                 format!("the upstream {self}"),
             ),
+            AiError::DeadlineExceeded { .. } => ErrorReply::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "deadline_exceeded",
+                self.to_string(),
+            ),
             AiError::Truncated { bytes_received } => ErrorReply::new(
                 StatusCode::BAD_GATEWAY,
                 "truncated",
@@ -608,9 +617,10 @@ mod tests {
             AiError::RetriesExhausted { .. } => 7,
             AiError::AllRoutesFailed { .. } => 8,
             AiError::ModelTooLong { .. } => 9,
+            AiError::DeadlineExceeded { .. } => 10,
         }
     }
-    const VARIANTS: usize = 10;
+    const VARIANTS: usize = 11;
 
     struct Row {
         error: AiError,
@@ -770,6 +780,21 @@ mod tests {
                 anthropic_type: "timeout_error",
                 grpc: "DeadlineExceeded",
                 message_has: "stream stalled between chunks after 30s (512 bytes received)",
+                request_id: None,
+            },
+            Row {
+                error: AiError::DeadlineExceeded {
+                    sent: false,
+                    bytes_received: 0,
+                },
+                status: 504,
+                code: "deadline_exceeded",
+                retry_after: None,
+                should_retry: "true",
+                openai_type: "server_error",
+                anthropic_type: "timeout_error",
+                grpc: "DeadlineExceeded",
+                message_has: "the request's deadline passed before it was sent",
                 request_id: None,
             },
             Row {

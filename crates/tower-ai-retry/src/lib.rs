@@ -90,8 +90,8 @@
 //! - **The request's [`Deadline`](tower_ai_core::Deadline)**: a wait (backoff,
 //!   `Retry-After` or a layer's "not before") that would end at or after it is not
 //!   started; retrying ends at once with the last answer or error, the reason
-//!   [`StopReason::RequestDeadline`] (traced as `stop = "request_deadline"`). So a
-//!   `Stalled { phase: Total }` that used the whole deadline is not retried.
+//!   [`StopReason::RequestDeadline`] (traced as `stop = "request_deadline"`). A call
+//!   StallDetector cut at that deadline (`DeadlineExceeded`) is not retried.
 //!
 //! # Tracing
 //!

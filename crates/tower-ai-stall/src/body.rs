@@ -32,7 +32,8 @@ pin_project! {
     /// of an event that spans chunks) and:
     ///
     /// - ends with an [`AiError::Stalled`] error frame when the first-byte, first-content,
-    ///   idle or total deadline expires, never with a clean end;
+    ///   idle or total deadline expires (an [`AiError::DeadlineExceeded`] frame when the
+    ///   request's own deadline does), never with a clean end;
     /// - delivers the chunk that completed a provider error event (OpenAI `data:
     ///   {"error":…}`, Anthropic `event: error`, Gemini `data: {"error":…}`, llama.cpp's
     ///   `error:` field) *whole*, then ends with an [`AiError::Provider`] error frame whose
@@ -58,6 +59,7 @@ pin_project! {
     ///
     /// [`AiError`]: tower_ai_core::AiError
     /// [`AiError::Stalled`]: tower_ai_core::AiError::Stalled
+    /// [`AiError::DeadlineExceeded`]: tower_ai_core::AiError::DeadlineExceeded
     /// [`AiError::Provider`]: tower_ai_core::AiError::Provider
     /// [`AiError::Truncated`]: tower_ai_core::AiError::Truncated
     pub struct StallBody<B> {

@@ -28,7 +28,9 @@ pin_project! {
     /// # Errors
     ///
     /// The inner service's error, as it is; [`AiError::Stalled`] with phase `Head`,
-    /// `FirstByte` or `Total` when a deadline expires first; and, while waiting for the
+    /// `FirstByte` or `Total` when a deadline of the detector's expires first;
+    /// [`AiError::DeadlineExceeded`] when the request's own deadline does (or had passed
+    /// at the call: then the inner service was not called); and, while waiting for the
     /// first byte, [`AiError::Provider`] when the first chunk already carries an in-stream
     /// error, [`AiError::Truncated`] for a stream that ends before any byte, and
     /// [`AiError::Transport`] for a body that fails before any byte. None of these
@@ -53,6 +55,8 @@ pin_project! {
     #[project = StateProj]
     enum State<F, B> {
         Calling { #[pin] fut: F },
+        // The request's deadline had passed at the call: the inner service was not called.
+        Expired,
         // Boxed: only streams get here, and it keeps the future small for the rest.
         FirstByte { read_ahead: Box<ReadAhead<B>> },
         Done,
@@ -84,6 +88,21 @@ impl<F, B> ResponseFuture<F, B> {
     }
 }
 
+impl<F, B> ResponseFuture<F, B> {
+    /// The future of a request whose deadline had passed when it was called: it fails with
+    /// [`AiError::DeadlineExceeded`] (not sent), the inner service uncalled.
+    pub(crate) fn expired(config: StallConfig, route: Route) -> Self {
+        ResponseFuture {
+            state: State::Expired,
+            sleep: None,
+            config,
+            route,
+            start: None,
+            deadline: None,
+        }
+    }
+}
+
 impl<F, B> fmt::Debug for ResponseFuture<F, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
@@ -91,6 +110,20 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
             .field("dialect", &self.route.dialect)
             .field("streamed", &self.route.streamed)
             .finish_non_exhaustive()
+    }
+}
+
+/// The error for a call cut at its request's deadline, traced.
+fn deadline_passed(route: &Route, bytes_received: u64) -> AiError {
+    tracing::debug!(
+        gen_ai.system = route.system.as_str(),
+        error.type = "deadline_exceeded",
+        bytes_received,
+        "the request's deadline passed"
+    );
+    AiError::DeadlineExceeded {
+        sent: true,
+        bytes_received,
     }
 }
 
@@ -200,6 +233,10 @@ where
                     };
                     ready!(poll_sleep(this.sleep, at, cx));
                     this.state.set(State::Done);
+                    if *this.deadline == Some(at) {
+                        // The caller's deadline, not one of the detector's own.
+                        return Poll::Ready(Err(Box::new(deadline_passed(this.route, 0))));
+                    }
                     tracing::warn!(
                         gen_ai.system = this.route.system.as_str(),
                         error.type = "stalled",
@@ -281,6 +318,18 @@ where
                     this.state.set(State::Done);
                     let body = StallBody::read_ahead(b, t, done);
                     return Poll::Ready(Ok(Response::from_parts(parts, body)));
+                }
+                StateProj::Expired => {
+                    this.state.set(State::Done);
+                    tracing::debug!(
+                        gen_ai.system = this.route.system.as_str(),
+                        error.type = "deadline_exceeded",
+                        "the request's deadline had passed: not sent"
+                    );
+                    return Poll::Ready(Err(Box::new(AiError::DeadlineExceeded {
+                        sent: false,
+                        bytes_received: 0,
+                    })));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }

@@ -34,9 +34,15 @@
 //!
 //! The total deadline is the earlier of the configured one and the request's
 //! [`Deadline`](tower_ai_core::Deadline) (set by a
-//! [`DeadlineLayer`](tower_ai_core::DeadlineLayer) or the caller), counted as phase
-//! `Total`: a call whose caller will have given up by then ends then, with the same
-//! typed error. Reading it is one extensions lookup in `call`, no clock read.
+//! [`DeadlineLayer`](tower_ai_core::DeadlineLayer) or the caller): a call whose caller
+//! will have given up by then ends then, with [`AiError::DeadlineExceeded`] rather than
+//! `Stalled` (kind [`ErrorKind::DeadlineExceeded`](tower_ai_core::ErrorKind::DeadlineExceeded):
+//! not retried, and not a circuit-breaker failure, since the caller's time may have gone
+//! in waits above the call and says nothing about the provider). A request whose
+//! deadline has already passed when it reaches the detector (spent waiting for a budget,
+//! a cooldown or a retry) is not sent at all: the inner service is not called and the
+//! call fails at once with `DeadlineExceeded { sent: false, .. }`. Reading the deadline is
+//! one extensions lookup in `call`, and one clock read when there is one.
 //!
 //! It reads SSE bodies with [`StreamScanner`](tower_ai_core::stream::StreamScanner) in
 //! the request's dialect, taken in `call` from the endpoint the path names

@@ -164,8 +164,12 @@ where
             None => self.config,
         };
         let route = Route::of(&req, &config);
-        // One extensions lookup; no clock read.
+        // One extensions lookup; the clock is read only for a request with a deadline.
         let deadline = Deadline::of(&req).map(Deadline::instant);
+        if deadline.is_some_and(|at| at <= tokio::time::Instant::now()) {
+            // Its caller has given up (the time went in waits above): not sent.
+            return ResponseFuture::expired(config, route);
+        }
         ResponseFuture::new(self.inner.call(req), config, route, deadline)
     }
 }

@@ -30,6 +30,9 @@ pub enum StreamEnd {
     ProviderError(Option<ErrorKind>),
     /// The inner body failed (a cut connection); the caller got its error.
     BodyError,
+    /// The request's [`Deadline`](tower_ai_core::Deadline) passed while the answer was
+    /// read; the caller got [`AiError::DeadlineExceeded`].
+    DeadlineExceeded,
 }
 
 /// What a streamed answer came to: read it from [`StreamOutcome::get`] once the body
@@ -503,7 +506,7 @@ impl Tracker {
         match self.next() {
             None => Check::Disarmed,
             Some((at, _, _)) if at > now => Check::Wait(at),
-            Some((_, phase, after)) => {
+            Some((at, phase, after)) => {
                 if self.sse.as_ref().is_some_and(|s| s.scanner.terminal_seen()) {
                     tracing::debug!(
                         gen_ai.system = self.system.as_str(),
@@ -513,8 +516,28 @@ impl Tracker {
                     self.finish(StreamEnd::Complete);
                     return Check::End;
                 }
+                if self.deadline == Some(at) {
+                    // The caller's deadline, not one of the detector's own.
+                    return Check::Stalled(self.deadline_passed());
+                }
                 Check::Stalled(self.stalled(phase, after))
             }
+        }
+    }
+
+    /// The error for a body cut at the request's deadline, recorded and traced: the
+    /// caller's deadline is not a stall of the provider's.
+    fn deadline_passed(&mut self) -> AiError {
+        tracing::debug!(
+            gen_ai.system = self.system.as_str(),
+            error.type = "deadline_exceeded",
+            bytes_received = self.bytes,
+            "the request's deadline passed"
+        );
+        self.finish(StreamEnd::DeadlineExceeded);
+        AiError::DeadlineExceeded {
+            sent: true,
+            bytes_received: self.bytes,
         }
     }
 
