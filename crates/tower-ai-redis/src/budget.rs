@@ -618,11 +618,14 @@ impl BudgetStore for RedisBudget {
             return never(BudgetLimit::SpendPerDay);
         }
         let now = Instant::now();
-        if let Some(refused) = self.cached_denial(request, now) {
-            return StoreAdmit::Ready(refused);
-        }
-        if let (Mode::Leased { fraction }, true) = (self.inner.config.mode, lease::applies(limits))
-        {
+        let leased = match self.inner.config.mode {
+            Mode::Leased { fraction } if lease::applies(limits) => Some(fraction),
+            _ => None,
+        };
+        // A chunk held here is spent before a cached refusal is read: a replica's
+        // concurrent misses each bring one in, and the miss the window had no room for
+        // caches its refusal until the window's end while the others' chunks have room.
+        if leased.is_some() {
             if let Some(d) = self.inner.leases.try_take(
                 request.key,
                 limits,
@@ -631,6 +634,11 @@ impl BudgetStore for RedisBudget {
             ) {
                 return StoreAdmit::Ready(d);
             }
+        }
+        if let Some(refused) = self.cached_denial(request, now) {
+            return StoreAdmit::Ready(refused);
+        }
+        if let Some(fraction) = leased {
             // No chunk left (or a limit that stays strict): a round trip.
             let this = self.clone();
             let ask = Ask {

@@ -450,3 +450,43 @@ async fn a_paused_redis_costs_one_timeout_then_the_fall_back_decides() {
         BudgetLimit::RequestsPerMinute
     );
 }
+
+/// A replica's concurrent misses each bring in a chunk; the one the window had no room
+/// for is refused and its refusal cached until the window's end. The chunks the others
+/// brought in still have room, and are spent before that refusal is read: a request is
+/// admitted from them, not refused until the window ends.
+#[tokio::test]
+async fn a_cached_refusal_does_not_hide_a_chunk_with_room() {
+    let Some(server) = RedisServer::start_or_skip("lease denial") else {
+        return;
+    };
+    // 20 a 2 s window in chunks of 10: two chunks fill the window.
+    let window = Duration::from_secs(2);
+    let a = RedisBudget::builder(patient(&server))
+        .minute(window)
+        .leased(0.5)
+        .build();
+    let l = limits(|l| l.requests_per_minute = Some(20));
+    window_start(&server, window).await;
+    let label = || "C".to_owned();
+    let request = StoreRequest::new(Key::of("C"), 0, 0, &label);
+    // Three misses at once: none finds a chunk, each goes to Redis, in flight together.
+    let miss = || match a.admit(&l, &request) {
+        StoreAdmit::Pending(f) => f,
+        StoreAdmit::Ready(d) => panic!("no chunk yet, but {d:?}"),
+    };
+    let (x, y, z) = tokio::join!(miss(), miss(), miss());
+    let outcomes = [x, y, z];
+    let refusals = outcomes
+        .iter()
+        .filter(|d| matches!(d, StoreDecision::Refused { .. }))
+        .count();
+    assert_eq!(refusals, 1, "two chunks fill the window: {outcomes:?}");
+    // 18 left in the two chunks, the third miss's refusal cached: spent from the chunks.
+    let (d, trip) = ask(&a, &l, "C", 0, 0).await;
+    assert!(
+        matches!(d, StoreDecision::Admitted(_)),
+        "refused with room in a chunk: {d:?}"
+    );
+    assert!(!trip, "spent from a chunk, no round trip");
+}
