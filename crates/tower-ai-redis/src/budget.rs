@@ -60,6 +60,8 @@ pub struct RedisBudgetBuilder {
     store: RedisStore,
     mode: Mode,
     tag: String,
+    /// Each key's name is its own hash tag.
+    tag_per_key: bool,
     minute: Duration,
     hour: Duration,
     day: Duration,
@@ -233,7 +235,30 @@ impl RedisBudgetBuilder {
     /// one decision carries it, so each script touches one slot. Use the provider account.
     pub fn hash_tag(mut self, tag: impl Into<String>) -> Self {
         self.tag = tag.into();
+        self.tag_per_key = false;
         self
+    }
+
+    /// Each key's name (the budget key's label, e.g. a tenant's) is the Redis Cluster hash
+    /// tag of its own keys, instead of one [`hash_tag`](Self::hash_tag) for the whole
+    /// budget: on a cluster the budget's keys spread over the nodes (each key's decisions
+    /// on the node of its slot), while every key of one decision still shares one slot.
+    ///
+    /// A settlement then rides only with an admission of its own key (others' keys are in
+    /// other slots), and the flusher sends one key's settlements per script. On one server
+    /// it changes only the keys' names.
+    pub fn hash_tag_per_key(mut self) -> Self {
+        self.tag_per_key = true;
+        self
+    }
+
+    /// The hash tag of `name`'s keys.
+    fn tag_of<'a>(&'a self, name: &'a str) -> &'a str {
+        if self.tag_per_key {
+            name
+        } else {
+            &self.tag
+        }
     }
 
     /// How many requests and tokens a key may take at once beyond the steady pace of
@@ -307,6 +332,7 @@ impl RedisBudgetBuilder {
                     KeyNames {
                         store: self.store.clone(),
                         tag: self.tag.clone(),
+                        per_key: self.tag_per_key,
                     },
                     Ages {
                         minute: self.minute,
@@ -341,6 +367,7 @@ impl RedisBudget {
             store,
             mode: Mode::Strict,
             tag: "budget".to_owned(),
+            tag_per_key: false,
             minute: Duration::from_secs(60),
             hour: Duration::from_secs(3600),
             day: Duration::from_secs(86_400),
@@ -399,7 +426,7 @@ impl RedisBudget {
     /// The Redis keys of `name`'s state, in the order the scripts take them.
     pub fn keys_of(&self, name: &str) -> [String; 5] {
         let s = &self.inner.store;
-        let tag = &self.inner.config.tag;
+        let tag = self.inner.config.tag_of(name);
         [
             s.key("budget:rpm", tag, name),
             s.key("budget:tpm", tag, name),
@@ -500,6 +527,8 @@ impl RedisBudget {
         inner.settlements.start();
         let carried = if inner.store.is_down(Some(&keys[0])) {
             Vec::new()
+        } else if inner.config.tag_per_key {
+            inner.settlements.take_for(MAX_CARRIED, &ask.name)
         } else {
             inner.settlements.take(MAX_CARRIED)
         };

@@ -26,7 +26,9 @@
 //! store connects to one server (a primary, or a proxy in front of a cluster) or, with the
 //! feature `cluster`, to a Redis Cluster (`RedisStore::cluster`,
 //! `RedisStoreBuilder::build_cluster`): each script goes to the node of its tag's slot,
-//! so layers (or tenants) given different tags spread over the cluster's nodes.
+//! so layers (or tenants) given different tags spread over the cluster's nodes. A budget
+//! may instead give each key its own tag (`RedisBudgetBuilder::hash_tag_per_key`): its
+//! keys then spread over the nodes by themselves.
 //!
 //! The scripts are plain Lua 5.1 with no module and no command newer than Redis 7, so they
 //! run on Redis 7 and later and on Valkey.

@@ -647,3 +647,83 @@ fn a_cluster_store_goes_on_in_the_next_runtime_when_its_first_is_gone() {
     assert_eq!(store.skipped(), 0);
     assert!(!store.is_degraded());
 }
+
+/// With a hash tag per key, one budget's keys spread over the nodes (each name's keys on
+/// the node of its own slot), limits hold per key, and settlements of interleaved keys
+/// land: an admission carries only its own key's (another's would be refused
+/// `CROSSSLOT`), the flusher sends one key's per script.
+#[tokio::test]
+async fn a_budget_with_a_hash_tag_per_key_spreads_its_keys_over_the_nodes() {
+    let Some(cluster) = RedisCluster::start_or_skip("cluster tag per key") else {
+        return;
+    };
+    let budget = RedisBudget::builder(patient(&cluster))
+        .hash_tag_per_key()
+        .build();
+    // Two names whose keys are on two nodes.
+    let mut first: Option<(String, usize)> = None;
+    let [(a, na), (b, nb)] = (0..64)
+        .find_map(|i| {
+            let name = format!("tenant-{i}/gpt-4o");
+            let node = cluster.node_of(&budget.keys_of(&name)[0]).unwrap();
+            match &first {
+                None => first = Some((name, node)),
+                Some((_, n)) if *n != node => return Some([first.clone().unwrap(), (name, node)]),
+                Some(_) => {}
+            }
+            None
+        })
+        .expect("64 names in one node's slots");
+    assert_ne!(na, nb);
+    for name in [&a, &b] {
+        let keys = budget.keys_of(name);
+        assert!(keys
+            .iter()
+            .all(|k| cluster.node_of(k).unwrap() == cluster.node_of(&keys[0]).unwrap()));
+    }
+
+    let l = limits(|l| {
+        l.requests_per_minute = Some(1_000);
+        l.tokens_per_minute = Some(1_000_000);
+        l.max_concurrent = Some(2);
+    });
+    let take = |name: &str| {
+        let (budget, l, name) = (&budget, &l, name.to_owned());
+        async move {
+            match ask(budget, l, &name, 100).await {
+                StoreDecision::Admitted(lease) => Some(lease),
+                StoreDecision::Refused { .. } => None,
+            }
+        }
+    };
+    // Two places per key, interleaved; the third of each refused.
+    let a1 = take(&a).await.expect("a1");
+    let b1 = take(&b).await.expect("b1");
+    let a2 = take(&a).await.expect("a2");
+    let b2 = take(&b).await.expect("b2");
+    assert!(take(&a).await.is_none(), "a: over its concurrency");
+    assert!(take(&b).await.is_none(), "b: over its concurrency");
+    // Both on their own nodes.
+    assert!(holds(&cluster, na, &budget.keys_of(&a)[4]).await);
+    assert!(holds(&cluster, nb, &budget.keys_of(&b)[4]).await);
+
+    // a's settlement queued first, then b's: b's next admission carries b1's (its place
+    // back, so admitted) and not a1's.
+    budget.settle(&l, a1, Spent::new(80, 0));
+    budget.settle(&l, b1, Spent::new(80, 0));
+    let b3 = take(&b).await.expect("b3: b1's place back");
+    // a1's settlement goes on its own (the flusher), then a has a place again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while budget.settlements_pending() != 0 {
+        assert!(Instant::now() < deadline, "not flushed");
+        tokio::time::sleep(5 * MS).await;
+    }
+    let a3 = take(&a).await.expect("a3: a1's place back");
+    for lease in [a2, a3, b2, b3] {
+        budget.settle(&l, lease, Spent::new(80, 0));
+    }
+    budget.flush().await.unwrap();
+    assert_eq!(budget.settlements_pending(), 0);
+    assert_eq!(budget.settlements_dropped(), 0);
+    assert_eq!(budget.fallbacks(), 0, "every decision made in Redis");
+}

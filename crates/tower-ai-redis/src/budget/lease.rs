@@ -124,12 +124,16 @@ impl RedisBudget {
             }
         };
         let keys = [
-            inner
-                .store
-                .key("budget:lease:rpm", &inner.config.tag, &ask.name),
-            inner
-                .store
-                .key("budget:lease:tpm", &inner.config.tag, &ask.name),
+            inner.store.key(
+                "budget:lease:rpm",
+                inner.config.tag_of(&ask.name),
+                &ask.name,
+            ),
+            inner.store.key(
+                "budget:lease:tpm",
+                inner.config.tag_of(&ask.name),
+                &ask.name,
+            ),
         ];
         // A debt from usage over the estimates is paid from the new chunk.
         let debt = {
@@ -243,10 +247,10 @@ impl RedisBudget {
             let keys = [
                 inner
                     .store
-                    .key("budget:lease:rpm", &inner.config.tag, &name),
+                    .key("budget:lease:rpm", inner.config.tag_of(&name), &name),
                 inner
                     .store
-                    .key("budget:lease:tpm", &inner.config.tag, &name),
+                    .key("budget:lease:tpm", inner.config.tag_of(&name), &name),
             ];
             // Nothing taken: limits 0, so only the give-back runs.
             let args: [&dyn crate::ToRedisArgsDyn; 9] = [

@@ -119,7 +119,7 @@ impl Pending {
     /// Adds this settlement's 4 keys and 6 arguments to `invocation`.
     pub(super) fn push_to(&self, invocation: &mut ScriptInvocation<'_>, keys: &KeyNames) {
         for kind in ["budget:tpm", "budget:hour", "budget:day", "budget:conc"] {
-            invocation.key(keys.store.key(kind, &keys.tag, &self.name));
+            invocation.key(keys.store.key(kind, keys.tag(&self.name), &self.name));
         }
         invocation
             .arg(self.tpm)
@@ -136,6 +136,19 @@ impl Pending {
 pub(super) struct KeyNames {
     pub(super) store: RedisStore,
     pub(super) tag: String,
+    /// Each key's name is its own hash tag (`tag` unused).
+    pub(super) per_key: bool,
+}
+
+impl KeyNames {
+    /// The hash tag of `name`'s keys.
+    pub(super) fn tag<'a>(&'a self, name: &'a str) -> &'a str {
+        if self.per_key {
+            name
+        } else {
+            &self.tag
+        }
+    }
 }
 
 /// How long each part of a settlement matters.
@@ -258,7 +271,13 @@ impl Settlements {
     /// Takes up to `max` settlements to send, the oldest first, without the parts too old
     /// to matter.
     pub(super) fn take(&self, max: usize) -> Vec<Pending> {
-        self.shared.take(max)
+        self.shared.take(max, None)
+    }
+
+    /// As [`take`](Self::take), for an admission of `name`: with a hash tag per key, only
+    /// `name`'s settlements (the others' keys are in other slots).
+    pub(super) fn take_for(&self, max: usize, name: &str) -> Vec<Pending> {
+        self.shared.take(max, Some(name))
     }
 
     /// What became of `batch` once sent (or not).
@@ -306,20 +325,46 @@ impl Shared {
         }
     }
 
-    fn take(&self, max: usize) -> Vec<Pending> {
+    /// Up to `max` settlements, the oldest first. With a hash tag per key, the keys of one
+    /// script must share a slot: only those of `name` (an admission's), or of the oldest
+    /// one's name (a flush), among the first `max * 8` queued; the others stay in order.
+    fn take(&self, max: usize, name: Option<&str>) -> Vec<Pending> {
         let now = Instant::now();
         let mut expired = 0;
         let mut batch = Vec::new();
         let mut queue = lock(&self.queue);
-        while batch.len() < max {
-            let Some(mut p) = queue.pop_front() else {
-                break;
-            };
-            if p.expire(now, &self.ages) {
-                expired += 1;
+        if self.names.per_key {
+            let scan = queue.len().min(max * 8);
+            let window: Vec<Pending> = queue.drain(..scan).collect();
+            let mut name = name.map(str::to_owned);
+            let mut rest = Vec::new();
+            for mut p in window {
+                let name = name.get_or_insert_with(|| p.name.clone());
+                if batch.len() >= max || p.name != *name {
+                    rest.push(p);
+                    continue;
+                }
+                if p.expire(now, &self.ages) {
+                    expired += 1;
+                }
+                if !p.is_empty() {
+                    batch.push(p);
+                }
             }
-            if !p.is_empty() {
-                batch.push(p);
+            for p in rest.into_iter().rev() {
+                queue.push_front(p);
+            }
+        } else {
+            while batch.len() < max {
+                let Some(mut p) = queue.pop_front() else {
+                    break;
+                };
+                if p.expire(now, &self.ages) {
+                    expired += 1;
+                }
+                if !p.is_empty() {
+                    batch.push(p);
+                }
             }
         }
         // Counted in flight before the lock is let go, so `pending` never misses them.
@@ -376,9 +421,9 @@ impl Shared {
         for p in &batch {
             p.push_to(&mut invocation, &self.names);
         }
-        // Every key of the batch carries the budget's hash tag: the first picks the node.
-        let first =
-            (batch.first()).map(|p| self.names.store.key("budget:tpm", &self.names.tag, &p.name));
+        // Every key of the batch carries one hash tag: the first picks the node.
+        let first = (batch.first())
+            .map(|p| (self.names.store).key("budget:tpm", self.names.tag(&p.name), &p.name));
         let result = self
             .names
             .store
@@ -391,7 +436,7 @@ impl Shared {
 
     async fn flush_all(&self) -> Result<(), StoreError> {
         loop {
-            let batch = self.take(MAX_FLUSHED);
+            let batch = self.take(MAX_FLUSHED, None);
             if batch.is_empty() {
                 return Ok(());
             }
@@ -436,6 +481,7 @@ mod tests {
             KeyNames {
                 store,
                 tag: "t".to_owned(),
+                per_key: false,
             },
             Ages {
                 minute: Duration::from_secs(60),
