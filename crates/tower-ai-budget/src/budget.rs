@@ -416,6 +416,8 @@ pub(crate) struct Budget {
 #[derive(Debug, Default)]
 struct Keys {
     map: KeyMap<Box<KeyState>>,
+    /// The map's table for its bound: see [`Table`].
+    table: Table,
     next_ticket: u64,
     /// Every key, in the order of the second it was last touched (its `last_secs`), oldest
     /// first: eviction looks only at the front, so it is amortised O(1). Kept lazily: an
@@ -791,6 +793,8 @@ fn amount(limit: BudgetLimit, cost: &Cost) -> u64 {
 
 impl Budget {
     pub(crate) fn new(limits: Arc<Limits>) -> Arc<Self> {
+        // The keys, and the overflow key.
+        let limits_max_keys = limits.max_keys.saturating_add(1);
         Arc::new_cyclic(|me| Budget {
             fast: FastConfig::of(&limits),
             horizon: horizon(&limits),
@@ -800,7 +804,10 @@ impl Budget {
             limits,
             epoch: Instant::now(),
             me: me.clone(),
-            keys: Mutex::new(Keys::default()),
+            keys: Mutex::new(Keys {
+                table: Table::for_keys(limits_max_keys),
+                ..Keys::default()
+            }),
         })
     }
 
@@ -891,6 +898,7 @@ impl Budget {
             let keys = &mut *keys;
             let (key_held, st) = entry(
                 &mut keys.map,
+                &mut keys.table,
                 &mut keys.touched,
                 &mut keys.overflowed,
                 key,
@@ -1458,6 +1466,7 @@ fn predicted_start(
 #[allow(clippy::too_many_arguments)]
 fn entry<'a>(
     map: &'a mut KeyMap<Box<KeyState>>,
+    table: &mut Table,
     touched: &mut VecDeque<(Key, u64)>,
     overflowed: &mut u64,
     key: Key,
@@ -1493,11 +1502,53 @@ fn entry<'a>(
         let map = &*map;
         touched.retain(|(k, s)| map.get(k).is_some_and(|st| st.last_secs == *s));
     }
+    table.keep(map);
     let st = map.entry(key).or_insert_with(|| {
         touched.push_back((key, secs));
         Box::new(KeyState::new(l, specs, key, budget, secs))
     });
     (key, st)
+}
+
+/// The table a map of at most `keys` keys needs, and what keeps it there.
+///
+/// A map at its bound that forgets a key for each new one fills its table with deleted
+/// slots, and a std `HashMap` more than half full then doubles its table rather than
+/// rehash it in place: twice the bytes per key, for nothing. [`Table::keep`] rehashes it
+/// back into the size its bound needs instead. The bound has an eighth of room on top,
+/// so that a rehash clears at least that many slots (a map whose bound is just its
+/// table's capacity would otherwise rehash on nearly every new key).
+#[derive(Debug, Default, Clone, Copy)]
+struct Table {
+    /// Keys the table is sized for.
+    keys: usize,
+    /// A capacity this large is a table grown past what `keys` need: a table grows by
+    /// doubling at least, and the one sized for `keys` holds fewer than twice as many
+    /// (std's holds 7/8 of its power-of-two buckets). Raised past the sized table's
+    /// capacity after a rehash, should that ever be larger.
+    grown: usize,
+}
+
+impl Table {
+    fn for_keys(keys: usize) -> Table {
+        let keys = keys.saturating_add(keys / 8);
+        Table {
+            keys,
+            grown: keys.saturating_mul(2).max(8),
+        }
+    }
+
+    /// Makes room for one more key in `map` without a table larger than its bound
+    /// needs. The room is what `entry` reserves anyway: a table with room is left alone
+    /// (two loads and a comparison).
+    #[inline]
+    fn keep<V>(&mut self, map: &mut KeyMap<V>) {
+        map.reserve(1);
+        if map.capacity() >= self.grown {
+            map.shrink_to(self.keys);
+            self.grown = self.grown.max(map.capacity().saturating_add(1));
+        }
+    }
 }
 
 /// Forgets keys with nothing to lose, oldest touch first, looking at no more than `steps`
