@@ -61,6 +61,12 @@ impl Drop for WaitSlot {
     }
 }
 
+/// Keys a shard's table is sized for: its share of `max_keys`, and an eighth more.
+fn table_keys(t: &Tuning) -> usize {
+    let cap = (t.max_keys / SHARDS).max(1);
+    cap.saturating_add(cap / 8)
+}
+
 /// Adds one to `n` if it is below `max`.
 fn take_one(n: &AtomicUsize, max: usize) -> bool {
     n.fetch_update(Relaxed, Relaxed, |v| (v < max).then_some(v + 1))
@@ -97,6 +103,11 @@ pub(crate) struct Cooldowns {
     /// Requests waiting in all.
     waiters: Arc<AtomicUsize>,
     shards: Box<[RwLock<Map>]>,
+    /// Keys a shard's table is sized for: its share of `max_keys`, and an eighth more.
+    table_keys: usize,
+    /// A shard's table with this capacity has grown past what `table_keys` need (see
+    /// `insert`).
+    table_grown: AtomicUsize,
     tuning: Tuning,
     /// When the `keys_cooling` gauge was last counted (0: never).
     #[cfg(feature = "metrics")]
@@ -110,6 +121,12 @@ impl Cooldowns {
             entries: AtomicUsize::new(0),
             waiters: Arc::default(),
             shards: (0..SHARDS).map(|_| RwLock::new(Map::default())).collect(),
+            table_keys: table_keys(&tuning),
+            // A table grows by doubling at least, and the one sized for `table_keys`
+            // holds fewer than twice as many (std's holds 7/8 of its power-of-two
+            // buckets); raised past the sized table's capacity after a rehash, should
+            // that ever be larger.
+            table_grown: AtomicUsize::new(table_keys(&tuning).saturating_mul(2).max(8)),
             tuning,
             #[cfg(feature = "metrics")]
             gauge_at: AtomicU64::new(0),
@@ -365,6 +382,17 @@ impl Cooldowns {
             last_seen: AtomicU64::new(n),
             ..Entry::default()
         });
+        // A full shard that forgets a key for each new one fills its table with deleted
+        // slots, and a std `HashMap` more than half full then doubles its table rather
+        // than rehash it in place: twice the bytes per key, for nothing. Rehashed into
+        // the size the shard's bound needs instead; the eighth of room on top of the
+        // bound makes a rehash clear at least that many slots.
+        shard.reserve(1);
+        if shard.capacity() >= self.table_grown.load(Relaxed) {
+            shard.shrink_to(self.table_keys);
+            self.table_grown
+                .fetch_max(shard.capacity().saturating_add(1), Relaxed);
+        }
         shard.insert(key, e.clone());
         self.entries.fetch_add(1, Relaxed);
         e

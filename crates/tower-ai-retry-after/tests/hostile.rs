@@ -146,3 +146,84 @@ async fn memory_per_key() {
     );
     assert!(measured <= 200, "{measured} bytes per key");
 }
+
+/// A success whose requests bucket runs low: worth a key (its pacing), with no cooldown,
+/// so that a full shard forgets its least recently seen key for a new one.
+#[derive(Clone, Copy)]
+struct Low;
+
+impl Service<Request<String>> for Low {
+    type Response = Response<String>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Response<String>, Infallible>>;
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: Request<String>) -> Self::Future {
+        std::future::ready(Ok(resp(
+            200,
+            &[
+                ("x-ratelimit-limit-requests", "100"),
+                ("x-ratelimit-remaining-requests", "1"),
+                ("x-ratelimit-reset-requests", "1s"),
+            ],
+        )))
+    }
+}
+
+/// The bytes allocated and held while keys `from..from + n` are sent, one request each.
+fn sent<S: Service<Request<String>>>(svc: &mut S, from: u64, n: u64) -> i64 {
+    allocation_counter::measure(|| {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        for i in from..from + n {
+            let mut r = request("gpt-4o");
+            r.extensions_mut().insert(Key::of(&i));
+            let mut fut = std::pin::pin!(svc.call(r));
+            assert!(std::future::Future::poll(fut.as_mut(), &mut cx).is_ready());
+        }
+    })
+    .bytes_current
+}
+
+/// Full shards (`max_keys` 1,000) that forget a key for each new one, through a hundred
+/// times as many keys: the bytes per key stay those of the full map. Before, the shards'
+/// tables filled with deleted slots and doubled: ~120 -> 158 bytes per key by the
+/// allocator, 115 -> ~137 by `stats()` (10,000 keys through sixty times as many: 116 ->
+/// 141).
+#[tokio::test(start_paused = true)]
+async fn full_shards_churning_keys_keep_their_size() {
+    const MAX: u64 = 1_000;
+    let layer = RetryAfterAwareLayer::builder()
+        .max_keys(MAX as usize)
+        .build()
+        .unwrap()
+        .key_fn(|req: &Request<String>| req.extensions().get::<Key>().copied());
+    let mut svc = layer.layer(Low);
+    let mut held = sent(&mut svc, 0, MAX);
+    let full = layer.stats();
+    let full_alloc = held.max(0) as u64 / full.keys as u64;
+    let full_stats = (full.approx_bytes / full.keys) as u64;
+    held += sent(&mut svc, MAX, 100 * MAX);
+    let after = layer.stats();
+    let after_alloc = held.max(0) as u64 / after.keys as u64;
+    let after_stats = (after.approx_bytes / after.keys) as u64;
+    println!(
+        "{} keys, then {} more: {} keys, {full_alloc} -> {after_alloc} bytes per key allocated, {full_stats} -> {after_stats} by stats()",
+        full.keys,
+        100 * MAX,
+        after.keys
+    );
+    assert!(after.keys as u64 <= MAX, "{} keys", after.keys);
+    assert!(
+        after_stats * 100 <= full_stats * 110,
+        "stats(): {full_stats} bytes per key when full, {after_stats} after the churn"
+    );
+    assert!(
+        after_alloc * 100 <= full_alloc * 110,
+        "allocator: {full_alloc} bytes per key when full, {after_alloc} after the churn"
+    );
+}
