@@ -35,7 +35,7 @@
 //! The total deadline is the earlier of the configured one and the request's
 //! [`Deadline`](tower_ai_core::Deadline) (set by a
 //! [`DeadlineLayer`](tower_ai_core::DeadlineLayer) or the caller): a call whose caller
-//! will have given up by then ends then, with [`AiError::DeadlineExceeded`] rather than
+//! will have given up by then ends then, with [`AiError::DeadlineExceeded`](tower_ai_core::AiError::DeadlineExceeded) rather than
 //! `Stalled` (kind [`ErrorKind::DeadlineExceeded`](tower_ai_core::ErrorKind::DeadlineExceeded):
 //! not retried, and not a circuit-breaker failure, since the caller's time may have gone
 //! in waits above the call and says nothing about the provider). A request whose
