@@ -46,9 +46,8 @@ pub enum Mode {
     Strict,
     /// For high-rate keys: each replica takes a chunk of the requests and tokens limits
     /// (`fraction` of each, e.g. `0.01`) atomically from Redis, spends it from local
-    /// atomics, and gives back what it has not used; a round trip only per chunk, and at
-    /// most one per key in flight on a replica (misses while it is out wait for its chunk,
-    /// up to the store's response timeout). Concurrency and spend caps stay strict.
+    /// atomics, and gives back what it has not used; a round trip only per chunk.
+    /// Concurrency and spend caps stay strict.
     Leased {
         /// The chunk, as a fraction of each limit (at least one unit).
         fraction: f64,
@@ -652,9 +651,9 @@ impl BudgetStore for RedisBudget {
             Mode::Leased { fraction } if lease::applies(limits) => Some(fraction),
             _ => None,
         };
-        // A chunk held here is spent before a cached refusal is read: a miss that waited
-        // past the store's response timeout for its key's chunk request takes a chunk of
-        // its own, and if the window has no room caches its refusal while that chunk has.
+        // A chunk held here is spent before a cached refusal is read: a replica's
+        // concurrent misses each bring one in, and the miss the window had no room for
+        // caches its refusal until the window's end while the others' chunks have room.
         if leased.is_some() {
             if let Some(d) = self.inner.leases.try_take(
                 request.key,
