@@ -113,16 +113,18 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
     }
 }
 
-/// The error for a call cut at its request's deadline, traced.
-fn deadline_passed(route: &Route, bytes_received: u64) -> AiError {
+/// The error for a call cut at its request's deadline (or not `sent`: the deadline had
+/// passed at the call), traced: the caller's deadline is not a stall of the provider's.
+pub(crate) fn deadline_passed(system: &str, sent: bool, bytes_received: u64) -> AiError {
     tracing::debug!(
-        gen_ai.system = route.system.as_str(),
+        gen_ai.system = system,
         error.type = "deadline_exceeded",
+        sent,
         bytes_received,
         "the request's deadline passed"
     );
     AiError::DeadlineExceeded {
-        sent: true,
+        sent,
         bytes_received,
     }
 }
@@ -235,7 +237,11 @@ where
                     this.state.set(State::Done);
                     if *this.deadline == Some(at) {
                         // The caller's deadline, not one of the detector's own.
-                        return Poll::Ready(Err(Box::new(deadline_passed(this.route, 0))));
+                        return Poll::Ready(Err(Box::new(deadline_passed(
+                            this.route.system.as_str(),
+                            true,
+                            0,
+                        ))));
                     }
                     tracing::warn!(
                         gen_ai.system = this.route.system.as_str(),
@@ -321,15 +327,8 @@ where
                 }
                 StateProj::Expired => {
                     this.state.set(State::Done);
-                    tracing::debug!(
-                        gen_ai.system = this.route.system.as_str(),
-                        error.type = "deadline_exceeded",
-                        "the request's deadline had passed: not sent"
-                    );
-                    return Poll::Ready(Err(Box::new(AiError::DeadlineExceeded {
-                        sent: false,
-                        bytes_received: 0,
-                    })));
+                    let system = this.route.system.as_str();
+                    return Poll::Ready(Err(Box::new(deadline_passed(system, false, 0))));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }

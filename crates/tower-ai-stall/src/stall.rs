@@ -528,17 +528,8 @@ impl Tracker {
     /// The error for a body cut at the request's deadline, recorded and traced: the
     /// caller's deadline is not a stall of the provider's.
     fn deadline_passed(&mut self) -> AiError {
-        tracing::debug!(
-            gen_ai.system = self.system.as_str(),
-            error.type = "deadline_exceeded",
-            bytes_received = self.bytes,
-            "the request's deadline passed"
-        );
         self.finish(StreamEnd::DeadlineExceeded);
-        AiError::DeadlineExceeded {
-            sent: true,
-            bytes_received: self.bytes,
-        }
+        crate::future::deadline_passed(self.system.as_str(), true, self.bytes)
     }
 
     /// The error for a stall in `phase`, recorded and traced.
