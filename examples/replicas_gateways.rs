@@ -290,22 +290,6 @@ fn request(url: &str, key: &str) -> Result<Request<Full<Bytes>>, String> {
         .map_err(|e| e.to_string())
 }
 
-/// The time until Redis's clock next crosses a multiple of `window`.
-async fn to_next_window(server: &RedisServer, window: Duration) -> Duration {
-    let Ok(mut conn) = server.client().get_multiplexed_async_connection().await else {
-        return Duration::ZERO;
-    };
-    let Ok((secs, micros)) = redis::cmd("TIME")
-        .query_async::<(u64, u64)>(&mut conn)
-        .await
-    else {
-        return Duration::ZERO;
-    };
-    let now_us = secs * 1_000_000 + micros;
-    let w = window.as_micros().max(1) as u64;
-    Duration::from_micros(w - now_us % w)
-}
-
 async fn flush(server: &RedisServer) -> Result<(), String> {
     let mut conn = server
         .client()
@@ -333,7 +317,7 @@ async fn run(
     if shared {
         // Nothing left from the previous run; the simulator's windows start on Redis's.
         flush(server).await?;
-        tokio::time::sleep(to_next_window(server, shared_window()).await).await;
+        tokio::time::sleep(server.to_next_window(shared_window()).await).await;
     }
     let sim = Simulator::new(
         Scenario::builder()
@@ -415,7 +399,7 @@ async fn run(
     }
     if shared {
         // Start on a window boundary of Redis's clock, which is the simulator's too.
-        tokio::time::sleep(to_next_window(server, shared_window()).await).await;
+        tokio::time::sleep(server.to_next_window(shared_window()).await).await;
     }
     sim.clear_calls();
     let settled_before = settled(&client, &gateways).await?;

@@ -175,22 +175,6 @@ pub fn request() -> Request<AiBody> {
         .expect("a valid request")
 }
 
-/// The milliseconds until Redis's clock next crosses a multiple of `window`.
-async fn to_next_window(server: &RedisServer, window: Duration) -> Duration {
-    let Ok(mut conn) = server.client().get_multiplexed_async_connection().await else {
-        return Duration::ZERO;
-    };
-    let Ok((secs, micros)) = redis::cmd("TIME")
-        .query_async::<(u64, u64)>(&mut conn)
-        .await
-    else {
-        return Duration::ZERO;
-    };
-    let now_us = secs * 1_000_000 + micros;
-    let w = window.as_micros().max(1) as u64;
-    Duration::from_micros(w - now_us % w)
-}
-
 /// Runs `run` (against `server` when the sharing needs Redis) and reports.
 pub async fn run(run: &Run, mut server: Option<&mut RedisServer>) -> Report {
     let shared = run.sharing != Sharing::InProcess;
@@ -202,7 +186,7 @@ pub async fn run(run: &Run, mut server: Option<&mut RedisServer>) -> Report {
     // The simulator's windows start with it: start it when Redis's fixed windows (leased
     // mode's) start, so both count the same windows.
     if let (true, Some(server)) = (shared, server.as_deref()) {
-        tokio::time::sleep(to_next_window(server, run.window).await).await;
+        tokio::time::sleep(server.to_next_window(run.window).await).await;
     }
     let sim = Simulator::new(
         Scenario::builder()

@@ -157,6 +157,24 @@ impl RedisServer {
         .await
     }
 
+    /// The time until this server's clock (`TIME`) next crosses a multiple of `window`:
+    /// a test waits it out to start at the beginning of a fixed window the scripts count
+    /// on Redis's clock. Zero when the server cannot be asked.
+    pub async fn to_next_window(&self, window: Duration) -> Duration {
+        let Ok(mut conn) = self.client().get_multiplexed_async_connection().await else {
+            return Duration::ZERO;
+        };
+        let Ok((secs, micros)) = redis::cmd("TIME")
+            .query_async::<(u64, u64)>(&mut conn)
+            .await
+        else {
+            return Duration::ZERO;
+        };
+        let now_us = secs * 1_000_000 + micros;
+        let w = window.as_micros().max(1) as u64;
+        Duration::from_micros(w - now_us % w)
+    }
+
     /// `SCRIPT FLUSH`: the server forgets every script loaded, as after a restart.
     pub async fn script_flush(&self) -> redis::RedisResult<()> {
         self.admin(redis::cmd("SCRIPT").arg("FLUSH")).await
