@@ -6,75 +6,32 @@
 use std::time::{Duration, Instant};
 
 mod support;
-use support::NO_HANG;
+use support::{admit, admitted, answered, each_key, limits, refused, MS, NO_HANG};
 
-use tower_ai_budget::{
-    BudgetStore, Spent, StoreAdmit, StoreDecision, StoreLease, StoreLimits, StoreRequest,
-};
+use tower_ai_budget::{BudgetStore, Spent, StoreAdmit, StoreDecision, StoreRequest};
 use tower_ai_core::keys::Key;
 use tower_ai_core::BudgetLimit;
 use tower_ai_redis::testing::RedisServer;
 use tower_ai_redis::{RedisBudget, RedisStore};
 
-const MS: Duration = Duration::from_millis(1);
-
-fn limits(f: impl FnOnce(&mut StoreLimits)) -> StoreLimits {
-    let mut l = StoreLimits::default();
-    f(&mut l);
-    l
-}
-
-/// Asks the budget; `true` in the answer when it needed a round trip.
-async fn ask(
-    b: &RedisBudget,
-    l: &StoreLimits,
-    name: &str,
-    tokens: u64,
-    spend: u64,
-) -> (StoreDecision, bool) {
-    let label = || name.to_owned();
-    let request = StoreRequest::new(Key::of(name), tokens, spend, &label);
-    match b.admit(l, &request) {
-        StoreAdmit::Ready(d) => (d, false),
-        StoreAdmit::Pending(f) => (f.await, true),
-    }
-}
-
-fn admitted(d: StoreDecision) -> StoreLease {
-    match d {
-        StoreDecision::Admitted(lease) => lease,
-        other => panic!("expected admitted, got {other:?}"),
-    }
-}
-
-fn refused(d: StoreDecision) -> (BudgetLimit, Option<Duration>) {
-    match d {
-        StoreDecision::Refused { limit, retry_after } => (limit, retry_after),
-        other => panic!("expected refused, got {other:?}"),
-    }
-}
-
 /// Waits for the start of a window of `window` on Redis's clock (leased chunks shrink in
 /// a window's last tenth).
 async fn window_start(server: &RedisServer, window: Duration) {
-    let mut conn = server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
-    let w = window.as_micros() as u64;
-    let now = secs * 1_000_000 + micros;
-    tokio::time::sleep(Duration::from_micros(w - now % w + 1_000)).await;
+    tokio::time::sleep(server.to_next_window(window).await + MS).await;
 }
 
-/// A store that waits for Redis long enough for a loaded machine (the tests not about
-/// outages must not fall back in-process because a debug build answered late).
+/// A store that waits for Redis long enough for a loaded machine (see `support::patient`).
 fn patient(server: &RedisServer) -> RedisStore {
-    RedisStore::builder()
-        .response_timeout(Duration::from_millis(500))
-        .connect_timeout(Duration::from_secs(2))
-        .build(server.client())
+    support::patient().build(server.client())
+}
+
+/// A leased budget of its own store on `server`: windows of `window`, chunks of
+/// `fraction` of a limit.
+fn leased(server: &RedisServer, window: Duration, fraction: f64) -> RedisBudget {
+    RedisBudget::builder(patient(server))
+        .minute(window)
+        .leased(fraction)
+        .build()
 }
 
 /// Waits until the background settlement has reached Redis.
@@ -95,23 +52,23 @@ async fn requests_per_minute_admit_the_burst_then_the_pace_and_cache_the_denial(
     let l = limits(|l| l.requests_per_minute = Some(10));
     let mut ok = 0;
     for _ in 0..3 {
-        admitted(ask(&b, &l, "k", 0, 0).await.0);
+        admitted(admit(&b, &l, "k", 0, 0).await.0);
         ok += 1;
     }
-    let (d, trip) = ask(&b, &l, "k", 0, 0).await;
+    let (d, trip) = admit(&b, &l, "k", 0, 0).await;
     assert!(trip);
     let (limit, retry) = refused(d);
     assert_eq!(limit, BudgetLimit::RequestsPerMinute);
     let retry = retry.unwrap();
     assert!(retry > Duration::ZERO && retry <= 200 * MS, "{retry:?}");
     // Known now: refused again without a round trip.
-    let (d, trip) = ask(&b, &l, "k", 0, 0).await;
+    let (d, trip) = admit(&b, &l, "k", 0, 0).await;
     assert!(!trip, "a cached denial costs no round trip");
     refused(d);
     // Over the next window: the pace, so at most limit + burst in any 2 s.
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(2) {
-        if let StoreDecision::Admitted(_) = ask(&b, &l, "k", 0, 0).await.0 {
+        if let StoreDecision::Admitted(_) = admit(&b, &l, "k", 0, 0).await.0 {
             ok += 1;
         }
         tokio::time::sleep(5 * MS).await;
@@ -119,7 +76,7 @@ async fn requests_per_minute_admit_the_burst_then_the_pace_and_cache_the_denial(
     assert!(ok <= 10 + 3, "{ok} in one window");
     assert!(ok >= 11, "{ok}: the pace admits one per 200 ms");
     // Another key is not held back.
-    admitted(ask(&b, &l, "other", 0, 0).await.0);
+    admitted(admit(&b, &l, "other", 0, 0).await.0);
 }
 
 #[tokio::test]
@@ -132,8 +89,8 @@ async fn tokens_are_reserved_then_refunded_or_charged_at_settlement() {
         .burst(0, 1000)
         .build();
     let l = limits(|l| l.tokens_per_minute = Some(1000));
-    let first = admitted(ask(&b, &l, "t", 600, 0).await.0);
-    let (limit, retry) = refused(ask(&b, &l, "t", 600, 0).await.0);
+    let first = admitted(admit(&b, &l, "t", 600, 0).await.0);
+    let (limit, retry) = refused(admit(&b, &l, "t", 600, 0).await.0);
     assert_eq!(limit, BudgetLimit::TokensPerMinute);
     // 200 tokens over the room of 1000, at 60 ms a token: 12 s.
     let retry = retry.unwrap();
@@ -142,7 +99,7 @@ async fn tokens_are_reserved_then_refunded_or_charged_at_settlement() {
         "{retry:?}"
     );
     // A smaller request is not held by the cached denial of the larger one.
-    admitted(ask(&b, &l, "t", 100, 0).await.0);
+    admitted(admit(&b, &l, "t", 100, 0).await.0);
     // The first used 100 of its 600: 500 refunded, and 600 fits again (700 of 1000).
     b.settle(&l, first, Spent::new(100, 0));
     settled().await;
@@ -150,17 +107,17 @@ async fn tokens_are_reserved_then_refunded_or_charged_at_settlement() {
         .minute(Duration::from_secs(60))
         .burst(0, 1000)
         .build();
-    let second = admitted(ask(&b2, &l, "t", 250, 0).await.0);
+    let second = admitted(admit(&b2, &l, "t", 250, 0).await.0);
     // A request that used more than it reserved is charged the difference: 250 + 100.
     b2.settle(&l, second, Spent::new(350, 0));
     settled().await;
     // Used: 100 + 100 + 350 = 550 of 1000.
-    admitted(ask(&b2, &l, "t", 400, 0).await.0);
-    let (limit, _) = refused(ask(&b2, &l, "t", 100, 0).await.0);
+    admitted(admit(&b2, &l, "t", 400, 0).await.0);
+    let (limit, _) = refused(admit(&b2, &l, "t", 100, 0).await.0);
     assert_eq!(limit, BudgetLimit::TokensPerMinute, "950 of 1000 used");
     // Larger than the whole limit: never.
     assert_eq!(
-        refused(ask(&b2, &l, "t", 1001, 0).await.0),
+        refused(admit(&b2, &l, "t", 1001, 0).await.0),
         (BudgetLimit::TokensPerMinute, None)
     );
 }
@@ -173,8 +130,8 @@ async fn spend_is_counted_in_calendar_windows_of_micro_units() {
     let b = RedisBudget::builder(patient(&server)).build();
     // $0.001 an hour = 1,000,000 nano-units = 1,000 micro-units.
     let l = limits(|l| l.spend_per_hour = Some(1_000_000));
-    let first = admitted(ask(&b, &l, "s", 0, 600_000).await.0);
-    let (limit, retry) = refused(ask(&b, &l, "s", 0, 400_001).await.0);
+    let first = admitted(admit(&b, &l, "s", 0, 600_000).await.0);
+    let (limit, retry) = refused(admit(&b, &l, "s", 0, 400_001).await.0);
     assert_eq!(limit, BudgetLimit::SpendPerHour);
     // The rest of the calendar hour on Redis's clock.
     let retry = retry.unwrap();
@@ -186,13 +143,13 @@ async fn spend_is_counted_in_calendar_windows_of_micro_units() {
     settled().await;
     // 100 used: 900 more fit (the cached denial was for a larger request).
     let b = RedisBudget::builder(patient(&server)).build();
-    admitted(ask(&b, &l, "s", 0, 900_000).await.0);
+    admitted(admit(&b, &l, "s", 0, 900_000).await.0);
     assert_eq!(
-        refused(ask(&b, &l, "s", 0, 1_000).await.0).0,
+        refused(admit(&b, &l, "s", 0, 1_000).await.0).0,
         BudgetLimit::SpendPerHour
     );
     assert_eq!(
-        refused(ask(&b, &l, "s", 0, 1_000_001).await.0),
+        refused(admit(&b, &l, "s", 0, 1_000_001).await.0),
         (BudgetLimit::SpendPerHour, None)
     );
 
@@ -200,10 +157,10 @@ async fn spend_is_counted_in_calendar_windows_of_micro_units() {
     let b = RedisBudget::builder(patient(&server))
         .spend_windows(Duration::from_millis(300), Duration::from_secs(86_400))
         .build();
-    admitted(ask(&b, &l, "w", 0, 1_000_000).await.0);
-    let (_, retry) = refused(ask(&b, &l, "w", 0, 1_000).await.0);
+    admitted(admit(&b, &l, "w", 0, 1_000_000).await.0);
+    let (_, retry) = refused(admit(&b, &l, "w", 0, 1_000).await.0);
     tokio::time::sleep(retry.unwrap() + 5 * MS).await;
-    admitted(ask(&b, &l, "w", 0, 1_000).await.0);
+    admitted(admit(&b, &l, "w", 0, 1_000).await.0);
 }
 
 #[tokio::test]
@@ -215,24 +172,24 @@ async fn concurrency_is_an_expiring_semaphore() {
         .hold(Duration::from_millis(300))
         .build();
     let l = limits(|l| l.max_concurrent = Some(2));
-    let one = admitted(ask(&b, &l, "c", 0, 0).await.0);
-    let _two = admitted(ask(&b, &l, "c", 0, 0).await.0);
+    let one = admitted(admit(&b, &l, "c", 0, 0).await.0);
+    let _two = admitted(admit(&b, &l, "c", 0, 0).await.0);
     assert_eq!(
-        refused(ask(&b, &l, "c", 0, 0).await.0).0,
+        refused(admit(&b, &l, "c", 0, 0).await.0).0,
         BudgetLimit::Concurrency
     );
     // Concurrency denials are not cached: a settlement frees a place at once.
     b.settle(&l, one, Spent::default());
     settled().await;
-    let _three = admitted(ask(&b, &l, "c", 0, 0).await.0);
+    let _three = admitted(admit(&b, &l, "c", 0, 0).await.0);
     assert_eq!(
-        refused(ask(&b, &l, "c", 0, 0).await.0).0,
+        refused(admit(&b, &l, "c", 0, 0).await.0).0,
         BudgetLimit::Concurrency
     );
     // Never settled (their replica died): the places come back after the hold.
     tokio::time::sleep(Duration::from_millis(320)).await;
-    admitted(ask(&b, &l, "c", 0, 0).await.0);
-    admitted(ask(&b, &l, "c", 0, 0).await.0);
+    admitted(admit(&b, &l, "c", 0, 0).await.0);
+    admitted(admit(&b, &l, "c", 0, 0).await.0);
 }
 
 #[tokio::test]
@@ -247,27 +204,18 @@ async fn with_redis_down_each_replica_decides_at_its_share_and_fail_closed_limit
     let l = limits(|l| l.requests_per_minute = Some(40));
     // Connected and answering first (asked under another key, so "f" starts untouched
     // even if a loaded machine's first connection timed out).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let before = b.fallbacks();
-        admitted(ask(&b, &l, "warm-up", 0, 0).await.0);
-        if b.fallbacks() == before && !store.is_degraded() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "redis never answered");
-        tokio::time::sleep(Duration::from_millis(600)).await;
-    }
+    answered(&store, &[&b], &l, "warm-up").await;
     server.kill();
     // 40 a minute over 4 replicas: 10 here, burst 0: one at once, then one per 6 s.
     let started = Instant::now();
-    admitted(ask(&b, &l, "f", 0, 0).await.0);
+    admitted(admit(&b, &l, "f", 0, 0).await.0);
     assert!(
         started.elapsed() < NO_HANG,
         "the fall-back took {:?}",
         started.elapsed()
     );
     assert!(store.is_degraded());
-    let (limit, retry) = refused(ask(&b, &l, "f", 0, 0).await.0);
+    let (limit, retry) = refused(admit(&b, &l, "f", 0, 0).await.0);
     assert_eq!(limit, BudgetLimit::RequestsPerMinute);
     assert!(retry.unwrap() > Duration::from_secs(5), "{retry:?}");
 
@@ -278,7 +226,7 @@ async fn with_redis_down_each_replica_decides_at_its_share_and_fail_closed_limit
     let l = limits(|l| l.spend_per_day = Some(1_000_000_000));
     let started = Instant::now();
     assert_eq!(
-        refused(ask(&closed, &l, "d", 0, 1_000).await.0).0,
+        refused(admit(&closed, &l, "d", 0, 1_000).await.0).0,
         BudgetLimit::SpendPerDay
     );
     assert!(started.elapsed() < NO_HANG, "{:?}", started.elapsed());
@@ -288,7 +236,7 @@ async fn with_redis_down_each_replica_decides_at_its_share_and_fail_closed_limit
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         tokio::time::sleep(50 * MS).await;
-        if let StoreDecision::Admitted(_) = ask(&closed, &l, "d", 0, 1_000).await.0 {
+        if let StoreDecision::Admitted(_) = admit(&closed, &l, "d", 0, 1_000).await.0 {
             if !store.is_degraded() {
                 break;
             }
@@ -304,32 +252,26 @@ async fn leased_chunks_are_spent_locally_and_never_exceed_the_window() {
     };
     // Two replicas, 100 a 2 s window in chunks of 10.
     let window = Duration::from_secs(2);
-    let a = RedisBudget::builder(patient(&server))
-        .minute(window)
-        .leased(0.1)
-        .build();
-    let b = RedisBudget::builder(patient(&server))
-        .minute(window)
-        .leased(0.1)
-        .build();
+    let a = leased(&server, window, 0.1);
+    let b = leased(&server, window, 0.1);
     let l = limits(|l| l.requests_per_minute = Some(100));
     window_start(&server, window).await;
-    let (d, trip) = ask(&a, &l, "L", 0, 0).await;
+    let (d, trip) = admit(&a, &l, "L", 0, 0).await;
     admitted(d);
     assert!(trip, "the first request takes a chunk");
     for _ in 0..9 {
-        let (d, trip) = ask(&a, &l, "L", 0, 0).await;
+        let (d, trip) = admit(&a, &l, "L", 0, 0).await;
         admitted(d);
         assert!(!trip, "spent from the chunk");
     }
     assert!(
-        ask(&a, &l, "L", 0, 0).await.1,
+        admit(&a, &l, "L", 0, 0).await.1,
         "the chunk is spent: another one"
     );
     let mut total = 11;
     for i in 0..200 {
         let replica = if i % 2 == 0 { &a } else { &b };
-        if let StoreDecision::Admitted(_) = ask(replica, &l, "L", 0, 0).await.0 {
+        if let StoreDecision::Admitted(_) = admit(replica, &l, "L", 0, 0).await.0 {
             total += 1;
         }
     }
@@ -339,22 +281,7 @@ async fn leased_chunks_are_spent_locally_and_never_exceed_the_window() {
         "{total}: at most one chunk per replica unused"
     );
     // The window's count in Redis never passes the limit.
-    let mut conn = server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*lease:rpm*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    for k in keys {
-        let used: u64 = redis::cmd("GET")
-            .arg(&k)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+    for (k, used) in each_key(&server, "*lease:rpm*", "GET").await {
         assert!(used <= 100, "{k}: {used}");
     }
 }
@@ -365,39 +292,22 @@ async fn leased_tokens_are_reconciled_in_the_chunk_and_given_back() {
         return;
     };
     let window = Duration::from_secs(2);
-    let a = RedisBudget::builder(patient(&server))
-        .minute(window)
-        .leased(0.1)
-        .build();
+    let a = leased(&server, window, 0.1);
     let l = limits(|l| l.tokens_per_minute = Some(10_000));
     window_start(&server, window).await;
     // A chunk of 1,000 tokens: 5 requests of 200.
-    let first = admitted(ask(&a, &l, "T", 200, 0).await.0);
+    let first = admitted(admit(&a, &l, "T", 200, 0).await.0);
     for _ in 0..4 {
-        assert!(!ask(&a, &l, "T", 200, 0).await.1);
+        assert!(!admit(&a, &l, "T", 200, 0).await.1);
     }
-    assert!(ask(&a, &l, "T", 200, 0).await.1, "chunk spent");
+    assert!(admit(&a, &l, "T", 200, 0).await.1, "chunk spent");
     // The first used 50: 150 back into the chunk, so 150 more without a round trip.
     a.settle(&l, first, Spent::new(50, 0));
-    let (d, trip) = ask(&a, &l, "T", 150, 0).await;
+    let (d, trip) = admit(&a, &l, "T", 150, 0).await;
     admitted(d);
     assert!(!trip);
     a.give_back().await;
-    let mut conn = server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*lease:tpm*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let used: u64 = redis::cmd("GET")
-        .arg(&keys[0])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let used = each_key(&server, "*lease:tpm*", "GET").await[0].1;
     // Two chunks of 1,000 taken, 1,000 + 200 + 150 - 150 refund... what is left given back.
     assert!(used < 2_000, "{used}: the unused part came back");
 }
@@ -415,28 +325,19 @@ async fn a_paused_redis_costs_one_timeout_then_the_fall_back_decides() {
     let l = limits(|l| l.requests_per_minute = Some(100));
     // Connected and answering (on a loaded machine the first connection can take longer
     // than its timeout: asked under another key, so "p" starts untouched).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let before = b.fallbacks();
-        admitted(ask(&b, &l, "warm-up", 0, 0).await.0);
-        if b.fallbacks() == before && !store.is_degraded() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "redis never answered");
-        tokio::time::sleep(Duration::from_millis(600)).await;
-    }
+    answered(&store, &[&b], &l, "warm-up").await;
     let before = b.fallbacks();
     server.pause_clients(Duration::from_secs(2)).await.unwrap();
     // The first call waits for the response timeout, then decides in-process; the next
     // ones do not wait at all while Redis is skipped.
     let started = Instant::now();
-    let (_, asked) = ask(&b, &l, "p", 0, 0).await;
+    let (_, asked) = admit(&b, &l, "p", 0, 0).await;
     let first = started.elapsed();
     assert!(first < NO_HANG, "{first:?}");
     assert!(asked, "the first call asked Redis, and timed out");
     let skipped = store.skipped();
     let started = Instant::now();
-    admitted(ask(&b, &l, "p", 0, 0).await.0);
+    admitted(admit(&b, &l, "p", 0, 0).await.0);
     println!(
         "client pause: first call {first:?}, then {:?}",
         started.elapsed()
@@ -446,7 +347,7 @@ async fn a_paused_redis_costs_one_timeout_then_the_fall_back_decides() {
     assert_eq!(b.fallbacks() - before, 2);
     // At its share: 100 / 2 replicas, burst 5 / 2 = 2: the two above took it.
     assert_eq!(
-        refused(ask(&b, &l, "p", 0, 0).await.0).0,
+        refused(admit(&b, &l, "p", 0, 0).await.0).0,
         BudgetLimit::RequestsPerMinute
     );
 }
@@ -462,10 +363,7 @@ async fn a_cached_refusal_does_not_hide_a_chunk_with_room() {
     };
     // 20 a 2 s window in chunks of 10: two chunks fill the window.
     let window = Duration::from_secs(2);
-    let a = RedisBudget::builder(patient(&server))
-        .minute(window)
-        .leased(0.5)
-        .build();
+    let a = leased(&server, window, 0.5);
     let l = limits(|l| l.requests_per_minute = Some(20));
     window_start(&server, window).await;
     let label = || "C".to_owned();
@@ -483,7 +381,7 @@ async fn a_cached_refusal_does_not_hide_a_chunk_with_room() {
         .count();
     assert_eq!(refusals, 1, "two chunks fill the window: {outcomes:?}");
     // 18 left in the two chunks, the third miss's refusal cached: spent from the chunks.
-    let (d, trip) = ask(&a, &l, "C", 0, 0).await;
+    let (d, trip) = admit(&a, &l, "C", 0, 0).await;
     assert!(
         matches!(d, StoreDecision::Admitted(_)),
         "refused with room in a chunk: {d:?}"

@@ -8,77 +8,37 @@
 use std::time::{Duration, Instant};
 
 mod support;
-use support::NO_HANG;
+use support::cluster::{
+    a_second_of_calls, on_two_nodes, quick_to_fall_back, tenants_on_two_nodes,
+    two_tenants_answered, Run,
+};
+use support::{admit, ask, commands, connection, limits, MS, NO_HANG};
 
-use tower_ai_budget::{BudgetStore, Spent, StoreAdmit, StoreDecision, StoreLimits, StoreRequest};
+use tower_ai_budget::{BudgetStore, Spent, StoreDecision};
 use tower_ai_circuit_breaker::store::SharedState;
-use tower_ai_core::keys::Key;
 use tower_ai_redis::testing::{RedisCluster, RedisServer};
 use tower_ai_redis::{RedisBreakers, RedisBudget, RedisCooldowns, RedisStore};
 use tower_ai_retry_after::store::{Check, CooldownStore, SharedCooldown};
-
-const MS: Duration = Duration::from_millis(1);
-
-fn limits(f: impl FnOnce(&mut StoreLimits)) -> StoreLimits {
-    let mut l = StoreLimits::default();
-    f(&mut l);
-    l
-}
-
-/// Asks the budget for one request of `name`.
-async fn ask(b: &RedisBudget, l: &StoreLimits, name: &str, tokens: u64) -> StoreDecision {
-    let label = || name.to_owned();
-    let request = StoreRequest::new(Key::of(name), tokens, 0, &label);
-    match b.admit(l, &request) {
-        StoreAdmit::Ready(d) => d,
-        StoreAdmit::Pending(f) => f.await,
-    }
-}
 
 fn is_admitted(d: &StoreDecision) -> bool {
     matches!(d, StoreDecision::Admitted(_))
 }
 
-/// Two hash tags whose keys the cluster puts on two different nodes: `(tag, node)` each.
-fn tenants_on_two_nodes(cluster: &RedisCluster, store: &RedisStore) -> [(String, usize); 2] {
-    let mut first: Option<(String, usize)> = None;
-    for i in 0..64 {
-        let tag = format!("tenant-{i}");
-        let node = cluster
-            .node_of(&store.key("budget:rpm", &tag, "k"))
-            .unwrap();
-        match &first {
-            None => first = Some((tag, node)),
-            Some((_, n)) if *n != node => return [first.unwrap(), (tag, node)],
-            Some(_) => {}
-        }
-    }
-    panic!("64 tags in one node's slots");
-}
-
 /// Whether node `node` holds `key` (asked of that node alone: the key must be in its slots).
 async fn holds(cluster: &RedisCluster, node: usize, key: &str) -> bool {
-    let mut conn = cluster
-        .node(node)
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     redis::cmd("EXISTS")
         .arg(key)
-        .query_async::<u32>(&mut conn)
+        .query_async::<u32>(&mut connection(cluster.node(node)).await)
         .await
         .unwrap()
         == 1
 }
 
 /// A store that waits for the cluster long enough for a loaded machine (see
-/// `RedisServer::store`), with a fast heartbeat.
+/// `support::patient`), with a fast heartbeat.
 fn patient(cluster: &RedisCluster) -> RedisStore {
-    RedisStore::builder()
-        .response_timeout(Duration::from_millis(500))
-        .connect_timeout(Duration::from_secs(2))
-        .heartbeat(Duration::from_millis(50))
+    support::patient()
+        .heartbeat(50 * MS)
         .build_cluster(cluster.client())
 }
 
@@ -102,12 +62,7 @@ async fn every_script_runs_on_the_cluster_and_tenants_land_on_different_nodes() 
     });
     for (tag, node) in [(&ta, na), (&tb, nb)] {
         let b = RedisBudget::builder(store.clone()).hash_tag(tag).build();
-        let label = || "k".to_owned();
-        let request = StoreRequest::new(Key::of("k"), 100, 5_000_000, &label);
-        let decision = match b.admit(&l, &request) {
-            StoreAdmit::Ready(d) => d,
-            StoreAdmit::Pending(f) => f.await,
-        };
+        let (decision, _) = admit(&b, &l, "k", 100, 5_000_000).await;
         let StoreDecision::Admitted(lease) = decision else {
             panic!("{tag}: {decision:?}");
         };
@@ -299,47 +254,19 @@ async fn a_node_killed_falls_back_in_process_without_failing_calls() {
     let Some(mut cluster) = RedisCluster::start_or_skip("cluster node killed") else {
         return;
     };
-    // The default 20 ms response timeout: the fall-back is what this test is about. A
-    // tag's breaker skips its node for 100 ms after a failure (default 500 ms), so that an
-    // answer a loaded machine gives late holds tenant B back for a tenth of the run only.
-    let store = RedisStore::builder()
-        .replicas(4)
-        .connect_timeout(Duration::from_secs(2))
-        .retry_after_outage(100 * MS)
-        .build_cluster(cluster.client());
-    let [(ta, na), (tb, _)] = tenants_on_two_nodes(&cluster, &store);
-    let a = RedisBudget::builder(store.clone()).hash_tag(&ta).build();
-    let b = RedisBudget::builder(store.clone()).hash_tag(&tb).build();
+    let store = quick_to_fall_back(&cluster);
     let l = limits(|l| l.requests_per_minute = Some(60_000));
     // Both answered by the cluster first.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let before = a.fallbacks() + b.fallbacks();
-        assert!(is_admitted(&ask(&a, &l, "k", 0).await));
-        assert!(is_admitted(&ask(&b, &l, "k", 0).await));
-        if a.fallbacks() + b.fallbacks() == before && !store.is_degraded() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the cluster never answered");
-        tokio::time::sleep(600 * MS).await;
-    }
+    let [a, b] = two_tenants_answered(&cluster, &store, &l).await;
+    let (na, a, b) = (a.node, a.budget, b.budget);
 
     cluster.kill(na);
-    let (a_before, b_before) = (a.fallbacks(), b.fallbacks());
-    let mut slowest = Duration::ZERO;
-    let mut calls = 0;
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(1) {
-        for budget in [&a, &b] {
-            let t = Instant::now();
-            let d = ask(budget, &l, "k", 0).await;
-            slowest = slowest.max(t.elapsed());
-            assert!(is_admitted(&d), "call {calls}: {d:?}");
-            calls += 1;
-        }
-        tokio::time::sleep(10 * MS).await;
-    }
-    let (a_local, b_local) = (a.fallbacks() - a_before, b.fallbacks() - b_before);
+    let Run {
+        calls,
+        slowest,
+        a_local,
+        b_local,
+    } = a_second_of_calls(&a, &b, &l).await;
     println!(
         "node {na} killed: {calls} calls, 0 failed, slowest {slowest:?}; decided in-process: \
          {a_local} of tenant A's {}, {b_local} of tenant B's {} (its node alive)",
@@ -380,29 +307,6 @@ fn percentiles(mut times: Vec<Duration>) -> (Duration, Duration) {
     (times[times.len() / 2], times[times.len() * 99 / 100])
 }
 
-/// The commands each node has run since its statistics were reset, by name
-/// (`INFO commandstats`: `cmdstat_evalsha:calls=500,…`).
-async fn commands(cluster: &RedisCluster, node: usize) -> Vec<(String, u64)> {
-    let mut conn = cluster
-        .node(node)
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    info.lines()
-        .filter_map(|l| {
-            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(":calls=")?;
-            let calls = rest.split(',').next()?.parse().ok()?;
-            Some((name.to_owned(), calls))
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn a_call_on_the_cluster_is_one_command_on_the_node_of_its_tag() {
     let Some(cluster) = RedisCluster::start_or_skip("cluster round trip") else {
@@ -427,15 +331,9 @@ async fn a_call_on_the_cluster_is_one_command_on_the_node_of_its_tag() {
         .node_of(&on_cluster.store().key("cooldown", "account-1", "h/m"))
         .unwrap();
     for i in 0..3 {
-        let mut conn = cluster
-            .node(i)
-            .client()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
         redis::cmd("CONFIG")
             .arg("RESETSTAT")
-            .query_async::<()>(&mut conn)
+            .query_async::<()>(&mut connection(cluster.node(i)).await)
             .await
             .unwrap();
     }
@@ -461,7 +359,7 @@ async fn a_call_on_the_cluster_is_one_command_on_the_node_of_its_tag() {
     // Each call was one EVALSHA, on the node of its tag, and nothing else ran: no slot map
     // fetched, no script loaded, no redirection followed.
     for node in 0..3 {
-        let mut ran: Vec<(String, u64)> = commands(&cluster, node)
+        let mut ran: Vec<(String, u64)> = commands(cluster.node(node))
             .await
             .into_iter()
             .filter(|(name, _)| name != "info" && name != "config|resetstat")
@@ -483,12 +381,10 @@ async fn script_flush_on_every_node_reloads_the_scripts() {
         return;
     };
     let store = patient(&cluster);
-    let [(ta, _), (tb, _)] = tenants_on_two_nodes(&cluster, &store);
-    let budgets = [ta, tb].map(|tag| RedisBudget::builder(store.clone()).hash_tag(tag).build());
     let l = limits(|l| l.requests_per_minute = Some(60_000));
-    for b in &budgets {
-        assert!(is_admitted(&ask(b, &l, "k", 0).await));
-    }
+    let budgets = two_tenants_answered(&cluster, &store, &l)
+        .await
+        .map(|t| t.budget);
     for i in 0..3 {
         cluster.node(i).script_flush().await.unwrap();
         assert!(!admit_loaded(&cluster, i).await);
@@ -513,16 +409,13 @@ async fn a_flushed_node_gets_its_scripts_again_while_another_node_is_down() {
         return;
     };
     let store = patient(&cluster);
-    let [(ta, na), (tb, nb)] = tenants_on_two_nodes(&cluster, &store);
-    let budgets = [ta, tb].map(|tag| RedisBudget::builder(store.clone()).hash_tag(tag).build());
     let l = limits(|l| l.requests_per_minute = Some(60_000));
-    for b in &budgets {
-        assert!(is_admitted(&ask(b, &l, "k", 0).await));
-    }
+    let [a, b] = two_tenants_answered(&cluster, &store, &l).await;
+    let (na, nb) = (a.node, b.node);
     cluster.kill(na);
     cluster.node(nb).script_flush().await.unwrap();
     assert!(!admit_loaded(&cluster, nb).await);
-    let b = &budgets[1];
+    let b = &b.budget;
     let before = (b.round_trips(), b.fallbacks());
     for _ in 0..3 {
         assert!(is_admitted(&ask(b, &l, "k", 0).await));
@@ -544,16 +437,10 @@ async fn admit_loaded(cluster: &RedisCluster, node: usize) -> bool {
     ))
     .get_hash()
     .to_owned();
-    let mut conn = cluster
-        .node(node)
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     let exists: Vec<u8> = redis::cmd("SCRIPT")
         .arg("EXISTS")
         .arg(sha)
-        .query_async(&mut conn)
+        .query_async(&mut connection(cluster.node(node)).await)
         .await
         .unwrap();
     exists == [1]
@@ -564,48 +451,21 @@ async fn a_paused_node_falls_back_for_its_tags_instead_of_hanging() {
     let Some(cluster) = RedisCluster::start_or_skip("cluster client pause") else {
         return;
     };
-    // The default 20 ms response timeout: the fall-back is what this test is about. A
-    // tag's breaker skips its node for 100 ms after a failure (default 500 ms), so that an
-    // answer a loaded machine gives late holds tenant B back for a tenth of the run only.
-    let store = RedisStore::builder()
-        .replicas(4)
-        .connect_timeout(Duration::from_secs(2))
-        .retry_after_outage(100 * MS)
-        .build_cluster(cluster.client());
-    let [(ta, na), (tb, _)] = tenants_on_two_nodes(&cluster, &store);
-    let a = RedisBudget::builder(store.clone()).hash_tag(&ta).build();
-    let b = RedisBudget::builder(store.clone()).hash_tag(&tb).build();
+    let store = quick_to_fall_back(&cluster);
     let l = limits(|l| l.requests_per_minute = Some(60_000));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let before = a.fallbacks() + b.fallbacks();
-        assert!(is_admitted(&ask(&a, &l, "k", 0).await));
-        assert!(is_admitted(&ask(&b, &l, "k", 0).await));
-        if a.fallbacks() + b.fallbacks() == before && !store.is_degraded() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the cluster never answered");
-        tokio::time::sleep(600 * MS).await;
-    }
+    let [a, b] = two_tenants_answered(&cluster, &store, &l).await;
+    let (na, a, b) = (a.node, a.budget, b.budget);
     cluster
         .node(na)
         .pause_clients(Duration::from_secs(2))
         .await
         .unwrap();
-    let (a_before, b_before) = (a.fallbacks(), b.fallbacks());
-    let mut slowest = Duration::ZERO;
-    let start = Instant::now();
-    let mut calls = 0;
-    while start.elapsed() < Duration::from_secs(1) {
-        for budget in [&a, &b] {
-            let t = Instant::now();
-            assert!(is_admitted(&ask(budget, &l, "k", 0).await));
-            slowest = slowest.max(t.elapsed());
-            calls += 1;
-        }
-        tokio::time::sleep(10 * MS).await;
-    }
-    let (a_local, b_local) = (a.fallbacks() - a_before, b.fallbacks() - b_before);
+    let Run {
+        calls,
+        slowest,
+        a_local,
+        b_local,
+    } = a_second_of_calls(&a, &b, &l).await;
     println!(
         "node {na} paused: {calls} calls, slowest {slowest:?}; in-process: {a_local} of tenant \
          A's, {b_local} of tenant B's"
@@ -661,19 +521,11 @@ async fn a_budget_with_a_hash_tag_per_key_spreads_its_keys_over_the_nodes() {
         .hash_tag_per_key()
         .build();
     // Two names whose keys are on two nodes.
-    let mut first: Option<(String, usize)> = None;
-    let [(a, na), (b, nb)] = (0..64)
-        .find_map(|i| {
-            let name = format!("tenant-{i}/gpt-4o");
-            let node = cluster.node_of(&budget.keys_of(&name)[0]).unwrap();
-            match &first {
-                None => first = Some((name, node)),
-                Some((_, n)) if *n != node => return Some([first.clone().unwrap(), (name, node)]),
-                Some(_) => {}
-            }
-            None
-        })
-        .expect("64 names in one node's slots");
+    let [(a, na), (b, nb)] = on_two_nodes(
+        &cluster,
+        (0..64).map(|i| format!("tenant-{i}/gpt-4o")),
+        |name| budget.keys_of(name)[0].clone(),
+    );
     assert_ne!(na, nb);
     for name in [&a, &b] {
         let keys = budget.keys_of(name);

@@ -8,73 +8,75 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tower_ai_budget::{
-    BudgetStore, Spent, StoreAdmit, StoreDecision, StoreLease, StoreLimits, StoreRequest,
-};
-use tower_ai_core::keys::Key;
+mod support;
+use support::{admitted, ask, commands, each_key, limits, MS};
+
+use tower_ai_budget::{BudgetStore, Spent, StoreDecision, StoreLease, StoreLimits};
 use tower_ai_core::BudgetLimit;
 use tower_ai_redis::testing::RedisServer;
 use tower_ai_redis::{RedisBudget, RedisStore};
 
-const MS: Duration = Duration::from_millis(1);
 /// The token limits' window here: long enough that nothing drains during a test.
 const HOUR: Duration = Duration::from_secs(3600);
 
-fn limits(f: impl FnOnce(&mut StoreLimits)) -> StoreLimits {
-    let mut l = StoreLimits::default();
-    f(&mut l);
-    l
-}
-
-async fn ask(b: &RedisBudget, l: &StoreLimits, name: &str, tokens: u64) -> StoreDecision {
-    let label = || name.to_owned();
-    let admit = b.admit(l, &StoreRequest::new(Key::of(name), tokens, 0, &label));
-    match admit {
-        StoreAdmit::Ready(d) => d,
-        StoreAdmit::Pending(f) => f.await,
-    }
-}
-
-fn admitted(d: StoreDecision) -> StoreLease {
-    match d {
-        StoreDecision::Admitted(lease) => lease,
-        other => panic!("expected admitted, got {other:?}"),
-    }
-}
-
 fn refused(d: StoreDecision) -> BudgetLimit {
-    match d {
-        StoreDecision::Refused { limit, .. } => limit,
-        other => panic!("expected refused, got {other:?}"),
-    }
+    support::refused(d).0
 }
 
-/// A store for tests not about outages (a loaded machine answers late), with a fixed
-/// replica count so no heartbeat script runs beside the budget's.
+/// A store for tests not about outages (see `support::patient`), with a fixed replica
+/// count so no heartbeat script runs beside the budget's.
 fn patient(server: &RedisServer) -> RedisStore {
-    RedisStore::builder()
-        .replicas(1)
-        .response_timeout(Duration::from_millis(500))
-        .connect_timeout(Duration::from_secs(2))
-        .build(server.client())
+    support::patient().replicas(1).build(server.client())
+}
+
+/// A budget on `store` whose token windows are an hour long (nothing drains during a
+/// test), with a token burst of 1,000.
+fn hourly(store: RedisStore) -> RedisBudget {
+    RedisBudget::builder(store)
+        .burst(0, 1000)
+        .minute(HOUR)
+        .build()
 }
 
 /// `EVALSHA` calls Redis has served so far.
 async fn evalsha_calls(server: &RedisServer) -> u64 {
-    let mut conn = server
-        .client()
-        .get_multiplexed_async_connection()
+    commands(server)
         .await
-        .unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().unwrap())
+        .into_iter()
+        .find_map(|(name, calls)| (name == "evalsha").then_some(calls))
+        .unwrap_or(0)
+}
+
+/// A budget on a store quick to skip Redis (20 ms response timeout, then none tried for
+/// `retry_after_outage`), its limits (1,000 tokens an hour, one request at once), and a
+/// place of 600 tokens of `name` that Redis granted: asked again once the store tries
+/// Redis again while a loaded machine's first connection times out.
+async fn held_in_redis(
+    server: &RedisServer,
+    retry_after_outage: Duration,
+    name: &str,
+) -> (RedisStore, RedisBudget, StoreLimits, StoreLease) {
+    let store = RedisStore::builder()
+        .replicas(1)
+        .response_timeout(20 * MS)
+        .retry_after_outage(retry_after_outage)
+        .build(server.client());
+    let b = hourly(store.clone());
+    let l = limits(|l| {
+        l.tokens_per_minute = Some(1000);
+        l.max_concurrent = Some(1);
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lease = loop {
+        let before = b.fallbacks();
+        let d = ask(&b, &l, name, 600).await;
+        if b.fallbacks() == before {
+            break admitted(d);
+        }
+        assert!(Instant::now() < deadline, "redis never answered");
+        tokio::time::sleep(retry_after_outage + 100 * MS).await;
+    };
+    (store, b, l, lease)
 }
 
 /// Polls `f` every 10 ms for up to 5 s.
@@ -145,10 +147,7 @@ async fn carried_refunds_and_charges_land_before_the_admission_is_decided() {
     // then finds 950 used.
     b.settle(&l, second, Spent::new(850, 0));
     admitted(ask(&b, &l, "t", 50).await);
-    let other = RedisBudget::builder(patient(&server))
-        .burst(0, 1000)
-        .minute(HOUR)
-        .build();
+    let other = hourly(patient(&server));
     assert_eq!(
         refused(ask(&other, &l, "t", 1).await),
         BudgetLimit::TokensPerMinute,
@@ -161,30 +160,7 @@ async fn settlements_wait_while_redis_is_skipped_and_land_when_it_is_back() {
     let Some(server) = RedisServer::start_or_skip("settlements kept") else {
         return;
     };
-    let store = RedisStore::builder()
-        .replicas(1)
-        .response_timeout(Duration::from_millis(20))
-        .retry_after_outage(Duration::from_secs(2))
-        .build(server.client());
-    let b = RedisBudget::builder(store.clone())
-        .burst(0, 1000)
-        .minute(HOUR)
-        .build();
-    let l = limits(|l| {
-        l.tokens_per_minute = Some(1000);
-        l.max_concurrent = Some(1);
-    });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let lease = loop {
-        // Connected and answering (a loaded machine's first connection may time out).
-        let before = b.fallbacks();
-        let d = ask(&b, &l, "q", 600).await;
-        if b.fallbacks() == before {
-            break admitted(d);
-        }
-        assert!(Instant::now() < deadline, "redis never answered");
-        tokio::time::sleep(Duration::from_millis(2100)).await;
-    };
+    let (store, b, l, lease) = held_in_redis(&server, Duration::from_secs(2), "q").await;
     // Redis stops answering: one admission times out and the store skips Redis for 2 s.
     server.pause_clients(Duration::from_secs(1)).await.unwrap();
     ask(&b, &l, "other", 0).await;
@@ -199,10 +175,7 @@ async fn settlements_wait_while_redis_is_skipped_and_land_when_it_is_back() {
     eventually("the settlement landed", || b.settlements_pending() == 0).await;
     assert_eq!(b.settlements_dropped(), 0);
     // The place is free and 500 tokens came back: 900 fit, one more does not.
-    let fresh = RedisBudget::builder(patient(&server))
-        .burst(0, 1000)
-        .minute(HOUR)
-        .build();
+    let fresh = hourly(patient(&server));
     admitted(ask(&fresh, &l, "q", 900).await);
     assert_eq!(
         refused(ask(&fresh, &l, "q", 1).await),
@@ -240,29 +213,7 @@ async fn a_refund_sent_without_an_answer_is_never_applied_twice() {
     let Some(server) = RedisServer::start_or_skip("refund once") else {
         return;
     };
-    let store = RedisStore::builder()
-        .replicas(1)
-        .response_timeout(Duration::from_millis(20))
-        .retry_after_outage(Duration::from_millis(30))
-        .build(server.client());
-    let b = RedisBudget::builder(store.clone())
-        .burst(0, 1000)
-        .minute(HOUR)
-        .build();
-    let l = limits(|l| {
-        l.tokens_per_minute = Some(1000);
-        l.max_concurrent = Some(1);
-    });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let lease = loop {
-        let before = b.fallbacks();
-        let d = ask(&b, &l, "r", 600).await;
-        if b.fallbacks() == before {
-            break admitted(d);
-        }
-        assert!(Instant::now() < deadline, "redis never answered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (_, b, l, lease) = held_in_redis(&server, 30 * MS, "r").await;
     // Redis busy for 600 ms: the flush carrying the refund and the release gets no answer
     // in time, and Redis runs it when it is free again. The refund is given up here (Redis
     // may have it); the release is sent again until one answers.
@@ -275,10 +226,7 @@ async fn a_refund_sent_without_an_answer_is_never_applied_twice() {
     assert_eq!(b.settlements_dropped(), 1);
     // Applied once (Redis ran the late script: 100 used) or not at all (600 used, the
     // safe side); twice would leave none used and let 901 in.
-    let fresh = RedisBudget::builder(patient(&server))
-        .burst(0, 1000)
-        .minute(HOUR)
-        .build();
+    let fresh = hourly(patient(&server));
     let landed = matches!(ask(&fresh, &l, "r", 900).await, StoreDecision::Admitted(_));
     println!("the refund sent without an answer landed once: {landed}");
     if !landed {
@@ -348,22 +296,7 @@ async fn four_replicas_never_pass_a_concurrency_limit_and_their_places_come_back
         assert_eq!(b.settlements_dropped(), 0);
     }
     // Every place given back.
-    let mut conn = server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*budget:conc*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    for k in keys {
-        let n: u64 = redis::cmd("ZCARD")
-            .arg(&k)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+    for (k, n) in each_key(&server, "*budget:conc*", "ZCARD").await {
         assert_eq!(n, 0, "{k}: places never given back");
     }
 }
