@@ -314,12 +314,19 @@ async fn run(
     } else {
         Duration::from_secs(60)
     };
+    // Nothing left from the previous run; the simulator's windows start on Redis's (to
+    // within half a TIME round trip: one made after the wait for a boundary started a
+    // millisecond or two late, and counted the first requests of each window of the
+    // budgets' in the window before).
+    let mut sim_start = Instant::now();
     if shared {
-        // Nothing left from the previous run; the simulator's windows start on Redis's.
         flush(server).await?;
         tokio::time::sleep(server.to_next_window(shared_window()).await).await;
+        if let Some(at) = server.window_started(shared_window()).await {
+            sim_start = at;
+        }
     }
-    let sim = Simulator::new(
+    let sim = Simulator::starting_at(
         Scenario::builder()
             .seed(17)
             .model(ModelSpec::new("gpt-4o").completion_tokens(20))
@@ -331,6 +338,7 @@ async fn run(
             .latency(Latency::Fixed(Duration::from_millis(5)))
             .build()
             .map_err(|e| e.to_string())?,
+        sim_start,
     );
     let sim_server = sim
         .serve(SocketAddr::from(([127, 0, 0, 1], 0)))

@@ -16,8 +16,8 @@ use http::Request;
 use tokio::time::Instant;
 use tower::ServiceExt;
 use tower_ai::budget::{
-    BudgetStore, PriceTable, Spent, StoreAdmit, StoreLease, StoreLimits, StoreRequest,
-    TokenBudgetLayer,
+    BudgetStore, PriceTable, Spent, StoreAdmit, StoreDecision, StoreLease, StoreLimits,
+    StoreRequest, TokenBudgetLayer,
 };
 use tower_ai::core::{AiBody, AiError, BoxError};
 use tower_ai_redis::testing::RedisServer;
@@ -83,6 +83,10 @@ pub struct Run {
     pub response_timeout: Duration,
     /// A spend cap per hour (USD) on top of the limits, at [`PRICE`].
     pub spend_per_hour: Option<f64>,
+    /// How long after Redis's window boundaries the simulator's windows start (zero: on
+    /// them, to within half a `TIME` round trip). Off the boundaries, the provider counts
+    /// the first requests of one budget window in the window before.
+    pub sim_lag: Duration,
 }
 
 /// The price of the runs' model, USD per million input and output tokens.
@@ -104,6 +108,7 @@ impl Run {
             faults: Vec::new(),
             response_timeout: RedisStore::DEFAULT_RESPONSE_TIMEOUT,
             spend_per_hour: None,
+            sim_lag: Duration::ZERO,
         }
     }
 }
@@ -127,6 +132,13 @@ pub struct Report {
     pub upstream_429: u64,
     /// The most requests the provider received in one of its windows.
     pub max_per_window: u64,
+    /// Leased mode: the most requests admitted from chunks of one budget window (Redis's
+    /// fixed window; never above the limit).
+    pub max_per_budget_window: u64,
+    /// Leased mode: requests admitted per budget window, in order.
+    pub per_budget_window: Vec<u64>,
+    /// Requests the provider received per window, in order.
+    pub per_window: Vec<u64>,
     /// The provider's limit per window.
     pub limit: u64,
     /// Whole windows offered.
@@ -145,15 +157,45 @@ pub struct Report {
     pub spend: f64,
 }
 
-/// Counts what the shared budget is told each request used.
+/// Requests admitted per budget window (leased mode's window index on Redis's clock).
+type PerWindow = Arc<Mutex<std::collections::BTreeMap<u64, u64>>>;
+
+/// Counts what the shared budget is told each request used, and in which of its windows
+/// leased mode admitted each.
 struct Counting {
     inner: RedisBudget,
     settled: Arc<AtomicU64>,
+    admitted: PerWindow,
+}
+
+fn count_window(per_window: &PerWindow, decision: &StoreDecision) {
+    if let StoreDecision::Admitted(lease) = decision {
+        if let Some(w) = tower_ai_redis::testing::leased_window(lease) {
+            *per_window
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(w)
+                .or_default() += 1;
+        }
+    }
 }
 
 impl BudgetStore for Counting {
     fn admit(&self, limits: &StoreLimits, request: &StoreRequest<'_>) -> StoreAdmit {
-        self.inner.admit(limits, request)
+        match self.inner.admit(limits, request) {
+            StoreAdmit::Ready(d) => {
+                count_window(&self.admitted, &d);
+                StoreAdmit::Ready(d)
+            }
+            StoreAdmit::Pending(f) => {
+                let admitted = self.admitted.clone();
+                StoreAdmit::Pending(Box::pin(async move {
+                    let d = f.await;
+                    count_window(&admitted, &d);
+                    d
+                }))
+            }
+        }
     }
     fn settle(&self, limits: &StoreLimits, lease: StoreLease, spent: Spent) {
         self.settled.fetch_add(spent.tokens, Ordering::Relaxed);
@@ -183,12 +225,20 @@ pub async fn run(run: &Run, mut server: Option<&mut RedisServer>) -> Report {
     } else {
         Duration::from_secs(60)
     };
-    // The simulator's windows start with it: start it when Redis's fixed windows (leased
-    // mode's) start, so both count the same windows.
+    // The simulator's windows start with its clock: start it when Redis's fixed windows
+    // (leased mode's) start, so both count the same windows. (A simulator made just after
+    // the wait for a boundary starts a millisecond or two late, as much as a TIME answer
+    // takes to come back and a timer to fire: the provider then counted the first requests
+    // of each budget window in the window before, up to 102 against the limit of 100 at
+    // 10x.)
+    let mut sim_start = Instant::now();
     if let (true, Some(server)) = (shared, server.as_deref()) {
         tokio::time::sleep(server.to_next_window(run.window).await).await;
+        if let Some(at) = server.window_started(run.window).await {
+            sim_start = at + run.sim_lag;
+        }
     }
-    let sim = Simulator::new(
+    let sim = Simulator::starting_at(
         Scenario::builder()
             .seed(17)
             .model(ModelSpec::new("gpt-4o").completion_tokens(20))
@@ -198,8 +248,10 @@ pub async fn run(run: &Run, mut server: Option<&mut RedisServer>) -> Report {
             .latency(Latency::Fixed(Duration::from_millis(5)))
             .build()
             .expect("a valid scenario"),
+        sim_start,
     );
     let settled = Arc::new(AtomicU64::new(0));
+    let admitted_per_window = PerWindow::default();
     let mut stores = Vec::new();
     let mut replicas = Vec::new();
     for _ in 0..run.replicas {
@@ -231,6 +283,7 @@ pub async fn run(run: &Run, mut server: Option<&mut RedisServer>) -> Report {
                     .store(Counting {
                         inner: budget.build(),
                         settled: settled.clone(),
+                        admitted: admitted_per_window.clone(),
                     })
                     .build()
             }
@@ -318,6 +371,12 @@ pub async fn run(run: &Run, mut server: Option<&mut RedisServer>) -> Report {
     }
     let stats = sim.stats();
     let windows = windows.round() as u64;
+    let per_budget_window: Vec<u64> = admitted_per_window
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .copied()
+        .collect();
     Report {
         name: format!("{}, {}x", run.sharing.name(), run.load),
         offered: offered_total,
@@ -327,6 +386,9 @@ pub async fn run(run: &Run, mut server: Option<&mut RedisServer>) -> Report {
         served: stats.successes,
         upstream_429: stats.count(429),
         max_per_window: per_window.values().copied().max().unwrap_or(0),
+        per_window: per_window.values().copied().collect(),
+        max_per_budget_window: per_budget_window.iter().copied().max().unwrap_or(0),
+        per_budget_window,
         limit: run.requests,
         windows,
         goodput: stats.successes as f64 / (run.requests * windows) as f64,

@@ -360,6 +360,11 @@ const FROM_REDIS: u64 = 0;
 const FROM_LOCAL: u64 = 1;
 const FROM_LEASE: u64 = 2;
 
+/// The window a lease spent from a chunk was counted in (see [`crate::testing::leased_window`]).
+pub(crate) fn leased_window(lease: &StoreLease) -> Option<u64> {
+    (lease.state[0] & 3 == FROM_LEASE).then_some(lease.state[2])
+}
+
 impl RedisBudget {
     /// Settings for a budget on `store`.
     pub fn builder(store: RedisStore) -> RedisBudgetBuilder {

@@ -175,6 +175,35 @@ impl RedisServer {
         Duration::from_micros(w - now_us % w)
     }
 
+    /// When this server's clock (`TIME`) last crossed a multiple of `window`, on this
+    /// process's tokio clock: the middle of the fastest of five `TIME` round trips, less
+    /// the server's time into its window (off by at most half that round trip). A
+    /// simulator started then (tower-ai-sim's `Simulator::starting_at`) counts the
+    /// windows the scripts count. `None` when the server cannot be asked.
+    pub async fn window_started(&self, window: Duration) -> Option<tokio::time::Instant> {
+        let mut conn = self
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .ok()?;
+        let w = window.as_micros().max(1) as u64;
+        let mut best: Option<(Duration, tokio::time::Instant)> = None;
+        for _ in 0..5 {
+            let sent = tokio::time::Instant::now();
+            let (secs, micros) = redis::cmd("TIME")
+                .query_async::<(u64, u64)>(&mut conn)
+                .await
+                .ok()?;
+            let took = sent.elapsed();
+            let into = Duration::from_micros((secs * 1_000_000 + micros) % w);
+            let started = (sent + took / 2).checked_sub(into)?;
+            if best.is_none_or(|(t, _)| took < t) {
+                best = Some((took, started));
+            }
+        }
+        best.map(|(_, started)| started)
+    }
+
     /// `SCRIPT FLUSH`: the server forgets every script loaded, as after a restart.
     pub async fn script_flush(&self) -> redis::RedisResult<()> {
         self.admin(redis::cmd("SCRIPT").arg("FLUSH")).await
@@ -264,4 +293,13 @@ fn or_skip<T>(test: &str, started: io::Result<T>) -> Option<T> {
             None
         }
     }
+}
+
+/// The Redis window (the index of the budget's fixed window, on Redis's clock) a request
+/// admitted by a leased [`RedisBudget`](crate::RedisBudget) was counted in; `None` for a
+/// lease made otherwise (strict mode, or decided in-process while Redis was away). A test
+/// counts admissions per window with it: leased mode's chunks of one window never add up
+/// to more than its limit.
+pub fn leased_window(lease: &tower_ai_budget::StoreLease) -> Option<u64> {
+    crate::budget::leased_window(lease)
 }

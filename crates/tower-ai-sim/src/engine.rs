@@ -76,7 +76,7 @@ struct Decision {
 }
 
 impl Inner {
-    pub(crate) fn new(scenario: Scenario) -> Self {
+    pub(crate) fn new(scenario: Scenario, start: Instant) -> Self {
         let wall_start = scenario.wall_clock.unwrap_or_else(|| {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -95,7 +95,7 @@ impl Inner {
                 stats: Stats::default(),
             }),
             scenario,
-            start: Instant::now(),
+            start,
             wall_start,
         }
     }

@@ -72,8 +72,16 @@ impl fmt::Debug for Simulator {
 impl Simulator {
     /// A simulator following `scenario`; its clock starts now.
     pub fn new(scenario: Scenario) -> Self {
+        Self::starting_at(scenario, Instant::now())
+    }
+
+    /// A simulator following `scenario` whose clock (its calls' times, its rate windows)
+    /// started at `start` rather than now: its windows then line up with another clock's,
+    /// e.g. a shared budget's windows on a Redis server's clock. Calls before `start` fall
+    /// in its first window.
+    pub fn starting_at(scenario: Scenario, start: Instant) -> Self {
         Simulator {
-            inner: Arc::new(Inner::new(scenario)),
+            inner: Arc::new(Inner::new(scenario, start)),
         }
     }
 
