@@ -162,7 +162,7 @@ where
                         this.config,
                     );
                     tracing::debug!(
-                        gen_ai.system = this.provider.as_str(),
+                        gen_ai.provider.name = this.provider.gen_ai_name(),
                         http.response.status_code = parts.status.as_u16(),
                         error.type = verdict.kind.map_or("unknown", |k| k.as_str()),
                         retry_wait_ms = verdict.wait.map(|w| w.delay.as_millis() as u64),

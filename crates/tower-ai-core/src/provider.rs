@@ -98,7 +98,8 @@ impl Provider {
         }
     }
 
-    /// A short lowercase name, as used in `gen_ai.system` trace fields.
+    /// A short lowercase name (`openai`, `gemini`, `azure_openai`, …), as [`Display`](std::fmt::Display)
+    /// writes it. Trace fields use [`gen_ai_name`](Self::gen_ai_name).
     pub const fn as_str(self) -> &'static str {
         match self {
             Provider::OpenAi => "openai",

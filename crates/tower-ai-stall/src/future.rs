@@ -12,7 +12,7 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_ai_core::stream::is_event_stream;
-use tower_ai_core::{AiError, BoxError};
+use tower_ai_core::{AiError, BoxError, Provider};
 
 use crate::body::StallBody;
 use crate::config::StallConfig;
@@ -115,9 +115,9 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
 
 /// The error for a call cut at its request's deadline (or not `sent`: the deadline had
 /// passed at the call), traced: the caller's deadline is not a stall of the provider's.
-pub(crate) fn deadline_passed(system: &str, sent: bool, bytes_received: u64) -> AiError {
+pub(crate) fn deadline_passed(system: Provider, sent: bool, bytes_received: u64) -> AiError {
     tracing::debug!(
-        gen_ai.system = system,
+        gen_ai.provider.name = system.gen_ai_name(),
         error.type = "deadline_exceeded",
         sent,
         bytes_received,
@@ -238,13 +238,13 @@ where
                     if *this.deadline == Some(at) {
                         // The caller's deadline, not one of the detector's own.
                         return Poll::Ready(Err(Box::new(deadline_passed(
-                            this.route.system.as_str(),
+                            this.route.system,
                             true,
                             0,
                         ))));
                     }
                     tracing::warn!(
-                        gen_ai.system = this.route.system.as_str(),
+                        gen_ai.provider.name = this.route.system.gen_ai_name(),
                         error.type = "stalled",
                         stall.phase = ?phase,
                         stall.after_ms = after.as_millis() as u64,
@@ -327,7 +327,7 @@ where
                 }
                 StateProj::Expired => {
                     this.state.set(State::Done);
-                    let system = this.route.system.as_str();
+                    let system = this.route.system;
                     return Poll::Ready(Err(Box::new(deadline_passed(system, false, 0))));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),

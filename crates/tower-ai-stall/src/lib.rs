@@ -66,7 +66,7 @@
 //! place from phase to phase; a chunk only marks progress, timed when the body next waits
 //! (the timer catches up when it fires), so it costs no timer operation and no clock
 //! read. `call` reads the request's path and headers, but the host (for the
-//! `gen_ai.system` of trace events) only when warnings can be recorded.
+//! `gen_ai.provider.name` of trace events) only when warnings can be recorded.
 //!
 //! ```
 //! use std::time::Duration;

@@ -100,7 +100,7 @@ fn body_says_stream<B: 'static>(body: &B) -> bool {
     bytes.and_then(|b| top_level_bool(b, b"stream")) == Some(true)
 }
 
-/// The stream dialect of `req` and the `gen_ai.system` of its trace events: the provider
+/// The stream dialect of `req` and the provider its trace events name: the provider
 /// is [`Provider::of`] (a caller-set [`Provider`] in the extensions, else the host and
 /// headers), the dialect [`StreamDialect::of`] (the endpoint's path when it names one, so
 /// an OpenAI-compatible endpoint on another provider's host streams OpenAI's dialect
@@ -115,7 +115,7 @@ pub(crate) fn dialect_of<B>(req: &Request<B>) -> (StreamDialect, Provider) {
 pub(crate) struct Route {
     /// The dialect of a streamed answer.
     pub(crate) dialect: StreamDialect,
-    /// The `gen_ai.system` of trace events.
+    /// The provider trace events name (`gen_ai.provider.name`).
     pub(crate) system: Provider,
     /// Whether the head deadline for streamed requests applies.
     pub(crate) streamed: bool,

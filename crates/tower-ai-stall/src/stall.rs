@@ -157,7 +157,7 @@ pub(crate) struct Tracker {
     /// response that never makes anyone wait never reads the clock.
     start: Option<Instant>,
     bytes: u64,
-    /// The `gen_ai.system` of trace events.
+    /// The provider trace events name (`gen_ai.provider.name`).
     system: Provider,
     /// Present for SSE success responses only.
     sse: Option<Box<Sse>>,
@@ -509,7 +509,7 @@ impl Tracker {
             Some((at, phase, after)) => {
                 if self.sse.as_ref().is_some_and(|s| s.scanner.terminal_seen()) {
                     tracing::debug!(
-                        gen_ai.system = self.system.as_str(),
+                        gen_ai.provider.name = self.system.gen_ai_name(),
                         bytes_received = self.bytes,
                         "stream idle after its terminal event: ending it"
                     );
@@ -529,13 +529,13 @@ impl Tracker {
     /// caller's deadline is not a stall of the provider's.
     fn deadline_passed(&mut self) -> AiError {
         self.finish(StreamEnd::DeadlineExceeded);
-        crate::future::deadline_passed(self.system.as_str(), true, self.bytes)
+        crate::future::deadline_passed(self.system, true, self.bytes)
     }
 
     /// The error for a stall in `phase`, recorded and traced.
     pub(crate) fn stalled(&mut self, phase: StallPhase, after: Duration) -> AiError {
         tracing::warn!(
-            gen_ai.system = self.system.as_str(),
+            gen_ai.provider.name = self.system.gen_ai_name(),
             error.type = "stalled",
             stall.phase = ?phase,
             stall.after_ms = after.as_millis() as u64,
@@ -570,7 +570,7 @@ impl Tracker {
         if let Some(classification) = facts.error {
             let kind = classification.kind;
             tracing::warn!(
-                gen_ai.system = self.system.as_str(),
+                gen_ai.provider.name = self.system.gen_ai_name(),
                 error.type = kind.map_or("unknown", |k| k.as_str()),
                 bytes_received = self.bytes,
                 "provider error inside the stream"
@@ -611,7 +611,7 @@ impl Tracker {
             && !sse.scanner.terminal_seen()
         {
             tracing::warn!(
-                gen_ai.system = self.system.as_str(),
+                gen_ai.provider.name = self.system.gen_ai_name(),
                 error.type = "truncated",
                 bytes_received = self.bytes,
                 "stream ended without its terminal event"
@@ -662,7 +662,7 @@ fn warn_truncated(system: Provider, summary: &StreamSummary) {
     #[cfg(feature = "metrics")]
     crate::meter::truncated("max_tokens");
     tracing::warn!(
-        gen_ai.system = system.as_str(),
+        gen_ai.provider.name = system.gen_ai_name(),
         gen_ai.response.finish_reasons = "length",
         gen_ai.usage.input_tokens = summary.usage.map(|u| u.input_tokens),
         gen_ai.usage.output_tokens = summary.usage.map(|u| u.output_tokens),

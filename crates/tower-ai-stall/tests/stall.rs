@@ -1026,7 +1026,7 @@ async fn truncations_stalls_and_in_stream_errors_are_warned_about() {
             .collect()
     };
 
-    // Cut by the token limit: one warning, with the system, the reason and the usage.
+    // Cut by the token limit: one warning, with the provider, the reason and the usage.
     let steps = [
         Send(OAI_ROLE),
         Send(OAI_TOKEN),
@@ -1037,7 +1037,12 @@ async fn truncations_stalls_and_in_stream_errors_are_warned_about() {
     ends(OPENAI, &steps, StallConfig::default().to_builder()).await;
     let cut = warnings("answer truncated at the output-token limit");
     assert_eq!(cut.len(), 1, "{:#?}", log.events());
-    assert_eq!(cut[0].field("gen_ai.system"), Some("openai"));
+    assert_eq!(cut[0].field("gen_ai.provider.name"), Some("openai"));
+    assert_eq!(
+        cut[0].field("gen_ai.system"),
+        None,
+        "the attribute's current name only"
+    );
     assert_eq!(
         cut[0].field("gen_ai.response.finish_reasons"),
         Some("length")
@@ -1051,7 +1056,7 @@ async fn truncations_stalls_and_in_stream_errors_are_warned_about() {
     assert_eq!(read.stall().0, StallPhase::Idle);
     let stalled = warnings("stream stalled");
     assert_eq!(stalled.len(), 1, "{:#?}", log.events());
-    assert_eq!(stalled[0].field("gen_ai.system"), Some("anthropic"));
+    assert_eq!(stalled[0].field("gen_ai.provider.name"), Some("anthropic"));
     assert_eq!(stalled[0].field("error.type"), Some("stalled"));
     assert_eq!(stalled[0].field("stall.phase"), Some("Idle"));
     assert_eq!(stalled[0].field("stall.after_ms"), Some("5000"));
@@ -1063,8 +1068,14 @@ async fn truncations_stalls_and_in_stream_errors_are_warned_about() {
     ends(ANTHROPIC, &steps, StallConfig::default().to_builder()).await;
     let errors = warnings("provider error inside the stream");
     assert_eq!(errors.len(), 1, "{:#?}", log.events());
-    assert_eq!(errors[0].field("gen_ai.system"), Some("anthropic"));
+    assert_eq!(errors[0].field("gen_ai.provider.name"), Some("anthropic"));
     assert_eq!(errors[0].field("error.type"), Some("overloaded"));
+    // The provider by its name in the OpenTelemetry GenAI conventions, as the core's span.
+    let steps = [Send(GEM_TOKEN), Send(GEM_ERROR)];
+    ends(GEMINI, &steps, StallConfig::default().to_builder()).await;
+    let errors = warnings("provider error inside the stream");
+    assert_eq!(errors.len(), 2, "{:#?}", log.events());
+    assert_eq!(errors[1].field("gen_ai.provider.name"), Some("gcp.gemini"));
     // A natural end warns about nothing.
     let before = log.events().len();
     let steps = [Send(ANT_START), Send(ANT_DELTA), Send(ANT_STOP)];

@@ -382,6 +382,72 @@ async fn an_error_response_sets_error_type_and_the_request_id() {
     assert_eq!(attr(&span, "gen_ai.usage.input_tokens"), None);
 }
 
+/// The events of every span exported that carry `key`, by message, with its value.
+fn events_with(otel: &Otel, key: &str) -> Vec<(String, String)> {
+    otel.spans()
+        .iter()
+        .flat_map(|s| s.events.iter())
+        .filter_map(|e| {
+            let kv = e.attributes.iter().find(|kv| kv.key.as_str() == key)?;
+            Some((e.name.to_string(), kv.value.to_string()))
+        })
+        .collect()
+}
+
+/// The layers' own events (Classify's reading of an error response, StallDetector's of a
+/// stream) name the provider as the span does: `gen_ai.provider.name`, with its name in
+/// the conventions (`gcp.gemini`), not the older `gen_ai.system`.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_layers_events_name_the_provider_as_the_span_does() {
+    let gemini = |path: &str| {
+        Request::post(format!(
+            "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:{path}"
+        ))
+        .body(AiBody::from(
+            r#"{"contents":[{"role":"user","parts":[{"text":"Hello"}]}]}"#,
+        ))
+        .unwrap()
+    };
+    let flash = || ModelSpec::new("gemini-2.5-flash").completion_tokens(7);
+    // An error response, read by Classify.
+    let otel = Otel::install();
+    let provider = sim(Scenario::builder()
+        .model(flash())
+        .quota_exhausted_for("gemini-2.5-flash"));
+    let ai = AiStack::seeded(1).layer(provider.service());
+    let res = ai.oneshot(gemini("generateContent")).await.unwrap();
+    assert_eq!(res.status(), 429);
+    drop(res);
+    let named = events_with(&otel, "gen_ai.provider.name");
+    let classified = ("classified provider error".into(), "gcp.gemini".into());
+    assert!(named.contains(&classified), "{named:?}");
+    assert_eq!(events_with(&otel, "gen_ai.system"), Vec::new());
+    drop(otel);
+
+    // An error event inside a stream, read by StallDetector.
+    let otel = Otel::install();
+    let provider =
+        sim(Scenario::builder()
+            .model(flash())
+            .stream_fault(StreamFault::ErrorEventAfterTokens {
+                tokens: 3,
+                probability: 1.0,
+            }));
+    let ai = AiStack::seeded(1).layer(provider.service());
+    let res = ai
+        .oneshot(gemini("streamGenerateContent?alt=sse"))
+        .await
+        .unwrap();
+    res.into_body().collect().await.unwrap_err();
+    let named = events_with(&otel, "gen_ai.provider.name");
+    let in_stream = (
+        "provider error inside the stream".into(),
+        "gcp.gemini".into(),
+    );
+    assert!(named.contains(&in_stream), "{named:?}");
+    assert_eq!(events_with(&otel, "gen_ai.system"), Vec::new());
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_stream_that_fails_half_way_ends_its_span_with_the_error() {
     for (fault, expected) in [
