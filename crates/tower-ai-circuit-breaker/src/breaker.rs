@@ -1273,6 +1273,14 @@ mod tests {
         (c.lane(0), seen)
     }
 
+    /// Counted over the last 4 calls, open once half of them failed.
+    fn last_four() -> crate::config::CircuitBreakerConfigBuilder {
+        CircuitBreakerConfig::builder()
+            .count_window(4)
+            .minimum_calls(4)
+            .failure_rate(0.5)
+    }
+
     fn call(lane: &Lane, now: Instant, v: Verdict) -> bool {
         match lane.core.admit(|| now) {
             Admit::Pass { word, probe } => {
@@ -1287,13 +1295,7 @@ mod tests {
     #[test]
     fn the_record_of_bad_calls_is_kept_only_while_the_window_holds_one() {
         let t0 = Instant::now();
-        let cfg = CircuitBreakerConfig::builder()
-            .count_window(4)
-            .minimum_calls(4)
-            .failure_rate(0.5)
-            .build()
-            .unwrap();
-        let (lane, _) = core(cfg, t0);
+        let (lane, _) = core(last_four().build().unwrap(), t0);
         let c = &lane.core;
         let bad = || c.lock().peek().bad.is_some();
         assert!(call(&lane, t0, Verdict::Success));
@@ -1330,13 +1332,7 @@ mod tests {
     #[test]
     fn a_lane_only_its_breaker_holds_is_let_go_with_its_counts() {
         let t0 = Instant::now();
-        let cfg = CircuitBreakerConfig::builder()
-            .count_window(4)
-            .minimum_calls(4)
-            .failure_rate(0.5)
-            .build()
-            .unwrap();
-        let (lane, _) = core(cfg, t0);
+        let (lane, _) = core(last_four().build().unwrap(), t0);
         let c = lane.core.clone();
         let other = c.lane(1);
         for v in [Verdict::Success, Verdict::Failure] {
@@ -1409,10 +1405,7 @@ mod tests {
     #[test]
     fn full_cycle_without_tower() {
         let t0 = Instant::now();
-        let cfg = CircuitBreakerConfig::builder()
-            .count_window(4)
-            .minimum_calls(4)
-            .failure_rate(0.5)
+        let cfg = last_four()
             .open_duration(Duration::from_secs(10))
             .open_backoff(2.0, Duration::from_secs(25))
             .half_open_successes(1)

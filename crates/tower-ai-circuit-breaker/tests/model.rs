@@ -162,21 +162,7 @@ impl Model {
         }
         self.calls.push((now, failure, slow));
         self.consecutive = if failure { self.consecutive + 1 } else { 0 };
-        let window: Vec<_> = match self.p.count {
-            Some(n) => self.calls.iter().rev().take(n as usize).collect(),
-            None => {
-                let bucket =
-                    (Duration::from_millis(self.p.time_len_ms) / self.p.buckets).as_nanos();
-                let tick = now.as_nanos() / bucket;
-                self.calls
-                    .iter()
-                    .filter(|c| c.0.as_nanos() / bucket + u128::from(self.p.buckets) > tick)
-                    .collect()
-            }
-        };
-        let n = window.len() as u64;
-        let f = window.iter().filter(|c| c.1).count() as u64;
-        let s = window.iter().filter(|c| c.2).count() as u64;
+        let (n, f, s) = self.window(now);
         let trip = self.p.consecutive.is_some_and(|k| self.consecutive >= k)
             || (n >= u64::from(self.p.minimum)
                 && (f as f64 / n as f64 >= self.p.rate
