@@ -259,14 +259,23 @@ fn clone_head_and_body<B: ReplayBody>(req: &http::Request<B>) -> Option<http::Re
 /// the heap, in one allocation).
 const INLINE_HEADERS: usize = 6;
 
+/// Bytes of header values a [`RetainedRequest`] copies into itself (all values together;
+/// a value that does not fit is kept as a clone of its `HeaderValue`). Enough for a
+/// content type, an API key or bearer token of a few hundred bytes and a version header.
+const INLINE_VALUE_BYTES: usize = 320;
+
 /// A copy of a request kept to be sent again (AiRetry's next attempt, ModelFallback's next
 /// route): what [`try_clone_request`] makes, for less on the usual request.
 ///
 /// The headers are kept as a list of `(name, value)` pairs, inline for a request of up to
 /// six of them (cloning a `HeaderMap` costs two allocations, its index and its entries;
 /// a list inline costs none, and a layer that keeps the copy in a box of its own pays for
-/// nothing more). [`replay`](RetainedRequest::replay) builds the header map again, in
-/// the same order.
+/// nothing more). The values' bytes are copied into the copy itself (up to 320 bytes in
+/// all; a longer value is kept as a clone of its `HeaderValue`): cloning a `HeaderValue`
+/// built from a string allocates, the first time, to share its bytes, and on the happy
+/// path the copy is never sent. [`replay`](RetainedRequest::replay) builds the header map
+/// again, in the same order, with the same bytes and the same
+/// [sensitive](HeaderValue::is_sensitive) flags.
 ///
 /// When the request's only extensions are a [`Deadline`] and an [`AttemptBudget`] (or
 /// one of them: what the stack's own layers put in), the copy keeps them beside itself
@@ -299,9 +308,24 @@ pub struct RetainedRequest<B> {
     /// there); else with all of them, and the fields are `None`.
     req: http::Request<B>,
     /// Every `(name, value)` of the original, in its iteration order.
-    headers: SmallVec<[(HeaderName, HeaderValue); INLINE_HEADERS]>,
+    headers: SmallVec<[(HeaderName, KeptValue); INLINE_HEADERS]>,
+    /// The bytes of the [`KeptValue::Inline`] values, one after the other. Never grown
+    /// past its inline capacity (a value that would not fit is kept as a `HeaderValue`).
+    value_bytes: SmallVec<[u8; INLINE_VALUE_BYTES]>,
     deadline: Option<Deadline>,
     budget: Option<AttemptBudget>,
+}
+
+/// A header value of a [`RetainedRequest`].
+enum KeptValue {
+    /// Its bytes, at `start..start + len` of `value_bytes`.
+    Inline {
+        start: u16,
+        len: u16,
+        sensitive: bool,
+    },
+    /// The value itself (it did not fit).
+    Value(HeaderValue),
 }
 
 impl<B: ReplayBody> RetainedRequest<B> {
@@ -333,6 +357,7 @@ impl<B: ReplayBody> RetainedRequest<B> {
         let kept = slot.insert(RetainedRequest {
             req: http::Request::new(body),
             headers: SmallVec::new(),
+            value_bytes: SmallVec::new(),
             deadline,
             budget,
         });
@@ -345,7 +370,20 @@ impl<B: ReplayBody> RetainedRequest<B> {
         let headers = req.headers();
         kept.headers.reserve(headers.len());
         for (n, v) in headers {
-            kept.headers.push((n.clone(), v.clone()));
+            let bytes = v.as_bytes();
+            let start = kept.value_bytes.len();
+            let value = if bytes.len() <= INLINE_VALUE_BYTES - start && valid_value(bytes) {
+                kept.value_bytes.extend_from_slice(bytes);
+                // Both below INLINE_VALUE_BYTES, which fits a u16.
+                KeptValue::Inline {
+                    start: start as u16,
+                    len: bytes.len() as u16,
+                    sensitive: v.is_sensitive(),
+                }
+            } else {
+                KeptValue::Value(v.clone())
+            };
+            kept.headers.push((n.clone(), value));
         }
         true
     }
@@ -399,9 +437,30 @@ impl<B> RetainedRequest<B> {
         // The original held them all, so they fit: `try_*` only keeps a panic out of reach.
         let mut map = HeaderMap::try_with_capacity(self.headers.len()).unwrap_or_default();
         for (name, value) in &self.headers {
-            let _ = map.try_append(name.clone(), value.clone());
+            if let Some(v) = self.value(value) {
+                let _ = map.try_append(name.clone(), v);
+            }
         }
         map
+    }
+
+    /// A kept value as a `HeaderValue` again (built anew from its bytes when inline).
+    /// Always `Some`: inline bytes were checked with [`valid_value`] when copied.
+    fn value(&self, value: &KeptValue) -> Option<HeaderValue> {
+        match *value {
+            KeptValue::Inline {
+                start,
+                len,
+                sensitive,
+            } => {
+                let start = usize::from(start);
+                let bytes = self.value_bytes.get(start..start + usize::from(len))?;
+                let mut v = HeaderValue::from_bytes(bytes).ok()?;
+                v.set_sensitive(sensitive);
+                Some(v)
+            }
+            KeptValue::Value(ref v) => Some(v.clone()),
+        }
     }
 
     /// The copy's method.
@@ -420,8 +479,12 @@ impl<B> RetainedRequest<B> {
     }
 
     /// The copy's headers, each value of each name in the original's iteration order.
-    pub fn headers(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-        self.headers.iter().map(|(n, v)| (n, v))
+    /// The values are built again from the bytes kept (see the type's docs), so this is
+    /// for the cold path.
+    pub fn headers(&self) -> impl Iterator<Item = (&HeaderName, HeaderValue)> {
+        self.headers
+            .iter()
+            .filter_map(|(n, v)| Some((n, self.value(v)?)))
     }
 
     /// The dialect the original request speaks ([`Provider::of`](crate::Provider::of)).
@@ -443,6 +506,16 @@ impl<B> RetainedRequest<B> {
             .as_ref()
             .or_else(|| AttemptBudget::of(&self.req))
     }
+}
+
+/// Whether [`HeaderValue::from_bytes`] takes `bytes` (visible ASCII, spaces, tabs and
+/// bytes over 127), so that a value copied as bytes is built again exactly. A `HeaderValue`
+/// holds nothing else unless `unsafe` code built it unchecked; such a value is kept as a
+/// clone instead. Checks every byte without stopping early, which the compiler vectorizes.
+fn valid_value(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .fold(true, |ok, &b| ok & ((b >= 32 && b != 127) | (b == b'\t')))
 }
 
 impl<B> fmt::Debug for RetainedRequest<B> {
@@ -689,6 +762,52 @@ mod tests {
                 assert_eq!(r.uri(), req.uri());
                 assert_eq!(r.version(), req.version());
             }
+        }
+    }
+
+    #[test]
+    fn a_retained_request_keeps_each_value_exactly() {
+        // Values past the inline bytes (kept as clones), bytes over 127, a tab, empty
+        // values, sensitive and not.
+        let long = "k".repeat(INLINE_VALUE_BYTES - 20);
+        let mut values = [
+            HeaderValue::from_static("application/json"),
+            HeaderValue::from_str(&format!("Bearer {long}")).unwrap(),
+            HeaderValue::from_bytes(b"caf\xc3\xa9\t\xff end").unwrap(),
+            HeaderValue::from_static(""),
+            HeaderValue::from_str(&"v".repeat(INLINE_VALUE_BYTES + 1)).unwrap(),
+            HeaderValue::from_str("2023-06-01").unwrap(),
+            HeaderValue::from_str("last").unwrap(),
+        ];
+        values[1].set_sensitive(true);
+        values[6].set_sensitive(true);
+        let mut req = http::Request::post("http://h/v1/messages")
+            .body(AiBody::from("{}"))
+            .unwrap();
+        for (i, v) in values.iter().enumerate() {
+            req.headers_mut().append(
+                HeaderName::try_from(format!("x-h{}", i % 3)).unwrap(),
+                v.clone(),
+            );
+        }
+        let want: Vec<_> = req
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_bytes().to_vec(), v.is_sensitive()))
+            .collect();
+        let kept = RetainedRequest::copy(&req).unwrap();
+        let seen: Vec<_> = kept
+            .headers()
+            .map(|(n, v)| (n.clone(), v.as_bytes().to_vec(), v.is_sensitive()))
+            .collect();
+        assert_eq!(seen, want);
+        for r in [kept.replay().unwrap(), kept.into_request()] {
+            let got: Vec<_> = r
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_bytes().to_vec(), v.is_sensitive()))
+                .collect();
+            assert_eq!(got, want);
         }
     }
 
