@@ -58,9 +58,32 @@ where
     while let Poll::Ready(Some(_)) = http_body::Body::poll_frame(body.as_mut(), &mut cx) {}
 }
 
-type Build = fn(
-    TokenBudgetBuilder<fn(&Request<AiBody>) -> Option<Key>>,
-) -> TokenBudgetBuilder<fn(&Request<AiBody>) -> Option<Key>>;
+/// The bytes allocated and still held after one request for each of `keys`.
+fn sent<S, B>(svc: &mut S, keys: std::ops::Range<u64>) -> i64
+where
+    S: Service<Request<AiBody>, Response = Response<B>>,
+    B: http_body::Body,
+{
+    allocation_counter::measure(|| {
+        for i in keys {
+            once(svc, i);
+        }
+    })
+    .bytes_current
+}
+
+type Builder = TokenBudgetBuilder<fn(&Request<AiBody>) -> Option<Key>>;
+
+type Build = fn(Builder) -> Builder;
+
+/// Keyed by the request's [`Key`], refusing at limits these tests do not reach.
+fn roomy() -> Builder {
+    TokenBudgetLayer::builder()
+        .key_fn(keyed as fn(&Request<AiBody>) -> Option<Key>)
+        .requests_per_minute(1_000_000)
+        .tokens_per_minute(100_000_000)
+        .reject()
+}
 
 const N: u64 = 10_000;
 
@@ -75,17 +98,10 @@ fn per_key(configure: Build) -> (u64, u64) {
     .unwrap();
     let mut svc = layer.layer(Bare);
     once(&mut svc, u64::MAX);
-    let info = allocation_counter::measure(|| {
-        for i in 0..N {
-            once(&mut svc, i);
-        }
-    });
+    let held = sent(&mut svc, 0..N);
     let stats = layer.stats();
     assert_eq!(stats.keys as u64, N + 1);
-    (
-        info.bytes_current.max(0) as u64 / N,
-        stats.approx_bytes as u64 / (N + 1),
-    )
+    (held.max(0) as u64 / N, stats.approx_bytes as u64 / (N + 1))
 }
 
 #[tokio::test(start_paused = true)]
@@ -134,27 +150,17 @@ async fn memory_per_idle_key() {
 /// map holds at most 10,001 keys, and the memory stays under 64 MiB.
 #[tokio::test(start_paused = true)]
 async fn a_flood_of_keys_is_bounded() {
-    let layer = TokenBudgetLayer::builder()
-        .key_fn(keyed as fn(&Request<AiBody>) -> Option<Key>)
-        .requests_per_minute(1_000_000)
-        .tokens_per_minute(100_000_000)
-        .reject()
-        .build()
-        .unwrap();
+    let layer = roomy().build().unwrap();
     let mut svc = layer.layer(Bare);
-    let info = allocation_counter::measure(|| {
-        for i in 0..200_000 {
-            once(&mut svc, i);
-        }
-    });
+    let held = sent(&mut svc, 0..200_000);
     let stats = layer.stats();
     println!(
-        "200,000 keys: {} held, {} overflowed, {} bytes allocated, {} reported",
-        stats.keys, stats.overflowed, info.bytes_current, stats.approx_bytes
+        "200,000 keys: {} held, {} overflowed, {held} bytes allocated, {} reported",
+        stats.keys, stats.overflowed, stats.approx_bytes
     );
     assert!(stats.keys <= 10_001);
     assert_eq!(stats.overflowed, 200_000 - 10_000);
-    assert!(info.bytes_current < 64 << 20, "{}", info.bytes_current);
+    assert!(held < 64 << 20, "{held}");
     assert!(stats.approx_bytes < 64 << 20);
 }
 
@@ -165,20 +171,9 @@ async fn a_flood_of_keys_is_bounded() {
 #[tokio::test(start_paused = true)]
 async fn a_full_map_churning_keys_keeps_its_size() {
     const MAX: u64 = 10_000;
-    let layer = TokenBudgetLayer::builder()
-        .key_fn(keyed as fn(&Request<AiBody>) -> Option<Key>)
-        .requests_per_minute(1_000_000)
-        .tokens_per_minute(100_000_000)
-        .reject()
-        .build()
-        .unwrap();
+    let layer = roomy().build().unwrap();
     let mut svc = layer.layer(Bare);
-    let mut held = allocation_counter::measure(|| {
-        for i in 0..MAX {
-            once(&mut svc, i);
-        }
-    })
-    .bytes_current;
+    let mut held = sent(&mut svc, 0..MAX);
     let full = layer.stats();
     assert_eq!(full.keys as u64, MAX);
     let full_alloc = held.max(0) as u64 / MAX;
@@ -190,12 +185,7 @@ async fn a_full_map_churning_keys_keeps_its_size() {
     let mut i = MAX;
     while i < 11 * MAX {
         tokio::time::advance(std::time::Duration::from_secs(1)).await;
-        held += allocation_counter::measure(|| {
-            for j in i..i + per_sec {
-                once(&mut svc, j);
-            }
-        })
-        .bytes_current;
+        held += sent(&mut svc, i..i + per_sec);
         i += per_sec;
     }
     let after = layer.stats();

@@ -98,10 +98,11 @@ async fn waiters_in_all_are_capped_and_places_come_back() {
     }
 }
 
+/// A provider that answers every request at once with the response its function makes.
 #[derive(Clone, Copy)]
-struct TooMany;
+struct Answers(fn() -> Response<String>);
 
-impl Service<Request<String>> for TooMany {
+impl Service<Request<String>> for Answers {
     type Response = Response<String>;
     type Error = Infallible;
     type Future = std::future::Ready<Result<Response<String>, Infallible>>;
@@ -112,8 +113,13 @@ impl Service<Request<String>> for TooMany {
         std::task::Poll::Ready(Ok(()))
     }
     fn call(&mut self, _: Request<String>) -> Self::Future {
-        std::future::ready(Ok(resp(429, &[("retry-after", "60")])))
+        std::future::ready(Ok((self.0)()))
     }
+}
+
+/// A 429 with `retry-after: 60`: a cooldown for the key.
+fn too_many() -> Response<String> {
+    resp(429, &[("retry-after", "60")])
 }
 
 /// Bytes per key with a cooldown, counted by the allocator and by `stats()`.
@@ -124,20 +130,11 @@ async fn memory_per_key() {
         .build()
         .unwrap()
         .key_fn(|req: &Request<String>| req.extensions().get::<Key>().copied());
-    let mut svc = layer.layer(TooMany);
-    let info = allocation_counter::measure(|| {
-        let waker = std::task::Waker::noop();
-        let mut cx = std::task::Context::from_waker(waker);
-        for i in 0..N {
-            let mut r = request("gpt-4o");
-            r.extensions_mut().insert(Key::of(&i));
-            let mut fut = std::pin::pin!(svc.call(r));
-            assert!(std::future::Future::poll(fut.as_mut(), &mut cx).is_ready());
-        }
-    });
+    let mut svc = layer.layer(Answers(too_many));
+    let held = sent(&mut svc, 0, N);
     let stats = layer.stats();
     assert_eq!(stats.keys as u64, N);
-    let measured = info.bytes_current.max(0) as u64 / N;
+    let measured = held.max(0) as u64 / N;
     let reported = stats.approx_bytes as u64 / N;
     println!("{measured} bytes per key allocated, {reported} reported by stats()");
     assert!(
@@ -149,29 +146,15 @@ async fn memory_per_key() {
 
 /// A success whose requests bucket runs low: worth a key (its pacing), with no cooldown,
 /// so that a full shard forgets its least recently seen key for a new one.
-#[derive(Clone, Copy)]
-struct Low;
-
-impl Service<Request<String>> for Low {
-    type Response = Response<String>;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<Response<String>, Infallible>>;
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Infallible>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, _: Request<String>) -> Self::Future {
-        std::future::ready(Ok(resp(
-            200,
-            &[
-                ("x-ratelimit-limit-requests", "100"),
-                ("x-ratelimit-remaining-requests", "1"),
-                ("x-ratelimit-reset-requests", "1s"),
-            ],
-        )))
-    }
+fn low() -> Response<String> {
+    resp(
+        200,
+        &[
+            ("x-ratelimit-limit-requests", "100"),
+            ("x-ratelimit-remaining-requests", "1"),
+            ("x-ratelimit-reset-requests", "1s"),
+        ],
+    )
 }
 
 /// The bytes allocated and held while keys `from..from + n` are sent, one request each.
@@ -202,7 +185,7 @@ async fn full_shards_churning_keys_keep_their_size() {
         .build()
         .unwrap()
         .key_fn(|req: &Request<String>| req.extensions().get::<Key>().copied());
-    let mut svc = layer.layer(Low);
+    let mut svc = layer.layer(Answers(low));
     let mut held = sent(&mut svc, 0, MAX);
     let full = layer.stats();
     let full_alloc = held.max(0) as u64 / full.keys as u64;
