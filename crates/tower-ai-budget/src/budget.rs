@@ -1,6 +1,6 @@
 //! The budget's state: per-key windows, in-flight counts and FIFO wait queues.
 //!
-//! Two paths admit a request:
+//! Three paths admit a request:
 //!
 //! - **The fast path** (budgets that count no tokens or money): one compare-and-swap on the
 //!   key's [`KeyFast`] word, which holds the requests in flight and a small batch of
@@ -10,6 +10,10 @@
 //!   add). It reads the clock, counts the permits the fast path used since the last grant
 //!   (*flushes* them into the window), decides, and grants a new batch if the key is far
 //!   from its limits and nobody waits.
+//!
+//! - **Leases** (budgets that count tokens or money, without a concurrency limit): a
+//!   thread's stripe admits and settles requests of a key far from its limits from a
+//!   chunk of its windows the locked path lent it (see `lease.rs`).
 //!
 //! No lock is held across an `.await`, no waker is woken under the lock, and nothing on
 //! either path allocates once a key exists.
@@ -40,6 +44,7 @@ use tower_ai_core::keys::{Key, KeyMap};
 use tower_ai_core::{BudgetLimit, RateLimitInfo, RequestMeta, Usage};
 
 use crate::config::{Limits, NanoPrice, PriceOf, WhenFull};
+use crate::lease::{Lease, LeaseConfig, PendingCount, Refund, Stripe, WINDOWS};
 use crate::window::{Spec, Window, WindowMut};
 
 /// Seconds per slot and slots per window (see `window.rs` for the accuracy this gives).
@@ -288,12 +293,29 @@ pub(crate) struct Reservation {
 
 /// A reservation, kept by its key until it finishes.
 #[derive(Debug, Clone, Copy)]
-struct Reserve {
-    secs: u64,
-    tokens: u64,
-    spend: u64,
-    price: NanoPrice,
-    concurrency: bool,
+pub(crate) struct Reserve {
+    pub(crate) secs: u64,
+    pub(crate) tokens: u64,
+    pub(crate) spend: u64,
+    pub(crate) price: NanoPrice,
+    pub(crate) concurrency: bool,
+}
+
+impl Reserve {
+    /// The tokens and money it cost, as `finish` says.
+    pub(crate) fn settled(&self, finish: Finish) -> (u64, u64) {
+        match finish {
+            Finish::Keep => (self.tokens, self.spend),
+            Finish::Refund => (0, 0),
+            Finish::Used(u) => (u.total(), self.price.cost(u.input_tokens, u.output_tokens)),
+            Finish::AtLeast(u) => (
+                u.total().max(self.tokens),
+                self.price
+                    .cost(u.input_tokens, u.output_tokens)
+                    .max(self.spend),
+            ),
+        }
+    }
 }
 
 /// What an admitted request holds until it finishes.
@@ -411,6 +433,12 @@ pub(crate) struct Budget {
     specs: Box<[Spec]>,
     me: Weak<Budget>,
     keys: Mutex<Keys>,
+    /// How leases are cut, when the budget lends them (see `lease.rs`).
+    lease: Option<LeaseConfig>,
+    /// The stripes leases are lent to (none without leases).
+    stripes: Box<[Arc<Stripe>]>,
+    /// Refunds waiting in the stripes.
+    pending_out: Arc<PendingCount>,
 }
 
 #[derive(Debug, Default)]
@@ -435,7 +463,7 @@ struct Keys {
 /// `free`): the table is as large as the most requests held at once, and an idle key
 /// keeps none of it.
 #[derive(Debug, Default)]
-struct Reservations {
+pub(crate) struct Reservations {
     slots: Vec<Option<(Key, Reserve)>>,
     free: Vec<u32>,
     held: usize,
@@ -443,7 +471,7 @@ struct Reservations {
 
 impl Reservations {
     /// Keeps a reservation; its slot.
-    fn reserve(&mut self, key: Key, r: Reserve) -> u32 {
+    pub(crate) fn reserve(&mut self, key: Key, r: Reserve) -> u32 {
         self.held += 1;
         match self.free.pop() {
             Some(slot) => {
@@ -459,11 +487,16 @@ impl Reservations {
 
     /// Takes `key`'s reservation in `slot` back out.
     fn take(&mut self, key: Key, slot: u32) -> Option<Reserve> {
-        let entry = self.slots.get_mut(slot as usize)?;
+        let entry = self.slots.get(slot as usize)?;
         if !entry.is_some_and(|(k, _)| k == key) {
             return None;
         }
-        let (_, r) = entry.take()?;
+        self.take_slot(slot).map(|(_, r)| r)
+    }
+
+    /// Takes the reservation in `slot` back out, with its key.
+    pub(crate) fn take_slot(&mut self, slot: u32) -> Option<(Key, Reserve)> {
+        let (key, r) = self.slots.get_mut(slot as usize)?.take()?;
         self.held = self.held.saturating_sub(1);
         if self.held == 0 {
             // Keep the memory for the next ones, unless a burst left a lot of it.
@@ -476,10 +509,19 @@ impl Reservations {
         } else {
             self.free.push(slot);
         }
-        Some(r)
+        Some((key, r))
     }
 
-    fn heap_bytes(&self) -> usize {
+    /// Reservations of `key` held.
+    pub(crate) fn of(&self, key: Key) -> usize {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|(k, _)| *k == key)
+            .count()
+    }
+
+    pub(crate) fn heap_bytes(&self) -> usize {
         self.slots.capacity() * std::mem::size_of::<Option<(Key, Reserve)>>()
             + self.free.capacity() * std::mem::size_of::<u32>()
     }
@@ -509,6 +551,8 @@ struct KeyState {
     /// Whether the fast word holds the permits alone (no concurrency limit).
     split: bool,
     blocked_on: BudgetLimit,
+    /// Stripes holding a lease of this key (see `lease.rs`).
+    leases: u8,
 }
 
 /// A key's queue of waiters: nothing on the heap while nobody waits (made by the first
@@ -646,6 +690,7 @@ impl KeyState {
             // The fast path's admission decides it (see `FastConfig::in_flight_max`).
             split: l.max_concurrent.is_none(),
             blocked_on: BudgetLimit::RequestsPerMinute,
+            leases: 0,
         };
         // A new key's windows start at its first second (no slot before it is counted).
         st.advance(specs, secs);
@@ -780,6 +825,50 @@ impl KeyState {
     fn head_waker(&mut self) -> Option<Waker> {
         self.queue.front_mut().and_then(|t| t.waker.take())
     }
+
+    /// Takes a lease back: its windows keep what it admitted, in the slot it was lent in.
+    fn give_back(&mut self, specs: &[Spec], lease: &Lease) {
+        self.leases = self.leases.saturating_sub(1);
+        for (i, (w, spec)) in self.windows.iter_mut().zip(specs).enumerate() {
+            WindowMut { spec, window: w }.correct(lease.secs, lease.granted[i], lease.used[i]);
+        }
+    }
+
+    /// Takes what settled requests gave back off the slot they were admitted in.
+    fn refund(&mut self, specs: &[Spec], r: &Refund) {
+        for (i, (w, spec)) in self.windows.iter_mut().zip(specs).enumerate() {
+            WindowMut { spec, window: w }.correct(r.secs, r.amounts[i], 0);
+        }
+    }
+}
+
+/// Takes every lease and refund of `key` back from every stripe (the key is near a line,
+/// or going): its windows then hold exactly what was admitted.
+fn reclaim(
+    stripes: &[Arc<Stripe>],
+    specs: &[Spec],
+    pending_out: &PendingCount,
+    key: Key,
+    st: &mut KeyState,
+) {
+    let mut n = 0;
+    for stripe in stripes {
+        let mut s = stripe.lock();
+        for l in s.leases.iter_mut() {
+            if let Some(lease) = l.take_if(|l| l.key == key) {
+                st.give_back(specs, &lease);
+            }
+        }
+        for p in s.pending.iter_mut() {
+            if let Some(r) = p.take_if(|r| r.key == key) {
+                st.refund(specs, &r);
+                n += 1;
+            }
+        }
+    }
+    if n > 0 {
+        pending_out.0.fetch_sub(n, Ordering::AcqRel);
+    }
 }
 
 /// The cost of `limit` for a request of `cost`.
@@ -795,7 +884,18 @@ impl Budget {
     pub(crate) fn new(limits: Arc<Limits>) -> Arc<Self> {
         // The keys, and the overflow key.
         let limits_max_keys = limits.max_keys.saturating_add(1);
+        let stripes = LeaseConfig::stripes();
+        let lease = LeaseConfig::of(&limits, stripes);
+        let pending_out = Arc::new(PendingCount::default());
         Arc::new_cyclic(|me| Budget {
+            stripes: match lease {
+                Some(cfg) => (0..stripes)
+                    .map(|_| Arc::new(Stripe::new(me.clone(), cfg, pending_out.clone(), &limits)))
+                    .collect(),
+                None => Box::default(),
+            },
+            lease,
+            pending_out,
             fast: FastConfig::of(&limits),
             horizon: horizon(&limits),
             specs: configured(&limits)
@@ -875,6 +975,130 @@ impl Budget {
         self.lock().map.get(&key).and_then(|st| st.fast.clone())
     }
 
+    /// Whether the budget lends leases (see `lease.rs`).
+    #[inline]
+    pub(crate) fn leases(&self) -> bool {
+        self.lease.is_some()
+    }
+
+    /// Admits a request of `key` at `now` from the lease of the calling thread's stripe,
+    /// if it holds one with room (no lock but the stripe's): the stripe and the
+    /// reservation's slot in it. `stripe` is [`stripe_index`](crate::lease::stripe_index).
+    #[inline]
+    pub(crate) fn lease_admit(
+        &self,
+        key: Key,
+        cost: &Cost,
+        now: Instant,
+        stripe: usize,
+    ) -> Option<(&Arc<Stripe>, u32)> {
+        let cfg = self.lease.as_ref()?;
+        let stripe = self.stripes.get(stripe & cfg.mask)?;
+        let slot = stripe.admit(key, self.secs(now), &cfg.amounts(cost), cost)?;
+        Some((stripe, slot))
+    }
+
+    /// Lends stripe `i` a lease of `key` at second `secs` (after the locked path admitted a
+    /// request taking `amounts`), if the key is far from every line; first gives back
+    /// what the stripe holds of the key, its refunds, and (when it holds no room for
+    /// another lease) its oldest lease.
+    fn lend(
+        &self,
+        keys: &mut Keys,
+        cfg: &LeaseConfig,
+        key: Key,
+        secs: u64,
+        i: usize,
+        amounts: &[u64; WINDOWS],
+    ) {
+        let Some(stripe) = self.stripes.get(i & cfg.mask) else {
+            return;
+        };
+        let mut s = stripe.lock();
+        let refunds = s.take_pending();
+        let mut n = 0;
+        for r in refunds.iter().flatten() {
+            n += 1;
+            if let Some(st) = keys.map.get_mut(&r.key) {
+                st.refund(&self.specs, r);
+            }
+        }
+        if n > 0 {
+            self.pending_out.0.fetch_sub(n, Ordering::AcqRel);
+        }
+        let place = match s
+            .leases
+            .iter()
+            .position(|l| l.is_some_and(|l| l.key == key))
+        {
+            Some(p) => p,
+            None => match s.leases.iter().position(Option::is_none) {
+                Some(p) => p,
+                None => {
+                    // The oldest goes back to its key.
+                    s.leases
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, l)| l.map_or(0, |l| l.secs))
+                        .map_or(0, |(p, _)| p)
+                }
+            },
+        };
+        if let Some(old) = s.leases[place].take() {
+            if let Some(st) = keys.map.get_mut(&old.key) {
+                st.give_back(&self.specs, &old);
+            }
+        }
+        let Some(st) = keys.map.get_mut(&key) else {
+            return;
+        };
+        if !cfg.chunk_holds(amounts)
+            || !cfg.roomy(st.windows.iter().map(Window::used), &[0; WINDOWS])
+        {
+            return;
+        }
+        for (w, (spec, &c)) in st.windows.iter_mut().zip(self.specs.iter().zip(&cfg.chunk)) {
+            WindowMut { spec, window: w }.add(c);
+        }
+        st.leases = st.leases.saturating_add(1);
+        s.leases[place] = Some(Lease {
+            key,
+            secs,
+            granted: cfg.chunk,
+            used: [0; WINDOWS],
+        });
+    }
+
+    /// Takes refunds off their keys' windows (a stripe's, when it held too many).
+    pub(crate) fn apply_refunds<'a>(&self, refunds: impl Iterator<Item = &'a Refund>) {
+        let mut keys = self.lock();
+        let mut n = 0;
+        for r in refunds {
+            n += 1;
+            if let Some(st) = keys.map.get_mut(&r.key) {
+                st.refund(&self.specs, r);
+            }
+        }
+        self.pending_out.0.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Replaces what a request reserved in the slot of second `secs` with what it used,
+    /// window by window (a charge its lease could not take).
+    pub(crate) fn correct(
+        &self,
+        key: Key,
+        secs: u64,
+        reserved: &[u64; WINDOWS],
+        actual: &[u64; WINDOWS],
+    ) {
+        let mut keys = self.lock();
+        if let Some(st) = keys.map.get_mut(&key) {
+            for (i, (w, spec)) in st.windows.iter_mut().zip(self.specs.iter()).enumerate() {
+                WindowMut { spec, window: w }.correct(secs, reserved[i], actual[i]);
+            }
+        }
+    }
+
     /// Decides on a request on the locked path: see [`Decision`]. `ticket` is the
     /// caller's place in the queue once it has one; `waker` is woken when it may fit;
     /// `patience` says when a waiting caller gives up (`None` in reject mode); `cache`,
@@ -889,10 +1113,12 @@ impl Budget {
         waker: Option<&Waker>,
         patience: Option<Patience>,
         cache: Option<&mut Cached>,
+        stripe: Option<usize>,
     ) -> Decision {
         let secs = self.secs(now);
         let l = &*self.limits;
         let mut to_wake = None;
+        let requested = key;
         let decision = {
             let mut keys = self.lock();
             let keys = &mut *keys;
@@ -905,6 +1131,7 @@ impl Budget {
                 l,
                 &self.specs,
                 &self.me,
+                (&self.stripes, &self.pending_out),
                 secs,
                 self.horizon,
             );
@@ -912,6 +1139,14 @@ impl Budget {
             st.touch(key, secs, &mut keys.touched);
             st.advance(&self.specs, secs);
             st.flush(&self.specs);
+            // Near a line, the key's leases and refunds come back first: decided exactly.
+            if let Some(cfg) = &self.lease {
+                if (st.leases > 0 || self.pending_out.0.load(Ordering::Acquire) > 0)
+                    && !cfg.roomy(st.windows.iter().map(Window::used), &cfg.amounts(cost))
+                {
+                    reclaim(&self.stripes, &self.specs, &self.pending_out, key, st);
+                }
+            }
             if let Some(cache) = cache {
                 match &st.fast {
                     // Sent to the overflow key: not cached, so the key gets its own state
@@ -1042,6 +1277,13 @@ impl Budget {
                 .waiters
                 .saturating_add(st.queue.len())
                 .saturating_sub(queued_before);
+            if let (Some(cfg), Some(i), None, Decision::Admitted { .. }) =
+                (&self.lease, stripe, ticket, &decision)
+            {
+                if key_held == requested && st.queue.is_empty() {
+                    self.lend(keys, cfg, key, secs, i, &cfg.amounts(cost));
+                }
+            }
             decision
         };
         if let Some(w) = to_wake {
@@ -1103,15 +1345,7 @@ impl Budget {
                 return;
             };
             st.held = st.held.saturating_sub(1);
-            let (tokens, spend) = match finish {
-                Finish::Keep => (r.tokens, r.spend),
-                Finish::Refund => (0, 0),
-                Finish::Used(u) => (u.total(), r.price.cost(u.input_tokens, u.output_tokens)),
-                Finish::AtLeast(u) => (
-                    u.total().max(r.tokens),
-                    r.price.cost(u.input_tokens, u.output_tokens).max(r.spend),
-                ),
-            };
+            let (tokens, spend) = r.settled(finish);
             for (w, limit) in st.windows(&self.specs) {
                 match (w, limit) {
                     (None, _) | (_, BudgetLimit::RequestsPerMinute) => {}
@@ -1201,23 +1435,34 @@ impl Budget {
             approx_bytes: table
                 + per_key
                 + keys.reserved.heap_bytes()
+                + self
+                    .stripes
+                    .iter()
+                    .map(|s| s.lock().reserved.heap_bytes())
+                    .sum::<usize>()
                 + keys.touched.capacity() * size_of::<(Key, u64)>(),
         }
     }
 
     /// What the budget holds for a key, or `None` if it is not held.
     pub(crate) fn key_state(&self, key: Key) -> Option<KeySnapshot> {
-        let keys = self.lock();
-        let st = keys.map.get(&key)?;
+        let mut keys = self.lock();
+        let st = keys.map.get_mut(&key)?;
+        // The key's leases and refunds come back, so that its windows say what was
+        // admitted; its reservations held in the stripes count as held.
+        let mut held = st.held;
+        if self.lease.is_some() {
+            reclaim(&self.stripes, &self.specs, &self.pending_out, key, st);
+            for stripe in self.stripes.iter() {
+                let n = stripe.lock().reserved.of(key);
+                held = held.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+            }
+        }
         let in_flight = st.in_flight();
         Some(KeySnapshot {
             in_flight,
             // Without tokens or money, what a request holds is its place in flight.
-            held: if self.fast.enabled {
-                in_flight
-            } else {
-                st.held
-            },
+            held: if self.fast.enabled { in_flight } else { held },
             waiting: st.queue.len(),
             requests: st
                 .window(RPM)
@@ -1473,15 +1718,25 @@ fn entry<'a>(
     l: &Limits,
     specs: &[Spec],
     budget: &Weak<Budget>,
+    (stripes, pending_out): (&[Arc<Stripe>], &PendingCount),
     secs: u64,
     horizon: u64,
 ) -> (Key, &'a mut KeyState) {
     let mut key = key;
     // Keep memory to the keys that hold something: a few expired keys go with every
     // locked call (one look at the front when none has expired).
-    evict_expired(map, touched, specs, secs, horizon, 4);
+    evict_expired(map, touched, stripes, pending_out, specs, secs, horizon, 4);
     if map.len() >= l.max_keys && !map.contains_key(&key) {
-        evict_expired(map, touched, specs, secs, horizon, usize::MAX);
+        evict_expired(
+            map,
+            touched,
+            stripes,
+            pending_out,
+            specs,
+            secs,
+            horizon,
+            usize::MAX,
+        );
         let overflow = overflow_key();
         if map.len() >= l.max_keys && key != overflow {
             key = overflow;
@@ -1558,9 +1813,12 @@ impl Table {
 /// but that is still busy (a long stream in flight, fast permits used since its last
 /// update) is touched again and looked at a window later. Each entry is looked at once
 /// per window length, so eviction costs amortised O(1) per call, whatever the map holds.
+#[allow(clippy::too_many_arguments)]
 fn evict_expired(
     map: &mut KeyMap<Box<KeyState>>,
     touched: &mut VecDeque<(Key, u64)>,
+    stripes: &[Arc<Stripe>],
+    pending_out: &PendingCount,
     specs: &[Spec],
     secs: u64,
     horizon: u64,
@@ -1585,6 +1843,11 @@ fn evict_expired(
         st.advance(specs, secs);
         // Fast permits used since the last update count now: the key stays.
         let used = st.flush(specs);
+        if st.leases > 0 && used == 0 && st.removable() {
+            // Its leases were lent a window ago or more: given back, they change no slot
+            // still in its windows.
+            reclaim(stripes, specs, pending_out, k, st);
+        }
         if used == 0 && st.removable() && st.is_empty() {
             map.remove(&k);
             evicted += 1;
@@ -1638,7 +1901,7 @@ mod tests {
     }
 
     fn admit(b: &Budget, k: Key, cost: &Cost, now: Instant) -> Decision {
-        b.try_admit(k, cost, now, None, None, None, None)
+        b.try_admit(k, cost, now, None, None, None, None, None)
     }
 
     #[tokio::test(start_paused = true)]
@@ -1739,7 +2002,16 @@ mod tests {
         let Decision::Admitted {
             hold: Hold::Permit(first),
             ..
-        } = b.try_admit(k, &Cost::default(), now, None, None, None, Some(&mut cache))
+        } = b.try_admit(
+            k,
+            &Cost::default(),
+            now,
+            None,
+            None,
+            None,
+            Some(&mut cache),
+            None,
+        )
         else {
             panic!()
         };
@@ -1791,5 +2063,125 @@ mod tests {
         assert!(b.key_state(Key::of("third")).is_some());
         assert!(!fast.try_acquire(max));
         assert_eq!(fast.permits_left(false), 0);
+    }
+
+    /// A token budget far from its limit, its lease chunk, and a request of `COST`.
+    fn leasing() -> (Arc<Budget>, u64) {
+        let b = budget(|b| b.tokens_per_minute(1 << 20).reject());
+        let chunk = b.lease.expect("a token budget lends leases").chunk[0];
+        assert!(chunk >= COST, "chunk {chunk}");
+        (b, chunk)
+    }
+
+    const COST: u64 = 100;
+
+    fn admit_on(b: &Budget, k: Key, cost: &Cost, now: Instant, stripe: usize) -> Decision {
+        b.try_admit(k, cost, now, None, None, None, None, Some(stripe))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_admits_its_stripe_for_its_second() {
+        let (b, chunk) = leasing();
+        let k = Key::of("k");
+        let now = Instant::now();
+        assert!(
+            b.lease_admit(k, &tokens(COST), now, 0).is_none(),
+            "no lease yet"
+        );
+        assert!(matches!(
+            admit_on(&b, k, &tokens(COST), now, 0),
+            Decision::Admitted { .. }
+        ));
+        // The lease: chunk / COST requests, on stripe 0 only, in this second only.
+        let mut slots = Vec::new();
+        while let Some((stripe, slot)) = b.lease_admit(k, &tokens(COST), now, 0) {
+            slots.push((stripe.clone(), slot));
+        }
+        assert_eq!(slots.len() as u64, chunk / COST);
+        assert!(
+            b.lease_admit(k, &tokens(COST), now, 1).is_none(),
+            "another stripe"
+        );
+        assert!(b
+            .lease_admit(Key::of("other"), &tokens(COST), now, 0)
+            .is_none());
+        // Settled in the same second: the refunds go back into the lease, which admits
+        // again.
+        for (stripe, slot) in slots.drain(..) {
+            stripe.finish(slot, Finish::Refund);
+        }
+        assert!(b.lease_admit(k, &tokens(COST), now, 0).is_some());
+        let later = now + Duration::from_secs(1);
+        assert!(
+            b.lease_admit(k, &tokens(COST), later, 0).is_none(),
+            "a second later"
+        );
+        let s = b.key_state(k).unwrap();
+        assert_eq!(
+            (s.tokens, s.held),
+            (Some(2 * COST), 2),
+            "exact once taken back (the first, through the lock, not settled here)"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn near_the_limit_leases_and_refunds_come_back_before_deciding() {
+        let (b, chunk) = leasing();
+        let limit = 1 << 20;
+        let k = Key::of("k");
+        let now = Instant::now();
+        // Stripe 0 holds a lease; one request admitted from it, settled a second later
+        // with a refund of all of it (kept in the stripe: its lease is over).
+        admit_on(&b, k, &tokens(COST), now, 0);
+        let (stripe, slot) = b.lease_admit(k, &tokens(COST), now, 0).unwrap();
+        let stripe = stripe.clone();
+        let later = now + Duration::from_secs(1);
+        admit_on(&b, k, &tokens(COST), later, 1);
+        stripe.finish(slot, Finish::Refund);
+        // Counted now: two requests, stripe 0's chunk (lent at 0), stripe 1's (at 1), and
+        // the refund not yet taken off. A request of all that truly remains fits.
+        let rest = limit - 2 * COST;
+        assert!(rest + 2 * COST + 2 * chunk > limit);
+        let Decision::Admitted {
+            hold: Hold::Reserved(_),
+            soft: None,
+        } = admit_on(&b, k, &tokens(rest), later, 2)
+        else {
+            panic!("refused with room")
+        };
+        assert!(
+            b.lease_admit(k, &tokens(1), later, 1).is_none(),
+            "leases taken back"
+        );
+        assert!(matches!(
+            admit_on(&b, k, &tokens(1), later, 1),
+            Decision::Reject {
+                limit: BudgetLimit::TokensPerMinute,
+                retry_after: Some(_)
+            }
+        ));
+        assert_eq!(b.key_state(k).unwrap().tokens, Some(limit));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_lease_near_a_line_nor_for_a_request_larger_than_a_chunk() {
+        let (b, chunk) = leasing();
+        let now = Instant::now();
+        let big = Key::of("big");
+        admit_on(&b, big, &tokens(chunk + 1), now, 0);
+        assert!(
+            b.lease_admit(big, &tokens(1), now, 0).is_none(),
+            "chunk too small"
+        );
+        let full = Key::of("full");
+        admit_on(&b, full, &tokens((1 << 20) - 4 * chunk), now, 0);
+        admit_on(&b, full, &tokens(1), now, 0);
+        assert!(
+            b.lease_admit(full, &tokens(1), now, 0).is_none(),
+            "near the limit"
+        );
+        // With a concurrency limit every request is counted in flight: no leases.
+        let b = budget(|b| b.tokens_per_minute(1 << 20).max_concurrent(100).reject());
+        assert!(b.lease.is_none());
     }
 }

@@ -21,6 +21,7 @@ use crate::body::{BodyHold, BudgetBody, Reader};
 use crate::budget::{Budget, Cost, Decision, Finish, Hold, KeyFast, Patience, Reservation};
 use crate::config::NanoPrice;
 use crate::event::{emit, BudgetEvent, BudgetListener};
+use crate::lease::Stripe;
 use crate::store::{Spent, StoreAdmit, StoreDecision, StoreLease, StoreRequest};
 
 /// A place in flight, given back (one atomic step) when dropped.
@@ -49,7 +50,6 @@ impl fmt::Debug for Permit {
 /// by the budget's store): by [`finish`](Self::finish) with the usage the response
 /// reported, or when dropped (the reservation kept; refunded if the call failed).
 pub(crate) struct Reserved {
-    budget: Arc<Budget>,
     held: Held,
 }
 
@@ -59,13 +59,24 @@ pub(crate) struct Reserved {
 enum Held {
     /// In this process, under the budget's lock.
     Local {
+        budget: Arc<Budget>,
         reservation: Reservation,
+        refund: bool,
+        settled: bool,
+    },
+    /// In this process, in a stripe (admitted from its lease: see `lease.rs`), in `slot`
+    /// of its table. The stripe, not the budget, is what the call holds: its count is
+    /// written by the thread that uses the stripe, not by every thread.
+    Leased {
+        stripe: Arc<Stripe>,
+        slot: u32,
         refund: bool,
         settled: bool,
     },
     /// In the budget's store, priced for the settlement. Boxed: a lease is larger than a
     /// local reservation, and every response future and body would grow by the difference.
     Store {
+        budget: Arc<Budget>,
         lease: Box<(Option<StoreLease>, NanoPrice)>,
         refund: bool,
         settled: bool,
@@ -76,6 +87,9 @@ impl Held {
     fn flags(&mut self) -> (&mut bool, &mut bool) {
         match self {
             Held::Local {
+                refund, settled, ..
+            }
+            | Held::Leased {
                 refund, settled, ..
             }
             | Held::Store {
@@ -101,10 +115,19 @@ impl Reserved {
         let end = if *refund { Finish::Refund } else { end };
         *settled = true;
         match &mut self.held {
-            Held::Local { reservation, .. } => self.budget.finish(*reservation, end),
-            Held::Store { lease: held, .. } => {
+            Held::Local {
+                budget,
+                reservation,
+                ..
+            } => budget.finish(*reservation, end),
+            Held::Leased { stripe, slot, .. } => stripe.finish(*slot, end),
+            Held::Store {
+                budget,
+                lease: held,
+                ..
+            } => {
                 let (lease, price) = &mut **held;
-                if let (Some(lease), Some(stored)) = (lease.take(), &self.budget.limits.store) {
+                if let (Some(lease), Some(stored)) = (lease.take(), &budget.limits.store) {
                     let spent = spent(&lease, price, end);
                     #[cfg(feature = "metrics")]
                     crate::meter::settled(lease.tokens, spent.tokens, spent.spend);
@@ -116,12 +139,18 @@ impl Reserved {
 
     /// The largest JSON body copied to read its usage.
     pub(crate) fn max_usage_body(&self) -> usize {
-        self.budget.limits.max_usage_body
+        match &self.held {
+            Held::Local { budget, .. } | Held::Store { budget, .. } => budget.limits.max_usage_body,
+            Held::Leased { stripe, .. } => stripe.max_usage_body,
+        }
     }
 
     /// The largest SSE event read whole.
     pub(crate) fn max_event(&self) -> usize {
-        self.budget.limits.max_event
+        match &self.held {
+            Held::Local { budget, .. } | Held::Store { budget, .. } => budget.limits.max_event,
+            Held::Leased { stripe, .. } => stripe.max_event,
+        }
     }
 }
 
@@ -160,6 +189,7 @@ impl fmt::Debug for Reserved {
                 refund,
                 ..
             } => (reservation, *refund),
+            Held::Leased { slot, refund, .. } => (slot, *refund),
             Held::Store { lease, refund, .. } => (&lease.0, *refund),
         };
         f.debug_struct("Reserved")
@@ -183,8 +213,8 @@ impl Guard {
             Hold::Nothing => None,
             Hold::Permit(fast) => Some(Guard::Permit(Permit(fast))),
             Hold::Reserved(reservation) => Some(Guard::Reserved(Reserved {
-                budget: budget.clone(),
                 held: Held::Local {
+                    budget: budget.clone(),
                     reservation,
                     refund: false,
                     settled: false,
@@ -193,11 +223,24 @@ impl Guard {
         }
     }
 
+    /// The guard of a request admitted from a stripe's lease, its reservation in `slot`.
+    #[inline]
+    pub(crate) fn leased(stripe: &Arc<Stripe>, slot: u32) -> Self {
+        Guard::Reserved(Reserved {
+            held: Held::Leased {
+                stripe: stripe.clone(),
+                slot,
+                refund: false,
+                settled: false,
+            },
+        })
+    }
+
     /// The guard of a request admitted by the budget's store.
     pub(crate) fn stored(budget: &Arc<Budget>, lease: StoreLease, price: NanoPrice) -> Self {
         Guard::Reserved(Reserved {
-            budget: budget.clone(),
             held: Held::Store {
+                budget: budget.clone(),
                 lease: Box::new((Some(lease), price)),
                 refund: false,
                 settled: false,
@@ -283,6 +326,7 @@ impl<S, ReqB> WaitState<S, ReqB> {
                 Some(self.ticket),
                 Some(cx.waker()),
                 Some(self.patience),
+                None,
                 None,
             );
             match decision {

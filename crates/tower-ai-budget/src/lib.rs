@@ -273,10 +273,25 @@
 //! subtraction. The locked path runs when the permits of a batch run out, a limit is near,
 //! or someone waits.
 //!
-//! With token or money limits, the admit path takes one `std::sync::Mutex` for a few dozen
-//! instructions (look the key up, move the windows to now, compare, add) and allocates
-//! nothing once the key exists (the budget's table of reservations keeps its room); settling
-//! takes it once more when the body ends. A waiting request boxes its state (the future of
+//! With token or money limits (and no concurrency limit), requests are admitted from
+//! *leases*: the budget has a few stripes (twice the cores, 4 to 64), each a lock of its own
+//! that one thread uses, and while a key is far from every limit (more than a chunk per
+//! stripe below the line) the locked path lends the calling thread's stripe a chunk of each
+//! window (1/32 of the line among the stripes), counted in the window at once and good for
+//! the second it was lent in. The next requests of that key on that thread are admitted from
+//! it, and settled into it, under the stripe's lock alone: two threads do not write to the
+//! same memory per call. Every admission is counted at least as early and as much as
+//! without leases, so the window never admits more than its limit; and before it decides on
+//! a request that comes near a limit, the locked path takes the key's leases (their unused
+//! part) and waiting refunds back from every stripe, so near its limits a key is decided
+//! exactly as without them. A request larger than a chunk (a limit under about
+//! 32 × stripes × its cost) takes the locked path, as before.
+//!
+//! The locked path takes one `std::sync::Mutex` for a few dozen instructions (look the key
+//! up, move the windows to now, compare, add) and allocates nothing once the key exists (the
+//! budget's table of reservations keeps its room); settling takes it once more when the
+//! body ends (a stripe's settlement takes it only for a charge its lease cannot hold, or
+//! once per 8 refunds it keeps). A waiting request boxes its state (the future of
 //! the common case stays small). A JSON response's usage is read by a scan that builds no
 //! JSON value (falling back to `Usage::from_json` for shapes it does not know), so
 //! admit, call, read and settle allocate nothing (a streamed response boxes its stream
@@ -312,6 +327,7 @@ mod config;
 mod event;
 pub mod future;
 mod layer;
+mod lease;
 #[cfg(feature = "metrics")]
 mod meter;
 mod service;

@@ -338,10 +338,25 @@ impl<S, K, L> TokenBudget<S, K, L> {
             WhenFull::Reject => None,
         };
         let observe = limits.sync_from_headers.then(|| (self.budget.clone(), key));
+        // A budget that lends leases: this thread's stripe admits while its lease of the
+        // key has room, without the budget's lock (see `lease.rs`).
+        let stripe = self.budget.leases().then(crate::lease::stripe_index);
+        if let Some(i) = stripe {
+            if let Some((stripe, slot)) = self.budget.lease_admit(key, &cost, now, i) {
+                #[cfg(feature = "metrics")]
+                crate::meter::admitted(None);
+                let guard = Guard::leased(stripe, slot);
+                return ResponseFuture::called(
+                    self.inner.call(req),
+                    Some(guard),
+                    (dialect, observe),
+                );
+            }
+        }
         let cache = self.fast.enabled.then_some(&mut self.cache);
         match self
             .budget
-            .try_admit(key, &cost, now, None, None, patience, cache)
+            .try_admit(key, &cost, now, None, None, patience, cache, stripe)
         {
             Decision::Admitted { hold, soft } => {
                 #[cfg(feature = "metrics")]
