@@ -87,6 +87,9 @@ pub struct Run {
     /// them, to within half a `TIME` round trip). Off the boundaries, the provider counts
     /// the first requests of one budget window in the window before.
     pub sim_lag: Duration,
+    /// Where in a budget window the load starts (once every replica counts the others);
+    /// `None`: at once.
+    pub load_offset: Option<Duration>,
 }
 
 /// The price of the runs' model, USD per million input and output tokens.
@@ -109,6 +112,7 @@ impl Run {
             response_timeout: RedisStore::DEFAULT_RESPONSE_TIMEOUT,
             spend_per_hour: None,
             sim_lag: Duration::ZERO,
+            load_offset: None,
         }
     }
 }
@@ -307,6 +311,9 @@ pub async fn run(run: &Run, mut server: Option<&mut RedisServer>) -> Report {
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let (Some(offset), Some(server)) = (run.load_offset, server.as_deref()) {
+        tokio::time::sleep(server.to_next_window(run.window).await + offset).await;
     }
 
     // `load` times the limit in every window of the simulator's the run covers (at least

@@ -100,9 +100,10 @@ async fn leased_mode_never_passes_the_limit_and_loses_at_most_a_chunk_per_replic
 /// Why the provider once counted 102 in a window at 10x against a bound of 101: its windows
 /// started when the simulator was made, a millisecond or two after Redis's boundary (the
 /// `TIME` answer's way back, a timer's tick), so the first requests admitted in each budget
-/// window were counted in the provider's window before. Here the lag is made 50 ms: the
-/// provider sees tens of requests over its limit in a window (and answers them 429) while
-/// no budget window admitted more than the limit.
+/// window were counted in the provider's window before. Here the lag is made 150 ms and the
+/// load starts 600 ms into a window (which it fills): the provider's first window also
+/// counts what the next budget window admitted in its first 150 ms, and answers it 429,
+/// while no budget window admitted more than the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_window_lagging_redis_counts_the_next_windows_first_requests() {
     let _serial = SERIAL.lock().await;
@@ -111,7 +112,8 @@ async fn a_provider_window_lagging_redis_counts_the_next_windows_first_requests(
     };
     let mut cfg = Run::new(Sharing::Leased(0.05), 10.0);
     cfg.response_timeout = Duration::from_millis(250);
-    cfg.sim_lag = Duration::from_millis(50);
+    cfg.sim_lag = Duration::from_millis(150);
+    cfg.load_offset = Some(Duration::from_millis(600));
     let r = run(&cfg, Some(&mut server)).await;
     print!("{}", table(std::slice::from_ref(&r)));
     println!(
