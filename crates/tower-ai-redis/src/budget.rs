@@ -46,7 +46,11 @@ pub enum Mode {
     Strict,
     /// For high-rate keys: each replica takes a chunk of the requests and tokens limits
     /// (`fraction` of each, e.g. `0.01`) atomically from Redis, spends it from local
-    /// atomics, and gives back what it has not used; a round trip only per chunk.
+    /// atomics, and gives back what it has not used; a round trip only per chunk, and at
+    /// most one per key in flight on a replica (misses while it is out wait for its chunk,
+    /// up to the store's response timeout). Tokens a request reserved and did not use go
+    /// back into its replica's chunk, and end a refusal for tokens cached until the
+    /// window's end (the next request gives them back with its chunk and asks again).
     /// Concurrency and spend caps stay strict.
     Leased {
         /// The chunk, as a fraction of each limit (at least one unit).
@@ -473,6 +477,17 @@ impl RedisBudget {
         denials.insert(key, denial);
     }
 
+    /// Forgets `key`'s cached refusal if it was for tokens.
+    fn forget_token_denial(&self, key: Key) {
+        let mut denials = lock(&self.inner.denials);
+        if denials
+            .get(&key)
+            .is_some_and(|d| d.limit == BudgetLimit::TokensPerMinute)
+        {
+            denials.remove(&key);
+        }
+    }
+
     fn member(&self, seq: u64) -> String {
         format!("{}:{seq}", self.inner.store.instance_id())
     }
@@ -656,9 +671,9 @@ impl BudgetStore for RedisBudget {
             Mode::Leased { fraction } if lease::applies(limits) => Some(fraction),
             _ => None,
         };
-        // A chunk held here is spent before a cached refusal is read: a replica's
-        // concurrent misses each bring one in, and the miss the window had no room for
-        // caches its refusal until the window's end while the others' chunks have room.
+        // A chunk held here is spent before a cached refusal is read: a miss that waited
+        // past the store's response timeout for its key's chunk request takes a chunk of
+        // its own, and if the window has no room caches its refusal while that chunk has.
         if leased.is_some() {
             if let Some(d) = self.inner.leases.try_take(
                 request.key,
@@ -713,8 +728,14 @@ impl BudgetStore for RedisBudget {
             }
             FROM_LEASE => {
                 // Spent from a chunk (leased mode holds no concurrency or spend in
-                // Redis): settled in the chunk.
-                inner.leases.settle(&lease, spent);
+                // Redis): settled in the chunk. Tokens that came back end a refusal for
+                // tokens cached until the window's end: the window's tokens were held
+                // as reservations, and a request now asks again, giving these back with
+                // its chunk (else a replica whose requests came in first held its
+                // refunds to the window's end while every replica was refused).
+                if inner.leases.settle(&lease, spent) {
+                    self.forget_token_denial(lease.key);
+                }
                 return;
             }
             _ => {}

@@ -314,6 +314,20 @@ impl RedisStore {
         self.inner.replicas.load(Ordering::Relaxed).max(1)
     }
 
+    /// How long a call may wait for Redis's answer: the response timeout, or the connect
+    /// timeout if longer while Redis has not answered yet (the first call also connects).
+    pub(crate) fn answer_within(&self) -> Duration {
+        let inner = &self.inner;
+        if inner.answered.load(Ordering::Relaxed) {
+            inner.config.response_timeout
+        } else {
+            inner
+                .config
+                .connect_timeout
+                .max(inner.config.response_timeout)
+        }
+    }
+
     /// How many calls the store's breaker answered [`StoreError::Unavailable`] without a
     /// round trip, while Redis was known to be down.
     pub fn skipped(&self) -> u64 {

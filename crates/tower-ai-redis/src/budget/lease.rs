@@ -8,9 +8,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use redis::Script;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tower_ai_budget::{Spent, StoreDecision, StoreLease, StoreLimits};
 use tower_ai_core::keys::Key;
+use tower_ai_core::BudgetLimit;
 
 use super::{duration_ms, limit_of, lock, Ask, Denial, RedisBudget, FROM_LEASE};
 
@@ -22,6 +24,53 @@ pub(super) const LEASE: &str = include_str!("../scripts/budget_lease.lua");
 #[derive(Debug, Default)]
 pub(super) struct Leases {
     chunks: Mutex<HashMap<Key, Chunk>>,
+    /// The chunk request in flight per key (single flight: a replica's concurrent misses
+    /// on one key wait for it instead of each taking a chunk). Only misses touch it.
+    flights: Mutex<HashMap<Key, watch::Sender<Flight>>>,
+}
+
+/// How a key's chunk request ended, for the misses that waited for it.
+#[derive(Debug, Clone, Copy)]
+enum Flight {
+    /// Still in flight, or dropped before an answer (the waiters ask again).
+    Pending,
+    /// A chunk came in: the waiters spend from it.
+    Chunk,
+    /// Redis refused `tokens` for `limit`.
+    Refused {
+        limit: BudgetLimit,
+        retry_after: Option<Duration>,
+        tokens: u64,
+    },
+    /// Redis could not be asked: the waiters decide in-process too.
+    Fallback,
+}
+
+/// The leader of a key's flight; ends it when dropped (a cancelled leader wakes its
+/// waiters, which ask again).
+struct Leader<'a> {
+    leases: &'a Leases,
+    key: Key,
+    /// The flight is in the map (not past [`MAX_KEYS`]) and not landed yet.
+    flying: bool,
+}
+
+impl Leader<'_> {
+    fn land(&mut self, flight: Flight) {
+        if std::mem::take(&mut self.flying) {
+            if let Some(tx) = lock(&self.leases.flights).remove(&self.key) {
+                tx.send_replace(flight);
+            }
+        }
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        if self.flying {
+            lock(&self.leases.flights).remove(&self.key);
+        }
+    }
 }
 
 /// What this replica holds of one key's window.
@@ -87,25 +136,107 @@ impl Leases {
 
     /// Corrects the chunk of the request's window with its usage (a refund goes back into
     /// the chunk, a charge comes out of it); a window already over is left alone.
-    pub(super) fn settle(&self, lease: &StoreLease, spent: Spent) {
+    ///
+    /// Returns whether tokens came back into the chunk of the window still held.
+    pub(super) fn settle(&self, lease: &StoreLease, spent: Spent) -> bool {
         let delta = i64_of(lease.tokens).saturating_sub(i64_of(spent.tokens));
         if delta == 0 {
-            return;
+            return false;
         }
         let mut chunks = lock(&self.chunks);
-        if let Some(c) = chunks.get_mut(&lease.key) {
-            if c.index == lease.state[2] {
+        match chunks.get_mut(&lease.key) {
+            Some(c) if c.index == lease.state[2] => {
                 c.tokens = c.tokens.saturating_add(delta);
+                delta > 0
             }
+            _ => false,
         }
     }
 }
 
 impl RedisBudget {
+    /// Takes a new chunk for `ask` with at most one chunk request per key in flight: a miss
+    /// while another one's request is out waits for it (at most the store's answer time)
+    /// and spends from the chunk it brought, asking again only when that is used up.
+    pub(super) async fn refill(self, ask: Ask, fraction: f64) -> StoreDecision {
+        let inner = &self.inner;
+        let leases = &inner.leases;
+        let deadline = Instant::now() + inner.store.answer_within();
+        loop {
+            let now = Instant::now().saturating_duration_since(inner.epoch);
+            if let Some(d) = leases.try_take(ask.key, &ask.limits, ask.tokens, now) {
+                return d;
+            }
+            let joined = {
+                let mut flights = lock(&leases.flights);
+                match flights.get(&ask.key) {
+                    Some(tx) => Ok(tx.subscribe()),
+                    None => {
+                        let flying = flights.len() < MAX_KEYS;
+                        if flying {
+                            flights.insert(ask.key, watch::channel(Flight::Pending).0);
+                        }
+                        Err(flying)
+                    }
+                }
+            };
+            let mut rx = match joined {
+                Ok(rx) => rx,
+                Err(flying) => return self.lead(ask, fraction, flying).await,
+            };
+            // Ends when the leader lands (or is dropped, with its sender).
+            let wait = async {
+                while rx.changed().await.is_ok() {
+                    if !matches!(*rx.borrow(), Flight::Pending) {
+                        break;
+                    }
+                }
+            };
+            if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                // The leader is late: this miss asks for itself.
+                return self.refill_now(ask, fraction).await;
+            }
+            let flight = *rx.borrow();
+            match flight {
+                Flight::Fallback => return self.fallback(&ask),
+                Flight::Refused {
+                    limit,
+                    retry_after,
+                    tokens,
+                } if matches!(limit, BudgetLimit::RequestsPerMinute) || ask.tokens >= tokens => {
+                    return StoreDecision::Refused { limit, retry_after };
+                }
+                // A chunk (or nothing): spend from it, or ask again.
+                _ => {}
+            }
+        }
+    }
+
+    /// Asks for the key's chunk as the leader of its flight, and tells the waiters.
+    async fn lead(&self, ask: Ask, fraction: f64, flying: bool) -> StoreDecision {
+        let mut leader = Leader {
+            leases: &self.inner.leases,
+            key: ask.key,
+            flying,
+        };
+        let tokens = ask.tokens;
+        let d = self.refill_now(ask, fraction).await;
+        leader.land(match &d {
+            StoreDecision::Admitted(lease) if lease.state[0] & 3 == FROM_LEASE => Flight::Chunk,
+            StoreDecision::Refused { limit, retry_after } => Flight::Refused {
+                limit: *limit,
+                retry_after: *retry_after,
+                tokens,
+            },
+            _ => Flight::Fallback,
+        });
+        d
+    }
+
     /// Takes a new chunk for `ask` (giving back what is left of the key's old one in the
     /// same window) and spends the request from it; falls back in-process when Redis
     /// cannot be asked.
-    pub(super) async fn refill(self, ask: Ask, fraction: f64) -> StoreDecision {
+    async fn refill_now(&self, ask: Ask, fraction: f64) -> StoreDecision {
         let inner = &self.inner;
         let l = &ask.limits;
         let chunk_of = |limit: Option<u64>| {
@@ -179,15 +310,24 @@ impl RedisBudget {
             let limit = limit_of(get(1));
             let retry_after = (get(2) >= 0).then(|| Duration::from_millis(get(2) as u64));
             if let Some(after) = retry_after.filter(|d| !d.is_zero()) {
-                self.remember_denial(
-                    ask.key,
-                    Denial {
-                        until: started + after,
-                        limit,
-                        tokens: ask.tokens,
-                        spend: ask.spend,
-                    },
-                );
+                // Tokens that came back into the chunk while the answer was on its way
+                // (requests settled meanwhile) are not refused until the window's end: the
+                // next request gives them back and asks again. Checked under the chunks'
+                // lock, so a refund after it finds the refusal and ends it.
+                let chunks = lock(&inner.leases.chunks);
+                let refunded = limit == BudgetLimit::TokensPerMinute
+                    && chunks.get(&ask.key).is_some_and(|c| c.tokens > 0);
+                if !refunded {
+                    self.remember_denial(
+                        ask.key,
+                        Denial {
+                            until: started + after,
+                            limit,
+                            tokens: ask.tokens,
+                            spend: ask.spend,
+                        },
+                    );
+                }
             }
             return StoreDecision::Refused { limit, retry_after };
         }
