@@ -22,7 +22,7 @@ mod settle;
 
 use lease::Leases;
 use local::Local;
-use settle::{Ages, Fate, KeyNames, Pending, Settlements, MAX_CARRIED};
+use settle::{Ages, Fate, KeyNames, Kind, Pending, Settlements, MAX_CARRIED, OWN_KEYS};
 
 /// The admission script: the settle function, then the admission (which applies the
 /// settlements it carries first).
@@ -333,11 +333,7 @@ impl RedisBudgetBuilder {
                 store: self.store.clone(),
                 admit: Script::new(ADMIT),
                 settlements: Settlements::new(
-                    KeyNames {
-                        store: self.store.clone(),
-                        tag: self.tag.clone(),
-                        per_key: self.tag_per_key,
-                    },
+                    KeyNames::new(self.store.clone(), self.tag.clone(), self.tag_per_key),
                     Ages {
                         minute: self.minute,
                         hold: self.hold,
@@ -513,56 +509,117 @@ impl RedisBudget {
         let inner = &self.inner;
         let c = &inner.config;
         let l = &ask.limits;
-        let keys = self.keys_of(&ask.name);
+        let names = inner.settlements.names();
+        // The limits this request is decided on (the script's ARGV[1]): those above 0 that
+        // it costs something under. A request larger than its whole token limit was
+        // refused before (`admit`).
+        let window_us = duration_us(c.minute);
+        let window = window_us as f64;
+        let rpm = l.requests_per_minute.filter(|&n| n > 0);
+        let tpm = l.tokens_per_minute.filter(|&n| n > 0 && ask.tokens > 0);
+        let conc = l.max_concurrent.filter(|&n| n > 0);
+        let spend = micro_up(ask.spend);
+        let hour_cap = l.spend_per_hour.map_or(0, |n| n / 1000);
+        let day_cap = l.spend_per_day.map_or(0, |n| n / 1000);
+        let hour = hour_cap > 0 && spend > 0;
+        let day = day_cap > 0 && spend > 0;
+        let dims = u8::from(rpm.is_some())
+            | u8::from(tpm.is_some()) << 1
+            | u8::from(conc.is_some()) << 2
+            | u8::from(hour) << 3
+            | u8::from(day) << 4;
+        // The requests key routes the script (on a cluster) and picks the store's breaker.
+        let first = names.key(Kind::Rpm, &ask.name);
         let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
         let member = if l.max_concurrent.is_some() {
             self.member(seq)
         } else {
             String::new()
         };
-        let spend = micro_up(ask.spend);
-        let (request_burst, token_burst) = c.bursts(l);
-        let mut invocation = inner.admit.prepare_invoke();
-        for key in &keys {
-            invocation.key(key.as_str());
-        }
-        invocation
-            .arg(duration_us(c.minute))
-            .arg(l.requests_per_minute.unwrap_or(0))
-            .arg(request_burst)
-            .arg(l.tokens_per_minute.unwrap_or(0))
-            .arg(token_burst)
-            .arg(ask.tokens)
-            .arg(l.spend_per_hour.map_or(0, |n| n / 1000))
-            .arg(l.spend_per_day.map_or(0, |n| n / 1000))
-            .arg(spend)
-            .arg(duration_ms(c.hour))
-            .arg(duration_ms(c.day))
-            .arg(l.max_concurrent.unwrap_or(0))
-            .arg(member.as_str())
-            .arg(duration_ms(c.hold));
         // This replica's settlements ride along, applied before the admission is decided
         // (not while Redis is in an outage: the flusher keeps trying them, and a fall-back
         // admission stays cheap).
         inner.settlements.start();
-        let carried = if inner.store.is_down(Some(&keys[0])) {
+        let carried = if inner.store.is_down(Some(&first)) {
             Vec::new()
         } else if inner.config.tag_per_key {
             inner.settlements.take_for(MAX_CARRIED, &ask.name)
         } else {
             inner.settlements.take(MAX_CARRIED)
         };
-        invocation.arg(carried.len());
+        // A settlement of this name whose keys are all among the admission's names none of
+        // its own.
+        let flags = |p: &Pending| {
+            let parts = p.parts();
+            let own = p.name == ask.name
+                && (parts & 1 == 0 || tpm.is_some())
+                && (parts & 2 == 0 || (hour && day))
+                && (parts & 4 == 0 || conc.is_some());
+            if own && parts != 0 {
+                parts | OWN_KEYS
+            } else {
+                parts
+            }
+        };
+        let keys = 1
+            + (dims >> 1).count_ones() as usize
+            + carried
+                .iter()
+                .map(|p| Pending::key_count(flags(p)))
+                .sum::<usize>();
+        let mut cmd = RedisStore::evalsha(&inner.admit, keys);
+        cmd.arg(first.as_str());
+        for (on, kind) in [
+            (tpm.is_some(), Kind::Tpm),
+            (conc.is_some(), Kind::Conc),
+            (hour, Kind::Hour),
+            (day, Kind::Day),
+        ] {
+            if on {
+                names.write(&mut cmd, kind, &ask.name);
+            }
+        }
         for p in &carried {
-            p.push_to(&mut invocation, inner.settlements.names());
+            p.write_keys(&mut cmd, names, flags(p));
+        }
+        cmd.arg(dims);
+        // GCRA's increment and room, in doubles as the script computed them: T = window /
+        // limit, c * T, max(burst, c) * T.
+        let (request_burst, token_burst) = c.bursts(l);
+        if let Some(n) = rpm {
+            let t = window / n as f64;
+            cmd.arg(t).arg(request_burst.max(1) as f64 * t);
+        }
+        if let Some(n) = tpm {
+            let t = window / n as f64;
+            cmd.arg(ask.tokens as f64 * t)
+                .arg(token_burst.max(ask.tokens) as f64 * t);
+        }
+        if let Some(n) = conc {
+            cmd.arg(n).arg(member.as_str()).arg(duration_ms(c.hold));
+        }
+        if hour {
+            cmd.arg(hour_cap).arg(duration_ms(c.hour));
+        }
+        if day {
+            cmd.arg(day_cap).arg(duration_ms(c.day));
+        }
+        if hour || day {
+            cmd.arg(spend);
+        }
+        for p in &carried {
+            let f = flags(p);
+            if f & !OWN_KEYS != 0 {
+                p.write_args(&mut cmd, f, window_us);
+            }
         }
         let started = Instant::now();
         inner.round_trips.fetch_add(1, Ordering::Relaxed);
         let result = inner
             .store
-            .run_prepared::<Vec<i64>>(&invocation, Some(&keys[0]))
+            .run_cmd::<Vec<i64>>(&cmd, &inner.admit, Some(&first))
             .await;
-        drop(invocation);
+        drop(cmd);
         inner.settlements.sent(carried, Fate::of(&result));
         match result {
             Ok(v) if v.first() == Some(&1) => StoreDecision::Admitted(StoreLease {

@@ -398,6 +398,42 @@ impl RedisStore {
         .await
     }
 
+    /// Runs `cmd`, an `EVALSHA` of `script` written by the caller (its keys and arguments
+    /// straight into the command's one buffer, where a [`redis::ScriptInvocation`] keeps a
+    /// vector per argument and copies them all into a command per call), as
+    /// [`run_prepared`](Self::run_prepared): the script is loaded again when Redis has
+    /// lost it.
+    pub(crate) async fn run_cmd<T: FromRedisValue>(
+        &self,
+        cmd: &Cmd,
+        script: &Script,
+        first_key: Option<&str>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.connection()?;
+        let breaker = self.breaker_of(first_key);
+        self.guarded(breaker, async move {
+            match cmd.query_async::<T>(&mut conn).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    script.load_async(&mut conn).await?;
+                    cmd.query_async::<T>(&mut conn).await
+                }
+                result => result,
+            }
+        })
+        .await
+    }
+
+    /// An `EVALSHA` of `script` with `keys` keys, to which the caller adds the keys, then
+    /// the arguments (see [`run_cmd`](Self::run_cmd)).
+    pub(crate) fn evalsha(script: &Script, keys: usize) -> Cmd {
+        // Room for a strict admission carrying a few settlements without growing.
+        let mut cmd = Cmd::with_capacity(48, 1024);
+        cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+        cmd
+    }
+
     /// Runs one command within the response timeout and through the store's breaker.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
         let mut conn = self.connection()?;

@@ -155,6 +155,74 @@ async fn carried_refunds_and_charges_land_before_the_admission_is_decided() {
     );
 }
 
+/// Every part of a settlement (tokens, spend in both windows, a place) lands before the
+/// admission that carries it is decided, whether that admission is of another name (the
+/// settlement names its own keys) or of the same name (it uses the admission's), and after
+/// `SCRIPT FLUSH` (the script is loaded again).
+#[tokio::test]
+async fn every_part_of_a_carried_settlement_lands_with_its_own_keys_or_the_admissions() {
+    let Some(server) = RedisServer::start_or_skip("settlement parts") else {
+        return;
+    };
+    let budget = || {
+        RedisBudget::builder(patient(&server))
+            .burst(0, 1000)
+            .minute(HOUR)
+            .settle_delay(Duration::from_secs(60))
+            .build()
+    };
+    let b = budget();
+    // 1000 tokens, one place, 1,000 micro-units an hour and a day.
+    let l = limits(|l| {
+        l.tokens_per_minute = Some(1000);
+        l.max_concurrent = Some(1);
+        l.spend_per_hour = Some(1_000_000);
+        l.spend_per_day = Some(1_000_000);
+    });
+    let ask = |b: &RedisBudget, name: &'static str, tokens: u64, spend: u64| {
+        let b = b.clone();
+        async move { support::admit(&b, &l, name, tokens, spend).await.0 }
+    };
+
+    // Another name's admission carries it: its own keys.
+    let a = admitted(ask(&b, "a", 600, 600_000).await);
+    b.settle(&l, a, Spent::new(100, 100_000));
+    server.script_flush().await.unwrap();
+    admitted(ask(&b, "b", 0, 0).await);
+    assert_eq!((b.settlements_pending(), b.fallbacks()), (0, 0));
+    // 100 tokens and 100 micro-units used, the place given back: 900 more fit, not 901.
+    let other = budget();
+    assert_eq!(
+        refused(ask(&other, "a", 901, 0).await),
+        BudgetLimit::TokensPerMinute
+    );
+    assert_eq!(
+        refused(ask(&other, "a", 1, 900_001).await),
+        BudgetLimit::SpendPerHour
+    );
+    let full = admitted(ask(&other, "a", 900, 900_000).await);
+    other.settle(&l, full, Spent::new(900, 900_000));
+    other.flush().await.unwrap();
+
+    // The same name's admission carries it: the admission's keys.
+    let c = admitted(ask(&b, "c", 600, 600_000).await);
+    b.settle(&l, c, Spent::new(100, 100_000));
+    // Admitted only if the place came back first; 400 tokens and micro-units used after.
+    let c = admitted(ask(&b, "c", 300, 300_000).await);
+    assert_eq!((b.settlements_pending(), b.fallbacks()), (0, 0));
+    b.settle(&l, c, Spent::new(300, 300_000));
+    b.flush().await.unwrap();
+    assert_eq!(
+        refused(ask(&other, "c", 601, 0).await),
+        BudgetLimit::TokensPerMinute
+    );
+    assert_eq!(
+        refused(ask(&other, "c", 1, 600_001).await),
+        BudgetLimit::SpendPerHour
+    );
+    admitted(ask(&other, "c", 600, 600_000).await);
+}
+
 #[tokio::test]
 async fn settlements_wait_while_redis_is_skipped_and_land_when_it_is_back() {
     let Some(server) = RedisServer::start_or_skip("settlements kept") else {

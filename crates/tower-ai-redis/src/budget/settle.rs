@@ -34,7 +34,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::{Script, ScriptInvocation};
+use std::io::Write as _;
+
+use redis::{Cmd, RedisWrite as _, Script};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -116,20 +118,75 @@ impl Pending {
         dropped
     }
 
-    /// Adds this settlement's 4 keys and 6 arguments to `invocation`.
-    pub(super) fn push_to(&self, invocation: &mut ScriptInvocation<'_>, keys: &KeyNames) {
-        for kind in ["budget:tpm", "budget:hour", "budget:day", "budget:conc"] {
-            invocation.key(keys.store.key(kind, keys.tag(&self.name), &self.name));
+    /// The parts of this settlement that change something, as the scripts' flags (1 tokens,
+    /// 2 spend, 4 release; see `budget_settle.lua`); 0: nothing to send.
+    pub(super) fn parts(&self) -> u8 {
+        u8::from(self.tpm > 0 && self.tokens != 0)
+            | u8::from(self.spend != 0) << 1
+            | u8::from(!self.member.is_empty()) << 2
+    }
+
+    /// The keys the parts in `flags` take in KEYS (none with the admission's own, 8).
+    pub(super) fn key_count(flags: u8) -> usize {
+        if flags & OWN_KEYS != 0 {
+            return 0;
         }
-        invocation
-            .arg(self.tpm)
-            .arg(self.tokens)
-            .arg(self.spend)
-            .arg(self.hour)
-            .arg(self.day)
-            .arg(self.member.as_str());
+        usize::from(flags & 1) + 2 * usize::from(flags >> 1 & 1) + usize::from(flags >> 2 & 1)
+    }
+
+    /// Adds the keys of the parts in `flags` to `cmd` (none with the admission's own).
+    pub(super) fn write_keys(&self, cmd: &mut Cmd, names: &KeyNames, flags: u8) {
+        if flags & OWN_KEYS != 0 {
+            return;
+        }
+        if flags & 1 != 0 {
+            names.write(cmd, Kind::Tpm, &self.name);
+        }
+        if flags & 2 != 0 {
+            names.write(cmd, Kind::Hour, &self.name);
+            names.write(cmd, Kind::Day, &self.name);
+        }
+        if flags & 4 != 0 {
+            names.write(cmd, Kind::Conc, &self.name);
+        }
+    }
+
+    /// Adds `flags` and the arguments of those parts to `cmd`. The tokens' move of the TAT
+    /// is computed here as the script did: `tokens * (window / limit)` in doubles.
+    pub(super) fn write_args(&self, cmd: &mut Cmd, flags: u8, window_us: u64) {
+        cmd.arg(flags);
+        if flags & 1 != 0 {
+            cmd.arg(self.tokens as f64 * (window_us as f64 / self.tpm as f64));
+        }
+        if flags & 2 != 0 {
+            cmd.arg(self.spend).arg(self.hour).arg(self.day);
+        }
+        if flags & 4 != 0 {
+            cmd.arg(self.member.as_str());
+        }
     }
 }
+
+/// The settlement flag that says its keys are the admission's own (the same name).
+pub(super) const OWN_KEYS: u8 = 8;
+
+/// The kinds of a strict budget's keys.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Kind {
+    Rpm = 0,
+    Tpm,
+    Hour,
+    Day,
+    Conc,
+}
+
+const KINDS: [&str; 5] = [
+    "budget:rpm",
+    "budget:tpm",
+    "budget:hour",
+    "budget:day",
+    "budget:conc",
+];
 
 /// How the budget names its keys.
 #[derive(Debug, Clone)]
@@ -138,15 +195,45 @@ pub(super) struct KeyNames {
     pub(super) tag: String,
     /// Each key's name is its own hash tag (`tag` unused).
     pub(super) per_key: bool,
+    /// With one tag: each kind's key up to the name (`prefix:kind:{tag}:`), so a key is
+    /// written without a string of its own.
+    heads: [String; 5],
 }
 
 impl KeyNames {
+    pub(super) fn new(store: RedisStore, tag: String, per_key: bool) -> Self {
+        let heads = KINDS.map(|kind| store.key(kind, &tag, ""));
+        KeyNames {
+            store,
+            tag,
+            per_key,
+            heads,
+        }
+    }
+
     /// The hash tag of `name`'s keys.
     pub(super) fn tag<'a>(&'a self, name: &'a str) -> &'a str {
         if self.per_key {
             name
         } else {
             &self.tag
+        }
+    }
+
+    /// `name`'s key of `kind` (as [`RedisStore::key`] names it).
+    pub(super) fn key(&self, kind: Kind, name: &str) -> String {
+        self.store.key(KINDS[kind as usize], self.tag(name), name)
+    }
+
+    /// Adds `name`'s key of `kind` to `cmd`.
+    pub(super) fn write(&self, cmd: &mut Cmd, kind: Kind, name: &str) {
+        if self.per_key {
+            cmd.arg(self.key(kind, name));
+        } else {
+            let mut w = cmd.writer_for_next_arg();
+            // Writes into the command's buffer: they cannot fail.
+            let _ = w.write_all(self.heads[kind as usize].as_bytes());
+            let _ = w.write_all(name.as_bytes());
         }
     }
 }
@@ -416,18 +503,23 @@ impl Shared {
 
     /// Sends `batch` by the flush script.
     async fn send(&self, batch: Vec<Pending>) -> Result<(), StoreError> {
-        let mut invocation = self.flush.prepare_invoke();
-        invocation.arg(self.window_us).arg(batch.len());
+        let keys = batch.iter().map(|p| Pending::key_count(p.parts())).sum();
+        let mut cmd = RedisStore::evalsha(&self.flush, keys);
         for p in &batch {
-            p.push_to(&mut invocation, &self.names);
+            p.write_keys(&mut cmd, &self.names, p.parts());
+        }
+        for p in &batch {
+            let flags = p.parts();
+            if flags != 0 {
+                p.write_args(&mut cmd, flags, self.window_us);
+            }
         }
         // Every key of the batch carries one hash tag: the first picks the node.
-        let first = (batch.first())
-            .map(|p| (self.names.store).key("budget:tpm", self.names.tag(&p.name), &p.name));
+        let first = (batch.first()).map(|p| self.names.key(Kind::Tpm, &p.name));
         let result = self
             .names
             .store
-            .run_prepared::<i64>(&invocation, first.as_deref())
+            .run_cmd::<i64>(&cmd, &self.flush, first.as_deref())
             .await;
         let result = result.map(drop);
         self.sent(batch, Fate::of(&result));
@@ -478,11 +570,7 @@ mod tests {
         // No I/O: a store is connected on first use.
         let store = RedisStore::open("redis://127.0.0.1:1/").unwrap();
         Settlements::new(
-            KeyNames {
-                store,
-                tag: "t".to_owned(),
-                per_key: false,
-            },
+            KeyNames::new(store, "t".to_owned(), false),
             Ages {
                 minute: Duration::from_secs(60),
                 hold: Duration::from_secs(600),

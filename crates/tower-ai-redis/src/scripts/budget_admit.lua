@@ -1,26 +1,24 @@
-
 -- TokenBudget, strict mode: admits one request or refuses it, atomically, on Redis's clock,
 -- after applying the settlements it carries (settle_all, defined before this file).
 -- Plain Lua 5.1, no module, no command newer than Redis 7.
 --
--- KEYS[1] requests (GCRA: the theoretical arrival time, in microseconds)
--- KEYS[2] tokens   (GCRA, likewise)
--- KEYS[3] spend per hour: the base of its calendar windows' keys (base:index)
--- KEYS[4] spend per day: likewise
--- KEYS[5] concurrency: a sorted set of members scored by when they expire (ms)
--- ARGV[1]  window (the "minute") in microseconds
--- ARGV[2]  requests per window (0: no limit)     ARGV[3]  request burst
--- ARGV[4]  tokens per window (0: no limit)       ARGV[5]  token burst
--- ARGV[6]  tokens this request reserves
--- ARGV[7]  spend cap per hour, micro-units (0: none)
--- ARGV[8]  spend cap per day, micro-units (0: none)
--- ARGV[9]  spend this request reserves, micro-units
--- ARGV[10] hour in ms                            ARGV[11] day in ms
--- ARGV[12] concurrency limit (0: none)
--- ARGV[13] this request's member in the semaphore
--- ARGV[14] how long a member holds its place, ms (a crashed replica's places come back)
--- ARGV[15] number of settlements carried: their KEYS from KEYS[6], their ARGV from
---          ARGV[16] (see settle_all)
+-- ARGV[1] the limits this request is decided on, the sum of: 1 requests, 2 tokens,
+-- 4 concurrency, 8 spend per hour, 16 spend per day. KEYS[1] is the requests key (sent
+-- even without that limit: it routes the script); each other limit present takes its
+-- key from KEYS[2] on and its ARGV from ARGV[2] on, in that order:
+--   requests (GCRA: the theoretical arrival time in microseconds, TAT): ARGV increment
+--     (window / limit), room (max(burst, 1) * window / limit)
+--   tokens (GCRA, likewise): ARGV increment (tokens * window / limit), room
+--     (max(burst, tokens) * window / limit)
+--   concurrency (a sorted set of members scored by when they expire, ms): ARGV limit,
+--     this request's member, how long a member holds its place in ms (so a crashed
+--     replica's places come back)
+--   spend per hour (the base of its calendar windows' keys, base:index): ARGV cap in
+--     micro-units, window length in ms
+--   spend per day: likewise
+--   with either spend cap: ARGV the spend this request reserves, micro-units
+-- A limit is sent only when it applies (a limit above 0, a cost above 0). The settlements
+-- carried follow, to the end of ARGV and KEYS (see settle_all).
 --
 -- Returns {1, hour index, day index} when admitted (everything counted), or
 -- {0, limit, retry in ms} when refused (nothing counted; the settlements are applied
@@ -28,74 +26,129 @@
 -- 3 concurrency, 4 spend per hour, 5 spend per day; retry -1 when it can never fit.
 --
 -- GCRA (the generic cell rate algorithm): each unit (a request, a token) moves the key's
--- theoretical arrival time (TAT) on by T = window / limit. A request of cost c fits when
+-- TAT on by T = window / limit. A request of cost c fits when
 -- max(TAT, now) + c*T - now <= max(burst, c) * T: so in any window the key admits at most
 -- limit + max(burst, c) units, and a request as large as the limit fits an idle key.
+-- The replica computes c*T and max(burst, c)*T (IEEE doubles, as Lua would) and sends
+-- them. Numbers in ARGV are read by arithmetic ('x' + 0), which costs less than tonumber.
 
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = t[1] * 1000000 + t[2]
 local now_ms = math.floor(now / 1000)
-local window = tonumber(ARGV[1])
-settle_all(now, window, 5, 15, tonumber(ARGV[15]))
 
-local function gcra(key, limit, burst, cost)
-  if limit <= 0 or cost <= 0 then return true, nil, 0 end
-  if cost > limit then return false, nil, -1 end
-  local T = window / limit
-  local tat = tonumber(redis.call('GET', key) or '0') or 0
-  if tat < now then tat = now end
-  local new_tat = tat + cost * T
-  local room = math.max(burst, cost) * T
-  if new_tat - now > room then
-    return false, nil, math.ceil((new_tat - now - room) / 1000)
-  end
-  return true, new_tat, 0
+local dims = ARGV[1] + 0
+local k, a = 1, 1
+local rpm_key, rpm_inc, rpm_room, tpm_key, tpm_inc, tpm_room
+local conc_key, conc_limit, member, hold, hour_key, hour_cap, hour_len, day_key, day_cap, day_len
+if dims % 2 == 1 then
+  rpm_key, rpm_inc, rpm_room = KEYS[1], ARGV[a + 1], ARGV[a + 2]
+  a = a + 2
+  dims = dims - 1
+end
+if dims % 4 == 2 then
+  k = k + 1
+  tpm_key, tpm_inc, tpm_room = KEYS[k], ARGV[a + 1], ARGV[a + 2]
+  a = a + 2
+  dims = dims - 2
+end
+if dims % 8 == 4 then
+  k = k + 1
+  conc_key, conc_limit, member, hold = KEYS[k], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  a = a + 3
+  dims = dims - 4
+end
+if dims % 16 == 8 then
+  k = k + 1
+  hour_key, hour_cap, hour_len = KEYS[k], ARGV[a + 1], ARGV[a + 2]
+  a = a + 2
+  dims = dims - 8
+end
+if dims == 16 then
+  k = k + 1
+  day_key, day_cap, day_len = KEYS[k], ARGV[a + 1], ARGV[a + 2]
+  a = a + 2
+end
+local cost
+if hour_key or day_key then
+  a = a + 1
+  cost = ARGV[a] + 0
 end
 
-local function spend(base, cap, cost, length)
-  if cap <= 0 or cost <= 0 then return true, nil, 0, 0 end
+tat_key = tpm_key
+settle_all(now, k, a, tpm_key, hour_key, day_key, conc_key)
+
+local function refuse(limit, retry)
+  put_tat(now)
+  return {0, limit, retry}
+end
+
+-- The new TAT, or nil and the retry in ms.
+local function gcra(key, inc, room)
+  local tat = read_tat(key)
+  if tat < now then tat = now end
+  local new_tat = tat + inc
+  room = room + 0
+  if new_tat - now > room then
+    return nil, math.ceil((new_tat - now - room) / 1000)
+  end
+  return new_tat
+end
+
+-- The window's key (nil: no room) and ms left in it, and its index.
+local function spend(base, cap, length)
+  cap, length = cap + 0, length + 0
   local index = math.floor(now_ms / length)
-  if cost > cap then return false, nil, -1, index end
+  if cost > cap then return nil, -1, index end
   local key = base .. ':' .. index
   local used = tonumber(redis.call('GET', key) or '0') or 0
   if used + cost > cap then
-    return false, nil, (index + 1) * length - now_ms, index
+    return nil, (index + 1) * length - now_ms, index
   end
-  return true, key, (index + 1) * length - now_ms, index
+  return key, (index + 1) * length - now_ms, index
 end
 
-local ok, rpm_tat, retry = gcra(KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 1)
-if not ok then return {0, 1, retry} end
-local tokens = tonumber(ARGV[6])
-local tpm_tat
-ok, tpm_tat, retry = gcra(KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]), tokens)
-if not ok then return {0, 2, retry} end
+local rpm_tat, tpm_tat, retry
+if rpm_key then
+  rpm_tat, retry = gcra(rpm_key, rpm_inc, rpm_room)
+  if not rpm_tat then return refuse(1, retry) end
+end
+if tpm_key then
+  tpm_tat, retry = gcra(tpm_key, tpm_inc, tpm_room)
+  if not tpm_tat then return refuse(2, retry) end
+end
 
-local concurrency = tonumber(ARGV[12])
-if concurrency > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now_ms)
-  if redis.call('ZCARD', KEYS[5]) >= concurrency then
-    return {0, 3, 0}
+local concurrency
+if conc_key then
+  concurrency = conc_limit + 0
+  redis.call('ZREMRANGEBYSCORE', conc_key, '-inf', now_ms)
+  if redis.call('ZCARD', conc_key) >= concurrency then
+    return refuse(3, 0)
   end
 end
 
-local cost = tonumber(ARGV[9])
-local hour_key, hour_left, hour_index, day_key, day_left, day_index
-ok, hour_key, hour_left, hour_index = spend(KEYS[3], tonumber(ARGV[7]), cost, tonumber(ARGV[10]))
-if not ok then return {0, 4, hour_left} end
-ok, day_key, day_left, day_index = spend(KEYS[4], tonumber(ARGV[8]), cost, tonumber(ARGV[11]))
-if not ok then return {0, 5, day_left} end
+local hour_index, day_index, hour_left, day_left
+if hour_key then
+  hour_key, hour_left, hour_index = spend(hour_key, hour_cap, hour_len)
+  if not hour_key then return refuse(4, hour_left) end
+end
+if day_key then
+  day_key, day_left, day_index = spend(day_key, day_cap, day_len)
+  if not day_key then return refuse(5, day_left) end
+end
 
 -- Everything fits: count it.
 if rpm_tat then
-  redis.call('SET', KEYS[1], string.format('%.0f', rpm_tat), 'PX', math.ceil((rpm_tat - now) / 1000) + 1000)
+  set_tat(rpm_key, rpm_tat, now)
 end
 if tpm_tat then
-  redis.call('SET', KEYS[2], string.format('%.0f', tpm_tat), 'PX', math.ceil((tpm_tat - now) / 1000) + 1000)
+  set_tat(tpm_key, tpm_tat, now)
+  tat_dirty = false
 end
-if concurrency > 0 then
-  redis.call('ZADD', KEYS[5], now_ms + tonumber(ARGV[14]), ARGV[13])
-  redis.call('PEXPIRE', KEYS[5], tonumber(ARGV[14]))
+put_tat(now)
+if conc_key then
+  hold = hold + 0
+  redis.call('ZADD', conc_key, now_ms + hold, member)
+  redis.call('PEXPIRE', conc_key, hold)
 end
 if hour_key then
   redis.call('INCRBY', hour_key, cost)

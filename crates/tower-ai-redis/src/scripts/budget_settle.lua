@@ -7,46 +7,112 @@
 -- own after a short delay; until one lands its reservation stays counted, so a late
 -- refund only holds the key back longer.
 --
--- Each settlement i (from 0) takes 4 KEYS from key_base + 4i + 1: tokens (GCRA), the
--- bases of the spend per hour and per day windows, concurrency; and 6 ARGV from
--- arg_base + 6i + 1: tokens per window (0: no limit), tokens used - tokens reserved
--- (negative: a refund), spend used - spend reserved (micro-units), the hour and day
--- indices of the reservation, the request's member in the semaphore ('' for none).
+-- Each settlement starts with its flags in ARGV, the sum of the parts it has:
+--   1 tokens:  ARGV d, the move of the key's TAT in microseconds: (tokens used - tokens
+--              reserved) * window / limit, as the replica computed it (negative: a
+--              refund); its key: tokens (GCRA)
+--   2 spend:   ARGV spend used - spend reserved (micro-units), then the hour and day
+--              indices of the reservation; its keys: the bases of the spend per hour and
+--              per day windows
+--   4 release: ARGV the request's member in the semaphore; its key: concurrency
+--   8 the keys are the admission's (the same name): none of its own in KEYS
+-- then the ARGV of its parts in that order, and (without 8) one key per part (two for
+-- spend) in KEYS, in the same order. A part that changes nothing is not sent.
 --
--- Tokens: the TAT moves by the difference: back for a refund (an arrival time already
--- in the past stays there: an idle key cannot bank more than its room), on from now at
--- the earliest for a charge. Spend: the difference lands in the calendar window where the
--- reservation was made, if it still exists.
+-- Tokens: the TAT moves by d: back for a refund (an arrival time already in the past
+-- stays there: an idle key cannot bank more than its room), on from now at the earliest
+-- for a charge. Spend: the difference lands in the calendar window where the reservation
+-- was made, if it still exists.
+--
+-- The admission's own tokens key is read once and written once per script: tat_key
+-- names it; its TAT is kept in tat_of_key until the admission writes it (or put_tat does).
 
-local function settle_all(now, window, key_base, arg_base, n)
-  for i = 0, n - 1 do
-    local k = key_base + i * 4
-    local a = arg_base + i * 6
-    local limit = tonumber(ARGV[a + 1])
-    local delta = tonumber(ARGV[a + 2])
-    if limit > 0 and delta ~= 0 then
-      local T = window / limit
-      local tat = tonumber(redis.call('GET', KEYS[k + 1]) or '0') or 0
-      if delta > 0 and tat < now then tat = now end
-      tat = tat + delta * T
-      if tat > now then
-        redis.call('SET', KEYS[k + 1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
-      elseif delta < 0 then
-        redis.call('DEL', KEYS[k + 1])
-      end
+local tat_key, tat_of_key, tat_dirty
+
+-- Writes a TAT, rounded to the microsecond, kept until tat + 1 s. Written by '%d' (a
+-- quarter of what '%.0f' costs) while the TAT is an exact integer of a double.
+local function set_tat(key, tat, now)
+  local value
+  if tat < 9007199254740992 then
+    value = string.format('%d', math.floor(tat + 0.5))
+  else
+    value = string.format('%.0f', tat)
+  end
+  redis.call('SET', key, value, 'PX', math.ceil((tat - now) / 1000) + 1000)
+end
+
+-- As set_tat, or deletes the key when the TAT is not ahead of now.
+local function write_tat(key, tat, now)
+  if tat > now then
+    set_tat(key, tat, now)
+  else
+    redis.call('DEL', key)
+  end
+end
+
+-- The TAT of a GCRA key (0: none).
+local function read_tat(key)
+  if key == tat_key then
+    if tat_of_key == nil then
+      tat_of_key = tonumber(redis.call('GET', key) or '0') or 0
     end
-    local cost = tonumber(ARGV[a + 3])
-    if cost ~= 0 then
-      for j, index in ipairs({ARGV[a + 4], ARGV[a + 5]}) do
-        local key = KEYS[k + 1 + j] .. ':' .. index
+    return tat_of_key
+  end
+  return tonumber(redis.call('GET', key) or '0') or 0
+end
+
+-- The admission's tokens key's TAT after the settlements, if one changed it.
+local function put_tat(now)
+  if tat_dirty then
+    write_tat(tat_key, tat_of_key, now)
+    tat_dirty = false
+  end
+end
+
+-- Applies the settlements from KEYS[k + 1] and ARGV[a + 1] to the end of ARGV; own_* are
+-- the admission's keys (nil: none).
+local function settle_all(now, k, a, own_tpm, own_hour, own_day, own_conc)
+  local last = #ARGV
+  while a < last do
+    a = a + 1
+    local flags = ARGV[a] + 0
+    local own = flags >= 8
+    if own then flags = flags - 8 end
+    if flags % 2 == 1 then
+      a = a + 1
+      local d = ARGV[a] + 0
+      local key = own_tpm
+      if not own then k = k + 1; key = KEYS[k] end
+      local tat = read_tat(key)
+      if d > 0 and tat < now then tat = now end
+      tat = tat + d
+      if key == tat_key then
+        tat_of_key = tat
+        tat_dirty = true
+      else
+        write_tat(key, tat, now)
+      end
+      flags = flags - 1
+    end
+    local release = flags >= 4
+    if release then flags = flags - 4 end
+    if flags == 2 then
+      local cost = ARGV[a + 1]
+      local hour, day = own_hour, own_day
+      if not own then hour = KEYS[k + 1]; day = KEYS[k + 2]; k = k + 2 end
+      for _, key in ipairs({hour .. ':' .. ARGV[a + 2], day .. ':' .. ARGV[a + 3]}) do
         if redis.call('EXISTS', key) == 1 then
           local left = redis.call('INCRBY', key, cost)
           if left < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
         end
       end
+      a = a + 3
     end
-    if ARGV[a + 6] ~= '' then
-      redis.call('ZREM', KEYS[k + 4], ARGV[a + 6])
+    if release then
+      a = a + 1
+      local key = own_conc
+      if not own then k = k + 1; key = KEYS[k] end
+      redis.call('ZREM', key, ARGV[a])
     end
   end
 end
