@@ -135,9 +135,16 @@ where
                         }
                     }
                 }
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::called(inner.call(req), key, seq, now, self.shared.clone(), label)
+                // Sent now, by the instance `poll_ready` made ready: no clone (a clone
+                // of the layers below writes every one of their shared counts).
+                ResponseFuture::called(
+                    self.inner.call(req),
+                    key,
+                    seq,
+                    now,
+                    self.shared.clone(),
+                    label,
+                )
             }
             Admit::Wait { until, spread } => self.wait(req, key, until, spread, now, label),
         }
@@ -172,11 +179,14 @@ impl<S, K> RetryAfterAware<S, K> {
         match admit {
             Admit::Wait { until, spread } => self.wait(req, key, until, spread, now, label),
             // Ended meanwhile (a cooldown shorter than a clock tick): send.
-            Admit::Go { seq } => {
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::called(inner.call(req), key, seq, now, self.shared.clone(), label)
-            }
+            Admit::Go { seq } => ResponseFuture::called(
+                self.inner.call(req),
+                key,
+                seq,
+                now,
+                self.shared.clone(),
+                label,
+            ),
         }
     }
 
