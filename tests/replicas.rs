@@ -88,9 +88,10 @@ async fn leased_mode_never_passes_the_limit_and_loses_at_most_a_chunk_per_replic
             load, r.per_window, r.per_budget_window
         );
         if load == 2.0 {
-            // Chunks shrink in a window's last tenth: ~98% measured on an idle machine; the
-            // bound allows for a loaded one.
-            assert!(r.goodput >= 0.9, "goodput {:.3}: {r:?}", r.goodput);
+            // Chunks shrink in a window's last tenth: 98.3-99.3% measured at load average
+            // 10 (98 or 99 a window: each request reserves 60 tokens and uses 30); the
+            // bound, strict's, allows for a more loaded machine.
+            assert!(r.goodput >= 0.95, "goodput {:.3}: {r:?}", r.goodput);
         }
         reports.push(r);
     }
