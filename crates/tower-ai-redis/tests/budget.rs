@@ -515,3 +515,99 @@ async fn a_refund_during_a_refused_refill_is_not_held_to_the_windows_end() {
     admitted(d);
     assert!(trip, "the refund given back for a new chunk");
 }
+
+/// A loopback proxy in front of `server` that passes requests at once and holds each
+/// answer back `delay` (a slow way back from Redis); its URL.
+async fn slow_answers(server: &RedisServer, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = server
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(redis) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut client_rx, mut client_tx) = client.into_split();
+            let (mut redis_rx, mut redis_tx) = redis.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_rx, &mut redis_tx).await;
+            });
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let mut buf = vec![0; 64 * 1024];
+                while let Ok(n @ 1..) = redis_rx.read(&mut buf).await {
+                    let _ = tx.send((tokio::time::Instant::now() + delay, buf[..n].to_vec()));
+                }
+            });
+            tokio::spawn(async move {
+                while let Some((at, bytes)) = rx.recv().await {
+                    tokio::time::sleep_until(at).await;
+                    if client_tx.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    format!("redis://{addr}/")
+}
+
+/// A chunk whose answer comes back after its window has ended was counted in that window;
+/// its request would reach the provider in the next one, on top of everything that window
+/// hands out. It is asked for again, in the window the request goes out in. (Before, it was
+/// spent: a request counted in window k sent in window k + 1.)
+#[tokio::test]
+async fn a_chunk_that_comes_back_after_its_window_is_not_spent_in_the_next() {
+    let Some(server) = RedisServer::start_or_skip("late chunk") else {
+        return;
+    };
+    // Answers 600 ms late; a 2 s window.
+    let slow =
+        redis::Client::open(slow_answers(&server, Duration::from_millis(600)).await).unwrap();
+    let window = Duration::from_secs(2);
+    let b = RedisBudget::builder(
+        RedisStore::builder()
+            .response_timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(5))
+            .build(slow),
+    )
+    .minute(window)
+    .leased(0.1)
+    .build();
+    let l = limits(|l| l.requests_per_minute = Some(100));
+    // Connected and the script loaded first.
+    admitted(admit(&b, &l, "warm", 0, 0).await.0);
+    // 400 ms before a window ends on Redis's clock: the script runs in that window, its
+    // answer comes back in the next.
+    tokio::time::sleep(server.to_next_window(window).await + window - 400 * MS).await;
+    let asked_in = window_index(&server, window).await;
+    let (d, trip) = admit(&b, &l, "K", 0, 0).await;
+    assert!(trip);
+    let answered_in = window_index(&server, window).await;
+    assert_eq!(
+        answered_in,
+        asked_in + 1,
+        "the answer came back in the next window"
+    );
+    assert_eq!(
+        tower_ai_redis::testing::leased_window(&admitted(d)),
+        Some(answered_in),
+        "counted in the window it is sent in"
+    );
+}
+
+/// The index of the window of `window` Redis's clock is in.
+async fn window_index(server: &RedisServer, window: Duration) -> u64 {
+    let mut conn = server
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    (secs * 1_000_000 + micros) / window.as_micros() as u64
+}

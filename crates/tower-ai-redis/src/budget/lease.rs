@@ -236,7 +236,26 @@ impl RedisBudget {
     /// Takes a new chunk for `ask` (giving back what is left of the key's old one in the
     /// same window) and spends the request from it; falls back in-process when Redis
     /// cannot be asked.
+    ///
+    /// A chunk whose answer comes back after its window has ended here was counted in that
+    /// window, but its request would reach the provider in the next one, on top of what
+    /// that window hands out: it is asked for once more, in the window the request goes
+    /// out in (the first chunk is lost with its window). A second late answer is spent as
+    /// it is: Redis answering slower than a window means windows too short for it.
     async fn refill_now(&self, ask: Ask, fraction: f64) -> StoreDecision {
+        match self.refill_once(&ask, fraction, false).await {
+            Some(d) => d,
+            // (Never `None` when late answers are taken.)
+            None => match self.refill_once(&ask, fraction, true).await {
+                Some(d) => d,
+                None => self.fallback(&ask),
+            },
+        }
+    }
+
+    /// One chunk request for [`refill_now`](Self::refill_now); `None` when the chunk came
+    /// back after its window ended and `late_ok` is false.
+    async fn refill_once(&self, ask: &Ask, fraction: f64, late_ok: bool) -> Option<StoreDecision> {
         let inner = &self.inner;
         let l = &ask.limits;
         let chunk_of = |limit: Option<u64>| {
@@ -302,7 +321,7 @@ impl RedisBudget {
                 if !e.is_outage() {
                     tracing::warn!(target: "tower_ai::redis", error = %e, "lease script failed: deciding in-process");
                 }
-                return self.fallback(&ask);
+                return Some(self.fallback(ask));
             }
         };
         let get = |i: usize| v.get(i).copied().unwrap_or(0);
@@ -329,11 +348,16 @@ impl RedisBudget {
                     );
                 }
             }
-            return StoreDecision::Refused { limit, retry_after };
+            return Some(StoreDecision::Refused { limit, retry_after });
         }
         let index = get(1) as u64;
-        let ends = started.saturating_duration_since(inner.epoch)
-            + Duration::from_millis(get(4).max(0) as u64);
+        let left = Duration::from_millis(get(4).max(0) as u64);
+        // The window's end on this clock, at the latest: `started` is before Redis read
+        // its clock.
+        if !late_ok && Instant::now() >= started + left {
+            return None;
+        }
+        let ends = started.saturating_duration_since(inner.epoch) + left;
         let requests =
             (get(2).max(0) as u64).saturating_sub(u64::from(l.requests_per_minute.is_some()));
         let tokens = get(3).max(0).saturating_sub(i64_of(need));
@@ -362,13 +386,13 @@ impl RedisBudget {
             chunks.retain(|_, c| c.ends > ends.saturating_sub(Duration::from_secs(1)));
         }
         inner.seq.fetch_add(1, Ordering::Relaxed);
-        StoreDecision::Admitted(StoreLease {
+        Some(StoreDecision::Admitted(StoreLease {
             key: ask.key,
             tokens: ask.tokens,
             spend: 0,
             name: String::new(),
             state: [FROM_LEASE, 0, index],
-        })
+        }))
     }
 
     /// Gives back to Redis what this replica holds of every key's chunk in the current
