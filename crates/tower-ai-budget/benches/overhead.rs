@@ -10,7 +10,8 @@
 //!
 //! Before criterion, an interleaved run measures every service in alternation (rounds of
 //! calls; minimum and median of the rounds) so the load of a shared machine hits them all
-//! alike, and prints the ratios of the issue.
+//! alike, and prints the ratios of the issue; then a token budget on two tasks, one layer
+//! shared against a layer each.
 //!
 //! `cargo bench -p tower-ai-budget --bench overhead -- --warm-up-time 1 --measurement-time 3`
 
@@ -257,6 +258,57 @@ fn interleaved() {
         }
     }
     interleaved_tokens();
+}
+
+/// A token limit (RPM + TPM, no concurrency limit: requests admitted from leases) on one task
+/// and on two, in alternation: two clones of one layer, against two layers of their own
+/// (nothing shared at all, what two tasks cost on this machine with no contention).
+fn interleaved_two_tasks_tokens() {
+    const CALLS: u64 = 20_000;
+    const ROUNDS: usize = 15;
+    fn layer() -> TokenBudgetLayer {
+        TokenBudgetLayer::builder()
+            .requests_per_minute(u64::MAX / 2)
+            .tokens_per_minute(u64::MAX / 2)
+            .build()
+            .unwrap()
+    }
+    fn one_task<S: Service<Request<AiBody>>>(svc: &mut S) -> f64 {
+        let t = Instant::now();
+        for _ in 0..CALLS {
+            once(svc, request());
+        }
+        t.elapsed().as_nanos() as f64 / CALLS as f64
+    }
+    let shared = layer().layer(Bare);
+    let mut single = shared.clone();
+    let separate = || {
+        let mut svc = layer().layer(Bare);
+        move || {
+            once(&mut svc, request());
+        }
+    };
+    let mut r: [Vec<f64>; 3] = Default::default();
+    for _ in 0..ROUNDS {
+        r[0].push(one_task(&mut single));
+        r[1].push(two(&shared, CALLS).as_nanos() as f64 / CALLS as f64);
+        r[2].push(contended(2, CALLS, separate).as_nanos() as f64 / CALLS as f64);
+    }
+    for v in &mut r {
+        v.sort_by(f64::total_cmp);
+    }
+    for (label, at) in [("min", 0), ("median", ROUNDS / 2)] {
+        println!(
+            "interleaved budget_tpm ({label} of {ROUNDS} rounds, ns/call, request built in the \
+             loop): one task {:.0}, two tasks on one layer {:.0} ({:.2}x), two tasks on a layer \
+             each {:.0} ({:.2}x)",
+            r[0][at],
+            r[1][at],
+            r[1][at] / r[0][at],
+            r[2][at],
+            r[2][at] / r[0][at],
+        );
+    }
 }
 
 /// The token configurations in alternation, on one task, with their requests built before
@@ -510,6 +562,7 @@ fn main() {
             .unwrap();
         let _guard = rt.enter();
         interleaved();
+        interleaved_two_tasks_tokens();
         new_key_cost();
     }
     benches();
