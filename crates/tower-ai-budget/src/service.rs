@@ -27,13 +27,20 @@ use crate::store::{StoreAdmit, StoreDecision, StoreRequest};
 /// its budget.
 pub struct TokenBudget<S, K = Global, L = ()> {
     inner: S,
-    budget: Arc<Budget>,
-    key_fn: Arc<K>,
-    listener: Arc<L>,
+    /// What every service of the layer shares, behind one `Arc`: a clone (a layer above
+    /// may clone this service for every call) writes one shared count, not three.
+    parts: Arc<Parts<K, L>>,
     /// The last key this service admitted on the fast path, and its state.
     cache: Cached,
     /// The budget's fast-path settings, at hand.
     fast: FastConfig,
+}
+
+/// The layer's budget, key function and listener.
+struct Parts<K, L> {
+    budget: Arc<Budget>,
+    key_fn: Arc<K>,
+    listener: Arc<L>,
 }
 
 impl<S, K, L> TokenBudget<S, K, L> {
@@ -46,9 +53,11 @@ impl<S, K, L> TokenBudget<S, K, L> {
         TokenBudget {
             inner,
             fast: budget.fast,
-            budget,
-            key_fn,
-            listener,
+            parts: Arc::new(Parts {
+                budget,
+                key_fn,
+                listener,
+            }),
             cache: None,
         }
     }
@@ -73,9 +82,7 @@ impl<S: Clone, K, L> Clone for TokenBudget<S, K, L> {
     fn clone(&self) -> Self {
         TokenBudget {
             inner: self.inner.clone(),
-            budget: self.budget.clone(),
-            key_fn: self.key_fn.clone(),
-            listener: self.listener.clone(),
+            parts: self.parts.clone(),
             cache: self.cache.clone(),
             fast: self.fast,
         }
@@ -86,7 +93,7 @@ impl<S: fmt::Debug, K, L> fmt::Debug for TokenBudget<S, K, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenBudget")
             .field("inner", &self.inner)
-            .field("limits", &self.budget.limits)
+            .field("limits", &self.parts.budget.limits)
             .finish_non_exhaustive()
     }
 }
@@ -116,7 +123,7 @@ where
         }
         // No tokens or money to count: one atomic step on the key's state, without the
         // lock or the clock, while the key holds fast permits.
-        let Some(key) = self.key_fn.key(&req) else {
+        let Some(key) = self.parts.key_fn.key(&req) else {
             return ResponseFuture::fast(self.inner.call(req), None);
         };
         match self.fast_admit(key) {
@@ -131,7 +138,7 @@ where
                 ResponseFuture::called(
                     self.inner.call(req),
                     permit.map(Guard::Permit),
-                    (None, Some((self.budget.clone(), key))),
+                    (None, Some((self.parts.budget.clone(), key))),
                 )
             }
             None => self.locked(req, key, Ok(Cost::default()), None),
@@ -160,7 +167,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
     #[cold]
     #[inline(never)]
     fn refresh_cache(&mut self, key: Key) -> Option<&Arc<KeyFast>> {
-        self.cache = self.budget.fast_of(key).map(|fast| (key, fast));
+        self.cache = self.parts.budget.fast_of(key).map(|fast| (key, fast));
         self.cache.as_ref().map(|(_, fast)| fast)
     }
 
@@ -173,15 +180,16 @@ impl<S, K, L> TokenBudget<S, K, L> {
         L: BudgetListener,
         ReqB: ReplayBody,
     {
-        let cost = if !self.budget.limits.counts_tokens() {
+        let cost = if !self.parts.budget.limits.counts_tokens() {
             // Only with a store: a budget of requests and concurrency has nothing to estimate.
             Ok(Cost::default())
-        } else if !self.budget.limits.counts_spend() {
+        } else if !self.parts.budget.limits.counts_spend() {
             match req.extensions().get::<RequestMeta>() {
-                Some(meta) => self.budget.cost_of(Some(meta), PriceBy::Model),
+                Some(meta) => self.parts.budget.cost_of(Some(meta), PriceBy::Model),
                 // Parsed once and stored: the key function's `model_of`, the layers below
                 // and every retry of this request read it from the extensions.
                 None => self
+                    .parts
                     .budget
                     .cost_of(Some(RequestMeta::get_or_insert(&mut req)), PriceBy::Model),
             }
@@ -198,9 +206,9 @@ impl<S, K, L> TokenBudget<S, K, L> {
             } else {
                 PriceBy::Model
             };
-            self.budget.cost_of(meta, by)
+            self.parts.budget.cost_of(meta, by)
         };
-        let Some(key) = self.key_fn.key(&req) else {
+        let Some(key) = self.parts.key_fn.key(&req) else {
             // No key: exempt from the budget.
             return ResponseFuture::fast(self.inner.call(req), None);
         };
@@ -214,8 +222,8 @@ impl<S, K, L> TokenBudget<S, K, L> {
         } else {
             StreamDialect::of(Provider::of(&req), path)
         };
-        if self.budget.limits.store.is_some() {
-            let dialect = self.budget.limits.counts_tokens().then_some(dialect);
+        if self.parts.budget.limits.store.is_some() {
+            let dialect = self.parts.budget.limits.counts_tokens().then_some(dialect);
             return self.stored(req, key, cost, dialect);
         }
         self.locked(req, key, cost, Some(dialect))
@@ -239,26 +247,26 @@ impl<S, K, L> TokenBudget<S, K, L> {
             Ok(c) => c,
             Err(limit) => return self.reject(&req, key, limit, None),
         };
-        let Some(stored) = &self.budget.limits.store else {
+        let Some(stored) = &self.parts.budget.limits.store else {
             return self.locked(req, key, Ok(cost), dialect);
         };
         let now = Instant::now();
         // As in-process: a waiter gives up at `max_wait`, or when it could no longer be
         // answered by its deadline (less the expected service time).
-        let deadline = match self.budget.limits.when_full {
+        let deadline = match self.parts.budget.limits.when_full {
             WhenFull::Wait { max_wait } => Some(
                 Patience::new(
                     now,
                     max_wait,
                     Deadline::of(&req).map(Deadline::instant),
-                    self.budget.limits.expected_service,
+                    self.parts.budget.limits.expected_service,
                 )
                 .give_up,
             ),
             WhenFull::Reject => None,
         };
         let admit = {
-            let key_fn = &*self.key_fn;
+            let key_fn = &*self.parts.key_fn;
             let r = &req;
             let name = move || cap_label(key_fn.label(r));
             let request = StoreRequest::new(key, cost.tokens, cost.spend, &name);
@@ -268,22 +276,22 @@ impl<S, K, L> TokenBudget<S, K, L> {
             StoreAdmit::Ready(StoreDecision::Admitted(lease)) => {
                 #[cfg(feature = "metrics")]
                 crate::meter::admitted(None);
-                let guard = Guard::stored(&self.budget, lease, cost.price);
+                let guard = Guard::stored(&self.parts.budget, lease, cost.price);
                 return ResponseFuture::called(self.inner.call(req), Some(guard), (dialect, None));
             }
             StoreAdmit::Ready(StoreDecision::Refused { limit, retry_after }) => {
                 match retry_at(now, deadline, retry_after) {
                     None => return self.reject(&req, key, limit, retry_after),
                     Some(at) => {
-                        emit(&*self.listener, BudgetEvent::Waiting { key, limit });
+                        emit(&*self.parts.listener, BudgetEvent::Waiting { key, limit });
                         Err(at)
                     }
                 }
             }
             StoreAdmit::Pending(fut) => Ok(fut),
         };
-        let label = cap_label(self.key_fn.label(&req));
-        let listener: Arc<dyn BudgetListener> = self.listener.clone();
+        let label = cap_label(self.parts.key_fn.label(&req));
+        let listener: Arc<dyn BudgetListener> = self.parts.listener.clone();
         // As in the in-process wait: sent later through a clone that gets ready only once
         // admitted.
         let svc = self.inner.clone();
@@ -291,7 +299,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
             StoreWait::new(
                 req,
                 svc,
-                self.budget.clone(),
+                self.parts.budget.clone(),
                 listener,
                 key,
                 label,
@@ -322,7 +330,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
             Ok(c) => c,
             Err(limit) => return self.reject(&req, key, limit, None),
         };
-        let limits = &*self.budget.limits;
+        let limits = &*self.parts.budget.limits;
         let now = Instant::now();
         // A waiter gives up at `max_wait`, or when it could no longer be answered by the
         // request's own deadline (less the expected service time) if that comes first: a
@@ -337,12 +345,14 @@ impl<S, K, L> TokenBudget<S, K, L> {
             )),
             WhenFull::Reject => None,
         };
-        let observe = limits.sync_from_headers.then(|| (self.budget.clone(), key));
+        let observe = limits
+            .sync_from_headers
+            .then(|| (self.parts.budget.clone(), key));
         // A budget that lends leases: this thread's stripe admits while its lease of the
         // key has room, without the budget's lock (see `lease.rs`).
-        let stripe = self.budget.leases().then(crate::lease::stripe_index);
+        let stripe = self.parts.budget.leases().then(crate::lease::stripe_index);
         if let Some(i) = stripe {
-            if let Some((stripe, slot)) = self.budget.lease_admit(key, &cost, now, i) {
+            if let Some((stripe, slot)) = self.parts.budget.lease_admit(key, &cost, now, i) {
                 #[cfg(feature = "metrics")]
                 crate::meter::admitted(None);
                 let guard = Guard::leased(stripe, slot);
@@ -355,6 +365,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
         }
         let cache = self.fast.enabled.then_some(&mut self.cache);
         match self
+            .parts
             .budget
             .try_admit(key, &cost, now, None, None, patience, cache, stripe)
         {
@@ -363,7 +374,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
                 crate::meter::admitted(None);
                 if let Some(s) = soft {
                     emit(
-                        &*self.listener,
+                        &*self.parts.listener,
                         BudgetEvent::SoftLimit {
                             key,
                             limit: s.limit,
@@ -372,7 +383,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
                         },
                     );
                 }
-                let guard = Guard::new(&self.budget, hold);
+                let guard = Guard::new(&self.parts.budget, hold);
                 ResponseFuture::called(self.inner.call(req), guard, (dialect, observe))
             }
             Decision::Wait {
@@ -381,9 +392,9 @@ impl<S, K, L> TokenBudget<S, K, L> {
                 limit,
                 ..
             } => {
-                emit(&*self.listener, BudgetEvent::Waiting { key, limit });
-                let label = cap_label(self.key_fn.label(&req));
-                let listener: Arc<dyn BudgetListener> = self.listener.clone();
+                emit(&*self.parts.listener, BudgetEvent::Waiting { key, limit });
+                let label = cap_label(self.parts.key_fn.label(&req));
+                let listener: Arc<dyn BudgetListener> = self.parts.listener.clone();
                 // The wait sends later through a clone, which gets ready (`Oneshot`) only
                 // once admitted: a waiting request holds no readiness of the inner service
                 // (a `Buffer` or `ConcurrencyLimit` slot), and the service made ready by
@@ -393,7 +404,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
                     WaitState::new(
                         req,
                         svc,
-                        self.budget.clone(),
+                        self.parts.budget.clone(),
                         listener,
                         held_under,
                         label,
@@ -427,7 +438,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
         L: BudgetListener,
     {
         emit(
-            &*self.listener,
+            &*self.parts.listener,
             BudgetEvent::Rejected {
                 key,
                 limit,
@@ -435,7 +446,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
             },
         );
         ResponseFuture::rejected(AiError::BudgetExceeded {
-            key: cap_label(self.key_fn.label(req)),
+            key: cap_label(self.parts.key_fn.label(req)),
             limit,
             retry_after,
         })
