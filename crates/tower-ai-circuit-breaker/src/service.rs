@@ -22,19 +22,25 @@ use crate::registry::{Lane, Registry};
 /// [`AiError::CircuitOpen`] for a refused call.
 pub struct CircuitBreaker<S, K = HostModel> {
     inner: S,
-    registry: Arc<Registry>,
-    key_fn: Arc<K>,
+    /// The layer's registry and key function, behind one `Arc`: a clone (a layer above
+    /// may clone this service for every call) writes one shared count, not two.
+    parts: Arc<Parts<K>>,
     /// The lane of the last key this service called, if still good: most services call
     /// one key again and again, and then skip the per-thread cache. Clones keep it.
     last: Option<(Key, Arc<Lane>)>,
+}
+
+/// A breaker layer's registry and key function.
+struct Parts<K> {
+    registry: Arc<Registry>,
+    key_fn: Arc<K>,
 }
 
 impl<S, K> CircuitBreaker<S, K> {
     pub(crate) fn from_parts(inner: S, registry: Arc<Registry>, key_fn: Arc<K>) -> Self {
         CircuitBreaker {
             inner,
-            registry,
-            key_fn,
+            parts: Arc::new(Parts { registry, key_fn }),
             last: None,
         }
     }
@@ -59,8 +65,7 @@ impl<S: Clone, K> Clone for CircuitBreaker<S, K> {
     fn clone(&self) -> Self {
         CircuitBreaker {
             inner: self.inner.clone(),
-            registry: self.registry.clone(),
-            key_fn: self.key_fn.clone(),
+            parts: self.parts.clone(),
             // Kept: a layer above that clones its inner service for every call (the
             // `mem::replace` pattern) calls through a clone each time. A clone that runs
             // on another thread finds the stripe differs and looks its own lane up.
@@ -73,7 +78,7 @@ impl<S: fmt::Debug, K> fmt::Debug for CircuitBreaker<S, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreaker")
             .field("inner", &self.inner)
-            .field("config", &self.registry.cfg)
+            .field("config", &self.parts.registry.cfg)
             .finish_non_exhaustive()
     }
 }
@@ -111,15 +116,16 @@ impl<S, K> CircuitBreaker<S, K> {
     where
         K: KeyFn<B>,
     {
-        let Some(key) = self.key_fn.key(req) else {
+        let Some(key) = self.parts.key_fn.key(req) else {
             return Ok(None);
         };
         let lane = match &self.last {
             Some((k, lane)) if *k == key && lane.is_current() => lane.clone(),
             _ => {
                 let Some(lane) = self
+                    .parts
                     .registry
-                    .lane(key, || cap_label(self.key_fn.label(req)))
+                    .lane(key, || cap_label(self.parts.key_fn.label(req)))
                 else {
                     return Ok(None);
                 };
