@@ -118,8 +118,13 @@ impl RedisStoreBuilder {
     /// The store, talking to `client`'s server. No I/O happens here: the connection is made
     /// on first use, and a replica starts even while Redis is down.
     pub fn build(self, client: redis::Client) -> RedisStore {
+        // No response timeout of redis-rs's own: every call runs under the store's (see
+        // `guarded`), and a second timer per call would cost a registration in Tokio's
+        // timer wheel and its removal, for an answer given at the same instant. A call cut
+        // by either leaves the connection as it is (redis-rs reconnects on a dropped
+        // connection, not on a timeout).
         let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(self.response_timeout))
+            .set_response_timeout(None)
             .set_connection_timeout(Some(self.connect_timeout))
             .set_number_of_retries(1)
             .set_max_delay(self.retry_after_outage);
