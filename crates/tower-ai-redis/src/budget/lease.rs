@@ -86,6 +86,8 @@ struct Chunk {
     tokens: i64,
     /// The key's shared name, to give the chunk back.
     name: String,
+    /// A refusal for tokens is cached for the key: a refund ends it.
+    refused_tokens: bool,
 }
 
 /// Whether leased mode decides these limits (concurrency and spend caps stay strict).
@@ -137,7 +139,8 @@ impl Leases {
     /// Corrects the chunk of the request's window with its usage (a refund goes back into
     /// the chunk, a charge comes out of it); a window already over is left alone.
     ///
-    /// Returns whether tokens came back into the chunk of the window still held.
+    /// Returns whether tokens came back into the chunk of the window still held while a
+    /// refusal for tokens is cached for the key (then to be forgotten).
     pub(super) fn settle(&self, lease: &StoreLease, spent: Spent) -> bool {
         let delta = i64_of(lease.tokens).saturating_sub(i64_of(spent.tokens));
         if delta == 0 {
@@ -147,7 +150,7 @@ impl Leases {
         match chunks.get_mut(&lease.key) {
             Some(c) if c.index == lease.state[2] => {
                 c.tokens = c.tokens.saturating_add(delta);
-                delta > 0
+                delta > 0 && std::mem::take(&mut c.refused_tokens)
             }
             _ => false,
         }
@@ -333,10 +336,15 @@ impl RedisBudget {
                 // (requests settled meanwhile) are not refused until the window's end: the
                 // next request gives them back and asks again. Checked under the chunks'
                 // lock, so a refund after it finds the refusal and ends it.
-                let chunks = lock(&inner.leases.chunks);
-                let refunded = limit == BudgetLimit::TokensPerMinute
-                    && chunks.get(&ask.key).is_some_and(|c| c.tokens > 0);
+                let mut chunks = lock(&inner.leases.chunks);
+                let chunk = chunks.get_mut(&ask.key);
+                let tokens = limit == BudgetLimit::TokensPerMinute;
+                let refunded = tokens && chunk.as_ref().is_some_and(|c| c.tokens > 0);
                 if !refunded {
+                    // (A refund lands only in a chunk.)
+                    if let Some(c) = chunk.filter(|_| tokens) {
+                        c.refused_tokens = true;
+                    }
                     self.remember_denial(
                         ask.key,
                         Denial {
@@ -369,6 +377,7 @@ impl RedisBudget {
                 requests: 0,
                 tokens: 0,
                 name: ask.name.clone(),
+                refused_tokens: false,
             });
             if c.index != index {
                 c.requests = 0;
