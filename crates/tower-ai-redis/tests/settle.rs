@@ -158,7 +158,7 @@ async fn carried_refunds_and_charges_land_before_the_admission_is_decided() {
 /// Every part of a settlement (tokens, spend in both windows, a place) lands before the
 /// admission that carries it is decided, whether that admission is of another name (the
 /// settlement names its own keys) or of the same name (it uses the admission's), and after
-/// `SCRIPT FLUSH` (the script is loaded again).
+/// `SCRIPT FLUSH` (the script is loaded again), and when that admission is refused.
 #[tokio::test]
 async fn every_part_of_a_carried_settlement_lands_with_its_own_keys_or_the_admissions() {
     let Some(server) = RedisServer::start_or_skip("settlement parts") else {
@@ -221,6 +221,18 @@ async fn every_part_of_a_carried_settlement_lands_with_its_own_keys_or_the_admis
         BudgetLimit::SpendPerHour
     );
     admitted(ask(&other, "c", 600, 600_000).await);
+
+    // A refund carried by an admission that is refused still lands (the script keeps the
+    // key's TAT and writes it on the way out).
+    let l = limits(|l| l.tokens_per_minute = Some(1000));
+    let r = admitted(support::ask(&b, &l, "r", 600).await);
+    b.settle(&l, r, Spent::new(100, 0));
+    assert_eq!(
+        refused(support::ask(&b, &l, "r", 1000).await),
+        BudgetLimit::TokensPerMinute
+    );
+    assert_eq!((b.settlements_pending(), b.fallbacks()), (0, 0));
+    admitted(support::ask(&other, &l, "r", 900).await);
 }
 
 #[tokio::test]

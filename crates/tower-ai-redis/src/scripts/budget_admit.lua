@@ -78,73 +78,72 @@ tat_key = tpm_key
 settle_all(now, k, a, tpm_key, hour_key, day_key, conc_key)
 
 local function refuse(limit, retry)
-  put_tat(now)
+  if tat_dirty then write_tat(tat_key, tat_of_key, now, false) end
   return {0, limit, retry}
 end
 
--- The new TAT, or nil and the retry in ms.
-local function gcra(key, inc, room)
-  local tat = read_tat(key)
-  if tat < now then tat = now end
-  local new_tat = tat + inc
-  room = room + 0
-  if new_tat - now > room then
-    return nil, math.ceil((new_tat - now - room) / 1000)
-  end
-  return new_tat
-end
-
--- The window's key (nil: no room) and ms left in it, and its index.
-local function spend(base, cap, length)
-  cap, length = cap + 0, length + 0
-  local index = math.floor(now_ms / length)
-  if cost > cap then return nil, -1, index end
-  local key = base .. ':' .. index
-  local used = tonumber(redis.call('GET', key) or '0') or 0
-  if used + cost > cap then
-    return nil, (index + 1) * length - now_ms, index
-  end
-  return key, (index + 1) * length - now_ms, index
-end
-
-local rpm_tat, tpm_tat, retry
+-- GCRA: the new TAT, or a refusal with the retry in ms.
+local rpm_tat, tpm_tat
 if rpm_key then
-  rpm_tat, retry = gcra(rpm_key, rpm_inc, rpm_room)
-  if not rpm_tat then return refuse(1, retry) end
+  local tat = tonumber(redis.call('GET', rpm_key) or '0') or 0
+  if tat < now then tat = now end
+  rpm_tat = tat + rpm_inc
+  local room = rpm_room + 0
+  if rpm_tat - now > room then
+    return refuse(1, math.ceil((rpm_tat - now - room) / 1000))
+  end
 end
 if tpm_key then
-  tpm_tat, retry = gcra(tpm_key, tpm_inc, tpm_room)
-  if not tpm_tat then return refuse(2, retry) end
+  local tat = tat_of_key
+  if not tat then tat = tonumber(redis.call('GET', tpm_key) or '0') or 0 end
+  if tat < now then tat = now end
+  tpm_tat = tat + tpm_inc
+  local room = tpm_room + 0
+  if tpm_tat - now > room then
+    return refuse(2, math.ceil((tpm_tat - now - room) / 1000))
+  end
 end
 
-local concurrency
 if conc_key then
-  concurrency = conc_limit + 0
+  local concurrency = conc_limit + 0
   redis.call('ZREMRANGEBYSCORE', conc_key, '-inf', now_ms)
   if redis.call('ZCARD', conc_key) >= concurrency then
     return refuse(3, 0)
   end
 end
 
+-- Spend: the window's key (nil: no room) and the ms left in it, and its index.
 local hour_index, day_index, hour_left, day_left
-if hour_key then
-  hour_key, hour_left, hour_index = spend(hour_key, hour_cap, hour_len)
-  if not hour_key then return refuse(4, hour_left) end
-end
-if day_key then
-  day_key, day_left, day_index = spend(day_key, day_cap, day_len)
-  if not day_key then return refuse(5, day_left) end
+if cost then
+  local function spend(base, cap, length)
+    cap, length = cap + 0, length + 0
+    local index = math.floor(now_ms / length)
+    if cost > cap then return nil, -1, index end
+    local key = base .. ':' .. index
+    local used = tonumber(redis.call('GET', key) or '0') or 0
+    if used + cost > cap then
+      return nil, (index + 1) * length - now_ms, index
+    end
+    return key, (index + 1) * length - now_ms, index
+  end
+  if hour_key then
+    hour_key, hour_left, hour_index = spend(hour_key, hour_cap, hour_len)
+    if not hour_key then return refuse(4, hour_left) end
+  end
+  if day_key then
+    day_key, day_left, day_index = spend(day_key, day_cap, day_len)
+    if not day_key then return refuse(5, day_left) end
+  end
 end
 
 -- Everything fits: count it.
+-- (The tokens TAT written here includes the settlements': tat_key is tpm_key.)
 if rpm_tat then
-  set_tat(rpm_key, rpm_tat, now)
+  write_tat(rpm_key, rpm_tat, now, true)
 end
 if tpm_tat then
-  set_tat(tpm_key, tpm_tat, now)
-  tat_dirty = false
+  write_tat(tpm_key, tpm_tat, now, true)
 end
-put_tat(now)
 if conc_key then
   hold = hold + 0
   redis.call('ZADD', conc_key, now_ms + hold, member)

@@ -25,47 +25,25 @@
 -- was made, if it still exists.
 --
 -- The admission's own tokens key is read once and written once per script: tat_key
--- names it; its TAT is kept in tat_of_key until the admission writes it (or put_tat does).
+-- names it; its TAT is kept in tat_of_key (changed by a settlement: tat_dirty) until the
+-- admission writes it. (Few local functions: each is a closure made on every call.)
 
 local tat_key, tat_of_key, tat_dirty
 
--- Writes a TAT, rounded to the microsecond, kept until tat + 1 s. Written by '%d' (a
--- quarter of what '%.0f' costs) while the TAT is an exact integer of a double.
-local function set_tat(key, tat, now)
-  local value
-  if tat < 9007199254740992 then
-    value = string.format('%d', math.floor(tat + 0.5))
-  else
-    value = string.format('%.0f', tat)
-  end
-  redis.call('SET', key, value, 'PX', math.ceil((tat - now) / 1000) + 1000)
-end
-
--- As set_tat, or deletes the key when the TAT is not ahead of now.
-local function write_tat(key, tat, now)
-  if tat > now then
-    set_tat(key, tat, now)
+-- Writes a TAT, rounded to the microsecond, kept until tat + 1 s; or, unless keep,
+-- deletes the key when the TAT is not ahead of now. Written by '%d' (a quarter of what
+-- '%.0f' costs) while the TAT is an exact integer of a double.
+local function write_tat(key, tat, now, keep)
+  if keep or tat > now then
+    local value
+    if tat < 9007199254740992 then
+      value = string.format('%d', math.floor(tat + 0.5))
+    else
+      value = string.format('%.0f', tat)
+    end
+    redis.call('SET', key, value, 'PX', math.ceil((tat - now) / 1000) + 1000)
   else
     redis.call('DEL', key)
-  end
-end
-
--- The TAT of a GCRA key (0: none).
-local function read_tat(key)
-  if key == tat_key then
-    if tat_of_key == nil then
-      tat_of_key = tonumber(redis.call('GET', key) or '0') or 0
-    end
-    return tat_of_key
-  end
-  return tonumber(redis.call('GET', key) or '0') or 0
-end
-
--- The admission's tokens key's TAT after the settlements, if one changed it.
-local function put_tat(now)
-  if tat_dirty then
-    write_tat(tat_key, tat_of_key, now)
-    tat_dirty = false
   end
 end
 
@@ -83,14 +61,19 @@ local function settle_all(now, k, a, own_tpm, own_hour, own_day, own_conc)
       local d = ARGV[a] + 0
       local key = own_tpm
       if not own then k = k + 1; key = KEYS[k] end
-      local tat = read_tat(key)
+      local tat
+      if key == tat_key and tat_of_key then
+        tat = tat_of_key
+      else
+        tat = tonumber(redis.call('GET', key) or '0') or 0
+      end
       if d > 0 and tat < now then tat = now end
       tat = tat + d
       if key == tat_key then
         tat_of_key = tat
         tat_dirty = true
       else
-        write_tat(key, tat, now)
+        write_tat(key, tat, now, false)
       end
       flags = flags - 1
     end
