@@ -88,7 +88,8 @@ pub struct Run {
     /// the first requests of one budget window in the window before.
     pub sim_lag: Duration,
     /// Where in a budget window the load starts (once every replica counts the others);
-    /// `None`: at once.
+    /// `None`: at once. By default on a boundary, so that faults at given times fall in
+    /// the same place of their windows from run to run.
     pub load_offset: Option<Duration>,
 }
 
@@ -112,7 +113,7 @@ impl Run {
             response_timeout: RedisStore::DEFAULT_RESPONSE_TIMEOUT,
             spend_per_hour: None,
             sim_lag: Duration::ZERO,
-            load_offset: None,
+            load_offset: Some(Duration::ZERO),
         }
     }
 }
@@ -304,10 +305,15 @@ pub async fn run(run: &Run, mut server: Option<&mut RedisServer>) -> Report {
     }
     // Every replica counted by the others' heartbeats before the load starts (the
     // fall-back divides by it).
+    // (Every store's count is read each time: the first read starts its heartbeat. With
+    // `any`, which stops at the first store short of the count, only the first store's
+    // heartbeat ran, it counted itself alone, and the wait always took its 5 s.)
     let deadline = Instant::now() + Duration::from_secs(5);
     while stores
         .iter()
-        .any(|s: &RedisStore| s.replicas() < run.replicas as u32)
+        .map(RedisStore::replicas)
+        .min()
+        .is_some_and(|n| n < run.replicas as u32)
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
