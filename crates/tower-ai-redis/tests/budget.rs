@@ -611,3 +611,24 @@ async fn window_index(server: &RedisServer, window: Duration) -> u64 {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
     (secs * 1_000_000 + micros) / window.as_micros() as u64
 }
+
+#[tokio::test]
+async fn an_idle_key_takes_a_request_its_whole_tolerance_fits() {
+    let Some(server) = RedisServer::start_or_skip("gcra exact fit") else {
+        return;
+    };
+    // 7 requests and 7,000 tokens a 1 s window, no burst: a request of one unit, or of a
+    // thousand tokens, takes the whole tolerance of an idle key (T = 1/7 s, not a whole
+    // number of microseconds, so `now + T - now` computed on Redis's clock may round
+    // above T).
+    let b = RedisBudget::builder(patient(&server))
+        .minute(Duration::from_secs(1))
+        .burst(0, 0)
+        .build();
+    let rpm = limits(|l| l.requests_per_minute = Some(7));
+    let tpm = limits(|l| l.tokens_per_minute = Some(7_000));
+    for i in 0..20 {
+        admitted(admit(&b, &rpm, &format!("r{i}"), 0, 0).await.0);
+        admitted(admit(&b, &tpm, &format!("t{i}"), 1_000, 0).await.0);
+    }
+}

@@ -82,26 +82,33 @@ local function refuse(limit, retry)
   return {0, limit, retry}
 end
 
--- GCRA: the new TAT, or a refusal with the retry in ms.
+-- GCRA: the new TAT, or a refusal with the retry in ms. How far the TAT would run ahead
+-- of now is computed as a distance (TAT - now, exact on whole microseconds, then + c*T),
+-- never as (now + c*T) - now: on Redis's clock (~1.7e15 us, doubles 0.25 apart) that sum
+-- rounds, and a request that takes the whole tolerance of an idle key would be refused
+-- "for 1 ms" whenever it rounded up. (Written out twice: a local function is a closure
+-- made again on every run.)
 local rpm_tat, tpm_tat
 if rpm_key then
   local tat = tonumber(redis.call('GET', rpm_key) or '0') or 0
-  if tat < now then tat = now end
-  rpm_tat = tat + rpm_inc
+  local ahead = rpm_inc + 0
+  if tat > now then ahead = (tat - now) + ahead end
   local room = rpm_room + 0
-  if rpm_tat - now > room then
-    return refuse(1, math.ceil((rpm_tat - now - room) / 1000))
+  if ahead > room then
+    return refuse(1, math.ceil((ahead - room) / 1000))
   end
+  rpm_tat = now + ahead
 end
 if tpm_key then
   local tat = tat_of_key
   if not tat then tat = tonumber(redis.call('GET', tpm_key) or '0') or 0 end
-  if tat < now then tat = now end
-  tpm_tat = tat + tpm_inc
+  local ahead = tpm_inc + 0
+  if tat > now then ahead = (tat - now) + ahead end
   local room = tpm_room + 0
-  if tpm_tat - now > room then
-    return refuse(2, math.ceil((tpm_tat - now - room) / 1000))
+  if ahead > room then
+    return refuse(2, math.ceil((ahead - room) / 1000))
   end
+  tpm_tat = now + ahead
 end
 
 if conc_key then
