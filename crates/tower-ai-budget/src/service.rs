@@ -184,7 +184,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
             // Only with a store: a budget of requests and concurrency has nothing to estimate.
             Ok(Cost::default())
         } else if !self.parts.budget.limits.counts_spend() {
-            match req.extensions().get::<RequestMeta>() {
+            match RequestMeta::stored(&req) {
                 Some(meta) => self.parts.budget.cost_of(Some(meta), PriceBy::Model),
                 // Parsed once and stored: the key function's `model_of`, the layers below
                 // and every retry of this request read it from the extensions.
@@ -194,10 +194,10 @@ impl<S, K, L> TokenBudget<S, K, L> {
                     .cost_of(Some(RequestMeta::get_or_insert(&mut req)), PriceBy::Model),
             }
         } else {
-            if req.extensions().get::<RequestMeta>().is_none() {
+            if RequestMeta::stored(&req).is_none() {
                 RequestMeta::get_or_insert(&mut req);
             }
-            let meta = req.extensions().get::<RequestMeta>();
+            let meta = RequestMeta::stored(&req);
             // On Azure the deployment decides the model, not the caller's body.
             let by = if Provider::of(&req) == Provider::AzureOpenAi {
                 PriceBy::Deployment(

@@ -4,12 +4,15 @@ use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use crate::facts::Facts;
+
 /// A cap on the upstream calls one logical request may make, across every route of a
 /// fallback chain and every retry on each route.
 ///
 /// ModelFallback (crate `tower-ai-fallback`) creates one per request (when its chain's
-/// `share_budget` is on, the default) and puts a handle in the extensions of every request it sends; clones of
-/// that request (a retry layer's copies) share the same counter.
+/// `share_budget` is on, the default) and puts a handle in the extensions of every request
+/// it sends ([`attach`](AttemptBudget::attach)); clones of that request (a retry layer's
+/// copies) share the same counter.
 ///
 /// # The protocol for layers below (AiRetry)
 ///
@@ -63,9 +66,36 @@ impl AttemptBudget {
         }
     }
 
-    /// The budget a request carries in its extensions, if any.
+    /// The budget a request carries in its extensions, if any: an `AttemptBudget` there,
+    /// else the one [`attach`](AttemptBudget::attach) put on it.
     pub fn of<B>(req: &http::Request<B>) -> Option<&AttemptBudget> {
-        req.extensions().get::<AttemptBudget>()
+        let ext = req.extensions();
+        match ext.get::<AttemptBudget>() {
+            Some(b) => Some(b),
+            None => Facts::of(ext)?.budget.as_ref(),
+        }
+    }
+
+    /// Puts a handle to this budget on `req`, in place of any budget it carried, for
+    /// [`of`](AttemptBudget::of) to find (and every copy of `req` to share). Unless `req`
+    /// carries an `AttemptBudget` of its own in its extensions (then that one is replaced),
+    /// the handle goes into the slot the stack's layers share for their per-call facts,
+    /// with the request's [`Deadline`](crate::Deadline): no allocation of its own.
+    ///
+    /// ```
+    /// use tower_ai_core::AttemptBudget;
+    /// let mut req = http::Request::new(());
+    /// let budget = AttemptBudget::new(2);
+    /// budget.attach(&mut req);
+    /// assert!(AttemptBudget::of(&req).unwrap().try_acquire());
+    /// assert_eq!(budget.remaining(), 1);
+    /// ```
+    pub fn attach<B>(&self, req: &mut http::Request<B>) {
+        let ext = req.extensions_mut();
+        match ext.get_mut::<AttemptBudget>() {
+            Some(b) => b.clone_from(self),
+            None => Facts::get_or_insert(ext).budget = Some(self.clone()),
+        }
     }
 
     /// Takes one unit for a route's first attempt (ignores the reservation).

@@ -22,6 +22,7 @@ use smallvec::SmallVec;
 use crate::attempt::AttemptBudget;
 use crate::deadline::Deadline;
 use crate::error::BoxError;
+use crate::facts::Facts;
 
 /// A request body that can be sent again, and whose bytes can be read without consuming it.
 ///
@@ -277,12 +278,14 @@ const INLINE_VALUE_BYTES: usize = 320;
 /// again, in the same order, with the same bytes and the same
 /// [sensitive](HeaderValue::is_sensitive) flags.
 ///
-/// When the request's only extensions are a [`Deadline`] and an [`AttemptBudget`] (or
-/// one of them: what the stack's own layers put in), the copy keeps them beside itself
-/// instead of in an extensions map of its own (cloning a map costs three allocations: the
-/// map, its table and each value), and [`replay`](RetainedRequest::replay) puts them back
-/// into every request it makes. Any other extension and the whole map is copied. Either
-/// way, a replayed request carries exactly the extensions the original did.
+/// When the request's only extensions are what the stack's own layers put in (the slot of
+/// their per-call facts: its [`Deadline`], [`AttemptBudget`] and
+/// [`RequestMeta`](crate::RequestMeta); or a `Deadline` and an `AttemptBudget` as values
+/// of their own), the copy keeps them beside itself instead of in an extensions map of its
+/// own (cloning a map costs three allocations: the map, its table and each value), and
+/// [`replay`](RetainedRequest::replay) puts them back into every request it makes. Any
+/// other extension and the whole map is copied. Either way, a replayed request carries
+/// exactly the extensions the original did.
 ///
 /// ```
 /// use std::time::Duration;
@@ -304,7 +307,7 @@ const INLINE_VALUE_BYTES: usize = 320;
 /// ```
 pub struct RetainedRequest<B> {
     /// Method, URI, version and body; an empty header map (which allocates nothing).
-    /// Without extensions when the original's were at most the two fields below (kept
+    /// Without extensions when the original's were at most the three fields below (kept
     /// there); else with all of them, and the fields are `None`.
     req: http::Request<B>,
     /// Every `(name, value)` of the original, in its iteration order.
@@ -314,6 +317,7 @@ pub struct RetainedRequest<B> {
     value_bytes: SmallVec<[u8; INLINE_VALUE_BYTES]>,
     deadline: Option<Deadline>,
     budget: Option<AttemptBudget>,
+    facts: Option<Facts>,
 }
 
 /// A header value of a [`RetainedRequest`].
@@ -348,11 +352,16 @@ impl<B: ReplayBody> RetainedRequest<B> {
         let ext = req.extensions();
         let mut deadline = ext.get::<Deadline>().copied();
         let mut budget = ext.get::<AttemptBudget>().cloned();
-        let own_ext = ext.len() != usize::from(deadline.is_some()) + usize::from(budget.is_some());
+        let mut facts = Facts::of(ext).cloned();
+        let own_ext = ext.len()
+            != usize::from(deadline.is_some())
+                + usize::from(budget.is_some())
+                + usize::from(facts.is_some());
         if own_ext {
             // Everything is in the copied map.
             deadline = None;
             budget = None;
+            facts = None;
         }
         let kept = slot.insert(RetainedRequest {
             req: http::Request::new(body),
@@ -360,6 +369,7 @@ impl<B: ReplayBody> RetainedRequest<B> {
             value_bytes: SmallVec::new(),
             deadline,
             budget,
+            facts,
         });
         *kept.req.method_mut() = req.method().clone();
         *kept.req.uri_mut() = req.uri().clone();
@@ -410,12 +420,15 @@ impl<B: ReplayBody> RetainedRequest<B> {
         let headers = self.header_map();
         let mut out = self.req;
         *out.headers_mut() = headers;
-        // Both `None` when `req` has its own extensions.
+        // All `None` when `req` has its own extensions.
         if let Some(d) = self.deadline {
             out.extensions_mut().insert(d);
         }
         if let Some(b) = self.budget {
             out.extensions_mut().insert(b);
+        }
+        if let Some(f) = self.facts {
+            out.extensions_mut().insert(f);
         }
         out
     }
@@ -426,6 +439,9 @@ impl<B: ReplayBody> RetainedRequest<B> {
         }
         if let Some(b) = &self.budget {
             out.extensions_mut().insert(b.clone());
+        }
+        if let Some(f) = &self.facts {
+            out.extensions_mut().insert(f.clone());
         }
     }
 }
@@ -495,15 +511,20 @@ impl<B> RetainedRequest<B> {
         crate::Provider::detect(self.req.uri(), &self.header_map())
     }
 
-    /// The original request's [`Deadline`], if it carried one.
+    /// The original request's [`Deadline`], if it carried one (as [`Deadline::of`] reads
+    /// it).
     pub fn deadline(&self) -> Option<Deadline> {
-        self.deadline.or_else(|| Deadline::of(&self.req))
+        self.deadline
+            .or_else(|| self.facts.as_ref()?.deadline)
+            .or_else(|| Deadline::of(&self.req))
     }
 
-    /// The original request's [`AttemptBudget`], if it carried one.
+    /// The original request's [`AttemptBudget`], if it carried one (as
+    /// [`AttemptBudget::of`] reads it).
     pub fn attempt_budget(&self) -> Option<&AttemptBudget> {
         self.budget
             .as_ref()
+            .or_else(|| self.facts.as_ref()?.budget.as_ref())
             .or_else(|| AttemptBudget::of(&self.req))
     }
 }

@@ -11,8 +11,15 @@ use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::facts::Facts;
+
 /// The instant a request must be answered by, kept in the request's
-/// [`http::Extensions`].
+/// [`http::Extensions`]: read it with [`Deadline::of`].
+///
+/// [`DeadlineLayer`] keeps the deadline it sets in a slot the stack's layers share for
+/// their per-call facts (one allocation for all of them), not as a `Deadline` value of its
+/// own; [`Deadline::of`] reads either, and a `Deadline` the caller put into the extensions
+/// takes precedence (the layer only shortens it).
 ///
 /// Set it yourself ([`Deadline::set`]), or let a [`DeadlineLayer`] set it from its own
 /// duration and from what the caller sent (`grpc-timeout`, the OpenAI SDKs' timeout
@@ -86,21 +93,41 @@ impl Deadline {
         now.checked_add(wait).is_none_or(|end| end > self.0)
     }
 
-    /// The deadline `req` carries, if any: one extensions lookup.
+    /// The deadline `req` carries, if any: a `Deadline` in its extensions, else the one
+    /// [`DeadlineLayer`] set (see the type's docs).
     #[inline]
     pub fn of<B>(req: &Request<B>) -> Option<Deadline> {
-        req.extensions().get::<Deadline>().copied()
+        let ext = req.extensions();
+        match ext.get::<Deadline>() {
+            Some(d) => Some(*d),
+            None => Facts::of(ext)?.deadline,
+        }
     }
 
     /// Puts `deadline` on `req`, keeping the earlier of it and the deadline `req` already
-    /// carries. Returns the deadline `req` carries now.
+    /// carries (where it is: a `Deadline` in the extensions, or the one [`DeadlineLayer`]
+    /// set; a request with neither gets a `Deadline` in its extensions). Returns the
+    /// deadline `req` carries now.
     pub fn set<B>(req: &mut Request<B>, deadline: Deadline) -> Deadline {
-        let d = match Deadline::of(req) {
-            Some(old) if old <= deadline => return old,
-            _ => deadline,
-        };
-        req.extensions_mut().insert(d);
-        d
+        let ext = req.extensions_mut();
+        if let Some(old) = ext.get_mut::<Deadline>() {
+            return earlier_of(old, deadline);
+        }
+        if let Some(facts) = ext.get_mut::<Facts>() {
+            return earlier(&mut facts.deadline, deadline);
+        }
+        ext.insert(deadline);
+        deadline
+    }
+
+    /// [`Deadline::set`] as [`DeadlineLayer`] does it: a request without a deadline gets
+    /// it in the stack's per-call slot (see the type's docs).
+    fn set_for_call<B>(req: &mut Request<B>, deadline: Deadline) -> Deadline {
+        let ext = req.extensions_mut();
+        if let Some(old) = ext.get_mut::<Deadline>() {
+            return earlier_of(old, deadline);
+        }
+        earlier(&mut Facts::get_or_insert(ext).deadline, deadline)
     }
 
     /// The earliest timeout `headers` ask for, from now: `grpc-timeout` (see
@@ -159,6 +186,22 @@ impl Deadline {
             .min()
             .map(|d| d.min(MAX_HEADER_TIMEOUT))
     }
+}
+
+/// Keeps the earlier of `slot` and `deadline` in `slot`, and returns it.
+fn earlier(slot: &mut Option<Deadline>, deadline: Deadline) -> Deadline {
+    match slot {
+        Some(old) => earlier_of(old, deadline),
+        None => *slot.insert(deadline),
+    }
+}
+
+/// Keeps the earlier of `old` and `deadline` in `old`, and returns it.
+fn earlier_of(old: &mut Deadline, deadline: Deadline) -> Deadline {
+    if deadline < *old {
+        *old = deadline;
+    }
+    *old
 }
 
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
@@ -324,7 +367,7 @@ where
             Some(t) => t.min(own),
             None => own,
         };
-        Deadline::set(&mut req, Deadline::after_from(Instant::now(), timeout));
+        Deadline::set_for_call(&mut req, Deadline::after_from(Instant::now(), timeout));
         self.inner.call(req)
     }
 }

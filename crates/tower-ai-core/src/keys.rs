@@ -184,7 +184,7 @@ impl<B: ReplayBody> KeyFn<B> for HostModel {
     fn key(&self, req: &Request<B>) -> Option<Key> {
         // The common shape first: no `RequestMeta` (which would take precedence) and a
         // body whose first key is a plain `"model"`. Same key as the general path below.
-        if req.extensions().get::<RequestMeta>().is_none() {
+        if RequestMeta::stored(req).is_none() {
             if let Some(model) = req.body().bytes().and_then(leading_model) {
                 return Some(host_model_key(host_of(req), model));
             }

@@ -46,6 +46,7 @@ mod classify;
 mod deadline;
 pub mod duration;
 mod error;
+mod facts;
 pub mod future;
 pub mod keys;
 mod kind;

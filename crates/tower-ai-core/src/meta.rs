@@ -9,9 +9,14 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::body::ReplayBody;
+use crate::facts::Facts;
 
 /// What a request asks for, read once from its JSON body (and, for Gemini and Azure, its
 /// path) and kept in the request's extensions, so every layer reads it without parsing.
+/// Read it with [`RequestMeta::stored`] (or [`RequestMeta::of`]): on a request that already
+/// carries the stack's per-call facts (its [`Deadline`](crate::Deadline), from
+/// `DeadlineLayer`), [`RequestMeta::get_or_insert`] keeps it in their slot, not as a
+/// `RequestMeta` value of its own (one allocation fewer per call).
 ///
 /// The input-token estimate is deliberately simple and provider-neutral: the UTF-8 bytes
 /// of all text in the prompt fields (`messages`, `contents`, `system`,
@@ -41,7 +46,7 @@ impl RequestMeta {
     /// The request's meta: from its extensions when a layer already read it, else parsed
     /// now (not stored: use [`RequestMeta::get_or_insert`] for that).
     pub fn of<B: ReplayBody>(req: &http::Request<B>) -> Cow<'_, RequestMeta> {
-        match req.extensions().get::<RequestMeta>() {
+        match RequestMeta::stored(req) {
             Some(m) => Cow::Borrowed(m),
             None => Cow::Owned(RequestMeta::parse(
                 req.uri().path(),
@@ -50,15 +55,52 @@ impl RequestMeta {
         }
     }
 
-    /// The request's meta, parsed and stored in its extensions the first time.
+    /// The request's meta, parsed and stored in its extensions the first time (in the
+    /// stack's per-call slot when the request has one: see the type's docs).
     pub fn get_or_insert<B: ReplayBody>(req: &mut http::Request<B>) -> &RequestMeta {
-        if req.extensions().get::<RequestMeta>().is_none() {
+        if RequestMeta::stored(req).is_none() {
             let meta = RequestMeta::parse(req.uri().path(), req.body().bytes().unwrap_or(&[]));
-            req.extensions_mut().insert(meta);
+            let ext = req.extensions_mut();
+            match ext.get_mut::<Facts>() {
+                Some(facts) => facts.meta = Some(meta),
+                None => {
+                    ext.insert(meta);
+                }
+            }
         }
-        req.extensions()
-            .get::<RequestMeta>()
-            .expect("inserted above")
+        RequestMeta::stored(req).expect("inserted above")
+    }
+
+    /// The meta a layer stored on `req` ([`get_or_insert`](RequestMeta::get_or_insert)),
+    /// or a `RequestMeta` the caller put into its extensions (that one first), if any.
+    /// Never parses.
+    #[inline]
+    pub fn stored<B>(req: &http::Request<B>) -> Option<&RequestMeta> {
+        let ext = req.extensions();
+        match ext.get::<RequestMeta>() {
+            Some(m) => Some(m),
+            None => Facts::of(ext)?.meta.as_ref(),
+        }
+    }
+
+    /// [`stored`](RequestMeta::stored), to change in place (a layer that rewrites the
+    /// request's model updates it).
+    pub fn stored_mut<B>(req: &mut http::Request<B>) -> Option<&mut RequestMeta> {
+        let ext = req.extensions_mut();
+        if ext.get::<RequestMeta>().is_some() {
+            return ext.get_mut::<RequestMeta>();
+        }
+        ext.get_mut::<Facts>()?.meta.as_mut()
+    }
+
+    /// Takes the stored meta off `req` (every copy of it: a `RequestMeta` in the
+    /// extensions and the one in the per-call slot), for a layer that changed the request
+    /// so that it no longer holds. Returns the one [`stored`](RequestMeta::stored) read.
+    pub fn remove<B>(req: &mut http::Request<B>) -> Option<RequestMeta> {
+        let ext = req.extensions_mut();
+        let own = ext.remove::<RequestMeta>();
+        let kept = ext.get_mut::<Facts>().and_then(|f| f.meta.take());
+        own.or(kept)
     }
 
     /// Parses a request body, with the request path for Gemini's and Azure's model. Never
@@ -496,7 +538,7 @@ pub fn model_path_span(path: &str) -> Option<std::ops::Range<usize>> {
 /// stops as soon as it is found (usually the first key), else the path. Borrows; allocates
 /// only for a model name with JSON escapes in it.
 pub fn model_of<B: ReplayBody>(req: &http::Request<B>) -> Option<Cow<'_, str>> {
-    if let Some(m) = req.extensions().get::<RequestMeta>() {
+    if let Some(m) = RequestMeta::stored(req) {
         return m.model().map(Cow::Borrowed);
     }
     if let Some(m) = req
@@ -533,10 +575,7 @@ pub fn check_model<B: ReplayBody>(req: &http::Request<B>) -> Result<(), crate::A
     let max = crate::keys::MAX_MODEL_LEN;
     // A body no longer than the maximum cannot hold a longer name: skip the scan.
     let body_len = req.body().bytes().map_or(0, <[u8]>::len);
-    if body_len <= max
-        && req.uri().path().len() <= max
-        && req.extensions().get::<RequestMeta>().is_none()
-    {
+    if body_len <= max && req.uri().path().len() <= max && RequestMeta::stored(req).is_none() {
         return Ok(());
     }
     match model_of(req) {

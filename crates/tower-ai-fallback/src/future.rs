@@ -173,7 +173,7 @@ where
         if chain.routes.len() > 1 {
             RetainedRequest::copy_into(&req, &mut cold.original);
         }
-        let budget = match (chain.max_attempts, req.extensions().get::<AttemptBudget>()) {
+        let budget = match (chain.max_attempts, AttemptBudget::of(&req)) {
             // A fallback layer further out already caps this request: draw from its budget.
             // It paid for this call and reserved units for its later routes: ours go on top.
             (_, Some(outer)) => Budget::Adopted(Adopted {
@@ -185,7 +185,7 @@ where
             (None, None) => Budget::Unlimited,
             (Some(max), None) if chain.share_budget => {
                 let b = AttemptBudget::new(max);
-                req.extensions_mut().insert(b.clone());
+                b.attach(&mut req);
                 Budget::Shared(b)
             }
             (Some(max), None) => Budget::Local(max),
@@ -283,7 +283,7 @@ where
             };
             if let Budget::Shared(b) | Budget::Adopted(Adopted { budget: b, .. }) = &self.budget {
                 if j > 0 {
-                    req.extensions_mut().insert(b.clone());
+                    b.attach(&mut req);
                 }
             }
             if let Err(message) = prepare(route, &mut req) {
@@ -543,7 +543,7 @@ where
         }
         // A parsed RequestMeta names the old model; the rest of it still holds, so the
         // layers below need not parse the body again.
-        if let Some(meta) = req.extensions_mut().get_mut::<tower_ai_core::RequestMeta>() {
+        if let Some(meta) = tower_ai_core::RequestMeta::stored_mut(req) {
             meta.model.clone_from(&route.model);
         }
     }
@@ -552,7 +552,7 @@ where
     } = &route.target
     {
         // A rewrite for another provider may change anything in the body.
-        req.extensions_mut().remove::<tower_ai_core::RequestMeta>();
+        tower_ai_core::RequestMeta::remove(req);
         f(req).map_err(|e| {
             format!(
                 "route {:?}: rewrite failed: {}",

@@ -60,7 +60,7 @@ impl<S> StallDetector<S> {
 /// the dialect the path names ([`StreamDialect::of_path`]): only a Gemini path is read for
 /// `:streamGenerateContent`.
 pub(crate) fn is_streamed<B: 'static>(req: &Request<B>, by_path: Option<StreamDialect>) -> bool {
-    if let Some(meta) = req.extensions().get::<RequestMeta>() {
+    if let Some(meta) = RequestMeta::stored(req) {
         return meta.stream;
     }
     if by_path == Some(StreamDialect::Gemini) {
