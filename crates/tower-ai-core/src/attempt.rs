@@ -70,6 +70,9 @@ impl AttemptBudget {
     /// else the one [`attach`](AttemptBudget::attach) put on it.
     pub fn of<B>(req: &http::Request<B>) -> Option<&AttemptBudget> {
         let ext = req.extensions();
+        if let Some(facts) = Facts::alone(ext) {
+            return facts.budget.as_ref();
+        }
         match ext.get::<AttemptBudget>() {
             Some(b) => Some(b),
             None => Facts::of(ext)?.budget.as_ref(),
@@ -92,6 +95,10 @@ impl AttemptBudget {
     /// ```
     pub fn attach<B>(&self, req: &mut http::Request<B>) {
         let ext = req.extensions_mut();
+        if let Some(facts) = Facts::alone_mut(ext) {
+            facts.budget = Some(self.clone());
+            return;
+        }
         match ext.get_mut::<AttemptBudget>() {
             Some(b) => b.clone_from(self),
             None => Facts::get_or_insert(ext).budget = Some(self.clone()),

@@ -98,6 +98,9 @@ impl Deadline {
     #[inline]
     pub fn of<B>(req: &Request<B>) -> Option<Deadline> {
         let ext = req.extensions();
+        if let Some(facts) = Facts::alone(ext) {
+            return facts.deadline;
+        }
         match ext.get::<Deadline>() {
             Some(d) => Some(*d),
             None => Facts::of(ext)?.deadline,

@@ -30,6 +30,26 @@ impl Facts {
         ext.get::<Facts>()
     }
 
+    /// The request's slot when it is the request's only extension (the usual request in
+    /// the stack): no value of the caller's can then take precedence, and one lookup
+    /// answers.
+    #[inline]
+    pub(crate) fn alone(ext: &Extensions) -> Option<&Facts> {
+        match ext.len() {
+            1 => ext.get::<Facts>(),
+            _ => None,
+        }
+    }
+
+    /// [`alone`](Facts::alone), to change in place.
+    #[inline]
+    pub(crate) fn alone_mut(ext: &mut Extensions) -> Option<&mut Facts> {
+        match ext.len() {
+            1 => ext.get_mut::<Facts>(),
+            _ => None,
+        }
+    }
+
     /// The request's slot, made (empty) when there is none yet.
     pub(crate) fn get_or_insert(ext: &mut Extensions) -> &mut Facts {
         ext.get_or_insert_default::<Facts>()

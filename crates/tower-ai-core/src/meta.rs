@@ -77,6 +77,9 @@ impl RequestMeta {
     #[inline]
     pub fn stored<B>(req: &http::Request<B>) -> Option<&RequestMeta> {
         let ext = req.extensions();
+        if let Some(facts) = Facts::alone(ext) {
+            return facts.meta.as_ref();
+        }
         match ext.get::<RequestMeta>() {
             Some(m) => Some(m),
             None => Facts::of(ext)?.meta.as_ref(),
