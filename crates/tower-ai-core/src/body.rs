@@ -389,7 +389,7 @@ impl<B: ReplayBody> RetainedRequest<B> {
         for (n, v) in headers {
             let bytes = v.as_bytes();
             let start = kept.value_bytes.len();
-            let value = if bytes.len() <= INLINE_VALUE_BYTES - start && valid_value(bytes) {
+            let value = if bytes.len() <= INLINE_VALUE_BYTES - start {
                 kept.value_bytes.extend_from_slice(bytes);
                 // Both below INLINE_VALUE_BYTES, which fits a u16.
                 KeptValue::Inline {
@@ -401,6 +401,20 @@ impl<B: ReplayBody> RetainedRequest<B> {
                 KeptValue::Value(v.clone())
             };
             kept.headers.push((n.clone(), value));
+        }
+        // All the inline bytes checked in one pass; on a failure (a value that only unsafe
+        // code builds), each inline value again, and those that would not build the same
+        // `HeaderValue` are kept as clones.
+        if !valid_value(&kept.value_bytes) {
+            for ((_, kv), (_, v)) in kept.headers.iter_mut().zip(headers) {
+                if let KeptValue::Inline { start, len, .. } = *kv {
+                    let start = usize::from(start);
+                    let bytes = kept.value_bytes.get(start..start + usize::from(len));
+                    if !bytes.is_some_and(valid_value) {
+                        *kv = KeptValue::Value(v.clone());
+                    }
+                }
+            }
         }
         true
     }
@@ -562,11 +576,8 @@ fn valid_value(bytes: &[u8]) -> bool {
             return false;
         }
     }
-    // The last 0 to 7 bytes, padded with spaces (valid).
-    let rest = words.remainder();
-    let mut last = [b' '; 8];
-    last[..rest.len()].copy_from_slice(rest);
-    !suspect(u64::from_ne_bytes(last)) || exact(rest)
+    // The last 0 to 7 bytes.
+    exact(words.remainder())
 }
 
 impl<B> fmt::Debug for RetainedRequest<B> {
