@@ -262,8 +262,10 @@ const INLINE_HEADERS: usize = 6;
 
 /// Bytes of header values a [`RetainedRequest`] copies into itself (all values together;
 /// a value that does not fit is kept as a clone of its `HeaderValue`). Enough for a
-/// content type, an API key or bearer token of a few hundred bytes and a version header.
-const INLINE_VALUE_BYTES: usize = 320;
+/// content type, an API key or bearer token of up to about 200 bytes (an OpenAI project
+/// key with `Bearer ` is about 170) and a version header.
+// A size `smallvec` supports without its `const_generics` feature (a power of two).
+const INLINE_VALUE_BYTES: usize = 256;
 
 /// A copy of a request kept to be sent again (AiRetry's next attempt, ModelFallback's next
 /// route): what [`try_clone_request`] makes, for less on the usual request.
@@ -271,7 +273,7 @@ const INLINE_VALUE_BYTES: usize = 320;
 /// The headers are kept as a list of `(name, value)` pairs, inline for a request of up to
 /// six of them (cloning a `HeaderMap` costs two allocations, its index and its entries;
 /// a list inline costs none, and a layer that keeps the copy in a box of its own pays for
-/// nothing more). The values' bytes are copied into the copy itself (up to 320 bytes in
+/// nothing more). The values' bytes are copied into the copy itself (up to 256 bytes in
 /// all; a longer value is kept as a clone of its `HeaderValue`): cloning a `HeaderValue`
 /// built from a string allocates, the first time, to share its bytes, and on the happy
 /// path the copy is never sent. [`replay`](RetainedRequest::replay) builds the header map
