@@ -102,7 +102,10 @@ pub struct RedisBudgetBuilder {
 ///   until then (for a request at least as large as the one refused).
 /// - **Redis down or slow** (no answer within the store's response timeout): each replica
 ///   decides in-process at the limit divided by [`RedisStore::replicas`], with the same
-///   algorithms, and goes back to Redis by itself when it answers again. A limit named in
+///   algorithms, and goes back to Redis by itself when it answers again: the first script
+///   of each key then adds to the key in Redis what the fall-back admitted that its GCRA
+///   still counts, so a Redis that lost the key (restarted empty) does not give the key's
+///   burst again on top of it. A limit named in
 ///   [`fail_closed`](RedisBudgetBuilder::fail_closed) refuses instead. While only some
 ///   replicas find Redis slow (a loaded machine past the store's response timeout), their
 ///   shares are on top of what the others still count in Redis: up to the limit ÷ N more
@@ -523,11 +526,28 @@ impl RedisBudget {
         let day_cap = l.spend_per_day.map_or(0, |n| n / 1000);
         let hour = hour_cap > 0 && spend > 0;
         let day = day_cap > 0 && spend > 0;
+        // Back on Redis after an outage: what the fall-back admitted that its GCRA still
+        // counts is added to the key in Redis by this script (a Redis restarted empty
+        // would otherwise give the key's whole burst again on top of it). Nothing to do,
+        // and no lock, once the fall-back's last lead has passed.
+        let replicas = || u64::from(inner.store.replicas().max(1));
+        let lead = if (rpm.is_some() || tpm.is_some()) && inner.local.may_lead() {
+            inner.local.take_lead(
+                ask.key,
+                l,
+                replicas(),
+                tpm.is_some(),
+                Instant::now().saturating_duration_since(inner.epoch),
+            )
+        } else {
+            None
+        };
         let dims = u8::from(rpm.is_some())
             | u8::from(tpm.is_some()) << 1
             | u8::from(conc.is_some()) << 2
             | u8::from(hour) << 3
-            | u8::from(day) << 4;
+            | u8::from(day) << 4
+            | u8::from(lead.is_some()) << 5;
         // The requests key routes the script (on a cluster) and picks the store's breaker.
         let first = names.key(Kind::Rpm, &ask.name);
         let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
@@ -562,7 +582,7 @@ impl RedisBudget {
             }
         };
         let keys = 1
-            + (dims >> 1).count_ones() as usize
+            + ((dims >> 1) & 0b1111).count_ones() as usize
             + carried
                 .iter()
                 .map(|p| Pending::key_count(flags(p)))
@@ -607,6 +627,9 @@ impl RedisBudget {
         if hour || day {
             cmd.arg(spend);
         }
+        if let Some((requests, tokens)) = lead {
+            cmd.arg(requests).arg(tokens);
+        }
         for p in &carried {
             let f = flags(p);
             if f & !OWN_KEYS != 0 {
@@ -621,6 +644,15 @@ impl RedisBudget {
             .await;
         drop(cmd);
         inner.settlements.sent(carried, Fate::of(&result));
+        if let (Some(lead), Err(_)) = (lead, &result) {
+            inner.local.give_back(
+                ask.key,
+                l,
+                replicas(),
+                lead,
+                Instant::now().saturating_duration_since(inner.epoch),
+            );
+        }
         match result {
             Ok(v) if v.first() == Some(&1) => StoreDecision::Admitted(StoreLease {
                 key: ask.key,

@@ -246,6 +246,73 @@ async fn with_redis_down_each_replica_decides_at_its_share_and_fail_closed_limit
 }
 
 #[tokio::test]
+async fn back_from_an_outage_redis_counts_what_the_fall_back_admitted() {
+    let Some(mut server) = RedisServer::start_or_skip("lead carried back") else {
+        return;
+    };
+    let store = support::patient().replicas(4).build(server.client());
+    // 100 a 60 s minute (one per 600 ms), burst 8; in-process 25 (one per 2.4 s), burst 2.
+    // Tokens: 1,000 a minute, burst 200; in-process 250, burst 50.
+    let b = RedisBudget::builder(store.clone())
+        .minute(Duration::from_secs(60))
+        .burst(8, 200)
+        .build();
+    let l = limits(|l| l.requests_per_minute = Some(100));
+    let lt = limits(|l| l.tokens_per_minute = Some(1_000));
+    let warm = limits(|l| l.requests_per_minute = Some(1_000_000));
+    answered(&store, &[&b], &warm, "warm-up").await;
+    server.kill();
+    let mut local = 0;
+    while let StoreDecision::Admitted(_) = admit(&b, &l, "k", 0, 0).await.0 {
+        local += 1;
+        assert!(local <= 8, "the fall-back admitted {local}");
+    }
+    assert_eq!(local, 2, "the fall-back's burst");
+    // 50 tokens a request: the fall-back's burst of 50 takes one.
+    admitted(admit(&b, &lt, "t", 50, 0).await.0);
+    refused(admit(&b, &lt, "t", 50, 0).await.0);
+    assert!(store.is_degraded());
+    // Restarted empty (`--save ""`): the key is gone from Redis. Back on Redis (asked
+    // under another key, so the first script of "k" is the one after the outage).
+    server.restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        tokio::time::sleep(50 * MS).await;
+        let before = b.fallbacks();
+        admitted(admit(&b, &warm, "warm-up-2", 0, 0).await.0);
+        if b.fallbacks() == before && !store.is_degraded() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "redis not used again");
+    }
+    let fallbacks = b.fallbacks();
+    let mut shared = 0;
+    while let StoreDecision::Admitted(_) = admit(&b, &l, "k", 0, 0).await.0 {
+        shared += 1;
+        assert!(shared <= 20, "redis admitted {shared}");
+    }
+    assert_eq!(b.fallbacks(), fallbacks, "decided by redis");
+    // One GCRA, continued: within a few seconds the key admits its burst, not the
+    // fall-back's and then Redis's whole burst again (2 + 8: each replica's fall-back
+    // share on top of a fresh key's burst, in the window where replicas go back).
+    assert!(
+        local + shared <= 8,
+        "{local} in-process, then {shared} by redis: more than the burst of 8"
+    );
+    // The fall-back's lead is counted at its own pace (a quarter of the limit), so a
+    // restart within 2.4 s leaves exactly the rest of the burst.
+    assert!(shared >= 6, "{shared} by redis");
+    // Tokens likewise: 50 in-process, then 150 of the burst of 200 (not 200 more).
+    let mut tokens = 0;
+    while let StoreDecision::Admitted(_) = admit(&b, &lt, "t", 50, 0).await.0 {
+        tokens += 50;
+        assert!(tokens <= 1_000, "redis admitted {tokens} tokens");
+    }
+    assert_eq!(b.fallbacks(), fallbacks, "decided by redis");
+    assert_eq!(tokens, 150, "50 tokens in-process, then {tokens} by redis");
+}
+
+#[tokio::test]
 async fn leased_chunks_are_spent_locally_and_never_exceed_the_window() {
     let Some(server) = RedisServer::start_or_skip("leases") else {
         return;

@@ -3,6 +3,7 @@
 //! divided by the number of replicas.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -19,6 +20,10 @@ const MAX_KEYS: usize = 10_000;
 #[derive(Debug, Default)]
 pub(super) struct Local {
     keys: Mutex<Keys>,
+    /// Until when (microseconds since the budget's epoch) some key's arrival time may be
+    /// ahead of the clock: before it, a replica back on Redis carries the key's lead there
+    /// (see [`take_lead`](Self::take_lead)); after it, nothing is taken (no lock).
+    ahead_until: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -163,12 +168,84 @@ impl Local {
         }
         st.rpm_tat = rpm;
         st.tpm_tat = tpm;
+        self.ahead_until
+            .fetch_max(rpm.max(tpm).ceil() as u64, Ordering::Relaxed);
         st.hour = used[0];
         st.day = used[1];
         if l.max_concurrent.is_some() {
             st.in_flight += 1;
         }
         Ok(())
+    }
+
+    /// Whether some key's arrival time may be ahead of the clock (one atomic load: false
+    /// unless the fall-back admitted something whose lead has not been seen to pass).
+    pub(super) fn may_lead(&self) -> bool {
+        self.ahead_until.load(Ordering::Relaxed) != 0
+    }
+
+    /// Takes how far `key`'s arrival times run ahead of the clock (what this fall-back
+    /// admitted that GCRA still counts), in the increments of the whole limits (Redis's:
+    /// a request here moved the time by `n` times Redis's increment), for the first
+    /// script of the key back on Redis to add to the key there. `None` when nothing is
+    /// ahead (always once the last lead has passed: then without taking the lock, and
+    /// [`may_lead`](Self::may_lead) is false from then on).
+    /// Tokens are taken only with `tokens` (the script has the key's tokens key).
+    pub(super) fn take_lead(
+        &self,
+        key: Key,
+        l: &StoreLimits,
+        n: u64,
+        tokens: bool,
+        since_epoch: Duration,
+    ) -> Option<(f64, f64)> {
+        let now_us = since_epoch.as_micros() as u64;
+        let until = self.ahead_until.load(Ordering::Relaxed);
+        if now_us >= until {
+            // Every lead has passed: none to take until the fall-back admits again.
+            let _ =
+                self.ahead_until
+                    .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+            return None;
+        }
+        let now = now_us as f64;
+        let mut keys = lock(&self.keys);
+        let st = keys.map.get_mut(&key)?;
+        let mut lead = (0.0, 0.0);
+        if let Some(limit) = l.requests_per_minute.filter(|&x| x > 0) {
+            lead.0 = (st.rpm_tat - now).max(0.0) * share(limit, n) as f64 / limit as f64;
+            st.rpm_tat = st.rpm_tat.min(now);
+        }
+        if let Some(limit) = l.tokens_per_minute.filter(|&x| x > 0 && tokens) {
+            lead.1 = (st.tpm_tat - now).max(0.0) * share(limit, n) as f64 / limit as f64;
+            st.tpm_tat = st.tpm_tat.min(now);
+        }
+        (lead.0 > 0.0 || lead.1 > 0.0).then_some(lead)
+    }
+
+    /// Gives back a lead [`take_lead`](Self::take_lead) took whose script Redis did not
+    /// run.
+    pub(super) fn give_back(
+        &self,
+        key: Key,
+        l: &StoreLimits,
+        n: u64,
+        lead: (f64, f64),
+        since_epoch: Duration,
+    ) {
+        let now = since_epoch.as_micros() as f64;
+        let mut keys = lock(&self.keys);
+        let Some(st) = keys.map.get_mut(&key) else {
+            return;
+        };
+        if let Some(limit) = l.requests_per_minute.filter(|&x| x > 0) {
+            st.rpm_tat = st.rpm_tat.max(now) + lead.0 * limit as f64 / share(limit, n) as f64;
+        }
+        if let Some(limit) = l.tokens_per_minute.filter(|&x| x > 0) {
+            st.tpm_tat = st.tpm_tat.max(now) + lead.1 * limit as f64 / share(limit, n) as f64;
+        }
+        self.ahead_until
+            .fetch_max(st.rpm_tat.max(st.tpm_tat).ceil() as u64, Ordering::Relaxed);
     }
 
     /// Settles a request this fall-back admitted.
@@ -196,6 +273,8 @@ impl Local {
             let delta = spent.tokens as f64 - tokens as f64;
             if delta > 0.0 {
                 st.tpm_tat = st.tpm_tat.max(now) + delta * t;
+                self.ahead_until
+                    .fetch_max(st.tpm_tat.ceil() as u64, Ordering::Relaxed);
             } else {
                 st.tpm_tat += delta * t;
             }

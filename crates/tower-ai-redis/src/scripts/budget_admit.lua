@@ -17,8 +17,13 @@
 --     micro-units, window length in ms
 --   spend per day: likewise
 --   with either spend cap: ARGV the spend this request reserves, micro-units
--- A limit is sent only when it applies (a limit above 0, a cost above 0). The settlements
--- carried follow, to the end of ARGV and KEYS (see settle_all).
+-- A limit is sent only when it applies (a limit above 0, a cost above 0). With 32 added to
+-- ARGV[1] (a replica's first admission of the key after an outage) two more ARGV follow:
+-- the requests and tokens TATs its in-process fall-back ran ahead of its clock (us, in
+-- this key's increments), added to the key's TATs before the decision (max(TAT, now) +
+-- carried: what another replica wrote stays), so a Redis that lost the key (restarted
+-- empty) does not give the window's burst again on top of what the fall-back admitted.
+-- The settlements carried follow, to the end of ARGV and KEYS (see settle_all).
 --
 -- Returns {1, hour index, day index} when admitted (everything counted), or
 -- {0, limit, retry in ms} when refused (nothing counted; the settlements are applied
@@ -38,6 +43,8 @@ local now_ms = math.floor(now / 1000)
 
 local dims = ARGV[1] + 0
 local k, a = 1, 1
+local carried = dims >= 32
+if carried then dims = dims - 32 end
 local rpm_key, rpm_inc, rpm_room, tpm_key, tpm_inc, tpm_room
 local conc_key, conc_limit, member, hold, hour_key, hour_cap, hour_len, day_key, day_cap, day_len
 if dims % 2 == 1 then
@@ -73,9 +80,20 @@ if hour_key or day_key then
   a = a + 1
   cost = ARGV[a] + 0
 end
+local rpm_carry, tpm_carry
+if carried then
+  rpm_carry, tpm_carry = ARGV[a + 1] + 0, ARGV[a + 2] + 0
+  a = a + 2
+end
 
 tat_key = tpm_key
 settle_all(now, k, a, tpm_key, hour_key, day_key, conc_key)
+
+-- Carried tokens count even if the request is refused (written back by refuse).
+if tpm_carry and tpm_carry > 0 and tpm_key then
+  local tat = tat_of_key or tonumber(redis.call('GET', tpm_key) or '0') or 0
+  tat_of_key, tat_dirty = math.max(tat, now) + tpm_carry, true
+end
 
 local function refuse(limit, retry)
   if tat_dirty then write_tat(tat_key, tat_of_key, now, false) end
@@ -91,6 +109,10 @@ end
 local rpm_tat, tpm_tat
 if rpm_key then
   local tat = tonumber(redis.call('GET', rpm_key) or '0') or 0
+  if rpm_carry and rpm_carry > 0 then
+    tat = math.max(tat, now) + rpm_carry
+    write_tat(rpm_key, tat, now, false)
+  end
   local ahead = rpm_inc + 0
   if tat > now then ahead = (tat - now) + ahead end
   local room = rpm_room + 0
