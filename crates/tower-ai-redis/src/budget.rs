@@ -431,13 +431,14 @@ impl RedisBudget {
         self.inner.settlements.flush().await
     }
 
-    /// The Redis keys of `name`'s state, in the order the scripts take them.
-    pub fn keys_of(&self, name: &str) -> [String; 5] {
+    /// The Redis keys of `name`'s state, in the order the scripts take them: both GCRA
+    /// theoretical arrival times (requests and tokens, one string `"requests:tokens"`),
+    /// the bases of the spend per hour and per day windows' keys, concurrency.
+    pub fn keys_of(&self, name: &str) -> [String; 4] {
         let s = &self.inner.store;
         let tag = self.inner.config.tag_of(name);
         [
-            s.key("budget:rpm", tag, name),
-            s.key("budget:tpm", tag, name),
+            s.key("budget:tat", tag, name),
             s.key("budget:hour", tag, name),
             s.key("budget:day", tag, name),
             s.key("budget:conc", tag, name),
@@ -548,8 +549,9 @@ impl RedisBudget {
             | u8::from(hour) << 3
             | u8::from(day) << 4
             | u8::from(lead.is_some()) << 5;
-        // The requests key routes the script (on a cluster) and picks the store's breaker.
-        let first = names.key(Kind::Rpm, &ask.name);
+        // The TAT key (requests and tokens) routes the script (on a cluster) and picks the
+        // store's breaker.
+        let first = names.key(Kind::Tat, &ask.name);
         let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
         let member = if l.max_concurrent.is_some() {
             self.member(seq)
@@ -582,7 +584,7 @@ impl RedisBudget {
             }
         };
         let keys = 1
-            + ((dims >> 1) & 0b1111).count_ones() as usize
+            + ((dims >> 2) & 0b111).count_ones() as usize
             + carried
                 .iter()
                 .map(|p| Pending::key_count(flags(p)))
@@ -590,7 +592,6 @@ impl RedisBudget {
         let mut cmd = RedisStore::evalsha(&inner.admit, keys);
         cmd.arg(first.as_str());
         for (on, kind) in [
-            (tpm.is_some(), Kind::Tpm),
             (conc.is_some(), Kind::Conc),
             (hour, Kind::Hour),
             (day, Kind::Day),

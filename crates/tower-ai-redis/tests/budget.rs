@@ -699,3 +699,66 @@ async fn an_idle_key_takes_a_request_its_whole_tolerance_fits() {
         admitted(admit(&b, &tpm, &format!("t{i}"), 1_000, 0).await.0);
     }
 }
+
+#[tokio::test]
+async fn both_tats_share_one_key_and_a_value_of_another_shape_reads_as_no_tat() {
+    let Some(server) = RedisServer::start_or_skip("one tat key") else {
+        return;
+    };
+    let b = RedisBudget::builder(patient(&server))
+        .minute(Duration::from_secs(60))
+        .burst(0, 1000)
+        .build();
+    let l = limits(|l| {
+        l.requests_per_minute = Some(1);
+        l.tokens_per_minute = Some(1000);
+    });
+    let mut conn = support::connection(&server).await;
+    let reader = conn.clone();
+    let get = move |key: String| {
+        let mut conn = reader.clone();
+        async move {
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<String>>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    // A value from before (a bare TAT), or none that parses: no TAT, no crash.
+    for (name, old) in [("a", "1000"), ("b", "junk"), ("c", "1:x:2"), ("d", ":")] {
+        let key = b.keys_of(name)[0].clone();
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(old)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        admitted(admit(&b, &l, name, 600, 0).await.0);
+    }
+    // One key holds both TATs, "requests:tokens", and no other GCRA key exists.
+    let first = admitted(admit(&b, &l, "k", 600, 0).await.0);
+    let key = b.keys_of("k")[0].clone();
+    let both = get(key.clone()).await.unwrap();
+    let (r, t) = both.split_once(':').unwrap();
+    let (r, t): (u64, u64) = (r.parse().unwrap(), t.parse().unwrap());
+    // T = 60 s a request, 60 ms a token: the tokens TAT 36 s short of the requests'.
+    assert_eq!(r - t, 60_000_000 - 36_000_000, "{both}");
+    let all: Vec<String> = redis::cmd("KEYS")
+        .arg("*k")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(all, std::slice::from_ref(&key));
+    // A refusal (requests) changes neither.
+    let (limit, _) = refused(admit(&b, &l, "k", 100, 0).await.0);
+    assert_eq!(limit, BudgetLimit::RequestsPerMinute);
+    assert_eq!(get(key.clone()).await.unwrap(), both);
+    // A settlement moves only the tokens TAT: 500 of 600 refunded, 30 s back.
+    b.settle(&l, first, Spent::new(100, 0));
+    settled().await;
+    let after = get(key).await.unwrap();
+    let (r2, t2) = after.split_once(':').unwrap();
+    assert_eq!(r2.parse::<u64>().unwrap(), r, "{after}");
+    assert_eq!(t - t2.parse::<u64>().unwrap(), 30_000_000, "{after}");
+}

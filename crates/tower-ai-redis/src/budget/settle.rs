@@ -140,7 +140,7 @@ impl Pending {
             return;
         }
         if flags & 1 != 0 {
-            names.write(cmd, Kind::Tpm, &self.name);
+            names.write(cmd, Kind::Tat, &self.name);
         }
         if flags & 2 != 0 {
             names.write(cmd, Kind::Hour, &self.name);
@@ -173,20 +173,14 @@ pub(super) const OWN_KEYS: u8 = 8;
 /// The kinds of a strict budget's keys.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Kind {
-    Rpm = 0,
-    Tpm,
+    /// Both GCRA TATs of a name, requests and tokens, in one key.
+    Tat = 0,
     Hour,
     Day,
     Conc,
 }
 
-const KINDS: [&str; 5] = [
-    "budget:rpm",
-    "budget:tpm",
-    "budget:hour",
-    "budget:day",
-    "budget:conc",
-];
+const KINDS: [&str; 4] = ["budget:tat", "budget:hour", "budget:day", "budget:conc"];
 
 /// How the budget names its keys.
 #[derive(Debug, Clone)]
@@ -197,7 +191,7 @@ pub(super) struct KeyNames {
     pub(super) per_key: bool,
     /// With one tag: each kind's key up to the name (`prefix:kind:{tag}:`), so a key is
     /// written without a string of its own.
-    heads: [String; 5],
+    heads: [String; 4],
 }
 
 impl KeyNames {
@@ -515,7 +509,7 @@ impl Shared {
             }
         }
         // Every key of the batch carries one hash tag: the first picks the node.
-        let first = (batch.first()).map(|p| self.names.key(Kind::Tpm, &p.name));
+        let first = (batch.first()).map(|p| self.names.key(Kind::Tat, &p.name));
         let result = self
             .names
             .store

@@ -3,13 +3,14 @@
 -- Plain Lua 5.1, no module, no command newer than Redis 7.
 --
 -- ARGV[1] the limits this request is decided on, the sum of: 1 requests, 2 tokens,
--- 4 concurrency, 8 spend per hour, 16 spend per day. KEYS[1] is the requests key (sent
--- even without that limit: it routes the script); each other limit present takes its
--- key from KEYS[2] on and its ARGV from ARGV[2] on, in that order:
+-- 4 concurrency, 8 spend per hour, 16 spend per day. KEYS[1] is the key of both GCRA
+-- TATs (requests and tokens, see budget_settle.lua; sent even without either limit: it
+-- routes the script); each limit present takes its ARGV from ARGV[2] on, and each other
+-- limit its key from KEYS[2] on, in that order:
 --   requests (GCRA: the theoretical arrival time in microseconds, TAT): ARGV increment
---     (window / limit), room (max(burst, 1) * window / limit)
+--     (window / limit), room (max(burst, 1) * window / limit); no key of its own
 --   tokens (GCRA, likewise): ARGV increment (tokens * window / limit), room
---     (max(burst, tokens) * window / limit)
+--     (max(burst, tokens) * window / limit); no key of its own
 --   concurrency (a sorted set of members scored by when they expire, ms): ARGV limit,
 --     this request's member, how long a member holds its place in ms (so a crashed
 --     replica's places come back)
@@ -45,16 +46,15 @@ local dims = ARGV[1] + 0
 local k, a = 1, 1
 local carried = dims >= 32
 if carried then dims = dims - 32 end
-local rpm_key, rpm_inc, rpm_room, tpm_key, tpm_inc, tpm_room
+local rpm_inc, rpm_room, tpm_inc, tpm_room
 local conc_key, conc_limit, member, hold, hour_key, hour_cap, hour_len, day_key, day_cap, day_len
 if dims % 2 == 1 then
-  rpm_key, rpm_inc, rpm_room = KEYS[1], ARGV[a + 1], ARGV[a + 2]
+  rpm_inc, rpm_room = ARGV[a + 1], ARGV[a + 2]
   a = a + 2
   dims = dims - 1
 end
 if dims % 4 == 2 then
-  k = k + 1
-  tpm_key, tpm_inc, tpm_room = KEYS[k], ARGV[a + 1], ARGV[a + 2]
+  tpm_inc, tpm_room = ARGV[a + 1], ARGV[a + 2]
   a = a + 2
   dims = dims - 2
 end
@@ -86,17 +86,21 @@ if carried then
   a = a + 2
 end
 
-tat_key = tpm_key
-settle_all(now, k, a, tpm_key, hour_key, day_key, conc_key)
+tat_key = KEYS[1]
+settle_all(now, k, a, tat_key, hour_key, day_key, conc_key)
 
--- Carried tokens count even if the request is refused (written back by refuse).
-if tpm_carry and tpm_carry > 0 and tpm_key then
-  local tat = tat_of_key or tonumber(redis.call('GET', tpm_key) or '0') or 0
-  tat_of_key, tat_dirty = math.max(tat, now) + tpm_carry, true
+-- The key's TATs, read once (settle_all may have); what the fall-back carried counts even
+-- if the request is refused (written back by refuse).
+if (rpm_inc or tpm_inc) and not own_r then own_r, own_t = read_tats(tat_key) end
+if rpm_carry and rpm_carry > 0 and rpm_inc then
+  own_r, tat_dirty = math.max(own_r, now) + rpm_carry, true
+end
+if tpm_carry and tpm_carry > 0 and tpm_inc then
+  own_t, tat_dirty = math.max(own_t, now) + tpm_carry, true
 end
 
 local function refuse(limit, retry)
-  if tat_dirty then write_tat(tat_key, tat_of_key, now, false) end
+  if tat_dirty then write_tats(tat_key, own_r, own_t, now, false) end
   return {0, limit, retry}
 end
 
@@ -107,12 +111,8 @@ end
 -- "for 1 ms" whenever it rounded up. (Written out twice: a local function is a closure
 -- made again on every run.)
 local rpm_tat, tpm_tat
-if rpm_key then
-  local tat = tonumber(redis.call('GET', rpm_key) or '0') or 0
-  if rpm_carry and rpm_carry > 0 then
-    tat = math.max(tat, now) + rpm_carry
-    write_tat(rpm_key, tat, now, false)
-  end
+if rpm_inc then
+  local tat = own_r
   local ahead = rpm_inc + 0
   if tat > now then ahead = (tat - now) + ahead end
   local room = rpm_room + 0
@@ -121,9 +121,8 @@ if rpm_key then
   end
   rpm_tat = now + ahead
 end
-if tpm_key then
-  local tat = tat_of_key
-  if not tat then tat = tonumber(redis.call('GET', tpm_key) or '0') or 0 end
+if tpm_inc then
+  local tat = own_t
   local ahead = tpm_inc + 0
   if tat > now then ahead = (tat - now) + ahead end
   local room = tpm_room + 0
@@ -166,12 +165,11 @@ if cost then
 end
 
 -- Everything fits: count it.
--- (The tokens TAT written here includes the settlements': tat_key is tpm_key.)
-if rpm_tat then
-  write_tat(rpm_key, rpm_tat, now, true)
-end
-if tpm_tat then
-  write_tat(tpm_key, tpm_tat, now, true)
+-- (The tokens TAT written here includes the settlements': own_t.)
+if rpm_tat or tpm_tat then
+  write_tats(tat_key, rpm_tat or own_r, tpm_tat or own_t, now, true)
+elseif tat_dirty then
+  write_tats(tat_key, own_r, own_t, now, false)
 end
 if conc_key then
   hold = hold + 0

@@ -24,24 +24,43 @@
 -- for a charge. Spend: the difference lands in the calendar window where the reservation
 -- was made, if it still exists.
 --
--- The admission's own tokens key is read once and written once per script: tat_key
--- names it; its TAT is kept in tat_of_key (changed by a settlement: tat_dirty) until the
--- admission writes it. (Few local functions: each is a closure made on every call.)
+-- A name's two GCRA TATs, requests and tokens, share one key (one GET and one SET instead
+-- of two each): a string "requests TAT:tokens TAT", whole microseconds. A value of any
+-- other shape (a key from before, or none) reads as no TAT where it does not parse.
+--
+-- The admission's own TAT key (KEYS[1]) is read once and written once per script: tat_key
+-- names it; its TATs are kept in own_r and own_t (changed by a settlement: tat_dirty)
+-- until the admission writes them. (Few local functions: each is a closure made on every
+-- call.)
 
-local tat_key, tat_of_key, tat_dirty
+local tat_key, own_r, own_t, tat_dirty
 
--- Writes a TAT, rounded to the microsecond, kept until tat + 1 s; or, unless keep,
--- deletes the key when the TAT is not ahead of now. Written by '%d' (a quarter of what
--- '%.0f' costs) while the TAT is an exact integer of a double.
-local function write_tat(key, tat, now, keep)
-  if keep or tat > now then
-    local value
-    if tat < 9007199254740992 then
-      value = string.format('%d', math.floor(tat + 0.5))
-    else
-      value = string.format('%.0f', tat)
-    end
-    redis.call('SET', key, value, 'PX', math.ceil((tat - now) / 1000) + 1000)
+-- The two TATs of a key: requests, tokens (0 when missing or unreadable).
+local function read_tats(key)
+  local v = redis.call('GET', key)
+  if not v then return 0, 0 end
+  local i = string.find(v, ':', 1, true)
+  if not i then return tonumber(v) or 0, 0 end
+  return tonumber(string.sub(v, 1, i - 1)) or 0, tonumber(string.sub(v, i + 1)) or 0
+end
+
+-- One TAT as written: rounded to the microsecond, by '%d' (a quarter of what '%.0f'
+-- costs) while the TAT is an exact integer of a double.
+local function tat_text(tat)
+  if tat < 9007199254740992 then
+    return string.format('%d', math.floor(tat + 0.5))
+  end
+  return string.format('%.0f', tat)
+end
+
+-- Writes a key's two TATs, kept until the later + 1 s; or, unless keep, deletes the key
+-- when neither is ahead of now.
+local function write_tats(key, r, t, now, keep)
+  local last = r
+  if t > last then last = t end
+  if keep or last > now then
+    redis.call('SET', key, tat_text(r) .. ':' .. tat_text(t), 'PX',
+      math.ceil((last - now) / 1000) + 1000)
   else
     redis.call('DEL', key)
   end
@@ -61,19 +80,20 @@ local function settle_all(now, k, a, own_tpm, own_hour, own_day, own_conc)
       local d = ARGV[a] + 0
       local key = own_tpm
       if not own then k = k + 1; key = KEYS[k] end
-      local tat
-      if key == tat_key and tat_of_key then
-        tat = tat_of_key
+      local r, tat
+      if key == tat_key then
+        if not own_r then own_r, own_t = read_tats(key) end
+        tat = own_t
       else
-        tat = tonumber(redis.call('GET', key) or '0') or 0
+        r, tat = read_tats(key)
       end
       if d > 0 and tat < now then tat = now end
       tat = tat + d
       if key == tat_key then
-        tat_of_key = tat
+        own_t = tat
         tat_dirty = true
       else
-        write_tat(key, tat, now, false)
+        write_tats(key, r, tat, now, false)
       end
       flags = flags - 1
     end

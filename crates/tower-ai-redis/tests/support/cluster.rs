@@ -35,7 +35,7 @@ pub(crate) fn tenants_on_two_nodes(
     store: &RedisStore,
 ) -> [(String, usize); 2] {
     on_two_nodes(cluster, (0..64).map(|i| format!("tenant-{i}")), |tag| {
-        store.key("budget:rpm", tag, "k")
+        store.key("budget:tat", tag, "k")
     })
 }
 
