@@ -465,7 +465,15 @@ impl RedisBudget {
         })
     }
 
-    fn remember_denial(&self, key: Key, denial: Denial) {
+    /// Caches Redis's refusal of `ask` for `limit` until `until` (the cache bounded).
+    fn remember_denial(&self, ask: &Ask, limit: BudgetLimit, until: Instant) {
+        let key = ask.key;
+        let denial = Denial {
+            until,
+            limit,
+            tokens: ask.tokens,
+            spend: ask.spend,
+        };
         let mut denials = lock(&self.inner.denials);
         if denials.len() >= MAX_DENIALS && !denials.contains_key(&key) {
             let now = Instant::now();
@@ -671,15 +679,7 @@ impl RedisBudget {
                 let retry_ms = v.get(2).copied().unwrap_or(0);
                 let retry_after = (retry_ms >= 0).then(|| Duration::from_millis(retry_ms as u64));
                 if let Some(after) = retry_after.filter(|d| !d.is_zero()) {
-                    self.remember_denial(
-                        ask.key,
-                        Denial {
-                            until: started + after,
-                            limit,
-                            tokens: ask.tokens,
-                            spend: ask.spend,
-                        },
-                    );
+                    self.remember_denial(&ask, limit, started + after);
                 }
                 StoreDecision::Refused { limit, retry_after }
             }

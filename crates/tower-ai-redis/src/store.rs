@@ -516,14 +516,7 @@ impl RedisStore {
             }
         }
         // The first call also connects (and loads the script): it gets the connect timeout.
-        let timeout = if inner.answered.load(Ordering::Relaxed) {
-            inner.config.response_timeout
-        } else {
-            inner
-                .config
-                .connect_timeout
-                .max(inner.config.response_timeout)
-        };
+        let timeout = self.answer_within();
         let result = match tokio::time::timeout(timeout, call).await {
             Err(_) => Err(StoreError::Timeout(timeout)),
             Ok(Ok(v)) => Ok(v),

@@ -14,7 +14,7 @@ use tower_ai_budget::{Spent, StoreDecision, StoreLease, StoreLimits};
 use tower_ai_core::keys::Key;
 use tower_ai_core::BudgetLimit;
 
-use super::{duration_ms, limit_of, lock, Ask, Denial, RedisBudget, FROM_LEASE};
+use super::{duration_ms, limit_of, lock, Ask, RedisBudget, FROM_LEASE};
 
 /// Keys whose chunks are held at most (a key past it takes a round trip per request).
 const MAX_KEYS: usize = 10_000;
@@ -345,15 +345,7 @@ impl RedisBudget {
                     if let Some(c) = chunk.filter(|_| tokens) {
                         c.refused_tokens = true;
                     }
-                    self.remember_denial(
-                        ask.key,
-                        Denial {
-                            until: started + after,
-                            limit,
-                            tokens: ask.tokens,
-                            spend: ask.spend,
-                        },
-                    );
+                    self.remember_denial(ask, limit, started + after);
                 }
             }
             return Some(StoreDecision::Refused { limit, retry_after });
