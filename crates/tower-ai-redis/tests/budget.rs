@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 mod support;
 use support::{admit, admitted, answered, each_key, limits, refused, MS, NO_HANG};
 
-use tower_ai_budget::{BudgetStore, Spent, StoreAdmit, StoreDecision, StoreRequest};
+use tower_ai_budget::{BudgetStore, Spent, StoreAdmit, StoreDecision, StoreLimits, StoreRequest};
 use tower_ai_core::keys::Key;
 use tower_ai_core::BudgetLimit;
 use tower_ai_redis::testing::RedisServer;
@@ -510,6 +510,19 @@ async fn concurrent_misses_on_one_key_share_one_chunk_round_trip() {
     assert_eq!(b.round_trips() - before, 2);
 }
 
+/// A leased budget of 10 requests and 120 tokens a 2 s window, in chunks of 5 and 60 (two
+/// requests reserving 60 each take the window's tokens), at the start of a window.
+async fn two_token_chunks_a_window(server: &RedisServer) -> (RedisBudget, StoreLimits) {
+    let window = Duration::from_secs(2);
+    let b = leased(server, window, 0.5);
+    let l = limits(|l| {
+        l.requests_per_minute = Some(10);
+        l.tokens_per_minute = Some(120);
+    });
+    window_start(server, window).await;
+    (b, l)
+}
+
 /// A refusal for tokens is cached until the window's end, but a window's tokens are held as
 /// reservations: those that come back at settlement (requests that used less than they
 /// reserved) end it, and the replica asks again, giving them back with its chunk. Before,
@@ -521,15 +534,7 @@ async fn refunded_tokens_end_a_cached_refusal_for_tokens() {
     let Some(server) = RedisServer::start_or_skip("lease refunds") else {
         return;
     };
-    // 10 requests and 120 tokens a 2 s window, in chunks of 5 and 60: two requests
-    // reserving 60 each take the window's tokens.
-    let window = Duration::from_secs(2);
-    let b = leased(&server, window, 0.5);
-    let l = limits(|l| {
-        l.requests_per_minute = Some(10);
-        l.tokens_per_minute = Some(120);
-    });
-    window_start(&server, window).await;
+    let (b, l) = two_token_chunks_a_window(&server).await;
     let first = admitted(admit(&b, &l, "R", 60, 0).await.0);
     let second = admitted(admit(&b, &l, "R", 60, 0).await.0);
     let (limit, _) = refused(admit(&b, &l, "R", 60, 0).await.0);
@@ -552,14 +557,7 @@ async fn a_refund_during_a_refused_refill_is_not_held_to_the_windows_end() {
     let Some(server) = RedisServer::start_or_skip("lease refund in flight") else {
         return;
     };
-    // 10 requests and 120 tokens a 2 s window, in chunks of 5 and 60.
-    let window = Duration::from_secs(2);
-    let b = leased(&server, window, 0.5);
-    let l = limits(|l| {
-        l.requests_per_minute = Some(10);
-        l.tokens_per_minute = Some(120);
-    });
-    window_start(&server, window).await;
+    let (b, l) = two_token_chunks_a_window(&server).await;
     let first = admitted(admit(&b, &l, "F", 60, 0).await.0);
     admitted(admit(&b, &l, "F", 60, 0).await.0);
     // A third asks for a chunk (the window's tokens are all reserved) ...
