@@ -302,6 +302,18 @@ pub(crate) struct Reserve {
 }
 
 impl Reserve {
+    /// The reservation of a request of `cost` made in second `secs`, holding a concurrency
+    /// place or not.
+    pub(crate) fn of(cost: &Cost, secs: u64, concurrency: bool) -> Self {
+        Reserve {
+            secs,
+            tokens: cost.tokens,
+            spend: cost.spend,
+            price: cost.price,
+            concurrency,
+        }
+    }
+
     /// The tokens and money it cost, as `finish` says.
     pub(crate) fn settled(&self, finish: Finish) -> (u64, u64) {
         match finish {
@@ -1185,16 +1197,9 @@ impl Budget {
                     hold: match &st.fast {
                         _ if l.counts_tokens() => {
                             st.held += 1;
-                            let slot = keys.reserved.reserve(
-                                key,
-                                Reserve {
-                                    secs,
-                                    tokens: cost.tokens,
-                                    spend: cost.spend,
-                                    price: cost.price,
-                                    concurrency: l.max_concurrent.is_some(),
-                                },
-                            );
+                            let slot = keys
+                                .reserved
+                                .reserve(key, Reserve::of(cost, secs, l.max_concurrent.is_some()));
                             Hold::Reserved(Reservation { key, slot })
                         }
                         Some(fast) if l.max_concurrent.is_some() => Hold::Permit(fast.clone()),

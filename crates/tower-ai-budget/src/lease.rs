@@ -267,16 +267,7 @@ impl Stripe {
         for i in 0..n {
             lease.used[i] += amounts[i];
         }
-        Some(s.reserved.reserve(
-            key,
-            Reserve {
-                secs,
-                tokens: cost.tokens,
-                spend: cost.spend,
-                price: cost.price,
-                concurrency: false,
-            },
-        ))
+        Some(s.reserved.reserve(key, Reserve::of(cost, secs, false)))
     }
 
     /// Settles the reservation in `slot` as `finish` says: into the lease it came from
