@@ -109,25 +109,31 @@ impl RequestMeta {
     /// Parses a request body, with the request path for Gemini's and Azure's model. Never
     /// fails: see the type's docs for what a non-JSON body gives.
     pub fn parse(path: &str, body: &[u8]) -> RequestMeta {
-        // Only Gemini's paths have a `:`; `str::contains` would build a searcher each time.
-        let path_stream = memchr::memchr(b':', path.as_bytes()).is_some_and(|i| {
-            memchr::memmem::find(&path.as_bytes()[i..], b":streamGenerateContent").is_some()
-        });
-        if let Some(s) = scan_request(body) {
-            // The path is read for a model only when the body names none.
-            let model = match s.model {
-                Some(m) => Some(shared_model(m)),
-                None => model_from_path(path).map(shared_model),
-            };
-            return RequestMeta {
-                model,
-                stream: path_stream || s.stream,
-                max_output_tokens: s.max_output_tokens,
-                input_tokens_estimate: estimate(s.text),
-                json: true,
-            };
-        }
-        RequestMeta::parse_tree(model_from_path(path), path_stream, body)
+        // Only Gemini's paths have a `:`, looked for eight bytes a step: a call to a
+        // searcher costs more than a whole path.
+        let path_stream = has_colon(path.as_bytes())
+            && memchr::memmem::find(path.as_bytes(), b":streamGenerateContent").is_some();
+        RequestMeta::parse_scan(path, path_stream, body)
+            .unwrap_or_else(|| RequestMeta::parse_tree(model_from_path(path), path_stream, body))
+    }
+
+    /// [`parse`](RequestMeta::parse) by [`scan_body`]: `None` when the scan leaves the
+    /// body to serde.
+    #[inline]
+    fn parse_scan(path: &str, path_stream: bool, body: &[u8]) -> Option<RequestMeta> {
+        let s = scan_body(body)?;
+        // The path is read for a model only when the body names none.
+        let model = match s.model {
+            Some(m) => Some(shared_model(m)?),
+            None => model_from_path(path).and_then(|m| shared_model(m.as_bytes())),
+        };
+        Some(RequestMeta {
+            model,
+            stream: path_stream || s.stream,
+            max_output_tokens: s.max_output_tokens,
+            input_tokens_estimate: estimate(s.text),
+            json: true,
+        })
     }
 
     /// [`parse`](RequestMeta::parse) by serde: every body the scan leaves undecided.
@@ -193,10 +199,11 @@ impl RequestMeta {
     }
 }
 
-/// What [`scan_request`] reads of a request body.
+/// What [`scan_body`] reads of a request body: the model as the bytes of its string, which
+/// the scan checked are UTF-8.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Scanned<'a> {
-    model: Option<&'a str>,
+struct Scanned<M> {
+    model: Option<M>,
     stream: bool,
     max_output_tokens: Option<u64>,
     /// The summed length of every string value in the prompt fields.
@@ -223,25 +230,25 @@ const PEEK_KEYS: [&[u8]; 14] = [
     b"tools",
 ];
 
-/// The index of `key` in [`PEEK_KEYS`] (a `match` compiles to a switch on the length and a
-/// comparison or two, where a search of the list compares with every key).
+/// The index of `key` in [`PEEK_KEYS`]: by its length first, then compared as a whole (a
+/// word or two each; a `match` on the bytes would compare them one at a time).
 #[inline]
-fn peek_key(key: &[u8]) -> Option<usize> {
-    Some(match key {
-        b"model" => 0,
-        b"stream" => 1,
-        b"max_tokens" => 2,
-        b"max_completion_tokens" => 3,
-        b"max_output_tokens" => 4,
-        b"generationConfig" => 5,
-        b"messages" => 6,
-        b"contents" => 7,
-        b"system" => 8,
-        b"systemInstruction" => 9,
-        b"input" => 10,
-        b"instructions" => 11,
-        b"prompt" => 12,
-        b"tools" => 13,
+fn peek_key(k: &[u8]) -> Option<usize> {
+    Some(match k.len() {
+        5 if k == b"model" => 0,
+        5 if k == b"input" => 10,
+        5 if k == b"tools" => 13,
+        6 if k == b"stream" => 1,
+        6 if k == b"system" => 8,
+        6 if k == b"prompt" => 12,
+        8 if k == b"messages" => 6,
+        8 if k == b"contents" => 7,
+        10 if k == b"max_tokens" => 2,
+        12 if k == b"instructions" => 11,
+        16 if k == b"generationConfig" => 5,
+        17 if k == b"max_output_tokens" => 4,
+        17 if k == b"systemInstruction" => 9,
+        21 if k == b"max_completion_tokens" => 3,
         _ => return None,
     })
 }
@@ -250,7 +257,9 @@ fn peek_key(key: &[u8]) -> Option<usize> {
 /// the last few names it saw (each at most [`MAX_MODEL_LEN`](crate::keys::MAX_MODEL_LEN)
 /// bytes), so a request for one of them costs a comparison and a reference count instead
 /// of an allocation. The count is the thread's own copy's: two threads never write one.
-fn shared_model(model: &str) -> Arc<str> {
+/// The name comes as bytes (the scan's, checked already) and is made a `str` only when it
+/// is not kept; `None` if it is not UTF-8.
+fn shared_model(model: &[u8]) -> Option<Arc<str>> {
     use std::cell::RefCell;
     const KEPT: usize = 4;
     thread_local! {
@@ -258,23 +267,26 @@ fn shared_model(model: &str) -> Arc<str> {
             const { RefCell::new(([const { None }; KEPT], 0)) };
     }
     if model.len() > crate::keys::MAX_MODEL_LEN {
-        return Arc::from(model);
+        return std::str::from_utf8(model).ok().map(Arc::from);
     }
     MODELS
         .try_with(|m| {
             let mut m = m.try_borrow_mut().ok()?;
             let (kept, next) = &mut *m;
-            if let Some(hit) = kept.iter().flatten().find(|k| ***k == *model) {
-                return Some(hit.clone());
+            if let Some(hit) = kept.iter().flatten().find(|k| k.as_bytes() == model) {
+                return Some(Some(hit.clone()));
             }
+            let Ok(model) = std::str::from_utf8(model) else {
+                return Some(None);
+            };
             let fresh: Arc<str> = Arc::from(model);
             kept[*next % KEPT] = Some(fresh.clone());
             *next = next.wrapping_add(1);
-            Some(fresh)
+            Some(Some(fresh))
         })
         .ok()
         .flatten()
-        .unwrap_or_else(|| Arc::from(model))
+        .unwrap_or_else(|| std::str::from_utf8(model).ok().map(Arc::from))
 }
 
 /// [`RequestMeta::parse`]'s reading of a JSON body by one forward scan, without building a
@@ -285,218 +297,316 @@ fn shared_model(model: &str) -> Arc<str> {
 /// key that [`Peek`] reads, no `generationConfig`, a non-negative integer or anything but a
 /// number for the maximum output. Anything else (including every body serde refuses)
 /// is `None`, and serde decides.
-fn scan_request(body: &[u8]) -> Option<Scanned<'_>> {
-    if memchr::memchr(b'\\', body).is_some() {
-        return None;
-    }
-    let text = std::str::from_utf8(body).ok()?;
-    let mut p = Scan { b: body, i: 0 };
+fn scan_body(body: &[u8]) -> Option<Scanned<&[u8]>> {
+    let b = body;
     let mut out = Scanned::default();
     let mut max: [Option<u64>; 3] = [None; 3];
     let mut seen = 0u16;
-    p.ws();
-    p.eat(b'{')?;
-    p.ws();
-    if p.peek() == Some(b'}') {
-        p.i += 1;
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_ws(b, i + 1);
+    if b.get(i) == Some(&b'}') {
+        i += 1;
     } else {
         loop {
-            p.ws();
-            let key = p.string()?;
-            p.ws();
-            p.eat(b':')?;
-            p.ws();
-            let field = peek_key(&body[key.clone()]);
+            if b.get(i) != Some(&b'"') {
+                return None;
+            }
+            let key_end = string_end(b, i + 1)?;
+            let field = peek_key(&b[i + 1..key_end]);
+            i = skip_ws(b, key_end + 1);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            i = skip_ws(b, i + 1);
             if let Some(f) = field {
                 if seen & (1 << f) != 0 {
                     return None;
                 }
                 seen |= 1 << f;
             }
-            let start = p.i;
             match field {
-                Some(0) => match p.peek()? {
-                    b'"' => out.model = Some(&text[p.string()?]),
-                    b'n' => p.literal(b"null")?,
+                Some(0) => match b.get(i)? {
+                    b'"' => {
+                        let end = string_end(b, i + 1)?;
+                        out.model = Some(&b[i + 1..end]);
+                        i = end + 1;
+                    }
+                    b'n' => i = literal(b, i, b"null")?,
                     _ => return None,
                 },
                 Some(1) => {
-                    p.value(0, &mut 0)?;
-                    out.stream = &body[start..p.i] == b"true";
+                    let start = i;
+                    i = scan_value(b, i, &mut 0)?;
+                    out.stream = &b[start..i] == b"true";
                 }
-                Some(f @ 2..=4) => {
-                    if p.peek()? == b'-' {
-                        return None;
-                    }
-                    p.value(0, &mut 0)?;
-                    let v = &body[start..p.i];
-                    if v.first().is_some_and(u8::is_ascii_digit) {
-                        // A number of the scan's grammar: an integer when it has no point.
-                        max[f - 2] = match v.iter().all(u8::is_ascii_digit) {
-                            true => Some(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'))),
-                            false => None,
-                        };
-                    }
-                }
+                Some(f @ 2..=4) => match b.get(i)? {
+                    b'-' => return None,
+                    // An integer when it has no point.
+                    b'0'..=b'9' => (i, max[f - 2]) = number(b, i)?,
+                    _ => i = scan_value(b, i, &mut 0)?,
+                },
                 Some(5) => return None,
-                Some(_) => {
-                    let mut n = 0u64;
-                    p.value(0, &mut n)?;
-                    out.text = out.text.saturating_add(n);
-                }
-                None => p.value(0, &mut 0)?,
+                Some(_) => i = scan_value(b, i, &mut out.text)?,
+                None => i = scan_value(b, i, &mut 0)?,
             }
-            p.ws();
-            match p.next()? {
-                b',' => continue,
-                b'}' => break,
+            i = skip_ws(b, i);
+            match b.get(i)? {
+                b',' => i = skip_ws(b, i + 1),
+                b'}' => {
+                    i += 1;
+                    break;
+                }
                 _ => return None,
             }
         }
     }
-    p.ws();
-    if p.i != body.len() {
+    if skip_ws(b, i) != b.len() {
         return None;
     }
     out.max_output_tokens = max.into_iter().flatten().next();
     Some(out)
 }
 
-/// The cursor of [`scan_request`].
-struct Scan<'a> {
-    b: &'a [u8],
-    i: usize,
+/// [`scan_body`] with the model as a `str`, for the tests.
+#[cfg(test)]
+fn scan_request(body: &[u8]) -> Option<Scanned<&str>> {
+    let s = scan_body(body)?;
+    let model = match s.model {
+        Some(m) => Some(std::str::from_utf8(m).ok()?),
+        None => None,
+    };
+    Some(Scanned {
+        model,
+        stream: s.stream,
+        max_output_tokens: s.max_output_tokens,
+        text: s.text,
+    })
 }
 
-impl Scan<'_> {
-    fn peek(&self) -> Option<u8> {
-        self.b.get(self.i).copied()
-    }
-
-    fn next(&mut self) -> Option<u8> {
-        let c = self.peek()?;
-        self.i += 1;
-        Some(c)
-    }
-
-    fn eat(&mut self, c: u8) -> Option<()> {
-        (self.next()? == c).then_some(())
-    }
-
-    #[inline]
-    fn ws(&mut self) {
-        self.i = skip_ws(self.b, self.i);
-    }
-
-    fn literal(&mut self, lit: &[u8]) -> Option<()> {
-        let end = self.i.checked_add(lit.len())?;
-        (self.b.get(self.i..end)? == lit).then(|| self.i = end)
-    }
-
-    /// A string at the cursor (the body has no backslash): the span of its contents.
-    #[inline]
-    fn string(&mut self) -> Option<std::ops::Range<usize>> {
-        if self.peek()? != b'"' {
+/// Skips the value at `b[i]` (of [`scan_body`]'s grammar), adding the length of every
+/// string in it (keys not counted) to `text`; the index after it. Arrays and objects are
+/// walked by a loop, not by recursion: the open ones are a depth and a bit each in a
+/// `u64` (set for an object), which the limit of 64 levels lets fit. A member's key is
+/// read by the same step as a string value (one call of [`string_end`] in the loop).
+fn scan_value(b: &[u8], mut i: usize, text: &mut u64) -> Option<usize> {
+    let mut objects = 0u64;
+    let mut depth = 0u32;
+    let mut strings = 0u64;
+    // Whether the string at `b[i]` is a member's key (the next step wants one).
+    let mut key = false;
+    loop {
+        let c = *b.get(i)?;
+        if c == b'"' {
+            let end = string_end(b, i + 1)?;
+            if key {
+                i = skip_ws(b, end + 1);
+                if b.get(i) != Some(&b':') {
+                    return None;
+                }
+                i = skip_ws(b, i + 1);
+                key = false;
+                continue;
+            }
+            strings += (end - i - 1) as u64;
+            i = end + 1;
+        } else if key {
             return None;
+        } else {
+            match c {
+                b'{' | b'[' => {
+                    if depth >= 64 {
+                        return None;
+                    }
+                    i = skip_ws(b, i + 1);
+                    // `}` and `]` are each two past their opening bracket in ASCII.
+                    if b.get(i) == Some(&(c + 2)) {
+                        i += 1;
+                    } else {
+                        let bit = 1u64 << depth;
+                        depth += 1;
+                        key = c == b'{';
+                        if key {
+                            objects |= bit;
+                        } else {
+                            objects &= !bit;
+                        }
+                        continue;
+                    }
+                }
+                b't' => i = literal(b, i, b"true")?,
+                b'f' => i = literal(b, i, b"false")?,
+                b'n' => i = literal(b, i, b"null")?,
+                b'-' | b'0'..=b'9' => i = number(b, i)?.0,
+                _ => return None,
+            }
         }
-        let start = self.i + 1;
-        // Keys and short values end within a few bytes: a loop; a long text (a prompt)
-        // is searched by memchr and checked for control characters in one vectorised pass.
-        let mut end = start;
-        let short = self.b.len().min(start + 24);
+        // After a value: close every container it ends, or go on to the next element.
         loop {
-            if end == short {
-                let rest = self.b.get(end..)?;
-                let n = memchr::memchr(b'"', rest)?;
-                if rest[..n].iter().fold(false, |bad, &c| bad | (c < 0x20)) {
-                    return None;
+            if depth == 0 {
+                // At most the body's length: no overflow.
+                *text = text.saturating_add(strings);
+                return Some(i);
+            }
+            i = skip_ws(b, i);
+            let object = objects & (1 << (depth - 1)) != 0;
+            match *b.get(i)? {
+                b',' => {
+                    i = skip_ws(b, i + 1);
+                    key = object;
+                    break;
                 }
-                end += n;
-                break;
+                b'}' if object => {}
+                b']' if !object => {}
+                _ => return None,
             }
-            match self.b[end] {
-                b'"' => break,
-                c if c < 0x20 => return None,
-                _ => end += 1,
-            }
+            depth -= 1;
+            i += 1;
         }
-        self.i = end + 1;
-        Some(start..end)
     }
+}
 
-    /// `-?(0|[1-9][0-9]*)(.[0-9]+)?`, at most 18 digits each side; no exponent.
-    fn number(&mut self) -> Option<()> {
-        if self.peek() == Some(b'-') {
-            self.i += 1;
+/// `lit` at `b[i]`: the index after it.
+#[inline]
+fn literal<const N: usize>(b: &[u8], i: usize, lit: &[u8; N]) -> Option<usize> {
+    (b.get(i..)?.first_chunk::<N>()? == lit).then_some(i + N)
+}
+
+/// `-?(0|[1-9][0-9]*)(.[0-9]+)?` at `b[i]`, at most 18 digits each side (so an integer
+/// fits a `u64` unchecked); no exponent. The index after it, and its value when it is a
+/// non-negative integer.
+#[inline(always)]
+fn number(b: &[u8], mut i: usize) -> Option<(usize, Option<u64>)> {
+    let negative = b.get(i) == Some(&b'-');
+    if negative {
+        i += 1;
+    }
+    let start = i;
+    let mut n = 0u64;
+    while let Some(&c @ b'0'..=b'9') = b.get(i) {
+        n = n.wrapping_mul(10).wrapping_add(u64::from(c - b'0'));
+        i += 1;
+    }
+    let digits = i - start;
+    if digits == 0 || digits > 18 || (digits > 1 && b.get(start) == Some(&b'0')) {
+        return None;
+    }
+    let mut int = (!negative).then_some(n);
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while let Some(b'0'..=b'9') = b.get(i) {
+            i += 1;
         }
-        let digits = |s: &mut Self| {
-            let start = s.i;
-            while s.peek().is_some_and(|c| c.is_ascii_digit()) {
-                s.i += 1;
-            }
-            s.i - start
-        };
-        let first = self.peek()?;
-        let n = digits(self);
-        if n == 0 || n > 18 || (first == b'0' && n > 1) {
+        if i == start || i - start > 18 {
             return None;
         }
-        if self.peek() == Some(b'.') {
-            self.i += 1;
-            let n = digits(self);
-            if n == 0 || n > 18 {
-                return None;
-            }
-        }
-        match self.peek() {
-            Some(b'e' | b'E') => None,
-            _ => Some(()),
-        }
+        int = None;
     }
+    match b.get(i) {
+        Some(b'e' | b'E') => None,
+        _ => Some((i, int)),
+    }
+}
 
-    /// Skips a value, adding the length of every string in it (keys not counted) to `text`.
-    fn value(&mut self, depth: u32, text: &mut u64) -> Option<()> {
-        match self.peek()? {
-            b'"' => {
-                let r = self.string()?;
-                *text = text.saturating_add(r.len() as u64);
-                Some(())
-            }
-            open @ (b'{' | b'[') => {
-                if depth >= 64 {
-                    return None;
-                }
-                let close = if open == b'{' { b'}' } else { b']' };
-                self.i += 1;
-                self.ws();
-                if self.peek() == Some(close) {
-                    self.i += 1;
-                    return Some(());
-                }
-                loop {
-                    self.ws();
-                    if open == b'{' {
-                        self.string()?;
-                        self.ws();
-                        self.eat(b':')?;
-                        self.ws();
-                    }
-                    self.value(depth + 1, text)?;
-                    self.ws();
-                    match self.next()? {
-                        b',' => {}
-                        c if c == close => return Some(()),
-                        _ => return None,
-                    }
-                }
-            }
-            b't' => self.literal(b"true"),
-            b'f' => self.literal(b"false"),
-            b'n' => self.literal(b"null"),
-            b'-' | b'0'..=b'9' => self.number(),
-            _ => None,
+/// Every byte set to 1 (times a byte: that byte in every lane of a word).
+const LANES: u64 = u64::from_ne_bytes([1; 8]);
+/// The top bit of every byte.
+const TOPS: u64 = LANES << 7;
+
+/// Whether `p` has a `:`: a word's zero bytes after an XOR with `:` in every byte, OR-ed
+/// over the words (a false flag needs a true one below it, so any flag is a true one).
+fn has_colon(p: &[u8]) -> bool {
+    let mut words = p.chunks_exact(8);
+    let mut flags = 0u64;
+    for w in words.by_ref() {
+        let w = u64::from_le_bytes(w.try_into().unwrap_or_default()) ^ (LANES * u64::from(b':'));
+        flags |= w.wrapping_sub(LANES) & !w;
+    }
+    flags & TOPS != 0 || words.remainder().contains(&b':')
+}
+
+/// The bytes of `w` (eight of a body, the first in the low byte) that stop [`string_end`],
+/// as their top bit: a quote, a backslash, a control character (below 0x20), or a byte of
+/// 0x80 or more (UTF-8 to check). Flipping bit 1 of every byte turns a quote (0x22) into
+/// 0x20 and keeps a control character below 0x20, so one "below 0x21" test finds both. A
+/// byte's top bit is set by `x - 0x21 & !x` when it is below 0x21, or when a borrow from a
+/// lower byte that was below it comes in: so the lowest flagged byte is always a true one,
+/// and only the lowest is read.
+#[inline(always)]
+fn string_stops(w: u64) -> u64 {
+    let q = w ^ (LANES * 0x02);
+    let s = w ^ (LANES * u64::from(b'\\'));
+    (q.wrapping_sub(LANES * 0x21) & !q | s.wrapping_sub(LANES) & !s | w) & TOPS
+}
+
+/// The end of a string whose contents start at `b[start]`: the index of its closing quote,
+/// or `None` for a string [`scan_body`] leaves to serde (a backslash or a control
+/// character in it, invalid UTF-8, no closing quote). Reads eight bytes a step (see
+/// [`string_stops`]); only a string with a byte of 0x80 or more in it is checked for UTF-8,
+/// so an ASCII body is never checked as a whole.
+#[inline(always)]
+fn string_end(b: &[u8], start: usize) -> Option<usize> {
+    let mut rest = b.get(start..)?;
+    let (w, rest) = loop {
+        let Some((w, tail)) = rest.split_first_chunk::<8>() else {
+            break (last_word(b, rest.len()), rest);
+        };
+        let w = u64::from_le_bytes(*w);
+        if string_stops(w) != 0 {
+            break (w, rest);
+        }
+        rest = tail;
+    };
+    let j = b.len() - rest.len() + (string_stops(w).trailing_zeros() / 8) as usize;
+    string_stop(b, start, j)
+}
+
+/// [`string_end`]'s answer once it stopped at `b[j]`.
+#[inline(always)]
+fn string_stop(b: &[u8], start: usize, j: usize) -> Option<usize> {
+    match *b.get(j)? {
+        b'"' => Some(j),
+        0x80.. => utf8_string_end(b, start, j),
+        _ => None,
+    }
+}
+
+/// The last `n` bytes of `b` (fewer than eight) as a word, padded with zero bytes: a
+/// padding byte reads as a control character past the end, so a string left open is
+/// refused.
+#[cold]
+#[inline(never)]
+fn last_word(b: &[u8], n: usize) -> u64 {
+    match b.last_chunk::<8>() {
+        // The body's last eight bytes, shifted down past the ones before the `n`.
+        Some(last) => u64::from_le_bytes(*last)
+            .checked_shr(8 * (8 - n as u32))
+            .unwrap_or(0),
+        None => b
+            .iter()
+            .rev()
+            .take(n)
+            .fold(0u64, |w, &c| w << 8 | u64::from(c)),
+    }
+}
+
+/// [`string_end`] for a string with a byte of 0x80 or more at `b[j]`: the rest of it byte
+/// by byte, then its UTF-8 checked.
+#[cold]
+#[inline(never)]
+fn utf8_string_end(b: &[u8], start: usize, mut j: usize) -> Option<usize> {
+    loop {
+        match *b.get(j)? {
+            b'"' => break,
+            b'\\' | ..0x20 => return None,
+            _ => j += 1,
         }
     }
+    std::str::from_utf8(&b[start..j]).ok()?;
+    Some(j)
 }
 
 fn estimate(bytes: u64) -> u64 {
@@ -1001,6 +1111,230 @@ fn scan_usage(body: &[u8]) -> Option<Usage> {
     }
 }
 
+/// The scan as it was before it read eight bytes a step and walked nested values by a loop
+/// (a recursive descent over a byte cursor), kept as the reference the tests compare the
+/// scan with.
+#[cfg(test)]
+mod reference {
+    use super::{peek_key, skip_ws, Scanned};
+
+    pub(super) fn scan_request(body: &[u8]) -> Option<Scanned<&str>> {
+        if memchr::memchr(b'\\', body).is_some() {
+            return None;
+        }
+        let text = std::str::from_utf8(body).ok()?;
+        let mut p = Scan { b: body, i: 0 };
+        let mut out = Scanned::default();
+        let mut max: [Option<u64>; 3] = [None; 3];
+        let mut seen = 0u16;
+        p.ws();
+        p.eat(b'{')?;
+        p.ws();
+        if p.peek() == Some(b'}') {
+            p.i += 1;
+        } else {
+            loop {
+                p.ws();
+                let key = p.string()?;
+                p.ws();
+                p.eat(b':')?;
+                p.ws();
+                let field = peek_key(&body[key.clone()]);
+                if let Some(f) = field {
+                    if seen & (1 << f) != 0 {
+                        return None;
+                    }
+                    seen |= 1 << f;
+                }
+                let start = p.i;
+                match field {
+                    Some(0) => match p.peek()? {
+                        b'"' => out.model = Some(&text[p.string()?]),
+                        b'n' => p.literal(b"null")?,
+                        _ => return None,
+                    },
+                    Some(1) => {
+                        p.value(0, &mut 0)?;
+                        out.stream = &body[start..p.i] == b"true";
+                    }
+                    Some(f @ 2..=4) => {
+                        if p.peek()? == b'-' {
+                            return None;
+                        }
+                        p.value(0, &mut 0)?;
+                        let v = &body[start..p.i];
+                        if v.first().is_some_and(u8::is_ascii_digit) {
+                            // A number of the scan's grammar: an integer when it has no point.
+                            max[f - 2] = match v.iter().all(u8::is_ascii_digit) {
+                                true => {
+                                    Some(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+                                }
+                                false => None,
+                            };
+                        }
+                    }
+                    Some(5) => return None,
+                    Some(_) => {
+                        let mut n = 0u64;
+                        p.value(0, &mut n)?;
+                        out.text = out.text.saturating_add(n);
+                    }
+                    None => p.value(0, &mut 0)?,
+                }
+                p.ws();
+                match p.next()? {
+                    b',' => continue,
+                    b'}' => break,
+                    _ => return None,
+                }
+            }
+        }
+        p.ws();
+        if p.i != body.len() {
+            return None;
+        }
+        out.max_output_tokens = max.into_iter().flatten().next();
+        Some(out)
+    }
+
+    /// The cursor of [`scan_request`].
+    struct Scan<'a> {
+        b: &'a [u8],
+        i: usize,
+    }
+
+    impl Scan<'_> {
+        fn peek(&self) -> Option<u8> {
+            self.b.get(self.i).copied()
+        }
+
+        fn next(&mut self) -> Option<u8> {
+            let c = self.peek()?;
+            self.i += 1;
+            Some(c)
+        }
+
+        fn eat(&mut self, c: u8) -> Option<()> {
+            (self.next()? == c).then_some(())
+        }
+
+        #[inline]
+        fn ws(&mut self) {
+            self.i = skip_ws(self.b, self.i);
+        }
+
+        fn literal(&mut self, lit: &[u8]) -> Option<()> {
+            let end = self.i.checked_add(lit.len())?;
+            (self.b.get(self.i..end)? == lit).then(|| self.i = end)
+        }
+
+        /// A string at the cursor (the body has no backslash): the span of its contents.
+        #[inline]
+        fn string(&mut self) -> Option<std::ops::Range<usize>> {
+            if self.peek()? != b'"' {
+                return None;
+            }
+            let start = self.i + 1;
+            // Keys and short values end within a few bytes: a loop; a long text (a prompt)
+            // is searched by memchr and checked for control characters in one vectorised pass.
+            let mut end = start;
+            let short = self.b.len().min(start + 24);
+            loop {
+                if end == short {
+                    let rest = self.b.get(end..)?;
+                    let n = memchr::memchr(b'"', rest)?;
+                    if rest[..n].iter().fold(false, |bad, &c| bad | (c < 0x20)) {
+                        return None;
+                    }
+                    end += n;
+                    break;
+                }
+                match self.b[end] {
+                    b'"' => break,
+                    c if c < 0x20 => return None,
+                    _ => end += 1,
+                }
+            }
+            self.i = end + 1;
+            Some(start..end)
+        }
+
+        /// `-?(0|[1-9][0-9]*)(.[0-9]+)?`, at most 18 digits each side; no exponent.
+        fn number(&mut self) -> Option<()> {
+            if self.peek() == Some(b'-') {
+                self.i += 1;
+            }
+            let digits = |s: &mut Self| {
+                let start = s.i;
+                while s.peek().is_some_and(|c| c.is_ascii_digit()) {
+                    s.i += 1;
+                }
+                s.i - start
+            };
+            let first = self.peek()?;
+            let n = digits(self);
+            if n == 0 || n > 18 || (first == b'0' && n > 1) {
+                return None;
+            }
+            if self.peek() == Some(b'.') {
+                self.i += 1;
+                let n = digits(self);
+                if n == 0 || n > 18 {
+                    return None;
+                }
+            }
+            match self.peek() {
+                Some(b'e' | b'E') => None,
+                _ => Some(()),
+            }
+        }
+
+        /// Skips a value, adding the length of every string in it (keys not counted) to `text`.
+        fn value(&mut self, depth: u32, text: &mut u64) -> Option<()> {
+            match self.peek()? {
+                b'"' => {
+                    let r = self.string()?;
+                    *text = text.saturating_add(r.len() as u64);
+                    Some(())
+                }
+                open @ (b'{' | b'[') => {
+                    if depth >= 64 {
+                        return None;
+                    }
+                    let close = if open == b'{' { b'}' } else { b']' };
+                    self.i += 1;
+                    self.ws();
+                    if self.peek() == Some(close) {
+                        self.i += 1;
+                        return Some(());
+                    }
+                    loop {
+                        self.ws();
+                        if open == b'{' {
+                            self.string()?;
+                            self.ws();
+                            self.eat(b':')?;
+                            self.ws();
+                        }
+                        self.value(depth + 1, text)?;
+                        self.ws();
+                        match self.next()? {
+                            b',' => {}
+                            c if c == close => return Some(()),
+                            _ => return None,
+                        }
+                    }
+                }
+                b't' => self.literal(b"true"),
+                b'f' => self.literal(b"false"),
+                b'n' => self.literal(b"null"),
+                b'-' | b'0'..=b'9' => self.number(),
+                _ => None,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1183,6 +1517,175 @@ mod tests {
             );
             proptest::prop_assert_eq!(RequestMeta::parse(path, &body), tree);
         }
+    }
+
+    /// Bodies on the edges of the word-at-a-time scan: the JSON-like text of [`json_text`],
+    /// strings of every length around a word with one odd byte in them (a quote, a
+    /// backslash, a control character, UTF-8 of each length, bytes that are not UTF-8),
+    /// nesting around the 64-level limit, numbers around the 18-digit limits; then
+    /// perhaps one byte changed and perhaps cut short.
+    fn scan_inputs() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        use proptest::sample::select;
+        let odd: Vec<&'static [u8]> = vec![
+            b"\"",
+            b"\\",
+            b"\\n",
+            b"\0",
+            b"\x1f",
+            b"\x7f",
+            b" ",
+            b"\t",
+            "\u{e9}".as_bytes(),
+            "\u{20ac}".as_bytes(),
+            "\u{1f600}".as_bytes(),
+            b"\xc3",
+            b"\x80",
+            b"\xe2\x82",
+            b"\xff",
+            b"\xed\xa0\x80",
+            b"}",
+            b"",
+        ];
+        let numbers = select(vec![
+            "0",
+            "7",
+            "64",
+            "-0",
+            "-7",
+            "00",
+            "-01",
+            "1.",
+            ".5",
+            "-",
+            "1e5",
+            "1E-5",
+            "1.5e3",
+            "123456789012345678",
+            "999999999999999999",
+            "1234567890123456789",
+            "-123456789012345678",
+            "-1234567890123456789",
+            "0.123456789012345678",
+            "0.1234567890123456789",
+            "123456789012345678.123456789012345678",
+            "12345678901234567890123",
+        ]);
+        let keys = select(vec![
+            "model",
+            "stream",
+            "max_tokens",
+            "max_completion_tokens",
+            "max_output_tokens",
+            "messages",
+            "prompt",
+            "tools",
+            "other",
+        ]);
+        let leaves = select(vec![r#""x""#, "1", "true", "null", "[]", "{}"]);
+        let shaped = prop_oneof![
+            json_text().prop_map(String::into_bytes),
+            (
+                keys.clone(),
+                0usize..40,
+                select(odd),
+                0usize..40,
+                any::<bool>()
+            )
+                .prop_map(|(key, before, odd, after, close)| {
+                    let mut b = format!(r#"{{"{key}":"{}"#, "a".repeat(before)).into_bytes();
+                    b.extend_from_slice(odd);
+                    b.extend_from_slice("b".repeat(after).as_bytes());
+                    if close {
+                        b.extend_from_slice(br#"","max_tokens":64}"#);
+                    }
+                    b
+                }),
+            (keys.clone(), 0usize..70, any::<bool>(), leaves).prop_map(|(key, n, obj, leaf)| {
+                let (open, close) = if obj { (r#"{"k":"#, "}") } else { ("[", "]") };
+                format!(r#"{{"{key}":{}{leaf}{}}}"#, open.repeat(n), close.repeat(n)).into_bytes()
+            }),
+            (keys, numbers.clone(), numbers).prop_map(|(key, a, b)| {
+                format!(r#"{{"{key}":{a},"messages":[{b},"x"]}}"#).into_bytes()
+            }),
+        ];
+        (
+            shaped,
+            proptest::option::weighted(0.3, (any::<prop::sample::Index>(), any::<u8>())),
+            proptest::option::weighted(0.2, any::<prop::sample::Index>()),
+        )
+            .prop_map(|(mut b, put, cut)| {
+                if let (Some((at, byte)), false) = (put, b.is_empty()) {
+                    let at = at.index(b.len());
+                    b[at] = byte;
+                }
+                if let Some(cut) = cut {
+                    b.truncate(cut.index(b.len() + 1));
+                }
+                b
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4000))]
+        #[test]
+        fn the_scan_reads_bodies_as_the_reference_scan_does(body in scan_inputs()) {
+            proptest::prop_assert_eq!(scan_request(&body), reference::scan_request(&body));
+            let tree = RequestMeta::parse_tree(None, false, &body);
+            proptest::prop_assert_eq!(RequestMeta::parse("/v1/chat/completions", &body), tree);
+        }
+    }
+
+    #[test]
+    fn the_scan_agrees_with_the_reference_on_its_edges() {
+        let mut bodies: Vec<Vec<u8>> = Vec::new();
+        // Every length of a string around the words, with its end at every offset of the
+        // body's last word, and with each odd byte at every place.
+        for n in 0..40 {
+            let text = "x".repeat(n);
+            bodies.push(format!(r#"{{"model":"{text}"}}"#).into_bytes());
+            bodies.push(format!(r#"{{"prompt":"{text}"}}"#).into_bytes());
+            bodies.push(format!(r#"{{"prompt":"{text}"#).into_bytes());
+            bodies.push(format!(r#"{{"messages":["{text}",{{"{text}":"{text}"}}]}}"#).into_bytes());
+            for odd in [
+                "\"",
+                "\\",
+                "\n",
+                "\u{1}",
+                "\u{1f}",
+                "\u{7f}",
+                "\u{e9}",
+                "\u{1f600}",
+            ] {
+                bodies.push(format!(r#"{{"prompt":"{text}{odd}y"}}"#).into_bytes());
+            }
+            let mut bad = format!(r#"{{"prompt":"{text}"#).into_bytes();
+            bad.extend_from_slice(b"\xff\"}");
+            bodies.push(bad);
+        }
+        for depth in 60..68 {
+            let deep = format!(
+                r#"{{"messages":{}1{}}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            );
+            bodies.push(deep.into_bytes());
+        }
+        for b in &bodies {
+            assert_eq!(
+                scan_request(b),
+                reference::scan_request(b),
+                "{}",
+                String::from_utf8_lossy(b)
+            );
+        }
+        // The scan answers for the deepest nesting it allows, and not one level deeper.
+        let at = |n: usize| format!(r#"{{"messages":{}"x"{}}}"#, "[".repeat(n), "]".repeat(n));
+        assert_eq!(scan_request(at(64).as_bytes()).map(|s| s.text), Some(1));
+        assert_eq!(scan_request(at(65).as_bytes()), None);
+        // A body of non-ASCII text is read, and its length counted in bytes.
+        let s = scan_request("{\"prompt\":\"h\u{e9}llo \u{1f600}\"}".as_bytes()).unwrap();
+        assert_eq!(s.text, 11);
     }
 
     #[test]
