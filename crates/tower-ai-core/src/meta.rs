@@ -136,7 +136,9 @@ impl RequestMeta {
         })
     }
 
-    /// [`parse`](RequestMeta::parse) by serde: every body the scan leaves undecided.
+    /// [`parse`](RequestMeta::parse) by serde: every body the scan leaves undecided (kept
+    /// out of line, so the scan's path does not carry its frame).
+    #[inline(never)]
     fn parse_tree(path_model: Option<&str>, path_stream: bool, body: &[u8]) -> RequestMeta {
         let Ok(p) = serde_json::from_slice::<Peek<'_>>(body) else {
             return RequestMeta {
@@ -231,21 +233,41 @@ const PEEK_KEYS: [&[u8]; 14] = [
 ];
 
 /// The index of `key` in [`PEEK_KEYS`]: by its length first, then compared as a whole (a
-/// word or two each; a `match` on the bytes would compare them one at a time).
+/// word or two each; a `match` on the bytes would compare them one at a time). A key of
+/// eight bytes or more is compared by its first and last eight bytes as two words, and
+/// then, only when longer than sixteen, byte by byte.
 #[inline]
 fn peek_key(k: &[u8]) -> Option<usize> {
+    /// The first and last eight bytes of `lit` (at least eight long) as words.
+    const fn words(lit: &[u8]) -> (u64, u64) {
+        let mut head = [0u8; 8];
+        let mut tail = [0u8; 8];
+        let mut i = 0;
+        while i < 8 {
+            head[i] = lit[i];
+            tail[i] = lit[lit.len() - 8 + i];
+            i += 1;
+        }
+        (u64::from_le_bytes(head), u64::from_le_bytes(tail))
+    }
+    let (Some(head), Some(tail)) = (k.first_chunk::<8>(), k.last_chunk::<8>()) else {
+        return Some(match k.len() {
+            5 if k == b"model" => 0,
+            5 if k == b"input" => 10,
+            5 if k == b"tools" => 13,
+            6 if k == b"stream" => 1,
+            6 if k == b"system" => 8,
+            6 if k == b"prompt" => 12,
+            _ => return None,
+        });
+    };
+    let w = (u64::from_le_bytes(*head), u64::from_le_bytes(*tail));
     Some(match k.len() {
-        5 if k == b"model" => 0,
-        5 if k == b"input" => 10,
-        5 if k == b"tools" => 13,
-        6 if k == b"stream" => 1,
-        6 if k == b"system" => 8,
-        6 if k == b"prompt" => 12,
-        8 if k == b"messages" => 6,
-        8 if k == b"contents" => 7,
-        10 if k == b"max_tokens" => 2,
-        12 if k == b"instructions" => 11,
-        16 if k == b"generationConfig" => 5,
+        8 if w == const { words(b"messages") } => 6,
+        8 if w == const { words(b"contents") } => 7,
+        10 if w == const { words(b"max_tokens") } => 2,
+        12 if w == const { words(b"instructions") } => 11,
+        16 if w == const { words(b"generationConfig") } => 5,
         17 if k == b"max_output_tokens" => 4,
         17 if k == b"systemInstruction" => 9,
         21 if k == b"max_completion_tokens" => 3,
@@ -310,17 +332,17 @@ fn scan_body(body: &[u8]) -> Option<Scanned<&[u8]>> {
     if b.get(i) == Some(&b'}') {
         i += 1;
     } else {
-        loop {
-            if b.get(i) != Some(&b'"') {
-                return None;
-            }
-            let key_end = string_end(b, i + 1)?;
+        'members: loop {
+            let key_end = match *b.get(i)? {
+                b'"' => string_end(b, i + 1)?,
+                b' ' | b'\n' | b'\r' | b'\t' => {
+                    i += 1;
+                    continue;
+                }
+                _ => return None,
+            };
             let field = peek_key(&b[i + 1..key_end]);
-            i = skip_ws(b, key_end + 1);
-            if b.get(i) != Some(&b':') {
-                return None;
-            }
-            i = skip_ws(b, i + 1);
+            i = colon(b, key_end + 1)?;
             if let Some(f) = field {
                 if seen & (1 << f) != 0 {
                     return None;
@@ -352,14 +374,19 @@ fn scan_body(body: &[u8]) -> Option<Scanned<&[u8]>> {
                 Some(_) => i = scan_value(b, i, &mut out.text)?,
                 None => i = scan_value(b, i, &mut 0)?,
             }
-            i = skip_ws(b, i);
-            match b.get(i)? {
-                b',' => i = skip_ws(b, i + 1),
-                b'}' => {
-                    i += 1;
-                    break;
+            loop {
+                match *b.get(i)? {
+                    b',' => {
+                        i += 1;
+                        continue 'members;
+                    }
+                    b'}' => {
+                        i += 1;
+                        break 'members;
+                    }
+                    b' ' | b'\n' | b'\r' | b'\t' => i += 1,
+                    _ => return None,
                 }
-                _ => return None,
             }
         }
     }
@@ -388,9 +415,11 @@ fn scan_request(body: &[u8]) -> Option<Scanned<&str>> {
 
 /// Skips the value at `b[i]` (of [`scan_body`]'s grammar), adding the length of every
 /// string in it (keys not counted) to `text`; the index after it. Arrays and objects are
-/// walked by a loop, not by recursion: the open ones are a depth and a bit each in a
-/// `u64` (set for an object), which the limit of 64 levels lets fit. A member's key is
-/// read by the same step as a string value (one call of [`string_end`] in the loop).
+/// walked by a loop, not by recursion: the open ones are a bit each in a `u64` shifted
+/// as they open and close (set for an object; the limit of 64 levels lets them fit). A
+/// member's key is read by the same step as a string value, and white space is skipped
+/// where it is met, so that a body without any costs one look at each byte between
+/// tokens.
 fn scan_value(b: &[u8], mut i: usize, text: &mut u64) -> Option<usize> {
     let mut objects = 0u64;
     let mut depth = 0u32;
@@ -398,50 +427,42 @@ fn scan_value(b: &[u8], mut i: usize, text: &mut u64) -> Option<usize> {
     // Whether the string at `b[i]` is a member's key (the next step wants one).
     let mut key = false;
     loop {
-        let c = *b.get(i)?;
-        if c == b'"' {
-            let end = string_end(b, i + 1)?;
-            if key {
-                i = skip_ws(b, end + 1);
-                if b.get(i) != Some(&b':') {
+        match *b.get(i)? {
+            b'"' => {
+                let end = string_end(b, i + 1)?;
+                if key {
+                    i = colon(b, end + 1)?;
+                    key = false;
+                    continue;
+                }
+                strings += (end - i - 1) as u64;
+                i = end + 1;
+            }
+            b' ' | b'\n' | b'\r' | b'\t' => {
+                i += 1;
+                continue;
+            }
+            _ if key => return None,
+            c @ (b'{' | b'[') => {
+                if depth >= 64 {
                     return None;
                 }
                 i = skip_ws(b, i + 1);
-                key = false;
-                continue;
-            }
-            strings += (end - i - 1) as u64;
-            i = end + 1;
-        } else if key {
-            return None;
-        } else {
-            match c {
-                b'{' | b'[' => {
-                    if depth >= 64 {
-                        return None;
-                    }
-                    i = skip_ws(b, i + 1);
-                    // `}` and `]` are each two past their opening bracket in ASCII.
-                    if b.get(i) == Some(&(c + 2)) {
-                        i += 1;
-                    } else {
-                        let bit = 1u64 << depth;
-                        depth += 1;
-                        key = c == b'{';
-                        if key {
-                            objects |= bit;
-                        } else {
-                            objects &= !bit;
-                        }
-                        continue;
-                    }
+                // `}` and `]` are each two past their opening bracket in ASCII.
+                if b.get(i) == Some(&(c + 2)) {
+                    i += 1;
+                } else {
+                    depth += 1;
+                    key = c == b'{';
+                    objects = objects << 1 | u64::from(key);
+                    continue;
                 }
-                b't' => i = literal(b, i, b"true")?,
-                b'f' => i = literal(b, i, b"false")?,
-                b'n' => i = literal(b, i, b"null")?,
-                b'-' | b'0'..=b'9' => i = number(b, i)?.0,
-                _ => return None,
             }
+            b't' => i = literal(b, i, b"true")?,
+            b'f' => i = literal(b, i, b"false")?,
+            b'n' => i = literal(b, i, b"null")?,
+            b'-' | b'0'..=b'9' => i = number(b, i)?.0,
+            _ => return None,
         }
         // After a value: close every container it ends, or go on to the next element.
         loop {
@@ -450,22 +471,40 @@ fn scan_value(b: &[u8], mut i: usize, text: &mut u64) -> Option<usize> {
                 *text = text.saturating_add(strings);
                 return Some(i);
             }
-            i = skip_ws(b, i);
-            let object = objects & (1 << (depth - 1)) != 0;
+            let object = objects & 1 != 0;
             match *b.get(i)? {
                 b',' => {
-                    i = skip_ws(b, i + 1);
+                    i += 1;
                     key = object;
                     break;
                 }
                 b'}' if object => {}
                 b']' if !object => {}
+                b' ' | b'\n' | b'\r' | b'\t' => {
+                    i += 1;
+                    continue;
+                }
                 _ => return None,
             }
             depth -= 1;
+            objects >>= 1;
             i += 1;
         }
     }
+}
+
+/// The colon after a member's key, at `b[i]` or after white space: the index after it and
+/// the white space that follows.
+#[inline(always)]
+fn colon(b: &[u8], i: usize) -> Option<usize> {
+    let i = match b.get(i) {
+        Some(b':') => i,
+        _ => skip_ws(b, i),
+    };
+    if b.get(i) != Some(&b':') {
+        return None;
+    }
+    Some(skip_ws(b, i + 1))
 }
 
 /// `lit` at `b[i]`: the index after it.
@@ -560,14 +599,10 @@ fn string_end(b: &[u8], start: usize) -> Option<usize> {
         }
         rest = tail;
     };
-    let j = b.len() - rest.len() + (string_stops(w).trailing_zeros() / 8) as usize;
-    string_stop(b, start, j)
-}
-
-/// [`string_end`]'s answer once it stopped at `b[j]`.
-#[inline(always)]
-fn string_stop(b: &[u8], start: usize, j: usize) -> Option<usize> {
-    match *b.get(j)? {
+    // The stopping byte, read from the word: its place is its flag's byte.
+    let at = string_stops(w).trailing_zeros() & !7;
+    let j = b.len() - rest.len() + (at / 8) as usize;
+    match (w >> at) as u8 {
         b'"' => Some(j),
         0x80.. => utf8_string_end(b, start, j),
         _ => None,
