@@ -295,7 +295,11 @@ fn shared_model(model: &[u8]) -> Option<Arc<str>> {
         .try_with(|m| {
             let mut m = m.try_borrow_mut().ok()?;
             let (kept, next) = &mut *m;
-            if let Some(hit) = kept.iter().flatten().find(|k| k.as_bytes() == model) {
+            if let Some(hit) = kept
+                .iter()
+                .flatten()
+                .find(|k| same_bytes(k.as_bytes(), model))
+            {
                 return Some(Some(hit.clone()));
             }
             let Ok(model) = std::str::from_utf8(model) else {
@@ -311,6 +315,25 @@ fn shared_model(model: &[u8]) -> Option<Arc<str>> {
         .unwrap_or_else(|| std::str::from_utf8(model).ok().map(Arc::from))
 }
 
+/// `a == b`, comparing a short name (4 to 16 bytes, as most model names are) as two
+/// overlapping words without a call to `memcmp`.
+#[inline]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    match (a.first_chunk::<8>(), b.first_chunk::<8>()) {
+        (Some(ah), Some(bh)) if a.len() <= 16 => {
+            ah == bh && a.last_chunk::<8>() == b.last_chunk::<8>()
+        }
+        (None, None) if a.len() >= 4 => {
+            a.first_chunk::<4>() == b.first_chunk::<4>()
+                && a.last_chunk::<4>() == b.last_chunk::<4>()
+        }
+        _ => a == b,
+    }
+}
+
 /// [`RequestMeta::parse`]'s reading of a JSON body by one forward scan, without building a
 /// value and without allocating. It answers only for a body in a strict subset of JSON
 /// that serde reads the same way: valid UTF-8, no backslash anywhere (so every string's
@@ -323,7 +346,7 @@ fn scan_body(body: &[u8]) -> Option<Scanned<&[u8]>> {
     let b = body;
     let mut out = Scanned::default();
     let mut max: [Option<u64>; 3] = [None; 3];
-    let mut seen = 0u16;
+    let mut seen = 0u32;
     let mut i = skip_ws(b, 0);
     if b.get(i) != Some(&b'{') {
         return None;
@@ -344,10 +367,11 @@ fn scan_body(body: &[u8]) -> Option<Scanned<&[u8]>> {
             let field = peek_key(&b[i + 1..key_end]);
             i = colon(b, key_end + 1)?;
             if let Some(f) = field {
-                if seen & (1 << f) != 0 {
+                let bit = 1u32 << f;
+                if seen & bit != 0 {
                     return None;
                 }
-                seen |= 1 << f;
+                seen |= bit;
             }
             match field {
                 Some(0) => match b.get(i)? {
@@ -359,20 +383,22 @@ fn scan_body(body: &[u8]) -> Option<Scanned<&[u8]>> {
                     b'n' => i = literal(b, i, b"null")?,
                     _ => return None,
                 },
-                Some(1) => {
-                    let start = i;
-                    i = scan_value(b, i, &mut 0)?;
-                    out.stream = &b[start..i] == b"true";
-                }
-                Some(f @ 2..=4) => match b.get(i)? {
-                    b'-' => return None,
+                Some(f @ 2..=4) if b.get(i)?.is_ascii_digit() => {
                     // An integer when it has no point.
-                    b'0'..=b'9' => (i, max[f - 2]) = number(b, i)?,
-                    _ => i = scan_value(b, i, &mut 0)?,
-                },
+                    (i, max[f - 2]) = number(b, i)?;
+                }
+                Some(2..=4) if b.get(i)? == &b'-' => return None,
                 Some(5) => return None,
-                Some(_) => i = scan_value(b, i, &mut out.text)?,
-                None => i = scan_value(b, i, &mut 0)?,
+                _ => {
+                    // Every other value, by one call.
+                    let (start, mut text) = (i, 0);
+                    i = scan_value(b, i, &mut text)?;
+                    match field {
+                        Some(1) => out.stream = &b[start..i] == b"true",
+                        Some(6..) => out.text = out.text.saturating_add(text),
+                        _ => {}
+                    }
+                }
             }
             loop {
                 match *b.get(i)? {
@@ -1410,6 +1436,22 @@ mod tests {
         }
         assert_eq!(peek_key(b"models"), None);
         assert_eq!(peek_key(b""), None);
+    }
+
+    #[test]
+    fn same_bytes_is_equality() {
+        for n in 0..40usize {
+            let a: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+            assert!(same_bytes(&a, &a.clone()));
+            if n > 0 {
+                assert!(!same_bytes(&a, &a[..n - 1]));
+            }
+            for at in 0..n {
+                let mut b = a.clone();
+                b[at] ^= 0x20;
+                assert!(!same_bytes(&a, &b), "{n} bytes, differing at {at}");
+            }
+        }
     }
 
     #[test]
