@@ -365,7 +365,7 @@ fn scan_body(body: &[u8]) -> Option<Scanned<&[u8]>> {
                 _ => return None,
             };
             let field = peek_key(&b[i + 1..key_end]);
-            i = colon(b, key_end + 1)?;
+            i = skip_ws(b, colon(b, key_end + 1)?);
             if let Some(f) = field {
                 let bit = 1u32 << f;
                 if seen & bit != 0 {
@@ -519,18 +519,14 @@ fn scan_value(b: &[u8], mut i: usize, text: &mut u64) -> Option<usize> {
     }
 }
 
-/// The colon after a member's key, at `b[i]` or after white space: the index after it and
-/// the white space that follows.
+/// The colon after a member's key, at `b[i]` or after white space: the index after it.
 #[inline(always)]
 fn colon(b: &[u8], i: usize) -> Option<usize> {
-    let i = match b.get(i) {
-        Some(b':') => i,
-        _ => skip_ws(b, i),
-    };
-    if b.get(i) != Some(&b':') {
-        return None;
+    if b.get(i) == Some(&b':') {
+        return Some(i + 1);
     }
-    Some(skip_ws(b, i + 1))
+    let i = skip_ws(b, i);
+    (b.get(i) == Some(&b':')).then_some(i + 1)
 }
 
 /// `lit` at `b[i]`: the index after it.
@@ -635,7 +631,8 @@ fn string_end(b: &[u8], start: usize) -> Option<usize> {
     let j = b.len() - rest.len() + (at / 8) as usize;
     match (w >> at) as u8 {
         b'"' => Some(j),
-        0x80.. => utf8_string_end(b, start, j),
+        // Non-ASCII text: the rest is read as a long text's, whose pass checks UTF-8.
+        0x80.. => long_string_end(b, start, j),
         _ => None,
     }
 }
@@ -644,10 +641,11 @@ fn string_end(b: &[u8], start: usize) -> Option<usize> {
 /// which [`long_string_end`] reads by vector searches.
 const LONG_STRING_WORDS: usize = 8;
 
-/// [`string_end`] for a string that goes on past `b[j]`, found by memchr (a vectorised
-/// search for its closing quote, or a backslash), then checked by one vectorised pass:
-/// the largest of its bytes less 0x20 (wrapping) is 0x60 or more only when a byte is a
-/// control character or of 0x80 or more, and only then is it looked at again.
+/// [`string_end`] for a string that goes on past `b[j]` (a long text, or one with a byte
+/// of 0x80 or more at `b[j]`), found by memchr (a vectorised search for its closing quote,
+/// or a backslash), then checked by one vectorised pass: the largest of its bytes less
+/// 0x20 (wrapping) is 0x60 or more only when a byte is a control character or of 0x80 or
+/// more, and only then is it looked at again (for a control character, and UTF-8).
 #[inline(never)]
 fn long_string_end(b: &[u8], start: usize, j: usize) -> Option<usize> {
     let end = j + memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
@@ -656,7 +654,8 @@ fn long_string_end(b: &[u8], start: usize, j: usize) -> Option<usize> {
     }
     let text = &b[start..end];
     if text.iter().fold(0u8, |m, &c| m.max(c.wrapping_sub(0x20))) >= 0x60 {
-        if text.iter().any(|&c| c < 0x20) {
+        // A fold, not `any`: it runs over the whole text, vectorised, without a branch a byte.
+        if text.iter().fold(false, |bad, &c| bad | (c < 0x20)) {
             return None;
         }
         std::str::from_utf8(text).ok()?;
@@ -681,22 +680,6 @@ fn last_word(b: &[u8], n: usize) -> u64 {
             .take(n)
             .fold(0u64, |w, &c| w << 8 | u64::from(c)),
     }
-}
-
-/// [`string_end`] for a string with a byte of 0x80 or more at `b[j]`: the rest of it byte
-/// by byte, then its UTF-8 checked.
-#[cold]
-#[inline(never)]
-fn utf8_string_end(b: &[u8], start: usize, mut j: usize) -> Option<usize> {
-    loop {
-        match *b.get(j)? {
-            b'"' => break,
-            b'\\' | ..0x20 => return None,
-            _ => j += 1,
-        }
-    }
-    std::str::from_utf8(&b[start..j]).ok()?;
-    Some(j)
 }
 
 fn estimate(bytes: u64) -> u64 {
