@@ -182,12 +182,15 @@ pub struct HostModel;
 
 impl<B: ReplayBody> KeyFn<B> for HostModel {
     fn key(&self, req: &Request<B>) -> Option<Key> {
-        // The common shape first: no `RequestMeta` (which would take precedence) and a
-        // body whose first key is a plain `"model"`. Same key as the general path below.
-        if RequestMeta::stored(req).is_none() {
-            if let Some(model) = req.body().bytes().and_then(leading_model) {
-                return Some(host_model_key(host_of(req), model));
-            }
+        // A stored `RequestMeta` takes precedence, as in `model_of` (one lookup for both).
+        if let Some(meta) = RequestMeta::stored(req) {
+            let model = meta.model().unwrap_or("");
+            return Some(host_model_key(host_of(req), model.as_bytes()));
+        }
+        // The common shape: a body whose first key is a plain `"model"`. Same key as the
+        // general path below.
+        if let Some(model) = req.body().bytes().and_then(leading_model) {
+            return Some(host_model_key(host_of(req), model));
         }
         let model = model_of(req);
         Some(host_model_key(

@@ -192,6 +192,9 @@ impl RateLimitInfo {
         let mut anthropic_reset: [Option<&str>; 4] = [None; 4];
         let mut ietf = None;
         let mut ietf_policy = None;
+        // Whether any header of the four families was read: most responses of most
+        // providers carry none, and then the answer is the empty one, built at once.
+        let mut seen = false;
         for (name, value) in headers {
             let name = name.as_str();
             let first = name.as_bytes().first().copied();
@@ -200,6 +203,7 @@ impl RateLimitInfo {
             }
             let Ok(v) = value.to_str() else { continue };
             if let Some(rest) = name.strip_prefix("x-ratelimit-") {
+                seen = true;
                 let (field, which) = match rest.rsplit_once('-') {
                     Some((f, "requests")) => (f, 0),
                     Some((f, "tokens")) => (f, 1),
@@ -213,6 +217,7 @@ impl RateLimitInfo {
                     _ => {}
                 }
             } else if let Some(rest) = name.strip_prefix("anthropic-ratelimit-") {
+                seen = true;
                 let Some((what, field)) = rest.rsplit_once('-') else {
                     continue;
                 };
@@ -230,10 +235,15 @@ impl RateLimitInfo {
                     _ => {}
                 }
             } else if name == "ratelimit" {
+                seen = true;
                 ietf = Some(v);
             } else if name == "ratelimit-policy" {
+                seen = true;
                 ietf_policy = Some(v);
             }
+        }
+        if !seen {
+            return RateLimitInfo::default();
         }
         if anthropic_reset.iter().any(Option::is_some) {
             let clock = response_clock(headers, now);
@@ -474,6 +484,29 @@ mod tests {
         ]);
         let info = RateLimitInfo::from_headers(&h, SystemTime::UNIX_EPOCH);
         assert_eq!(info.exhausted_for(), Some(Duration::from_millis(179_560)));
+    }
+
+    #[test]
+    fn headers_of_no_family_read_as_nothing() {
+        for h in [
+            headers(&[]),
+            headers(&[
+                ("x-request-id", "req_1"),
+                ("anthropic-organization-id", "org"),
+                ("retry-after", "3"),
+                ("ratelimitx", "r=0;t=3"),
+            ]),
+        ] {
+            let info = RateLimitInfo::from_headers(&h, SystemTime::UNIX_EPOCH);
+            assert_eq!(info, RateLimitInfo::default());
+            assert!(info.is_empty());
+        }
+        // A policy alone names no bucket either.
+        let h = headers(&[("ratelimit-policy", "\"default\";q=100;w=60")]);
+        assert_eq!(
+            RateLimitInfo::from_headers(&h, SystemTime::UNIX_EPOCH),
+            RateLimitInfo::default()
+        );
     }
 
     #[test]
