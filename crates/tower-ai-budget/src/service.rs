@@ -212,15 +212,12 @@ impl<S, K, L> TokenBudget<S, K, L> {
             // No key: exempt from the budget.
             return ResponseFuture::fast(self.inner.call(req), None);
         };
-        // The path names the dialect of most endpoints, whoever the provider: when two
-        // providers get the same dialect, the path decided, and the provider (which may
-        // read headers) is not needed.
+        // The path names the dialect of most endpoints, whoever the provider: then the
+        // provider (which may read headers) is not needed.
         let path = req.uri().path();
-        let by_path = StreamDialect::of(Provider::Anthropic, path);
-        let dialect = if by_path == StreamDialect::of(Provider::Gemini, path) {
-            by_path
-        } else {
-            StreamDialect::of(Provider::of(&req), path)
+        let dialect = match StreamDialect::of_path(path) {
+            Some(d) => d,
+            None => StreamDialect::of(Provider::of(&req), path),
         };
         if self.parts.budget.limits.store.is_some() {
             let dialect = self.parts.budget.limits.counts_tokens().then_some(dialect);
@@ -332,19 +329,6 @@ impl<S, K, L> TokenBudget<S, K, L> {
         };
         let limits = &*self.parts.budget.limits;
         let now = Instant::now();
-        // A waiter gives up at `max_wait`, or when it could no longer be answered by the
-        // request's own deadline (less the expected service time) if that comes first: a
-        // request predicted not to start before then is refused at once (one extensions
-        // lookup, in wait mode only).
-        let patience = match limits.when_full {
-            WhenFull::Wait { max_wait } => Some(Patience::new(
-                now,
-                max_wait,
-                Deadline::of(&req).map(Deadline::instant),
-                limits.expected_service,
-            )),
-            WhenFull::Reject => None,
-        };
         let observe = limits
             .sync_from_headers
             .then(|| (self.parts.budget.clone(), key));
@@ -363,6 +347,20 @@ impl<S, K, L> TokenBudget<S, K, L> {
                 );
             }
         }
+        // A waiter gives up at `max_wait`, or when it could no longer be answered by the
+        // request's own deadline (less the expected service time) if that comes first: a
+        // request predicted not to start before then is refused at once (one extensions
+        // lookup, in wait mode only; a request admitted from a lease above never waits).
+        let limits = &*self.parts.budget.limits;
+        let patience = match limits.when_full {
+            WhenFull::Wait { max_wait } => Some(Patience::new(
+                now,
+                max_wait,
+                Deadline::of(&req).map(Deadline::instant),
+                limits.expected_service,
+            )),
+            WhenFull::Reject => None,
+        };
         let cache = self.fast.enabled.then_some(&mut self.cache);
         match self
             .parts
