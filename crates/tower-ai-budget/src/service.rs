@@ -223,7 +223,7 @@ impl<S, K, L> TokenBudget<S, K, L> {
             let dialect = self.parts.budget.limits.counts_tokens().then_some(dialect);
             return self.stored(req, key, cost, dialect);
         }
-        self.locked(req, key, cost, Some(dialect))
+        self.locked_inline(req, key, cost, Some(dialect))
     }
 
     /// A budget kept in a store: the store decides (at once, or after a round trip).
@@ -312,6 +312,24 @@ impl<S, K, L> TokenBudget<S, K, L> {
     /// The locked path: reads the clock, decides, and admits, queues or refuses.
     #[inline(never)]
     fn locked<ReqB>(
+        &mut self,
+        req: Request<ReqB>,
+        key: Key,
+        cost: Result<Cost, BudgetLimit>,
+        dialect: Option<StreamDialect>,
+    ) -> ResponseFuture<S, ReqB>
+    where
+        S: Service<Request<ReqB>> + Clone,
+        K: KeyFn<ReqB>,
+        L: BudgetListener,
+    {
+        self.locked_inline(req, key, cost, dialect)
+    }
+
+    /// [`locked`](Self::locked), inlined into the token-counting path: the request is
+    /// moved once less on the way to the inner service.
+    #[inline(always)]
+    fn locked_inline<ReqB>(
         &mut self,
         req: Request<ReqB>,
         key: Key,
