@@ -141,24 +141,17 @@ fn ends_with_ignore_case(s: &str, suffix: &str) -> bool {
 /// paid by every layer that keys on the host.
 pub(crate) fn uri_host(uri: &Uri) -> Option<&str> {
     let auth = uri.authority()?.as_str();
-    // The usual authority has no userinfo (`@`): its host ends at the first `:` (or at an
-    // IPv6 literal's `]`), found eight bytes at a time. One with an `@` takes the byte
-    // loop below.
-    let colon = match first_colon_unless_at(auth.as_bytes()) {
-        Ok(colon) => colon,
-        Err(()) => return Some(host_after_userinfo(auth)),
-    };
-    if auth.as_bytes().first() == Some(&b'[') {
-        let end = auth.bytes().position(|c| c == b']');
-        return Some(end.map_or(auth, |e| &auth[..=e]));
+    // The usual authority is a plain host: no userinfo (`@`), no port (`:`), no IPv6
+    // literal (`[`). Then it is the host, as a word-at-a-time scan tells.
+    if auth.as_bytes().first() != Some(&b'[') && !has_colon_or_at(auth.as_bytes()) {
+        return Some(auth);
     }
-    Some(&auth[..colon.unwrap_or(auth.len())])
+    Some(host_of_authority(auth))
 }
 
-/// The host of an authority with userinfo: after the last `@`, up to the first `:` after
-/// it (or an IPv6 literal's `]`).
-#[cold]
-fn host_after_userinfo(auth: &str) -> &str {
+/// The host of an authority with a port, userinfo or an IPv6 literal: after the last
+/// `@`, up to the first `:` after it (or to an IPv6 literal's `]`).
+fn host_of_authority(auth: &str) -> &str {
     // One forward pass: the host starts after the last `@` and ends at the first `:`
     // after that (or at an IPv6 literal's `]`).
     let (mut start, mut colon) = (0, None);
@@ -177,43 +170,33 @@ fn host_after_userinfo(auth: &str) -> &str {
     &auth[start..colon.unwrap_or(auth.len())]
 }
 
-/// The index of the first `:` of `b`, eight bytes at a time; `Err` if `b` holds an `@`
-/// anywhere.
+/// Whether `b` holds a `:` or an `@`, eight bytes at a time.
 #[inline]
-fn first_colon_unless_at(b: &[u8]) -> Result<Option<usize>, ()> {
+fn has_colon_or_at(b: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    const COLON: u64 = ONES * b':' as u64;
+    const AT: u64 = ONES * b'@' as u64;
     if b.len() < 8 {
-        if b.contains(&b'@') {
-            return Err(());
-        }
-        return Ok(b.iter().position(|&c| c == b':'));
+        return b.iter().any(|&c| c == b':' || c == b'@');
     }
-    // High bit of each byte that is zero; exact up to the first zero byte (a borrow can
-    // only mark bytes after it): the lowest set bit is exact, and so is "any set".
+    // High bit of each byte that is zero: none set exactly when no byte is zero (a borrow
+    // can only mark bytes after a zero byte).
     let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-    let word = |i: usize| {
-        let mut w = [0; 8];
-        w.copy_from_slice(&b[i..i + 8]);
-        u64::from_le_bytes(w)
-    };
-    let mut colon = None;
     let mut i = 0;
     loop {
-        // The last word ends at the end: it overlaps the one before, whose bytes hold no
-        // `@` and (if no `:` was found yet) no `:`, so a hit is still the first.
+        // The last word ends at the end, overlapping the one before (read again: no
+        // harm to a yes-or-no answer).
         let at = i.min(b.len() - 8);
-        let v = word(at);
-        if zero(v ^ (ONES * u64::from(b'@'))) != 0 {
-            return Err(());
-        }
-        let hits = zero(v ^ (ONES * u64::from(b':')));
-        if hits != 0 && colon.is_none() {
-            colon = Some(at + hits.trailing_zeros() as usize / 8);
+        let mut w = [0; 8];
+        w.copy_from_slice(&b[at..at + 8]);
+        let v = u64::from_le_bytes(w);
+        if zero(v ^ COLON) | zero(v ^ AT) != 0 {
+            return true;
         }
         i += 8;
         if i >= b.len() {
-            return Ok(colon);
+            return false;
         }
     }
 }
@@ -255,6 +238,17 @@ mod tests {
             if let Ok(uri) = format!("http://{auth}/v1").parse::<Uri>() {
                 proptest::prop_assert_eq!(uri_host(&uri), uri.host());
             }
+        }
+
+        /// The word-at-a-time test agrees with a byte loop, at every length and offset.
+        #[test]
+        fn the_word_scan_finds_any_colon_or_at(b in proptest::collection::vec(
+            proptest::prop_oneof![proptest::prelude::Just(b':'), proptest::prelude::Just(b'@'),
+                proptest::prelude::Just(0u8), proptest::prelude::Just(0x80u8), 0x20u8..0x7f],
+            0..30,
+        )) {
+            let want = b.iter().any(|&c| c == b':' || c == b'@');
+            proptest::prop_assert_eq!(has_colon_or_at(&b), want);
         }
     }
 
