@@ -11,7 +11,6 @@ use http::Response;
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
-use tower_ai_core::stream::is_event_stream;
 use tower_ai_core::{AiError, BoxError, Provider};
 
 use crate::body::StallBody;
@@ -129,25 +128,43 @@ pub(crate) fn deadline_passed(system: Provider, sent: bool, bytes_received: u64)
     }
 }
 
-/// Whether a response is a server-sent-event stream worth reading.
-fn is_sse<B>(res: &Response<B>) -> bool {
-    res.status().is_success() && is_event_stream(res.headers())
+/// What a response's head says its body is, for the detector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// A success whose `content-type` is `text/event-stream`: a stream worth reading.
+    Sse,
+    /// A success whose `content-type` is `application/json`: a non-streamed answer, read
+    /// for why the model stopped.
+    Json,
+    /// Anything else.
+    Other,
 }
 
-/// Whether a response is a non-streamed JSON answer, read for why the model stopped: a
-/// success whose `content-type` is `application/json` (parameters allowed).
-fn is_json_answer<B>(res: &Response<B>) -> bool {
+/// The [`Answer`] of a response, from one look at its `content-type` (either media type
+/// in any case, parameters and leading spaces allowed, as
+/// [`is_event_stream`](tower_ai_core::stream::is_event_stream) reads it).
+fn answer_of<B>(res: &Response<B>) -> Answer {
+    const SSE: &[u8] = b"text/event-stream";
     const JSON: &[u8] = b"application/json";
-    res.status().is_success()
-        && res
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| {
-                let v = v.as_bytes().trim_ascii_start();
-                v.len() >= JSON.len()
-                    && v[..JSON.len()].eq_ignore_ascii_case(JSON)
-                    && matches!(v.get(JSON.len()), None | Some(b';' | b' ' | b'\t'))
-            })
+    if !res.status().is_success() {
+        return Answer::Other;
+    }
+    let Some(v) = res.headers().get(http::header::CONTENT_TYPE) else {
+        return Answer::Other;
+    };
+    let v = v.as_bytes().trim_ascii_start();
+    let is = |media: &[u8]| {
+        v.len() >= media.len()
+            && v[..media.len()].eq_ignore_ascii_case(media)
+            && matches!(v.get(media.len()), None | Some(b';' | b' ' | b'\t'))
+    };
+    if is(SSE) {
+        Answer::Sse
+    } else if is(JSON) {
+        Answer::Json
+    } else {
+        Answer::Other
+    }
 }
 
 /// Polls the one timer of the future at `at`, creating it the first time it is needed
@@ -174,10 +191,15 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Calling { fut } => {
-                    match fut.poll(cx) {
-                        Poll::Ready(Ok(mut res)) if !is_sse(&res) => {
+                    let polled = fut.poll(cx);
+                    let answer = match &polled {
+                        Poll::Ready(Ok(res)) => answer_of(res),
+                        _ => Answer::Other,
+                    };
+                    match polled {
+                        Poll::Ready(Ok(mut res)) if answer != Answer::Sse => {
                             this.state.set(State::Done);
-                            let tracker = if is_json_answer(&res) {
+                            let tracker = if answer == Answer::Json {
                                 let t = Tracker::json(this.config, this.route.system, *this.start)
                                     .with_deadline(*this.deadline);
                                 if let Some(outcome) = t.outcome() {
@@ -332,6 +354,43 @@ where
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One look at the head tells what `is_event_stream` and the JSON rule told apart.
+    #[test]
+    fn the_answer_of_a_head() {
+        let res = |status: u16, ct: Option<&str>| {
+            let mut b = Response::builder().status(status);
+            if let Some(ct) = ct {
+                b = b.header(http::header::CONTENT_TYPE, ct);
+            }
+            b.body(()).unwrap()
+        };
+        for (status, ct, want) in [
+            (200, Some("text/event-stream"), Answer::Sse),
+            (200, Some(" Text/Event-Stream; charset=utf-8"), Answer::Sse),
+            (200, Some("text/event-streamx"), Answer::Other),
+            (200, Some("application/json"), Answer::Json),
+            (200, Some("Application/JSON;charset=utf-8"), Answer::Json),
+            (200, Some("application/json\tx"), Answer::Json),
+            (200, Some("application/jsonl"), Answer::Other),
+            (200, Some("text/plain"), Answer::Other),
+            (200, None, Answer::Other),
+            (500, Some("application/json"), Answer::Other),
+            (429, Some("text/event-stream"), Answer::Other),
+        ] {
+            let r = res(status, ct);
+            assert_eq!(answer_of(&r), want, "{status} {ct:?}");
+            assert_eq!(
+                want == Answer::Sse,
+                r.status().is_success() && tower_ai_core::stream::is_event_stream(r.headers())
+            );
         }
     }
 }
