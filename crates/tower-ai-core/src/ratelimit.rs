@@ -124,11 +124,16 @@ impl RequestedWait {
 /// it has a valid one (so provider-side timestamps compare with the provider's clock, not
 /// a skewed local one), else `now`.
 pub fn response_clock(headers: &HeaderMap, now: SystemTime) -> SystemTime {
+    response_clock_with(headers, || now)
+}
+
+/// [`response_clock`], reading `now` only without a valid `Date` header.
+fn response_clock_with(headers: &HeaderMap, now: impl FnOnce() -> SystemTime) -> SystemTime {
     headers
         .get(http::header::DATE)
         .and_then(|v| v.to_str().ok())
         .and_then(duration::http_date)
-        .unwrap_or(now)
+        .unwrap_or_else(now)
 }
 
 /// One rate-limit bucket as a provider's headers describe it. Every field is optional:
@@ -185,6 +190,13 @@ impl RateLimitInfo {
     /// enough to call on every success response (a response with no rate-limit header
     /// costs one short loop).
     pub fn from_headers(headers: &HeaderMap, now: SystemTime) -> Self {
+        RateLimitInfo::from_headers_with(headers, || now)
+    }
+
+    /// [`from_headers`](Self::from_headers), reading the clock (`now`) only when a reset
+    /// given as a timestamp is measured and the response has no valid `Date` header: most
+    /// responses need no clock, and a layer that reads every success saves the read.
+    pub fn from_headers_with(headers: &HeaderMap, now: impl FnOnce() -> SystemTime) -> Self {
         // OpenAI/Azure buckets, Anthropic buckets (requests, tokens, input, output), with
         // Anthropic resets kept as text until the clock is known.
         let mut openai = [Bucket::default(); 2];
@@ -246,7 +258,7 @@ impl RateLimitInfo {
             return RateLimitInfo::default();
         }
         if anthropic_reset.iter().any(Option::is_some) {
-            let clock = response_clock(headers, now);
+            let clock = response_clock_with(headers, now);
             for (b, r) in anthropic.iter_mut().zip(anthropic_reset) {
                 b.reset = r
                     .and_then(duration::rfc3339)
@@ -542,6 +554,27 @@ mod tests {
         assert_eq!(info.exhausted_for(), Some(Duration::from_secs(1)));
         assert!(!info.is_empty());
         assert!(RateLimitInfo::from_headers(&HeaderMap::new(), SystemTime::UNIX_EPOCH).is_empty());
+    }
+
+    #[test]
+    fn the_clock_is_read_only_for_a_timestamp_without_a_date() {
+        let reads = std::cell::Cell::new(0);
+        let clock = || {
+            reads.set(reads.get() + 1);
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_711_483_199)
+        };
+        let openai = headers(&[("x-ratelimit-remaining-tokens", "0")]);
+        let dated = headers(&[
+            ("anthropic-ratelimit-requests-reset", "2024-03-26T20:00:00Z"),
+            ("date", "Tue, 26 Mar 2024 19:59:58 GMT"),
+        ]);
+        let undated = headers(&[("anthropic-ratelimit-requests-reset", "2024-03-26T20:00:00Z")]);
+        for (h, n) in [(HeaderMap::new(), 0), (openai, 0), (dated, 0), (undated, 1)] {
+            reads.set(0);
+            let lazy = RateLimitInfo::from_headers_with(&h, clock);
+            assert_eq!(reads.get(), n);
+            assert_eq!(lazy, RateLimitInfo::from_headers(&h, clock()));
+        }
     }
 
     #[test]

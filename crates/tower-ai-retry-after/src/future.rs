@@ -249,7 +249,7 @@ fn learn<K, ResB>(
         // Core's scan is one cheap pass with no allocation.
         (
             None,
-            RateLimitInfo::from_headers(res.headers(), SystemTime::now()),
+            RateLimitInfo::from_headers_with(res.headers(), SystemTime::now),
         )
     } else {
         // The classification has read the headers already (Classify's, or one made from
@@ -261,7 +261,7 @@ fn learn<K, ResB>(
             _ => None,
         };
         let info = if c.is_success() {
-            RateLimitInfo::from_headers(res.headers(), SystemTime::now())
+            RateLimitInfo::from_headers_with(res.headers(), SystemTime::now)
         } else {
             c.rate_limit
         };
