@@ -282,6 +282,10 @@ impl Stripe {
             let Some((key, r)) = s.reserved.take_slot(slot) else {
                 return;
             };
+            if finish == Finish::Keep {
+                // It cost what it reserved: the lease already counts that.
+                return;
+            }
             let (tokens, spend) = r.settled(finish);
             let reserved = self.cfg.amounts_of(r.tokens, r.spend);
             let mut actual = self.cfg.amounts_of(tokens, spend);
