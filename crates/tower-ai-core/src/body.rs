@@ -8,8 +8,10 @@
 //! [`Classify`](crate::Classify) so they can be classified, then handed on whole inside
 //! [`ClassifiedBody`], together with whatever of them was not read.
 
+use std::borrow::Borrow;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -256,19 +258,27 @@ fn clone_head_and_body<B: ReplayBody>(req: &http::Request<B>) -> Option<http::Re
     Some(out)
 }
 
-/// Headers a [`RetainedRequest`] keeps inline (a request with more keeps them all on
-/// the heap, in one allocation).
+/// Headers a [`RetainedHead`] keeps inline (a request with more keeps them all on the
+/// heap, in one allocation).
 const INLINE_HEADERS: usize = 6;
 
-/// Bytes of header values a [`RetainedRequest`] copies into itself (all values together;
-/// a value that does not fit is kept as a clone of its `HeaderValue`). Enough for a
-/// content type, an API key or bearer token of up to about 200 bytes (an OpenAI project
-/// key with `Bearer ` is about 170) and a version header.
+/// Bytes of header values a [`RetainedHead`] copies into itself (all values together; a
+/// value that does not fit is kept as a clone of its `HeaderValue`). Enough for a content
+/// type, an API key or bearer token of up to about 200 bytes (an OpenAI project key with
+/// `Bearer ` is about 170) and a version header.
 // A size `smallvec` supports without its `const_generics` feature (a power of two).
 const INLINE_VALUE_BYTES: usize = 256;
 
 /// A copy of a request kept to be sent again (AiRetry's next attempt, ModelFallback's next
 /// route): what [`try_clone_request`] makes, for less on the usual request.
+///
+/// The method, URI, version and headers are kept in a [`RetainedHead`]: inline (`H` is
+/// `RetainedHead`, the default), or behind an `Arc` (`H` is `Arc<RetainedHead>`) that one
+/// layer shares with the layers below it: ModelFallback makes its copy that way
+/// ([`copy_shared`](RetainedRequest::copy_shared)) and offers the head through the
+/// request ([`RetainedHead::offer`]); AiRetry below it takes the head instead of copying
+/// it when the request it got has exactly that head
+/// ([`share`](RetainedRequest::share)), and keeps its own body and extensions either way.
 ///
 /// The headers are kept as a list of `(name, value)` pairs, inline for a request of up to
 /// six of them (cloning a `HeaderMap` costs two allocations, its index and its entries;
@@ -307,22 +317,52 @@ const INLINE_VALUE_BYTES: usize = 256;
 /// assert!(AttemptBudget::of(&again).is_none());
 /// # }
 /// ```
-pub struct RetainedRequest<B> {
-    /// Method, URI, version and body; an empty header map (which allocates nothing).
-    /// Without extensions when the original's were at most the three fields below (kept
-    /// there); else with all of them, and the fields are `None`.
-    req: http::Request<B>,
-    /// Every `(name, value)` of the original, in its iteration order.
-    headers: SmallVec<[(HeaderName, KeptValue); INLINE_HEADERS]>,
-    /// The bytes of the [`KeptValue::Inline`] values, one after the other. Never grown
-    /// past its inline capacity (a value that would not fit is kept as a `HeaderValue`).
-    value_bytes: SmallVec<[u8; INLINE_VALUE_BYTES]>,
+pub struct RetainedRequest<B, H = RetainedHead> {
+    /// Method, URI, version and headers.
+    head: H,
+    body: B,
+    /// Empty (which allocates nothing) when the original's extensions were at most the
+    /// three fields below (kept there); else all of them, and the fields are `None`.
+    ext: http::Extensions,
     deadline: Option<Deadline>,
     budget: Option<AttemptBudget>,
     facts: Option<Facts>,
 }
 
-/// A header value of a [`RetainedRequest`].
+/// The method, URI, version and headers of a [`RetainedRequest`]: what does not depend on
+/// the body's type, so that one copy, behind an `Arc`, can serve every layer that replays
+/// the same request (see [`offer`](RetainedHead::offer)).
+///
+/// ```
+/// use std::sync::Arc;
+/// use http::Request;
+/// use tower_ai_core::{AiBody, RetainedHead, RetainedRequest};
+///
+/// let req = Request::post("/v1/chat/completions")
+///     .header("authorization", "Bearer k")
+///     .body(AiBody::from(r#"{"model":"gpt-4o"}"#))
+///     .unwrap();
+/// let kept = RetainedRequest::copy_shared(&req).unwrap();
+/// assert!(kept.head().matches(&req));
+/// // Another layer's copy of the same request, with the same head (no copy of it).
+/// let again = RetainedRequest::share(&req, kept.head()).unwrap();
+/// assert!(Arc::ptr_eq(again.head(), kept.head()));
+/// let mut changed = req;
+/// changed.headers_mut().insert("authorization", "Bearer other".parse().unwrap());
+/// assert!(RetainedRequest::share(&changed, kept.head()).is_none());
+/// ```
+pub struct RetainedHead {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    /// Every `(name, value)` of the original, in its iteration order.
+    headers: SmallVec<[(HeaderName, KeptValue); INLINE_HEADERS]>,
+    /// The bytes of the [`KeptValue::Inline`] values, one after the other. Never grown
+    /// past its inline capacity (a value that would not fit is kept as a `HeaderValue`).
+    value_bytes: SmallVec<[u8; INLINE_VALUE_BYTES]>,
+}
+
+/// A header value of a [`RetainedHead`].
 enum KeptValue {
     /// Its bytes, at `start..start + len` of `value_bytes`.
     Inline {
@@ -334,65 +374,46 @@ enum KeptValue {
     Value(HeaderValue),
 }
 
-impl<B: ReplayBody> RetainedRequest<B> {
-    /// A copy of `req`, or `None` when its body cannot be replayed.
-    pub fn copy(req: &http::Request<B>) -> Option<Self> {
-        let mut slot = None;
-        RetainedRequest::copy_into(req, &mut slot);
-        slot
-    }
-
-    /// [`copy`](RetainedRequest::copy) made where it is kept (a layer's boxed state):
-    /// `slot` is set to the copy, or to `None` when the body cannot be replayed. The copy
-    /// is written in place, not moved there (it holds its headers inline). Returns whether
-    /// there is a copy.
-    pub fn copy_into(req: &http::Request<B>, slot: &mut Option<Self>) -> bool {
-        let Some(body) = req.body().try_clone() else {
-            *slot = None;
-            return false;
-        };
-        let ext = req.extensions();
-        let (mut deadline, mut budget, mut facts) = match Facts::alone(ext) {
-            // The stack's usual request: one lookup.
-            Some(f) => (None, None, Some(f.clone())),
-            None if ext.is_empty() => (None, None, None),
-            None => (
-                ext.get::<Deadline>().copied(),
-                ext.get::<AttemptBudget>().cloned(),
-                Facts::of(ext).cloned(),
-            ),
-        };
-        let own_ext = ext.len()
-            != usize::from(deadline.is_some())
-                + usize::from(budget.is_some())
-                + usize::from(facts.is_some());
-        if own_ext {
-            // Everything is in the copied map.
-            deadline = None;
-            budget = None;
-            facts = None;
-        }
-        let kept = slot.insert(RetainedRequest {
-            req: http::Request::new(body),
+impl RetainedHead {
+    /// A head with nothing in it, to fill in place.
+    fn empty() -> Self {
+        RetainedHead {
+            method: http::Method::GET,
+            uri: http::Uri::default(),
+            version: http::Version::default(),
             headers: SmallVec::new(),
             value_bytes: SmallVec::new(),
-            deadline,
-            budget,
-            facts,
-        });
-        *kept.req.method_mut() = req.method().clone();
-        *kept.req.uri_mut() = req.uri().clone();
-        *kept.req.version_mut() = req.version();
-        if own_ext {
-            *kept.req.extensions_mut() = ext.clone();
         }
+    }
+
+    /// A copy of `req`'s head behind an `Arc`, to share (written in place in the `Arc`'s
+    /// allocation).
+    pub fn shared<B>(req: &http::Request<B>) -> Arc<RetainedHead> {
+        let mut head = Arc::new(RetainedHead::empty());
+        match Arc::get_mut(&mut head) {
+            Some(h) => h.fill(req),
+            // Unreachable: a new `Arc` has no other handle.
+            None => {
+                let mut h = RetainedHead::empty();
+                h.fill(req);
+                head = Arc::new(h);
+            }
+        }
+        head
+    }
+
+    /// Copies `req`'s method, URI, version and headers into this (empty) head.
+    fn fill<B>(&mut self, req: &http::Request<B>) {
+        self.method = req.method().clone();
+        self.uri = req.uri().clone();
+        self.version = req.version();
         let headers = req.headers();
-        kept.headers.reserve(headers.len());
+        self.headers.reserve(headers.len());
         for (n, v) in headers {
             let bytes = v.as_bytes();
-            let start = kept.value_bytes.len();
+            let start = self.value_bytes.len();
             let value = if bytes.len() <= INLINE_VALUE_BYTES - start {
-                kept.value_bytes.extend_from_slice(bytes);
+                self.value_bytes.extend_from_slice(bytes);
                 // Both below INLINE_VALUE_BYTES, which fits a u16.
                 KeptValue::Inline {
                     start: start as u16,
@@ -402,74 +423,88 @@ impl<B: ReplayBody> RetainedRequest<B> {
             } else {
                 KeptValue::Value(v.clone())
             };
-            kept.headers.push((n.clone(), value));
+            self.headers.push((n.clone(), value));
         }
         // All the inline bytes checked in one pass; on a failure (a value that only unsafe
         // code builds), each inline value again, and those that would not build the same
         // `HeaderValue` are kept as clones.
-        if !valid_value(&kept.value_bytes) {
-            for ((_, kv), (_, v)) in kept.headers.iter_mut().zip(headers) {
+        if !valid_value(&self.value_bytes) {
+            for ((_, kv), (_, v)) in self.headers.iter_mut().zip(headers) {
                 if let KeptValue::Inline { start, len, .. } = *kv {
                     let start = usize::from(start);
-                    let bytes = kept.value_bytes.get(start..start + usize::from(len));
+                    let bytes = self.value_bytes.get(start..start + usize::from(len));
                     if !bytes.is_some_and(valid_value) {
                         *kv = KeptValue::Value(v.clone());
                     }
                 }
             }
         }
-        true
     }
 
-    /// A request to send: a copy of the original, extensions included. `None` when the
-    /// body will not replay.
-    pub fn replay(&self) -> Option<http::Request<B>> {
-        let body = self.req.body().try_clone()?;
-        let mut out = http::Request::new(body);
-        *out.method_mut() = self.req.method().clone();
-        *out.uri_mut() = self.req.uri().clone();
-        *out.version_mut() = self.req.version();
-        *out.headers_mut() = self.header_map();
-        if self.req.extensions().is_empty() {
-            self.restore(&mut out);
-        } else {
-            *out.extensions_mut() = self.req.extensions().clone();
+    /// Whether `req` has exactly this head: the same method, version, URI (scheme,
+    /// authority, path and query, byte for byte: `Uri`'s own `==` ignores the case of
+    /// the scheme and host, which would still be sent as they are) and headers (the
+    /// same names and value bytes, with the same sensitive flags, in the same order). A
+    /// request built again from this head is then the same as one built from `req`'s.
+    pub fn matches<B>(&self, req: &http::Request<B>) -> bool {
+        let (uri, theirs) = (&self.uri, req.uri());
+        if self.method != req.method()
+            || self.version != req.version()
+            || uri.scheme_str() != theirs.scheme_str()
+            || uri.authority().map(|a| a.as_str()) != theirs.authority().map(|a| a.as_str())
+            || uri.path_and_query().map(|p| p.as_str())
+                != theirs.path_and_query().map(|p| p.as_str())
+        {
+            return false;
         }
-        Some(out)
+        let headers = req.headers();
+        if headers.len() != self.headers.len() {
+            return false;
+        }
+        self.headers
+            .iter()
+            .zip(headers)
+            .all(|((name, kept), (n, v))| {
+                name == n
+                    && match *kept {
+                        KeptValue::Inline {
+                            start,
+                            len,
+                            sensitive,
+                        } => {
+                            let start = usize::from(start);
+                            sensitive == v.is_sensitive()
+                                && self.value_bytes.get(start..start + usize::from(len))
+                                    == Some(v.as_bytes())
+                        }
+                        KeptValue::Value(ref k) => {
+                            k.is_sensitive() == v.is_sensitive() && k.as_bytes() == v.as_bytes()
+                        }
+                    }
+            })
     }
 
-    /// The original request itself, extensions included (for the last time it is sent).
-    pub fn into_request(self) -> http::Request<B> {
-        let headers = self.header_map();
-        let mut out = self.req;
-        *out.headers_mut() = headers;
-        // All `None` when `req` has its own extensions.
-        if let Some(d) = self.deadline {
-            out.extensions_mut().insert(d);
-        }
-        if let Some(b) = self.budget {
-            out.extensions_mut().insert(b);
-        }
-        if let Some(f) = self.facts {
-            out.extensions_mut().insert(f);
-        }
-        out
-    }
-
-    fn restore(&self, out: &mut http::Request<B>) {
-        if let Some(d) = self.deadline {
-            out.extensions_mut().insert(d);
-        }
-        if let Some(b) = &self.budget {
-            out.extensions_mut().insert(b.clone());
-        }
-        if let Some(f) = &self.facts {
-            out.extensions_mut().insert(f.clone());
+    /// Offers this head to the layers below through `req`, in the slot of the stack's
+    /// per-call facts, for [`RetainedRequest::share`] (a layer that keeps a copy of the
+    /// request it gets, and finds this head there and equal to its request's, shares it
+    /// instead of copying it). Only a request that has the slot gets it (nothing is
+    /// allocated for it); returns whether it did.
+    pub fn offer<B>(self: &Arc<Self>, req: &mut http::Request<B>) -> bool {
+        match req.extensions_mut().get_mut::<Facts>() {
+            Some(facts) => {
+                facts.head = Some(Arc::clone(self));
+                true
+            }
+            None => false,
         }
     }
-}
 
-impl<B> RetainedRequest<B> {
+    /// The head a layer above [offered](RetainedHead::offer) through `req`, if any
+    /// (whether `req` still has it is for [`matches`](RetainedHead::matches) to say).
+    pub fn offered<B>(req: &http::Request<B>) -> Option<&Arc<RetainedHead>> {
+        Facts::of(req.extensions())?.head.as_ref()
+    }
+
     /// The original's headers, as a map again (the same names and values, in the same
     /// order).
     fn header_map(&self) -> HeaderMap {
@@ -502,36 +537,228 @@ impl<B> RetainedRequest<B> {
         }
     }
 
-    /// The copy's method.
+    /// The method.
     pub fn method(&self) -> &http::Method {
-        self.req.method()
+        &self.method
     }
 
-    /// The copy's URI.
+    /// The URI.
     pub fn uri(&self) -> &http::Uri {
-        self.req.uri()
+        &self.uri
     }
 
-    /// The copy's body.
-    pub fn body(&self) -> &B {
-        self.req.body()
-    }
-
-    /// The copy's headers, each value of each name in the original's iteration order.
-    /// The values are built again from the bytes kept (see the type's docs), so this is
+    /// The headers, each value of each name in the original's iteration order. The
+    /// values are built again from the bytes kept (see [`RetainedRequest`]), so this is
     /// for the cold path.
     pub fn headers(&self) -> impl Iterator<Item = (&HeaderName, HeaderValue)> {
         self.headers
             .iter()
             .filter_map(|(n, v)| Some((n, self.value(v)?)))
     }
+}
+
+impl fmt::Debug for RetainedHead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the header values: they hold API keys.
+        f.debug_struct("RetainedHead")
+            .field("method", &self.method)
+            .field("uri", &self.uri)
+            .field("headers", &self.headers.len())
+            .finish()
+    }
+}
+
+impl<B: ReplayBody> RetainedRequest<B> {
+    /// A copy of `req`, or `None` when its body cannot be replayed.
+    pub fn copy(req: &http::Request<B>) -> Option<Self> {
+        let mut slot = None;
+        RetainedRequest::copy_into(req, &mut slot);
+        slot
+    }
+
+    /// [`copy`](RetainedRequest::copy) made where it is kept (a layer's boxed state):
+    /// `slot` is set to the copy, or to `None` when the body cannot be replayed. The copy
+    /// is written in place, not moved there (it holds its headers inline). Returns whether
+    /// there is a copy.
+    pub fn copy_into(req: &http::Request<B>, slot: &mut Option<Self>) -> bool {
+        let Some(body) = req.body().try_clone() else {
+            *slot = None;
+            return false;
+        };
+        let kept = slot.insert(RetainedRequest {
+            head: RetainedHead::empty(),
+            body,
+            ext: http::Extensions::new(),
+            deadline: None,
+            budget: None,
+            facts: None,
+        });
+        kept.keep_extensions(req.extensions());
+        kept.head.fill(req);
+        true
+    }
+}
+
+impl<B: ReplayBody> RetainedRequest<B, Arc<RetainedHead>> {
+    /// A copy of `req` whose head is behind an `Arc` of its own, to
+    /// [offer](RetainedHead::offer) to the layers below; `None` when the body cannot be
+    /// replayed.
+    pub fn copy_shared(req: &http::Request<B>) -> Option<Self> {
+        let body = req.body().try_clone()?;
+        let mut kept = RetainedRequest {
+            head: RetainedHead::shared(req),
+            body,
+            ext: http::Extensions::new(),
+            deadline: None,
+            budget: None,
+            facts: None,
+        };
+        kept.keep_extensions(req.extensions());
+        Some(kept)
+    }
+
+    /// A copy of `req` that shares `head` instead of copying one (its body and
+    /// extensions are its own, taken from `req` as [`copy`](RetainedRequest::copy) takes
+    /// them): `None` when `req` does not have exactly that head (see
+    /// [`RetainedHead::matches`]; a layer between changed it, or it is another route's),
+    /// or when the body cannot be replayed. What it replays is then what a copy of `req`
+    /// would.
+    pub fn share(req: &http::Request<B>, head: &Arc<RetainedHead>) -> Option<Self> {
+        if !head.matches(req) {
+            return None;
+        }
+        let body = req.body().try_clone()?;
+        let mut kept = RetainedRequest {
+            head: Arc::clone(head),
+            body,
+            ext: http::Extensions::new(),
+            deadline: None,
+            budget: None,
+            facts: None,
+        };
+        kept.keep_extensions(req.extensions());
+        Some(kept)
+    }
+
+    /// The shared head.
+    pub fn head(&self) -> &Arc<RetainedHead> {
+        &self.head
+    }
+}
+
+impl<B, H> RetainedRequest<B, H> {
+    /// Takes `ext`: beside the copy when it holds only the stack's own facts, else the
+    /// whole map.
+    fn keep_extensions(&mut self, ext: &http::Extensions) {
+        let (deadline, budget, facts) = match Facts::alone(ext) {
+            // The stack's usual request: one lookup.
+            Some(f) => (None, None, Some(f.clone())),
+            None if ext.is_empty() => return,
+            None => (
+                ext.get::<Deadline>().copied(),
+                ext.get::<AttemptBudget>().cloned(),
+                Facts::of(ext).cloned(),
+            ),
+        };
+        let own_ext = ext.len()
+            != usize::from(deadline.is_some())
+                + usize::from(budget.is_some())
+                + usize::from(facts.is_some());
+        if own_ext {
+            // Everything is in the copied map.
+            self.ext = ext.clone();
+        } else {
+            self.deadline = deadline;
+            self.budget = budget;
+            self.facts = facts;
+        }
+    }
+}
+
+impl<B: ReplayBody, H: Borrow<RetainedHead>> RetainedRequest<B, H> {
+    /// A request to send: a copy of the original, extensions included. `None` when the
+    /// body will not replay.
+    pub fn replay(&self) -> Option<http::Request<B>> {
+        let body = self.body.try_clone()?;
+        let head = self.head.borrow();
+        let mut out = http::Request::new(body);
+        *out.method_mut() = head.method.clone();
+        *out.uri_mut() = head.uri.clone();
+        *out.version_mut() = head.version;
+        *out.headers_mut() = head.header_map();
+        if self.ext.is_empty() {
+            self.restore(&mut out);
+        } else {
+            *out.extensions_mut() = self.ext.clone();
+        }
+        Some(out)
+    }
+
+    /// The original request itself, extensions included (for the last time it is sent).
+    pub fn into_request(self) -> http::Request<B> {
+        let head = self.head.borrow();
+        let mut out = http::Request::new(self.body);
+        *out.method_mut() = head.method.clone();
+        *out.uri_mut() = head.uri.clone();
+        *out.version_mut() = head.version;
+        *out.headers_mut() = head.header_map();
+        *out.extensions_mut() = self.ext;
+        // All `None` when the copy has extensions of its own.
+        if let Some(d) = self.deadline {
+            out.extensions_mut().insert(d);
+        }
+        if let Some(b) = self.budget {
+            out.extensions_mut().insert(b);
+        }
+        if let Some(f) = self.facts {
+            out.extensions_mut().insert(f);
+        }
+        out
+    }
+
+    fn restore(&self, out: &mut http::Request<B>) {
+        if let Some(d) = self.deadline {
+            out.extensions_mut().insert(d);
+        }
+        if let Some(b) = &self.budget {
+            out.extensions_mut().insert(b.clone());
+        }
+        if let Some(f) = &self.facts {
+            out.extensions_mut().insert(f.clone());
+        }
+    }
+}
+
+impl<B, H: Borrow<RetainedHead>> RetainedRequest<B, H> {
+    /// The copy's method.
+    pub fn method(&self) -> &http::Method {
+        &self.head.borrow().method
+    }
+
+    /// The copy's URI.
+    pub fn uri(&self) -> &http::Uri {
+        &self.head.borrow().uri
+    }
+
+    /// The copy's body.
+    pub fn body(&self) -> &B {
+        &self.body
+    }
+
+    /// The copy's headers, each value of each name in the original's iteration order.
+    /// The values are built again from the bytes kept (see the type's docs), so this is
+    /// for the cold path.
+    pub fn headers(&self) -> impl Iterator<Item = (&HeaderName, HeaderValue)> {
+        self.head.borrow().headers()
+    }
 
     /// The dialect the original request speaks ([`Provider::of`](crate::Provider::of)).
     pub fn provider(&self) -> crate::Provider {
-        if let Some(p) = self.req.extensions().get::<crate::Provider>() {
+        if let Some(p) = self.ext.get::<crate::Provider>() {
             return *p;
         }
-        crate::Provider::detect(self.req.uri(), &self.header_map())
+        let head = self.head.borrow();
+        crate::Provider::detect(&head.uri, &head.header_map())
     }
 
     /// The original request's [`Deadline`], if it carried one (as [`Deadline::of`] reads
@@ -539,7 +766,8 @@ impl<B> RetainedRequest<B> {
     pub fn deadline(&self) -> Option<Deadline> {
         self.deadline
             .or_else(|| self.facts.as_ref()?.deadline)
-            .or_else(|| Deadline::of(&self.req))
+            .or_else(|| self.ext.get::<Deadline>().copied())
+            .or_else(|| Facts::of(&self.ext)?.deadline)
     }
 
     /// The original request's [`AttemptBudget`], if it carried one (as
@@ -548,7 +776,8 @@ impl<B> RetainedRequest<B> {
         self.budget
             .as_ref()
             .or_else(|| self.facts.as_ref()?.budget.as_ref())
-            .or_else(|| AttemptBudget::of(&self.req))
+            .or_else(|| self.ext.get::<AttemptBudget>())
+            .or_else(|| Facts::of(&self.ext)?.budget.as_ref())
     }
 }
 
@@ -582,11 +811,11 @@ fn valid_value(bytes: &[u8]) -> bool {
     exact(words.remainder())
 }
 
-impl<B> fmt::Debug for RetainedRequest<B> {
+impl<B, H: Borrow<RetainedHead>> fmt::Debug for RetainedRequest<B, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetainedRequest")
-            .field("method", self.req.method())
-            .field("uri", self.req.uri())
+            .field("method", self.method())
+            .field("uri", self.uri())
             .field("deadline", &self.deadline())
             .finish_non_exhaustive()
     }

@@ -9,9 +9,12 @@
 //! `AttemptBudget` or a `RequestMeta` that a caller put into the extensions as a value of
 //! its own: that one always wins.
 
+use std::sync::Arc;
+
 use http::Extensions;
 
 use crate::attempt::AttemptBudget;
+use crate::body::RetainedHead;
 use crate::deadline::Deadline;
 use crate::meta::RequestMeta;
 
@@ -21,6 +24,9 @@ pub(crate) struct Facts {
     pub(crate) deadline: Option<Deadline>,
     pub(crate) budget: Option<AttemptBudget>,
     pub(crate) meta: Option<RequestMeta>,
+    /// The head of a copy of this request that a layer above keeps to send again, offered
+    /// to the layers below to share (see [`RetainedHead::offer`]).
+    pub(crate) head: Option<Arc<RetainedHead>>,
 }
 
 impl Facts {

@@ -64,7 +64,9 @@ pub mod stream;
 pub mod telemetry;
 
 pub use attempt::AttemptBudget;
-pub use body::{try_clone_request, AiBody, ClassifiedBody, ReplayBody, RetainedRequest};
+pub use body::{
+    try_clone_request, AiBody, ClassifiedBody, ReplayBody, RetainedHead, RetainedRequest,
+};
 pub use classify::{classify, classify_at, Classification, ClassifyConfig, ProviderError};
 pub use deadline::{parse_grpc_timeout, Deadline, DeadlineLayer, SetDeadline, MAX_HEADER_TIMEOUT};
 pub use error::{

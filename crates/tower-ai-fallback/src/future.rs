@@ -14,7 +14,7 @@ use pin_project_lite::pin_project;
 use tower::util::Oneshot;
 use tower_ai_core::{
     model_of, model_path_span, redacted_chain, AiError, AttemptBudget, BoxError, Classification,
-    ErrorKind, Provider, ReplayBody, RetainedRequest, RouteFailure,
+    ErrorKind, Provider, ReplayBody, RetainedHead, RetainedRequest, RouteFailure,
 };
 use tower_service::Service;
 
@@ -140,8 +140,10 @@ struct Cold<S, ReqB> {
     /// A copy of the caller's request, kept whole for later routes (never sent, never
     /// mutated). `None` for a single-route chain or a body that cannot be replayed: no
     /// fallback. (The caller's request itself only lives through `start`: the first
-    /// route sends it.)
-    original: Option<RetainedRequest<ReqB>>,
+    /// route sends it.) Its head is behind an `Arc`, offered with each request sent
+    /// ([`RetainedHead::offer`]) so that a layer below that keeps a copy too (AiRetry)
+    /// can share it instead of copying it again.
+    original: Option<RetainedRequest<ReqB, Arc<RetainedHead>>>,
 }
 
 enum Step<F, O, X, R> {
@@ -171,7 +173,7 @@ where
             original: None,
         });
         if chain.routes.len() > 1 {
-            RetainedRequest::copy_into(&req, &mut cold.original);
+            cold.original = RetainedRequest::copy_shared(&req);
         }
         let budget = match (chain.max_attempts, AttemptBudget::of(&req)) {
             // A fallback layer further out already caps this request: draw from its budget.
@@ -333,6 +335,9 @@ where
                 }
                 candidate = degraded_after(&chain.routes, j);
                 continue;
+            }
+            if let Some(original) = &self.cold.original {
+                original.head().offer(&mut req);
             }
             if j > 0 || self.chain.mark_primary {
                 // What the route really asked for (a user rewrite may map the model).

@@ -1,5 +1,6 @@
 //! [`ResponseFuture`] of [`AiRetry`](crate::AiRetry): `Called → Waiting → Retrying`.
 
+use std::borrow::Borrow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -13,7 +14,7 @@ use tokio::time::{Instant, Sleep};
 use tower::util::Oneshot;
 use tower_ai_core::{
     AiError, AttemptBudget, BoxError, Classification, ErrorKind, ReplayBody, RequestedWait,
-    RetainedRequest,
+    RetainedHead, RetainedRequest,
 };
 use tower_service::Service;
 
@@ -105,7 +106,7 @@ pin_project! {
         #[pin]
         state: State<S::Future, Oneshot<S, Request<B>>>,
         // `None` when no retry is possible (`max_attempts` 1, or refused before a call).
-        cold: Option<Box<Cold<S, B>>>,
+        pub(crate) cold: Option<ColdBox<S, B>>,
         attempts: u32,
         config: Arc<AiRetryConfig>,
         span: tracing::Span,
@@ -113,18 +114,70 @@ pin_project! {
 }
 
 /// What only a retry reads, in one box made by `call` (the copy of the request is
-/// written into it in place).
-pub(crate) struct Cold<S, B> {
+/// written into it in place). `H` is where the copy's head is: in the box
+/// ([`RetainedHead`]), or shared with the copy a layer above keeps (`Arc<RetainedHead>`).
+pub(crate) struct Cold<S, B, H> {
     /// The instance that made the first call, cloned for each retry (set once called).
     pub(crate) service: Option<S>,
     /// The request as the caller gave it (without the two headers), kept to send again.
-    pub(crate) retained: Option<RetainedRequest<B>>,
+    pub(crate) retained: Option<RetainedRequest<B, H>>,
     /// The idempotency key this layer added to the first attempt, for the others.
     pub(crate) key: Option<Key>,
     /// When the call began; read only when there is a deadline.
     pub(crate) start: Option<Instant>,
     pub(crate) prev_backoff: Option<Duration>,
     pub(crate) rng: fastrand::Rng,
+}
+
+impl<S, B, H> Cold<S, B, H> {
+    /// A box with nothing in it yet: `call` writes the copy into it, then the rest.
+    pub(crate) fn boxed(retained: Option<RetainedRequest<B, H>>) -> Box<Self> {
+        Box::new(Cold {
+            service: None,
+            retained,
+            key: None,
+            start: None,
+            prev_backoff: None,
+            rng: fastrand::Rng::with_seed(0),
+        })
+    }
+}
+
+/// The box of what only a retry reads: with a copy of the request of its own, or with
+/// one that shares its head with the copy a layer above (ModelFallback) keeps of the same
+/// request. The second is less than half the size (the head, with its headers inline, is
+/// most of a copy) and nothing of the head is copied for it.
+pub(crate) enum ColdBox<S, B> {
+    Own(Box<Cold<S, B, RetainedHead>>),
+    Shared(Box<Cold<S, B, Arc<RetainedHead>>>),
+}
+
+impl<S, B> ColdBox<S, B> {
+    /// Sets what `call` learns once the first attempt is made.
+    pub(crate) fn called(
+        &mut self,
+        service: S,
+        key: Option<Key>,
+        start: Option<Instant>,
+        rng: fastrand::Rng,
+    ) {
+        fn set<S, B, H>(
+            c: &mut Cold<S, B, H>,
+            service: S,
+            key: Option<Key>,
+            start: Option<Instant>,
+            rng: fastrand::Rng,
+        ) {
+            c.service = Some(service);
+            c.key = key;
+            c.start = start;
+            c.rng = rng;
+        }
+        match self {
+            ColdBox::Own(c) => set(c, service, key, start, rng),
+            ColdBox::Shared(c) => set(c, service, key, start, rng),
+        }
+    }
 }
 
 impl<S, B> fmt::Debug for ResponseFuture<S, B>
@@ -151,7 +204,7 @@ where
 {
     pub(crate) fn new(
         fut: S::Future,
-        cold: Option<Box<Cold<S, B>>>,
+        cold: Option<ColdBox<S, B>>,
         config: Arc<AiRetryConfig>,
         span: tracing::Span,
     ) -> Self {
@@ -208,86 +261,97 @@ enum Plan {
 }
 
 struct Ctx<'a, S, B> {
-    cold: Option<&'a mut Cold<S, B>>,
+    cold: Option<&'a mut ColdBox<S, B>>,
     attempts: u32,
     config: &'a AiRetryConfig,
 }
 
 impl<S, B> Ctx<'_, S, B> {
     fn plan(&mut self, asked: Asked, now: Instant) -> Plan {
-        let cfg = self.config;
-        if self.attempts >= cfg.max_attempts {
+        if self.attempts >= self.config.max_attempts {
             return Plan::Stop(StopReason::MaxAttempts);
         }
-        let Some(cold) = self.cold.as_deref_mut() else {
-            return Plan::Stop(StopReason::NotReplayable);
-        };
-        let Some(retained) = &cold.retained else {
-            return Plan::Stop(StopReason::NotReplayable);
-        };
-        let attempts = retained.attempt_budget();
-        if matches!(asked, Asked::Until(_)) && attempts.is_some_and(AttemptBudget::has_fallback) {
-            // A refusal from below with a fallback route behind us: move on, don't wait.
-            return Plan::Stop(StopReason::FallbackAvailable);
+        match self.cold.as_deref_mut() {
+            None => Plan::Stop(StopReason::NotReplayable),
+            Some(ColdBox::Own(c)) => plan_with(c, self.attempts, self.config, asked, now),
+            Some(ColdBox::Shared(c)) => plan_with(c, self.attempts, self.config, asked, now),
         }
-        let (wait, source) = match asked {
-            Asked::Provider(w) => {
-                // Used as given, never shortened; too long ends the retries now. Only
-                // our own `max_wait` decides: Classify's maximum (its `delay` clamp)
-                // is its own default, not a limit on what this layer honours.
-                if w.requested > cfg.max_wait {
-                    return Plan::Stop(StopReason::WaitTooLong);
-                }
-                (w.requested, Source::Provider(w))
-            }
-            Asked::Until(d) => {
-                if d > cfg.max_wait {
-                    return Plan::Stop(StopReason::WaitTooLong);
-                }
-                (d, Source::Until)
-            }
-            Asked::Nothing => {
-                let d = cfg
-                    .backoff
-                    .wait(self.attempts - 1, cold.prev_backoff, &mut cold.rng);
-                (d, Source::Backoff)
-            }
-        };
-        if let (Some(max), Some(start)) = (cfg.max_elapsed, cold.start) {
-            if now + wait >= start + max {
-                return Plan::Stop(StopReason::Deadline);
-            }
-        }
-        // The attempt after the wait needs time too: a wait ending at the deadline is
-        // as useless as one ending after it.
-        if let Some(deadline) = retained.deadline() {
-            if now
-                .checked_add(wait)
-                .is_none_or(|end| end >= deadline.instant())
-            {
-                return Plan::Stop(StopReason::RequestDeadline);
-            }
-        }
-        // Both budgets must allow the retry, and a refusal by either spends nothing of
-        // the other: the attempt unit is taken first (an atomic step that can fail) and
-        // handed back if the retry budget then refuses.
-        let unit = match attempts {
-            Some(b) if !b.try_acquire_retry() => return Plan::Stop(StopReason::AttemptBudget),
-            b => b,
-        };
-        if let Some(budget) = &cfg.budget {
-            if !budget.try_withdraw(now) {
-                if let Some(b) = unit {
-                    b.release();
-                }
-                return Plan::Stop(StopReason::Budget);
-            }
-        }
-        if let Source::Backoff = source {
-            cold.prev_backoff = Some(wait);
-        }
-        Plan::Retry(wait, source)
     }
+}
+
+/// [`Ctx::plan`] with the retry's box.
+fn plan_with<S, B, H: Borrow<RetainedHead>>(
+    cold: &mut Cold<S, B, H>,
+    attempts_made: u32,
+    cfg: &AiRetryConfig,
+    asked: Asked,
+    now: Instant,
+) -> Plan {
+    let Some(retained) = &cold.retained else {
+        return Plan::Stop(StopReason::NotReplayable);
+    };
+    let attempts = retained.attempt_budget();
+    if matches!(asked, Asked::Until(_)) && attempts.is_some_and(AttemptBudget::has_fallback) {
+        // A refusal from below with a fallback route behind us: move on, don't wait.
+        return Plan::Stop(StopReason::FallbackAvailable);
+    }
+    let (wait, source) = match asked {
+        Asked::Provider(w) => {
+            // Used as given, never shortened; too long ends the retries now. Only
+            // our own `max_wait` decides: Classify's maximum (its `delay` clamp)
+            // is its own default, not a limit on what this layer honours.
+            if w.requested > cfg.max_wait {
+                return Plan::Stop(StopReason::WaitTooLong);
+            }
+            (w.requested, Source::Provider(w))
+        }
+        Asked::Until(d) => {
+            if d > cfg.max_wait {
+                return Plan::Stop(StopReason::WaitTooLong);
+            }
+            (d, Source::Until)
+        }
+        Asked::Nothing => {
+            let d = cfg
+                .backoff
+                .wait(attempts_made - 1, cold.prev_backoff, &mut cold.rng);
+            (d, Source::Backoff)
+        }
+    };
+    if let (Some(max), Some(start)) = (cfg.max_elapsed, cold.start) {
+        if now + wait >= start + max {
+            return Plan::Stop(StopReason::Deadline);
+        }
+    }
+    // The attempt after the wait needs time too: a wait ending at the deadline is
+    // as useless as one ending after it.
+    if let Some(deadline) = retained.deadline() {
+        if now
+            .checked_add(wait)
+            .is_none_or(|end| end >= deadline.instant())
+        {
+            return Plan::Stop(StopReason::RequestDeadline);
+        }
+    }
+    // Both budgets must allow the retry, and a refusal by either spends nothing of
+    // the other: the attempt unit is taken first (an atomic step that can fail) and
+    // handed back if the retry budget then refuses.
+    let unit = match attempts {
+        Some(b) if !b.try_acquire_retry() => return Plan::Stop(StopReason::AttemptBudget),
+        b => b,
+    };
+    if let Some(budget) = &cfg.budget {
+        if !budget.try_withdraw(now) {
+            if let Some(b) = unit {
+                b.release();
+            }
+            return Plan::Stop(StopReason::Budget);
+        }
+    }
+    if let Source::Backoff = source {
+        cold.prev_backoff = Some(wait);
+    }
+    Plan::Retry(wait, source)
 }
 
 /// What an error asks for, and whether it may be retried at all.
@@ -347,36 +411,16 @@ where
                 StateProj::Waiting { sleep } => {
                     ready!(sleep.as_mut().poll(cx));
                     *this.attempts += 1;
-                    let Some(cold) = this.cold.as_deref_mut() else {
+                    let fut = match this.cold.as_mut() {
+                        Some(ColdBox::Own(c)) => again(c, *this.attempts, this.config),
+                        Some(ColdBox::Shared(c)) => again(c, *this.attempts, this.config),
                         // Unreachable: a retry is only planned with what it needs.
-                        return Poll::Ready(Err("ai_retry: no request to send again".into()));
+                        None => Err("ai_retry: no request to send again"),
                     };
-                    // Keep a copy while another retry is possible; the last attempt
-                    // takes the retained request itself.
-                    let mut req = if *this.attempts < this.config.max_attempts {
-                        cold.retained.as_ref().and_then(RetainedRequest::replay)
-                    } else {
-                        None
-                    };
-                    if req.is_none() {
-                        req = cold.retained.take().map(RetainedRequest::into_request);
+                    match fut {
+                        Ok(fut) => this.state.set(State::Retrying { fut }),
+                        Err(e) => return Poll::Ready(Err(e.into())),
                     }
-                    let Some(mut req) = req else {
-                        // Unreachable: a retry is only planned with a retained request.
-                        return Poll::Ready(Err("ai_retry: no request to send again".into()));
-                    };
-                    let headers = req.headers_mut();
-                    if let (Some(name), Some(key)) = (&this.config.idempotency_header, cold.key) {
-                        let _ = headers.try_insert(name, key.value());
-                    }
-                    if let Some(name) = &this.config.attempt_header {
-                        let _ = headers.try_insert(name, attempt_value(*this.attempts - 1));
-                    }
-                    let Some(service) = &cold.service else {
-                        return Poll::Ready(Err("ai_retry: no service to call again".into()));
-                    };
-                    let fut = Box::pin(Oneshot::new(service.clone(), req));
-                    this.state.set(State::Retrying { fut });
                     continue;
                 }
             };
@@ -390,7 +434,7 @@ where
                 }
             }
             let mut ctx = Ctx {
-                cold: this.cold.as_deref_mut(),
+                cold: this.cold.as_mut(),
                 attempts: *this.attempts,
                 config: this.config,
             };
@@ -408,6 +452,49 @@ where
             }
         }
     }
+}
+
+/// A retry's call, boxed.
+type Retry<S, B> = Pin<Box<Oneshot<S, Request<B>>>>;
+
+/// The call of attempt number `attempt` (counted from 1), on a clone of the service, with
+/// a copy of the request from `cold` (the retained request itself for the last attempt
+/// allowed) and the two headers this layer adds.
+fn again<S, B, H>(
+    cold: &mut Cold<S, B, H>,
+    attempt: u32,
+    config: &AiRetryConfig,
+) -> Result<Retry<S, B>, &'static str>
+where
+    S: Service<Request<B>> + Clone,
+    B: ReplayBody,
+    H: Borrow<RetainedHead>,
+{
+    // Keep a copy while another retry is possible; the last attempt takes the retained
+    // request itself.
+    let mut req = if attempt < config.max_attempts {
+        cold.retained.as_ref().and_then(RetainedRequest::replay)
+    } else {
+        None
+    };
+    if req.is_none() {
+        req = cold.retained.take().map(RetainedRequest::into_request);
+    }
+    // Unreachable: a retry is only planned with a retained request and a service.
+    let Some(mut req) = req else {
+        return Err("ai_retry: no request to send again");
+    };
+    let Some(service) = &cold.service else {
+        return Err("ai_retry: no service to call again");
+    };
+    let headers = req.headers_mut();
+    if let (Some(name), Some(key)) = (&config.idempotency_header, cold.key) {
+        let _ = headers.try_insert(name, key.value());
+    }
+    if let Some(name) = &config.attempt_header {
+        let _ = headers.try_insert(name, attempt_value(attempt - 1));
+    }
+    Ok(Box::pin(Oneshot::new(service.clone(), req)))
 }
 
 fn decide<S, B, ResB>(

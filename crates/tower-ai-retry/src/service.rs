@@ -9,11 +9,11 @@ use http::header::Entry;
 use http::{HeaderValue, Method, Request, Response};
 use tokio::time::Instant;
 use tower_ai_core::overrides::RetryLimits;
-use tower_ai_core::{check_model, BoxError, ReplayBody, RetainedRequest};
+use tower_ai_core::{check_model, BoxError, ReplayBody, RetainedHead, RetainedRequest};
 use tower_service::Service;
 
 use crate::config::AiRetryConfig;
-use crate::future::{Cold, ResponseFuture};
+use crate::future::{Cold, ColdBox, ResponseFuture};
 use crate::key::Key;
 use crate::layer::{AiRetryLayer, Shared};
 
@@ -225,19 +225,21 @@ where
         // entries less to clone and to drop, and a retry puts them in (the same key,
         // the next attempt number). A map already at http's maximum size gets neither
         // (`try_*`: no panic on a caller's request).
+        // A layer above (ModelFallback) that keeps a copy of this very request offers its
+        // head: shared when the request still has exactly that head (a layer between
+        // changed nothing of it), which spares copying the head and makes the box less
+        // than half the size; else a copy of our own, as without such a layer.
         let mut cold = (cfg.max_attempts > 1).then(|| {
-            Box::new(Cold {
-                service: None,
-                retained: None,
-                key: None,
-                start: None,
-                prev_backoff: None,
-                rng: fastrand::Rng::with_seed(0),
-            })
+            let shared = RetainedHead::offered(&req).and_then(|h| RetainedRequest::share(&req, h));
+            match shared {
+                Some(kept) => ColdBox::Shared(Cold::boxed(Some(kept))),
+                None => {
+                    let mut cold = Cold::boxed(None);
+                    RetainedRequest::copy_into(&req, &mut cold.retained);
+                    ColdBox::Own(cold)
+                }
+            }
         });
-        if let Some(cold) = &mut cold {
-            RetainedRequest::copy_into(&req, &mut cold.retained);
-        }
         let mut key = None;
         if let Some(name) = &cfg.idempotency_header {
             if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -265,10 +267,7 @@ where
         // not depend on the configuration.
         let rng = fastrand::Rng::with_seed(self.rng.u64(..));
         if let Some(cold) = &mut cold {
-            cold.service = Some(self.inner.clone());
-            cold.key = key;
-            cold.start = start;
-            cold.rng = rng;
+            cold.called(self.inner.clone(), key, start, rng);
         }
         ResponseFuture::new(fut, cold, config, span)
     }
@@ -328,6 +327,45 @@ mod tests {
         call(&mut one);
         drop(one);
         assert_eq!(remaining(), u64::from(BATCH) + 4);
+    }
+
+    #[test]
+    fn the_head_a_layer_above_offers_is_shared_only_while_the_request_has_it() {
+        use tower_ai_core::{AiBody, AttemptBudget};
+        let layer = AiRetryLayer::new(3);
+        let svc =
+            tower::service_fn(|_: Request<AiBody>| async { Ok::<_, BoxError>(Response::new(())) });
+        let mut retry = AiRetry::new(svc, &layer);
+        let offered = |change: fn(&mut Request<AiBody>)| {
+            let mut req = Request::post("https://api.openai.com/v1/chat/completions")
+                .header("authorization", "Bearer k")
+                .body(AiBody::from(r#"{"model":"gpt-4o"}"#))
+                .unwrap();
+            // The slot that ModelFallback's budget makes, and its head in it.
+            AttemptBudget::new(3).attach(&mut req);
+            let kept = RetainedRequest::copy_shared(&req).unwrap();
+            assert!(kept.head().offer(&mut req));
+            change(&mut req);
+            (kept, req)
+        };
+        let shared = |fut: &ResponseFuture<_, AiBody>| match &fut.cold {
+            Some(ColdBox::Shared(c)) => Some(c.retained.as_ref().unwrap().head().clone()),
+            Some(ColdBox::Own(_)) => None,
+            None => panic!("no box"),
+        };
+        // The request as offered: the head is shared, not copied.
+        let (kept, req) = offered(|_| {});
+        let fut = retry.call(req);
+        assert!(Arc::ptr_eq(&shared(&fut).unwrap(), kept.head()));
+        // Changed below the layer that offered it: a copy of its own.
+        let (_, req) = offered(|r| {
+            r.headers_mut()
+                .insert("authorization", HeaderValue::from_static("Bearer other"));
+        });
+        assert!(shared(&retry.call(req)).is_none());
+        let (_, req) =
+            offered(|r| *r.uri_mut() = "https://api.openai.com/v1/responses".parse().unwrap());
+        assert!(shared(&retry.call(req)).is_none());
     }
 
     #[test]
