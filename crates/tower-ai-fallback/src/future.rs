@@ -118,9 +118,18 @@ impl Drop for Adopted {
 /// Everything but the in-flight call.
 struct Ctx<S, ReqB, ResB> {
     chain: Arc<Chain<ReqB, ResB>>,
-    /// The wrapped service and the copy of the request, in one box: the future that the
-    /// layers above move holds a pointer to them, not them.
-    cold: Box<Cold<S, ReqB>>,
+    /// The wrapped service: ready and unused while `svc_ready`, else a used instance to
+    /// clone for later calls. Inline, not in a box of its own: the copy's head is in an
+    /// allocation of its own already (an `Arc`, to share), and a second one for the
+    /// service would cost more than the bytes it keeps out of the future.
+    svc: S,
+    /// A copy of the caller's request, kept whole for later routes (never sent, never
+    /// mutated). `None` for a single-route chain or a body that cannot be replayed: no
+    /// fallback. (The caller's request itself only lives through `start`: the first
+    /// route sends it.) Its head (method, URI, headers: most of a copy) is behind an
+    /// `Arc`, offered with each request sent ([`RetainedHead::offer`]) so that a layer
+    /// below that keeps a copy too (AiRetry) can share it instead of copying it again.
+    original: Option<RetainedRequest<ReqB, Arc<RetainedHead>>>,
     svc_ready: bool,
     budget: Budget,
     /// The route being tried.
@@ -130,20 +139,6 @@ struct Ctx<S, ReqB, ResB> {
     last: Option<Box<Res<ResB>>>,
     /// The model the current route sent (not read on the first route's happy path).
     sent_model: Option<Arc<str>>,
-}
-
-/// What the first route's call does not read again.
-struct Cold<S, ReqB> {
-    /// The wrapped service: ready and unused while `svc_ready`, else a used instance to
-    /// clone for later calls.
-    svc: S,
-    /// A copy of the caller's request, kept whole for later routes (never sent, never
-    /// mutated). `None` for a single-route chain or a body that cannot be replayed: no
-    /// fallback. (The caller's request itself only lives through `start`: the first
-    /// route sends it.) Its head is behind an `Arc`, offered with each request sent
-    /// ([`RetainedHead::offer`]) so that a layer below that keeps a copy too (AiRetry)
-    /// can share it instead of copying it again.
-    original: Option<RetainedRequest<ReqB, Arc<RetainedHead>>>,
 }
 
 enum Step<F, O, X, R> {
@@ -168,13 +163,11 @@ where
     pub(crate) fn start(chain: Arc<Chain<ReqB, ResB>>, svc: S, mut req: Request<ReqB>) -> Self {
         // The copy for later routes is taken before the budget goes in, so that it does
         // not clone the budget's extension on the happy path.
-        let mut cold = Box::new(Cold {
-            svc,
-            original: None,
-        });
-        if chain.routes.len() > 1 {
-            cold.original = RetainedRequest::copy_shared(&req);
-        }
+        let original = if chain.routes.len() > 1 {
+            RetainedRequest::copy_shared(&req)
+        } else {
+            None
+        };
         let budget = match (chain.max_attempts, AttemptBudget::of(&req)) {
             // A fallback layer further out already caps this request: draw from its budget.
             // It paid for this call and reserved units for its later routes: ours go on top.
@@ -194,7 +187,8 @@ where
         };
         let mut ctx = Ctx {
             chain,
-            cold,
+            svc,
+            original,
             svc_ready: true,
             budget,
             index: 0,
@@ -217,8 +211,7 @@ where
     ReqB: ReplayBody + From<Bytes>,
 {
     fn provider(&self) -> Provider {
-        self.cold
-            .original
+        self.original
             .as_ref()
             .map_or(Provider::Generic, RetainedRequest::provider)
     }
@@ -242,11 +235,7 @@ where
             self.index = j;
             let route = &chain.routes[j];
             if let Target::Degraded(make) = &route.target {
-                let replayed = self
-                    .cold
-                    .original
-                    .as_ref()
-                    .and_then(RetainedRequest::replay);
+                let replayed = self.original.as_ref().and_then(RetainedRequest::replay);
                 let Some(req) = replayed.as_ref().or(first.as_ref()) else {
                     return self.exhausted();
                 };
@@ -273,12 +262,7 @@ where
             }
             let mut req = match first.take() {
                 Some(req) => req,
-                None => match self
-                    .cold
-                    .original
-                    .as_ref()
-                    .and_then(RetainedRequest::replay)
-                {
+                None => match self.original.as_ref().and_then(RetainedRequest::replay) {
                     Some(req) => req,
                     None => return self.exhausted(),
                 },
@@ -318,7 +302,7 @@ where
                     message: "skipped: the route's skip predicate (circuit open) is true"
                         .to_owned(),
                 });
-                if self.cold.original.is_none() {
+                if self.original.is_none() {
                     // The only copy of a body that cannot be replayed: keep it for the
                     // next route.
                     first = Some(req);
@@ -330,13 +314,13 @@ where
                 tracing::debug!(route = &*route.name, "attempt budget spent");
                 #[cfg(feature = "metrics")]
                 crate::meter::fallback("attempt_budget");
-                if self.cold.original.is_none() {
+                if self.original.is_none() {
                     first = Some(req);
                 }
                 candidate = degraded_after(&chain.routes, j);
                 continue;
             }
-            if let Some(original) = &self.cold.original {
+            if let Some(original) = &self.original {
                 original.head().offer(&mut req);
             }
             if j > 0 || self.chain.mark_primary {
@@ -350,16 +334,16 @@ where
                 Target::Inner if self.svc_ready => {
                     self.svc_ready = false;
                     State::Called {
-                        fut: self.cold.svc.call(req),
+                        fut: self.svc.call(req),
                     }
                 }
                 Target::Inner => State::Again {
-                    fut: Box::pin(Oneshot::new(self.cold.svc.clone(), req)),
+                    fut: Box::pin(Oneshot::new(self.svc.clone(), req)),
                 },
                 Target::Service { svc, .. } => {
                     if self.svc_ready {
                         // Release whatever the ready instance holds (a permit) now.
-                        self.cold.svc = self.cold.svc.clone();
+                        self.svc = self.svc.clone();
                         self.svc_ready = false;
                     }
                     State::Other {
@@ -374,12 +358,7 @@ where
     /// Whether the request's deadline leaves less than the chain's `min_route_time` (read
     /// only when a later route would start).
     fn too_late(&self, chain: &Chain<ReqB, ResB>) -> bool {
-        let Some(deadline) = self
-            .cold
-            .original
-            .as_ref()
-            .and_then(RetainedRequest::deadline)
-        else {
+        let Some(deadline) = self.original.as_ref().and_then(RetainedRequest::deadline) else {
             return false;
         };
         let left = deadline.remaining();
@@ -440,7 +419,7 @@ where
             },
             Err(e) => judge_error(&chain, e, self.provider()),
         };
-        if failure.action == Action::Stop || self.cold.original.is_none() {
+        if failure.action == Action::Stop || self.original.is_none() {
             return Step::Ready(result);
         }
         let window = route.context_window.unwrap_or(0);
