@@ -375,12 +375,13 @@ enum KeptValue {
 }
 
 impl RetainedHead {
-    /// A head with nothing in it, to fill in place.
-    fn empty() -> Self {
+    /// `req`'s method, URI and version, and no headers yet ([`fill`](RetainedHead::fill)
+    /// copies them in place).
+    fn start<B>(req: &http::Request<B>) -> Self {
         RetainedHead {
-            method: http::Method::GET,
-            uri: http::Uri::default(),
-            version: http::Version::default(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
             headers: SmallVec::new(),
             value_bytes: SmallVec::new(),
         }
@@ -389,12 +390,12 @@ impl RetainedHead {
     /// A copy of `req`'s head behind an `Arc`, to share (written in place in the `Arc`'s
     /// allocation).
     pub fn shared<B>(req: &http::Request<B>) -> Arc<RetainedHead> {
-        let mut head = Arc::new(RetainedHead::empty());
+        let mut head = Arc::new(RetainedHead::start(req));
         match Arc::get_mut(&mut head) {
             Some(h) => h.fill(req),
             // Unreachable: a new `Arc` has no other handle.
             None => {
-                let mut h = RetainedHead::empty();
+                let mut h = RetainedHead::start(req);
                 h.fill(req);
                 head = Arc::new(h);
             }
@@ -402,13 +403,12 @@ impl RetainedHead {
         head
     }
 
-    /// Copies `req`'s method, URI, version and headers into this (empty) head.
+    /// Copies `req`'s headers into this head (made by [`start`](RetainedHead::start)).
     fn fill<B>(&mut self, req: &http::Request<B>) {
-        self.method = req.method().clone();
-        self.uri = req.uri().clone();
-        self.version = req.version();
         let headers = req.headers();
-        self.headers.reserve(headers.len());
+        if headers.len() > INLINE_HEADERS {
+            self.headers.reserve(headers.len());
+        }
         for (n, v) in headers {
             let bytes = v.as_bytes();
             let start = self.value_bytes.len();
@@ -461,27 +461,26 @@ impl RetainedHead {
         if headers.len() != self.headers.len() {
             return false;
         }
-        self.headers
-            .iter()
-            .zip(headers)
-            .all(|((name, kept), (n, v))| {
-                name == n
-                    && match *kept {
-                        KeptValue::Inline {
-                            start,
-                            len,
-                            sensitive,
-                        } => {
-                            let start = usize::from(start);
-                            sensitive == v.is_sensitive()
-                                && self.value_bytes.get(start..start + usize::from(len))
-                                    == Some(v.as_bytes())
-                        }
-                        KeptValue::Value(ref k) => {
-                            k.is_sensitive() == v.is_sensitive() && k.as_bytes() == v.as_bytes()
-                        }
-                    }
-            })
+        for ((name, kept), (n, v)) in self.headers.iter().zip(headers) {
+            let (bytes, sensitive) = match *kept {
+                KeptValue::Inline {
+                    start,
+                    len,
+                    sensitive,
+                } => {
+                    let start = usize::from(start);
+                    let Some(bytes) = self.value_bytes.get(start..start + usize::from(len)) else {
+                        return false;
+                    };
+                    (bytes, sensitive)
+                }
+                KeptValue::Value(ref k) => (k.as_bytes(), k.is_sensitive()),
+            };
+            if name != n || sensitive != v.is_sensitive() || bytes != v.as_bytes() {
+                return false;
+            }
+        }
+        true
     }
 
     /// Offers this head to the layers below through `req`, in the slot of the stack's
@@ -586,7 +585,7 @@ impl<B: ReplayBody> RetainedRequest<B> {
             return false;
         };
         let kept = slot.insert(RetainedRequest {
-            head: RetainedHead::empty(),
+            head: RetainedHead::start(req),
             body,
             ext: http::Extensions::new(),
             deadline: None,
@@ -637,6 +636,35 @@ impl<B: ReplayBody> RetainedRequest<B, Arc<RetainedHead>> {
             facts: None,
         };
         kept.keep_extensions(req.extensions());
+        Some(kept)
+    }
+
+    /// [`share`](RetainedRequest::share) with the head a layer above
+    /// [offered](RetainedHead::offer) through `req`: `None` when there is none, when `req`
+    /// does not have exactly that head, or when the body cannot be replayed. One lookup of
+    /// the slot for both the head and the extensions to keep.
+    pub fn share_offered(req: &http::Request<B>) -> Option<Self> {
+        let ext = req.extensions();
+        let facts = Facts::of(ext)?;
+        let head = facts.head.as_ref()?;
+        if !head.matches(req) {
+            return None;
+        }
+        let body = req.body().try_clone()?;
+        let mut kept = RetainedRequest {
+            head: Arc::clone(head),
+            body,
+            ext: http::Extensions::new(),
+            deadline: None,
+            budget: None,
+            facts: None,
+        };
+        if ext.len() == 1 {
+            // The slot alone (the stack's usual request): kept beside the copy.
+            kept.facts = Some(facts.clone());
+        } else {
+            kept.keep_extensions(ext);
+        }
         Some(kept)
     }
 

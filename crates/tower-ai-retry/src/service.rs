@@ -9,7 +9,7 @@ use http::header::Entry;
 use http::{HeaderValue, Method, Request, Response};
 use tokio::time::Instant;
 use tower_ai_core::overrides::RetryLimits;
-use tower_ai_core::{check_model, BoxError, ReplayBody, RetainedHead, RetainedRequest};
+use tower_ai_core::{check_model, BoxError, ReplayBody, RetainedRequest};
 use tower_service::Service;
 
 use crate::config::AiRetryConfig;
@@ -229,15 +229,12 @@ where
         // head: shared when the request still has exactly that head (a layer between
         // changed nothing of it), which spares copying the head and makes the box less
         // than half the size; else a copy of our own, as without such a layer.
-        let mut cold = (cfg.max_attempts > 1).then(|| {
-            let shared = RetainedHead::offered(&req).and_then(|h| RetainedRequest::share(&req, h));
-            match shared {
-                Some(kept) => ColdBox::Shared(Cold::boxed(Some(kept))),
-                None => {
-                    let mut cold = Cold::boxed(None);
-                    RetainedRequest::copy_into(&req, &mut cold.retained);
-                    ColdBox::Own(cold)
-                }
+        let mut cold = (cfg.max_attempts > 1).then(|| match RetainedRequest::share_offered(&req) {
+            Some(kept) => ColdBox::Shared(Cold::boxed(Some(kept))),
+            None => {
+                let mut cold = Cold::boxed(None);
+                RetainedRequest::copy_into(&req, &mut cold.retained);
+                ColdBox::Own(cold)
             }
         });
         let mut key = None;
