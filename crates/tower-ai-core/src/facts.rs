@@ -8,6 +8,10 @@
 //! which also read (and, for a fact already there, update) a `Deadline`, an
 //! `AttemptBudget` or a `RequestMeta` that a caller put into the extensions as a value of
 //! its own: that one always wins.
+//!
+//! The slot also carries, when a layer above keeps a copy of the request to send again
+//! (ModelFallback), that copy's head, offered to the layers below to share
+//! ([`RetainedHead::offer`], [`RetainedRequest::share_offered`](crate::RetainedRequest::share_offered)).
 
 use std::sync::Arc;
 

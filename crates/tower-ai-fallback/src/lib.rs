@@ -130,15 +130,18 @@
 //! The first route's call is made in `call` on the service `poll_ready` made ready, and
 //! its future is held inline (no box). A response served by the first route is returned
 //! untouched (no [`Served`] inserted unless [`mark_primary`](FallbackChainBuilder::mark_primary)).
-//! What the happy path pays for: one copy of the request kept for later routes (headers
-//! and extensions are cloned; an `AiBody`'s bytes are reference-counted) and, when the
-//! budget is shared with the layers below, the budget's `Arc` and its extension entry.
-//! Measured (`benches/allocations.rs`, a request with two headers): 4 allocations for the
-//! copy (the header map's two tables, and one per header value built from a `&str` on
-//! its first clone; `HeaderValue::from_static` values clone for free), 4 more for the
-//! shared budget ([`share_budget(false)`](FallbackChainBuilder::share_budget) when no
-//! retry layer below reads it), 1 more for a first route that rewrites the model. A
-//! one-route chain keeps no copy.
+//! What the happy path pays for: one copy of the request kept for later routes (an
+//! `AiBody`'s bytes are reference-counted; the stack's own extensions are kept beside
+//! it) and, when the budget is shared with the layers below, the budget's `Arc` and its
+//! extension entry. The copy's head (method, URI, headers, their values copied in) is in
+//! an `Arc` that is offered with every request sent
+//! ([`RetainedHead::offer`](tower_ai_core::RetainedHead::offer)): AiRetry below shares it
+//! instead of copying the request's head again when the request it gets still has it.
+//! Measured (`benches/allocations.rs`, a request with two headers): 1 allocation for the
+//! copy (that `Arc`), 4 for the shared budget
+//! ([`share_budget(false)`](FallbackChainBuilder::share_budget) when no retry layer below
+//! reads it), 1 more for a first route that rewrites the model. A one-route chain keeps
+//! no copy.
 //! Later routes on the wrapped service go through [`tower::util::Oneshot`]; cross-provider
 //! routes are [`tower::util::BoxCloneSyncService`]s (boxed future).
 //!

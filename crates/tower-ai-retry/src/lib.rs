@@ -105,10 +105,14 @@
 //! # Cost
 //!
 //! The future is named and unboxed (a retry boxes its sleep and its next attempt). On
-//! the happy path a call allocates only the copy of the request kept for a retry (its
-//! headers map; the body and the header values are refcounts), taken before the two
-//! headers go in, so it clones two entries less; the idempotency key is a slice of a
-//! per-thread slab (no allocation of its own), the attempt number a static value.
+//! the happy path a call allocates only the box of what a retry needs, with the copy of
+//! the request kept for it (its headers inline, the body a refcount), taken before the
+//! two headers go in; the idempotency key is a slice of a per-thread slab (no allocation
+//! of its own), the attempt number a static value. Under ModelFallback, which keeps a
+//! copy of the same request and offers its head (method, URI, headers) with it, the head
+//! is shared instead of copied when the request still has exactly that head (see
+//! [`RetainedRequest::share_offered`](tower_ai_core::RetainedRequest::share_offered)),
+//! and the box is less than half the size.
 //!
 //! Nothing on the success path takes a lock or writes memory shared between threads: an
 //! instance's first call deposits in the [`RetryBudget`] with one atomic add in a
