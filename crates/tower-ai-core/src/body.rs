@@ -336,7 +336,7 @@ pub struct RetainedRequest<B, H = RetainedHead> {
 /// ```
 /// use std::sync::Arc;
 /// use http::Request;
-/// use tower_ai_core::{AiBody, RetainedHead, RetainedRequest};
+/// use tower_ai_core::{AiBody, AttemptBudget, RetainedRequest};
 ///
 /// let req = Request::post("/v1/chat/completions")
 ///     .header("authorization", "Bearer k")
@@ -347,9 +347,22 @@ pub struct RetainedRequest<B, H = RetainedHead> {
 /// // Another layer's copy of the same request, with the same head (no copy of it).
 /// let again = RetainedRequest::share(&req, kept.head()).unwrap();
 /// assert!(Arc::ptr_eq(again.head(), kept.head()));
-/// let mut changed = req;
-/// changed.headers_mut().insert("authorization", "Bearer other".parse().unwrap());
+/// let mut changed = Request::post("/v1/chat/completions")
+///     .header("authorization", "Bearer other")
+///     .body(AiBody::from(r#"{"model":"gpt-4o"}"#))
+///     .unwrap();
 /// assert!(RetainedRequest::share(&changed, kept.head()).is_none());
+///
+/// // Offered through the request's slot of per-call facts (here made by a budget).
+/// let mut req = req;
+/// AttemptBudget::new(3).attach(&mut req);
+/// assert!(kept.head().offer(&mut req));
+/// let below = RetainedRequest::share_offered(&req).unwrap();
+/// assert!(Arc::ptr_eq(below.head(), kept.head()));
+/// assert!(below.attempt_budget().is_some());
+/// AttemptBudget::new(3).attach(&mut changed);
+/// assert!(kept.head().offer(&mut changed));
+/// assert!(RetainedRequest::share_offered(&changed).is_none(), "not its head");
 /// ```
 pub struct RetainedHead {
     method: http::Method,
@@ -484,10 +497,10 @@ impl RetainedHead {
     }
 
     /// Offers this head to the layers below through `req`, in the slot of the stack's
-    /// per-call facts, for [`RetainedRequest::share`] (a layer that keeps a copy of the
-    /// request it gets, and finds this head there and equal to its request's, shares it
-    /// instead of copying it). Only a request that has the slot gets it (nothing is
-    /// allocated for it); returns whether it did.
+    /// per-call facts, for [`RetainedRequest::share_offered`] (a layer that keeps a copy
+    /// of the request it gets, and finds this head there and equal to its request's,
+    /// shares it instead of copying it). Only a request that has the slot gets it
+    /// (nothing is allocated for it); returns whether it did.
     pub fn offer<B>(self: &Arc<Self>, req: &mut http::Request<B>) -> bool {
         match req.extensions_mut().get_mut::<Facts>() {
             Some(facts) => {
@@ -496,12 +509,6 @@ impl RetainedHead {
             }
             None => false,
         }
-    }
-
-    /// The head a layer above [offered](RetainedHead::offer) through `req`, if any
-    /// (whether `req` still has it is for [`matches`](RetainedHead::matches) to say).
-    pub fn offered<B>(req: &http::Request<B>) -> Option<&Arc<RetainedHead>> {
-        Facts::of(req.extensions())?.head.as_ref()
     }
 
     /// The original's headers, as a map again (the same names and values, in the same
