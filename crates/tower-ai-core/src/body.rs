@@ -591,14 +591,7 @@ impl<B: ReplayBody> RetainedRequest<B> {
             *slot = None;
             return false;
         };
-        let kept = slot.insert(RetainedRequest {
-            head: RetainedHead::start(req),
-            body,
-            ext: http::Extensions::new(),
-            deadline: None,
-            budget: None,
-            facts: None,
-        });
+        let kept = slot.insert(RetainedRequest::around(RetainedHead::start(req), body));
         kept.keep_extensions(req.extensions());
         kept.head.fill(req);
         true
@@ -611,14 +604,7 @@ impl<B: ReplayBody> RetainedRequest<B, Arc<RetainedHead>> {
     /// replayed.
     pub fn copy_shared(req: &http::Request<B>) -> Option<Self> {
         let body = req.body().try_clone()?;
-        let mut kept = RetainedRequest {
-            head: RetainedHead::shared(req),
-            body,
-            ext: http::Extensions::new(),
-            deadline: None,
-            budget: None,
-            facts: None,
-        };
+        let mut kept = RetainedRequest::around(RetainedHead::shared(req), body);
         kept.keep_extensions(req.extensions());
         Some(kept)
     }
@@ -634,14 +620,7 @@ impl<B: ReplayBody> RetainedRequest<B, Arc<RetainedHead>> {
             return None;
         }
         let body = req.body().try_clone()?;
-        let mut kept = RetainedRequest {
-            head: Arc::clone(head),
-            body,
-            ext: http::Extensions::new(),
-            deadline: None,
-            budget: None,
-            facts: None,
-        };
+        let mut kept = RetainedRequest::around(Arc::clone(head), body);
         kept.keep_extensions(req.extensions());
         Some(kept)
     }
@@ -658,14 +637,7 @@ impl<B: ReplayBody> RetainedRequest<B, Arc<RetainedHead>> {
             return None;
         }
         let body = req.body().try_clone()?;
-        let mut kept = RetainedRequest {
-            head: Arc::clone(head),
-            body,
-            ext: http::Extensions::new(),
-            deadline: None,
-            budget: None,
-            facts: None,
-        };
+        let mut kept = RetainedRequest::around(Arc::clone(head), body);
         if ext.len() == 1 {
             // The slot alone (the stack's usual request): kept beside the copy.
             kept.facts = Some(facts.clone());
@@ -682,6 +654,20 @@ impl<B: ReplayBody> RetainedRequest<B, Arc<RetainedHead>> {
 }
 
 impl<B, H> RetainedRequest<B, H> {
+    /// A copy around `head` and `body`, with no extensions yet (`keep_extensions` adds
+    /// them): the one shape every way of making a copy starts from.
+    #[inline(always)]
+    fn around(head: H, body: B) -> Self {
+        RetainedRequest {
+            head,
+            body,
+            ext: http::Extensions::new(),
+            deadline: None,
+            budget: None,
+            facts: None,
+        }
+    }
+
     /// Takes `ext`: beside the copy when it holds only the stack's own facts, else the
     /// whole map.
     fn keep_extensions(&mut self, ext: &http::Extensions) {
