@@ -17,13 +17,25 @@ use crate::sse::{SseItem, SseParser};
 /// Whether a response is a Server-Sent Events stream: its `content-type` is
 /// `text/event-stream` (any case, parameters and surrounding spaces allowed).
 pub fn is_event_stream(headers: &http::HeaderMap) -> bool {
-    const SSE: &[u8] = b"text/event-stream";
-    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes().trim_ascii_start();
-        v.len() >= SSE.len()
-            && v[..SSE.len()].eq_ignore_ascii_case(SSE)
-            && matches!(v.get(SSE.len()), None | Some(b';' | b' ' | b'\t'))
-    })
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| is_media_type(v.as_bytes(), b"text/event-stream"))
+}
+
+/// Whether a `content-type` value names the media type `media` (given in lower case):
+/// in any case, after leading spaces, and followed by nothing, parameters or spaces.
+///
+/// ```
+/// use tower_ai_core::stream::is_media_type;
+///
+/// assert!(is_media_type(b" Application/JSON; charset=utf-8", b"application/json"));
+/// assert!(!is_media_type(b"application/jsonl", b"application/json"));
+/// ```
+pub fn is_media_type(content_type: &[u8], media: &[u8]) -> bool {
+    let v = content_type.trim_ascii_start();
+    v.len() >= media.len()
+        && v[..media.len()].eq_ignore_ascii_case(media)
+        && matches!(v.get(media.len()), None | Some(b';' | b' ' | b'\t'))
 }
 
 /// The streaming dialect of a response.

@@ -11,6 +11,7 @@ use http::Response;
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
+use tower_ai_core::stream::is_media_type;
 use tower_ai_core::{AiError, BoxError, Provider};
 
 use crate::body::StallBody;
@@ -140,27 +141,18 @@ enum Answer {
     Other,
 }
 
-/// The [`Answer`] of a response, from one look at its `content-type` (either media type
-/// in any case, parameters and leading spaces allowed, as
+/// The [`Answer`] of a response, from one look at its `content-type` (read as
 /// [`is_event_stream`](tower_ai_core::stream::is_event_stream) reads it).
 fn answer_of<B>(res: &Response<B>) -> Answer {
-    const SSE: &[u8] = b"text/event-stream";
-    const JSON: &[u8] = b"application/json";
     if !res.status().is_success() {
         return Answer::Other;
     }
     let Some(v) = res.headers().get(http::header::CONTENT_TYPE) else {
         return Answer::Other;
     };
-    let v = v.as_bytes().trim_ascii_start();
-    let is = |media: &[u8]| {
-        v.len() >= media.len()
-            && v[..media.len()].eq_ignore_ascii_case(media)
-            && matches!(v.get(media.len()), None | Some(b';' | b' ' | b'\t'))
-    };
-    if is(SSE) {
+    if is_media_type(v.as_bytes(), b"text/event-stream") {
         Answer::Sse
-    } else if is(JSON) {
+    } else if is_media_type(v.as_bytes(), b"application/json") {
         Answer::Json
     } else {
         Answer::Other
