@@ -69,7 +69,12 @@ impl AttemptBudget {
     /// The budget a request carries in its extensions, if any: an `AttemptBudget` there,
     /// else the one [`attach`](AttemptBudget::attach) put on it.
     pub fn of<B>(req: &http::Request<B>) -> Option<&AttemptBudget> {
-        let ext = req.extensions();
+        AttemptBudget::in_extensions(req.extensions())
+    }
+
+    /// [`of`](AttemptBudget::of), from a request's extensions.
+    #[inline]
+    pub(crate) fn in_extensions(ext: &http::Extensions) -> Option<&AttemptBudget> {
         if let Some(facts) = Facts::alone(ext) {
             return facts.budget.as_ref();
         }

@@ -387,6 +387,13 @@ enum KeptValue {
     Value(HeaderValue),
 }
 
+/// The bytes of a [`KeptValue::Inline`] value, at `start..start + len` of `value_bytes`.
+#[inline]
+fn inline_bytes(value_bytes: &[u8], start: u16, len: u16) -> Option<&[u8]> {
+    let start = usize::from(start);
+    value_bytes.get(start..start + usize::from(len))
+}
+
 impl RetainedHead {
     /// `req`'s method, URI and version, and no headers yet ([`fill`](RetainedHead::fill)
     /// copies them in place).
@@ -444,9 +451,7 @@ impl RetainedHead {
         if !valid_value(&self.value_bytes) {
             for ((_, kv), (_, v)) in self.headers.iter_mut().zip(headers) {
                 if let KeptValue::Inline { start, len, .. } = *kv {
-                    let start = usize::from(start);
-                    let bytes = self.value_bytes.get(start..start + usize::from(len));
-                    if !bytes.is_some_and(valid_value) {
+                    if !inline_bytes(&self.value_bytes, start, len).is_some_and(valid_value) {
                         *kv = KeptValue::Value(v.clone());
                     }
                 }
@@ -480,13 +485,10 @@ impl RetainedHead {
                     start,
                     len,
                     sensitive,
-                } => {
-                    let start = usize::from(start);
-                    let Some(bytes) = self.value_bytes.get(start..start + usize::from(len)) else {
-                        return false;
-                    };
-                    (bytes, sensitive)
-                }
+                } => match inline_bytes(&self.value_bytes, start, len) {
+                    Some(bytes) => (bytes, sensitive),
+                    None => return false,
+                },
                 KeptValue::Value(ref k) => (k.as_bytes(), k.is_sensitive()),
             };
             if name != n || sensitive != v.is_sensitive() || bytes != v.as_bytes() {
@@ -511,6 +513,17 @@ impl RetainedHead {
         }
     }
 
+    /// A request with this head (the original's method, URI, version and headers) and
+    /// `body`, without extensions.
+    fn request<B>(&self, body: B) -> http::Request<B> {
+        let mut out = http::Request::new(body);
+        *out.method_mut() = self.method.clone();
+        *out.uri_mut() = self.uri.clone();
+        *out.version_mut() = self.version;
+        *out.headers_mut() = self.header_map();
+        out
+    }
+
     /// The original's headers, as a map again (the same names and values, in the same
     /// order).
     fn header_map(&self) -> HeaderMap {
@@ -533,8 +546,7 @@ impl RetainedHead {
                 len,
                 sensitive,
             } => {
-                let start = usize::from(start);
-                let bytes = self.value_bytes.get(start..start + usize::from(len))?;
+                let bytes = inline_bytes(&self.value_bytes, start, len)?;
                 let mut v = HeaderValue::from_bytes(bytes).ok()?;
                 v.set_sensitive(sensitive);
                 Some(v)
@@ -616,13 +628,7 @@ impl<B: ReplayBody> RetainedRequest<B, Arc<RetainedHead>> {
     /// or when the body cannot be replayed. What it replays is then what a copy of `req`
     /// would.
     pub fn share(req: &http::Request<B>, head: &Arc<RetainedHead>) -> Option<Self> {
-        if !head.matches(req) {
-            return None;
-        }
-        let body = req.body().try_clone()?;
-        let mut kept = RetainedRequest::around(Arc::clone(head), body);
-        kept.keep_extensions(req.extensions());
-        Some(kept)
+        RetainedRequest::share_with(req, head, None)
     }
 
     /// [`share`](RetainedRequest::share) with the head a layer above
@@ -632,17 +638,26 @@ impl<B: ReplayBody> RetainedRequest<B, Arc<RetainedHead>> {
     pub fn share_offered(req: &http::Request<B>) -> Option<Self> {
         let ext = req.extensions();
         let facts = Facts::of(ext)?;
-        let head = facts.head.as_ref()?;
+        // The slot alone (the stack's usual request) is what is kept beside the copy.
+        RetainedRequest::share_with(req, facts.head.as_ref()?, (ext.len() == 1).then_some(facts))
+    }
+
+    /// [`share`](RetainedRequest::share), keeping `alone` (the request's only extension,
+    /// already found) beside the copy, or else the request's extensions as a copy keeps them.
+    #[inline(always)]
+    fn share_with(
+        req: &http::Request<B>,
+        head: &Arc<RetainedHead>,
+        alone: Option<&Facts>,
+    ) -> Option<Self> {
         if !head.matches(req) {
             return None;
         }
         let body = req.body().try_clone()?;
         let mut kept = RetainedRequest::around(Arc::clone(head), body);
-        if ext.len() == 1 {
-            // The slot alone (the stack's usual request): kept beside the copy.
-            kept.facts = Some(facts.clone());
-        } else {
-            kept.keep_extensions(ext);
+        match alone {
+            Some(facts) => kept.facts = Some(facts.clone()),
+            None => kept.keep_extensions(req.extensions()),
         }
         Some(kept)
     }
@@ -700,13 +715,7 @@ impl<B: ReplayBody, H: Borrow<RetainedHead>> RetainedRequest<B, H> {
     /// A request to send: a copy of the original, extensions included. `None` when the
     /// body will not replay.
     pub fn replay(&self) -> Option<http::Request<B>> {
-        let body = self.body.try_clone()?;
-        let head = self.head.borrow();
-        let mut out = http::Request::new(body);
-        *out.method_mut() = head.method.clone();
-        *out.uri_mut() = head.uri.clone();
-        *out.version_mut() = head.version;
-        *out.headers_mut() = head.header_map();
+        let mut out = self.head.borrow().request(self.body.try_clone()?);
         if self.ext.is_empty() {
             self.restore(&mut out);
         } else {
@@ -717,12 +726,7 @@ impl<B: ReplayBody, H: Borrow<RetainedHead>> RetainedRequest<B, H> {
 
     /// The original request itself, extensions included (for the last time it is sent).
     pub fn into_request(self) -> http::Request<B> {
-        let head = self.head.borrow();
-        let mut out = http::Request::new(self.body);
-        *out.method_mut() = head.method.clone();
-        *out.uri_mut() = head.uri.clone();
-        *out.version_mut() = head.version;
-        *out.headers_mut() = head.header_map();
+        let mut out = self.head.borrow().request(self.body);
         *out.extensions_mut() = self.ext;
         // All `None` when the copy has extensions of its own.
         if let Some(d) = self.deadline {
@@ -787,8 +791,7 @@ impl<B, H: Borrow<RetainedHead>> RetainedRequest<B, H> {
     pub fn deadline(&self) -> Option<Deadline> {
         self.deadline
             .or_else(|| self.facts.as_ref()?.deadline)
-            .or_else(|| self.ext.get::<Deadline>().copied())
-            .or_else(|| Facts::of(&self.ext)?.deadline)
+            .or_else(|| Deadline::in_extensions(&self.ext))
     }
 
     /// The original request's [`AttemptBudget`], if it carried one (as
@@ -797,8 +800,7 @@ impl<B, H: Borrow<RetainedHead>> RetainedRequest<B, H> {
         self.budget
             .as_ref()
             .or_else(|| self.facts.as_ref()?.budget.as_ref())
-            .or_else(|| self.ext.get::<AttemptBudget>())
-            .or_else(|| Facts::of(&self.ext)?.budget.as_ref())
+            .or_else(|| AttemptBudget::in_extensions(&self.ext))
     }
 }
 
@@ -812,14 +814,10 @@ impl<B, H: Borrow<RetainedHead>> RetainedRequest<B, H> {
 /// needlessly: a borrow between bytes can only add flags, never hide one) is checked
 /// byte by byte.
 fn valid_value(bytes: &[u8]) -> bool {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
-    const DEL: u64 = u64::from_ne_bytes([0x7f; 8]);
+    use crate::swar::{splat, zero_bytes, TOPS};
     // Whether some byte of `x` is under 0x20, or is 0x7f (bytes over 127 never flag).
-    let suspect = |x: u64| {
-        let del = x ^ DEL;
-        ((x.wrapping_sub(0x20 * ONES) & !x) | (del.wrapping_sub(ONES) & !del)) & HIGH != 0
-    };
+    let suspect =
+        |x: u64| (x.wrapping_sub(splat(0x20)) & !x & TOPS) | zero_bytes(x ^ splat(0x7f)) != 0;
     let exact = |w: &[u8]| w.iter().all(|&b| (b >= 32 && b != 127) || b == b'\t');
     let mut words = bytes.chunks_exact(8);
     for w in &mut words {

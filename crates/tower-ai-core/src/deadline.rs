@@ -97,7 +97,12 @@ impl Deadline {
     /// [`DeadlineLayer`] set (see the type's docs).
     #[inline]
     pub fn of<B>(req: &Request<B>) -> Option<Deadline> {
-        let ext = req.extensions();
+        Deadline::in_extensions(req.extensions())
+    }
+
+    /// [`of`](Deadline::of), from a request's extensions.
+    #[inline]
+    pub(crate) fn in_extensions(ext: &http::Extensions) -> Option<Deadline> {
         if let Some(facts) = Facts::alone(ext) {
             return facts.deadline;
         }

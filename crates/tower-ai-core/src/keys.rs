@@ -313,19 +313,15 @@ fn leading_model(json: &[u8]) -> Option<&[u8]> {
 /// The index of the first `"`, `\\` or non-ASCII byte, eight bytes at a time.
 #[inline]
 fn first_special(b: &[u8]) -> Option<usize> {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
-    // High bit of each byte that is zero; exact up to the first zero byte (a borrow can
-    // only mark bytes after it), which is all the lowest set bit needs.
-    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    use crate::swar::{splat, zero_bytes, TOPS};
+    // The lowest flag is a true one (see `swar`), which is all `trailing_zeros` reads.
     let mut chunks = b.chunks_exact(8);
     let mut i = 0;
     for chunk in &mut chunks {
         let mut word = [0; 8];
         word.copy_from_slice(chunk);
         let v = u64::from_le_bytes(word);
-        let hits =
-            zero(v ^ (ONES * u64::from(b'"'))) | zero(v ^ (ONES * u64::from(b'\\'))) | (v & HIGH);
+        let hits = zero_bytes(v ^ splat(b'"')) | zero_bytes(v ^ splat(b'\\')) | (v & TOPS);
         if hits != 0 {
             return Some(i + hits.trailing_zeros() as usize / 8);
         }

@@ -61,6 +61,7 @@ pub mod respond;
 mod service;
 pub mod sse;
 pub mod stream;
+mod swar;
 pub mod telemetry;
 
 pub use attempt::AttemptBudget;

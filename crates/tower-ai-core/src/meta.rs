@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::body::ReplayBody;
 use crate::facts::Facts;
+use crate::swar::{self, splat, zero_bytes, TOPS};
 
 /// What a request asks for, read once from its JSON body (and, for Gemini and Azure, its
 /// path) and kept in the request's extensions, so every layer reads it without parsing.
@@ -111,7 +112,7 @@ impl RequestMeta {
     pub fn parse(path: &str, body: &[u8]) -> RequestMeta {
         // Only Gemini's paths have a `:`, looked for eight bytes a step: a call to a
         // searcher costs more than a whole path.
-        let path_stream = has_colon(path.as_bytes())
+        let path_stream = swar::contains2(path.as_bytes(), b':', b':')
             && memchr::memmem::find(path.as_bytes(), b":streamGenerateContent").is_some();
         RequestMeta::parse_scan(path, path_stream, body)
             .unwrap_or_else(|| RequestMeta::parse_tree(model_from_path(path), path_stream, body))
@@ -572,23 +573,6 @@ fn number(b: &[u8], mut i: usize) -> Option<(usize, Option<u64>)> {
     }
 }
 
-/// Every byte set to 1 (times a byte: that byte in every lane of a word).
-const LANES: u64 = u64::from_ne_bytes([1; 8]);
-/// The top bit of every byte.
-const TOPS: u64 = LANES << 7;
-
-/// Whether `p` has a `:`: a word's zero bytes after an XOR with `:` in every byte, OR-ed
-/// over the words (a false flag needs a true one below it, so any flag is a true one).
-fn has_colon(p: &[u8]) -> bool {
-    let mut words = p.chunks_exact(8);
-    let mut flags = 0u64;
-    for w in words.by_ref() {
-        let w = u64::from_le_bytes(w.try_into().unwrap_or_default()) ^ (LANES * u64::from(b':'));
-        flags |= w.wrapping_sub(LANES) & !w;
-    }
-    flags & TOPS != 0 || words.remainder().contains(&b':')
-}
-
 /// The bytes of `w` (eight of a body, the first in the low byte) that stop [`string_end`],
 /// as their top bit: a quote, a backslash, a control character (below 0x20), or a byte of
 /// 0x80 or more (UTF-8 to check). Flipping bit 1 of every byte turns a quote (0x22) into
@@ -598,9 +582,8 @@ fn has_colon(p: &[u8]) -> bool {
 /// and only the lowest is read.
 #[inline(always)]
 fn string_stops(w: u64) -> u64 {
-    let q = w ^ (LANES * 0x02);
-    let s = w ^ (LANES * u64::from(b'\\'));
-    (q.wrapping_sub(LANES * 0x21) & !q | s.wrapping_sub(LANES) & !s | w) & TOPS
+    let q = w ^ splat(0x02);
+    (q.wrapping_sub(splat(0x21)) & !q | zero_bytes(w ^ splat(b'\\')) | w) & TOPS
 }
 
 /// The end of a string whose contents start at `b[start]`: the index of its closing quote,

@@ -143,7 +143,9 @@ pub(crate) fn uri_host(uri: &Uri) -> Option<&str> {
     let auth = uri.authority()?.as_str();
     // The usual authority is a plain host: no userinfo (`@`), no port (`:`), no IPv6
     // literal (`[`). Then it is the host, as a word-at-a-time scan tells.
-    if auth.as_bytes().first() != Some(&b'[') && !has_colon_or_at(auth.as_bytes()) {
+    if auth.as_bytes().first() != Some(&b'[')
+        && !crate::swar::contains2(auth.as_bytes(), b':', b'@')
+    {
         return Some(auth);
     }
     Some(host_of_authority(auth))
@@ -168,37 +170,6 @@ fn host_of_authority(auth: &str) -> &str {
         return end.map_or(host_port, |e| &host_port[..=e]);
     }
     &auth[start..colon.unwrap_or(auth.len())]
-}
-
-/// Whether `b` holds a `:` or an `@`, eight bytes at a time.
-#[inline]
-fn has_colon_or_at(b: &[u8]) -> bool {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
-    const COLON: u64 = ONES * b':' as u64;
-    const AT: u64 = ONES * b'@' as u64;
-    if b.len() < 8 {
-        return b.iter().any(|&c| c == b':' || c == b'@');
-    }
-    // High bit of each byte that is zero: none set exactly when no byte is zero (a borrow
-    // can only mark bytes after a zero byte).
-    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-    let mut i = 0;
-    loop {
-        // The last word ends at the end, overlapping the one before (read again: no
-        // harm to a yes-or-no answer).
-        let at = i.min(b.len() - 8);
-        let mut w = [0; 8];
-        w.copy_from_slice(&b[at..at + 8]);
-        let v = u64::from_le_bytes(w);
-        if zero(v ^ COLON) | zero(v ^ AT) != 0 {
-            return true;
-        }
-        i += 8;
-        if i >= b.len() {
-            return false;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -238,17 +209,6 @@ mod tests {
             if let Ok(uri) = format!("http://{auth}/v1").parse::<Uri>() {
                 proptest::prop_assert_eq!(uri_host(&uri), uri.host());
             }
-        }
-
-        /// The word-at-a-time test agrees with a byte loop, at every length and offset.
-        #[test]
-        fn the_word_scan_finds_any_colon_or_at(b in proptest::collection::vec(
-            proptest::prop_oneof![proptest::prelude::Just(b':'), proptest::prelude::Just(b'@'),
-                proptest::prelude::Just(0u8), proptest::prelude::Just(0x80u8), 0x20u8..0x7f],
-            0..30,
-        )) {
-            let want = b.iter().any(|&c| c == b':' || c == b'@');
-            proptest::prop_assert_eq!(has_colon_or_at(&b), want);
         }
     }
 
